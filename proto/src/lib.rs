@@ -1,0 +1,36 @@
+//! The gRPC contract of the order saga system.
+//!
+//! One module per proto package, each holding the messages, the client and the
+//! server of its service, generated at build time from `proto/`:
+//!
+//! - [`orders::v1`]: the public `OrderService`, served by the orchestrator.
+//! - [`stock::v1`], [`shipping::v1`], [`payment::v1`]: the domain services the saga drives.
+//!
+//! [`FILE_DESCRIPTOR_SET`] is what the servers publish through gRPC reflection.
+
+pub mod orders {
+    pub mod v1 {
+        tonic::include_proto!("orders.v1");
+    }
+}
+
+pub mod stock {
+    pub mod v1 {
+        tonic::include_proto!("stock.v1");
+    }
+}
+
+pub mod shipping {
+    pub mod v1 {
+        tonic::include_proto!("shipping.v1");
+    }
+}
+
+pub mod payment {
+    pub mod v1 {
+        tonic::include_proto!("payment.v1");
+    }
+}
+
+/// The encoded descriptors of every proto package, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordersaga_descriptor");

@@ -1,0 +1,98 @@
+//! The outcomes that the kit itself can produce, and how they reach a caller.
+
+use tonic::{Code, Status};
+
+/// An error of the shared service machinery (store, idempotency, validation).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed. Answered INVALID_ARGUMENT, naming the field.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+
+    /// The `request_id` was already used for a different request.
+    #[error(
+        "invalid request_id: {request_id:?} was already used for a different {method} request; use a new request_id"
+    )]
+    RequestIdReused { request_id: String, method: String },
+
+    /// The store is busy or unreachable; the caller may retry.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(#[source] sqlx::Error),
+
+    /// Anything else: a bug or corrupt data. Details go to the log only.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        if is_transient(&err) {
+            Error::StoreUnavailable(err)
+        } else {
+            Error::Internal(err.to_string())
+        }
+    }
+}
+
+/// Store errors that a retry can cure: a busy or locked database, a serialization
+/// conflict or deadlock, a lost or exhausted connection.
+fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (and their extended codes, low byte).
+            // PostgreSQL: 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown,
+            // 53300 too many connections, 08xxx connection exceptions.
+            let sqlite_busy = code
+                .parse::<i32>()
+                .map(|c| matches!(c & 0xff, 5 | 6))
+                .unwrap_or(false);
+            sqlite_busy
+                || matches!(code.as_ref(), "40001" | "40P01" | "57P01" | "53300")
+                || code.starts_with("08")
+        }
+        _ => false,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match &err {
+            Error::InvalidArgument { .. } | Error::RequestIdReused { .. } => {
+                Status::invalid_argument(err.to_string())
+            }
+            Error::StoreUnavailable(source) => {
+                tracing::warn!(error = %source, "store unavailable");
+                Status::unavailable("store temporarily unavailable, retry")
+            }
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// Codes that are a definite answer: the request was refused for good and had no
+/// effect. Such replies are stored with the `request_id`, so a retry gets the same
+/// answer. Every other code (UNAVAILABLE, INTERNAL, …) leaves no trace and may be retried.
+pub const DEFINITE_REFUSALS: &[Code] = &[
+    Code::InvalidArgument,
+    Code::NotFound,
+    Code::FailedPrecondition,
+    Code::AlreadyExists,
+    Code::OutOfRange,
+];

@@ -1,0 +1,26 @@
+//! What every gRPC service of the order saga system shares.
+//!
+//! A domain service is a thin layer of business rules on top of this kit:
+//!
+//! - [`settings`]: the flags and env every service takes (address, store, API key, faults).
+//! - [`store`]: one SQLite-or-PostgreSQL pool with migrations run at start-up.
+//! - [`idempotency`]: runs a mutating request once per `request_id`, replaying its stored reply.
+//! - [`validate`]: field checks that answer INVALID_ARGUMENT naming the field.
+//! - [`auth`]: the `x-api-key` check on business RPCs.
+//! - [`fault`]: opt-in fault injection (failures, dropped replies, latency).
+//! - [`server`]: serving a service with health, reflection and graceful drain.
+//! - [`telemetry`]: the `tracing` subscriber.
+
+pub mod auth;
+pub mod error;
+pub mod fault;
+pub mod idempotency;
+pub mod server;
+pub mod settings;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod time;
+pub mod validate;
+
+pub use error::Error;

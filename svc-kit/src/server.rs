@@ -1,0 +1,129 @@
+//! Serving one business service the way every service of the system is served.
+//!
+//! Beside the business service, every server carries `grpc.health.v1` and server
+//! reflection (v1 and v1alpha, since older grpcurl asks for v1alpha); those two
+//! need no API key, so `grpcurl -plaintext HOST:PORT list` works out of the box.
+
+use std::{convert::Infallible, net::SocketAddr};
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    transport::Server,
+};
+use tonic_health::ServingStatus;
+use tower::Service;
+
+use crate::{fault::FaultLayer, settings::ServerArgs};
+
+/// A bound, ready-to-run service. Binding happens in `build`, so `port()` is
+/// known before the server runs (tests bind port 0).
+pub struct App<S> {
+    listener: TcpListener,
+    service: S,
+    args: ServerArgs,
+}
+
+impl<S> App<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// Binds `args.host:args.port`, or `default_port` when no port is given.
+    pub async fn bind(args: ServerArgs, default_port: u16, service: S) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(args.host, args.port.unwrap_or(default_port));
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        Ok(App {
+            listener,
+            service,
+            args,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, reports NOT_SERVING
+    /// and waits for in-flight calls to finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(S::NAME, ServingStatus::Serving)
+            .await;
+        let drain = async move {
+            shutdown.await;
+            health
+                .set_service_status(S::NAME, ServingStatus::NotServing)
+                .await;
+            health.set_service_status("", ServingStatus::NotServing).await;
+        };
+
+        let incoming = TcpListenerStream::new(self.listener).map(|conn| {
+            // Small unary messages: don't let Nagle hold them back.
+            conn.inspect(|stream| {
+                let _ = stream.set_nodelay(true);
+            })
+        });
+
+        tracing::info!(
+            service = S::NAME,
+            addr = %self.args.host,
+            faults = self.args.faults.is_active(),
+            "serving"
+        );
+        Server::builder()
+            // Server-side deadline; tonic answers CANCELLED when it fires.
+            .timeout(self.args.request_timeout())
+            // Opt-in fault injection around every business call (never health or reflection).
+            .layer(FaultLayer::new(self.args.faults.clone()))
+            .add_service(health_service)
+            .add_service(reflection_v1()?)
+            .add_service(reflection_v1alpha()?)
+            .add_service(self.service)
+            .serve_with_incoming_shutdown(incoming, drain)
+            .await
+            .context("the gRPC server failed")?;
+        tracing::info!(service = S::NAME, "drained and stopped");
+        Ok(())
+    }
+}
+
+// The reflection builder is not `Clone`, hence one builder per version.
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ordersaga_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ordersaga_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}

@@ -1,0 +1,87 @@
+//! The settings every service takes, from flags or env, checked at start-up.
+//!
+//! Each service flattens [`ServerArgs`] into its own clap `Settings` and supplies
+//! its defaults (port, database file). Tests build these structs directly and
+//! never touch the process environment.
+
+use std::{net::IpAddr, time::Duration};
+
+use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::fault::FaultSettings;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on; 0 picks a free one. Defaults to the service's own port.
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
+
+    /// Store URL: `sqlite://PATH` (the default, a file under ./data) or `postgres://…`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Key every business call must carry in its `x-api-key` metadata.
+    #[arg(long, env = "APPLICATION_API_KEY", value_parser = parse_api_key, hide_env_values = true)]
+    pub api_key: SecretString,
+
+    /// Longest a call may run on the server before it is cancelled, in seconds.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_secs: u64,
+
+    /// Write logs as JSON lines instead of human-readable text.
+    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+
+    #[command(flatten)]
+    pub faults: FaultSettings,
+}
+
+impl ServerArgs {
+    /// Settings for tests and embedded runs: the given store and key, an ephemeral
+    /// loopback port, no faults.
+    pub fn local(database_url: impl Into<String>, api_key: &str) -> Self {
+        ServerArgs {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: Some(0),
+            database_url: Some(database_url.into()),
+            api_key: SecretString::from(api_key),
+            request_timeout_secs: 30,
+            log_json: false,
+            faults: FaultSettings::default(),
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn api_key(&self) -> &str {
+        self.api_key.expose_secret()
+    }
+}
+
+fn parse_api_key(value: &str) -> Result<SecretString, String> {
+    if value.trim().is_empty() {
+        return Err("the API key must not be empty".into());
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the API key must be printable ASCII without spaces".into());
+    }
+    Ok(SecretString::from(value))
+}
+
+/// Parses a probability in `[0, 1]`.
+pub fn parse_rate(value: &str) -> Result<f64, String> {
+    let rate: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(format!("{rate} is outside 0.0..=1.0"));
+    }
+    Ok(rate)
+}

@@ -1,0 +1,138 @@
+//! One store, two backends: a SQLite file (the embedded default) or PostgreSQL.
+//!
+//! Both go through sqlx's `Any` driver, so every query is written once with `$n`
+//! placeholders and only the migrations differ per backend.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use anyhow::{Context, bail};
+use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl FromStr for Backend {
+    type Err = anyhow::Error;
+
+    fn from_str(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            bail!("DATABASE_URL must start with sqlite:// or postgres://, got {:?}", redact(url))
+        }
+    }
+}
+
+/// The migrations of a service, one folder per backend.
+pub struct Migrations {
+    pub sqlite: &'static Migrator,
+    pub postgres: &'static Migrator,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub pool: AnyPool,
+    pub backend: Backend,
+}
+
+impl Store {
+    /// Connects, creating a SQLite file (and its folder) when missing, and runs
+    /// the service's migrations.
+    pub async fn open(url: &str, migrations: &Migrations) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend: Backend = url.parse()?;
+        let url = match backend {
+            Backend::Sqlite => prepare_sqlite_url(url)?,
+            Backend::Postgres => url.to_owned(),
+        };
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let options = match backend {
+            // One connection: SQLite allows one writer at a time anyway, and a pool
+            // queue is fair where SQLite's busy handler sleeps and polls (and can
+            // fail with SQLITE_BUSY under load). No transaction is held across an RPC.
+            Backend::Sqlite => options.max_connections(1),
+            Backend::Postgres => options.max_connections(16),
+        };
+        let pool = options
+            .connect(&url)
+            .await
+            .with_context(|| format!("cannot open the store at {}", redact(&url)))?;
+        if backend == Backend::Sqlite {
+            // WAL lets readers run beside the writer; `synchronous` stays at its FULL
+            // default, so a commit is on disk before its reply is sent.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .context("cannot switch SQLite to WAL mode")?;
+        }
+        let migrator = match backend {
+            Backend::Sqlite => migrations.sqlite,
+            Backend::Postgres => migrations.postgres,
+        };
+        migrator
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot migrate the store at {}", redact(&url)))?;
+        Ok(Store { pool, backend })
+    }
+}
+
+/// Adds `mode=rwc` so a missing file is created, and creates the parent folder.
+fn prepare_sqlite_url(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() || path == ":memory:" {
+        bail!("DATABASE_URL: an in-memory SQLite store would lose every order on restart; give a file path");
+    }
+    if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the data folder {}", parent.display()))?;
+    }
+    let query = if query.contains("mode=") {
+        query.to_owned()
+    } else if query.is_empty() {
+        "mode=rwc".to_owned()
+    } else {
+        format!("{query}&mode=rwc")
+    };
+    Ok(format!("sqlite://{path}?{query}"))
+}
+
+/// Hides a password in a URL before it reaches a message or a log.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password_only() {
+        assert_eq!(redact("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+
+    #[test]
+    fn refuses_unknown_scheme_and_memory() {
+        assert!("mysql://x".parse::<Backend>().is_err());
+        assert!(prepare_sqlite_url("sqlite::memory:").is_err());
+    }
+}
