@@ -28,15 +28,17 @@ pub struct App<S> {
     args: ServerArgs,
 }
 
-impl<S> App<S>
+impl<S, B> App<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+    S: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
         + NamedService
         + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// Binds `args.host:args.port`, or `default_port` when no port is given.
     pub async fn bind(args: ServerArgs, default_port: u16, service: S) -> anyhow::Result<Self> {
@@ -96,8 +98,8 @@ where
             // Opt-in fault injection around every business call (never health or reflection).
             .layer(FaultLayer::new(self.args.faults.clone()))
             .add_service(health_service)
-            .add_service(reflection_v1()?)
-            .add_service(reflection_v1alpha()?)
+            .add_service(reflection_v1(S::NAME)?)
+            .add_service(reflection_v1alpha(S::NAME)?)
             .add_service(self.service)
             .serve_with_incoming_shutdown(incoming, drain)
             .await
@@ -107,17 +109,22 @@ where
     }
 }
 
-// The reflection builder is not `Clone`, hence one builder per version.
-fn reflection_v1() -> anyhow::Result<
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+// The descriptor set holds every package of the system; list only what this
+// server serves. The reflection builder is not `Clone`, hence one per version.
+fn reflection_v1(service: &'static str) -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
 > {
     Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ordersaga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name(HEALTH_SERVICE)
         .build_v1()?)
 }
 
-fn reflection_v1alpha() -> anyhow::Result<
+fn reflection_v1alpha(service: &'static str) -> anyhow::Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
@@ -125,5 +132,7 @@ fn reflection_v1alpha() -> anyhow::Result<
     Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ordersaga_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name(HEALTH_SERVICE)
         .build_v1alpha()?)
 }

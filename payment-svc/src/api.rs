@@ -1,0 +1,97 @@
+//! The gRPC handlers of `payment.v1.PaymentService`.
+//!
+//! Each handler validates its request (INVALID_ARGUMENT names the field and
+//! nothing is written), then runs its mutation once per `request_id`.
+
+use ordersaga_proto::payment::v1::{
+    ChargeRequest, ChargeResponse, DepositRequest, DepositResponse, GetAccountRequest, GetAccountResponse,
+    RefundRequest, RefundResponse, payment_service_server::PaymentService,
+};
+use svc_kit::{
+    Error,
+    idempotency::{RequestKey, run_once},
+    store::Store,
+    validate,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    accounts,
+    charges::{self, NewCharge},
+};
+
+pub struct PaymentApi {
+    store: Store,
+}
+
+impl PaymentApi {
+    pub fn new(store: Store) -> Self {
+        PaymentApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentService for PaymentApi {
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn charge(&self, request: Request<ChargeRequest>) -> Result<Response<ChargeResponse>, Status> {
+        let req = request.into_inner();
+        let new = validate_charge(&req)?;
+        let key = RequestKey::new("Charge", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| Ok(charges::charge(conn, new).await?)).await?;
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<RefundResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("request_id", &req.request_id)?;
+        validate::uuid("order_id", &req.order_id)?;
+        let key = RequestKey::new("Refund", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(charges::refund(conn, &req.order_id).await?)
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("customer_id", &req.customer_id)?;
+        let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
+        let account = accounts::get(&mut conn, &req.customer_id).await?;
+        Ok(Response::new(GetAccountResponse {
+            account: Some(account),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id, request_id = %request.get_ref().request_id))]
+    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<DepositResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("request_id", &req.request_id)?;
+        validate::id("customer_id", &req.customer_id)?;
+        validate::amount_cents("amount_cents", req.amount_cents)?;
+        validate::currency("currency", &req.currency)?;
+        let key = RequestKey::new("Deposit", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(DepositResponse {
+                account: Some(accounts::deposit(conn, &req.customer_id, req.amount_cents, &req.currency).await?),
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+}
+
+fn validate_charge(req: &ChargeRequest) -> Result<NewCharge, Error> {
+    validate::id("request_id", &req.request_id)?;
+    validate::uuid("order_id", &req.order_id)?;
+    validate::id("customer_id", &req.customer_id)?;
+    validate::amount_cents("amount_cents", req.amount_cents)?;
+    validate::currency("currency", &req.currency)?;
+    Ok(NewCharge {
+        order_id: req.order_id.clone(),
+        customer_id: req.customer_id.clone(),
+        amount_cents: req.amount_cents,
+        currency: req.currency.clone(),
+    })
+}

@@ -1,0 +1,112 @@
+//! The gRPC handlers of `shipping.v1.ShippingService`.
+//!
+//! Each handler validates its request (INVALID_ARGUMENT names the field and
+//! nothing is written), then runs its mutation once per `request_id`.
+
+use std::collections::BTreeSet;
+
+use ordersaga_proto::shipping::v1::{
+    CancelShipmentRequest, CancelShipmentResponse, GetShipmentRequest, GetShipmentResponse, PrepareShipmentRequest,
+    PrepareShipmentResponse, ServiceLevel, shipping_service_server::ShippingService,
+};
+use svc_kit::{
+    Error,
+    idempotency::{RequestKey, run_once},
+    store::Store,
+    validate,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::ShippingError,
+    shipments::{self, NewShipment},
+};
+
+/// Most items one shipment may carry.
+const MAX_ITEMS: i64 = 1_000_000;
+
+pub struct ShippingApi {
+    store: Store,
+    countries: BTreeSet<String>,
+}
+
+impl ShippingApi {
+    pub fn new(store: Store, countries: BTreeSet<String>) -> Self {
+        ShippingApi { store, countries }
+    }
+}
+
+#[tonic::async_trait]
+impl ShippingService for ShippingApi {
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn prepare_shipment(
+        &self,
+        request: Request<PrepareShipmentRequest>,
+    ) -> Result<Response<PrepareShipmentResponse>, Status> {
+        let req = request.into_inner();
+        let new = validate_prepare(&req)?;
+        let key = RequestKey::new("PrepareShipment", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            // Checked inside the transaction so that the refusal is stored with the request_id.
+            if !self.countries.contains(&new.address.country) {
+                return Err(ShippingError::CountryNotServed {
+                    country: new.address.country.clone(),
+                }
+                .into());
+            }
+            Ok(PrepareShipmentResponse {
+                shipment: Some(shipments::prepare(conn, new).await?),
+            })
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn cancel_shipment(
+        &self,
+        request: Request<CancelShipmentRequest>,
+    ) -> Result<Response<CancelShipmentResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("request_id", &req.request_id)?;
+        validate::uuid("order_id", &req.order_id)?;
+        let key = RequestKey::new("CancelShipment", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(shipments::cancel(conn, &req.order_id).await?)
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_shipment(&self, request: Request<GetShipmentRequest>) -> Result<Response<GetShipmentResponse>, Status> {
+        let req = request.into_inner();
+        validate::uuid("order_id", &req.order_id)?;
+        let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
+        let shipment = shipments::get(&mut conn, &req.order_id).await?;
+        Ok(Response::new(GetShipmentResponse {
+            shipment: Some(shipment),
+        }))
+    }
+}
+
+fn validate_prepare(req: &PrepareShipmentRequest) -> Result<NewShipment, Error> {
+    validate::id("request_id", &req.request_id)?;
+    validate::uuid("order_id", &req.order_id)?;
+    let address = validate::present("address", req.address.as_ref())?;
+    validate::text("address.recipient", &address.recipient, 200)?;
+    validate::text("address.line1", &address.line1, 200)?;
+    validate::text("address.city", &address.city, 100)?;
+    validate::text("address.postal_code", &address.postal_code, 20)?;
+    validate::country("address.country", &address.country)?;
+    let service_level = match validate::known_enum::<ServiceLevel>("service_level", req.service_level, true)? {
+        ServiceLevel::Unspecified => ServiceLevel::Standard,
+        level => level,
+    };
+    validate::quantity("item_count", req.item_count, MAX_ITEMS)?;
+    Ok(NewShipment {
+        order_id: req.order_id.clone(),
+        address: address.clone(),
+        service_level,
+        item_count: req.item_count,
+    })
+}

@@ -1,0 +1,128 @@
+//! Preparing and cancelling an order's shipment: the saga step and its compensation.
+//!
+//! As in the stock service, the first of prepare or cancel to arrive inserts the
+//! order's one row; a cancellation that finds nothing leaves a 'cancelled'
+//! tombstone that refuses a late prepare.
+
+use ordersaga_proto::shipping::v1::{Address, CancelShipmentResponse, ServiceLevel, Shipment, ShipmentStatus};
+use sqlx::{AnyConnection, Row, any::AnyRow};
+use svc_kit::time::now_ms;
+use uuid::Uuid;
+
+use crate::error::ShippingError;
+
+/// A validated shipment request.
+pub struct NewShipment {
+    pub order_id: String,
+    pub address: Address,
+    pub service_level: ServiceLevel,
+    pub item_count: i64,
+}
+
+pub async fn prepare(conn: &mut AnyConnection, new: NewShipment) -> Result<Shipment, ShippingError> {
+    let now = now_ms();
+    let shipment_id = Uuid::new_v4().to_string();
+    let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
+    let inserted = sqlx::query(
+        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+         country, service_level, item_count, created_at_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&new.order_id)
+    .bind(&shipment_id)
+    .bind(&tracking_id)
+    .bind(&new.address.recipient)
+    .bind(&new.address.line1)
+    .bind(&new.address.city)
+    .bind(&new.address.postal_code)
+    .bind(&new.address.country)
+    .bind(new.service_level as i32 as i64)
+    .bind(new.item_count)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return get(conn, &new.order_id).await;
+    }
+    let existing = get(conn, &new.order_id).await?;
+    Err(if existing.status == ShipmentStatus::Cancelled as i32 {
+        ShippingError::AlreadyCancelled { order_id: new.order_id }
+    } else {
+        ShippingError::AlreadyPrepared {
+            order_id: new.order_id,
+            shipment_id: existing.shipment_id,
+        }
+    })
+}
+
+/// Cancels an order's shipment. With none prepared it records a tombstone and
+/// succeeds, so a late prepare is refused.
+pub async fn cancel(conn: &mut AnyConnection, order_id: &str) -> Result<CancelShipmentResponse, ShippingError> {
+    let now = now_ms();
+    let tombstone = sqlx::query(
+        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+         country, service_level, item_count, created_at_ms, updated_at_ms) \
+         VALUES ($1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if tombstone == 1 {
+        return Ok(CancelShipmentResponse {
+            cancelled_shipment: false,
+        });
+    }
+    let cancelled = sqlx::query(
+        "UPDATE shipments SET status = 'cancelled', updated_at_ms = $1 WHERE order_id = $2 AND status = 'prepared'",
+    )
+    .bind(now)
+    .bind(order_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(CancelShipmentResponse {
+        cancelled_shipment: cancelled == 1,
+    })
+}
+
+pub async fn get(conn: &mut AnyConnection, order_id: &str) -> Result<Shipment, ShippingError> {
+    let row = sqlx::query(
+        "SELECT order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, country, \
+         service_level, created_at_ms, updated_at_ms FROM shipments WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| ShippingError::NoShipment {
+        order_id: order_id.to_owned(),
+    })?;
+    Ok(shipment_from_row(&row)?)
+}
+
+fn shipment_from_row(row: &AnyRow) -> Result<Shipment, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let status = match status.as_str() {
+        "prepared" => ShipmentStatus::Prepared,
+        _ => ShipmentStatus::Cancelled,
+    };
+    let service_level: i64 = row.try_get("service_level")?;
+    Ok(Shipment {
+        shipment_id: row.try_get("shipment_id")?,
+        order_id: row.try_get("order_id")?,
+        tracking_id: row.try_get("tracking_id")?,
+        status: status as i32,
+        address: Some(Address {
+            recipient: row.try_get("recipient")?,
+            line1: row.try_get("line1")?,
+            city: row.try_get("city")?,
+            postal_code: row.try_get("postal_code")?,
+            country: row.try_get("country")?,
+        }),
+        service_level: service_level as i32,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}

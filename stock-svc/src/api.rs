@@ -1,0 +1,158 @@
+//! The gRPC handlers of `stock.v1.StockService`.
+//!
+//! Each handler validates its request (INVALID_ARGUMENT names the field and
+//! nothing is written), then runs its mutation once per `request_id`.
+
+use std::collections::HashSet;
+
+use ordersaga_proto::stock::v1::{
+    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse, ReleaseStockRequest,
+    ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse, RestockRequest, RestockResponse,
+    stock_service_server::StockService,
+};
+use svc_kit::{
+    Error,
+    idempotency::{RequestKey, run_once},
+    store::Store,
+    validate,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    catalogue::{self, NewProduct, Restock},
+    reservations::{self, Line},
+};
+
+/// Most units one restock may add.
+const MAX_RESTOCK: i64 = 1_000_000;
+
+pub struct StockApi {
+    store: Store,
+}
+
+impl StockApi {
+    pub fn new(store: Store) -> Self {
+        StockApi { store }
+    }
+}
+
+#[tonic::async_trait]
+impl StockService for StockApi {
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn reserve_stock(
+        &self,
+        request: Request<ReserveStockRequest>,
+    ) -> Result<Response<ReserveStockResponse>, Status> {
+        let req = request.into_inner();
+        let lines = validate_reserve(&req)?;
+        let key = RequestKey::new("ReserveStock", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(reservations::reserve(conn, &req.order_id, lines).await?)
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    async fn release_stock(
+        &self,
+        request: Request<ReleaseStockRequest>,
+    ) -> Result<Response<ReleaseStockResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("request_id", &req.request_id)?;
+        validate::uuid("order_id", &req.order_id)?;
+        let key = RequestKey::new("ReleaseStock", &req.request_id, &req);
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(reservations::release(conn, &req.order_id).await?)
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_product(&self, request: Request<GetProductRequest>) -> Result<Response<GetProductResponse>, Status> {
+        let req = request.into_inner();
+        validate::sku("sku", &req.sku)?;
+        let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
+        let product = catalogue::get(&mut conn, &req.sku).await?;
+        Ok(Response::new(GetProductResponse {
+            product: Some(product),
+        }))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<ListProductsRequest>,
+    ) -> Result<Response<ListProductsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = validate::page_size("page_size", req.page_size, 100, 500)?;
+        if !req.page_token.is_empty() {
+            validate::sku("page_token", &req.page_token)?;
+        }
+        let (products, next) = catalogue::list(&self.store.pool, &req.page_token, limit).await?;
+        Ok(Response::new(ListProductsResponse {
+            products,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(sku = %request.get_ref().sku, request_id = %request.get_ref().request_id))]
+    async fn restock(&self, request: Request<RestockRequest>) -> Result<Response<RestockResponse>, Status> {
+        let req = request.into_inner();
+        let restock = validate_restock(&req)?;
+        let key = RequestKey::new("Restock", &req.request_id, &req);
+        let product = run_once(&self.store.pool, key, async |conn| {
+            Ok(RestockResponse {
+                product: Some(catalogue::restock(conn, restock).await?),
+            })
+        })
+        .await?;
+        Ok(Response::new(product))
+    }
+}
+
+fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
+    validate::id("request_id", &req.request_id)?;
+    validate::uuid("order_id", &req.order_id)?;
+    validate::count("lines", req.lines.len(), validate::MAX_LINES)?;
+    let mut seen = HashSet::with_capacity(req.lines.len());
+    let mut lines = Vec::with_capacity(req.lines.len());
+    for (i, line) in req.lines.iter().enumerate() {
+        validate::sku(format!("lines[{i}].sku"), &line.sku)?;
+        validate::quantity(format!("lines[{i}].quantity"), line.quantity, validate::MAX_LINE_QUANTITY)?;
+        if !seen.insert(line.sku.as_str()) {
+            return Err(Error::invalid(
+                format!("lines[{i}].sku"),
+                format!("{:?} appears more than once; merge the lines", line.sku),
+            ));
+        }
+        lines.push(Line {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+        });
+    }
+    Ok(lines)
+}
+
+fn validate_restock(req: &RestockRequest) -> Result<Restock, Error> {
+    validate::id("request_id", &req.request_id)?;
+    validate::sku("sku", &req.sku)?;
+    validate::quantity("quantity", req.quantity, MAX_RESTOCK)?;
+    let describes_product = !req.name.is_empty() || req.unit_price_cents != 0 || !req.currency.is_empty();
+    let new_product = if describes_product {
+        validate::text("name", &req.name, 200)?;
+        validate::amount_cents("unit_price_cents", req.unit_price_cents)?;
+        validate::currency("currency", &req.currency)?;
+        Some(NewProduct {
+            name: req.name.clone(),
+            unit_price_cents: req.unit_price_cents,
+            currency: req.currency.clone(),
+        })
+    } else {
+        None
+    };
+    Ok(Restock {
+        sku: req.sku.clone(),
+        quantity: req.quantity,
+        new_product,
+    })
+}
