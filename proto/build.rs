@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `file_descriptor_set_path()` is ignored by `compile_fds`, so the set that
     // server reflection serves is written out by hand.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out_dir.join("ordersaga_descriptor.bin"), fds.encode_to_vec())?;
+    fs::write(
+        out_dir.join("ordersaga_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .build_client(true)

@@ -4,8 +4,8 @@
 //! nothing is written), then runs its mutation once per `request_id`.
 
 use ordersaga_proto::payment::v1::{
-    ChargeRequest, ChargeResponse, DepositRequest, DepositResponse, GetAccountRequest, GetAccountResponse,
-    RefundRequest, RefundResponse, payment_service_server::PaymentService,
+    ChargeRequest, ChargeResponse, DepositRequest, DepositResponse, GetAccountRequest,
+    GetAccountResponse, RefundRequest, RefundResponse, payment_service_server::PaymentService,
 };
 use svc_kit::{
     Error,
@@ -33,16 +33,25 @@ impl PaymentApi {
 #[tonic::async_trait]
 impl PaymentService for PaymentApi {
     #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
-    async fn charge(&self, request: Request<ChargeRequest>) -> Result<Response<ChargeResponse>, Status> {
+    async fn charge(
+        &self,
+        request: Request<ChargeRequest>,
+    ) -> Result<Response<ChargeResponse>, Status> {
         let req = request.into_inner();
         let new = validate_charge(&req)?;
         let key = RequestKey::new("Charge", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| Ok(charges::charge(conn, new).await?)).await?;
+        let reply = run_once(&self.store.pool, key, async |conn| {
+            Ok(charges::charge(conn, new).await?)
+        })
+        .await?;
         Ok(Response::new(reply))
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
-    async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<RefundResponse>, Status> {
+    async fn refund(
+        &self,
+        request: Request<RefundRequest>,
+    ) -> Result<Response<RefundResponse>, Status> {
         let req = request.into_inner();
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
@@ -54,7 +63,10 @@ impl PaymentService for PaymentApi {
         Ok(Response::new(reply))
     }
 
-    async fn get_account(&self, request: Request<GetAccountRequest>) -> Result<Response<GetAccountResponse>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<GetAccountRequest>,
+    ) -> Result<Response<GetAccountResponse>, Status> {
         let req = request.into_inner();
         validate::id("customer_id", &req.customer_id)?;
         let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
@@ -65,7 +77,10 @@ impl PaymentService for PaymentApi {
     }
 
     #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id, request_id = %request.get_ref().request_id))]
-    async fn deposit(&self, request: Request<DepositRequest>) -> Result<Response<DepositResponse>, Status> {
+    async fn deposit(
+        &self,
+        request: Request<DepositRequest>,
+    ) -> Result<Response<DepositResponse>, Status> {
         let req = request.into_inner();
         validate::id("request_id", &req.request_id)?;
         validate::id("customer_id", &req.customer_id)?;
@@ -74,7 +89,10 @@ impl PaymentService for PaymentApi {
         let key = RequestKey::new("Deposit", &req.request_id, &req);
         let reply = run_once(&self.store.pool, key, async |conn| {
             Ok(DepositResponse {
-                account: Some(accounts::deposit(conn, &req.customer_id, req.amount_cents, &req.currency).await?),
+                account: Some(
+                    accounts::deposit(conn, &req.customer_id, req.amount_cents, &req.currency)
+                        .await?,
+                ),
             })
         })
         .await?;

@@ -19,7 +19,10 @@ pub struct NewCharge {
     pub currency: String,
 }
 
-pub async fn charge(conn: &mut AnyConnection, new: NewCharge) -> Result<ChargeResponse, PaymentError> {
+pub async fn charge(
+    conn: &mut AnyConnection,
+    new: NewCharge,
+) -> Result<ChargeResponse, PaymentError> {
     let now = now_ms();
     let payment_id = Uuid::new_v4().to_string();
     let inserted = sqlx::query(
@@ -61,7 +64,10 @@ pub async fn charge(conn: &mut AnyConnection, new: NewCharge) -> Result<ChargeRe
     })
 }
 
-async fn why_not_debited(conn: &mut AnyConnection, new: &NewCharge) -> Result<PaymentError, PaymentError> {
+async fn why_not_debited(
+    conn: &mut AnyConnection,
+    new: &NewCharge,
+) -> Result<PaymentError, PaymentError> {
     let row = sqlx::query("SELECT balance_cents, currency FROM accounts WHERE customer_id = $1")
         .bind(&new.customer_id)
         .fetch_optional(&mut *conn)
@@ -87,7 +93,10 @@ async fn why_not_debited(conn: &mut AnyConnection, new: &NewCharge) -> Result<Pa
     })
 }
 
-async fn existing_charge(conn: &mut AnyConnection, order_id: &str) -> Result<PaymentError, PaymentError> {
+async fn existing_charge(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<PaymentError, PaymentError> {
     let row = sqlx::query("SELECT payment_id, status FROM charges WHERE order_id = $1")
         .bind(order_id)
         .fetch_one(&mut *conn)
@@ -107,7 +116,10 @@ async fn existing_charge(conn: &mut AnyConnection, order_id: &str) -> Result<Pay
 
 /// Refunds an order's charge. With no charge it records a tombstone and
 /// succeeds, so a late charge is refused.
-pub async fn refund(conn: &mut AnyConnection, order_id: &str) -> Result<RefundResponse, PaymentError> {
+pub async fn refund(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<RefundResponse, PaymentError> {
     let now = now_ms();
     let tombstone = sqlx::query(
         "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \

@@ -7,14 +7,18 @@ pub enum PaymentError {
     #[error("unknown account {customer_id:?}")]
     UnknownAccount { customer_id: String },
 
-    #[error("insufficient funds: account {customer_id:?} has {balance_cents} cents, the charge needs {amount_cents}")]
+    #[error(
+        "insufficient funds: account {customer_id:?} has {balance_cents} cents, the charge needs {amount_cents}"
+    )]
     InsufficientFunds {
         customer_id: String,
         balance_cents: i64,
         amount_cents: i64,
     },
 
-    #[error("currency mismatch: account {customer_id:?} is in {account}, the request is in {requested}")]
+    #[error(
+        "currency mismatch: account {customer_id:?} is in {account}, the request is in {requested}"
+    )]
     CurrencyMismatch {
         customer_id: String,
         account: String,
@@ -25,7 +29,10 @@ pub enum PaymentError {
     AlreadyRefunded { order_id: String },
 
     #[error("order {order_id} was already charged by payment {payment_id}")]
-    AlreadyCharged { order_id: String, payment_id: String },
+    AlreadyCharged {
+        order_id: String,
+        payment_id: String,
+    },
 
     #[error(transparent)]
     Kit(#[from] svc_kit::Error),

@@ -34,7 +34,11 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// The payment service's settings, from flags and env.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "payment-svc", version, about = "The payment service of the order saga system")]
+#[command(
+    name = "payment-svc",
+    version,
+    about = "The payment service of the order saga system"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub server: ServerArgs,
@@ -51,7 +55,8 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     let store = Store::open(&url, &MIGRATIONS).await?;
     let api = api::PaymentApi::new(store);
-    let service = PaymentServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
+    let service =
+        PaymentServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     App::bind(settings.server, DEFAULT_PORT, service).await
 }
 

@@ -6,8 +6,9 @@
 use std::collections::BTreeSet;
 
 use ordersaga_proto::shipping::v1::{
-    CancelShipmentRequest, CancelShipmentResponse, GetShipmentRequest, GetShipmentResponse, PrepareShipmentRequest,
-    PrepareShipmentResponse, ServiceLevel, shipping_service_server::ShippingService,
+    CancelShipmentRequest, CancelShipmentResponse, GetShipmentRequest, GetShipmentResponse,
+    PrepareShipmentRequest, PrepareShipmentResponse, ServiceLevel,
+    shipping_service_server::ShippingService,
 };
 use svc_kit::{
     Error,
@@ -78,7 +79,10 @@ impl ShippingService for ShippingApi {
         Ok(Response::new(reply))
     }
 
-    async fn get_shipment(&self, request: Request<GetShipmentRequest>) -> Result<Response<GetShipmentResponse>, Status> {
+    async fn get_shipment(
+        &self,
+        request: Request<GetShipmentRequest>,
+    ) -> Result<Response<GetShipmentResponse>, Status> {
         let req = request.into_inner();
         validate::uuid("order_id", &req.order_id)?;
         let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
@@ -98,10 +102,11 @@ fn validate_prepare(req: &PrepareShipmentRequest) -> Result<NewShipment, Error> 
     validate::text("address.city", &address.city, 100)?;
     validate::text("address.postal_code", &address.postal_code, 20)?;
     validate::country("address.country", &address.country)?;
-    let service_level = match validate::known_enum::<ServiceLevel>("service_level", req.service_level, true)? {
-        ServiceLevel::Unspecified => ServiceLevel::Standard,
-        level => level,
-    };
+    let service_level =
+        match validate::known_enum::<ServiceLevel>("service_level", req.service_level, true)? {
+            ServiceLevel::Unspecified => ServiceLevel::Standard,
+            level => level,
+        };
     validate::quantity("item_count", req.item_count, MAX_ITEMS)?;
     Ok(NewShipment {
         order_id: req.order_id.clone(),

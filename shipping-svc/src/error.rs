@@ -7,11 +7,16 @@ pub enum ShippingError {
     #[error("we do not ship to {country}")]
     CountryNotServed { country: String },
 
-    #[error("order {order_id}'s shipment was cancelled before it was prepared; a late PrepareShipment is refused")]
+    #[error(
+        "order {order_id}'s shipment was cancelled before it was prepared; a late PrepareShipment is refused"
+    )]
     AlreadyCancelled { order_id: String },
 
     #[error("order {order_id} already has shipment {shipment_id}")]
-    AlreadyPrepared { order_id: String, shipment_id: String },
+    AlreadyPrepared {
+        order_id: String,
+        shipment_id: String,
+    },
 
     #[error("no shipment for order {order_id}")]
     NoShipment { order_id: String },

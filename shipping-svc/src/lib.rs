@@ -35,13 +35,17 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// The shipping service's settings, from flags and env.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "shipping-svc", version, about = "The shipping service of the order saga system")]
+#[command(
+    name = "shipping-svc",
+    version,
+    about = "The shipping service of the order saga system"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub server: ServerArgs,
 
     /// Countries shipped to: ISO 3166-1 alpha-2 codes, comma-separated.
-    #[arg(long, env = "SHIP_TO_COUNTRIES", value_delimiter = ',', default_value = DEFAULT_COUNTRIES, value_parser = parse_country)]
+    #[arg(long, env = "SHIP_TO_COUNTRIES", value_name = "SHIP_TO_COUNTRIES", value_delimiter = ',', default_value = DEFAULT_COUNTRIES, value_parser = parse_country)]
     pub ship_to_countries: Vec<String>,
 }
 
@@ -60,11 +64,14 @@ fn parse_country(value: &str) -> Result<String, String> {
     if value.len() == 2 && value.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(value.to_owned())
     } else {
-        Err(format!("{value:?} is not an ISO 3166-1 alpha-2 code such as \"DE\""))
+        Err(format!(
+            "{value:?} is not an ISO 3166-1 alpha-2 code such as \"DE\""
+        ))
     }
 }
 
-pub type Application = App<InterceptedService<ShippingServiceServer<api::ShippingApi>, ApiKeyCheck>>;
+pub type Application =
+    App<InterceptedService<ShippingServiceServer<api::ShippingApi>, ApiKeyCheck>>;
 
 /// Opens the store, runs migrations and binds the port.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {
@@ -76,6 +83,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
     let store = Store::open(&url, &MIGRATIONS).await?;
     let countries: BTreeSet<String> = settings.ship_to_countries.iter().cloned().collect();
     let api = api::ShippingApi::new(store, countries);
-    let service = ShippingServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
+    let service =
+        ShippingServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     App::bind(settings.server, DEFAULT_PORT, service).await
 }

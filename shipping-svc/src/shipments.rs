@@ -4,7 +4,9 @@
 //! order's one row; a cancellation that finds nothing leaves a 'cancelled'
 //! tombstone that refuses a late prepare.
 
-use ordersaga_proto::shipping::v1::{Address, CancelShipmentResponse, ServiceLevel, Shipment, ShipmentStatus};
+use ordersaga_proto::shipping::v1::{
+    Address, CancelShipmentResponse, ServiceLevel, Shipment, ShipmentStatus,
+};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::time::now_ms;
 use uuid::Uuid;
@@ -19,7 +21,10 @@ pub struct NewShipment {
     pub item_count: i64,
 }
 
-pub async fn prepare(conn: &mut AnyConnection, new: NewShipment) -> Result<Shipment, ShippingError> {
+pub async fn prepare(
+    conn: &mut AnyConnection,
+    new: NewShipment,
+) -> Result<Shipment, ShippingError> {
     let now = now_ms();
     let shipment_id = Uuid::new_v4().to_string();
     let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
@@ -47,7 +52,9 @@ pub async fn prepare(conn: &mut AnyConnection, new: NewShipment) -> Result<Shipm
     }
     let existing = get(conn, &new.order_id).await?;
     Err(if existing.status == ShipmentStatus::Cancelled as i32 {
-        ShippingError::AlreadyCancelled { order_id: new.order_id }
+        ShippingError::AlreadyCancelled {
+            order_id: new.order_id,
+        }
     } else {
         ShippingError::AlreadyPrepared {
             order_id: new.order_id,
@@ -58,7 +65,10 @@ pub async fn prepare(conn: &mut AnyConnection, new: NewShipment) -> Result<Shipm
 
 /// Cancels an order's shipment. With none prepared it records a tombstone and
 /// succeeds, so a late prepare is refused.
-pub async fn cancel(conn: &mut AnyConnection, order_id: &str) -> Result<CancelShipmentResponse, ShippingError> {
+pub async fn cancel(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<CancelShipmentResponse, ShippingError> {
     let now = now_ms();
     let tombstone = sqlx::query(
         "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \

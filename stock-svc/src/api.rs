@@ -6,9 +6,9 @@
 use std::collections::HashSet;
 
 use ordersaga_proto::stock::v1::{
-    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse, ReleaseStockRequest,
-    ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse, RestockRequest, RestockResponse,
-    stock_service_server::StockService,
+    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse,
+    ReleaseStockRequest, ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse,
+    RestockRequest, RestockResponse, stock_service_server::StockService,
 };
 use svc_kit::{
     Error,
@@ -69,7 +69,10 @@ impl StockService for StockApi {
         Ok(Response::new(reply))
     }
 
-    async fn get_product(&self, request: Request<GetProductRequest>) -> Result<Response<GetProductResponse>, Status> {
+    async fn get_product(
+        &self,
+        request: Request<GetProductRequest>,
+    ) -> Result<Response<GetProductResponse>, Status> {
         let req = request.into_inner();
         validate::sku("sku", &req.sku)?;
         let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
@@ -96,7 +99,10 @@ impl StockService for StockApi {
     }
 
     #[tracing::instrument(skip_all, fields(sku = %request.get_ref().sku, request_id = %request.get_ref().request_id))]
-    async fn restock(&self, request: Request<RestockRequest>) -> Result<Response<RestockResponse>, Status> {
+    async fn restock(
+        &self,
+        request: Request<RestockRequest>,
+    ) -> Result<Response<RestockResponse>, Status> {
         let req = request.into_inner();
         let restock = validate_restock(&req)?;
         let key = RequestKey::new("Restock", &req.request_id, &req);
@@ -118,7 +124,11 @@ fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
     let mut lines = Vec::with_capacity(req.lines.len());
     for (i, line) in req.lines.iter().enumerate() {
         validate::sku(format!("lines[{i}].sku"), &line.sku)?;
-        validate::quantity(format!("lines[{i}].quantity"), line.quantity, validate::MAX_LINE_QUANTITY)?;
+        validate::quantity(
+            format!("lines[{i}].quantity"),
+            line.quantity,
+            validate::MAX_LINE_QUANTITY,
+        )?;
         if !seen.insert(line.sku.as_str()) {
             return Err(Error::invalid(
                 format!("lines[{i}].sku"),
@@ -137,7 +147,8 @@ fn validate_restock(req: &RestockRequest) -> Result<Restock, Error> {
     validate::id("request_id", &req.request_id)?;
     validate::sku("sku", &req.sku)?;
     validate::quantity("quantity", req.quantity, MAX_RESTOCK)?;
-    let describes_product = !req.name.is_empty() || req.unit_price_cents != 0 || !req.currency.is_empty();
+    let describes_product =
+        !req.name.is_empty() || req.unit_price_cents != 0 || !req.currency.is_empty();
     let new_product = if describes_product {
         validate::text("name", &req.name, 200)?;
         validate::amount_cents("unit_price_cents", req.unit_price_cents)?;

@@ -6,7 +6,6 @@ use svc_kit::time::now_ms;
 
 use crate::error::StockError;
 
-
 fn product_from_row(row: &AnyRow) -> Result<Product, sqlx::Error> {
     Ok(Product {
         sku: row.try_get("sku")?,
@@ -31,7 +30,11 @@ pub async fn get(conn: &mut AnyConnection, sku: &str) -> Result<Product, StockEr
 
 /// One page of products in SKU order, starting after `after`. Returns the page
 /// and the SKU to continue after, if there are more.
-pub async fn list(pool: &AnyPool, after: &str, limit: u32) -> Result<(Vec<Product>, Option<String>), StockError> {
+pub async fn list(
+    pool: &AnyPool,
+    after: &str,
+    limit: u32,
+) -> Result<(Vec<Product>, Option<String>), StockError> {
     let rows = sqlx::query(
         "SELECT sku, name, unit_price_cents, currency, available, reserved FROM products \
          WHERE sku > $1 ORDER BY sku LIMIT $2",
@@ -68,13 +71,15 @@ pub struct NewProduct {
 
 pub async fn restock(conn: &mut AnyConnection, restock: Restock) -> Result<Product, StockError> {
     let now = now_ms();
-    let added = sqlx::query("UPDATE products SET available = available + $1, updated_at_ms = $2 WHERE sku = $3")
-        .bind(restock.quantity)
-        .bind(now)
-        .bind(&restock.sku)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let added = sqlx::query(
+        "UPDATE products SET available = available + $1, updated_at_ms = $2 WHERE sku = $3",
+    )
+    .bind(restock.quantity)
+    .bind(now)
+    .bind(&restock.sku)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
     if added == 0 {
         let Some(new) = restock.new_product else {
             return Err(StockError::NewSkuIncomplete { sku: restock.sku });

@@ -34,7 +34,11 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// The stock service's settings, from flags and env.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "stock-svc", version, about = "The stock service of the order saga system")]
+#[command(
+    name = "stock-svc",
+    version,
+    about = "The stock service of the order saga system"
+)]
 pub struct Settings {
     #[command(flatten)]
     pub server: ServerArgs,
@@ -51,7 +55,8 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     let store = Store::open(&url, &MIGRATIONS).await?;
     let api = api::StockApi::new(store);
-    let service = StockServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
+    let service =
+        StockServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     App::bind(settings.server, DEFAULT_PORT, service).await
 }
 

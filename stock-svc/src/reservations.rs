@@ -75,7 +75,10 @@ pub async fn reserve(
         });
     }
     let currency = currency.unwrap_or_default();
-    let total_cents: i64 = reserved.iter().map(|l| l.unit_price_cents * l.quantity).sum();
+    let total_cents: i64 = reserved
+        .iter()
+        .map(|l| l.unit_price_cents * l.quantity)
+        .sum();
     sqlx::query("UPDATE reservations SET total_cents = $1, currency = $2 WHERE order_id = $3")
         .bind(total_cents)
         .bind(&currency)
@@ -93,7 +96,11 @@ pub async fn reserve(
 /// Moves `line.quantity` units from available to reserved, if that many are
 /// available. The check and the decrement are one statement, so concurrent
 /// callers can never oversell.
-async fn take_stock(conn: &mut AnyConnection, line: &Line, now: i64) -> Result<(i64, String), StockError> {
+async fn take_stock(
+    conn: &mut AnyConnection,
+    line: &Line,
+    now: i64,
+) -> Result<(i64, String), StockError> {
     let row = sqlx::query(
         "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_ms = $2 \
          WHERE sku = $3 AND available >= $1 RETURNING unit_price_cents, currency",
@@ -106,10 +113,11 @@ async fn take_stock(conn: &mut AnyConnection, line: &Line, now: i64) -> Result<(
     if let Some(row) = row {
         return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
     }
-    let available: Option<i64> = sqlx::query_scalar("SELECT available FROM products WHERE sku = $1")
-        .bind(&line.sku)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let available: Option<i64> =
+        sqlx::query_scalar("SELECT available FROM products WHERE sku = $1")
+            .bind(&line.sku)
+            .fetch_optional(&mut *conn)
+            .await?;
     Err(match available {
         None => StockError::UnknownSku {
             sku: line.sku.clone(),
@@ -123,7 +131,10 @@ async fn take_stock(conn: &mut AnyConnection, line: &Line, now: i64) -> Result<(
 }
 
 /// Why a reservation row already exists for an order.
-async fn existing_reservation(conn: &mut AnyConnection, order_id: &str) -> Result<StockError, StockError> {
+async fn existing_reservation(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<StockError, StockError> {
     let row = sqlx::query("SELECT reservation_id, status FROM reservations WHERE order_id = $1")
         .bind(order_id)
         .fetch_one(&mut *conn)
@@ -143,7 +154,10 @@ async fn existing_reservation(conn: &mut AnyConnection, order_id: &str) -> Resul
 
 /// Returns an order's reserved stock. With nothing reserved it records a
 /// tombstone and succeeds, so a late reserve is refused.
-pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<ReleaseStockResponse, StockError> {
+pub async fn release(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<ReleaseStockResponse, StockError> {
     let now = now_ms();
     let tombstone = sqlx::query(
         "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -173,10 +187,11 @@ pub async fn release(conn: &mut AnyConnection, order_id: &str) -> Result<Release
             released_reservation: false,
         });
     }
-    let lines = sqlx::query("SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku")
-        .bind(order_id)
-        .fetch_all(&mut *conn)
-        .await?;
+    let lines =
+        sqlx::query("SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku")
+            .bind(order_id)
+            .fetch_all(&mut *conn)
+            .await?;
     for line in lines {
         let sku: String = line.try_get("sku")?;
         let quantity: i64 = line.try_get("quantity")?;

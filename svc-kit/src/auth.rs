@@ -55,10 +55,17 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         let mut wrong = Request::new(());
-        wrong.metadata_mut().insert(API_KEY_HEADER, "s3creT".parse().unwrap());
-        assert_eq!(check.call(wrong).unwrap_err().code(), tonic::Code::Unauthenticated);
+        wrong
+            .metadata_mut()
+            .insert(API_KEY_HEADER, "s3creT".parse().unwrap());
+        assert_eq!(
+            check.call(wrong).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let mut right = Request::new(());
-        right.metadata_mut().insert(API_KEY_HEADER, "s3cret".parse().unwrap());
+        right
+            .metadata_mut()
+            .insert(API_KEY_HEADER, "s3cret".parse().unwrap());
         assert!(check.call(right).is_ok());
     }
 }

@@ -26,15 +26,15 @@ use crate::settings::parse_rate;
 #[derive(Debug, Clone, Default, Args)]
 pub struct FaultSettings {
     /// Share of calls (0.0–1.0) failed with UNAVAILABLE before any work is done.
-    #[arg(long, env = "FAULT_UNAVAILABLE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    #[arg(long, env = "FAULT_UNAVAILABLE_RATE", value_name = "FAULT_UNAVAILABLE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub fault_unavailable_rate: f64,
 
     /// Share of calls (0.0–1.0) whose work is done but whose reply is replaced by UNAVAILABLE.
-    #[arg(long, env = "FAULT_DROP_REPLY_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    #[arg(long, env = "FAULT_DROP_REPLY_RATE", value_name = "FAULT_DROP_REPLY_RATE", default_value_t = 0.0, value_parser = parse_rate)]
     pub fault_drop_reply_rate: f64,
 
     /// Latency added before every call, in milliseconds.
-    #[arg(long, env = "FAULT_LATENCY_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    #[arg(long, env = "FAULT_LATENCY_MS", value_name = "FAULT_LATENCY_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub fault_latency_ms: u64,
 }
 
@@ -107,14 +107,21 @@ where
                 tokio::time::sleep(Duration::from_millis(settings.fault_latency_ms)).await;
             }
             if rand::rng().random_bool(settings.fault_unavailable_rate) {
-                tracing::debug!(path = request.uri().path(), "fault injected: failing before work");
-                return Ok(Status::unavailable("injected fault: call failed before any work").into_http());
+                tracing::debug!(
+                    path = request.uri().path(),
+                    "fault injected: failing before work"
+                );
+                return Ok(
+                    Status::unavailable("injected fault: call failed before any work").into_http(),
+                );
             }
             let path = request.uri().path().to_owned();
             let response = inner.call(request).await?;
             if rand::rng().random_bool(settings.fault_drop_reply_rate) {
                 tracing::debug!(path, "fault injected: work done, reply dropped");
-                return Ok(Status::unavailable("injected fault: work done but reply dropped").into_http());
+                return Ok(
+                    Status::unavailable("injected fault: work done but reply dropped").into_http(),
+                );
             }
             Ok(response)
         })

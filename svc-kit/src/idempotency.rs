@@ -122,7 +122,10 @@ async fn record_refusal<Resp: Message + Default>(
 }
 
 /// Returns the stored reply of a `request_id` seen before.
-async fn replay<Resp: Message + Default>(pool: &AnyPool, key: &RequestKey<'_>) -> Result<Resp, Status> {
+async fn replay<Resp: Message + Default>(
+    pool: &AnyPool,
+    key: &RequestKey<'_>,
+) -> Result<Resp, Status> {
     let row = sqlx::query(
         "SELECT method, fingerprint, status_code, status_message, reply FROM idempotency WHERE request_id = $1",
     )
@@ -143,13 +146,19 @@ async fn replay<Resp: Message + Default>(pool: &AnyPool, key: &RequestKey<'_>) -
     match code {
         Some(0) => {
             let reply: Vec<u8> = row.try_get("reply").map_err(Error::from)?;
-            Resp::decode(reply.as_slice())
-                .map_err(|e| Error::Internal(format!("stored reply of {}: {e}", key.request_id)).into())
+            Resp::decode(reply.as_slice()).map_err(|e| {
+                Error::Internal(format!("stored reply of {}: {e}", key.request_id)).into()
+            })
         }
         Some(code) => {
             let message: Option<String> = row.try_get("status_message").map_err(Error::from)?;
-            Err(Status::new(Code::from_i32(code as i32), message.unwrap_or_default()))
+            Err(Status::new(
+                Code::from_i32(code as i32),
+                message.unwrap_or_default(),
+            ))
         }
-        None => Err(Error::Internal(format!("request {} has no stored reply", key.request_id)).into()),
+        None => {
+            Err(Error::Internal(format!("request {} has no stored reply", key.request_id)).into())
+        }
     }
 }

@@ -10,11 +10,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{
-    body::Body,
-    server::NamedService,
-    transport::Server,
-};
+use tonic::{body::Body, server::NamedService, transport::Server};
 use tonic_health::ServingStatus;
 use tower::Service;
 
@@ -58,7 +54,9 @@ where
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, reports NOT_SERVING
@@ -76,7 +74,9 @@ where
             health
                 .set_service_status(S::NAME, ServingStatus::NotServing)
                 .await;
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         };
 
         let incoming = TcpListenerStream::new(self.listener).map(|conn| {
@@ -113,8 +113,12 @@ const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 // The descriptor set holds every package of the system; list only what this
 // server serves. The reflection builder is not `Clone`, hence one per version.
-fn reflection_v1(service: &'static str) -> anyhow::Result<
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+fn reflection_v1(
+    service: &'static str,
+) -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
 > {
     Ok(tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ordersaga_proto::FILE_DESCRIPTOR_SET)
@@ -124,7 +128,9 @@ fn reflection_v1(service: &'static str) -> anyhow::Result<
         .build_v1()?)
 }
 
-fn reflection_v1alpha(service: &'static str) -> anyhow::Result<
+fn reflection_v1alpha(
+    service: &'static str,
+) -> anyhow::Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,

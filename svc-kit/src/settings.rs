@@ -14,27 +14,32 @@ use crate::fault::FaultSettings;
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    #[arg(long, env = "HOST", value_name = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
 
     /// Port to listen on; 0 picks a free one. Defaults to the service's own port.
-    #[arg(long, env = "PORT")]
+    #[arg(long, env = "PORT", value_name = "PORT")]
     pub port: Option<u16>,
 
     /// Store URL: `sqlite://PATH` (the default, a file under ./data) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL")]
     pub database_url: Option<String>,
 
     /// Key every business call must carry in its `x-api-key` metadata.
-    #[arg(long, env = "APPLICATION_API_KEY", value_parser = parse_api_key, hide_env_values = true)]
+    #[arg(long, env = "APPLICATION_API_KEY", value_name = "APPLICATION_API_KEY", value_parser = parse_api_key, hide_env_values = true)]
     pub api_key: SecretString,
 
     /// Longest a call may run on the server before it is cancelled, in seconds.
-    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", value_name = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_secs: u64,
 
     /// Write logs as JSON lines instead of human-readable text.
-    #[arg(long, env = "LOG_JSON", default_value_t = false)]
+    #[arg(
+        long,
+        env = "LOG_JSON",
+        value_name = "LOG_JSON",
+        default_value_t = false
+    )]
     pub log_json: bool,
 
     #[command(flatten)]

@@ -23,7 +23,10 @@ impl FromStr for Backend {
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)
         } else {
-            bail!("DATABASE_URL must start with sqlite:// or postgres://, got {:?}", redact(url))
+            bail!(
+                "DATABASE_URL must start with sqlite:// or postgres://, got {:?}",
+                redact(url)
+            )
         }
     }
 }
@@ -89,9 +92,14 @@ fn prepare_sqlite_url(url: &str) -> anyhow::Result<String> {
         .trim_start_matches("sqlite:");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() || path == ":memory:" {
-        bail!("DATABASE_URL: an in-memory SQLite store would lose every order on restart; give a file path");
+        bail!(
+            "DATABASE_URL: an in-memory SQLite store would lose every order on restart; give a file path"
+        );
     }
-    if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create the data folder {}", parent.display()))?;
     }
@@ -125,7 +133,10 @@ mod tests {
 
     #[test]
     fn redacts_password_only() {
-        assert_eq!(redact("postgres://u:pw@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://data/x.db"), "sqlite://data/x.db");
     }

@@ -54,12 +54,21 @@ pub fn sku(field: impl Into<String>, value: &str) -> Result<()> {
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.len() > 64 {
-        return Err(Error::invalid(field, format!("is {} bytes long, the limit is 64", value.len())));
-    }
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
         return Err(Error::invalid(
             field,
-            format!("{:?} may only hold letters, digits, '.', '_' and '-'", truncate(value)),
+            format!("is {} bytes long, the limit is 64", value.len()),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{:?} may only hold letters, digits, '.', '_' and '-'",
+                truncate(value)
+            ),
         ));
     }
     Ok(())
@@ -68,7 +77,10 @@ pub fn sku(field: impl Into<String>, value: &str) -> Result<()> {
 /// A count in `1..=max`.
 pub fn quantity(field: impl Into<String>, value: i64, max: i64) -> Result<()> {
     if value < 1 || value > max {
-        return Err(Error::invalid(field, format!("must be between 1 and {max}, got {value}")));
+        return Err(Error::invalid(
+            field,
+            format!("must be between 1 and {max}, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -83,7 +95,10 @@ pub fn currency(field: impl Into<String>, value: &str) -> Result<()> {
     if value.len() != 3 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(Error::invalid(
             field,
-            format!("{:?} is not an ISO 4217 code such as \"EUR\"", truncate(value)),
+            format!(
+                "{:?} is not an ISO 4217 code such as \"EUR\"",
+                truncate(value)
+            ),
         ));
     }
     Ok(())
@@ -94,7 +109,10 @@ pub fn country(field: impl Into<String>, value: &str) -> Result<()> {
     if value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(Error::invalid(
             field,
-            format!("{:?} is not an ISO 3166-1 alpha-2 code such as \"DE\"", truncate(value)),
+            format!(
+                "{:?} is not an ISO 3166-1 alpha-2 code such as \"DE\"",
+                truncate(value)
+            ),
         ));
     }
     Ok(())
@@ -108,7 +126,10 @@ pub fn text(field: impl Into<String>, value: &str, max: usize) -> Result<()> {
     }
     let chars = value.chars().count();
     if chars > max {
-        return Err(Error::invalid(field, format!("is {chars} characters long, the limit is {max}")));
+        return Err(Error::invalid(
+            field,
+            format!("is {chars} characters long, the limit is {max}"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(field, "must not contain control characters"));
@@ -123,13 +144,16 @@ pub fn count(field: impl Into<String>, len: usize, max: usize) -> Result<()> {
         return Err(Error::invalid(field, "must have at least one entry"));
     }
     if len > max {
-        return Err(Error::invalid(field, format!("has {len} entries, the limit is {max}")));
+        return Err(Error::invalid(
+            field,
+            format!("has {len} entries, the limit is {max}"),
+        ));
     }
     Ok(())
 }
 
 /// A required sub-message.
-pub fn present<'a, T>(field: impl Into<String>, value: Option<&'a T>) -> Result<&'a T> {
+pub fn present<T>(field: impl Into<String>, value: Option<&T>) -> Result<&T> {
     value.ok_or_else(|| Error::invalid(field, "is required"))
 }
 
@@ -137,16 +161,21 @@ pub fn present<'a, T>(field: impl Into<String>, value: Option<&'a T>) -> Result<
 pub fn page_size(field: impl Into<String>, value: i32, default: u32, max: u32) -> Result<u32> {
     match value {
         0 => Ok(default),
-        v if v < 0 || v as u32 > max => {
-            Err(Error::invalid(field, format!("must be between 1 and {max}, got {v}")))
-        }
+        v if v < 0 || v as u32 > max => Err(Error::invalid(
+            field,
+            format!("must be between 1 and {max}, got {v}"),
+        )),
         v => Ok(v as u32),
     }
 }
 
 /// An enum value that this build knows; `UNSPECIFIED` (0) is allowed only when
 /// the caller says so.
-pub fn known_enum<E: TryFrom<i32>>(field: impl Into<String>, value: i32, allow_unspecified: bool) -> Result<E> {
+pub fn known_enum<E: TryFrom<i32>>(
+    field: impl Into<String>,
+    value: i32,
+    allow_unspecified: bool,
+) -> Result<E> {
     let field = field.into();
     if value == 0 && !allow_unspecified {
         return Err(Error::invalid(field, "must be set"));
@@ -168,8 +197,13 @@ mod tests {
 
     #[test]
     fn names_the_field() {
-        assert_eq!(message(id("request_id", "")), "invalid request_id: must not be empty");
-        assert!(message(quantity("lines[3].quantity", 0, 10)).starts_with("invalid lines[3].quantity"));
+        assert_eq!(
+            message(id("request_id", "")),
+            "invalid request_id: must not be empty"
+        );
+        assert!(
+            message(quantity("lines[3].quantity", 0, 10)).starts_with("invalid lines[3].quantity")
+        );
         assert!(message(uuid("order_id", "nope")).contains("not a UUID"));
         assert!(message(country("address.country", "de")).contains("address.country"));
         assert!(message(page_size("page_size", 501, 100, 500)).contains("page_size"));

@@ -1,0 +1,128 @@
+//! The service binaries as real processes: bad settings stop them with a clear
+//! message, and SIGTERM drains and exits cleanly.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use ordersaga_proto::stock::v1::{GetProductRequest, stock_service_client::StockServiceClient};
+use ordersaga_tests::{API_KEY, authed, binaries, eventually};
+
+fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(binaries::path(binary));
+    command.current_dir(dir.path()).env_clear().env("PORT", "0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A binary, its environment, and what its error must mention.
+type BadSetting = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+
+#[test]
+fn bad_settings_exit_non_zero_naming_the_setting() {
+    let cases: &[BadSetting] = &[
+        ("stock-svc", &[], "APPLICATION_API_KEY"),
+        (
+            "stock-svc",
+            &[("APPLICATION_API_KEY", " ")],
+            "must not be empty",
+        ),
+        (
+            "payment-svc",
+            &[
+                ("APPLICATION_API_KEY", "k"),
+                ("FAULT_UNAVAILABLE_RATE", "1.5"),
+            ],
+            "fault-unavailable-rate",
+        ),
+        (
+            "shipping-svc",
+            &[
+                ("APPLICATION_API_KEY", "k"),
+                ("SHIP_TO_COUNTRIES", "DE,germany"),
+            ],
+            "ship-to-countries",
+        ),
+        (
+            "stock-svc",
+            &[("APPLICATION_API_KEY", "k"), ("PORT", "99999")],
+            "port",
+        ),
+        (
+            "stock-svc",
+            &[("APPLICATION_API_KEY", "k"), ("DATABASE_URL", "mysql://x")],
+            "DATABASE_URL",
+        ),
+        (
+            "stock-svc",
+            &[
+                ("APPLICATION_API_KEY", "k"),
+                ("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/x"),
+            ],
+            "cannot open the store",
+        ),
+    ];
+    for (binary, env, needle) in cases {
+        let (code, stderr) = run_with_env(binary, env);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{binary} {env:?} should fail, exited {code:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{binary} {env:?}: stderr should mention {needle:?}:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("hunter2"),
+            "a password reached the output:\n{stderr}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = binaries::free_port();
+    let mut child = tokio::process::Command::new(binaries::path("stock-svc"))
+        .current_dir(dir.path())
+        .env("APPLICATION_API_KEY", API_KEY)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start stock-svc");
+
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut client = eventually("stock-svc to accept calls", Duration::from_secs(20), || {
+        let endpoint = endpoint.clone();
+        async move { StockServiceClient::connect(endpoint).await.ok() }
+    })
+    .await;
+    let answer = client
+        .get_product(authed(GetProductRequest { sku: "NONE".into() }))
+        .await;
+    assert_eq!(answer.unwrap_err().code(), tonic::Code::NotFound);
+    assert!(
+        dir.path().join("data/stock.db").exists(),
+        "the default store is a SQLite file under ./data"
+    );
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}

@@ -1,0 +1,32 @@
+//! End-to-end tests: real services over real sockets, on SQLite and PostgreSQL.
+//!
+//! One binary, one module per subject. `on_both_stores!` turns each
+//! `async fn case(Backend)` into a `case::sqlite` and a `case::postgres` test.
+
+/// Runs each named `async fn(Backend)` once per store.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn sqlite() {
+                    super::$case(ordersaga_tests::Backend::Sqlite).await
+                }
+
+                #[tokio::test(flavor = "multi_thread")]
+                async fn postgres() {
+                    super::$case(ordersaga_tests::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+mod assertions;
+mod auth;
+mod config;
+mod faults;
+mod grpcurl;
+mod payment;
+mod shipping;
+mod stock;

@@ -1,0 +1,308 @@
+//! The payment service: idempotent charges, refunds that overtake them, no
+//! overdraw, and validation.
+
+use ordersaga_proto::payment::v1::{
+    ChargeRequest, DepositRequest, GetAccountRequest, RefundRequest,
+    payment_service_client::PaymentServiceClient,
+};
+use ordersaga_tests::{Backend, authed, services};
+use tonic::{Code, transport::Channel};
+
+use crate::assertions::{assert_status, order_id, request_id};
+
+on_both_stores!(
+    repeated_charge_returns_the_same_reply_and_debits_once,
+    reused_request_id_with_another_payload_is_refused,
+    refund_before_charge_refuses_the_late_charge,
+    refund_returns_money_once,
+    business_refusals_have_precise_codes,
+    no_overdraw_under_64_concurrent_charges,
+    each_invalid_field_is_named_and_nothing_is_written,
+);
+
+async fn open(client: &mut PaymentServiceClient<Channel>, customer: &str, cents: i64) {
+    client
+        .deposit(authed(DepositRequest {
+            request_id: request_id(),
+            customer_id: customer.into(),
+            amount_cents: cents,
+            currency: "EUR".into(),
+        }))
+        .await
+        .expect("deposit");
+}
+
+async fn balance(client: &mut PaymentServiceClient<Channel>, customer: &str) -> (i64, i64) {
+    let account = client
+        .get_account(authed(GetAccountRequest {
+            customer_id: customer.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .account
+        .unwrap();
+    (account.balance_cents, account.charged_cents)
+}
+
+fn charge(request_id: &str, order_id: &str, customer: &str, cents: i64) -> ChargeRequest {
+    ChargeRequest {
+        request_id: request_id.into(),
+        order_id: order_id.into(),
+        customer_id: customer.into(),
+        amount_cents: cents,
+        currency: "EUR".into(),
+    }
+}
+
+async fn repeated_charge_returns_the_same_reply_and_debits_once(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let request = charge(&request_id(), &order_id(), "alice", 2_500);
+    let first = client
+        .charge(authed(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client.charge(authed(request)).await.unwrap().into_inner();
+    assert_eq!(first, second);
+    assert_eq!(first.balance_cents, 7_500);
+    assert_eq!(balance(&mut client, "alice").await, (7_500, 2_500));
+}
+
+async fn reused_request_id_with_another_payload_is_refused(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let rid = request_id();
+    let order = order_id();
+    client
+        .charge(authed(charge(&rid, &order, "alice", 100)))
+        .await
+        .unwrap();
+    let changed = client
+        .charge(authed(charge(&rid, &order, "alice", 200)))
+        .await;
+    assert_status(changed, Code::InvalidArgument, &["request_id", "different"]);
+    assert_eq!(balance(&mut client, "alice").await, (9_900, 100));
+}
+
+async fn refund_before_charge_refuses_the_late_charge(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let order = order_id();
+    let refunded = client
+        .refund(authed(RefundRequest {
+            request_id: request_id(),
+            order_id: order.clone(),
+        }))
+        .await
+        .expect("refunding nothing succeeds")
+        .into_inner();
+    assert!(!refunded.refunded_charge);
+    let late = client
+        .charge(authed(charge(&request_id(), &order, "alice", 100)))
+        .await;
+    assert_status(
+        late,
+        Code::FailedPrecondition,
+        &["refunded before it was charged"],
+    );
+    assert_eq!(balance(&mut client, "alice").await, (10_000, 0));
+}
+
+async fn refund_returns_money_once(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let order = order_id();
+    client
+        .charge(authed(charge(&request_id(), &order, "alice", 4_000)))
+        .await
+        .unwrap();
+    let refund = RefundRequest {
+        request_id: request_id(),
+        order_id: order.clone(),
+    };
+    let first = client
+        .refund(authed(refund.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.refunded_charge);
+    assert_eq!(first.amount_cents, 4_000);
+    assert_eq!(
+        client.refund(authed(refund)).await.unwrap().into_inner(),
+        first
+    );
+    let again = client
+        .refund(authed(RefundRequest {
+            request_id: request_id(),
+            order_id: order,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.refunded_charge);
+    assert_eq!(balance(&mut client, "alice").await, (10_000, 0));
+}
+
+async fn business_refusals_have_precise_codes(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "poor", 500).await;
+    let unknown = client
+        .charge(authed(charge(&request_id(), &order_id(), "nobody", 100)))
+        .await;
+    assert_status(unknown, Code::NotFound, &["nobody"]);
+    let unknown_account = client
+        .get_account(authed(GetAccountRequest {
+            customer_id: "nobody".into(),
+        }))
+        .await;
+    assert_status(unknown_account, Code::NotFound, &["nobody"]);
+    let poor = client
+        .charge(authed(charge(&request_id(), &order_id(), "poor", 501)))
+        .await;
+    assert_status(
+        poor,
+        Code::FailedPrecondition,
+        &["insufficient funds", "500", "501"],
+    );
+    let mut dollars = charge(&request_id(), &order_id(), "poor", 100);
+    dollars.currency = "USD".into();
+    assert_status(
+        client.charge(authed(dollars)).await,
+        Code::FailedPrecondition,
+        &["currency", "EUR", "USD"],
+    );
+    assert_eq!(balance(&mut client, "poor").await, (500, 0));
+}
+
+async fn no_overdraw_under_64_concurrent_charges(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "shared", 1_000).await;
+    let channel = svc.channel().await;
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = PaymentServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                client
+                    .charge(authed(charge(&request_id(), &order_id(), "shared", 100)))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for result in futures::future::join_all(tasks).await {
+        match result.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}"),
+        }
+    }
+    assert_eq!(ok, 10, "exactly the funds on hand are charged");
+    assert_eq!(balance(&mut client, "shared").await, (0, 1_000));
+}
+
+async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let good = charge(&request_id(), &order_id(), "alice", 100);
+    let cases: Vec<(&str, ChargeRequest)> = vec![
+        (
+            "request_id",
+            ChargeRequest {
+                request_id: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "request_id",
+            ChargeRequest {
+                request_id: "a\nb".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "order_id",
+            ChargeRequest {
+                order_id: "zzz".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "customer_id",
+            ChargeRequest {
+                customer_id: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "customer_id",
+            ChargeRequest {
+                customer_id: "c".repeat(129),
+                ..good.clone()
+            },
+        ),
+        (
+            "amount_cents",
+            ChargeRequest {
+                amount_cents: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "amount_cents",
+            ChargeRequest {
+                amount_cents: -100,
+                ..good.clone()
+            },
+        ),
+        (
+            "amount_cents",
+            ChargeRequest {
+                amount_cents: i64::MAX,
+                ..good.clone()
+            },
+        ),
+        (
+            "currency",
+            ChargeRequest {
+                currency: "eur".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "currency",
+            ChargeRequest {
+                currency: String::new(),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        assert_status(
+            client.charge(authed(request)).await,
+            Code::InvalidArgument,
+            &[field],
+        );
+    }
+    let bad_deposit = client
+        .deposit(authed(DepositRequest {
+            request_id: request_id(),
+            customer_id: "bob".into(),
+            amount_cents: 0,
+            currency: "EUR".into(),
+        }))
+        .await;
+    assert_status(bad_deposit, Code::InvalidArgument, &["amount_cents"]);
+    assert_eq!(balance(&mut client, "alice").await, (10_000, 0));
+    client
+        .charge(authed(good))
+        .await
+        .expect("the corrected request goes through");
+}

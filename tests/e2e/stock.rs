@@ -1,0 +1,437 @@
+//! The stock service: idempotent reservations, releases that overtake them,
+//! no oversell, and validation.
+
+use ordersaga_proto::stock::v1::{
+    GetProductRequest, ListProductsRequest, OrderLine, ReleaseStockRequest, ReserveStockRequest,
+    RestockRequest, stock_service_client::StockServiceClient,
+};
+use ordersaga_tests::{Backend, authed, services};
+use tonic::{Code, transport::Channel};
+
+use crate::assertions::{assert_status, order_id, request_id};
+
+on_both_stores!(
+    repeated_reserve_returns_the_same_reply_and_reserves_once,
+    reused_request_id_with_another_payload_is_refused,
+    release_before_reserve_refuses_the_late_reserve,
+    release_returns_stock_once,
+    reservation_is_all_or_nothing,
+    business_refusals_have_precise_codes_and_are_replayed,
+    no_oversell_under_64_concurrent_callers,
+    each_invalid_field_is_named_and_nothing_is_written,
+    products_are_listed_in_pages,
+);
+
+pub async fn seed(client: &mut StockServiceClient<Channel>, sku: &str, quantity: i64, price: i64) {
+    client
+        .restock(authed(RestockRequest {
+            request_id: request_id(),
+            sku: sku.into(),
+            quantity,
+            name: format!("Product {sku}"),
+            unit_price_cents: price,
+            currency: "EUR".into(),
+        }))
+        .await
+        .expect("restock");
+}
+
+pub async fn levels(client: &mut StockServiceClient<Channel>, sku: &str) -> (i64, i64) {
+    let product = client
+        .get_product(authed(GetProductRequest { sku: sku.into() }))
+        .await
+        .expect("get product")
+        .into_inner()
+        .product
+        .unwrap();
+    (product.available, product.reserved)
+}
+
+fn reserve(request_id: &str, order_id: &str, lines: &[(&str, i64)]) -> ReserveStockRequest {
+    ReserveStockRequest {
+        request_id: request_id.into(),
+        order_id: order_id.into(),
+        lines: lines
+            .iter()
+            .map(|(sku, quantity)| OrderLine {
+                sku: (*sku).into(),
+                quantity: *quantity,
+            })
+            .collect(),
+    }
+}
+
+async fn repeated_reserve_returns_the_same_reply_and_reserves_once(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 10, 99).await;
+
+    let request = reserve(&request_id(), &order_id(), &[("APPLE", 3), ("PEAR", 2)]);
+    let first = client
+        .reserve_stock(authed(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .reserve_stock(authed(request))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(first, second, "a repeat must return the stored reply");
+    assert_eq!(first.total_cents, 3 * 150 + 2 * 99);
+    assert_eq!(first.currency, "EUR");
+    assert_eq!(levels(&mut client, "APPLE").await, (7, 3));
+    assert_eq!(levels(&mut client, "PEAR").await, (8, 2));
+    let pool = svc.db.pool().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservation_lines")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "one effect only");
+}
+
+async fn reused_request_id_with_another_payload_is_refused(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let rid = request_id();
+    let order = order_id();
+    client
+        .reserve_stock(authed(reserve(&rid, &order, &[("APPLE", 1)])))
+        .await
+        .unwrap();
+
+    let changed = client
+        .reserve_stock(authed(reserve(&rid, &order, &[("APPLE", 2)])))
+        .await;
+    assert_status(
+        changed,
+        Code::InvalidArgument,
+        &["request_id", &rid, "different"],
+    );
+    // The same request_id on another method is refused too.
+    let other_method = client
+        .release_stock(authed(ReleaseStockRequest {
+            request_id: rid.clone(),
+            order_id: order,
+        }))
+        .await;
+    assert_status(other_method, Code::InvalidArgument, &["request_id"]);
+    assert_eq!(levels(&mut client, "APPLE").await, (9, 1));
+}
+
+async fn release_before_reserve_refuses_the_late_reserve(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let order = order_id();
+
+    let released = client
+        .release_stock(authed(ReleaseStockRequest {
+            request_id: request_id(),
+            order_id: order.clone(),
+        }))
+        .await
+        .expect("a release with nothing reserved succeeds")
+        .into_inner();
+    assert!(!released.released_reservation);
+
+    let late = client
+        .reserve_stock(authed(reserve(&request_id(), &order, &[("APPLE", 4)])))
+        .await;
+    assert_status(
+        late,
+        Code::FailedPrecondition,
+        &["released before it was reserved"],
+    );
+    assert_eq!(
+        levels(&mut client, "APPLE").await,
+        (10, 0),
+        "the late reserve took nothing"
+    );
+}
+
+async fn release_returns_stock_once(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let order = order_id();
+    client
+        .reserve_stock(authed(reserve(&request_id(), &order, &[("APPLE", 4)])))
+        .await
+        .unwrap();
+    assert_eq!(levels(&mut client, "APPLE").await, (6, 4));
+
+    let release = ReleaseStockRequest {
+        request_id: request_id(),
+        order_id: order.clone(),
+    };
+    let first = client
+        .release_stock(authed(release.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.released_reservation);
+    let repeat = client
+        .release_stock(authed(release))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, repeat);
+    // A second release under a new request_id is a no-op too.
+    let again = client
+        .release_stock(authed(ReleaseStockRequest {
+            request_id: request_id(),
+            order_id: order,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.released_reservation);
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+}
+
+async fn reservation_is_all_or_nothing(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 1, 99).await;
+
+    let result = client
+        .reserve_stock(authed(reserve(
+            &request_id(),
+            &order_id(),
+            &[("APPLE", 5), ("PEAR", 2)],
+        )))
+        .await;
+    assert_status(
+        result,
+        Code::FailedPrecondition,
+        &["out of stock", "PEAR", "1 available", "2 requested"],
+    );
+    assert_eq!(
+        levels(&mut client, "APPLE").await,
+        (10, 0),
+        "the good line was rolled back"
+    );
+    assert_eq!(levels(&mut client, "PEAR").await, (1, 0));
+    let pool = svc.db.pool().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+async fn business_refusals_have_precise_codes_and_are_replayed(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 1, 150).await;
+
+    let unknown = client
+        .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("KIWI", 1)])))
+        .await;
+    assert_status(unknown, Code::NotFound, &["KIWI"]);
+    let unknown_product = client
+        .get_product(authed(GetProductRequest { sku: "KIWI".into() }))
+        .await;
+    assert_status(unknown_product, Code::NotFound, &["KIWI"]);
+
+    // A refusal is the request's answer for good: after a restock, the same
+    // request_id still gets it, while a new request_id succeeds.
+    let refused = reserve(&request_id(), &order_id(), &[("APPLE", 2)]);
+    assert_status(
+        client.reserve_stock(authed(refused.clone())).await,
+        Code::FailedPrecondition,
+        &["out of stock"],
+    );
+    seed(&mut client, "APPLE", 5, 150).await;
+    assert_status(
+        client.reserve_stock(authed(refused.clone())).await,
+        Code::FailedPrecondition,
+        &["out of stock"],
+    );
+    let mut fresh = refused;
+    fresh.request_id = request_id();
+    client
+        .reserve_stock(authed(fresh))
+        .await
+        .expect("a new request_id is a new request");
+
+    let incomplete = client
+        .restock(authed(RestockRequest {
+            request_id: request_id(),
+            sku: "NEW".into(),
+            quantity: 1,
+            ..Default::default()
+        }))
+        .await;
+    assert_status(incomplete, Code::NotFound, &["NEW", "name"]);
+}
+
+async fn no_oversell_under_64_concurrent_callers(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "HOT", 50, 100).await;
+
+    let channel = svc.channel().await;
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = StockServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                client
+                    .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("HOT", 1)])))
+                    .await
+            })
+        })
+        .collect();
+    let results = futures::future::join_all(tasks).await;
+    let mut ok = 0;
+    for result in results {
+        match result.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}"),
+        }
+    }
+    assert_eq!(ok, 50, "exactly the stock on hand is sold");
+    assert_eq!(levels(&mut client, "HOT").await, (0, 50));
+}
+
+async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let rid = request_id();
+    let good = reserve(&rid, &order_id(), &[("APPLE", 1)]);
+
+    let too_many: Vec<(String, i64)> = (0..101).map(|i| (format!("SKU{i}"), 1)).collect();
+    let cases: Vec<(&str, ReserveStockRequest)> = vec![
+        (
+            "request_id",
+            ReserveStockRequest {
+                request_id: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "request_id",
+            ReserveStockRequest {
+                request_id: "x".repeat(129),
+                ..good.clone()
+            },
+        ),
+        (
+            "order_id",
+            ReserveStockRequest {
+                order_id: String::new(),
+                ..good.clone()
+            },
+        ),
+        (
+            "order_id",
+            ReserveStockRequest {
+                order_id: "not-a-uuid".into(),
+                ..good.clone()
+            },
+        ),
+        (
+            "lines",
+            ReserveStockRequest {
+                lines: vec![],
+                ..good.clone()
+            },
+        ),
+        (
+            "lines",
+            ReserveStockRequest {
+                lines: too_many
+                    .iter()
+                    .map(|(s, q)| OrderLine {
+                        sku: s.clone(),
+                        quantity: *q,
+                    })
+                    .collect(),
+                ..good.clone()
+            },
+        ),
+        ("lines[0].sku", reserve(&rid, &good.order_id, &[("", 1)])),
+        (
+            "lines[0].sku",
+            reserve(&rid, &good.order_id, &[("bad sku!", 1)]),
+        ),
+        (
+            "lines[0].quantity",
+            reserve(&rid, &good.order_id, &[("APPLE", 0)]),
+        ),
+        (
+            "lines[0].quantity",
+            reserve(&rid, &good.order_id, &[("APPLE", -3)]),
+        ),
+        (
+            "lines[0].quantity",
+            reserve(&rid, &good.order_id, &[("APPLE", 1_000_000_000)]),
+        ),
+        (
+            "lines[1].sku",
+            reserve(&rid, &good.order_id, &[("APPLE", 1), ("APPLE", 2)]),
+        ),
+    ];
+    for (field, request) in cases {
+        let result = client.reserve_stock(authed(request)).await;
+        assert_status(result, Code::InvalidArgument, &[field]);
+    }
+    let bad_restock = client
+        .restock(authed(RestockRequest {
+            request_id: request_id(),
+            sku: "NEW".into(),
+            quantity: 5,
+            name: "New".into(),
+            unit_price_cents: 100,
+            currency: "euro".into(),
+        }))
+        .await;
+    assert_status(bad_restock, Code::InvalidArgument, &["currency"]);
+    let bad_page = client
+        .list_products(authed(ListProductsRequest {
+            page_size: -1,
+            page_token: String::new(),
+        }))
+        .await;
+    assert_status(bad_page, Code::InvalidArgument, &["page_size"]);
+
+    // Nothing was written: stock is untouched and the request_id is still unused.
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+    client
+        .reserve_stock(authed(good))
+        .await
+        .expect("the corrected request goes through");
+}
+
+async fn products_are_listed_in_pages(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    for sku in ["A1", "A2", "A3", "A4", "A5"] {
+        seed(&mut client, sku, 1, 10).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_products(authed(ListProductsRequest {
+                page_size: 2,
+                page_token: token,
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.products.len() <= 2);
+        seen.extend(page.products.into_iter().map(|p| p.sku));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["A1", "A2", "A3", "A4", "A5"]);
+}

@@ -1,0 +1,128 @@
+//! Services started in-process on an ephemeral loopback port, each on its own store.
+
+use std::net::SocketAddr;
+
+use ordersaga_proto::{
+    payment::v1::payment_service_client::PaymentServiceClient,
+    shipping::v1::shipping_service_client::ShippingServiceClient,
+    stock::v1::stock_service_client::StockServiceClient,
+};
+use svc_kit::fault::FaultSettings;
+use tokio::sync::oneshot;
+use tonic::{Request, transport::Channel};
+
+use crate::{Backend, TestDb};
+
+pub const API_KEY: &str = "test-key";
+
+/// Wraps a message with the API key metadata.
+pub fn authed<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert(svc_kit::auth::API_KEY_HEADER, API_KEY.parse().unwrap());
+    request
+}
+
+/// A running service. Stopping it (or dropping it) drains and stops the server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the service")
+    }
+
+    pub async fn stock(&self) -> StockServiceClient<Channel> {
+        StockServiceClient::new(self.channel().await)
+    }
+
+    pub async fn shipping(&self) -> ShippingServiceClient<Channel> {
+        ShippingServiceClient::new(self.channel().await)
+    }
+
+    pub async fn payment(&self) -> PaymentServiceClient<Channel> {
+        PaymentServiceClient::new(self.channel().await)
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn shutdown_pair() -> (
+    oneshot::Sender<()>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+macro_rules! start {
+    ($db:expr, $build:expr) => {{
+        let db = $db;
+        let app = $build.await.expect("service builds");
+        let addr = app.local_addr();
+        let (stop, shutdown) = shutdown_pair();
+        let task = tokio::spawn(app.run_until_stopped(shutdown));
+        Running {
+            addr,
+            db,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }};
+}
+
+pub async fn stock(backend: Backend) -> Running {
+    stock_with_faults(backend, FaultSettings::default()).await
+}
+
+pub async fn stock_with_faults(backend: Backend, faults: FaultSettings) -> Running {
+    let db = TestDb::new(backend).await;
+    let mut settings = stock_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.faults = faults;
+    start!(db, stock_svc::build(settings))
+}
+
+pub async fn shipping(backend: Backend) -> Running {
+    let db = TestDb::new(backend).await;
+    let settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    start!(db, shipping_svc::build(settings))
+}
+
+pub async fn payment(backend: Backend) -> Running {
+    let db = TestDb::new(backend).await;
+    let settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    start!(db, payment_svc::build(settings))
+}
