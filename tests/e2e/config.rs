@@ -24,7 +24,11 @@ fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 }
 
 /// A binary, its environment, and what its error must mention.
-type BadSetting = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+type BadSetting = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
 
 #[test]
 fn bad_settings_exit_non_zero_naming_the_setting() {
