@@ -5,6 +5,8 @@
 //!
 //! - [`orders::v1`]: the public `OrderService`, served by the orchestrator.
 //! - [`stock::v1`], [`shipping::v1`], [`payment::v1`]: the domain services the saga drives.
+//! - [`client`]: [`client::OrderClient`], a thin typed client of `OrderService`
+//!   that sends the API key with every call.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is what the servers publish through gRPC reflection.
 
@@ -31,6 +33,8 @@ pub mod payment {
         tonic::include_proto!("payment.v1");
     }
 }
+
+pub mod client;
 
 /// The encoded descriptors of every proto package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordersaga_descriptor");

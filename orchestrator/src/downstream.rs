@@ -1,0 +1,132 @@
+//! Clients of the domain services: one lazily connected HTTP/2 channel per
+//! service, shared by every saga, each call carrying the orchestrator's API key.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ordersaga_proto::{
+    payment::v1::payment_service_client::PaymentServiceClient,
+    shipping::v1::shipping_service_client::ShippingServiceClient,
+    stock::v1::stock_service_client::StockServiceClient,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tonic::{
+    Request, Status,
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+#[derive(Debug, Clone, Args)]
+pub struct DownstreamArgs {
+    /// Address of the stock service.
+    #[arg(
+        long,
+        env = "STOCK_SERVICE_URL",
+        value_name = "STOCK_SERVICE_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub stock_url: String,
+
+    /// Address of the shipping service.
+    #[arg(
+        long,
+        env = "SHIPPING_SERVICE_URL",
+        value_name = "SHIPPING_SERVICE_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub shipping_url: String,
+
+    /// Address of the payment service.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_URL",
+        value_name = "PAYMENT_SERVICE_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub payment_url: String,
+
+    /// Key sent to the domain services in `x-api-key`; defaults to the orchestrator's own key.
+    #[arg(
+        long,
+        env = "SERVICES_API_KEY",
+        value_name = "SERVICES_API_KEY",
+        hide_env_values = true
+    )]
+    pub services_api_key: Option<SecretString>,
+}
+
+impl DownstreamArgs {
+    pub fn local(stock_url: String, shipping_url: String, payment_url: String) -> Self {
+        DownstreamArgs {
+            stock_url,
+            shipping_url,
+            payment_url,
+            services_api_key: None,
+        }
+    }
+}
+
+/// Adds the API key to every outgoing call.
+#[derive(Clone)]
+pub struct SendApiKey {
+    key: AsciiMetadataValue,
+}
+
+impl Interceptor for SendApiKey {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert(svc_kit::auth::API_KEY_HEADER, self.key.clone());
+        Ok(request)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, SendApiKey>;
+pub type StockClient = StockServiceClient<Authed>;
+pub type ShippingClient = ShippingServiceClient<Authed>;
+pub type PaymentClient = PaymentServiceClient<Authed>;
+
+#[derive(Clone)]
+pub struct Downstream {
+    pub stock: StockClient,
+    pub shipping: ShippingClient,
+    pub payment: PaymentClient,
+}
+
+impl Downstream {
+    /// Builds the clients. Channels connect on first use and reconnect by
+    /// themselves, so the orchestrator can start before the services.
+    pub fn connect_lazy(args: &DownstreamArgs, own_key: &str) -> anyhow::Result<Self> {
+        let key = args
+            .services_api_key
+            .as_ref()
+            .map(|k| k.expose_secret().to_owned())
+            .unwrap_or_else(|| own_key.to_owned());
+        let key: AsciiMetadataValue = key
+            .parse()
+            .context("SERVICES_API_KEY is not valid metadata")?;
+        let auth = SendApiKey { key };
+        let channel = |url: &str, name: &str| -> anyhow::Result<Authed> {
+            let endpoint = Endpoint::from_shared(url.to_owned())
+                .with_context(|| format!("{name} is not a valid URL: {url:?}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(true);
+            Ok(InterceptedService::new(
+                endpoint.connect_lazy(),
+                auth.clone(),
+            ))
+        };
+        Ok(Downstream {
+            stock: StockServiceClient::new(channel(&args.stock_url, "STOCK_SERVICE_URL")?),
+            shipping: ShippingServiceClient::new(channel(
+                &args.shipping_url,
+                "SHIPPING_SERVICE_URL",
+            )?),
+            payment: PaymentServiceClient::new(channel(&args.payment_url, "PAYMENT_SERVICE_URL")?),
+        })
+    }
+}

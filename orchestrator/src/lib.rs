@@ -1,0 +1,210 @@
+//! The orchestrator: serves `orders.v1.OrderService` and drives one saga per
+//! order through the domain services.
+//!
+//! - [`saga`]: the durable saga engine, generic over its steps.
+//! - [`order_saga`]: the order saga defined on it: reserve stock, prepare
+//!   shipment, charge payment, and their compensations.
+//! - [`orders`]: the public API: create, get, list, watch, cancel.
+//! - [`downstream`]: the clients of the domain services.
+//! - [`error`]: the OrderService's outcomes and their gRPC codes.
+
+pub mod downstream;
+pub mod error;
+pub mod order_saga;
+pub mod orders;
+pub mod saga;
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
+use svc_kit::{
+    auth::ApiKeyCheck,
+    server::App,
+    settings::ServerArgs,
+    store::{Migrations, Store},
+};
+use tonic::service::interceptor::InterceptedService;
+
+use crate::{
+    downstream::{Downstream, DownstreamArgs},
+    order_saga::OrderData,
+    orders::OrderApi,
+    saga::{Engine, RetryPolicy},
+};
+
+pub const DEFAULT_PORT: u16 = 50051;
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/orchestrator.db";
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+pub const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
+
+/// The orchestrator's settings, from flags and env.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "The saga orchestrator of the order system"
+)]
+pub struct Settings {
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub downstream: DownstreamArgs,
+}
+
+/// How sagas are driven.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Attempts per forward step before its outcome counts as unknown (and is compensated).
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", value_name = "STEP_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub step_max_attempts: u32,
+
+    /// Deadline of each step call, in milliseconds.
+    #[arg(long, env = "STEP_TIMEOUT_MS", value_name = "STEP_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub step_timeout_ms: u64,
+
+    /// First backoff between attempts, in milliseconds; it doubles, with jitter.
+    #[arg(long, env = "RETRY_INITIAL_BACKOFF_MS", value_name = "RETRY_INITIAL_BACKOFF_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub retry_initial_backoff_ms: u64,
+
+    /// Longest backoff between forward attempts, in milliseconds.
+    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", value_name = "RETRY_MAX_BACKOFF_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub retry_max_backoff_ms: u64,
+
+    /// Longest backoff between compensation attempts (which never give up), in milliseconds.
+    #[arg(long, env = "COMPENSATION_MAX_BACKOFF_MS", value_name = "COMPENSATION_MAX_BACKOFF_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub compensation_max_backoff_ms: u64,
+
+    /// Most sagas driven at once; more wait their turn.
+    #[arg(long, env = "MAX_INFLIGHT_SAGAS", value_name = "MAX_INFLIGHT_SAGAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight_sagas: u32,
+
+    /// On shutdown, how long in-flight steps may take to finish before they are left to recovery, in milliseconds.
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_MS",
+        value_name = "SHUTDOWN_GRACE_MS",
+        default_value_t = 5_000
+    )]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for EngineArgs {
+    fn default() -> Self {
+        EngineArgs {
+            step_max_attempts: 5,
+            step_timeout_ms: 5_000,
+            retry_initial_backoff_ms: 20,
+            retry_max_backoff_ms: 2_000,
+            compensation_max_backoff_ms: 10_000,
+            max_inflight_sagas: 10_000,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl EngineArgs {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.step_max_attempts,
+            call_timeout: Duration::from_millis(self.step_timeout_ms),
+            initial_backoff: Duration::from_millis(self.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.retry_max_backoff_ms),
+            max_compensation_backoff: Duration::from_millis(self.compensation_max_backoff_ms),
+        }
+    }
+}
+
+impl Settings {
+    /// Settings for tests and embedded runs: the given store, key and services.
+    pub fn local(
+        database_url: impl Into<String>,
+        api_key: &str,
+        downstream: DownstreamArgs,
+    ) -> Self {
+        Settings {
+            server: ServerArgs::local(database_url, api_key),
+            engine: EngineArgs::default(),
+            downstream,
+        }
+    }
+}
+
+type Server = App<InterceptedService<OrderServiceServer<OrderApi>, ApiKeyCheck>>;
+
+/// A built orchestrator: the store is migrated, open sagas are resumed, and the
+/// port is bound.
+pub struct Orchestrator {
+    server: Server,
+    engine: Engine<OrderData>,
+    grace: Duration,
+    resumed: usize,
+}
+
+pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
+    let url = settings
+        .server
+        .database_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    let store = Store::open(&url, &MIGRATIONS).await?;
+    let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
+    let stock = downstream.stock.clone();
+    let engine = Engine::new(
+        order_saga::definition(downstream),
+        store.pool,
+        settings.engine.retry_policy(),
+        settings.engine.max_inflight_sagas as usize,
+    );
+    let resumed = engine.recover().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming open sagas from the log");
+    }
+    let api = OrderApi::new(engine.clone(), stock, settings.server.request_timeout());
+    let service =
+        OrderServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
+    let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);
+    let server = App::bind(settings.server, DEFAULT_PORT, service).await?;
+    Ok(Orchestrator {
+        server,
+        engine,
+        grace,
+        resumed,
+    })
+}
+
+impl Orchestrator {
+    pub fn port(&self) -> u16 {
+        self.server.port()
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// How many open sagas were resumed from the log at start-up.
+    pub fn resumed(&self) -> usize {
+        self.resumed
+    }
+
+    /// Serves until `shutdown`; then stops taking orders, drains calls, and gives
+    /// in-flight steps a grace period before leaving them to recovery.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let result = self.server.run_until_stopped(shutdown).await;
+        self.engine.shutdown(self.grace).await;
+        result
+    }
+}

@@ -1,0 +1,225 @@
+//! The order saga, defined on the generic engine: three steps, each a pair of
+//! idempotent calls to a domain service.
+//!
+//! | # | step | forward | compensation |
+//! |---|---|---|---|
+//! | 0 | `reserve_stock` | `StockService/ReserveStock` | `StockService/ReleaseStock` |
+//! | 1 | `prepare_shipment` | `ShippingService/PrepareShipment` | `ShippingService/CancelShipment` |
+//! | 2 | `charge_payment` (pivot) | `PaymentService/Charge` | `PaymentService/Refund` |
+//!
+//! Adding a step means one more `Step` impl and one more line in [`definition`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ordersaga_proto::{
+    payment::v1::{ChargeRequest, RefundRequest},
+    shipping::v1::{Address, CancelShipmentRequest, PrepareShipmentRequest, ServiceLevel},
+    stock::v1::{OrderLine, ReleaseStockRequest, ReserveStockRequest},
+};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Status};
+use uuid::Uuid;
+
+use crate::{
+    downstream::{Downstream, PaymentClient, ShippingClient, StockClient},
+    saga::{Call, SagaDefinition, Step},
+};
+
+pub const KIND: &str = "order";
+
+/// The order, as the saga carries it. Immutable once recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderData {
+    pub order_id: Uuid,
+    pub request_id: String,
+    pub customer_id: String,
+    pub items: Vec<PricedItem>,
+    pub address: ShippingAddress,
+    pub total_cents: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PricedItem {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippingAddress {
+    pub recipient: String,
+    pub line1: String,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+pub fn definition(downstream: Downstream) -> SagaDefinition<OrderData> {
+    SagaDefinition {
+        kind: KIND,
+        steps: vec![
+            Arc::new(ReserveStock(downstream.stock)),
+            Arc::new(PrepareShipment(downstream.shipping)),
+            Arc::new(ChargePayment(downstream.payment)),
+        ],
+        // Once the charge has begun, the order can no longer be cancelled.
+        pivot: Some(2),
+    }
+}
+
+/// A request with the attempt's deadline, sent as `grpc-timeout`.
+fn request<T>(message: T, call: &Call) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(call.timeout);
+    request
+}
+
+struct ReserveStock(StockClient);
+
+#[async_trait]
+impl Step<OrderData> for ReserveStock {
+    fn name(&self) -> &'static str {
+        "reserve_stock"
+    }
+
+    async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let lines = order
+            .items
+            .iter()
+            .map(|i| OrderLine {
+                sku: i.sku.clone(),
+                quantity: i.quantity,
+            })
+            .collect();
+        let message = ReserveStockRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+            lines,
+        };
+        let reply = self
+            .0
+            .clone()
+            .reserve_stock(request(message, call))
+            .await?
+            .into_inner();
+        Ok(format!("reservation {}", reply.reservation_id))
+    }
+
+    async fn compensate(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let message = ReleaseStockRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+        };
+        let reply = self
+            .0
+            .clone()
+            .release_stock(request(message, call))
+            .await?
+            .into_inner();
+        Ok(if reply.released_reservation {
+            "stock released"
+        } else {
+            "nothing was reserved"
+        }
+        .into())
+    }
+}
+
+struct PrepareShipment(ShippingClient);
+
+#[async_trait]
+impl Step<OrderData> for PrepareShipment {
+    fn name(&self) -> &'static str {
+        "prepare_shipment"
+    }
+
+    async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let a = &order.address;
+        let message = PrepareShipmentRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+            address: Some(Address {
+                recipient: a.recipient.clone(),
+                line1: a.line1.clone(),
+                city: a.city.clone(),
+                postal_code: a.postal_code.clone(),
+                country: a.country.clone(),
+            }),
+            service_level: ServiceLevel::Standard as i32,
+            item_count: order.items.iter().map(|i| i.quantity).sum(),
+        };
+        let reply = self
+            .0
+            .clone()
+            .prepare_shipment(request(message, call))
+            .await?
+            .into_inner();
+        let tracking = reply.shipment.map(|s| s.tracking_id).unwrap_or_default();
+        Ok(format!("tracking {tracking}"))
+    }
+
+    async fn compensate(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let message = CancelShipmentRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+        };
+        let reply = self
+            .0
+            .clone()
+            .cancel_shipment(request(message, call))
+            .await?
+            .into_inner();
+        Ok(if reply.cancelled_shipment {
+            "shipment cancelled"
+        } else {
+            "no shipment to cancel"
+        }
+        .into())
+    }
+}
+
+struct ChargePayment(PaymentClient);
+
+#[async_trait]
+impl Step<OrderData> for ChargePayment {
+    fn name(&self) -> &'static str {
+        "charge_payment"
+    }
+
+    async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let message = ChargeRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+            customer_id: order.customer_id.clone(),
+            amount_cents: order.total_cents,
+            currency: order.currency.clone(),
+        };
+        let reply = self
+            .0
+            .clone()
+            .charge(request(message, call))
+            .await?
+            .into_inner();
+        Ok(format!("payment {}", reply.payment_id))
+    }
+
+    async fn compensate(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
+        let message = RefundRequest {
+            request_id: call.request_id.clone(),
+            order_id: order.order_id.to_string(),
+        };
+        let reply = self
+            .0
+            .clone()
+            .refund(request(message, call))
+            .await?
+            .into_inner();
+        Ok(if reply.refunded_charge {
+            format!("refunded {} cents", reply.amount_cents)
+        } else {
+            "nothing was charged".into()
+        })
+    }
+}

@@ -1,0 +1,327 @@
+//! The gRPC handlers of `orders.v1.OrderService`.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::Stream;
+use ordersaga_proto::orders::v1::{
+    CancelOrderRequest, CancelOrderResponse, CreateOrderRequest, CreateOrderResponse,
+    GetOrderRequest, GetOrderResponse, ListOrdersRequest, ListOrdersResponse, Order,
+    WatchOrderRequest, WatchOrderResponse, order_service_server::OrderService,
+};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use uuid::Uuid;
+
+use crate::{
+    downstream::StockClient,
+    error::OrderError,
+    order_saga::OrderData,
+    orders::{
+        pricing,
+        store::{self, ListFilter, PageToken, Recorded},
+        validate,
+    },
+    saga::{CancelOutcome, Engine, SagaStatus, log},
+};
+
+pub struct OrderApi {
+    engine: Engine<OrderData>,
+    stock: StockClient,
+    /// How long a `wait` may last when the client sent no deadline.
+    max_wait: Duration,
+}
+
+impl OrderApi {
+    pub fn new(engine: Engine<OrderData>, stock: StockClient, max_wait: Duration) -> Self {
+        OrderApi {
+            engine,
+            stock,
+            max_wait,
+        }
+    }
+
+    /// The order, once its saga is terminal or when `deadline` comes, whichever is first.
+    async fn wait_for_terminal(
+        &self,
+        order_id: Uuid,
+        deadline: tokio::time::Instant,
+    ) -> Result<Order, OrderError> {
+        // Subscribe before reading, so no change slips between the two.
+        let mut changes = self.engine.subscribe();
+        loop {
+            let (order, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
+            if status.is_terminal() {
+                return Ok(order);
+            }
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(id) if id != order_id => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return Ok(order),
+                    },
+                    () = tokio::time::sleep_until(deadline) => {
+                        return Ok(store::load_from_pool(self.engine.pool(), order_id).await?.0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn wait_deadline(&self, metadata: &MetadataMap) -> tokio::time::Instant {
+        let budget = client_deadline(metadata)
+            .unwrap_or(self.max_wait)
+            .min(self.max_wait);
+        // Reply just before the client's deadline, leaving time for the reply to travel.
+        let margin = (budget / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+        tokio::time::Instant::now() + budget.saturating_sub(margin)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OrderService for OrderApi {
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn create_order(
+        &self,
+        request: Request<CreateOrderRequest>,
+    ) -> Result<Response<CreateOrderResponse>, Status> {
+        let deadline = self.wait_deadline(request.metadata());
+        let req = request.into_inner();
+        let new = validate::create(&req)?;
+        // `wait` is how the client wants the reply, not part of the order.
+        let fingerprint = CreateOrderRequest {
+            wait: false,
+            ..req.clone()
+        }
+        .encode_to_vec();
+
+        let order_id = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
+            Some((order_id, stored)) => {
+                same_request(&new.request_id, order_id, &stored, &fingerprint)?
+            }
+            None => {
+                let (items, total_cents, currency) =
+                    pricing::price(&self.stock, &new.items).await?;
+                let order = OrderData {
+                    order_id: Uuid::new_v4(),
+                    request_id: new.request_id.clone(),
+                    customer_id: new.customer_id,
+                    items,
+                    address: new.address,
+                    total_cents,
+                    currency,
+                };
+                let first_step = self.engine.definition().steps[0].name();
+                match store::record(self.engine.pool(), &order, &fingerprint, "", first_step)
+                    .await?
+                {
+                    Recorded::Created => {
+                        tracing::info!(order_id = %order.order_id, "order recorded; saga started");
+                        let order_id = order.order_id;
+                        self.engine.start(order_id, Arc::new(order));
+                        order_id
+                    }
+                    Recorded::Existing {
+                        order_id,
+                        fingerprint: stored,
+                    } => same_request(&new.request_id, order_id, &stored, &fingerprint)?,
+                }
+            }
+        };
+        let order = if req.wait {
+            self.wait_for_terminal(order_id, deadline).await?
+        } else {
+            store::load_from_pool(self.engine.pool(), order_id).await?.0
+        };
+        Ok(Response::new(CreateOrderResponse { order: Some(order) }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<GetOrderResponse>, Status> {
+        let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
+        let (order, _) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        Ok(Response::new(GetOrderResponse { order: Some(order) }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let req = request.into_inner();
+        let customer_id = if req.customer_id.is_empty() {
+            None
+        } else {
+            svc_kit::validate::id("customer_id", &req.customer_id)?;
+            Some(req.customer_id.clone())
+        };
+        let statuses = validate::status_filter(&req.statuses)?;
+        if !req.statuses.is_empty() && statuses.is_empty() {
+            // Only PENDING was asked for, and no order waits in PENDING.
+            return Ok(Response::new(ListOrdersResponse::default()));
+        }
+        let limit = svc_kit::validate::page_size("page_size", req.page_size, 50, 500)?;
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(PageToken::decode(token).ok_or_else(|| {
+                svc_kit::Error::invalid(
+                    "page_token",
+                    "is not a token from a previous ListOrders reply",
+                )
+            })?),
+        };
+        let filter = ListFilter {
+            customer_id,
+            statuses,
+            after,
+            limit,
+        };
+        let (ids, next) = store::list(self.engine.pool(), &filter).await?;
+        let mut conn = self
+            .engine
+            .pool()
+            .acquire()
+            .await
+            .map_err(OrderError::from)?;
+        let mut orders = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((order, _)) = store::load(&mut conn, id).await? {
+                orders.push(order);
+            }
+        }
+        Ok(Response::new(ListOrdersResponse {
+            orders,
+            next_page_token: next.map(|t| t.encode()).unwrap_or_default(),
+        }))
+    }
+
+    type WatchOrderStream = WatchStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
+        let mut changes = self.engine.subscribe();
+        let (first, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let pool = self.engine.pool().clone();
+        tokio::spawn(async move {
+            let mut last = first.clone();
+            if tx
+                .send(Ok(WatchOrderResponse { order: Some(first) }))
+                .await
+                .is_err()
+                || status.is_terminal()
+            {
+                return;
+            }
+            loop {
+                match changes.recv().await {
+                    Ok(id) if id != order_id => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                let next = match store::load_from_pool(&pool, order_id).await {
+                    Ok(next) => next,
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                if next.0 == last {
+                    continue;
+                }
+                last = next.0.clone();
+                if tx
+                    .send(Ok(WatchOrderResponse {
+                        order: Some(next.0),
+                    }))
+                    .await
+                    .is_err()
+                    || next.1.is_terminal()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id))]
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<CancelOrderResponse>, Status> {
+        let req = request.into_inner();
+        svc_kit::validate::id("request_id", &req.request_id)?;
+        let order_id = svc_kit::validate::uuid("order_id", &req.order_id)?;
+        if req.reason.chars().count() > 500 {
+            return Err(svc_kit::Error::invalid("reason", "is longer than 500 characters").into());
+        }
+        let outcome = log::request_cancel(self.engine.pool(), order_id)
+            .await
+            .map_err(OrderError::from)?;
+        let refuse = |reason: String| OrderError::NotCancellable {
+            order_id: order_id.to_string(),
+            reason,
+        };
+        match outcome {
+            CancelOutcome::Accepted => {
+                tracing::info!(reason = %req.reason, "cancellation requested");
+                self.engine.notify(order_id);
+            }
+            CancelOutcome::AlreadyRequested | CancelOutcome::NotRunning(SagaStatus::Cancelled) => {}
+            CancelOutcome::PastPivot => {
+                return Err(refuse("the payment has been charged".into()).into());
+            }
+            CancelOutcome::NotRunning(status) => {
+                return Err(refuse(format!("it is {}", status.as_str())).into());
+            }
+            CancelOutcome::NotFound => {
+                return Err(OrderError::NotFound(order_id.to_string()).into());
+            }
+        }
+        let (order, _) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        Ok(Response::new(CancelOrderResponse { order: Some(order) }))
+    }
+}
+
+/// The order of a `request_id` seen before, if the request is the same one.
+fn same_request(
+    request_id: &str,
+    order_id: Uuid,
+    stored: &[u8],
+    fingerprint: &[u8],
+) -> Result<Uuid, Status> {
+    if stored == fingerprint {
+        Ok(order_id)
+    } else {
+        Err(svc_kit::Error::RequestIdReused {
+            request_id: request_id.to_owned(),
+            method: "CreateOrder".into(),
+        }
+        .into())
+    }
+}
+
+/// The client's deadline, from the `grpc-timeout` header (e.g. `500m`, `5S`).
+fn client_deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}

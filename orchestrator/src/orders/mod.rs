@@ -1,0 +1,15 @@
+//! The public `orders.v1.OrderService`, on top of the order saga.
+//!
+//! - [`api`]: the gRPC handlers.
+//! - [`validate`]: checks of `CreateOrderRequest` and friends.
+//! - [`pricing`]: prices the items from the stock service before the order is recorded.
+//! - [`store`]: the orders table: the client's idempotency key, lookups, listing.
+//! - [`view`]: the saga log rendered as an `Order` message.
+
+pub mod api;
+pub mod pricing;
+pub mod store;
+pub mod validate;
+pub mod view;
+
+pub use api::OrderApi;

@@ -1,0 +1,194 @@
+//! The orders table: the client's idempotency key, lookups and listing. An
+//! order and its saga are recorded in one transaction.
+
+use ordersaga_proto::orders::v1::Order;
+use sqlx::{AnyConnection, AnyPool, Row};
+use uuid::Uuid;
+
+use crate::{
+    error::OrderError,
+    order_saga::{self, OrderData},
+    orders::view,
+    saga::{SagaStatus, log},
+};
+
+/// What recording a new order found.
+pub enum Recorded {
+    Created,
+    /// Another request with this `request_id` got there first.
+    Existing {
+        order_id: Uuid,
+        fingerprint: Vec<u8>,
+    },
+}
+
+pub async fn find_by_request_id(
+    pool: &AnyPool,
+    request_id: &str,
+) -> Result<Option<(Uuid, Vec<u8>)>, OrderError> {
+    let row = sqlx::query("SELECT order_id, fingerprint FROM orders WHERE request_id = $1")
+        .bind(request_id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        let id: String = r.try_get("order_id")?;
+        Ok((parse_id(&id)?, r.try_get("fingerprint")?))
+    })
+    .transpose()
+}
+
+/// Records the order and starts its saga's log, atomically.
+pub async fn record(
+    pool: &AnyPool,
+    order: &OrderData,
+    fingerprint: &[u8],
+    trace_context: &str,
+    first_step: &'static str,
+) -> Result<Recorded, OrderError> {
+    let data_json =
+        serde_json::to_string(order).map_err(|e| svc_kit::Error::Internal(e.to_string()))?;
+    let mut tx = pool.begin().await?;
+    log::insert_saga(
+        &mut tx,
+        &log::NewSaga {
+            saga_id: order.order_id,
+            kind: order_saga::KIND,
+            data_json: &data_json,
+            trace_context,
+            first_step,
+        },
+    )
+    .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(order.order_id.to_string())
+    .bind(&order.request_id)
+    .bind(fingerprint.to_vec())
+    .bind(&order.customer_id)
+    .bind(svc_kit::time::now_ms())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        tx.commit().await?;
+        return Ok(Recorded::Created);
+    }
+    tx.rollback().await?;
+    let (order_id, fingerprint) = find_by_request_id(pool, &order.request_id)
+        .await?
+        .ok_or_else(|| {
+            svc_kit::Error::Internal("order vanished after a request_id conflict".into())
+        })?;
+    Ok(Recorded::Existing {
+        order_id,
+        fingerprint,
+    })
+}
+
+/// The order with its saga's state and step history.
+pub async fn load(
+    conn: &mut AnyConnection,
+    order_id: Uuid,
+) -> Result<Option<(Order, SagaStatus)>, OrderError> {
+    let Some(saga) = log::load_view(conn, order_id).await? else {
+        return Ok(None);
+    };
+    let data: OrderData = serde_json::from_str(&saga.data_json)
+        .map_err(|e| svc_kit::Error::Internal(format!("order {order_id} data: {e}")))?;
+    Ok(Some((view::order(&data, &saga), saga.status)))
+}
+
+pub async fn load_from_pool(
+    pool: &AnyPool,
+    order_id: Uuid,
+) -> Result<(Order, SagaStatus), OrderError> {
+    let mut conn = pool.acquire().await?;
+    load(&mut conn, order_id)
+        .await?
+        .ok_or_else(|| OrderError::NotFound(order_id.to_string()))
+}
+
+/// Where a page of orders starts: after this (created_at_ms, order_id), newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageToken {
+    pub created_at_ms: i64,
+    pub order_id: String,
+}
+
+impl PageToken {
+    pub fn encode(&self) -> String {
+        format!("{}_{}", self.created_at_ms, self.order_id)
+    }
+
+    pub fn decode(token: &str) -> Option<PageToken> {
+        let (ms, id) = token.split_once('_')?;
+        Uuid::parse_str(id).ok()?;
+        Some(PageToken {
+            created_at_ms: ms.parse().ok()?,
+            order_id: id.to_owned(),
+        })
+    }
+}
+
+pub struct ListFilter {
+    pub customer_id: Option<String>,
+    /// Empty means any status.
+    pub statuses: Vec<SagaStatus>,
+    pub after: Option<PageToken>,
+    pub limit: u32,
+}
+
+/// One page of order IDs, newest first, and the token of the next page.
+pub async fn list(
+    pool: &AnyPool,
+    filter: &ListFilter,
+) -> Result<(Vec<Uuid>, Option<PageToken>), OrderError> {
+    let mut sql = String::from(
+        "SELECT o.order_id, o.created_at_ms FROM orders o JOIN sagas s ON s.saga_id = o.order_id \
+         WHERE ($1 = '' OR o.customer_id = $1) \
+         AND (o.created_at_ms < $2 OR (o.created_at_ms = $2 AND o.order_id < $3))",
+    );
+    if !filter.statuses.is_empty() {
+        // Only our own fixed status names are spliced in, never client text.
+        let names: Vec<String> = filter
+            .statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        sql.push_str(&format!(" AND s.status IN ({})", names.join(", ")));
+    }
+    sql.push_str(" ORDER BY o.created_at_ms DESC, o.order_id DESC LIMIT $4");
+    let (after_ms, after_id) = match &filter.after {
+        Some(t) => (t.created_at_ms, t.order_id.clone()),
+        None => (i64::MAX, String::new()),
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(filter.customer_id.clone().unwrap_or_default())
+        .bind(after_ms)
+        .bind(after_id)
+        .bind(i64::from(filter.limit) + 1)
+        .fetch_all(pool)
+        .await?;
+    let mut page = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: String = row.try_get("order_id")?;
+        page.push((parse_id(&id)?, row.try_get::<i64, _>("created_at_ms")?));
+    }
+    let next = if page.len() > filter.limit as usize {
+        page.truncate(filter.limit as usize);
+        page.last().map(|(id, ms)| PageToken {
+            created_at_ms: *ms,
+            order_id: id.to_string(),
+        })
+    } else {
+        None
+    };
+    Ok((page.into_iter().map(|(id, _)| id).collect(), next))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, OrderError> {
+    Uuid::parse_str(id)
+        .map_err(|e| svc_kit::Error::Internal(format!("bad order id {id:?} in store: {e}")).into())
+}

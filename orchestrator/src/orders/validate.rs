@@ -1,0 +1,71 @@
+//! Checks of OrderService requests: INVALID_ARGUMENT naming the field, before
+//! anything is read or written.
+
+use std::collections::HashSet;
+
+use ordersaga_proto::orders::v1::{CreateOrderRequest, OrderStatus};
+use svc_kit::{Error, validate};
+
+use crate::{order_saga::ShippingAddress, saga::SagaStatus};
+
+/// A create request that passed validation (items not yet priced).
+pub struct NewOrder {
+    pub request_id: String,
+    pub customer_id: String,
+    pub items: Vec<(String, i64)>,
+    pub address: ShippingAddress,
+}
+
+pub fn create(req: &CreateOrderRequest) -> Result<NewOrder, Error> {
+    validate::id("request_id", &req.request_id)?;
+    validate::id("customer_id", &req.customer_id)?;
+    validate::count("items", req.items.len(), validate::MAX_LINES)?;
+    let mut seen = HashSet::with_capacity(req.items.len());
+    let mut items = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.iter().enumerate() {
+        validate::sku(format!("items[{i}].sku"), &item.sku)?;
+        validate::quantity(
+            format!("items[{i}].quantity"),
+            item.quantity,
+            validate::MAX_LINE_QUANTITY,
+        )?;
+        if !seen.insert(item.sku.as_str()) {
+            return Err(Error::invalid(
+                format!("items[{i}].sku"),
+                format!("{:?} appears more than once; merge the items", item.sku),
+            ));
+        }
+        items.push((item.sku.clone(), item.quantity));
+    }
+    let a = validate::present("shipping_address", req.shipping_address.as_ref())?;
+    validate::text("shipping_address.recipient", &a.recipient, 200)?;
+    validate::text("shipping_address.line1", &a.line1, 200)?;
+    validate::text("shipping_address.city", &a.city, 100)?;
+    validate::text("shipping_address.postal_code", &a.postal_code, 20)?;
+    validate::country("shipping_address.country", &a.country)?;
+    Ok(NewOrder {
+        request_id: req.request_id.clone(),
+        customer_id: req.customer_id.clone(),
+        items,
+        address: ShippingAddress {
+            recipient: a.recipient.clone(),
+            line1: a.line1.clone(),
+            city: a.city.clone(),
+            postal_code: a.postal_code.clone(),
+            country: a.country.clone(),
+        },
+    })
+}
+
+/// The saga statuses that a status filter selects; PENDING selects none (an
+/// order's saga starts in the same transaction that records it).
+pub fn status_filter(statuses: &[i32]) -> Result<Vec<SagaStatus>, Error> {
+    let mut out = Vec::with_capacity(statuses.len());
+    for (i, value) in statuses.iter().enumerate() {
+        let status: OrderStatus = validate::known_enum(format!("statuses[{i}]"), *value, false)?;
+        if let Some(saga) = crate::orders::view::saga_status(status) {
+            out.push(saga);
+        }
+    }
+    Ok(out)
+}

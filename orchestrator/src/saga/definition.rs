@@ -1,0 +1,88 @@
+//! What a saga is, to the engine: a named, ordered list of steps.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use tonic::Status;
+use uuid::Uuid;
+
+/// Which way a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    Forward,
+    Compensation,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Forward => "forward",
+            Phase::Compensation => "compensation",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Phase> {
+        match value {
+            "forward" => Some(Phase::Forward),
+            "compensation" => Some(Phase::Compensation),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One attempt of one step: what the step function needs to make its call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub saga_id: Uuid,
+    /// Deterministic: the same for every attempt of this step in this phase, and
+    /// the same after a restart, so the callee can deduplicate.
+    pub request_id: String,
+    pub attempt: u32,
+    /// Deadline for this attempt's call.
+    pub timeout: Duration,
+}
+
+impl Call {
+    pub fn request_id(saga_id: Uuid, step: &str, phase: Phase) -> String {
+        format!("{saga_id}:{step}:{phase}")
+    }
+}
+
+/// A step of a saga over data `D`: a forward action and its compensation.
+///
+/// Both must be idempotent under the call's `request_id`, and the compensation
+/// must succeed as a no-op when the forward action never took effect (or takes
+/// effect late): the engine compensates a step whose outcome is unknown.
+#[async_trait::async_trait]
+pub trait Step<D>: Send + Sync {
+    /// Stable name, recorded in the log; e.g. `"reserve_stock"`.
+    fn name(&self) -> &'static str;
+
+    /// Performs the step. Returns a short, human-readable summary of the result
+    /// for the log (e.g. a tracking ID), or the callee's status.
+    async fn forward(&self, data: &D, call: &Call) -> Result<String, Status>;
+
+    /// Undoes the step.
+    async fn compensate(&self, data: &D, call: &Call) -> Result<String, Status>;
+}
+
+/// A saga kind: its steps in forward order.
+pub struct SagaDefinition<D> {
+    /// Stored with each saga, e.g. `"order"`.
+    pub kind: &'static str,
+    pub steps: Vec<Arc<dyn Step<D>>>,
+    /// Index of the pivot step: once it has begun, the saga can no longer be
+    /// cancelled (for an order, the charge).
+    pub pivot: Option<usize>,
+}
+
+impl<D> SagaDefinition<D> {
+    pub fn step_names(&self) -> Vec<&'static str> {
+        self.steps.iter().map(|s| s.name()).collect()
+    }
+}

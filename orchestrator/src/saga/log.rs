@@ -1,0 +1,510 @@
+//! The durable log: each saga's state and its step records, in the store.
+//!
+//! Every change a driver makes is a [`Checkpoint`]: step records plus the saga's
+//! new state, applied in one transaction. Checkpoints go through the
+//! [`LogWriter`], which commits whatever checkpoints are waiting as one
+//! transaction (group commit): under load, many sagas share one commit and one
+//! fsync. A driver moves on only after its checkpoint's commit.
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, AnyPool, Row};
+use svc_kit::time::now_ms;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::definition::Phase;
+
+/// The most checkpoints one commit carries.
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SagaStatus {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    Cancelled,
+    Failed,
+}
+
+impl SagaStatus {
+    pub const ALL: [SagaStatus; 6] = [
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+        SagaStatus::Completed,
+        SagaStatus::Compensated,
+        SagaStatus::Cancelled,
+        SagaStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatus::Running => "RUNNING",
+            SagaStatus::Compensating => "COMPENSATING",
+            SagaStatus::Completed => "COMPLETED",
+            SagaStatus::Compensated => "COMPENSATED",
+            SagaStatus::Cancelled => "CANCELLED",
+            SagaStatus::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == value)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, SagaStatus::Running | SagaStatus::Compensating)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    Running,
+    Succeeded,
+    Failed,
+    /// The retry budget was spent with no definite answer.
+    Unknown,
+    /// Never run: the saga was cancelled before the step began.
+    Skipped,
+}
+
+impl StepStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Running => "RUNNING",
+            StepStatus::Succeeded => "SUCCEEDED",
+            StepStatus::Failed => "FAILED",
+            StepStatus::Unknown => "UNKNOWN",
+            StepStatus::Skipped => "SKIPPED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            StepStatus::Running,
+            StepStatus::Succeeded,
+            StepStatus::Failed,
+            StepStatus::Unknown,
+            StepStatus::Skipped,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == value)
+    }
+}
+
+/// What a new saga is recorded with.
+pub struct NewSaga<'a> {
+    pub saga_id: Uuid,
+    pub kind: &'static str,
+    pub data_json: &'a str,
+    pub trace_context: &'a str,
+    /// Name of step 0, recorded as started in the same write.
+    pub first_step: &'static str,
+}
+
+/// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
+/// that the caller's own rows, e.g. the order, commit with it).
+pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga<'_>) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, $4, 0, $5, $6, $6)",
+    )
+    .bind(saga.saga_id.to_string())
+    .bind(saga.kind)
+    .bind(saga.data_json)
+    .bind(SagaStatus::Running.as_str())
+    .bind(saga.trace_context)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
+    upsert_step(conn, saga.saga_id, &started).await
+}
+
+/// One step's record in the log.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub phase: Phase,
+    pub index: i64,
+    pub name: &'static str,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub last_error: String,
+    pub output: String,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+impl StepRecord {
+    pub fn started(phase: Phase, index: i64, name: &'static str, at_ms: i64) -> Self {
+        StepRecord {
+            phase,
+            index,
+            name,
+            status: StepStatus::Running,
+            attempts: 0,
+            last_error: String::new(),
+            output: String::new(),
+            started_at_ms: Some(at_ms),
+            finished_at_ms: None,
+        }
+    }
+}
+
+/// The saga's position after a checkpoint.
+#[derive(Debug, Clone)]
+pub struct SagaState {
+    pub status: SagaStatus,
+    pub next_step: i64,
+    pub failure_reason: String,
+}
+
+/// One atomic change of one saga.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub saga_id: Uuid,
+    pub steps: Vec<StepRecord>,
+    pub state: Option<SagaState>,
+    /// Mark the pivot as begun, unless a cancellation came first.
+    pub enter_pivot: bool,
+}
+
+/// What the store said while applying a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    /// A client asked to cancel the saga (read in the same transaction).
+    pub cancel_requested: bool,
+    /// `enter_pivot` was granted.
+    pub pivot_entered: bool,
+}
+
+async fn upsert_step(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+    step: &StepRecord,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
+           status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, \
+           output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
+           started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)",
+    )
+    .bind(saga_id.to_string())
+    .bind(step.phase.as_str())
+    .bind(step.index)
+    .bind(step.name)
+    .bind(step.status.as_str())
+    .bind(i64::from(step.attempts))
+    .bind(&step.last_error)
+    .bind(&step.output)
+    .bind(step.started_at_ms)
+    .bind(step.finished_at_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Applied, sqlx::Error> {
+    let id = checkpoint.saga_id.to_string();
+    for step in &checkpoint.steps {
+        upsert_step(conn, checkpoint.saga_id, step).await?;
+    }
+    if let Some(state) = &checkpoint.state {
+        sqlx::query(
+            "UPDATE sagas SET status = $1, next_step = $2, failure_reason = $3, updated_at_ms = $4 WHERE saga_id = $5",
+        )
+        .bind(state.status.as_str())
+        .bind(state.next_step)
+        .bind(&state.failure_reason)
+        .bind(now_ms())
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let pivot_entered = checkpoint.enter_pivot
+        && sqlx::query(
+            "UPDATE sagas SET pivot_passed = 1 WHERE saga_id = $1 AND cancel_requested = 0",
+        )
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+            == 1;
+    let cancel_requested: i64 =
+        sqlx::query_scalar("SELECT cancel_requested FROM sagas WHERE saga_id = $1")
+            .bind(&id)
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(Applied {
+        cancel_requested: cancel_requested != 0,
+        pivot_entered,
+    })
+}
+
+type Reply = oneshot::Sender<Result<Applied, String>>;
+
+/// The group-commit writer: one task that owns the log's writes.
+#[derive(Clone)]
+pub struct LogWriter {
+    queue: mpsc::Sender<(Checkpoint, Reply)>,
+}
+
+impl LogWriter {
+    pub fn spawn(pool: AnyPool) -> Self {
+        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_batches(pool, rx));
+        LogWriter { queue }
+    }
+
+    /// Returns once the checkpoint is committed.
+    pub async fn commit(&self, checkpoint: Checkpoint) -> Result<Applied, String> {
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .send((checkpoint, reply))
+            .await
+            .map_err(|_| "the log writer has stopped".to_owned())?;
+        done.await
+            .map_err(|_| "the log writer dropped the checkpoint".to_owned())?
+    }
+}
+
+async fn write_batches(pool: AnyPool, mut rx: mpsc::Receiver<(Checkpoint, Reply)>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let checkpoints: Vec<&Checkpoint> = batch.iter().map(|(c, _)| c).collect();
+        match commit_batch(&pool, &checkpoints).await {
+            Ok(results) => {
+                for ((_, reply), applied) in batch.drain(..).zip(results) {
+                    let _ = reply.send(Ok(applied));
+                }
+            }
+            // One bad checkpoint must not fail its neighbours: retry each alone.
+            Err(err) if batch.len() > 1 => {
+                tracing::warn!(error = %err, size = batch.len(), "batched log commit failed; committing one by one");
+                for (checkpoint, reply) in batch.drain(..) {
+                    let result = commit_batch(&pool, &[&checkpoint]).await;
+                    let _ = reply.send(result.map(|mut r| r.remove(0)).map_err(|e| e.to_string()));
+                }
+            }
+            Err(err) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(err.to_string()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_batch(
+    pool: &AnyPool,
+    checkpoints: &[&Checkpoint],
+) -> Result<Vec<Applied>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut results = Vec::with_capacity(checkpoints.len());
+    for checkpoint in checkpoints {
+        results.push(apply(&mut tx, checkpoint).await?);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// A saga that is not terminal, as recovery finds it.
+#[derive(Debug, Clone)]
+pub struct OpenSaga {
+    pub saga_id: Uuid,
+    pub data_json: String,
+    pub status: SagaStatus,
+    pub next_step: i64,
+    pub cancel_requested: bool,
+    pub failure_reason: String,
+    pub trace_context: String,
+}
+
+pub async fn load_open(pool: &AnyPool, kind: &str) -> Result<Vec<OpenSaga>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT saga_id, data, status, next_step, cancel_requested, failure_reason, trace_context FROM sagas \
+         WHERE kind = $1 AND status IN ('RUNNING', 'COMPENSATING') ORDER BY created_at_ms",
+    )
+    .bind(kind)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let id: String = row.try_get("saga_id")?;
+            let status: String = row.try_get("status")?;
+            Ok(OpenSaga {
+                saga_id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                data_json: row.try_get("data")?,
+                status: SagaStatus::parse(&status)
+                    .ok_or_else(|| decode_error(format!("saga status {status:?}")))?,
+                next_step: row.try_get("next_step")?,
+                cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+                failure_reason: row.try_get("failure_reason")?,
+                trace_context: row.try_get("trace_context")?,
+            })
+        })
+        .collect()
+}
+
+fn decode_error(what: String) -> sqlx::Error {
+    sqlx::Error::Decode(format!("unexpected {what} in the saga log").into())
+}
+
+/// A step as shown to users.
+#[derive(Debug, Clone)]
+pub struct StepView {
+    pub name: String,
+    pub phase: Phase,
+    pub index: i64,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub last_error: String,
+    pub output: String,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// A saga as shown to users: its state and its step history, forward steps
+/// first, then compensations in the order they ran.
+#[derive(Debug, Clone)]
+pub struct SagaView {
+    pub saga_id: Uuid,
+    pub data_json: String,
+    pub status: SagaStatus,
+    pub pivot_passed: bool,
+    pub cancel_requested: bool,
+    pub failure_reason: String,
+    pub trace_context: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub steps: Vec<StepView>,
+}
+
+pub async fn load_view(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+) -> Result<Option<SagaView>, sqlx::Error> {
+    let id = saga_id.to_string();
+    let Some(row) = sqlx::query(
+        "SELECT data, status, pivot_passed, cancel_requested, failure_reason, trace_context, created_at_ms, updated_at_ms \
+         FROM sagas WHERE saga_id = $1",
+    )
+    .bind(&id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status")?;
+    let step_rows = sqlx::query(
+        "SELECT name, phase, step_index, status, attempts, last_error, output, started_at_ms, finished_at_ms \
+         FROM saga_steps WHERE saga_id = $1",
+    )
+    .bind(&id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut steps = step_rows
+        .iter()
+        .map(|r| {
+            let phase: String = r.try_get("phase")?;
+            let status: String = r.try_get("status")?;
+            Ok(StepView {
+                name: r.try_get("name")?,
+                phase: Phase::parse(&phase)
+                    .ok_or_else(|| decode_error(format!("phase {phase:?}")))?,
+                index: r.try_get("step_index")?,
+                status: StepStatus::parse(&status)
+                    .ok_or_else(|| decode_error(format!("step status {status:?}")))?,
+                attempts: r.try_get::<i64, _>("attempts")? as u32,
+                last_error: r.try_get("last_error")?,
+                output: r.try_get("output")?,
+                started_at_ms: r.try_get("started_at_ms")?,
+                finished_at_ms: r.try_get("finished_at_ms")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    steps.sort_by_key(|s| match s.phase {
+        Phase::Forward => (0, s.index),
+        Phase::Compensation => (1, -s.index),
+    });
+    Ok(Some(SagaView {
+        saga_id,
+        data_json: row.try_get("data")?,
+        status: SagaStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("saga status {status:?}")))?,
+        pivot_passed: row.try_get::<i64, _>("pivot_passed")? != 0,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        failure_reason: row.try_get("failure_reason")?,
+        trace_context: row.try_get("trace_context")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+        steps,
+    }))
+}
+
+/// The answer to a cancellation request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Recorded: the saga will compensate its done steps and end CANCELLED.
+    Accepted,
+    /// Asked before; nothing more to do.
+    AlreadyRequested,
+    /// The pivot has begun: too late to cancel.
+    PastPivot,
+    /// The saga is already compensating after a failure, or is terminal.
+    NotRunning(SagaStatus),
+    NotFound,
+}
+
+pub async fn request_cancel(pool: &AnyPool, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
+    let id = saga_id.to_string();
+    let accepted = sqlx::query(
+        "UPDATE sagas SET cancel_requested = 1, updated_at_ms = $1 \
+         WHERE saga_id = $2 AND status = 'RUNNING' AND pivot_passed = 0",
+    )
+    .bind(now_ms())
+    .bind(&id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if accepted == 1 {
+        return Ok(CancelOutcome::Accepted);
+    }
+    let Some(row) =
+        sqlx::query("SELECT status, pivot_passed, cancel_requested FROM sagas WHERE saga_id = $1")
+            .bind(&id)
+            .fetch_optional(pool)
+            .await?
+    else {
+        return Ok(CancelOutcome::NotFound);
+    };
+    let status: String = row.try_get("status")?;
+    let status = SagaStatus::parse(&status)
+        .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+    Ok(if row.try_get::<i64, _>("cancel_requested")? != 0 {
+        CancelOutcome::AlreadyRequested
+    } else if status == SagaStatus::Running {
+        CancelOutcome::PastPivot
+    } else if row.try_get::<i64, _>("pivot_passed")? != 0 && status == SagaStatus::Completed {
+        CancelOutcome::PastPivot
+    } else {
+        CancelOutcome::NotRunning(status)
+    })
+}
+
+/// Retries a log commit until it succeeds: the saga must not move on without
+/// its record. Waits grow to `cap`.
+pub fn commit_backoff(attempt: u32, cap: Duration) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(10))).min(cap)
+}

@@ -1,0 +1,18 @@
+//! A durable saga engine, generic over its steps. It knows nothing about orders.
+//!
+//! - [`definition`]: what a saga is: an ordered list of [`Step`]s, each with a
+//!   forward action and a compensation, and an optional pivot.
+//! - [`retry`]: which errors are transient, and the backoff between attempts.
+//! - [`log`]: the durable log (saga state plus step records) and its group-commit writer.
+//! - [`engine`]: drives sagas: runs steps, records each result before moving on,
+//!   compensates in reverse on a definite failure, resumes open sagas after a crash.
+
+pub mod definition;
+pub mod engine;
+pub mod log;
+pub mod retry;
+
+pub use definition::{Call, Phase, SagaDefinition, Step};
+pub use engine::Engine;
+pub use log::{CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
+pub use retry::RetryPolicy;

@@ -1,0 +1,169 @@
+//! The command line. Everything checkable without the server is checked here, so
+//! a malformed command fails with clap's usage message (exit 2) before any
+//! connection is made; the business rules (quantities, countries, …) stay the
+//! server's, which names the offending field.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ordersaga_proto::orders::v1::{OrderItem, OrderStatus};
+use tonic::transport::Uri;
+
+/// Create, inspect, watch and cancel orders of the order saga system.
+#[derive(Debug, Parser)]
+#[command(name = "orderctl", version)]
+pub struct Cli {
+    /// URL of the orchestrator's OrderService.
+    #[arg(
+        long,
+        env = "ORDERCTL_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        value_parser = parse_addr
+    )]
+    pub addr: String,
+
+    /// API key, sent as `x-api-key` metadata with every call.
+    // Not `global`: clap refuses required global arguments, so these flags go
+    // before the subcommand (or come from the environment).
+    #[arg(long, env = "APPLICATION_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an order and print it.
+    Create(CreateArgs),
+    /// Print an order with its items and saga steps.
+    Get { order_id: String },
+    /// List orders, newest first, one line each.
+    List(ListArgs),
+    /// Print a line per state change until the order is terminal (times in UTC).
+    Watch { order_id: String },
+    /// Cancel an order before payment; its done steps are undone.
+    Cancel(CancelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Customer ID.
+    #[arg(long)]
+    pub customer: String,
+
+    /// An item to order, as SKU=QTY; repeat for more items.
+    #[arg(long = "item", value_name = "SKU=QTY", required = true, value_parser = parse_item)]
+    pub items: Vec<OrderItem>,
+
+    /// Shipping address: who receives the parcel.
+    #[arg(long)]
+    pub recipient: String,
+
+    /// Shipping address: street and number.
+    #[arg(long)]
+    pub line1: String,
+
+    /// Shipping address: city.
+    #[arg(long)]
+    pub city: String,
+
+    /// Shipping address: postal code.
+    #[arg(long)]
+    pub postal_code: String,
+
+    /// Shipping address: ISO 3166-1 alpha-2 code, upper case, e.g. DE.
+    #[arg(long, value_name = "XX")]
+    pub country: String,
+
+    /// Idempotency key: repeating a create with the same key returns the same
+    /// order instead of a second one. Default: a new UUID v4.
+    #[arg(long)]
+    pub request_id: Option<String>,
+
+    /// Reply only once the saga is over (or after 30 s), not as soon as the
+    /// order is recorded.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only this customer's orders.
+    #[arg(long)]
+    pub customer: Option<String>,
+
+    /// Only orders in this status; repeat for several.
+    #[arg(long = "status", value_enum)]
+    pub statuses: Vec<StatusArg>,
+
+    /// Orders per page, 1 to 500. Default: the server's (50).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub page_size: Option<i32>,
+
+    /// The next-page token printed by the previous `list`.
+    #[arg(long)]
+    pub page_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    pub order_id: String,
+
+    /// Why, for the record.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+
+    /// Idempotency key, as for `create`. Default: a new UUID v4.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+/// An order status as typed on the command line: lower case, no prefix.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    Pending,
+    Running,
+    Completed,
+    Compensating,
+    Compensated,
+    Cancelled,
+    Failed,
+}
+
+impl From<StatusArg> for OrderStatus {
+    fn from(status: StatusArg) -> Self {
+        match status {
+            StatusArg::Pending => Self::Pending,
+            StatusArg::Running => Self::Running,
+            StatusArg::Completed => Self::Completed,
+            StatusArg::Compensating => Self::Compensating,
+            StatusArg::Compensated => Self::Compensated,
+            StatusArg::Cancelled => Self::Cancelled,
+            StatusArg::Failed => Self::Failed,
+        }
+    }
+}
+
+/// Accepts `http://HOST:PORT` (or https). A bare `HOST:PORT` parses as a URI
+/// too but fails only at connect time, with a vaguer message.
+fn parse_addr(addr: &str) -> Result<String, String> {
+    let uri: Uri = addr.parse().map_err(|e| format!("{e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(addr.to_owned()),
+        _ => Err("expected a URL like http://127.0.0.1:50051".to_owned()),
+    }
+}
+
+/// Parses `SKU=QTY`. The quantity's range is left to the server.
+fn parse_item(item: &str) -> Result<OrderItem, String> {
+    let (sku, quantity) = item
+        .split_once('=')
+        .filter(|(sku, _)| !sku.is_empty())
+        .ok_or("expected SKU=QTY, e.g. BOOK-1=2")?;
+    let quantity = quantity
+        .parse()
+        .map_err(|_| format!("quantity {quantity:?} is not a whole number"))?;
+    Ok(OrderItem {
+        sku: sku.to_owned(),
+        quantity,
+    })
+}

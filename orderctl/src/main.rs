@@ -1,0 +1,164 @@
+//! `orderctl`: a command-line client of the orchestrator's `OrderService`.
+//!
+//! Thin on purpose: arguments are in [`cli`], output in [`render`], and every
+//! call goes through `ordersaga_proto::client::OrderClient`, so this is also a
+//! worked example of that SDK.
+
+mod cli;
+mod render;
+
+use std::{fmt, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use ordersaga_proto::{
+    client::OrderClient,
+    orders::v1::{CreateOrderRequest, ListOrdersRequest, OrderStatus, ShippingAddress},
+};
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+use crate::cli::{Cli, Command};
+
+/// How long `create --wait` lets the server wait for the saga to end. It then
+/// replies with the order as it stands, so the command never hangs for long.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+// One thread is plenty for one call at a time.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            match err.downcast_ref::<Status>() {
+                Some(status) => eprintln!("error: {}", render::status(status)),
+                None => eprintln!("error: {err:#}"),
+            }
+            if let Some(hint) = err.downcast_ref::<RetryHint>() {
+                eprintln!("{hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // A connect failure is reported like a call failure, with the code a call
+    // to an unreachable server would get.
+    let client = OrderClient::connect(cli.addr.clone(), &cli.api_key)
+        .await
+        .map_err(|e| {
+            let cause = anyhow::Error::from(e);
+            Status::unavailable(format!("cannot connect to {}: {cause:#}", cli.addr))
+        })?;
+
+    match cli.command {
+        Command::Create(args) => {
+            let generated = args.request_id.is_none();
+            let request_id = args
+                .request_id
+                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let request = CreateOrderRequest {
+                request_id: request_id.clone(),
+                customer_id: args.customer,
+                items: args.items,
+                shipping_address: Some(ShippingAddress {
+                    recipient: args.recipient,
+                    line1: args.line1,
+                    city: args.city,
+                    postal_code: args.postal_code,
+                    country: args.country,
+                }),
+                wait: false,
+            };
+            let order = if args.wait {
+                client.create_order_and_wait(request, WAIT_TIMEOUT).await
+            } else {
+                client.create_order(request).await
+            };
+            let order = with_retry_hint(order, generated, &request_id)?;
+            print!("{}", render::order(&order));
+        }
+        Command::Get { order_id } => {
+            print!("{}", render::order(&client.get_order(order_id).await?));
+        }
+        Command::List(args) => {
+            let request = ListOrdersRequest {
+                customer_id: args.customer.unwrap_or_default(),
+                statuses: args
+                    .statuses
+                    .into_iter()
+                    .map(|s| OrderStatus::from(s) as i32)
+                    .collect(),
+                page_size: args.page_size.unwrap_or(0),
+                page_token: args.page_token.unwrap_or_default(),
+            };
+            print!("{}", render::list_page(&client.list_orders(request).await?));
+        }
+        Command::Watch { order_id } => {
+            let mut updates = client.watch_order(order_id).await?;
+            let mut last = String::new();
+            while let Some(update) = updates.message().await? {
+                let order = update
+                    .order
+                    .ok_or_else(|| Status::internal("reply without order"))?;
+                // The stream may repeat a state; print only what changed.
+                let line = render::progress(&order);
+                if line != last {
+                    println!("[{}] {line}", render::clock(order.updated_at.as_ref()));
+                    last = line;
+                }
+            }
+        }
+        Command::Cancel(args) => {
+            let generated = args.request_id.is_none();
+            let request_id = args
+                .request_id
+                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let order = client
+                .cancel_order(args.order_id, request_id.clone(), args.reason)
+                .await;
+            let order = with_retry_hint(order, generated, &request_id)?;
+            print!("{}", render::order(&order));
+        }
+    }
+    Ok(())
+}
+
+/// Printed after an error when the call may have taken effect and the user
+/// could not know the request ID, so a retry is not taken for a new request.
+#[derive(Debug)]
+struct RetryHint(String);
+
+impl fmt::Display for RetryHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "note: the call may have gone through; to retry safely, repeat it with --request-id {}",
+            self.0
+        )
+    }
+}
+
+/// Attaches a [`RetryHint`] to a failure whose outcome is unknown, when the
+/// request ID was generated rather than given. Definite refusals (invalid
+/// argument, not found, …) need no hint: nothing happened.
+fn with_retry_hint<T>(
+    result: Result<T, Status>,
+    generated: bool,
+    request_id: &str,
+) -> anyhow::Result<T> {
+    let unknown_outcome = |status: &Status| {
+        matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
+        )
+    };
+    match result {
+        Err(status) if generated && unknown_outcome(&status) => {
+            Err(status).context(RetryHint(request_id.to_owned()))
+        }
+        other => Ok(other?),
+    }
+}

@@ -1,0 +1,236 @@
+//! Human-readable output: pure functions from messages to text, so the layout
+//! lives in one place and `main` only decides what to print.
+
+use std::{
+    fmt::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ordersaga_proto::orders::v1::{
+    ListOrdersResponse, Order, OrderStatus, Step, StepPhase, StepStatus,
+};
+use prost_types::Timestamp;
+use tonic::{Code, Status};
+
+/// The saga's forward steps, as named in `orders.proto`. `watch` counts the
+/// ones the order does not list yet, so its total means the whole saga rather
+/// than the steps started so far.
+const FORWARD_STEPS: [&str; 3] = ["reserve_stock", "prepare_shipment", "charge_payment"];
+
+/// An order in full: header, items, address, steps, trace.
+pub fn order(order: &Order) -> String {
+    let mut out = format!("{}\n", order_line(order));
+    for (i, item) in order.items.iter().enumerate() {
+        let label = if i == 0 { "items:" } else { "" };
+        let _ = writeln!(
+            out,
+            "  {label:<7} {} x{} @ {}",
+            item.sku,
+            item.quantity,
+            money(item.unit_price_cents)
+        );
+    }
+    if let Some(to) = &order.shipping_address {
+        let _ = writeln!(
+            out,
+            "  ship to: {}, {}, {} {}, {}",
+            to.recipient, to.line1, to.postal_code, to.city, to.country
+        );
+    }
+    if !order.failure_reason.is_empty() {
+        let _ = writeln!(out, "  failure: {}", order.failure_reason);
+    }
+    if order.steps.is_empty() {
+        out.push_str("  steps: none yet\n");
+    } else {
+        out.push_str("  steps:\n");
+        for step in &order.steps {
+            let _ = write!(
+                out,
+                "    {:<13} {:<17} {:<9}  attempts {}",
+                step_phase(step.phase).to_lowercase(),
+                step.name,
+                step_status(step.status),
+                step.attempts
+            );
+            if !step.last_error.is_empty() {
+                let _ = write!(out, "  last error: {}", step.last_error);
+            }
+            out.push('\n');
+        }
+    }
+    if !order.trace_id.is_empty() {
+        let _ = writeln!(out, "  trace: {}", order.trace_id);
+    }
+    out
+}
+
+/// One line per order, as the first line of [`order`], so `list` and `get` agree.
+pub fn order_line(order: &Order) -> String {
+    format!(
+        "order {}  {:<11} customer {}   total {} {}",
+        order.order_id,
+        order_status(order.status),
+        order.customer_id,
+        money(order.total_cents),
+        order.currency
+    )
+}
+
+/// A page of orders, then the token to pass as `--page-token` for the next one.
+pub fn list_page(page: &ListOrdersResponse) -> String {
+    let mut out = String::new();
+    if page.orders.is_empty() {
+        out.push_str("no orders\n");
+    }
+    for order in &page.orders {
+        let _ = writeln!(out, "{}", order_line(order));
+    }
+    if page.next_page_token.is_empty() {
+        out.push_str("(last page)\n");
+    } else {
+        let _ = writeln!(out, "next page token: {}", page.next_page_token);
+    }
+    out
+}
+
+/// `watch`'s line for one update, without the time: status, steps finished out
+/// of the total, and the step that moved last.
+///
+/// Kept apart from the time so `watch` can skip updates that change nothing
+/// visible.
+pub fn progress(order: &Order) -> String {
+    // Settled steps, whatever the outcome: a skipped step (the order was
+    // cancelled first) will never run, so it counts as done too.
+    let finished = order
+        .steps
+        .iter()
+        .filter(|s| {
+            matches!(
+                StepStatus::try_from(s.status),
+                Ok(StepStatus::Succeeded
+                    | StepStatus::Failed
+                    | StepStatus::Unknown
+                    | StepStatus::Skipped)
+            )
+        })
+        .count();
+    // While the saga moves forward, steps not started yet are still to come;
+    // once it compensates or ends, they never will be.
+    let moving_forward = matches!(
+        OrderStatus::try_from(order.status),
+        Ok(OrderStatus::Unspecified | OrderStatus::Pending | OrderStatus::Running)
+    );
+    let to_come = if moving_forward {
+        FORWARD_STEPS
+            .iter()
+            .filter(|name| !order.steps.iter().any(|s| s.name == **name))
+            .count()
+    } else {
+        0
+    };
+    let total = order.steps.len() + to_come;
+
+    let mut out = format!(
+        "{:<13} {finished}/{total} steps done",
+        order_status(order.status)
+    );
+    if let Some(step) = latest_step(&order.steps) {
+        let _ = write!(out, " ({} {})", step.name, step_status(step.status));
+    }
+    if !order.failure_reason.is_empty() {
+        let _ = write!(out, "  failure: {}", order.failure_reason);
+    }
+    out
+}
+
+/// The step that moved last: the latest started or finished, and on a tie (or
+/// without times) the later in the list, which is the saga's order.
+fn latest_step(steps: &[Step]) -> Option<&Step> {
+    steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.status != StepStatus::Unspecified as i32)
+        .max_by_key(|(i, s)| {
+            let moved = s.finished_at.as_ref().or(s.started_at.as_ref());
+            (moved.map(|t| (t.seconds, t.nanos)), *i)
+        })
+        .map(|(_, s)| s)
+}
+
+/// `HH:MM:SS` in UTC of `at`, or of now when the server sent no time.
+///
+/// UTC because the local offset needs a time-zone database this tool does not
+/// carry.
+pub fn clock(at: Option<&Timestamp>) -> String {
+    let seconds = at.map_or_else(
+        || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        },
+        |t| t.seconds,
+    );
+    let of_day = seconds.rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60
+    )
+}
+
+/// `CODE: message`, the code spelled as in the gRPC spec (`NOT_FOUND`), which
+/// is how the README and grpcurl users know them.
+pub fn status(status: &Status) -> String {
+    let code = code_name(status.code());
+    if status.message().is_empty() {
+        code
+    } else {
+        format!("{code}: {}", status.message())
+    }
+}
+
+fn code_name(code: Code) -> String {
+    // `Code`'s Debug is the CamelCase variant (`DeadlineExceeded`).
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if i > 0 && c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// Cents as `12.34`; the system prices everything in cents.
+fn money(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let cents = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", cents / 100, cents % 100)
+}
+
+// Enum names without their prefix. A value this build doesn't know (a newer
+// server) shows as its number rather than as UNSPECIFIED, which would be wrong.
+
+fn order_status(value: i32) -> String {
+    let name = OrderStatus::try_from(value).map(|s| s.as_str_name());
+    enum_name(name.ok(), "ORDER_STATUS_", value)
+}
+
+fn step_status(value: i32) -> String {
+    let name = StepStatus::try_from(value).map(|s| s.as_str_name());
+    enum_name(name.ok(), "STEP_STATUS_", value)
+}
+
+fn step_phase(value: i32) -> String {
+    let name = StepPhase::try_from(value).map(|s| s.as_str_name());
+    enum_name(name.ok(), "STEP_PHASE_", value)
+}
+
+fn enum_name(name: Option<&'static str>, prefix: &str, value: i32) -> String {
+    match name {
+        Some(name) => name.strip_prefix(prefix).unwrap_or(name).to_owned(),
+        None => format!("#{value}"),
+    }
+}
