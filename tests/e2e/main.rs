@@ -28,5 +28,6 @@ mod config;
 mod faults;
 mod grpcurl;
 mod payment;
+mod saga;
 mod shipping;
 mod stock;

@@ -8,6 +8,7 @@
 pub mod binaries;
 pub mod services;
 pub mod stores;
+pub mod system;
 
 pub use services::{API_KEY, Running, authed};
 pub use stores::{Backend, TestDb};

@@ -116,13 +116,30 @@ pub async fn stock_with_faults(backend: Backend, faults: FaultSettings) -> Runni
 }
 
 pub async fn shipping(backend: Backend) -> Running {
+    shipping_with_faults(backend, FaultSettings::default()).await
+}
+
+pub async fn shipping_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
-    let settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    let mut settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.faults = faults;
     start!(db, shipping_svc::build(settings))
 }
 
 pub async fn payment(backend: Backend) -> Running {
+    payment_with_faults(backend, FaultSettings::default()).await
+}
+
+pub async fn payment_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
-    let settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    let mut settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.faults = faults;
     start!(db, payment_svc::build(settings))
+}
+
+/// The orchestrator, in-process, on a fresh store, driving the given services.
+pub async fn orchestrator(backend: Backend, settings: impl FnOnce(String) -> orchestrator::Settings) -> Running {
+    let db = TestDb::new(backend).await;
+    let settings = settings(db.url.clone());
+    start!(db, orchestrator::build(settings))
 }
