@@ -208,3 +208,13 @@ impl Orchestrator {
         result
     }
 }
+
+/// The binary's whole life: logs, build (and resume open sagas), serve until
+/// SIGTERM or SIGINT, drain.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    svc_kit::telemetry::init(settings.server.log_json);
+    let orchestrator = build(settings).await?;
+    orchestrator
+        .run_until_stopped(svc_kit::shutdown::signal())
+        .await
+}

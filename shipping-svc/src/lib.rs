@@ -87,3 +87,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         ShippingServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     App::bind(settings.server, DEFAULT_PORT, service).await
 }
+
+/// The binary's whole life: logs, build, serve until SIGTERM or SIGINT, drain.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    svc_kit::telemetry::init(settings.server.log_json);
+    let app = build(settings).await?;
+    app.run_until_stopped(svc_kit::shutdown::signal()).await
+}

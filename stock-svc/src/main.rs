@@ -1,10 +1,6 @@
 use clap::Parser;
-use stock_svc::Settings;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::parse();
-    svc_kit::telemetry::init(settings.server.log_json);
-    let app = stock_svc::build(settings).await?;
-    app.run_until_stopped(svc_kit::shutdown::signal()).await
+    stock_svc::run(stock_svc::Settings::parse()).await
 }

@@ -9,9 +9,13 @@ use std::{
 use ordersaga_proto::stock::v1::{GetProductRequest, stock_service_client::StockServiceClient};
 use ordersaga_tests::{API_KEY, authed, binaries, eventually};
 
+const STOCK: &str = env!("CARGO_BIN_EXE_e2e-stock-svc");
+const SHIPPING: &str = env!("CARGO_BIN_EXE_e2e-shipping-svc");
+const PAYMENT: &str = env!("CARGO_BIN_EXE_e2e-payment-svc");
+
 fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = Command::new(binaries::path(binary));
+    let mut command = Command::new(binary);
     command.current_dir(dir.path()).env_clear().env("PORT", "0");
     for (k, v) in env {
         command.env(k, v);
@@ -33,14 +37,10 @@ type BadSetting = (
 #[test]
 fn bad_settings_exit_non_zero_naming_the_setting() {
     let cases: &[BadSetting] = &[
-        ("stock-svc", &[], "APPLICATION_API_KEY"),
+        (STOCK, &[], "APPLICATION_API_KEY"),
+        (STOCK, &[("APPLICATION_API_KEY", " ")], "must not be empty"),
         (
-            "stock-svc",
-            &[("APPLICATION_API_KEY", " ")],
-            "must not be empty",
-        ),
-        (
-            "payment-svc",
+            PAYMENT,
             &[
                 ("APPLICATION_API_KEY", "k"),
                 ("FAULT_UNAVAILABLE_RATE", "1.5"),
@@ -48,7 +48,7 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             "fault-unavailable-rate",
         ),
         (
-            "shipping-svc",
+            SHIPPING,
             &[
                 ("APPLICATION_API_KEY", "k"),
                 ("SHIP_TO_COUNTRIES", "DE,germany"),
@@ -56,17 +56,17 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             "ship-to-countries",
         ),
         (
-            "stock-svc",
+            STOCK,
             &[("APPLICATION_API_KEY", "k"), ("PORT", "99999")],
             "port",
         ),
         (
-            "stock-svc",
+            STOCK,
             &[("APPLICATION_API_KEY", "k"), ("DATABASE_URL", "mysql://x")],
             "DATABASE_URL",
         ),
         (
-            "stock-svc",
+            STOCK,
             &[
                 ("APPLICATION_API_KEY", "k"),
                 ("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/x"),
@@ -95,7 +95,7 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let port = binaries::free_port();
-    let mut child = tokio::process::Command::new(binaries::path("stock-svc"))
+    let mut child = tokio::process::Command::new(STOCK)
         .current_dir(dir.path())
         .env("APPLICATION_API_KEY", API_KEY)
         .env("HOST", "127.0.0.1")

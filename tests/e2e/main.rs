@@ -28,6 +28,7 @@ mod config;
 mod faults;
 mod grpcurl;
 mod payment;
+mod recovery;
 mod saga;
 mod shipping;
 mod stock;

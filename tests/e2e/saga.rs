@@ -56,7 +56,10 @@ async fn happy_path_completes_with_each_effect_once(backend: Backend) {
     let system = System::start(backend, Options::default()).await;
     let client = system.client().await;
     let order = client
-        .create_order_and_wait(order(&request_id(), "alice", &[("BOOK", 2), ("PEN", 3)], "DE"), WAIT)
+        .create_order_and_wait(
+            order(&request_id(), "alice", &[("BOOK", 2), ("PEN", 3)], "DE"),
+            WAIT,
+        )
         .await
         .unwrap();
     assert_eq!(status(&order), OrderStatus::Completed, "{order:?}");
@@ -66,14 +69,30 @@ async fn happy_path_completes_with_each_effect_once(backend: Backend) {
         steps(&order),
         vec![
             step("reserve_stock", StepPhase::Forward, StepStatus::Succeeded),
-            step("prepare_shipment", StepPhase::Forward, StepStatus::Succeeded),
+            step(
+                "prepare_shipment",
+                StepPhase::Forward,
+                StepStatus::Succeeded
+            ),
             step("charge_payment", StepPhase::Forward, StepStatus::Succeeded),
         ]
     );
-    assert!(order.steps.iter().all(|s| s.attempts == 1 && s.started_at.is_some() && s.finished_at.is_some()));
+    assert!(
+        order
+            .steps
+            .iter()
+            .all(|s| s.attempts == 1 && s.started_at.is_some() && s.finished_at.is_some())
+    );
 
     let effects = system.services.effects().await;
-    assert_eq!((effects.reserved, effects.shipments_prepared, effects.charged), (1, 1, 1));
+    assert_eq!(
+        (
+            effects.reserved,
+            effects.shipments_prepared,
+            effects.charged
+        ),
+        (1, 1, 1)
+    );
     assert_eq!(effects.products["BOOK"], (10_000 - 2, 2));
     assert_eq!(effects.charged_cents, order.total_cents);
     effects.assert_conserved();
@@ -90,11 +109,32 @@ async fn out_of_stock_fails_at_once_with_nothing_to_compensate(backend: Backend)
         .await
         .unwrap();
     assert_eq!(status(&order), OrderStatus::Failed, "{order:?}");
-    assert_eq!(steps(&order), vec![step("reserve_stock", StepPhase::Forward, StepStatus::Failed)]);
-    assert!(order.failure_reason.contains("out of stock"), "{}", order.failure_reason);
-    assert_eq!(order.steps[0].attempts, 1, "a definite failure is not retried");
+    assert_eq!(
+        steps(&order),
+        vec![step(
+            "reserve_stock",
+            StepPhase::Forward,
+            StepStatus::Failed
+        )]
+    );
+    assert!(
+        order.failure_reason.contains("out of stock"),
+        "{}",
+        order.failure_reason
+    );
+    assert_eq!(
+        order.steps[0].attempts, 1,
+        "a definite failure is not retried"
+    );
     let effects = system.services.effects().await;
-    assert_eq!((effects.reserved, effects.shipments_prepared, effects.charged), (0, 0, 0));
+    assert_eq!(
+        (
+            effects.reserved,
+            effects.shipments_prepared,
+            effects.charged
+        ),
+        (0, 0, 0)
+    );
     effects.assert_conserved();
 }
 
@@ -111,10 +151,18 @@ async fn unshippable_country_releases_the_stock(backend: Backend) {
         vec![
             step("reserve_stock", StepPhase::Forward, StepStatus::Succeeded),
             step("prepare_shipment", StepPhase::Forward, StepStatus::Failed),
-            step("reserve_stock", StepPhase::Compensation, StepStatus::Succeeded),
+            step(
+                "reserve_stock",
+                StepPhase::Compensation,
+                StepStatus::Succeeded
+            ),
         ]
     );
-    assert!(order.failure_reason.contains("AQ"), "{}", order.failure_reason);
+    assert!(
+        order.failure_reason.contains("AQ"),
+        "{}",
+        order.failure_reason
+    );
     let effects = system.services.effects().await;
     assert_eq!(effects.products["BOOK"], (10_000, 0), "stock released");
     assert_eq!((effects.reserved, effects.released_with_stock), (0, 1));
@@ -134,15 +182,34 @@ async fn insufficient_funds_cancels_the_shipment_and_releases_the_stock(backend:
         steps(&order),
         vec![
             step("reserve_stock", StepPhase::Forward, StepStatus::Succeeded),
-            step("prepare_shipment", StepPhase::Forward, StepStatus::Succeeded),
+            step(
+                "prepare_shipment",
+                StepPhase::Forward,
+                StepStatus::Succeeded
+            ),
             step("charge_payment", StepPhase::Forward, StepStatus::Failed),
-            step("prepare_shipment", StepPhase::Compensation, StepStatus::Succeeded),
-            step("reserve_stock", StepPhase::Compensation, StepStatus::Succeeded),
+            step(
+                "prepare_shipment",
+                StepPhase::Compensation,
+                StepStatus::Succeeded
+            ),
+            step(
+                "reserve_stock",
+                StepPhase::Compensation,
+                StepStatus::Succeeded
+            ),
         ]
     );
-    assert!(order.failure_reason.contains("insufficient funds"), "{}", order.failure_reason);
+    assert!(
+        order.failure_reason.contains("insufficient funds"),
+        "{}",
+        order.failure_reason
+    );
     let effects = system.services.effects().await;
-    assert_eq!((effects.shipments_prepared, effects.shipments_cancelled), (0, 1));
+    assert_eq!(
+        (effects.shipments_prepared, effects.shipments_cancelled),
+        (0, 1)
+    );
     assert_eq!((effects.reserved, effects.released_with_stock), (0, 1));
     assert_eq!((effects.charged, effects.balances["poor"]), (0, 100));
     effects.assert_conserved();
@@ -166,7 +233,10 @@ async fn create_is_idempotent_on_request_id(backend: Backend) {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "one order for one request_id: {ids:?}");
-    let later = client.create_order_and_wait(request.clone(), WAIT).await.unwrap();
+    let later = client
+        .create_order_and_wait(request.clone(), WAIT)
+        .await
+        .unwrap();
     assert_eq!(later.order_id, ids[0]);
     assert_eq!(status(&later), OrderStatus::Completed);
 
@@ -177,10 +247,20 @@ async fn create_is_idempotent_on_request_id(backend: Backend) {
         Code::InvalidArgument,
         &["request_id", "different"],
     );
-    let all = client.list_orders(ListOrdersRequest::default()).await.unwrap();
+    let all = client
+        .list_orders(ListOrdersRequest::default())
+        .await
+        .unwrap();
     assert_eq!(all.orders.len(), 1);
     let effects = system.services.effects().await;
-    assert_eq!((effects.reserved, effects.shipments_prepared, effects.charged), (1, 1, 1));
+    assert_eq!(
+        (
+            effects.reserved,
+            effects.shipments_prepared,
+            effects.charged
+        ),
+        (1, 1, 1)
+    );
 }
 
 async fn cancel_before_payment_compensates(backend: Backend) {
@@ -194,20 +274,45 @@ async fn cancel_before_payment_compensates(backend: Backend) {
     };
     let system = System::start(backend, options).await;
     let client = system.client().await;
-    let created = client.create_order(order(&request_id(), "alice", &[("BOOK", 3)], "DE")).await.unwrap();
-    let cancelled = client.cancel_order(&created.order_id, request_id(), "changed my mind").await.unwrap();
+    let created = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 3)], "DE"))
+        .await
+        .unwrap();
+    let cancelled = client
+        .cancel_order(&created.order_id, request_id(), "changed my mind")
+        .await
+        .unwrap();
     assert_eq!(cancelled.order_id, created.order_id);
     // Cancelling again is harmless.
-    client.cancel_order(&created.order_id, request_id(), "really").await.unwrap();
+    client
+        .cancel_order(&created.order_id, request_id(), "really")
+        .await
+        .unwrap();
 
-    let order = client.create_order_and_wait(order(&created.request_id, "alice", &[("BOOK", 3)], "DE"), WAIT).await.unwrap();
+    let order = client
+        .create_order_and_wait(
+            order(&created.request_id, "alice", &[("BOOK", 3)], "DE"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(status(&order), OrderStatus::Cancelled, "{order:?}");
     assert!(
-        order.steps.iter().all(|s| !(s.name == "charge_payment" && s.status == StepStatus::Succeeded as i32)),
+        order
+            .steps
+            .iter()
+            .all(|s| !(s.name == "charge_payment" && s.status == StepStatus::Succeeded as i32)),
         "no charge after a cancel: {order:?}"
     );
     let effects = system.services.effects().await;
-    assert_eq!((effects.reserved, effects.shipments_prepared, effects.charged), (0, 0, 0));
+    assert_eq!(
+        (
+            effects.reserved,
+            effects.shipments_prepared,
+            effects.charged
+        ),
+        (0, 0, 0)
+    );
     assert_eq!(effects.products["BOOK"], (10_000, 0));
     effects.assert_conserved();
 }
@@ -220,10 +325,22 @@ async fn cancel_after_payment_is_refused(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(status(&order), OrderStatus::Completed);
-    let refused = client.cancel_order(&order.order_id, request_id(), "too late").await;
-    assert_status(refused.map(tonic::Response::new), Code::FailedPrecondition, &["payment has been charged"]);
-    let missing = client.cancel_order(uuid::Uuid::new_v4().to_string(), request_id(), "").await;
-    assert_status(missing.map(tonic::Response::new), Code::NotFound, &["not found"]);
+    let refused = client
+        .cancel_order(&order.order_id, request_id(), "too late")
+        .await;
+    assert_status(
+        refused.map(tonic::Response::new),
+        Code::FailedPrecondition,
+        &["payment has been charged"],
+    );
+    let missing = client
+        .cancel_order(uuid::Uuid::new_v4().to_string(), request_id(), "")
+        .await;
+    assert_status(
+        missing.map(tonic::Response::new),
+        Code::NotFound,
+        &["not found"],
+    );
     assert_eq!(system.services.effects().await.charged, 1);
 }
 
@@ -231,10 +348,16 @@ async fn orders_are_listed_filtered_and_paged(backend: Backend) {
     let system = System::start(backend, Options::default()).await;
     let client = system.client().await;
     for _ in 0..3 {
-        client.create_order_and_wait(order(&request_id(), "alice", &[("PEN", 1)], "DE"), WAIT).await.unwrap();
+        client
+            .create_order_and_wait(order(&request_id(), "alice", &[("PEN", 1)], "DE"), WAIT)
+            .await
+            .unwrap();
     }
     for _ in 0..2 {
-        client.create_order_and_wait(order(&request_id(), "poor", &[("PEN", 1)], "DE"), WAIT).await.unwrap();
+        client
+            .create_order_and_wait(order(&request_id(), "poor", &[("PEN", 1)], "DE"), WAIT)
+            .await
+            .unwrap();
     }
     let completed = client
         .list_orders(ListOrdersRequest {
@@ -253,7 +376,11 @@ async fn orders_are_listed_filtered_and_paged(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(poor.orders.len(), 2);
-    assert!(poor.orders.iter().all(|o| o.status == OrderStatus::Compensated as i32));
+    assert!(
+        poor.orders
+            .iter()
+            .all(|o| o.status == OrderStatus::Compensated as i32)
+    );
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -267,7 +394,11 @@ async fn orders_are_listed_filtered_and_paged(backend: Backend) {
             .await
             .unwrap();
         assert!(page.orders.len() <= 2);
-        seen.extend(page.orders.into_iter().map(|o| (o.created_at.unwrap().seconds, o.order_id)));
+        seen.extend(
+            page.orders
+                .into_iter()
+                .map(|o| (o.created_at.unwrap().seconds, o.order_id)),
+        );
         if page.next_page_token.is_empty() {
             break;
         }
@@ -286,14 +417,22 @@ async fn orders_are_listed_filtered_and_paged(backend: Backend) {
             ..Default::default()
         })
         .await;
-    assert_status(bad.map(tonic::Response::new), Code::InvalidArgument, &["statuses[0]"]);
+    assert_status(
+        bad.map(tonic::Response::new),
+        Code::InvalidArgument,
+        &["statuses[0]"],
+    );
     let bad_token = client
         .list_orders(ListOrdersRequest {
             page_token: "garbage".into(),
             ..Default::default()
         })
         .await;
-    assert_status(bad_token.map(tonic::Response::new), Code::InvalidArgument, &["page_token"]);
+    assert_status(
+        bad_token.map(tonic::Response::new),
+        Code::InvalidArgument,
+        &["page_token"],
+    );
 }
 
 async fn watch_streams_each_change_until_terminal(backend: Backend) {
@@ -306,15 +445,32 @@ async fn watch_streams_each_change_until_terminal(backend: Backend) {
     };
     let system = System::start(backend, options).await;
     let client = system.client().await;
-    let created = client.create_order(order(&request_id(), "poor", &[("BOOK", 1)], "DE")).await.unwrap();
+    let created = client
+        .create_order(order(&request_id(), "poor", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap();
     let mut stream = client.watch_order(&created.order_id).await.unwrap();
     let mut statuses = Vec::new();
-    while let Some(update) = tokio::time::timeout(WAIT, stream.message()).await.expect("watch stalled").unwrap() {
+    while let Some(update) = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("watch stalled")
+        .unwrap()
+    {
         statuses.push(status(&update.order.unwrap()));
     }
-    assert_eq!(statuses.last(), Some(&OrderStatus::Compensated), "{statuses:?}");
-    assert!(statuses.contains(&OrderStatus::Compensating), "the compensation is seen: {statuses:?}");
-    assert!(statuses.len() >= 3, "several changes are streamed: {statuses:?}");
+    assert_eq!(
+        statuses.last(),
+        Some(&OrderStatus::Compensated),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&OrderStatus::Compensating),
+        "the compensation is seen: {statuses:?}"
+    );
+    assert!(
+        statuses.len() >= 3,
+        "several changes are streamed: {statuses:?}"
+    );
 }
 
 async fn create_order_is_validated_and_authenticated(backend: Backend) {
@@ -322,33 +478,95 @@ async fn create_order_is_validated_and_authenticated(backend: Backend) {
     let client = system.client().await;
     let good = order(&request_id(), "alice", &[("BOOK", 1)], "DE");
     let cases: Vec<(&str, ordersaga_proto::orders::v1::CreateOrderRequest)> = vec![
-        ("request_id", { let mut r = good.clone(); r.request_id.clear(); r }),
-        ("customer_id", { let mut r = good.clone(); r.customer_id = "x".repeat(200); r }),
-        ("items", { let mut r = good.clone(); r.items.clear(); r }),
-        ("items[0].quantity", { let mut r = good.clone(); r.items[0].quantity = 0; r }),
-        ("items[0].sku", { let mut r = good.clone(); r.items[0].sku = "no spaces".into(); r }),
-        ("shipping_address", { let mut r = good.clone(); r.shipping_address = None; r }),
-        ("shipping_address.country", { let mut r = good.clone(); r.shipping_address.as_mut().unwrap().country = "Germany".into(); r }),
-        ("shipping_address.city", { let mut r = good.clone(); r.shipping_address.as_mut().unwrap().city.clear(); r }),
+        ("request_id", {
+            let mut r = good.clone();
+            r.request_id.clear();
+            r
+        }),
+        ("customer_id", {
+            let mut r = good.clone();
+            r.customer_id = "x".repeat(200);
+            r
+        }),
+        ("items", {
+            let mut r = good.clone();
+            r.items.clear();
+            r
+        }),
+        ("items[0].quantity", {
+            let mut r = good.clone();
+            r.items[0].quantity = 0;
+            r
+        }),
+        ("items[0].sku", {
+            let mut r = good.clone();
+            r.items[0].sku = "no spaces".into();
+            r
+        }),
+        ("shipping_address", {
+            let mut r = good.clone();
+            r.shipping_address = None;
+            r
+        }),
+        ("shipping_address.country", {
+            let mut r = good.clone();
+            r.shipping_address.as_mut().unwrap().country = "Germany".into();
+            r
+        }),
+        ("shipping_address.city", {
+            let mut r = good.clone();
+            r.shipping_address.as_mut().unwrap().city.clear();
+            r
+        }),
     ];
     for (field, request) in cases {
-        assert_status(client.create_order(request).await.map(tonic::Response::new), Code::InvalidArgument, &[field]);
+        assert_status(
+            client.create_order(request).await.map(tonic::Response::new),
+            Code::InvalidArgument,
+            &[field],
+        );
     }
     let unknown = order(&request_id(), "alice", &[("BOOK", 1), ("NOPE", 1)], "DE");
-    assert_status(client.create_order(unknown).await.map(tonic::Response::new), Code::NotFound, &["items[1].sku", "NOPE"]);
+    assert_status(
+        client.create_order(unknown).await.map(tonic::Response::new),
+        Code::NotFound,
+        &["items[1].sku", "NOPE"],
+    );
     let get_bad = client.get_order("not-a-uuid").await;
-    assert_status(get_bad.map(tonic::Response::new), Code::InvalidArgument, &["order_id"]);
+    assert_status(
+        get_bad.map(tonic::Response::new),
+        Code::InvalidArgument,
+        &["order_id"],
+    );
 
-    let keyless = ordersaga_proto::client::OrderClient::connect(system.orchestrator.endpoint(), "wrong")
-        .await
-        .unwrap();
-    assert_status(keyless.create_order(good.clone()).await.map(tonic::Response::new), Code::Unauthenticated, &["x-api-key"]);
+    let keyless =
+        ordersaga_proto::client::OrderClient::connect(system.orchestrator.endpoint(), "wrong")
+            .await
+            .unwrap();
+    assert_status(
+        keyless
+            .create_order(good.clone())
+            .await
+            .map(tonic::Response::new),
+        Code::Unauthenticated,
+        &["x-api-key"],
+    );
 
     // Nothing was recorded, and the request_id is still free.
-    assert!(client.list_orders(ListOrdersRequest::default()).await.unwrap().orders.is_empty());
+    assert!(
+        client
+            .list_orders(ListOrdersRequest::default())
+            .await
+            .unwrap()
+            .orders
+            .is_empty()
+    );
     let effects = system.services.effects().await;
     assert_eq!(effects.reserved, 0);
-    client.create_order(good).await.expect("the valid order goes through");
+    client
+        .create_order(good)
+        .await
+        .expect("the valid order goes through");
 }
 
 /// 200 orders against services that fail 20% of calls before the work and drop
@@ -393,8 +611,14 @@ pub async fn survives_faults(backend: Backend) {
                 // Creating is idempotent, so the client retries it through faults too.
                 loop {
                     match client.create_order_and_wait(request.clone(), WAIT).await {
-                        Ok(order) if OrderStatus::try_from(order.status).unwrap() != OrderStatus::Running
-                            && OrderStatus::try_from(order.status).unwrap() != OrderStatus::Compensating => return order,
+                        Ok(order)
+                            if OrderStatus::try_from(order.status).unwrap()
+                                != OrderStatus::Running
+                                && OrderStatus::try_from(order.status).unwrap()
+                                    != OrderStatus::Compensating =>
+                        {
+                            return order;
+                        }
                         Ok(_) => continue,
                         Err(status) if status.code() == Code::Unavailable => continue,
                         Err(status) => panic!("create failed: {status:?}"),
@@ -405,12 +629,18 @@ pub async fn survives_faults(backend: Backend) {
         .collect();
     let finished: Vec<Order> = futures::future::try_join_all(tasks).await.unwrap();
     assert!(
-        finished.iter().any(|o| o.steps.iter().any(|s| s.attempts > 1)),
+        finished
+            .iter()
+            .any(|o| o.steps.iter().any(|s| s.attempts > 1)),
         "the faults forced retries"
     );
     let mut completed = 0;
     for (order, (_, customer, country)) in finished.iter().zip(&orders) {
-        let expected = if *country == "AQ" || *customer == "poor" { OrderStatus::Compensated } else { OrderStatus::Completed };
+        let expected = if *country == "AQ" || *customer == "poor" {
+            OrderStatus::Compensated
+        } else {
+            OrderStatus::Completed
+        };
         assert_eq!(status(order), expected, "{order:?}");
         if expected == OrderStatus::Completed {
             completed += 1;

@@ -138,7 +138,10 @@ pub async fn payment_with_faults(backend: Backend, faults: FaultSettings) -> Run
 }
 
 /// The orchestrator, in-process, on a fresh store, driving the given services.
-pub async fn orchestrator(backend: Backend, settings: impl FnOnce(String) -> orchestrator::Settings) -> Running {
+pub async fn orchestrator(
+    backend: Backend,
+    settings: impl FnOnce(String) -> orchestrator::Settings,
+) -> Running {
     let db = TestDb::new(backend).await;
     let settings = settings(db.url.clone());
     start!(db, orchestrator::build(settings))

@@ -17,7 +17,11 @@ use svc_kit::fault::FaultSettings;
 use crate::{API_KEY, Backend, Running, authed, services};
 
 /// The seeded catalogue: SKU, unit price in cents, units in stock.
-pub const CATALOGUE: &[(&str, i64, i64)] = &[("BOOK", 1_500, 10_000), ("PEN", 250, 10_000), ("RARE", 99_00, 1)];
+pub const CATALOGUE: &[(&str, i64, i64)] = &[
+    ("BOOK", 1_500, 10_000),
+    ("PEN", 250, 10_000),
+    ("RARE", 99_00, 1),
+];
 /// The seeded accounts: customer, balance in cents.
 pub const ACCOUNTS: &[(&str, i64)] = &[("alice", 1_000_000_000), ("poor", 100)];
 
@@ -53,7 +57,8 @@ impl DomainServices {
     pub async fn start(backend: Backend, options: &Options) -> DomainServices {
         let services = DomainServices {
             stock: services::stock_with_faults(backend, options.stock_faults.clone()).await,
-            shipping: services::shipping_with_faults(backend, options.shipping_faults.clone()).await,
+            shipping: services::shipping_with_faults(backend, options.shipping_faults.clone())
+                .await,
             payment: services::payment_with_faults(backend, options.payment_faults.clone()).await,
         };
         services.seed().await;
@@ -98,7 +103,11 @@ impl DomainServices {
     }
 
     pub fn downstream(&self) -> DownstreamArgs {
-        DownstreamArgs::local(self.stock.endpoint(), self.shipping.endpoint(), self.payment.endpoint())
+        DownstreamArgs::local(
+            self.stock.endpoint(),
+            self.shipping.endpoint(),
+            self.payment.endpoint(),
+        )
     }
 
     /// What the services' own stores say happened.
@@ -108,20 +117,22 @@ impl DomainServices {
         let payment = self.payment.db.pool().await;
         let mut products = BTreeMap::new();
         for (sku, _, _) in CATALOGUE {
-            let row: (i64, i64) = sqlx::query_as("SELECT available, reserved FROM products WHERE sku = $1")
-                .bind(*sku)
-                .fetch_one(&stock)
-                .await
-                .unwrap();
+            let row: (i64, i64) =
+                sqlx::query_as("SELECT available, reserved FROM products WHERE sku = $1")
+                    .bind(*sku)
+                    .fetch_one(&stock)
+                    .await
+                    .unwrap();
             products.insert((*sku).to_owned(), row);
         }
         let mut balances = BTreeMap::new();
         for (customer, _) in ACCOUNTS {
-            let balance: i64 = sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
-                .bind(*customer)
-                .fetch_one(&payment)
-                .await
-                .unwrap();
+            let balance: i64 =
+                sqlx::query_scalar("SELECT balance_cents FROM accounts WHERE customer_id = $1")
+                    .bind(*customer)
+                    .fetch_one(&payment)
+                    .await
+                    .unwrap();
             balances.insert((*customer).to_owned(), balance);
         }
         Effects {
@@ -169,11 +180,19 @@ impl Effects {
     pub fn assert_conserved(&self) {
         for (sku, _, seeded) in CATALOGUE {
             let (available, reserved) = self.products[*sku];
-            assert_eq!(available + reserved, *seeded, "stock of {sku} is not conserved: {self:?}");
+            assert_eq!(
+                available + reserved,
+                *seeded,
+                "stock of {sku} is not conserved: {self:?}"
+            );
         }
         let deposited: i64 = ACCOUNTS.iter().map(|(_, c)| c).sum();
         let balances: i64 = self.balances.values().sum();
-        assert_eq!(balances + self.charged_cents, deposited, "money is not conserved: {self:?}");
+        assert_eq!(
+            balances + self.charged_cents,
+            deposited,
+            "money is not conserved: {self:?}"
+        );
     }
 }
 
@@ -183,7 +202,10 @@ async fn by_status(pool: &AnyPool, table: &str, status: &str) -> i64 {
 }
 
 async fn count(pool: &AnyPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 async fn retry<F, Fut>(mut call: F)
@@ -218,16 +240,26 @@ impl System {
             settings
         })
         .await;
-        System { services, orchestrator }
+        System {
+            services,
+            orchestrator,
+        }
     }
 
     pub async fn client(&self) -> OrderClient {
-        OrderClient::connect(self.orchestrator.endpoint(), API_KEY).await.expect("connect to the orchestrator")
+        OrderClient::connect(self.orchestrator.endpoint(), API_KEY)
+            .await
+            .expect("connect to the orchestrator")
     }
 }
 
 /// A valid order for `customer`, shipped to `country`.
-pub fn order(request_id: &str, customer: &str, items: &[(&str, i64)], country: &str) -> CreateOrderRequest {
+pub fn order(
+    request_id: &str,
+    customer: &str,
+    items: &[(&str, i64)],
+    country: &str,
+) -> CreateOrderRequest {
     CreateOrderRequest {
         request_id: request_id.into(),
         customer_id: customer.into(),

@@ -1,11 +1,19 @@
 //! Prices an order from the stock service's catalogue before it is recorded, so
 //! the order (and the amount the saga will charge) is fixed from the start.
 
-use futures::future::try_join_all;
-use ordersaga_proto::stock::v1::GetProductRequest;
-use tonic::{Code, Request};
+use std::time::Duration;
 
-use crate::{downstream::StockClient, error::OrderError, order_saga::PricedItem};
+use futures::future::try_join_all;
+use ordersaga_proto::stock::v1::{GetProductRequest, Product};
+use tonic::{Code, Request, Status};
+
+use crate::{
+    downstream::StockClient, error::OrderError, order_saga::PricedItem, saga::retry::is_transient,
+};
+
+/// Lookups are reads, so transient failures are retried a few times before
+/// the client is told to retry.
+const LOOKUP_ATTEMPTS: u32 = 4;
 
 /// The priced items, their total and their currency.
 pub async fn price(
@@ -15,20 +23,15 @@ pub async fn price(
     let lookups = items.iter().enumerate().map(|(i, (sku, quantity))| {
         let mut client = stock.clone();
         async move {
-            let mut request = Request::new(GetProductRequest { sku: sku.clone() });
-            request.set_timeout(std::time::Duration::from_secs(5));
-            match client.get_product(request).await {
-                Ok(reply) => {
-                    let product = reply.into_inner().product.unwrap_or_default();
-                    Ok((
-                        PricedItem {
-                            sku: sku.clone(),
-                            quantity: *quantity,
-                            unit_price_cents: product.unit_price_cents,
-                        },
-                        product.currency,
-                    ))
-                }
+            match lookup(&mut client, sku).await {
+                Ok(product) => Ok((
+                    PricedItem {
+                        sku: sku.clone(),
+                        quantity: *quantity,
+                        unit_price_cents: product.unit_price_cents,
+                    },
+                    product.currency,
+                )),
                 Err(status) if status.code() == Code::NotFound => Err(OrderError::UnknownSku {
                     field: format!("items[{i}].sku"),
                     sku: sku.clone(),
@@ -52,4 +55,22 @@ pub async fn price(
     let items: Vec<PricedItem> = priced.into_iter().map(|(item, _)| item).collect();
     let total = items.iter().map(|i| i.unit_price_cents * i.quantity).sum();
     Ok((items, total, currency))
+}
+
+async fn lookup(client: &mut StockClient, sku: &str) -> Result<Product, Status> {
+    let mut attempt = 1;
+    loop {
+        let mut request = Request::new(GetProductRequest {
+            sku: sku.to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        match client.get_product(request).await {
+            Ok(reply) => return Ok(reply.into_inner().product.unwrap_or_default()),
+            Err(status) if is_transient(status.code()) && attempt < LOOKUP_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                attempt += 1;
+            }
+            Err(status) => return Err(status),
+        }
+    }
 }

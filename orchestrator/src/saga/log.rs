@@ -492,11 +492,11 @@ pub async fn request_cancel(pool: &AnyPool, saga_id: Uuid) -> Result<CancelOutco
     let status: String = row.try_get("status")?;
     let status = SagaStatus::parse(&status)
         .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+    let pivot_passed = row.try_get::<i64, _>("pivot_passed")? != 0;
     Ok(if row.try_get::<i64, _>("cancel_requested")? != 0 {
         CancelOutcome::AlreadyRequested
-    } else if status == SagaStatus::Running {
-        CancelOutcome::PastPivot
-    } else if row.try_get::<i64, _>("pivot_passed")? != 0 && status == SagaStatus::Completed {
+    } else if status == SagaStatus::Running || (pivot_passed && status == SagaStatus::Completed) {
+        // Still running but not cancellable means the pivot has begun.
         CancelOutcome::PastPivot
     } else {
         CancelOutcome::NotRunning(status)

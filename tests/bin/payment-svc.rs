@@ -1,0 +1,8 @@
+//! The `payment-svc` binary, built with the tests so that tests which run it as a
+//! real process (to kill it, or to check its exit) never run a stale build.
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    payment_svc::run(payment_svc::Settings::parse()).await
+}
