@@ -53,6 +53,9 @@ pub fn order(order: &Order) -> String {
                 step_status(step.status),
                 step.attempts
             );
+            if !step.result.is_empty() {
+                let _ = write!(out, "  {}", step.result);
+            }
             if !step.last_error.is_empty() {
                 let _ = write!(out, "  last error: {}", step.last_error);
             }

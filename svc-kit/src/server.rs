@@ -8,7 +8,7 @@ use std::{convert::Infallible, net::SocketAddr};
 
 use anyhow::Context;
 use futures::StreamExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService, transport::Server};
 use tonic_health::ServingStatus;
@@ -39,9 +39,7 @@ where
     /// Binds `args.host:args.port`, or `default_port` when no port is given.
     pub async fn bind(args: ServerArgs, default_port: u16, service: S) -> anyhow::Result<Self> {
         let addr = SocketAddr::new(args.host, args.port.unwrap_or(default_port));
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
         Ok(App {
             listener,
             service,
@@ -107,6 +105,20 @@ where
         tracing::info!(service = S::NAME, "drained and stopped");
         Ok(())
     }
+}
+
+/// Binds with SO_REUSEADDR: the default ports (50051-50054) lie inside Linux's
+/// ephemeral range, so a client connection's TIME_WAIT on such a port must not
+/// stop a restart.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";

@@ -93,6 +93,7 @@ pub fn order(order: &OrderData, saga: &SagaView) -> pb::Order {
                 last_error: s.last_error.clone(),
                 started_at: s.started_at_ms.map(timestamp),
                 finished_at: s.finished_at_ms.map(timestamp),
+                result: s.output.clone(),
             })
             .collect(),
         created_at: Some(timestamp(saga.created_at_ms)),
