@@ -15,14 +15,27 @@ use svc_kit::settings::ServerArgs;
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
-#[command(name = "devstack", about = "Run the order saga system locally: orchestrator and the three services, on SQLite")]
+#[command(
+    name = "devstack",
+    about = "Run the order saga system locally: orchestrator and the three services, on SQLite"
+)]
 struct Args {
     /// Folder for the four SQLite files.
-    #[arg(long, env = "DATA_DIR", value_name = "DATA_DIR", default_value = "data")]
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        value_name = "DATA_DIR",
+        default_value = "data"
+    )]
     data_dir: PathBuf,
 
     /// Key for `x-api-key`, shared by every service in dev mode.
-    #[arg(long, env = "APPLICATION_API_KEY", value_name = "APPLICATION_API_KEY", default_value = "dev-key")]
+    #[arg(
+        long,
+        env = "APPLICATION_API_KEY",
+        value_name = "APPLICATION_API_KEY",
+        default_value = "dev-key"
+    )]
     api_key: String,
 
     /// Address the four servers listen on.
@@ -65,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let local = |port: u16| format!("http://{}:{port}", loopback(args.host));
-    let downstream = DownstreamArgs::local(local(stock_port), local(shipping_port), local(payment_port));
+    let downstream =
+        DownstreamArgs::local(local(stock_port), local(shipping_port), local(payment_port));
     let mut orchestrator_settings = orchestrator::Settings::local("", &args.api_key, downstream);
     orchestrator_settings.server = server_args(&args, args.port, "orchestrator.db")?;
     let orchestrator = orchestrator::build(orchestrator_settings).await?;

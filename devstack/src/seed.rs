@@ -38,7 +38,10 @@ pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Resu
             unit_price_cents: *price,
             currency: "EUR".into(),
         };
-        stock.restock(authed(request, key)?).await.with_context(|| format!("seed {sku}"))?;
+        stock
+            .restock(authed(request, key)?)
+            .await
+            .with_context(|| format!("seed {sku}"))?;
     }
     let mut payment = PaymentServiceClient::connect(payment_url.to_owned())
         .await
