@@ -1,18 +1,21 @@
-//! `cargo run -p devstack`: the whole system in one process, on SQLite files,
+//! `cargo run -p devstack`: the whole system from one command, on SQLite files,
 //! with a demo catalogue and demo accounts, and the grpcurl commands to try.
 //!
-//! Each service is the same library the standalone binaries run, on its usual
-//! port with its own store, so what you try here is what you deploy.
+//! It starts the four services as child processes of itself (each runs the
+//! very library its own binary runs, configured through the same env
+//! variables), so each keeps its own process, logs and OpenTelemetry
+//! `service.name`, as in a deployment. Ctrl-C stops them all gracefully.
 
 mod seed;
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, process::Stdio, time::Duration};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
-use orchestrator::downstream::DownstreamArgs;
-use svc_kit::settings::ServerArgs;
-use tokio::sync::watch;
+use tokio::process::{Child, Command};
+
+/// Set in a child process to the service it runs.
+const ROLE_VAR: &str = "DEVSTACK_ROLE";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,68 +48,110 @@ struct Args {
     /// Port of the orchestrator; the services take the next three.
     #[arg(long, value_name = "PORT", default_value_t = orchestrator::DEFAULT_PORT)]
     port: u16,
-
-    /// Write logs as JSON lines.
-    #[arg(long, env = "LOG_JSON")]
-    log_json: bool,
-}
-
-fn server_args(args: &Args, port: u16, db_file: &str) -> anyhow::Result<ServerArgs> {
-    let path = args.data_dir.join(db_file);
-    let path = path.to_str().context("DATA_DIR must be valid UTF-8")?;
-    let mut server = ServerArgs::local(format!("sqlite://{path}"), &args.api_key);
-    server.host = args.host;
-    server.port = Some(port);
-    Ok(server)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Ok(role) = std::env::var(ROLE_VAR) {
+        return run_role(&role).await;
+    }
     let args = Args::parse();
-    svc_kit::telemetry::init(args.log_json);
-    let (stock_port, shipping_port, payment_port) = (args.port + 1, args.port + 2, args.port + 3);
-
-    let stock = stock_svc::build(stock_svc::Settings {
-        server: server_args(&args, stock_port, "stock.db")?,
-    })
-    .await?;
-    let mut shipping_settings = shipping_svc::Settings::local("", &args.api_key);
-    shipping_settings.server = server_args(&args, shipping_port, "shipping.db")?;
-    let shipping = shipping_svc::build(shipping_settings).await?;
-    let payment = payment_svc::build(payment_svc::Settings {
-        server: server_args(&args, payment_port, "payment.db")?,
-    })
-    .await?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create the data folder {}", args.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let local = |port: u16| format!("http://{}:{port}", loopback(args.host));
-    let downstream =
-        DownstreamArgs::local(local(stock_port), local(shipping_port), local(payment_port));
-    let mut orchestrator_settings = orchestrator::Settings::local("", &args.api_key, downstream);
-    orchestrator_settings.server = server_args(&args, args.port, "orchestrator.db")?;
-    let orchestrator = orchestrator::build(orchestrator_settings).await?;
+    let (stock_port, shipping_port, payment_port) = (args.port + 1, args.port + 2, args.port + 3);
+    let sqlite = |file: &str| format!("sqlite://{}", data_dir.join(file).display());
 
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
-    let servers = [
-        tokio::spawn(stock.run_until_stopped(until_stopped())),
-        tokio::spawn(shipping.run_until_stopped(until_stopped())),
-        tokio::spawn(payment.run_until_stopped(until_stopped())),
-        tokio::spawn(orchestrator.run_until_stopped(until_stopped())),
+    let mut children = Vec::new();
+    for (role, port, db) in [
+        ("stock", stock_port, "stock.db"),
+        ("shipping", shipping_port, "shipping.db"),
+        ("payment", payment_port, "payment.db"),
+    ] {
+        children.push(spawn(role, &args, port, &sqlite(db), &[])?);
+    }
+    let services = [
+        ("STOCK_SERVICE_URL", local(stock_port)),
+        ("SHIPPING_SERVICE_URL", local(shipping_port)),
+        ("PAYMENT_SERVICE_URL", local(payment_port)),
     ];
+    children.push(spawn(
+        "orchestrator",
+        &args,
+        args.port,
+        &sqlite("orchestrator.db"),
+        &services,
+    )?);
 
     seed::demo(&local(stock_port), &local(payment_port), &args.api_key).await?;
     print_tour(&args, &local(args.port));
 
-    svc_kit::shutdown::signal().await;
-    stop.send_replace(true);
-    for server in servers {
-        server.await??;
+    tokio::select! {
+        () = svc_kit::shutdown::signal() => {}
+        exited = first_exit(&mut children) => bail!("a service stopped unexpectedly: {exited}"),
+    }
+    for child in &children {
+        if let Some(pid) = child.id() {
+            // SIGTERM: each service drains its calls and exits.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for child in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
     }
     Ok(())
+}
+
+/// Runs one service in this (child) process, configured by env like its binary.
+async fn run_role(role: &str) -> anyhow::Result<()> {
+    match role {
+        "stock" => stock_svc::run(stock_svc::Settings::parse_from(["stock-svc"])).await,
+        "shipping" => shipping_svc::run(shipping_svc::Settings::parse_from(["shipping-svc"])).await,
+        "payment" => payment_svc::run(payment_svc::Settings::parse_from(["payment-svc"])).await,
+        "orchestrator" => {
+            orchestrator::run(orchestrator::Settings::parse_from(["orchestrator"])).await
+        }
+        other => bail!("{ROLE_VAR}={other:?} is not a service"),
+    }
+}
+
+fn spawn(
+    role: &str,
+    args: &Args,
+    port: u16,
+    database_url: &str,
+    extra: &[(&str, String)],
+) -> anyhow::Result<Child> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .env(ROLE_VAR, role)
+        .env("APPLICATION_API_KEY", &args.api_key)
+        .env("HOST", args.host.to_string())
+        .env("PORT", port.to_string())
+        .env("DATABASE_URL", database_url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (key, value) in extra {
+        command.env(key, value);
+    }
+    command
+        .spawn()
+        .with_context(|| format!("cannot start the {role} service"))
+}
+
+async fn first_exit(children: &mut [Child]) -> String {
+    let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
+    let (status, index, _) = futures_select_all(waits).await;
+    format!("child #{index} exited with {status:?}")
+}
+
+async fn futures_select_all<F: Future + Unpin>(
+    futures: impl IntoIterator<Item = F>,
+) -> (F::Output, usize, Vec<F>) {
+    futures::future::select_all(futures).await
 }
 
 /// Where to reach a server bound to `host` from this machine.

@@ -6,7 +6,12 @@ use ordersaga_proto::{
     payment::v1::{DepositRequest, payment_service_client::PaymentServiceClient},
     stock::v1::{RestockRequest, stock_service_client::StockServiceClient},
 };
-use tonic::Request;
+use std::time::Duration;
+
+use tonic::{
+    Request,
+    transport::{Channel, Endpoint},
+};
 
 /// SKU, name, unit price in cents, units.
 const CATALOGUE: &[(&str, &str, i64, i64)] = &[
@@ -25,10 +30,24 @@ fn authed<T>(message: T, key: &str) -> anyhow::Result<Request<T>> {
     Ok(request)
 }
 
+/// Connects, waiting for a service that is still starting.
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_owned())?;
+    for _ in 0..100 {
+        if let Ok(channel) = endpoint.connect().await {
+            return Ok(channel);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{url} did not come up within 10 s")
+}
+
 pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Result<()> {
-    let mut stock = StockServiceClient::connect(stock_url.to_owned())
-        .await
-        .context("connect to the stock service")?;
+    let mut stock = StockServiceClient::new(
+        connect(stock_url)
+            .await
+            .context("connect to the stock service")?,
+    );
     for (sku, name, price, quantity) in CATALOGUE {
         let request = RestockRequest {
             request_id: format!("demo-seed-{sku}"),
@@ -43,9 +62,11 @@ pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Resu
             .await
             .with_context(|| format!("seed {sku}"))?;
     }
-    let mut payment = PaymentServiceClient::connect(payment_url.to_owned())
-        .await
-        .context("connect to the payment service")?;
+    let mut payment = PaymentServiceClient::new(
+        connect(payment_url)
+            .await
+            .context("connect to the payment service")?,
+    );
     for (customer, cents) in ACCOUNTS {
         let request = DepositRequest {
             request_id: format!("demo-seed-{customer}"),

@@ -68,7 +68,7 @@ impl DownstreamArgs {
     }
 }
 
-/// Adds the API key to every outgoing call.
+/// Adds the API key and the current trace context to every outgoing call.
 #[derive(Clone)]
 pub struct SendApiKey {
     key: AsciiMetadataValue,
@@ -79,6 +79,7 @@ impl Interceptor for SendApiKey {
         request
             .metadata_mut()
             .insert(svc_kit::auth::API_KEY_HEADER, self.key.clone());
+        svc_kit::propagation::inject_current(request.metadata_mut());
         Ok(request)
     }
 }

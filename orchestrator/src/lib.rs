@@ -212,7 +212,7 @@ impl Orchestrator {
 /// The binary's whole life: logs, build (and resume open sagas), serve until
 /// SIGTERM or SIGINT, drain.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    svc_kit::telemetry::init(settings.server.log_json);
+    let _telemetry = svc_kit::telemetry::init("orchestrator", settings.server.log_json);
     let orchestrator = build(settings).await?;
     orchestrator
         .run_until_stopped(svc_kit::shutdown::signal())

@@ -66,7 +66,20 @@ pub fn definition(downstream: Downstream) -> SagaDefinition<OrderData> {
         ],
         // Once the charge has begun, the order can no longer be cancelled.
         pivot: Some(2),
+        span: saga_span,
     }
+}
+
+/// The span of an order's saga. Its `trace_id` field puts the trace ID in every
+/// log line about the order.
+fn saga_span(order_id: Uuid) -> tracing::Span {
+    tracing::info_span!(
+        "saga",
+        otel.name = "order saga",
+        order_id = %order_id,
+        trace_id = tracing::field::Empty,
+        resumed = tracing::field::Empty,
+    )
 }
 
 /// A request with the attempt's deadline, sent as `grpc-timeout`.

@@ -90,7 +90,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
 
 /// The binary's whole life: logs, build, serve until SIGTERM or SIGINT, drain.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    svc_kit::telemetry::init(settings.server.log_json);
+    let _telemetry = svc_kit::telemetry::init("shipping-svc", settings.server.log_json);
     let app = build(settings).await?;
     app.run_until_stopped(svc_kit::shutdown::signal()).await
 }

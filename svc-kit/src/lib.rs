@@ -9,12 +9,13 @@
 //! - [`auth`]: the `x-api-key` check on business RPCs.
 //! - [`fault`]: opt-in fault injection (failures, dropped replies, latency).
 //! - [`server`]: serving a service with health, reflection and graceful drain.
-//! - [`telemetry`]: the `tracing` subscriber.
+//! - [`telemetry`]: logs and OpenTelemetry traces; [`propagation`]: W3C trace context across calls.
 
 pub mod auth;
 pub mod error;
 pub mod fault;
 pub mod idempotency;
+pub mod propagation;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

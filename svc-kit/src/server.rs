@@ -93,6 +93,8 @@ where
         Server::builder()
             // Server-side deadline; tonic answers CANCELLED when it fires.
             .timeout(self.args.request_timeout())
+            // A server span per call, child of the caller's span (W3C traceparent).
+            .trace_fn(crate::propagation::server_span)
             // Opt-in fault injection around every business call (never health or reflection).
             .layer(FaultLayer::new(self.args.faults.clone()))
             .add_service(health_service)

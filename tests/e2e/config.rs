@@ -9,9 +9,7 @@ use std::{
 use ordersaga_proto::stock::v1::{GetProductRequest, stock_service_client::StockServiceClient};
 use ordersaga_tests::{API_KEY, authed, binaries, eventually};
 
-const STOCK: &str = env!("CARGO_BIN_EXE_e2e-stock-svc");
-const SHIPPING: &str = env!("CARGO_BIN_EXE_e2e-shipping-svc");
-const PAYMENT: &str = env!("CARGO_BIN_EXE_e2e-payment-svc");
+use crate::bins::{PAYMENT, SHIPPING, STOCK};
 
 fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();

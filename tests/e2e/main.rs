@@ -24,9 +24,11 @@ macro_rules! on_both_stores {
 
 mod assertions;
 mod auth;
+mod bins;
 mod config;
 mod faults;
 mod grpcurl;
+mod observability;
 mod payment;
 mod recovery;
 mod saga;

@@ -25,7 +25,7 @@ struct OrchestratorProcess {
 
 impl OrchestratorProcess {
     fn spawn(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_e2e-orchestrator"))
+        Command::new(crate::bins::ORCHESTRATOR)
             .env_clear()
             .env("APPLICATION_API_KEY", API_KEY)
             .env("HOST", "127.0.0.1")

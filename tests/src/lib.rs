@@ -6,6 +6,8 @@
 //! unreachable: they never skip.
 
 pub mod binaries;
+pub mod collector;
+pub mod process;
 pub mod services;
 pub mod stores;
 pub mod system;

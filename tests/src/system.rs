@@ -8,11 +8,12 @@ use orchestrator::{EngineArgs, downstream::DownstreamArgs};
 use ordersaga_proto::{
     client::OrderClient,
     orders::v1::{CreateOrderRequest, OrderItem, ShippingAddress},
-    payment::v1::DepositRequest,
-    stock::v1::RestockRequest,
+    payment::v1::{DepositRequest, payment_service_client::PaymentServiceClient},
+    stock::v1::{RestockRequest, stock_service_client::StockServiceClient},
 };
 use sqlx::AnyPool;
 use svc_kit::fault::FaultSettings;
+use tonic::transport::Channel;
 
 use crate::{API_KEY, Backend, Running, authed, services};
 
@@ -61,45 +62,8 @@ impl DomainServices {
                 .await,
             payment: services::payment_with_faults(backend, options.payment_faults.clone()).await,
         };
-        services.seed().await;
+        seed(&services.stock.endpoint(), &services.payment.endpoint()).await;
         services
-    }
-
-    async fn seed(&self) {
-        let mut stock = self.stock.stock().await;
-        for (sku, price, quantity) in CATALOGUE {
-            let request = RestockRequest {
-                request_id: format!("seed-{sku}"),
-                sku: (*sku).into(),
-                quantity: *quantity,
-                name: format!("Product {sku}"),
-                unit_price_cents: *price,
-                currency: "EUR".into(),
-            };
-            // Same request_id on every try: a retry after an injected fault is safe.
-            retry(|| {
-                let mut stock = stock.clone();
-                let request = request.clone();
-                async move { stock.restock(authed(request)).await.map(|_| ()) }
-            })
-            .await;
-        }
-        let _ = &mut stock;
-        let payment = self.payment.payment().await;
-        for (customer, cents) in ACCOUNTS {
-            let request = DepositRequest {
-                request_id: format!("seed-{customer}"),
-                customer_id: (*customer).into(),
-                amount_cents: *cents,
-                currency: "EUR".into(),
-            };
-            retry(|| {
-                let mut payment = payment.clone();
-                let request = request.clone();
-                async move { payment.deposit(authed(request)).await.map(|_| ()) }
-            })
-            .await;
-        }
     }
 
     pub fn downstream(&self) -> DownstreamArgs {
@@ -194,6 +158,52 @@ impl Effects {
             "money is not conserved: {self:?}"
         );
     }
+}
+
+/// Seeds the catalogue and the accounts. Each call has a fixed `request_id`, so
+/// retrying through injected faults is safe.
+pub async fn seed(stock_url: &str, payment_url: &str) {
+    let stock = StockServiceClient::new(channel(stock_url).await);
+    for (sku, price, quantity) in CATALOGUE {
+        let request = RestockRequest {
+            request_id: format!("seed-{sku}"),
+            sku: (*sku).into(),
+            quantity: *quantity,
+            name: format!("Product {sku}"),
+            unit_price_cents: *price,
+            currency: "EUR".into(),
+        };
+        // Same request_id on every try: a retry after an injected fault is safe.
+        retry(|| {
+            let mut stock = stock.clone();
+            let request = request.clone();
+            async move { stock.restock(authed(request)).await.map(|_| ()) }
+        })
+        .await;
+    }
+    let payment = PaymentServiceClient::new(channel(payment_url).await);
+    for (customer, cents) in ACCOUNTS {
+        let request = DepositRequest {
+            request_id: format!("seed-{customer}"),
+            customer_id: (*customer).into(),
+            amount_cents: *cents,
+            currency: "EUR".into(),
+        };
+        retry(|| {
+            let mut payment = payment.clone();
+            let request = request.clone();
+            async move { payment.deposit(authed(request)).await.map(|_| ()) }
+        })
+        .await;
+    }
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect for seeding")
 }
 
 async fn by_status(pool: &AnyPool, table: &str, status: &str) -> i64 {

@@ -116,13 +116,24 @@ impl OrderService for OrderApi {
                     currency,
                 };
                 let first_step = self.engine.definition().steps[0].name();
-                match store::record(self.engine.pool(), &order, &fingerprint, "", first_step)
-                    .await?
+                // The saga's span: child of this call's span, so a client's
+                // traceparent roots the whole saga. Stored, so a resumed saga
+                // joins the same trace.
+                let saga_span = self.engine.saga_span(order.order_id, None);
+                let traceparent = svc_kit::propagation::traceparent(&saga_span);
+                match store::record(
+                    self.engine.pool(),
+                    &order,
+                    &fingerprint,
+                    &traceparent,
+                    first_step,
+                )
+                .await?
                 {
                     Recorded::Created => {
-                        tracing::info!(order_id = %order.order_id, "order recorded; saga started");
+                        saga_span.in_scope(|| tracing::info!("order recorded; saga started"));
                         let order_id = order.order_id;
-                        self.engine.start(order_id, Arc::new(order));
+                        self.engine.start(order_id, Arc::new(order), saga_span);
                         order_id
                     }
                     Recorded::Existing {

@@ -79,6 +79,11 @@ pub struct SagaDefinition<D> {
     /// Index of the pivot step: once it has begun, the saga can no longer be
     /// cancelled (for an order, the charge).
     pub pivot: Option<usize>,
+    /// Makes the span a saga runs in, with the attributes its kind wants
+    /// (e.g. `order_id`). Step attempts are its children. It must declare the
+    /// empty fields `trace_id` and `resumed`, which the engine fills, and must
+    /// not read the span's OpenTelemetry context (that would fix its parent).
+    pub span: fn(Uuid) -> tracing::Span,
 }
 
 impl<D> SagaDefinition<D> {

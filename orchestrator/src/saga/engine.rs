@@ -124,15 +124,29 @@ where
         let _ = self.inner.changes.send(saga_id);
     }
 
-    /// Starts driving a saga just recorded by [`log::insert_saga`].
-    pub fn start(&self, saga_id: Uuid, data: Arc<D>) {
+    /// A new span for a saga, from the definition (see [`SagaDefinition::span`]);
+    /// with `resume_from`, a child of that stored `traceparent`, so that a resumed
+    /// saga joins its original trace. Fills the span's `trace_id` field.
+    pub fn saga_span(&self, saga_id: Uuid, resume_from: Option<&str>) -> tracing::Span {
+        let span = (self.inner.definition.span)(saga_id);
+        if let Some(traceparent) = resume_from.filter(|t| !t.is_empty()) {
+            svc_kit::propagation::adopt_traceparent(&span, traceparent);
+            span.record("resumed", true);
+        }
+        span.record("trace_id", svc_kit::propagation::trace_id(&span));
+        span
+    }
+
+    /// Starts driving a saga just recorded by [`log::insert_saga`], in `span`
+    /// (whose `traceparent` was recorded with it).
+    pub fn start(&self, saga_id: Uuid, data: Arc<D>, span: tracing::Span) {
         let cursor = Cursor {
             status: SagaStatus::Running,
             next_step: 0,
             cancel_requested: false,
             failure_reason: String::new(),
         };
-        self.spawn_driver(saga_id, data, cursor);
+        self.spawn_driver(saga_id, data, cursor, span);
     }
 
     /// Resumes every open saga of this definition from the log. Returns how many.
@@ -149,7 +163,9 @@ where
                 cancel_requested: saga.cancel_requested,
                 failure_reason: saga.failure_reason,
             };
-            self.spawn_driver(saga.saga_id, Arc::new(data), cursor);
+            // The resumed steps join the saga's original trace.
+            let span = self.saga_span(saga.saga_id, Some(&saga.trace_context));
+            self.spawn_driver(saga.saga_id, Arc::new(data), cursor, span);
         }
         Ok(count)
     }
@@ -170,9 +186,8 @@ where
         }
     }
 
-    fn spawn_driver(&self, saga_id: Uuid, data: Arc<D>, cursor: Cursor) {
+    fn spawn_driver(&self, saga_id: Uuid, data: Arc<D>, cursor: Cursor, span: tracing::Span) {
         let inner = self.inner.clone();
-        let span = tracing::info_span!("saga", %saga_id, kind = inner.definition.kind);
         self.inner.drivers.spawn(
             async move {
                 let Ok(_permit) = inner.permits.acquire().await else {
@@ -377,8 +392,11 @@ impl<D: Send + Sync + 'static> Inner<D> {
             let span = attempt_span(step.name(), Phase::Compensation, &call);
             let result = self
                 .call_with_deadline(step.compensate(data, &call))
-                .instrument(span)
+                .instrument(span.clone())
                 .await;
+            if let Err(status) = &result {
+                record_failure(&span, status);
+            }
             match result {
                 Ok(output) => break output,
                 Err(status) => {
@@ -442,8 +460,11 @@ impl<D: Send + Sync + 'static> Inner<D> {
             let span = attempt_span(step.name(), Phase::Forward, &call);
             let result = self
                 .call_with_deadline(step.forward(data, &call))
-                .instrument(span)
+                .instrument(span.clone())
                 .await;
+            if let Err(status) = &result {
+                record_failure(&span, status);
+            }
             match result {
                 Ok(output) => {
                     return Ok(ForwardOutcome::Succeeded {
@@ -550,14 +571,28 @@ impl<D: Send + Sync + 'static> Inner<D> {
     }
 }
 
+/// One span per attempt, child of the saga's span; the callee's server span
+/// becomes its child through the propagated trace context.
 fn attempt_span(step: &'static str, phase: Phase, call: &Call) -> tracing::Span {
     tracing::info_span!(
         "step_attempt",
+        otel.name = format!("{step} {phase}"),
+        saga_id = %call.saga_id,
         step,
         phase = phase.as_str(),
         attempt = call.attempt,
         request_id = %call.request_id,
+        otel.status_code = tracing::field::Empty,
+        error.code = tracing::field::Empty,
+        error.message = tracing::field::Empty,
     )
+}
+
+/// Marks an attempt span as failed, with the callee's status.
+fn record_failure(span: &tracing::Span, status: &Status) {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.code", format!("{:?}", status.code()));
+    span.record("error.message", status.message());
 }
 
 fn describe(status: &Status) -> String {

@@ -1,0 +1,101 @@
+//! W3C trace context across processes: injected into the metadata of every
+//! outgoing call, extracted on every server, and stored as a `traceparent`
+//! string where a trace must outlive a process (a saga).
+
+use std::collections::HashMap;
+
+use opentelemetry::{
+    Context, global,
+    propagation::{Extractor, Injector},
+    trace::TraceContextExt,
+};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(&value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes the current span's context into outgoing call metadata.
+pub fn inject_current(metadata: &mut MetadataMap) {
+    let cx = Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
+}
+
+/// The `traceparent` of a span, to store and resume later. Empty when the span
+/// is not recorded.
+pub fn traceparent(span: &Span) -> String {
+    let cx = span.context();
+    let mut carrier = HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// Makes `span` a child of the span a stored `traceparent` names. Must come
+/// before anything reads the span's context.
+pub fn adopt_traceparent(span: &Span, traceparent: &str) {
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent: Context = global::get_text_map_propagator(|p| p.extract(&carrier));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The hex trace ID of a span, or empty when it has none.
+pub fn trace_id(span: &Span) -> String {
+    let cx = span.context();
+    let span_context = cx.span().span_context().clone();
+    if span_context.is_valid() {
+        span_context.trace_id().to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// The server span of one gRPC call, child of the caller's span when the call
+/// carries a `traceparent`. Health and reflection calls get none, to keep
+/// traces about business.
+pub fn server_span(request: &http::Request<()>) -> Span {
+    let path = request.uri().path();
+    if path.starts_with("/grpc.") {
+        return Span::none();
+    }
+    let method = path.trim_start_matches('/');
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = method,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+        trace_id = tracing::field::Empty,
+    );
+    let parent =
+        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    span.record("trace_id", trace_id(&span));
+    span
+}
