@@ -20,6 +20,7 @@ use clap::{Args, Parser};
 use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
 use svc_kit::{
     auth::ApiKeyCheck,
+    metrics::MetricsRegistry,
     server::App,
     settings::ServerArgs,
     store::{Migrations, Store},
@@ -30,10 +31,11 @@ use crate::{
     downstream::{Downstream, DownstreamArgs},
     order_saga::OrderData,
     orders::OrderApi,
-    saga::{Engine, RetryPolicy},
+    saga::{Engine, RetryPolicy, metrics::EngineMetrics},
 };
 
 pub const DEFAULT_PORT: u16 = 50051;
+pub const DEFAULT_METRICS_PORT: u16 = 9091;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/orchestrator.db";
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -158,6 +160,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     let store = Store::open(&url, &MIGRATIONS).await?;
+    let mut metrics = MetricsRegistry::default();
+    metrics.register_pool(store.pool.clone());
+    let engine_metrics = EngineMetrics::register(&mut metrics.registry);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let stock = downstream.stock.clone();
     let engine = Engine::new(
@@ -165,6 +170,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         store.pool,
         settings.engine.retry_policy(),
         settings.engine.max_inflight_sagas as usize,
+        engine_metrics,
     );
     let resumed = engine.recover().await?;
     if resumed > 0 {
@@ -174,7 +180,14 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let service =
         OrderServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);
-    let server = App::bind(settings.server, DEFAULT_PORT, service).await?;
+    let server = App::bind(
+        settings.server,
+        DEFAULT_PORT,
+        DEFAULT_METRICS_PORT,
+        service,
+        metrics,
+    )
+    .await?;
     Ok(Orchestrator {
         server,
         engine,
@@ -190,6 +203,10 @@ impl Orchestrator {
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
         self.server.local_addr()
+    }
+
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.server.metrics_addr()
     }
 
     /// How many open sagas were resumed from the log at start-up.

@@ -15,12 +15,14 @@ use clap::Parser;
 use ordersaga_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use svc_kit::{
     auth::ApiKeyCheck,
+    metrics::MetricsRegistry,
     server::App,
     settings::ServerArgs,
     store::{Migrations, Store},
 };
 use tonic::service::interceptor::InterceptedService;
 
+pub const DEFAULT_METRICS_PORT: u16 = 9094;
 pub const DEFAULT_PORT: u16 = 50054;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/payment.db";
 
@@ -54,10 +56,20 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     let store = Store::open(&url, &MIGRATIONS).await?;
+    let store_pool = store.pool.clone();
     let api = api::PaymentApi::new(store);
     let service =
         PaymentServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
-    App::bind(settings.server, DEFAULT_PORT, service).await
+    let mut metrics = MetricsRegistry::default();
+    metrics.register_pool(store_pool);
+    App::bind(
+        settings.server,
+        DEFAULT_PORT,
+        DEFAULT_METRICS_PORT,
+        service,
+        metrics,
+    )
+    .await
 }
 
 impl Settings {

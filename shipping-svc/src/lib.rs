@@ -15,12 +15,14 @@ use clap::Parser;
 use ordersaga_proto::shipping::v1::shipping_service_server::ShippingServiceServer;
 use svc_kit::{
     auth::ApiKeyCheck,
+    metrics::MetricsRegistry,
     server::App,
     settings::ServerArgs,
     store::{Migrations, Store},
 };
 use tonic::service::interceptor::InterceptedService;
 
+pub const DEFAULT_METRICS_PORT: u16 = 9093;
 pub const DEFAULT_PORT: u16 = 50053;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/shipping.db";
 pub const DEFAULT_COUNTRIES: &str = "AT,BE,CA,CH,DE,DK,ES,FI,FR,GB,IE,IT,NL,NO,PL,PT,SE,US";
@@ -81,11 +83,21 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     let store = Store::open(&url, &MIGRATIONS).await?;
+    let store_pool = store.pool.clone();
     let countries: BTreeSet<String> = settings.ship_to_countries.iter().cloned().collect();
     let api = api::ShippingApi::new(store, countries);
     let service =
         ShippingServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
-    App::bind(settings.server, DEFAULT_PORT, service).await
+    let mut metrics = MetricsRegistry::default();
+    metrics.register_pool(store_pool);
+    App::bind(
+        settings.server,
+        DEFAULT_PORT,
+        DEFAULT_METRICS_PORT,
+        service,
+        metrics,
+    )
+    .await
 }
 
 /// The binary's whole life: logs, build, serve until SIGTERM or SIGINT, drain.

@@ -9,12 +9,14 @@
 //! - [`auth`]: the `x-api-key` check on business RPCs.
 //! - [`fault`]: opt-in fault injection (failures, dropped replies, latency).
 //! - [`server`]: serving a service with health, reflection and graceful drain.
+//! - [`metrics`]: Prometheus metrics at `/metrics` on each service's own port.
 //! - [`telemetry`]: logs and OpenTelemetry traces; [`propagation`]: W3C trace context across calls.
 
 pub mod auth;
 pub mod error;
 pub mod fault;
 pub mod idempotency;
+pub mod metrics;
 pub mod propagation;
 pub mod server;
 pub mod settings;

@@ -4,22 +4,32 @@
 //! reflection (v1 and v1alpha, since older grpcurl asks for v1alpha); those two
 //! need no API key, so `grpcurl -plaintext HOST:PORT list` works out of the box.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
 use futures::StreamExt;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{body::Body, server::NamedService, transport::Server};
 use tonic_health::ServingStatus;
 use tower::Service;
 
-use crate::{fault::FaultLayer, settings::ServerArgs};
+use crate::{
+    fault::FaultLayer,
+    metrics::{FrozenMetrics, GrpcMetricsLayer, MetricsRegistry},
+    settings::ServerArgs,
+};
 
 /// A bound, ready-to-run service. Binding happens in `build`, so `port()` is
 /// known before the server runs (tests bind port 0).
 pub struct App<S> {
     listener: TcpListener,
+    metrics_listener: TcpListener,
+    metrics: Arc<FrozenMetrics>,
+    grpc_metrics: GrpcMetricsLayer,
     service: S,
     args: ServerArgs,
 }
@@ -36,15 +46,38 @@ where
     B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// Binds `args.host:args.port`, or `default_port` when no port is given.
-    pub async fn bind(args: ServerArgs, default_port: u16, service: S) -> anyhow::Result<Self> {
+    /// Binds gRPC on `args.host:args.port` (or `default_port`) and metrics on
+    /// `args.metrics_port` (or `default_metrics_port`). `metrics` holds the
+    /// service's own metrics; the gRPC ones are added here.
+    pub async fn bind(
+        args: ServerArgs,
+        default_port: u16,
+        default_metrics_port: u16,
+        service: S,
+        mut metrics: MetricsRegistry,
+    ) -> anyhow::Result<Self> {
         let addr = SocketAddr::new(args.host, args.port.unwrap_or(default_port));
         let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
+        let metrics_addr =
+            SocketAddr::new(args.host, args.metrics_port.unwrap_or(default_metrics_port));
+        let metrics_listener = listen(metrics_addr)
+            .with_context(|| format!("cannot listen on {metrics_addr} (METRICS_PORT)"))?;
+        let grpc_metrics = metrics.grpc_layer();
         Ok(App {
             listener,
+            metrics_listener,
+            metrics: metrics.freeze(),
+            grpc_metrics,
             service,
             args,
         })
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn port(&self) -> u16 {
@@ -67,8 +100,26 @@ where
         health
             .set_service_status(S::NAME, ServingStatus::Serving)
             .await;
-        let drain = async move {
+        // One signal, two servers: gRPC and /metrics.
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move {
             shutdown.await;
+            stop.send_replace(true);
+        });
+        let until = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let metrics_server = tokio::spawn(crate::metrics::serve(
+            self.metrics_listener,
+            self.metrics,
+            until(),
+        ));
+        let grpc_stopped = until();
+        let drain = async move {
+            grpc_stopped.await;
             health
                 .set_service_status(S::NAME, ServingStatus::NotServing)
                 .await;
@@ -95,6 +146,8 @@ where
             .timeout(self.args.request_timeout())
             // A server span per call, child of the caller's span (W3C traceparent).
             .trace_fn(crate::propagation::server_span)
+            // Latency and status code per method, for /metrics.
+            .layer(self.grpc_metrics)
             // Opt-in fault injection around every business call (never health or reflection).
             .layer(FaultLayer::new(self.args.faults.clone()))
             .add_service(health_service)
@@ -104,6 +157,7 @@ where
             .serve_with_incoming_shutdown(incoming, drain)
             .await
             .context("the gRPC server failed")?;
+        metrics_server.await?.context("the metrics server failed")?;
         tracing::info!(service = S::NAME, "drained and stopped");
         Ok(())
     }

@@ -21,6 +21,10 @@ pub struct ServerArgs {
     #[arg(long, env = "PORT", value_name = "PORT")]
     pub port: Option<u16>,
 
+    /// Port of the Prometheus `/metrics` endpoint; 0 picks a free one. Defaults to the service's own.
+    #[arg(long, env = "METRICS_PORT", value_name = "METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// Store URL: `sqlite://PATH` (the default, a file under ./data) or `postgres://…`.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -53,6 +57,7 @@ impl ServerArgs {
         ServerArgs {
             host: IpAddr::from([127, 0, 0, 1]),
             port: Some(0),
+            metrics_port: Some(0),
             database_url: Some(database_url.into()),
             api_key: SecretString::from(api_key),
             request_timeout_secs: 30,

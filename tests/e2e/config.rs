@@ -14,7 +14,11 @@ use crate::bins::{PAYMENT, SHIPPING, STOCK};
 fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(binary);
-    command.current_dir(dir.path()).env_clear().env("PORT", "0");
+    command
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PORT", "0")
+        .env("METRICS_PORT", "0");
     for (k, v) in env {
         command.env(k, v);
     }
@@ -98,6 +102,7 @@ async fn sigterm_drains_and_exits_cleanly() {
         .env("APPLICATION_API_KEY", API_KEY)
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
+        .env("METRICS_PORT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -28,6 +28,7 @@ mod bins;
 mod config;
 mod faults;
 mod grpcurl;
+mod metrics;
 mod observability;
 mod payment;
 mod recovery;

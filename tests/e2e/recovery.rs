@@ -30,6 +30,7 @@ impl OrchestratorProcess {
             .env("APPLICATION_API_KEY", API_KEY)
             .env("HOST", "127.0.0.1")
             .env("PORT", self.port.to_string())
+            .env("METRICS_PORT", "0")
             .env("DATABASE_URL", &self.db_url)
             .env("STOCK_SERVICE_URL", &self.services.0)
             .env("SHIPPING_SERVICE_URL", &self.services.1)

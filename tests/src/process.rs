@@ -29,6 +29,7 @@ impl ServiceProcess {
             ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
             ("HOST".to_owned(), "127.0.0.1".to_owned()),
             ("PORT".to_owned(), port.to_string()),
+            ("METRICS_PORT".to_owned(), "0".to_owned()),
             (
                 "DATABASE_URL".to_owned(),
                 format!("sqlite://{}", data_dir.join(format!("{name}.db")).display()),

@@ -27,6 +27,8 @@ pub fn authed<T>(message: T) -> Request<T> {
 /// A running service. Stopping it (or dropping it) drains and stops the server.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     pub db: TestDb,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -55,6 +57,25 @@ impl Running {
 
     pub async fn payment(&self) -> PaymentServiceClient<Channel> {
         PaymentServiceClient::new(self.channel().await)
+    }
+
+    /// The metrics page, fetched over plain HTTP/1.0.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .expect("connect to /metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+        response
     }
 
     /// Signals shutdown and waits for the drain to finish.
@@ -93,10 +114,12 @@ macro_rules! start {
         let db = $db;
         let app = $build.await.expect("service builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let (stop, shutdown) = shutdown_pair();
         let task = tokio::spawn(app.run_until_stopped(shutdown));
         Running {
             addr,
+            metrics_addr,
             db,
             stop: Some(stop),
             task: Some(task),

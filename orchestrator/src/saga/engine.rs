@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::{
     definition::{Call, Phase, SagaDefinition, Step},
     log::{self, Applied, Checkpoint, LogWriter, SagaState, SagaStatus, StepRecord, StepStatus},
+    metrics::EngineMetrics,
     retry::{RetryPolicy, is_transient},
 };
 
@@ -78,6 +79,7 @@ struct Inner<D> {
     changes: broadcast::Sender<Uuid>,
     stopping: watch::Sender<bool>,
     drivers: TaskTracker,
+    metrics: EngineMetrics,
 }
 
 impl<D> Engine<D>
@@ -89,6 +91,7 @@ where
         pool: AnyPool,
         policy: RetryPolicy,
         max_in_flight: usize,
+        metrics: EngineMetrics,
     ) -> Self {
         let (changes, _) = broadcast::channel(16 * 1024);
         Engine {
@@ -101,6 +104,7 @@ where
                 changes,
                 stopping: watch::channel(false).0,
                 drivers: TaskTracker::new(),
+                metrics,
             }),
         }
     }
@@ -146,6 +150,7 @@ where
             cancel_requested: false,
             failure_reason: String::new(),
         };
+        self.inner.metrics.started();
         self.spawn_driver(saga_id, data, cursor, span);
     }
 
@@ -193,6 +198,7 @@ where
                 let Ok(_permit) = inner.permits.acquire().await else {
                     return;
                 };
+                let _in_flight = inner.metrics.in_flight();
                 if inner.drive(saga_id, &data, cursor).await.is_err() {
                     tracing::info!("saga interrupted by shutdown; it resumes from the log");
                 }
@@ -364,6 +370,10 @@ impl<D: Send + Sync + 'static> Inner<D> {
             failure_reason: cursor.failure_reason.clone(),
         };
         self.checkpoint(saga_id, steps, Some(state), false).await?;
+        if status == SagaStatus::Failed {
+            self.metrics.finished(status);
+            tracing::info!(status = status.as_str(), "saga finished");
+        }
         cursor.status = status;
         cursor.next_step = from;
         Ok(())
@@ -390,12 +400,20 @@ impl<D: Send + Sync + 'static> Inner<D> {
                 timeout: self.policy.call_timeout,
             };
             let span = attempt_span(step.name(), Phase::Compensation, &call);
+            let timer = std::time::Instant::now();
             let result = self
                 .call_with_deadline(step.compensate(data, &call))
                 .instrument(span.clone())
                 .await;
+            self.metrics.attempt(
+                step.name(),
+                Phase::Compensation,
+                timer.elapsed().as_secs_f64(),
+            );
             if let Err(status) = &result {
                 record_failure(&span, status);
+                self.metrics
+                    .retry(step.name(), Phase::Compensation, status.code());
             }
             match result {
                 Ok(output) => break output,
@@ -458,12 +476,19 @@ impl<D: Send + Sync + 'static> Inner<D> {
                 timeout: self.policy.call_timeout,
             };
             let span = attempt_span(step.name(), Phase::Forward, &call);
+            let timer = std::time::Instant::now();
             let result = self
                 .call_with_deadline(step.forward(data, &call))
                 .instrument(span.clone())
                 .await;
+            self.metrics
+                .attempt(step.name(), Phase::Forward, timer.elapsed().as_secs_f64());
             if let Err(status) = &result {
                 record_failure(&span, status);
+                if is_transient(status.code()) && attempt < self.policy.max_attempts {
+                    self.metrics
+                        .retry(step.name(), Phase::Forward, status.code());
+                }
             }
             match result {
                 Ok(output) => {
@@ -522,6 +547,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
             failure_reason: cursor.failure_reason.clone(),
         };
         self.checkpoint(saga_id, vec![], Some(state), false).await?;
+        self.metrics.finished(status);
         tracing::info!(status = status.as_str(), "saga finished");
         cursor.status = status;
         Ok(())

@@ -1,0 +1,118 @@
+//! The engine's Prometheus metrics.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tonic::Code;
+
+use super::{definition::Phase, log::SagaStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: &'static str,
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    step: &'static str,
+    phase: &'static str,
+    code: String,
+}
+
+#[derive(Clone)]
+pub struct EngineMetrics {
+    started: Counter,
+    finished: Family<OutcomeLabels, Counter>,
+    step_seconds: Family<StepLabels, Histogram>,
+    retries: Family<RetryLabels, Counter>,
+    in_flight: Gauge,
+}
+
+impl EngineMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = EngineMetrics {
+            started: Counter::default(),
+            finished: Family::default(),
+            step_seconds: Family::new_with_constructor(|| {
+                Histogram::new(svc_kit::metrics::latency_buckets())
+            }),
+            retries: Family::default(),
+            in_flight: Gauge::default(),
+        };
+        registry.register("saga_started", "Sagas started", metrics.started.clone());
+        registry.register(
+            "saga_finished",
+            "Sagas that reached a terminal state, by outcome",
+            metrics.finished.clone(),
+        );
+        registry.register(
+            "saga_step_duration_seconds",
+            "Time of one step attempt's call, by step and phase",
+            metrics.step_seconds.clone(),
+        );
+        registry.register(
+            "saga_step_retries",
+            "Step attempts that failed and were retried, by step, phase and gRPC code",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "sagas_in_flight",
+            "Sagas being driven now",
+            metrics.in_flight.clone(),
+        );
+        metrics
+    }
+
+    pub(super) fn started(&self) {
+        self.started.inc();
+    }
+
+    pub(super) fn finished(&self, status: SagaStatus) {
+        self.finished
+            .get_or_create(&OutcomeLabels {
+                outcome: status.as_str(),
+            })
+            .inc();
+    }
+
+    pub(super) fn attempt(&self, step: &'static str, phase: Phase, seconds: f64) {
+        self.step_seconds
+            .get_or_create(&StepLabels {
+                step,
+                phase: phase.as_str(),
+            })
+            .observe(seconds);
+    }
+
+    pub(super) fn retry(&self, step: &'static str, phase: Phase, code: Code) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                step,
+                phase: phase.as_str(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// Counts a driver in flight until the returned guard drops.
+    pub(super) fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+}
+
+pub(super) struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

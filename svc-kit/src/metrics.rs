@@ -1,0 +1,230 @@
+//! Prometheus metrics: one registry per service, served as text at `/metrics`
+//! on the service's own HTTP port.
+//!
+//! The kit registers what every service has: gRPC latency and codes per method
+//! (a tower layer) and database pool use (read at scrape time). A service adds
+//! its own (the orchestrator: sagas and steps) before it binds.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use sqlx::AnyPool;
+use tower::{Layer, Service};
+
+/// Latency buckets from 0.25 ms to ~8 s.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 16)
+}
+
+/// A registry being filled, plus what must be refreshed before each scrape.
+#[derive(Default)]
+pub struct MetricsRegistry {
+    pub registry: Registry,
+    refreshers: Vec<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl MetricsRegistry {
+    /// Registers gauges of the store's connection pool, read at scrape time.
+    pub fn register_pool(&mut self, pool: AnyPool) {
+        let connections = Family::<StateLabels, Gauge>::default();
+        self.registry.register(
+            "db_pool_connections",
+            "Connections of the store's pool, by state (idle, in_use)",
+            connections.clone(),
+        );
+        let max = Gauge::<i64>::default();
+        self.registry.register(
+            "db_pool_max_connections",
+            "Most connections the pool may open",
+            max.clone(),
+        );
+        max.set(i64::from(pool.options().get_max_connections()));
+        self.refreshers.push(Box::new(move || {
+            let size = i64::from(pool.size());
+            let idle = pool.num_idle() as i64;
+            connections
+                .get_or_create(&StateLabels { state: "idle" })
+                .set(idle);
+            connections
+                .get_or_create(&StateLabels { state: "in_use" })
+                .set(size - idle);
+        }));
+    }
+
+    /// Registers the gRPC server metrics and returns the layer that records them.
+    pub fn grpc_layer(&mut self) -> GrpcMetricsLayer {
+        let handled = Family::<MethodCodeLabels, Counter>::default();
+        let latency = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        self.registry.register(
+            "grpc_server_handled",
+            "gRPC calls completed, by method and status code",
+            handled.clone(),
+        );
+        self.registry.register(
+            "grpc_server_handling_seconds",
+            "Time to answer a gRPC call, by method",
+            latency.clone(),
+        );
+        GrpcMetricsLayer {
+            metrics: Arc::new(GrpcMetrics { handled, latency }),
+        }
+    }
+
+    pub fn freeze(self) -> Arc<FrozenMetrics> {
+        Arc::new(FrozenMetrics {
+            registry: self.registry,
+            refreshers: self.refreshers,
+        })
+    }
+}
+
+/// The finished registry, encoded on each scrape.
+pub struct FrozenMetrics {
+    registry: Registry,
+    refreshers: Vec<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl FrozenMetrics {
+    /// The registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        for refresh in &self.refreshers {
+            refresh();
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCodeLabels {
+    method: String,
+    code: String,
+}
+
+struct GrpcMetrics {
+    handled: Family<MethodCodeLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+}
+
+/// Records latency and status code of every business call.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<GrpcMetrics>,
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<GrpcMetrics>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = self.metrics.clone();
+        let method = request.uri().path().trim_start_matches('/').to_owned();
+        Box::pin(async move {
+            let started = Instant::now();
+            let response = inner.call(request).await?;
+            if !method.starts_with("grpc.") {
+                // A failed unary call carries its status in the headers
+                // (trailers-only); a success carries it in the trailers.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
+                    .unwrap_or_else(|| "Ok".to_owned());
+                metrics
+                    .latency
+                    .get_or_create(&MethodLabels {
+                        method: method.clone(),
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .handled
+                    .get_or_create(&MethodCodeLabels { method, code })
+                    .inc();
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<FrozenMetrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
