@@ -93,6 +93,8 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
     }
 }
 
+/// Also checks the logs: JSON lines with `LOG_JSON`, and no secret in them,
+/// even at the most verbose level.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +105,9 @@ async fn sigterm_drains_and_exits_cleanly() {
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
         .env("METRICS_PORT", "0")
-        .stdout(Stdio::null())
+        .env("LOG_JSON", "true")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -127,9 +131,26 @@ async fn sigterm_drains_and_exits_cleanly() {
     let pid = child.id().expect("pid").to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("exits after SIGTERM")
         .unwrap();
-    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    assert!(
+        output.status.success(),
+        "exit status after SIGTERM: {:?}",
+        output.status
+    );
+
+    let logs = String::from_utf8_lossy(&output.stdout);
+    assert!(logs.contains("SIGTERM received"), "{logs}");
+    for line in logs.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON log line: {line}"
+        );
+        assert!(
+            !line.contains(API_KEY),
+            "the API key reached the logs: {line}"
+        );
+    }
 }
