@@ -5,6 +5,7 @@
 //! - [`order_saga`]: the order saga defined on it: reserve stock, prepare
 //!   shipment, charge payment, and their compensations.
 //! - [`orders`]: the public API: create, get, list, watch, cancel.
+//! - [`outbox`]: order events, written with the state change, relayed to RabbitMQ.
 //! - [`downstream`]: the clients of the domain services.
 //! - [`error`]: the OrderService's outcomes and their gRPC codes.
 
@@ -12,6 +13,7 @@ pub mod downstream;
 pub mod error;
 pub mod order_saga;
 pub mod orders;
+pub mod outbox;
 pub mod saga;
 
 use std::time::Duration;
@@ -31,6 +33,7 @@ use crate::{
     downstream::{Downstream, DownstreamArgs},
     order_saga::OrderData,
     orders::OrderApi,
+    outbox::relay::{BrokerArgs, OutboxMetrics, Relay},
     saga::{Engine, RetryPolicy, metrics::EngineMetrics},
 };
 
@@ -62,6 +65,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub downstream: DownstreamArgs,
+
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 }
 
 /// How sagas are driven.
@@ -91,6 +97,15 @@ pub struct EngineArgs {
     #[arg(long, env = "MAX_INFLIGHT_SAGAS", value_name = "MAX_INFLIGHT_SAGAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight_sagas: u32,
 
+    /// A compensation failing for longer than this many seconds is announced (order.compensation_stuck).
+    #[arg(
+        long,
+        env = "COMPENSATION_STUCK_AFTER_SECS",
+        value_name = "COMPENSATION_STUCK_AFTER_SECS",
+        default_value_t = 60
+    )]
+    pub compensation_stuck_after_secs: u64,
+
     /// On shutdown, how long in-flight steps may take to finish before they are left to recovery, in milliseconds.
     #[arg(
         long,
@@ -110,6 +125,7 @@ impl Default for EngineArgs {
             retry_max_backoff_ms: 2_000,
             compensation_max_backoff_ms: 10_000,
             max_inflight_sagas: 10_000,
+            compensation_stuck_after_secs: 60,
             shutdown_grace_ms: 5_000,
         }
     }
@@ -123,6 +139,7 @@ impl EngineArgs {
             initial_backoff: Duration::from_millis(self.retry_initial_backoff_ms),
             max_backoff: Duration::from_millis(self.retry_max_backoff_ms),
             max_compensation_backoff: Duration::from_millis(self.compensation_max_backoff_ms),
+            compensation_stuck_after: Duration::from_secs(self.compensation_stuck_after_secs),
         }
     }
 }
@@ -138,6 +155,7 @@ impl Settings {
             server: ServerArgs::local(database_url, api_key),
             engine: EngineArgs::default(),
             downstream,
+            broker: BrokerArgs::default(),
         }
     }
 }
@@ -149,6 +167,7 @@ type Server = App<InterceptedService<OrderServiceServer<OrderApi>, ApiKeyCheck>>
 pub struct Orchestrator {
     server: Server,
     engine: Engine<OrderData>,
+    relay: Relay,
     grace: Duration,
     resumed: usize,
 }
@@ -163,6 +182,8 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);
+    let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
+    let relay = Relay::new(store.pool.clone(), &settings.broker, outbox_metrics);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let stock = downstream.stock.clone();
     let engine = Engine::new(
@@ -191,6 +212,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     Ok(Orchestrator {
         server,
         engine,
+        relay,
         grace,
         resumed,
     })
@@ -220,8 +242,13 @@ impl Orchestrator {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let (stop_relay, relay_stopping) = tokio::sync::watch::channel(false);
+        let relay = self.relay.spawn(relay_stopping);
         let result = self.server.run_until_stopped(shutdown).await;
         self.engine.shutdown(self.grace).await;
+        // Unsent events stay in the outbox for the next start.
+        stop_relay.send_replace(true);
+        let _ = relay.await;
         result
     }
 }

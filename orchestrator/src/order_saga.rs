@@ -18,12 +18,13 @@ use ordersaga_proto::{
     stock::v1::{OrderLine, ReleaseStockRequest, ReserveStockRequest},
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
 use crate::{
     downstream::{Downstream, PaymentClient, ShippingClient, StockClient},
-    saga::{Call, SagaDefinition, Step},
+    saga::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step},
 };
 
 pub const KIND: &str = "order";
@@ -67,6 +68,57 @@ pub fn definition(downstream: Downstream) -> SagaDefinition<OrderData> {
         // Once the charge has begun, the order can no longer be cancelled.
         pivot: Some(2),
         span: saga_span,
+        announce,
+    }
+}
+
+/// The order's part of every order event (see docs/events.md).
+pub fn event_fields(order: &OrderData, status: &str, failure_reason: &str) -> Map<String, Value> {
+    let mut data = Map::new();
+    data.insert("order_id".into(), order.order_id.to_string().into());
+    data.insert("customer_id".into(), order.customer_id.clone().into());
+    data.insert("status".into(), status.into());
+    data.insert("total_cents".into(), order.total_cents.into());
+    data.insert("currency".into(), order.currency.clone().into());
+    data.insert("failure_reason".into(), failure_reason.into());
+    data
+}
+
+/// Order events: `order.completed`, `order.compensated`, `order.cancelled`,
+/// `order.failed` and `order.compensation_stuck`. (`order.created` is written
+/// with the order itself.)
+fn announce(order: &OrderData, milestone: &Milestone<'_>) -> Option<Announcement> {
+    match milestone {
+        Milestone::Finished {
+            status,
+            failure_reason,
+        } => {
+            let name = match status {
+                SagaStatus::Completed => "order.completed",
+                SagaStatus::Compensated => "order.compensated",
+                SagaStatus::Cancelled => "order.cancelled",
+                SagaStatus::Failed => "order.failed",
+                SagaStatus::Running | SagaStatus::Compensating => return None,
+            };
+            Some(Announcement {
+                event_type: name.into(),
+                data: event_fields(order, status.as_str(), failure_reason),
+            })
+        }
+        Milestone::CompensationStuck {
+            step,
+            attempts,
+            last_error,
+        } => {
+            let mut data = event_fields(order, SagaStatus::Compensating.as_str(), "");
+            data.insert("step".into(), (*step).into());
+            data.insert("attempts".into(), (*attempts).into());
+            data.insert("last_error".into(), (*last_error).into());
+            Some(Announcement {
+                event_type: "order.compensation_stuck".into(),
+                data,
+            })
+        }
     }
 }
 

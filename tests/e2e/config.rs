@@ -99,7 +99,7 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let port = binaries::free_port();
-    let mut child = tokio::process::Command::new(STOCK)
+    let child = tokio::process::Command::new(STOCK)
         .current_dir(dir.path())
         .env("APPLICATION_API_KEY", API_KEY)
         .env("HOST", "127.0.0.1")

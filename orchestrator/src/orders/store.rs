@@ -9,6 +9,7 @@ use crate::{
     error::OrderError,
     order_saga::{self, OrderData},
     orders::view,
+    outbox::{self, NewEvent},
     saga::{SagaStatus, log},
 };
 
@@ -72,6 +73,14 @@ pub async fn record(
     .await?
     .rows_affected();
     if inserted == 1 {
+        // The event commits with the order it announces.
+        let created = NewEvent {
+            aggregate_id: order.order_id,
+            event_type: "order.created".into(),
+            data: order_saga::event_fields(order, SagaStatus::Running.as_str(), ""),
+            traceparent: trace_context.to_owned(),
+        };
+        outbox::insert(&mut tx, &created).await?;
         tx.commit().await?;
         return Ok(Recorded::Created);
     }

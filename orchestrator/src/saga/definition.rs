@@ -2,8 +2,11 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
+use serde_json::{Map, Value};
 use tonic::Status;
 use uuid::Uuid;
+
+use super::log::SagaStatus;
 
 /// Which way a step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,6 +87,32 @@ pub struct SagaDefinition<D> {
     /// empty fields `trace_id` and `resumed`, which the engine fills, and must
     /// not read the span's OpenTelemetry context (that would fix its parent).
     pub span: fn(Uuid) -> tracing::Span,
+    /// The event, if any, this kind publishes for a milestone. It is written to
+    /// the outbox in the same transaction as the state change.
+    pub announce: fn(&D, &Milestone<'_>) -> Option<Announcement>,
+}
+
+/// Something that happened to a saga, which its kind may announce.
+#[derive(Debug, Clone)]
+pub enum Milestone<'a> {
+    /// The saga reached a terminal state.
+    Finished {
+        status: SagaStatus,
+        failure_reason: &'a str,
+    },
+    /// A compensation has kept failing for longer than the configured time.
+    CompensationStuck {
+        step: &'static str,
+        attempts: u32,
+        last_error: &'a str,
+    },
+}
+
+/// An event to publish: its type (the routing key) and its fields.
+#[derive(Debug, Clone)]
+pub struct Announcement {
+    pub event_type: String,
+    pub data: Map<String, Value>,
 }
 
 impl<D> SagaDefinition<D> {

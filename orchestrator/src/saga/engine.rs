@@ -22,8 +22,10 @@ use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::outbox::NewEvent;
+
 use super::{
-    definition::{Call, Phase, SagaDefinition, Step},
+    definition::{Call, Milestone, Phase, SagaDefinition, Step},
     log::{self, Applied, Checkpoint, LogWriter, SagaState, SagaStatus, StepRecord, StepStatus},
     metrics::EngineMetrics,
     retry::{RetryPolicy, is_transient},
@@ -237,11 +239,11 @@ impl<D: Send + Sync + 'static> Inner<D> {
                         skipped.push(record);
                     }
                     let from = cursor.next_step - 1;
-                    self.begin_compensation(saga_id, &mut cursor, from, skipped)
+                    self.begin_compensation(saga_id, data, &mut cursor, from, skipped)
                         .await?;
                 }
                 SagaStatus::Running if cursor.next_step >= step_count => {
-                    self.finish(saga_id, &mut cursor, SagaStatus::Completed)
+                    self.finish(saga_id, data, &mut cursor, SagaStatus::Completed)
                         .await?;
                 }
                 SagaStatus::Running => self.run_forward_step(saga_id, data, &mut cursor).await?,
@@ -251,7 +253,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
                     } else {
                         SagaStatus::Compensated
                     };
-                    self.finish(saga_id, &mut cursor, end).await?;
+                    self.finish(saga_id, data, &mut cursor, end).await?;
                 }
                 SagaStatus::Compensating => {
                     self.run_compensation_step(saga_id, data, &mut cursor)
@@ -314,7 +316,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
                 cursor.failure_reason = format!("{} failed: {}", step.name(), status.message());
                 tracing::info!(step = step.name(), code = ?status.code(), "step failed for good; compensating");
                 // A definite failure had no effect: undo only the steps before it.
-                self.begin_compensation(saga_id, cursor, index - 1, vec![record])
+                self.begin_compensation(saga_id, data, cursor, index - 1, vec![record])
                     .await?;
             }
             ForwardOutcome::Unknown {
@@ -334,7 +336,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
                     "step outcome unknown; compensating it too"
                 );
                 // It may have taken effect: undo it as well.
-                self.begin_compensation(saga_id, cursor, index, vec![record])
+                self.begin_compensation(saga_id, data, cursor, index, vec![record])
                     .await?;
             }
         }
@@ -346,6 +348,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
     async fn begin_compensation(
         &self,
         saga_id: Uuid,
+        data: &D,
         cursor: &mut Cursor,
         from: i64,
         mut steps: Vec<StepRecord>,
@@ -369,7 +372,17 @@ impl<D: Send + Sync + 'static> Inner<D> {
             next_step: from,
             failure_reason: cursor.failure_reason.clone(),
         };
-        self.checkpoint(saga_id, steps, Some(state), false).await?;
+        let events = if status == SagaStatus::Failed {
+            let milestone = Milestone::Finished {
+                status,
+                failure_reason: &cursor.failure_reason,
+            };
+            self.announce(saga_id, data, &milestone)
+        } else {
+            vec![]
+        };
+        self.checkpoint_with_events(saga_id, steps, Some(state), false, events)
+            .await?;
         if status == SagaStatus::Failed {
             self.metrics.finished(status);
             tracing::info!(status = status.as_str(), "saga finished");
@@ -391,6 +404,8 @@ impl<D: Send + Sync + 'static> Inner<D> {
         let request_id = Call::request_id(saga_id, step.name(), Phase::Compensation);
         let mut attempt = 0u32;
         let mut last_error = String::new();
+        let since = std::time::Instant::now();
+        let mut announced_stuck = false;
         let output = loop {
             attempt += 1;
             let call = Call {
@@ -425,7 +440,22 @@ impl<D: Send + Sync + 'static> Inner<D> {
                         StepRecord::started(Phase::Compensation, index, step.name(), started);
                     record.attempts = attempt;
                     record.last_error = last_error.clone();
-                    self.checkpoint(saga_id, vec![record], None, false).await?;
+                    let stuck =
+                        !announced_stuck && since.elapsed() >= self.policy.compensation_stuck_after;
+                    let events = if stuck {
+                        announced_stuck = true;
+                        tracing::error!(step = step.name(), attempt, error = %last_error, "compensation stuck");
+                        let milestone = Milestone::CompensationStuck {
+                            step: step.name(),
+                            attempts: attempt,
+                            last_error: &last_error,
+                        };
+                        self.announce(saga_id, data, &milestone)
+                    } else {
+                        vec![]
+                    };
+                    self.checkpoint_with_events(saga_id, vec![record], None, false, events)
+                        .await?;
                     let wait = self
                         .policy
                         .backoff(attempt, self.policy.max_compensation_backoff);
@@ -538,6 +568,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
     async fn finish(
         &self,
         saga_id: Uuid,
+        data: &D,
         cursor: &mut Cursor,
         status: SagaStatus,
     ) -> Result<(), Interrupted> {
@@ -546,7 +577,13 @@ impl<D: Send + Sync + 'static> Inner<D> {
             next_step: cursor.next_step,
             failure_reason: cursor.failure_reason.clone(),
         };
-        self.checkpoint(saga_id, vec![], Some(state), false).await?;
+        let milestone = Milestone::Finished {
+            status,
+            failure_reason: &cursor.failure_reason,
+        };
+        let events = self.announce(saga_id, data, &milestone);
+        self.checkpoint_with_events(saga_id, vec![], Some(state), false, events)
+            .await?;
         self.metrics.finished(status);
         tracing::info!(status = status.as_str(), "saga finished");
         cursor.status = status;
@@ -562,11 +599,37 @@ impl<D: Send + Sync + 'static> Inner<D> {
         state: Option<SagaState>,
         enter_pivot: bool,
     ) -> Result<Applied, Interrupted> {
+        self.checkpoint_with_events(saga_id, steps, state, enter_pivot, vec![])
+            .await
+    }
+
+    /// The event a milestone of this saga announces, ready for the outbox.
+    fn announce(&self, saga_id: Uuid, data: &D, milestone: &Milestone<'_>) -> Vec<NewEvent> {
+        (self.definition.announce)(data, milestone)
+            .map(|a| NewEvent {
+                aggregate_id: saga_id,
+                event_type: a.event_type,
+                data: a.data,
+                traceparent: svc_kit::propagation::traceparent(&tracing::Span::current()),
+            })
+            .into_iter()
+            .collect()
+    }
+
+    async fn checkpoint_with_events(
+        &self,
+        saga_id: Uuid,
+        steps: Vec<StepRecord>,
+        state: Option<SagaState>,
+        enter_pivot: bool,
+        events: Vec<NewEvent>,
+    ) -> Result<Applied, Interrupted> {
         let checkpoint = Checkpoint {
             saga_id,
             steps,
             state,
             enter_pivot,
+            events,
         };
         let mut failures = 0;
         loop {

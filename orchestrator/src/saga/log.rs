@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::definition::Phase;
+use crate::outbox::{self, NewEvent};
 
 /// The most checkpoints one commit carries.
 const MAX_BATCH: usize = 512;
@@ -169,6 +170,8 @@ pub struct Checkpoint {
     pub state: Option<SagaState>,
     /// Mark the pivot as begun, unless a cancellation came first.
     pub enter_pivot: bool,
+    /// Outbox events that commit with this change.
+    pub events: Vec<NewEvent>,
 }
 
 /// What the store said while applying a checkpoint.
@@ -224,6 +227,9 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
         .bind(&id)
         .execute(&mut *conn)
         .await?;
+    }
+    for event in &checkpoint.events {
+        outbox::insert(conn, event).await?;
     }
     let pivot_entered = checkpoint.enter_pivot
         && sqlx::query(

@@ -14,7 +14,7 @@ pub mod log;
 pub mod metrics;
 pub mod retry;
 
-pub use definition::{Call, Phase, SagaDefinition, Step};
+pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
 pub use engine::Engine;
 pub use log::{CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
 pub use retry::RetryPolicy;

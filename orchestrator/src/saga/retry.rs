@@ -37,6 +37,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Cap of the backoff between compensation attempts, which never give up.
     pub max_compensation_backoff: Duration,
+    /// A compensation failing for longer than this is announced as stuck.
+    pub compensation_stuck_after: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -47,6 +49,7 @@ impl Default for RetryPolicy {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(2),
             max_compensation_backoff: Duration::from_secs(10),
+            compensation_stuck_after: Duration::from_secs(60),
         }
     }
 }

@@ -1,0 +1,386 @@
+//! Publishes the outbox to RabbitMQ.
+//!
+//! - A durable topic exchange; persistent messages; the routing key is the event
+//!   type, `message_id` the event ID, and the W3C `traceparent` a header.
+//! - Publisher confirms: an event is marked sent only after the broker confirmed
+//!   it. Delivery is therefore at least once; consumers dedupe by `message_id`.
+//! - Events go out in outbox order, so each order's events arrive in sequence.
+//! - While the broker is down or unreachable, the relay retries with backoff and
+//!   the events wait in the outbox; after it returns, they are all delivered.
+//! - Sent events are pruned after the retention period.
+//!
+//! With no broker configured, the relay only measures the backlog.
+
+use std::time::Duration;
+
+use clap::Args;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{AnyPool, Row};
+use svc_kit::time::now_ms;
+use tokio::{sync::watch, task::JoinHandle};
+
+/// Most events published per confirm round.
+const BATCH: i64 = 256;
+/// How often an idle relay looks for new events.
+const POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Full AMQP URL of RabbitMQ, e.g. `amqp://user:pass@rabbitmq:5672/%2f`. Wins over the RABBITMQ_* parts.
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        value_name = "RABBITMQ_URL",
+        hide_env_values = true
+    )]
+    pub rabbitmq_url: Option<SecretString>,
+
+    /// RabbitMQ host; with no URL and no host, events stay in the outbox.
+    #[arg(long, env = "RABBITMQ_HOST", value_name = "RABBITMQ_HOST")]
+    pub rabbitmq_host: Option<String>,
+
+    #[arg(
+        long,
+        env = "RABBITMQ_PORT",
+        value_name = "RABBITMQ_PORT",
+        default_value_t = 5672
+    )]
+    pub rabbitmq_port: u16,
+
+    #[arg(
+        long,
+        env = "RABBITMQ_USER",
+        value_name = "RABBITMQ_USER",
+        default_value = "guest"
+    )]
+    pub rabbitmq_user: String,
+
+    #[arg(
+        long,
+        env = "RABBITMQ_PASSWORD",
+        value_name = "RABBITMQ_PASSWORD",
+        hide_env_values = true
+    )]
+    pub rabbitmq_password: Option<SecretString>,
+
+    #[arg(
+        long,
+        env = "RABBITMQ_VHOST",
+        value_name = "RABBITMQ_VHOST",
+        default_value = "/"
+    )]
+    pub rabbitmq_vhost: String,
+
+    /// The topic exchange order events are published to.
+    #[arg(
+        long,
+        env = "EVENTS_EXCHANGE",
+        value_name = "EVENTS_EXCHANGE",
+        default_value = "orders.events"
+    )]
+    pub events_exchange: String,
+
+    /// How long sent events stay in the outbox, in seconds.
+    #[arg(long, env = "OUTBOX_RETENTION_SECS", value_name = "OUTBOX_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub outbox_retention_secs: u64,
+}
+
+impl Default for BrokerArgs {
+    fn default() -> Self {
+        BrokerArgs {
+            rabbitmq_url: None,
+            rabbitmq_host: None,
+            rabbitmq_port: 5672,
+            rabbitmq_user: "guest".into(),
+            rabbitmq_password: None,
+            rabbitmq_vhost: "/".into(),
+            events_exchange: "orders.events".into(),
+            outbox_retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl BrokerArgs {
+    /// The AMQP URL, if a broker is configured.
+    pub fn url(&self) -> Option<String> {
+        if let Some(url) = &self.rabbitmq_url {
+            return Some(url.expose_secret().to_owned());
+        }
+        let host = self.rabbitmq_host.as_ref()?;
+        let password = self
+            .rabbitmq_password
+            .as_ref()
+            .map(|p| p.expose_secret().to_owned())
+            .unwrap_or_else(|| "guest".into());
+        Some(format!(
+            "amqp://{}:{}@{host}:{}/{}",
+            encode(&self.rabbitmq_user),
+            encode(&password),
+            self.rabbitmq_port,
+            encode(&self.rabbitmq_vhost)
+        ))
+    }
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn encode(part: &str) -> String {
+    part.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Outbox gauges, refreshed by the relay.
+#[derive(Clone, Default)]
+pub struct OutboxMetrics {
+    backlog: Gauge,
+    oldest_age_ms: Gauge,
+}
+
+impl OutboxMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = OutboxMetrics::default();
+        registry.register(
+            "outbox_backlog",
+            "Events not yet confirmed by the broker",
+            metrics.backlog.clone(),
+        );
+        registry.register(
+            "outbox_oldest_age_milliseconds",
+            "Age of the oldest unsent event",
+            metrics.oldest_age_ms.clone(),
+        );
+        metrics
+    }
+}
+
+pub struct Relay {
+    pool: AnyPool,
+    url: Option<String>,
+    exchange: String,
+    retention: Duration,
+    metrics: OutboxMetrics,
+}
+
+impl Relay {
+    pub fn new(pool: AnyPool, args: &BrokerArgs, metrics: OutboxMetrics) -> Self {
+        Relay {
+            pool,
+            url: args.url(),
+            exchange: args.events_exchange.clone(),
+            retention: Duration::from_secs(args.outbox_retention_secs),
+            metrics,
+        }
+    }
+
+    pub fn spawn(self, stopping: watch::Receiver<bool>) -> JoinHandle<()> {
+        if self.url.is_none() {
+            tracing::info!(
+                "no RabbitMQ configured (RABBITMQ_URL or RABBITMQ_HOST): order events stay in the outbox, relay off"
+            );
+        }
+        tokio::spawn(self.run(stopping))
+    }
+
+    async fn run(self, mut stopping: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        while !*stopping.borrow() {
+            let Some(url) = &self.url else {
+                self.measure().await;
+                sleep_or_stop(&mut stopping, Duration::from_secs(5)).await;
+                continue;
+            };
+            match connect(url, &self.exchange).await {
+                Ok((connection, channel)) => {
+                    if failures > 0 {
+                        tracing::info!("reconnected to RabbitMQ; publishing the outbox");
+                    }
+                    failures = 0;
+                    if let Err(err) = self.pump(&channel, &mut stopping).await {
+                        tracing::warn!(error = %err, "lost RabbitMQ; events wait in the outbox");
+                    }
+                    let _ = connection.close(200, "relay stopping".into()).await;
+                }
+                Err(err) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(20) {
+                        tracing::warn!(error = %err, failures, "cannot reach RabbitMQ; events wait in the outbox");
+                    }
+                    self.measure().await;
+                    let wait = Duration::from_millis(100u64 << failures.min(6))
+                        .min(Duration::from_secs(5));
+                    sleep_or_stop(&mut stopping, wait).await;
+                }
+            }
+        }
+    }
+
+    /// Publishes unsent events until the broker fails or the process stops.
+    async fn pump(
+        &self,
+        channel: &Channel,
+        stopping: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+        while !*stopping.borrow() {
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                self.prune().await;
+                last_prune = tokio::time::Instant::now();
+            }
+            self.measure().await;
+            let rows = sqlx::query(
+                "SELECT id, event_id, event_type, payload, traceparent, created_at_ms FROM outbox \
+                 WHERE sent_at_ms IS NULL ORDER BY id LIMIT $1",
+            )
+            .bind(BATCH)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                sleep_or_stop(stopping, POLL).await;
+                continue;
+            }
+            let mut pending = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: i64 = row.try_get("id")?;
+                let event_id: String = row.try_get("event_id")?;
+                let event_type: String = row.try_get("event_type")?;
+                let payload: String = row.try_get("payload")?;
+                let traceparent: String = row.try_get("traceparent")?;
+                let created_at_ms: i64 = row.try_get("created_at_ms")?;
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    "traceparent".into(),
+                    AMQPValue::LongString(LongString::from(traceparent)),
+                );
+                let properties = BasicProperties::default()
+                    .with_message_id(ShortString::from(event_id))
+                    .with_type(ShortString::from(event_type.clone()))
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_timestamp((created_at_ms / 1000) as u64)
+                    .with_headers(headers);
+                let confirm = channel
+                    .basic_publish(
+                        ShortString::from(self.exchange.clone()),
+                        ShortString::from(event_type),
+                        BasicPublishOptions::default(),
+                        payload.as_bytes(),
+                        properties,
+                    )
+                    .await?;
+                pending.push((id, confirm));
+            }
+            // Marked sent only once confirmed, and only up to the first refusal,
+            // so nothing after a refused event is skipped.
+            let mut confirmed = Vec::with_capacity(pending.len());
+            let total = pending.len();
+            for (id, confirm) in pending {
+                match confirm.await? {
+                    Confirmation::Ack(_) => confirmed.push(id),
+                    other => {
+                        tracing::warn!(?other, "the broker refused an event; retrying from it");
+                        break;
+                    }
+                }
+            }
+            self.mark_sent(&confirmed).await?;
+            if confirmed.len() < total {
+                anyhow::bail!("broker refused an event");
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE outbox SET sent_at_ms = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn prune(&self) {
+        let cutoff = now_ms() - self.retention.as_millis() as i64;
+        match sqlx::query("DELETE FROM outbox WHERE sent_at_ms IS NOT NULL AND sent_at_ms < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await
+        {
+            Ok(done) if done.rows_affected() > 0 => {
+                tracing::info!(
+                    pruned = done.rows_affected(),
+                    "pruned sent events from the outbox"
+                )
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot prune the outbox"),
+        }
+    }
+
+    async fn measure(&self) {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS backlog, CAST(COALESCE(MIN(created_at_ms), 0) AS BIGINT) AS oldest \
+             FROM outbox WHERE sent_at_ms IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        if let Ok(row) = row {
+            let backlog: i64 = row.try_get("backlog").unwrap_or(0);
+            let oldest: i64 = row.try_get("oldest").unwrap_or(0);
+            self.metrics.backlog.set(backlog);
+            self.metrics
+                .oldest_age_ms
+                .set(if backlog == 0 { 0 } else { now_ms() - oldest });
+        }
+    }
+}
+
+async fn connect(url: &str, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
+    let connection = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out connecting to RabbitMQ"))??;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .exchange_declare(
+            ShortString::from(exchange.to_owned()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel))
+}
+
+async fn sleep_or_stop(stopping: &mut watch::Receiver<bool>, wait: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        _ = stopping.wait_for(|s| *s) => {}
+    }
+}
