@@ -26,6 +26,7 @@ mod assertions;
 mod auth;
 mod bins;
 mod config;
+mod events;
 mod faults;
 mod grpcurl;
 mod metrics;

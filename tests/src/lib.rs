@@ -6,6 +6,7 @@
 //! unreachable: they never skip.
 
 pub mod binaries;
+pub mod broker;
 pub mod collector;
 pub mod process;
 pub mod services;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use orchestrator::{EngineArgs, downstream::DownstreamArgs};
+use orchestrator::{EngineArgs, downstream::DownstreamArgs, outbox::relay::BrokerArgs};
 use ordersaga_proto::{
     client::OrderClient,
     orders::v1::{CreateOrderRequest, OrderItem, ShippingAddress},
@@ -32,6 +32,8 @@ pub struct Options {
     pub shipping_faults: FaultSettings,
     pub payment_faults: FaultSettings,
     pub engine: Option<EngineArgs>,
+    /// RabbitMQ for order events; none keeps them in the outbox.
+    pub broker: Option<BrokerArgs>,
 }
 
 impl Options {
@@ -42,6 +44,7 @@ impl Options {
             shipping_faults: faults.clone(),
             payment_faults: faults,
             engine: None,
+            broker: None,
         }
     }
 }
@@ -244,9 +247,11 @@ impl System {
         let services = DomainServices::start(backend, &options).await;
         let downstream = services.downstream();
         let engine = options.engine.clone().unwrap_or_default();
+        let broker = options.broker.clone().unwrap_or_default();
         let orchestrator = services::orchestrator(backend, move |url| {
             let mut settings = orchestrator::Settings::local(url, API_KEY, downstream);
             settings.engine = engine;
+            settings.broker = broker;
             settings
         })
         .await;

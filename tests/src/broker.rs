@@ -1,0 +1,208 @@
+//! The local RabbitMQ, as the tests see it: a consumer bound to a test's own
+//! exchange, and a TCP proxy the test can cut and restore.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use futures::StreamExt;
+use lapin::{
+    Connection, ConnectionProperties, ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use serde_json::Value;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+
+/// The broker the tests use; `TEST_RABBITMQ_URL` overrides it.
+pub fn rabbitmq_url() -> String {
+    std::env::var("TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A fresh exchange name, so parallel tests never see each other's events.
+pub fn unique_exchange() -> String {
+    format!("test.orders.{}", uuid::Uuid::new_v4().simple())
+}
+
+/// One delivered message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub message_id: String,
+    pub traceparent_header: String,
+    pub persistent: bool,
+    pub body: Value,
+}
+
+impl Received {
+    pub fn field(&self, key: &str) -> &Value {
+        &self.body[key]
+    }
+}
+
+/// Binds a private queue to `exchange` (all routing keys) and forwards every
+/// message, acked after it is handed over.
+pub async fn consume(exchange: &str) -> mpsc::UnboundedReceiver<Received> {
+    let connection = Connection::connect(&rabbitmq_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ at {} is unreachable: {e}", rabbitmq_url()));
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_declare(
+            ShortString::from(exchange.to_owned()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let queue = channel
+        .queue_declare(
+            ShortString::from(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            ShortString::from(exchange.to_owned()),
+            ShortString::from("#"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            ShortString::from("tests"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _connection = connection;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let properties = &delivery.properties;
+            let traceparent_header = properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("traceparent").cloned())
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => {
+                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default();
+            let received = Received {
+                routing_key: delivery.routing_key.as_str().to_owned(),
+                message_id: properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_owned())
+                    .unwrap_or_default(),
+                traceparent_header,
+                persistent: *properties.delivery_mode() == Some(2),
+                body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
+            };
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            if tx.send(received).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Receives until `done` says the events so far are enough, deduplicating by
+/// `message_id` (delivery is at least once). Panics after `timeout`.
+pub async fn collect_until(
+    rx: &mut mpsc::UnboundedReceiver<Received>,
+    timeout: Duration,
+    mut done: impl FnMut(&[Received]) -> bool,
+) -> Vec<Received> {
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(&events) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(event)) => {
+                if seen.insert(event.message_id.clone(), ()).is_none() {
+                    events.push(event);
+                }
+            }
+            Ok(None) => panic!("the consumer stopped"),
+            Err(_) => panic!(
+                "timed out after {timeout:?} with {} events: {events:#?}",
+                events.len()
+            ),
+        }
+    }
+    events
+}
+
+/// A TCP proxy to RabbitMQ that a test can cut (every connection dropped, new
+/// ones refused) and restore.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let state = up.subscribe();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut state = state.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { addr, up }
+    }
+
+    /// The AMQP URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
