@@ -106,6 +106,11 @@ pub struct EngineArgs {
     )]
     pub compensation_stuck_after_secs: u64,
 
+    /// BENCHMARKS ONLY: keep the saga log in memory (lost on restart), to measure
+    /// the cost of durability. Never use it for real orders.
+    #[arg(long, env = "BENCH_ONLY_IN_MEMORY_STORE", default_value_t = false)]
+    pub bench_only_in_memory_store: bool,
+
     /// On shutdown, how long in-flight steps may take to finish before they are left to recovery, in milliseconds.
     #[arg(
         long,
@@ -126,6 +131,7 @@ impl Default for EngineArgs {
             compensation_max_backoff_ms: 10_000,
             max_inflight_sagas: 10_000,
             compensation_stuck_after_secs: 60,
+            bench_only_in_memory_store: false,
             shutdown_grace_ms: 5_000,
         }
     }
@@ -178,7 +184,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         .database_url
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-    let store = Store::open(&url, &MIGRATIONS).await?;
+    let store = if settings.engine.bench_only_in_memory_store {
+        tracing::warn!(
+            "BENCHMARK MODE (--bench-only-in-memory-store): the saga log is in memory; \
+             every open saga is lost on restart"
+        );
+        Store::open_in_memory_for_benchmarks(&MIGRATIONS).await?
+    } else {
+        Store::open(&url, &MIGRATIONS).await?
+    };
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);

@@ -85,6 +85,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// **Benchmarks only: nothing survives a restart.** A SQLite database in
+    /// memory, on one connection that is never closed (closing it would drop
+    /// the data). It measures the engine without the disk: the durability
+    /// ceiling. Never the default; the orchestrator exposes it only behind
+    /// `--bench-only-in-memory-store`.
+    pub async fn open_in_memory_for_benchmarks(migrations: &Migrations) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect("sqlite::memory:")
+            .await
+            .context("cannot open an in-memory SQLite store")?;
+        migrations
+            .sqlite
+            .run(&pool)
+            .await
+            .context("cannot migrate the in-memory store")?;
+        Ok(Store {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+}
+
 /// Adds `mode=rwc` so a missing file is created, and creates the parent folder.
 fn prepare_sqlite_url(url: &str) -> anyhow::Result<String> {
     let rest = url

@@ -24,6 +24,7 @@ macro_rules! on_both_stores {
 
 mod assertions;
 mod auth;
+mod bench;
 mod bins;
 mod config;
 mod events;

@@ -1,0 +1,123 @@
+//! `orderbench`: see the crate docs.
+
+use clap::{Parser, Subcommand};
+use orderbench::{BenchConfig, check, echo, report::Report, run, setup};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderbench",
+    about = "Load an OrderService with N orders at concurrency C; check conservation"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The OrderService (orchestrator).
+    #[arg(
+        long,
+        env = "ORDERBENCH_ADDR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    addr: String,
+
+    /// The stock service, for set-up and the conservation check.
+    #[arg(long, default_value = "http://127.0.0.1:50052")]
+    stock_addr: String,
+
+    /// The payment service, for set-up and the conservation check.
+    #[arg(long, default_value = "http://127.0.0.1:50054")]
+    payment_addr: String,
+
+    #[arg(
+        long,
+        env = "APPLICATION_API_KEY",
+        hide_env_values = true,
+        default_value = "dev-key"
+    )]
+    api_key: String,
+
+    /// Orders to run.
+    #[arg(short = 'n', long, default_value_t = 2_000)]
+    orders: u64,
+
+    /// Orders in flight at once.
+    #[arg(short = 'c', long, default_value_t = 64)]
+    concurrency: usize,
+
+    /// Share of orders whose customer can't pay, so they compensate.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_share)]
+    compensate_share: f64,
+
+    /// One JSON result line instead of the text report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The RPC ceiling: a tonic unary call over loopback at the same concurrency.
+    Echo {
+        #[arg(short = 'n', long, default_value_t = 100_000)]
+        calls: u64,
+        #[arg(short = 'c', long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_share(value: &str) -> Result<f64, String> {
+    let share: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if (0.0..=1.0).contains(&share) {
+        Ok(share)
+    } else {
+        Err(format!("{share} is outside 0.0..=1.0"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Command::Echo {
+        calls,
+        concurrency,
+        json,
+    }) = args.command
+    {
+        let report = echo::ceiling(calls, concurrency.max(1)).await?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!(
+                "echo ceiling: {} calls at C={}: {:.0} calls/s, p50 {:.3} ms, p99 {:.3} ms",
+                report.calls, report.concurrency, report.calls_per_s, report.p50_ms, report.p99_ms
+            );
+        }
+        return Ok(());
+    }
+    let config = BenchConfig {
+        orders_addr: args.addr,
+        stock_addr: args.stock_addr,
+        payment_addr: args.payment_addr,
+        api_key: args.api_key,
+        orders: args.orders,
+        concurrency: args.concurrency.max(1),
+        compensate_share: args.compensate_share,
+        progress: !args.json,
+    };
+    let world = setup::prepare(&config).await?;
+    let load = run::orders(&config, &world).await?;
+    let verdict = check::conservation(&config, &world, &load).await?;
+    let report = Report::new(&config, &load, &verdict);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        report.print();
+    }
+    if !verdict.passed() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
