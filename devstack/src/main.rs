@@ -84,7 +84,11 @@ async fn main() -> anyhow::Result<()> {
         &services,
     )?);
 
-    seed::demo(&local(stock_port), &local(payment_port), &args.api_key).await?;
+    // A service that can't start (say, its port is taken) stops everything.
+    tokio::select! {
+        seeded = seed::demo(&local(stock_port), &local(payment_port), &args.api_key) => seeded?,
+        exited = first_exit(&mut children) => bail!("a service could not start: {exited}"),
+    }
     print_tour(&args, &local(args.port));
 
     tokio::select! {
@@ -142,16 +146,12 @@ fn spawn(
         .with_context(|| format!("cannot start the {role} service"))
 }
 
+/// Which service exited first, and how.
 async fn first_exit(children: &mut [Child]) -> String {
+    const ROLES: [&str; 4] = ["stock", "shipping", "payment", "orchestrator"];
     let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
-    let (status, index, _) = futures_select_all(waits).await;
-    format!("child #{index} exited with {status:?}")
-}
-
-async fn futures_select_all<F: Future + Unpin>(
-    futures: impl IntoIterator<Item = F>,
-) -> (F::Output, usize, Vec<F>) {
-    futures::future::select_all(futures).await
+    let (status, index, _) = futures::future::select_all(waits).await;
+    format!("the {} service exited ({status:?})", ROLES.get(index).unwrap_or(&"?"))
 }
 
 /// Where to reach a server bound to `host` from this machine.

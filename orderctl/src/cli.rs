@@ -3,11 +3,12 @@
 //! connection is made; the business rules (quantities, countries, …) stay the
 //! server's, which names the offending field.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 use ordersaga_proto::orders::v1::{OrderItem, OrderStatus};
 use tonic::transport::Uri;
 
-/// Create, inspect, watch and cancel orders of the order saga system.
+/// Create, inspect, watch and cancel orders of the order saga system, and follow
+/// its order events.
 #[derive(Debug, Parser)]
 #[command(name = "orderctl", version)]
 pub struct Cli {
@@ -20,11 +21,13 @@ pub struct Cli {
     )]
     pub addr: String,
 
-    /// API key, sent as `x-api-key` metadata with every call.
-    // Not `global`: clap refuses required global arguments, so these flags go
-    // before the subcommand (or come from the environment).
+    /// API key, sent as `x-api-key` metadata with every call. Required by every
+    /// subcommand but `events`.
+    // Not `global`, like `--addr`: these flags go before the subcommand (or come
+    // from the environment). Optional to clap because `events` needs none; the
+    // others ask for it with `Cli::api_key`.
     #[arg(long, env = "APPLICATION_API_KEY", hide_env_values = true)]
-    pub api_key: String,
+    pub api_key: Option<String>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -42,6 +45,39 @@ pub enum Command {
     Watch { order_id: String },
     /// Cancel an order before payment; its done steps are undone.
     Cancel(CancelArgs),
+    /// Print order events from RabbitMQ as they are published, one line each
+    /// (times in UTC), until Ctrl-C. Needs no API key.
+    Events(EventsArgs),
+}
+
+impl Cli {
+    /// The API key, which every subcommand but `events` needs. Missing, it is a
+    /// usage error, as when clap required it: message, usage, exit code 2.
+    pub fn api_key(&self) -> Result<&str, clap::Error> {
+        self.api_key.as_deref().ok_or_else(|| {
+            Self::command().error(
+                ErrorKind::MissingRequiredArgument,
+                format!(
+                    "--api-key (or APPLICATION_API_KEY) is required for {}",
+                    self.command.name()
+                ),
+            )
+        })
+    }
+}
+
+impl Command {
+    /// The subcommand as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Create(_) => "create",
+            Command::Get { .. } => "get",
+            Command::List(_) => "list",
+            Command::Watch { .. } => "watch",
+            Command::Cancel(_) => "cancel",
+            Command::Events(_) => "events",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +151,39 @@ pub struct CancelArgs {
     /// Idempotency key, as for `create`. Default: a new UUID v4.
     #[arg(long)]
     pub request_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// The topic exchange the orchestrator publishes order events to. Declared
+    /// (durable) if missing, so binding works before the first event.
+    #[arg(long, env = "EVENTS_EXCHANGE", default_value = "orders.events")]
+    pub exchange: String,
+
+    /// Consume from this durable queue, declared if missing, which keeps the
+    /// events published while orderctl is not running (its bindings from
+    /// earlier runs stay too). Default: a temporary queue, deleted on exit,
+    /// which sees only the events from now on.
+    #[arg(long, value_name = "NAME")]
+    pub queue: Option<String>,
+
+    /// Routing-key pattern to bind, e.g. `order.completed` or `order.*`;
+    /// repeat for several. The routing key is the event type.
+    #[arg(long = "binding", value_name = "PATTERN", default_value = "order.#")]
+    pub bindings: Vec<String>,
+
+    /// Print each event's JSON body as received, one per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// An order status as typed on the command line: lower case, no prefix.

@@ -2,9 +2,11 @@
 //!
 //! Thin on purpose: arguments are in [`cli`], output in [`render`], and every
 //! call goes through `ordersaga_proto::client::OrderClient`, so this is also a
-//! worked example of that SDK.
+//! worked example of that SDK. `orderctl events`, in [`events`], is the example
+//! consumer of the order events the orchestrator publishes to RabbitMQ.
 
 mod cli;
+mod events;
 mod render;
 
 use std::{fmt, process::ExitCode, time::Duration};
@@ -44,9 +46,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Events(args) = cli.command {
+        return events::run(args).await;
+    }
+    // Checked before connecting, like the arguments clap checks.
+    let api_key = cli.api_key().unwrap_or_else(|err| err.exit());
+
     // A connect failure is reported like a call failure, with the code a call
     // to an unreachable server would get.
-    let client = OrderClient::connect(cli.addr.clone(), &cli.api_key)
+    let client = OrderClient::connect(cli.addr.clone(), api_key)
         .await
         .map_err(|e| {
             let cause = anyhow::Error::from(e);
@@ -122,6 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let order = with_retry_hint(order, generated, &request_id)?;
             print!("{}", render::order(&order));
         }
+        Command::Events(_) => unreachable!("handled above"),
     }
     Ok(())
 }

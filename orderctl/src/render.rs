@@ -10,6 +10,7 @@ use ordersaga_proto::orders::v1::{
     ListOrdersResponse, Order, OrderStatus, Step, StepPhase, StepStatus,
 };
 use prost_types::Timestamp;
+use serde_json::Value;
 use tonic::{Code, Status};
 
 /// The saga's forward steps, as named in `orders.proto`. `watch` counts the
@@ -161,6 +162,71 @@ fn latest_step(steps: &[Step]) -> Option<&Step> {
         .map(|(_, s)| s)
 }
 
+/// `events`' line for one order event (the JSON body the orchestrator
+/// publishes): when it happened, its type and number in the order's sequence,
+/// the order, status, total and trace ID, then the failure or the stuck step
+/// when there is one. Missing fields show as `?`, so an unexpected event is
+/// still printed.
+pub fn event(event: &Value, routing_key: &str, redelivered: bool) -> String {
+    let event_type = event["event_type"].as_str().unwrap_or(routing_key);
+    let occurred = event["occurred_at_ms"].as_i64().map(|ms| Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: 0,
+    });
+    let mut total = event["total_cents"]
+        .as_i64()
+        .map_or_else(|| "?".into(), money);
+    if let Some(currency) = event["currency"].as_str().filter(|c| !c.is_empty()) {
+        let _ = write!(total, " {currency}");
+    }
+    let mut out = format!(
+        "[{}] {event_type:<17} #{:<3} order {}  {:<12} {total}",
+        clock(occurred.as_ref()),
+        field(event, "sequence"),
+        field(event, "order_id"),
+        field(event, "status"),
+    );
+    if let Some(traceparent) = event["traceparent"].as_str().filter(|t| !t.is_empty()) {
+        let _ = write!(out, "  trace {}", trace_id(traceparent));
+    }
+    if let Some(reason) = event["failure_reason"].as_str().filter(|r| !r.is_empty()) {
+        let _ = write!(out, "  failure: {reason}");
+    }
+    // order.compensation_stuck
+    if event.get("step").is_some() {
+        let _ = write!(
+            out,
+            "  stuck: {} after {} attempts, last error: {}",
+            field(event, "step"),
+            field(event, "attempts"),
+            field(event, "last_error")
+        );
+    }
+    if redelivered {
+        out.push_str("  (redelivered)");
+    }
+    out
+}
+
+/// A field of an event as text: strings as they are, other values as JSON,
+/// `?` when missing.
+fn field(event: &Value, key: &str) -> String {
+    match &event[key] {
+        Value::Null => "?".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The trace ID of a W3C `traceparent` (`00-TRACE_ID-SPAN_ID-FLAGS`), as `get`
+/// prints it; anything else as it is.
+fn trace_id(traceparent: &str) -> &str {
+    match traceparent.split('-').collect::<Vec<_>>()[..] {
+        [_, trace_id, _, _] if !trace_id.is_empty() => trace_id,
+        _ => traceparent,
+    }
+}
+
 /// `HH:MM:SS` in UTC of `at`, or of now when the server sent no time.
 ///
 /// UTC because the local offset needs a time-zone database this tool does not
@@ -235,5 +301,61 @@ fn enum_name(name: Option<&'static str>, prefix: &str, value: i32) -> String {
     match name {
         Some(name) => name.strip_prefix(prefix).unwrap_or(name).to_owned(),
         None => format!("#{value}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::event;
+
+    #[test]
+    fn event_line() {
+        let completed = json!({
+            "event_id": "e1",
+            "event_type": "order.completed",
+            "sequence": 2,
+            "occurred_at_ms": 1_700_000_463_000_i64,
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "order_id": "3f2a0c1e-0000-4000-8000-000000000001",
+            "customer_id": "alice",
+            "status": "COMPLETED",
+            "total_cents": 3999,
+            "currency": "EUR",
+            "failure_reason": ""
+        });
+        assert_eq!(
+            event(&completed, "order.completed", false),
+            "[22:21:03] order.completed   #2   order 3f2a0c1e-0000-4000-8000-000000000001  \
+             COMPLETED    39.99 EUR  trace 4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+
+        let stuck = json!({
+            "event_type": "order.compensation_stuck",
+            "sequence": 5,
+            "occurred_at_ms": 1_700_000_463_000_i64,
+            "traceparent": "",
+            "order_id": "o1",
+            "status": "COMPENSATING",
+            "total_cents": 100,
+            "currency": "EUR",
+            "failure_reason": "payment declined",
+            "step": "reserve_stock",
+            "attempts": 7,
+            "last_error": "UNAVAILABLE"
+        });
+        assert_eq!(
+            event(&stuck, "order.compensation_stuck", true),
+            "[22:21:03] order.compensation_stuck #5   order o1  COMPENSATING 1.00 EUR  \
+             failure: payment declined  stuck: reserve_stock after 7 attempts, \
+             last error: UNAVAILABLE  (redelivered)"
+        );
+
+        // Whatever is missing shows as `?`; the type falls back to the routing key.
+        assert!(
+            event(&json!({}), "order.odd", false)
+                .ends_with("order.odd         #?   order ?  ?            ?")
+        );
     }
 }

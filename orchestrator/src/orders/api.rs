@@ -58,7 +58,9 @@ impl OrderApi {
             loop {
                 tokio::select! {
                     change = changes.recv() => match change {
-                        Ok(id) if id != order_id => continue,
+                        // Re-read only when this saga may have become terminal.
+                        Ok(c) if c.saga_id != order_id => continue,
+                        Ok(c) if c.status.is_some_and(|s| !s.is_terminal()) => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => return Ok(order),
                     },
@@ -234,7 +236,7 @@ impl OrderService for OrderApi {
             }
             loop {
                 match changes.recv().await {
-                    Ok(id) if id != order_id => continue,
+                    Ok(change) if change.saga_id != order_id => continue,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 }

@@ -31,6 +31,14 @@ use super::{
     retry::{RetryPolicy, is_transient},
 };
 
+/// A committed change of a saga, as broadcast to waiters and watchers.
+#[derive(Debug, Clone, Copy)]
+pub struct SagaChange {
+    pub saga_id: Uuid,
+    /// The saga's status after the change, when the change set it.
+    pub status: Option<SagaStatus>,
+}
+
 /// Where a driver is: the saga's state as last committed.
 #[derive(Debug, Clone)]
 struct Cursor {
@@ -78,7 +86,7 @@ struct Inner<D> {
     policy: RetryPolicy,
     /// Bounds the sagas driven at once; the rest wait for a permit.
     permits: Semaphore,
-    changes: broadcast::Sender<Uuid>,
+    changes: broadcast::Sender<SagaChange>,
     stopping: watch::Sender<bool>,
     drivers: TaskTracker,
     metrics: EngineMetrics,
@@ -119,15 +127,18 @@ where
         &self.inner.pool
     }
 
-    /// Every committed change of any saga, by saga ID. Receivers that lag
-    /// should re-read what they watch.
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+    /// Every committed change of any saga. Receivers that lag should re-read
+    /// what they watch.
+    pub fn subscribe(&self) -> broadcast::Receiver<SagaChange> {
         self.inner.changes.subscribe()
     }
 
     /// Tells watchers that a saga changed outside a driver (e.g. a cancel request).
     pub fn notify(&self, saga_id: Uuid) {
-        let _ = self.inner.changes.send(saga_id);
+        let _ = self.inner.changes.send(SagaChange {
+            saga_id,
+            status: None,
+        });
     }
 
     /// A new span for a saga, from the definition (see [`SagaDefinition::span`]);
@@ -624,6 +635,10 @@ impl<D: Send + Sync + 'static> Inner<D> {
         enter_pivot: bool,
         events: Vec<NewEvent>,
     ) -> Result<Applied, Interrupted> {
+        let change = SagaChange {
+            saga_id,
+            status: state.as_ref().map(|s| s.status),
+        };
         let checkpoint = Checkpoint {
             saga_id,
             steps,
@@ -635,7 +650,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
         loop {
             match self.log.commit(checkpoint.clone()).await {
                 Ok(applied) => {
-                    let _ = self.changes.send(saga_id);
+                    let _ = self.changes.send(change);
                     return Ok(applied);
                 }
                 Err(err) => {

@@ -15,6 +15,6 @@ pub mod metrics;
 pub mod retry;
 
 pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
-pub use engine::Engine;
+pub use engine::{Engine, SagaChange};
 pub use log::{CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
 pub use retry::RetryPolicy;
