@@ -85,8 +85,9 @@ async fn main() -> anyhow::Result<()> {
     )?);
 
     // A service that can't start (say, its port is taken) stops everything.
+    let (stock_url, payment_url) = (local(stock_port), local(payment_port));
     tokio::select! {
-        seeded = seed::demo(&local(stock_port), &local(payment_port), &args.api_key) => seeded?,
+        seeded = seed::demo(&stock_url, &payment_url, &args.api_key) => seeded?,
         exited = first_exit(&mut children) => bail!("a service could not start: {exited}"),
     }
     print_tour(&args, &local(args.port));
