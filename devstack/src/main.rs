@@ -48,6 +48,10 @@ struct Args {
     /// Port of the orchestrator; the services take the next three.
     #[arg(long, value_name = "PORT", default_value_t = orchestrator::DEFAULT_PORT)]
     port: u16,
+
+    /// Port of the orchestrator's /metrics; the services take the next three.
+    #[arg(long, value_name = "METRICS_PORT", default_value_t = orchestrator::DEFAULT_METRICS_PORT)]
+    metrics_port: u16,
 }
 
 #[tokio::main]
@@ -64,14 +68,16 @@ async fn main() -> anyhow::Result<()> {
     let sqlite = |file: &str| format!("sqlite://{}", data_dir.join(file).display());
 
     let mut children = Vec::new();
-    for (role, port, db) in [
-        ("stock", stock_port, "stock.db"),
-        ("shipping", shipping_port, "shipping.db"),
-        ("payment", payment_port, "payment.db"),
+    for (offset, role, port, db) in [
+        (1, "stock", stock_port, "stock.db"),
+        (2, "shipping", shipping_port, "shipping.db"),
+        (3, "payment", payment_port, "payment.db"),
     ] {
-        children.push(spawn(role, &args, port, &sqlite(db), &[])?);
+        let metrics = [("METRICS_PORT", (args.metrics_port + offset).to_string())];
+        children.push(spawn(role, &args, port, &sqlite(db), &metrics)?);
     }
     let services = [
+        ("METRICS_PORT", args.metrics_port.to_string()),
         ("STOCK_SERVICE_URL", local(stock_port)),
         ("SHIPPING_SERVICE_URL", local(shipping_port)),
         ("PAYMENT_SERVICE_URL", local(payment_port)),
