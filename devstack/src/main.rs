@@ -158,7 +158,10 @@ async fn first_exit(children: &mut [Child]) -> String {
     const ROLES: [&str; 4] = ["stock", "shipping", "payment", "orchestrator"];
     let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
     let (status, index, _) = futures::future::select_all(waits).await;
-    format!("the {} service exited ({status:?})", ROLES.get(index).unwrap_or(&"?"))
+    format!(
+        "the {} service exited ({status:?})",
+        ROLES.get(index).unwrap_or(&"?")
+    )
 }
 
 /// Where to reach a server bound to `host` from this machine.

@@ -26,6 +26,7 @@ mod assertions;
 mod auth;
 mod bench;
 mod bins;
+mod compose;
 mod config;
 mod events;
 mod faults;
