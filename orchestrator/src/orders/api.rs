@@ -23,7 +23,7 @@ use crate::{
         store::{self, ListFilter, PageToken, Recorded},
         validate,
     },
-    saga::{CancelOutcome, Engine, SagaStatus, log},
+    saga::{CancelOutcome, Engine, SagaChange, SagaStatus, log},
 };
 
 pub struct OrderApi {
@@ -47,27 +47,46 @@ impl OrderApi {
         &self,
         order_id: Uuid,
         deadline: tokio::time::Instant,
+        mut changes: broadcast::Receiver<SagaChange>,
+        just_started: bool,
     ) -> Result<Order, OrderError> {
-        // Subscribe before reading, so no change slips between the two.
-        let mut changes = self.engine.subscribe();
+        // A saga started by this very call is known to be running: skip the
+        // first read. `changes` was subscribed before it started, so no change
+        // slips through.
+        let mut read = !just_started;
         loop {
+            if !read {
+                read = true;
+                self.wait_for_change(order_id, deadline, &mut changes).await;
+                continue;
+            }
             let (order, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
-            if status.is_terminal() {
+            if status.is_terminal() || tokio::time::Instant::now() >= deadline {
                 return Ok(order);
             }
-            loop {
-                tokio::select! {
-                    change = changes.recv() => match change {
-                        // Re-read only when this saga may have become terminal.
-                        Ok(c) if c.saga_id != order_id => continue,
-                        Ok(c) if c.status.is_some_and(|s| !s.is_terminal()) => continue,
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => return Ok(order),
-                    },
-                    () = tokio::time::sleep_until(deadline) => {
-                        return Ok(store::load_from_pool(self.engine.pool(), order_id).await?.0);
+            self.wait_for_change(order_id, deadline, &mut changes).await;
+        }
+    }
+
+    /// Returns when this saga may have become terminal, or at the deadline.
+    async fn wait_for_change(
+        &self,
+        order_id: Uuid,
+        deadline: tokio::time::Instant,
+        changes: &mut broadcast::Receiver<SagaChange>,
+    ) {
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(c) if c.saga_id != order_id => continue,
+                    Ok(c) if c.status.is_some_and(|s| !s.is_terminal()) => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep_until(deadline).await;
+                        return;
                     }
-                }
+                },
+                () = tokio::time::sleep_until(deadline) => return,
             }
         }
     }
@@ -101,6 +120,9 @@ impl OrderService for OrderApi {
         }
         .encode_to_vec();
 
+        // Subscribed before the saga can start, so a waiter misses no change.
+        let changes = self.engine.subscribe();
+        let mut just_started = false;
         let order_id = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
             Some((order_id, stored)) => {
                 same_request(&new.request_id, order_id, &stored, &fingerprint)?
@@ -136,6 +158,7 @@ impl OrderService for OrderApi {
                         saga_span.in_scope(|| tracing::info!("order recorded; saga started"));
                         let order_id = order.order_id;
                         self.engine.start(order_id, Arc::new(order), saga_span);
+                        just_started = true;
                         order_id
                     }
                     Recorded::Existing {
@@ -146,7 +169,8 @@ impl OrderService for OrderApi {
             }
         };
         let order = if req.wait {
-            self.wait_for_terminal(order_id, deadline).await?
+            self.wait_for_terminal(order_id, deadline, changes, just_started)
+                .await?
         } else {
             store::load_from_pool(self.engine.pool(), order_id).await?.0
         };

@@ -216,35 +216,35 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
     for step in &checkpoint.steps {
         upsert_step(conn, checkpoint.saga_id, step).await?;
     }
-    if let Some(state) = &checkpoint.state {
-        sqlx::query(
-            "UPDATE sagas SET status = $1, next_step = $2, failure_reason = $3, updated_at_ms = $4 WHERE saga_id = $5",
-        )
-        .bind(state.status.as_str())
-        .bind(state.next_step)
-        .bind(&state.failure_reason)
-        .bind(now_ms())
-        .bind(&id)
-        .execute(&mut *conn)
-        .await?;
-    }
     for event in &checkpoint.events {
         outbox::insert(conn, event).await?;
     }
-    let pivot_entered = checkpoint.enter_pivot
-        && sqlx::query(
-            "UPDATE sagas SET pivot_passed = 1 WHERE saga_id = $1 AND cancel_requested = 0",
-        )
-        .bind(&id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-            == 1;
-    let cancel_requested: i64 =
-        sqlx::query_scalar("SELECT cancel_requested FROM sagas WHERE saga_id = $1")
-            .bind(&id)
-            .fetch_one(&mut *conn)
-            .await?;
+    // One statement: the new state, the pivot (granted only if no cancel came
+    // first), and what the saga's row says about cancellation.
+    let (status, next_step, failure_reason) = match &checkpoint.state {
+        Some(state) => (
+            Some(state.status.as_str()),
+            Some(state.next_step),
+            Some(state.failure_reason.as_str()),
+        ),
+        None => (None, None, None),
+    };
+    let row = sqlx::query(
+        "UPDATE sagas SET status = COALESCE($1, status), next_step = COALESCE($2, next_step), \
+         failure_reason = COALESCE($3, failure_reason), updated_at_ms = $4, \
+         pivot_passed = CASE WHEN $5 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
+         WHERE saga_id = $6 RETURNING cancel_requested, pivot_passed",
+    )
+    .bind(status)
+    .bind(next_step)
+    .bind(failure_reason)
+    .bind(now_ms())
+    .bind(i64::from(checkpoint.enter_pivot))
+    .bind(&id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let cancel_requested: i64 = row.try_get("cancel_requested")?;
+    let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;
     Ok(Applied {
         cancel_requested: cancel_requested != 0,
         pivot_entered,
