@@ -15,16 +15,17 @@ use clap::Parser;
 use ordersaga_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use svc_kit::{
     auth::ApiKeyCheck,
-    metrics::MetricsRegistry,
-    server::App,
+    server::{App, Defaults},
     settings::ServerArgs,
-    store::{Migrations, Store},
+    store::Migrations,
 };
 use tonic::service::interceptor::InterceptedService;
 
-pub const DEFAULT_METRICS_PORT: u16 = 9094;
-pub const DEFAULT_PORT: u16 = 50054;
-pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/payment.db";
+pub const DEFAULTS: Defaults = Defaults {
+    port: 50054,
+    metrics_port: 9094,
+    database_url: "sqlite://data/payment.db",
+};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -48,27 +49,11 @@ pub struct Settings {
 
 pub type Application = App<InterceptedService<PaymentServiceServer<api::PaymentApi>, ApiKeyCheck>>;
 
-/// Opens the store, runs migrations and binds the port.
+/// Opens the store, runs migrations and binds the ports.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-    let url = settings
-        .server
-        .database_url
-        .clone()
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-    let store = Store::open(&url, &MIGRATIONS).await?;
-    let store_pool = store.pool.clone();
-    let api = api::PaymentApi::new(store);
-    let service =
-        PaymentServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
-    let mut metrics = MetricsRegistry::default();
-    metrics.register_pool(store_pool);
-    App::bind(
-        settings.server,
-        DEFAULT_PORT,
-        DEFAULT_METRICS_PORT,
-        service,
-        metrics,
-    )
+    svc_kit::server::start_domain_service(settings.server, &DEFAULTS, &MIGRATIONS, |store| {
+        PaymentServiceServer::new(api::PaymentApi::new(store))
+    })
     .await
 }
 
@@ -83,7 +68,6 @@ impl Settings {
 
 /// The binary's whole life: logs, build, serve until SIGTERM or SIGINT, drain.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let _telemetry = svc_kit::telemetry::init("payment-svc", settings.server.log_json);
-    let app = build(settings).await?;
-    app.run_until_stopped(svc_kit::shutdown::signal()).await
+    let log_json = settings.server.log_json;
+    svc_kit::server::run_until_signal("payment-svc", log_json, build(settings)).await
 }

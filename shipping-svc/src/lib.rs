@@ -15,16 +15,17 @@ use clap::Parser;
 use ordersaga_proto::shipping::v1::shipping_service_server::ShippingServiceServer;
 use svc_kit::{
     auth::ApiKeyCheck,
-    metrics::MetricsRegistry,
-    server::App,
+    server::{App, Defaults},
     settings::ServerArgs,
-    store::{Migrations, Store},
+    store::Migrations,
 };
 use tonic::service::interceptor::InterceptedService;
 
-pub const DEFAULT_METRICS_PORT: u16 = 9093;
-pub const DEFAULT_PORT: u16 = 50053;
-pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/shipping.db";
+pub const DEFAULTS: Defaults = Defaults {
+    port: 50053,
+    metrics_port: 9093,
+    database_url: "sqlite://data/shipping.db",
+};
 pub const DEFAULT_COUNTRIES: &str = "AT,BE,CA,CH,DE,DK,ES,FI,FR,GB,IE,IT,NL,NO,PL,PT,SE,US";
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -77,32 +78,15 @@ pub type Application =
 
 /// Opens the store, runs migrations and binds the port.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-    let url = settings
-        .server
-        .database_url
-        .clone()
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-    let store = Store::open(&url, &MIGRATIONS).await?;
-    let store_pool = store.pool.clone();
     let countries: BTreeSet<String> = settings.ship_to_countries.iter().cloned().collect();
-    let api = api::ShippingApi::new(store, countries);
-    let service =
-        ShippingServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
-    let mut metrics = MetricsRegistry::default();
-    metrics.register_pool(store_pool);
-    App::bind(
-        settings.server,
-        DEFAULT_PORT,
-        DEFAULT_METRICS_PORT,
-        service,
-        metrics,
-    )
+    svc_kit::server::start_domain_service(settings.server, &DEFAULTS, &MIGRATIONS, |store| {
+        ShippingServiceServer::new(api::ShippingApi::new(store, countries))
+    })
     .await
 }
 
 /// The binary's whole life: logs, build, serve until SIGTERM or SIGINT, drain.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let _telemetry = svc_kit::telemetry::init("shipping-svc", settings.server.log_json);
-    let app = build(settings).await?;
-    app.run_until_stopped(svc_kit::shutdown::signal()).await
+    let log_json = settings.server.log_json;
+    svc_kit::server::run_until_signal("shipping-svc", log_json, build(settings)).await
 }

@@ -17,10 +17,14 @@ use tonic::{body::Body, server::NamedService, transport::Server};
 use tonic_health::ServingStatus;
 use tower::Service;
 
+use tonic::service::interceptor::InterceptedService;
+
 use crate::{
+    auth::ApiKeyCheck,
     fault::FaultLayer,
     metrics::{FrozenMetrics, GrpcMetricsLayer, MetricsRegistry},
     settings::ServerArgs,
+    store::{Migrations, Store},
 };
 
 /// A bound, ready-to-run service. Binding happens in `build`, so `port()` is
@@ -175,6 +179,67 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// Where a service listens and keeps its data unless told otherwise.
+pub struct Defaults {
+    pub port: u16,
+    pub metrics_port: u16,
+    pub database_url: &'static str,
+}
+
+/// What every domain service does at start-up: open (and migrate) its store,
+/// put the API key check in front of its business service, register the pool
+/// metrics, and bind its ports.
+pub async fn start_domain_service<S, B>(
+    args: ServerArgs,
+    defaults: &Defaults,
+    migrations: &Migrations,
+    make_service: impl FnOnce(Store) -> S,
+) -> anyhow::Result<App<InterceptedService<S, ApiKeyCheck>>>
+where
+    InterceptedService<S, ApiKeyCheck>: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <InterceptedService<S, ApiKeyCheck> as Service<http::Request<Body>>>::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| defaults.database_url.to_owned());
+    let store = Store::open(&url, migrations).await?;
+    let mut metrics = MetricsRegistry::default();
+    metrics.register_pool(store.pool.clone());
+    let service = InterceptedService::new(make_service(store), ApiKeyCheck::new(args.api_key()));
+    App::bind(args, defaults.port, defaults.metrics_port, service, metrics).await
+}
+
+/// A service binary's whole life: logs and traces under `service_name`, then
+/// build, serve until SIGTERM or SIGINT, and drain.
+pub async fn run_until_signal<S, B>(
+    service_name: &'static str,
+    log_json: bool,
+    build: impl Future<Output = anyhow::Result<App<S>>>,
+) -> anyhow::Result<()>
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _telemetry = crate::telemetry::init(service_name, log_json);
+    let app = build.await?;
+    app.run_until_stopped(crate::shutdown::signal()).await
 }
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
