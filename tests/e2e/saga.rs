@@ -668,3 +668,81 @@ mod survives_20_percent_failures_and_20_percent_dropped_replies {
         super::survives_faults(ordersaga_tests::Backend::Postgres).await
     }
 }
+
+on_both_stores!(a_compensation_that_keeps_failing_stays_visible_and_is_announced);
+
+/// The stock service goes away after the reservation, so its release keeps
+/// failing: the saga stays COMPENSATING with its last error and attempt count,
+/// and `order.compensation_stuck` is written to the outbox once.
+async fn a_compensation_that_keeps_failing_stays_visible_and_is_announced(backend: Backend) {
+    let options = Options {
+        // Shipping is slow, so the stock service can be stopped in between.
+        shipping_faults: FaultSettings {
+            fault_latency_ms: 1_000,
+            ..Default::default()
+        },
+        engine: Some(EngineArgs {
+            compensation_max_backoff_ms: 50,
+            compensation_stuck_after_secs: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut system = System::start(backend, options).await;
+    let client = system.client().await;
+    // AQ is not served: the shipment fails for good, so the reservation must be released.
+    let created = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "AQ"))
+        .await
+        .unwrap();
+    ordersaga_tests::eventually("the reservation", WAIT, || async {
+        let order = client.get_order(&created.order_id).await.ok()?;
+        order
+            .steps
+            .iter()
+            .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
+            .then_some(())
+    })
+    .await;
+    system.services.stock.halt().await;
+
+    let pool = system.orchestrator.db.pool().await;
+    let stuck = ordersaga_tests::eventually("the stuck announcement", WAIT, || {
+        let pool = pool.clone();
+        let id = created.order_id.clone();
+        async move {
+            let payload: Option<String> = sqlx::query_scalar(
+                "SELECT payload FROM outbox WHERE aggregate_id = $1 AND event_type = 'order.compensation_stuck'",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+            payload
+        }
+    })
+    .await;
+    let stuck: serde_json::Value = serde_json::from_str(&stuck).unwrap();
+    assert_eq!(stuck["step"], "reserve_stock");
+    assert_eq!(stuck["status"], "COMPENSATING");
+    assert!(stuck["attempts"].as_i64().unwrap() >= 2, "{stuck}");
+
+    let order = client.get_order(&created.order_id).await.unwrap();
+    assert_eq!(status(&order), OrderStatus::Compensating, "{order:?}");
+    let release = order
+        .steps
+        .iter()
+        .find(|s| s.name == "reserve_stock" && s.phase == StepPhase::Compensation as i32)
+        .expect("the release step is visible");
+    assert_eq!(release.status, StepStatus::Running as i32);
+    assert!(release.attempts >= 2, "{release:?}");
+    assert!(release.last_error.contains("Unavailable"), "{release:?}");
+    let announcements: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox WHERE aggregate_id = $1 AND event_type = 'order.compensation_stuck'",
+    )
+    .bind(&created.order_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(announcements, 1, "announced once");
+}

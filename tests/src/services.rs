@@ -80,6 +80,11 @@ impl Running {
 
     /// Signals shutdown and waits for the drain to finish.
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops the server but keeps its store, to inspect it afterwards.
+    pub async fn halt(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
