@@ -55,6 +55,15 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Creates the orders without waiting for them (to fill the orchestrator
+    /// with sagas in flight), then exits.
+    Flood,
+    /// Waits until no saga is open, and prints how long that took.
+    Drain {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
     /// The RPC ceiling: a tonic unary call over loopback at the same concurrency.
     Echo {
         #[arg(short = 'n', long, default_value_t = 100_000)]
@@ -98,15 +107,29 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = BenchConfig {
-        orders_addr: args.addr,
-        stock_addr: args.stock_addr,
-        payment_addr: args.payment_addr,
-        api_key: args.api_key,
+        orders_addr: args.addr.clone(),
+        stock_addr: args.stock_addr.clone(),
+        payment_addr: args.payment_addr.clone(),
+        api_key: args.api_key.clone(),
         orders: args.orders,
         concurrency: args.concurrency.max(1),
         compensate_share: args.compensate_share,
         progress: !args.json,
     };
+    match args.command {
+        Some(Command::Flood) => {
+            let world = setup::prepare(&config).await?;
+            let created = run::flood(&config, &world).await?;
+            println!("created {created} orders without waiting");
+            return Ok(());
+        }
+        Some(Command::Drain { timeout_secs }) => {
+            let elapsed = run::drain(&config, std::time::Duration::from_secs(timeout_secs)).await?;
+            println!("no open saga left after {:.2} s", elapsed.as_secs_f64());
+            return Ok(());
+        }
+        _ => {}
+    }
     let world = setup::prepare(&config).await?;
     let load = run::orders(&config, &world).await?;
     let verdict = check::conservation(&config, &world, &load).await?;

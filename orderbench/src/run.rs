@@ -62,28 +62,8 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
     let mut tasks = Vec::with_capacity(config.orders as usize);
     let mut expected_compensated = 0;
     for i in 0..config.orders {
-        let poor = is_poor(i, config.compensate_share);
-        expected_compensated += u64::from(poor);
-        let request = CreateOrderRequest {
-            request_id: format!("{}-order-{i}", world.run_id),
-            customer_id: if poor {
-                world.poor.clone()
-            } else {
-                world.payer.clone()
-            },
-            items: vec![OrderItem {
-                sku: world.sku.clone(),
-                quantity: QUANTITY,
-            }],
-            shipping_address: Some(ShippingAddress {
-                recipient: "Bench Customer".into(),
-                line1: "1 Load Street".into(),
-                city: "Berlin".into(),
-                postal_code: "10115".into(),
-                country: "DE".into(),
-            }),
-            wait: true,
-        };
+        expected_compensated += u64::from(is_poor(i, config.compensate_share));
+        let request = order_request(world, i, config.compensate_share);
         let permit = permits.clone().acquire_owned().await?;
         let (client, latency, outcomes, errors, progress) = (
             client.clone(),
@@ -149,5 +129,79 @@ mod tests {
         assert_eq!(poor.len(), 10);
         assert_eq!(poor[0], 9);
         assert_eq!((0..7).filter(|i| is_poor(*i, 0.0)).count(), 0);
+    }
+}
+
+/// Creates the orders without `wait`: each call returns once the order is
+/// recorded. Returns how many were created.
+pub async fn flood(config: &BenchConfig, world: &World) -> anyhow::Result<u64> {
+    let client = OrderClient::connect(config.orders_addr.clone(), &config.api_key).await?;
+    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let mut tasks = Vec::with_capacity(config.orders as usize);
+    for i in 0..config.orders {
+        let mut request = order_request(world, i, config.compensate_share);
+        request.wait = false;
+        let permit = permits.clone().acquire_owned().await?;
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            client.create_order(request).await.is_ok()
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        created += u64::from(task.await?);
+    }
+    Ok(created)
+}
+
+/// Polls until no saga is RUNNING or COMPENSATING; returns how long it took.
+pub async fn drain(config: &BenchConfig, timeout: Duration) -> anyhow::Result<Duration> {
+    let client = OrderClient::connect(config.orders_addr.clone(), &config.api_key).await?;
+    let started = Instant::now();
+    loop {
+        let open = client
+            .list_orders(ordersaga_proto::orders::v1::ListOrdersRequest {
+                statuses: vec![
+                    OrderStatus::Running as i32,
+                    OrderStatus::Compensating as i32,
+                ],
+                page_size: 1,
+                ..Default::default()
+            })
+            .await?;
+        if open.orders.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("sagas still open after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Order `i` of a run: one unit of the run's SKU, by the payer or (for the
+/// compensating share) by the customer who can't pay.
+pub fn order_request(world: &World, i: u64, share: f64) -> CreateOrderRequest {
+    let poor = is_poor(i, share);
+    CreateOrderRequest {
+        request_id: format!("{}-order-{i}", world.run_id),
+        customer_id: if poor {
+            world.poor.clone()
+        } else {
+            world.payer.clone()
+        },
+        items: vec![OrderItem {
+            sku: world.sku.clone(),
+            quantity: QUANTITY,
+        }],
+        shipping_address: Some(ShippingAddress {
+            recipient: "Bench Customer".into(),
+            line1: "1 Load Street".into(),
+            city: "Berlin".into(),
+            postal_code: "10115".into(),
+            country: "DE".into(),
+        }),
+        wait: true,
     }
 }
