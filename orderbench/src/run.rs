@@ -119,19 +119,6 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::is_poor;
-
-    #[test]
-    fn the_share_is_exact_and_spread() {
-        let poor: Vec<u64> = (0..100).filter(|i| is_poor(*i, 0.1)).collect();
-        assert_eq!(poor.len(), 10);
-        assert_eq!(poor[0], 9);
-        assert_eq!((0..7).filter(|i| is_poor(*i, 0.0)).count(), 0);
-    }
-}
-
 /// Creates the orders without `wait`: each call returns once the order is
 /// recorded. Returns how many were created.
 pub async fn flood(config: &BenchConfig, world: &World) -> anyhow::Result<u64> {
@@ -203,5 +190,18 @@ pub fn order_request(world: &World, i: u64, share: f64) -> CreateOrderRequest {
             country: "DE".into(),
         }),
         wait: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_poor;
+
+    #[test]
+    fn the_share_is_exact_and_spread() {
+        let poor: Vec<u64> = (0..100).filter(|i| is_poor(*i, 0.1)).collect();
+        assert_eq!(poor.len(), 10);
+        assert_eq!(poor[0], 9);
+        assert_eq!((0..7).filter(|i| is_poor(*i, 0.0)).count(), 0);
     }
 }
