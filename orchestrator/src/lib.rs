@@ -74,7 +74,9 @@ pub struct Settings {
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// Attempts per forward step before its outcome counts as unknown (and is compensated).
-    #[arg(long, env = "STEP_MAX_ATTEMPTS", value_name = "STEP_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    /// With the default backoff, the budget spans about 15 s, so a short outage of a
+    /// service does not turn every saga in flight into a compensation.
+    #[arg(long, env = "STEP_MAX_ATTEMPTS", value_name = "STEP_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub step_max_attempts: u32,
 
     /// Deadline of each step call, in milliseconds.
@@ -82,11 +84,11 @@ pub struct EngineArgs {
     pub step_timeout_ms: u64,
 
     /// First backoff between attempts, in milliseconds; it doubles, with jitter.
-    #[arg(long, env = "RETRY_INITIAL_BACKOFF_MS", value_name = "RETRY_INITIAL_BACKOFF_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "RETRY_INITIAL_BACKOFF_MS", value_name = "RETRY_INITIAL_BACKOFF_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub retry_initial_backoff_ms: u64,
 
     /// Longest backoff between forward attempts, in milliseconds.
-    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", value_name = "RETRY_MAX_BACKOFF_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    #[arg(long, env = "RETRY_MAX_BACKOFF_MS", value_name = "RETRY_MAX_BACKOFF_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub retry_max_backoff_ms: u64,
 
     /// Longest backoff between compensation attempts (which never give up), in milliseconds.
@@ -124,10 +126,10 @@ pub struct EngineArgs {
 impl Default for EngineArgs {
     fn default() -> Self {
         EngineArgs {
-            step_max_attempts: 5,
+            step_max_attempts: 10,
             step_timeout_ms: 5_000,
-            retry_initial_backoff_ms: 20,
-            retry_max_backoff_ms: 2_000,
+            retry_initial_backoff_ms: 50,
+            retry_max_backoff_ms: 5_000,
             compensation_max_backoff_ms: 10_000,
             max_inflight_sagas: 10_000,
             compensation_stuck_after_secs: 60,

@@ -44,10 +44,10 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 5,
+            max_attempts: 10,
             call_timeout: Duration::from_secs(5),
-            initial_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_secs(2),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
             max_compensation_backoff: Duration::from_secs(10),
             compensation_stuck_after: Duration::from_secs(60),
         }
