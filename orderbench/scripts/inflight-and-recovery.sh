@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Usage: INFLIGHT=1000 orderbench/scripts/inflight-and-recovery.sh  (release binaries in $R)
+# Usage: N=10000 INFLIGHT=10000 orderbench/scripts/inflight-and-recovery.sh
+# (release binaries in $R, default /work/target-release/release)
 # 10,000 sagas in flight (shipping slowed by injected latency), orchestrator RSS,
 # then kill -9, shipping healthy again, restart and time the recovery.
 set -u
@@ -13,19 +14,19 @@ start_shipping 600000
 sleep 1
 STEP_TIMEOUT_MS=600000 PORT=50051 METRICS_PORT=9091 DATABASE_URL=sqlite://$D/orchestrator.db $R/orchestrator > orch.log 2>&1 & echo $! > orch.pid
 sleep 1
-/usr/bin/time -f "flood took %e s" $R/orderbench -n 10000 -c 64 flood 2>&1 | tail -2
+/usr/bin/time -f "flood took %e s" $R/orderbench -n ${N:-10000} -c 64 flood 2>&1 | tail -2
 sleep 2
 echo "orchestrator RSS with the sagas in flight: $(ps -o rss= -p $(cat orch.pid)) KiB"
 curl -s localhost:9091/metrics | grep -E "^sagas_in_flight|^saga_started_total"
 kill -9 $(cat orch.pid); sleep 0.5
 pkill -9 -f 'release/shipping-svc'; sleep 0.5; start_shipping 0; until (exec 3<>/dev/tcp/127.0.0.1/50053) 2>/dev/null; do sleep 0.1; done; sleep 0.5
-T0=$(date +%s.%N)
+nstat -n; T0=$(date +%s.%N)
 MAX_INFLIGHT_SAGAS=${INFLIGHT:-10000} PORT=50051 METRICS_PORT=9091 DATABASE_URL=sqlite://$D/orchestrator.db $R/orchestrator > orch2.log 2>&1 & echo $! > orch.pid
 sleep 0.3
 (for i in 1 2 3 4 5 6; do echo "conns to 50053: $(ss -tn state established '( dport = :50053 )' | wc -l)  SYN-SENT: $(ss -tn state syn-sent | wc -l)"; ss -s | grep -i tcp: ; sleep 1; done) &
 $R/orderbench drain --timeout-secs 120 2>&1 | tail -1
 T1=$(date +%s.%N)
-echo "restart to all finished: $(echo "$T1 - $T0" | bc) s"
+nstat | grep -E "Overflow|Drop|AttemptFail|OutRst|EstabReset|ActiveOpens|PassiveOpens"; echo "restart to all finished: $(echo "$T1 - $T0" | bc) s"
 grep -i "resum" orch2.log | head -2
 curl -s localhost:9091/metrics | grep -E "^saga_finished_total|^sagas_in_flight"
 echo "orchestrator RSS after: $(ps -o rss= -p $(cat orch.pid)) KiB"

@@ -699,6 +699,14 @@ fn record_failure(span: &tracing::Span, status: &Status) {
     span.record("error.message", status.message());
 }
 
+/// The status and, for transport failures, the chain of causes (a bare
+/// "tcp connect error" says too little to act on).
 fn describe(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
