@@ -47,6 +47,12 @@ pub struct DownstreamArgs {
     )]
     pub payment_url: String,
 
+    /// Most calls in flight on each service's connection; more wait in the
+    /// orchestrator. Keeps a burst (10,000 sagas resumed at once) from opening
+    /// thousands of HTTP/2 streams that time out and get reset together.
+    #[arg(long, env = "DOWNSTREAM_MAX_CONCURRENT_CALLS", value_name = "DOWNSTREAM_MAX_CONCURRENT_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub downstream_max_concurrent_calls: u32,
+
     /// Key sent to the domain services in `x-api-key`; defaults to the orchestrator's own key.
     #[arg(
         long,
@@ -63,6 +69,7 @@ impl DownstreamArgs {
             stock_url,
             shipping_url,
             payment_url,
+            downstream_max_concurrent_calls: 512,
             services_api_key: None,
         }
     }
@@ -114,6 +121,7 @@ impl Downstream {
                 .with_context(|| format!("{name} is not a valid URL: {url:?}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
+                .concurrency_limit(args.downstream_max_concurrent_calls as usize)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true);
             Ok(InterceptedService::new(

@@ -7,10 +7,10 @@ set -u
 R=${R:-/work/target-release/release}
 D=/tmp/mem; rm -rf $D; mkdir -p $D; cd $D
 export APPLICATION_API_KEY=dev-key HOST=127.0.0.1 RUST_LOG=warn
-start_shipping() { PORT=50053 METRICS_PORT=9093 DATABASE_URL=sqlite://$D/shipping.db FAULT_LATENCY_MS=${1:-0} $R/shipping-svc > shipping.log 2>&1 & echo $! > shipping.pid; }
+start_shipping() { REQUEST_TIMEOUT_SECS=3600 PORT=50053 METRICS_PORT=9093 DATABASE_URL=sqlite://$D/shipping.db FAULT_LATENCY_MS=${1:-0} $R/shipping-svc > shipping.log 2>&1 & echo $! > shipping.pid; }
 PORT=50052 METRICS_PORT=9092 DATABASE_URL=sqlite://$D/stock.db $R/stock-svc > stock.log 2>&1 &
 PORT=50054 METRICS_PORT=9094 DATABASE_URL=sqlite://$D/payment.db $R/payment-svc > payment.log 2>&1 &
-start_shipping 600000
+start_shipping 60000
 sleep 1
 STEP_TIMEOUT_MS=600000 PORT=50051 METRICS_PORT=9091 DATABASE_URL=sqlite://$D/orchestrator.db $R/orchestrator > orch.log 2>&1 & echo $! > orch.pid
 sleep 1

@@ -150,6 +150,12 @@ where
             .timeout(self.args.request_timeout())
             // A server span per call, child of the caller's span (W3C traceparent).
             .trace_fn(crate::propagation::server_span)
+            // h2 closes a connection (GOAWAY) after 20 streams that the client reset
+            // before the server accepted them: its rapid-reset defence. Our
+            // orchestrator cancels calls that pass their deadline, so under a burst
+            // (say, 10,000 sagas resumed at once) the default would cut the one
+            // connection every saga shares and fail all their calls together.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
             // Latency and status code per method, for /metrics.
             .layer(self.grpc_metrics)
             // Opt-in fault injection around every business call (never health or reflection).
@@ -241,6 +247,10 @@ where
     let app = build.await?;
     app.run_until_stopped(crate::shutdown::signal()).await
 }
+
+/// See the server builder: how many client-reset, not-yet-accepted streams a
+/// connection may have before the server closes it.
+const MAX_PENDING_ACCEPT_RESETS: usize = 16 * 1024;
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
