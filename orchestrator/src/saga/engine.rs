@@ -419,25 +419,17 @@ impl<D: Send + Sync + 'static> Inner<D> {
         let mut announced_stuck = false;
         let output = loop {
             attempt += 1;
-            let call = Call {
-                saga_id,
-                request_id: request_id.clone(),
-                attempt,
-                timeout: self.policy.call_timeout,
-            };
-            let span = attempt_span(step.name(), Phase::Compensation, &call);
-            let timer = std::time::Instant::now();
             let result = self
-                .call_with_deadline(step.compensate(data, &call))
-                .instrument(span.clone())
+                .attempt(
+                    saga_id,
+                    step.as_ref(),
+                    data,
+                    Phase::Compensation,
+                    attempt,
+                    &request_id,
+                )
                 .await;
-            self.metrics.attempt(
-                step.name(),
-                Phase::Compensation,
-                timer.elapsed().as_secs_f64(),
-            );
             if let Err(status) = &result {
-                record_failure(&span, status);
                 self.metrics
                     .retry(step.name(), Phase::Compensation, status.code());
             }
@@ -501,6 +493,45 @@ impl<D: Send + Sync + 'static> Inner<D> {
         Ok(())
     }
 
+    /// One attempt of a step in `phase`: the call under its deadline, in its
+    /// own span, timed for the metrics; a failure is marked on the span.
+    async fn attempt(
+        &self,
+        saga_id: Uuid,
+        step: &dyn Step<D>,
+        data: &D,
+        phase: Phase,
+        attempt: u32,
+        request_id: &str,
+    ) -> Result<String, Status> {
+        let call = Call {
+            saga_id,
+            request_id: request_id.to_owned(),
+            attempt,
+            timeout: self.policy.call_timeout,
+        };
+        let span = attempt_span(step.name(), phase, &call);
+        let timer = std::time::Instant::now();
+        let result = match phase {
+            Phase::Forward => {
+                self.call_with_deadline(step.forward(data, &call))
+                    .instrument(span.clone())
+                    .await
+            }
+            Phase::Compensation => {
+                self.call_with_deadline(step.compensate(data, &call))
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        self.metrics
+            .attempt(step.name(), phase, timer.elapsed().as_secs_f64());
+        if let Err(status) = &result {
+            record_failure(&span, status);
+        }
+        result
+    }
+
     async fn attempt_forward(
         &self,
         saga_id: Uuid,
@@ -510,26 +541,15 @@ impl<D: Send + Sync + 'static> Inner<D> {
         let request_id = Call::request_id(saga_id, step.name(), Phase::Forward);
         let mut last_error = String::new();
         for attempt in 1..=self.policy.max_attempts {
-            let call = Call {
-                saga_id,
-                request_id: request_id.clone(),
-                attempt,
-                timeout: self.policy.call_timeout,
-            };
-            let span = attempt_span(step.name(), Phase::Forward, &call);
-            let timer = std::time::Instant::now();
             let result = self
-                .call_with_deadline(step.forward(data, &call))
-                .instrument(span.clone())
+                .attempt(saga_id, step, data, Phase::Forward, attempt, &request_id)
                 .await;
-            self.metrics
-                .attempt(step.name(), Phase::Forward, timer.elapsed().as_secs_f64());
-            if let Err(status) = &result {
-                record_failure(&span, status);
-                if is_transient(status.code()) && attempt < self.policy.max_attempts {
-                    self.metrics
-                        .retry(step.name(), Phase::Forward, status.code());
-                }
+            if let Err(status) = &result
+                && is_transient(status.code())
+                && attempt < self.policy.max_attempts
+            {
+                self.metrics
+                    .retry(step.name(), Phase::Forward, status.code());
             }
             match result {
                 Ok(output) => {
