@@ -8,7 +8,9 @@
 //! - [`outbox`]: order events, written with the state change, relayed to RabbitMQ.
 //! - [`downstream`]: the clients of the domain services.
 //! - [`error`]: the OrderService's outcomes and their gRPC codes.
+//! - [`crash_points`]: named places where tests abort or pause the process.
 
+pub mod crash_points;
 pub mod downstream;
 pub mod error;
 pub mod order_saga;

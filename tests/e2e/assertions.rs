@@ -33,3 +33,30 @@ pub fn order_id() -> String {
 pub fn request_id() -> String {
     format!("req-{}", uuid::Uuid::new_v4().simple())
 }
+
+/// Polls the order until its saga is terminal (at most `timeout`), and returns it.
+pub async fn terminal_order(
+    client: &ordersaga_proto::client::OrderClient,
+    order_id: &str,
+    timeout: std::time::Duration,
+) -> ordersaga_proto::orders::v1::Order {
+    use ordersaga_proto::orders::v1::OrderStatus;
+    ordersaga_tests::eventually("the order to end", timeout, || async {
+        let order = client.get_order(order_id).await.ok()?;
+        let status = OrderStatus::try_from(order.status).ok()?;
+        (!matches!(status, OrderStatus::Running | OrderStatus::Compensating)).then_some(order)
+    })
+    .await
+}
+
+/// Whether the order shows step `name` (forward) with `status`.
+pub fn has_forward_step(
+    order: &ordersaga_proto::orders::v1::Order,
+    name: &str,
+    status: ordersaga_proto::orders::v1::StepStatus,
+) -> bool {
+    use ordersaga_proto::orders::v1::StepPhase;
+    order.steps.iter().any(|s| {
+        s.name == name && s.phase == StepPhase::Forward as i32 && s.status == status as i32
+    })
+}

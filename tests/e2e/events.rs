@@ -13,11 +13,16 @@ use ordersaga_tests::{
 };
 use secrecy::SecretString;
 
-use crate::{assertions::request_id, bins};
+use crate::{
+    assertions::{request_id, terminal_order},
+    bins,
+};
 
 on_both_stores!(
     each_orders_events_arrive_in_order_with_their_content,
     a_state_change_and_its_event_commit_together,
+    sequences_keep_counting_after_the_outbox_is_pruned,
+    events_no_queue_is_bound_for_are_parked_not_lost,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -313,4 +318,125 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
         3
     );
     orchestrator.terminate().await;
+}
+
+/// The outbox (aggregate, sequence, type) rows of one order, in sequence order.
+async fn outbox_of(pool: &sqlx::AnyPool, order_id: &str) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT sequence, event_type FROM outbox WHERE aggregate_id = $1 ORDER BY sequence")
+        .bind(order_id)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// A saga that compensates for long outlives its first events, which are
+/// pruned once sent. Its later events must still count on from where it was:
+/// a consumer following docs/events.md drops an event whose sequence it has
+/// already seen.
+async fn sequences_keep_counting_after_the_outbox_is_pruned(backend: Backend) {
+    use h2::Reason;
+    use ordersaga_tests::h2_proxy::{H2Proxy, Rule};
+
+    let mut services = DomainServices::start(backend, &Options::default()).await;
+    // Nobody ships to AQ, so the reservation is released; every release's
+    // reply is lost until the proxy heals, so the compensation is stuck.
+    let proxy = H2Proxy::start(
+        services.stock.addr,
+        Rule::ResetAfterReply {
+            path_suffix: "/ReleaseStock".into(),
+            reason: Reason::CANCEL,
+        },
+    )
+    .await;
+    let stock = std::mem::replace(&mut services.stock_endpoint, Some(proxy.endpoint()));
+    assert!(stock.is_none());
+    let downstream = services.downstream();
+    let orchestrator = ordersaga_tests::services::orchestrator(backend, move |url| {
+        let mut settings = orchestrator::Settings::local(url, ordersaga_tests::API_KEY, downstream);
+        settings.engine = orchestrator::EngineArgs {
+            compensation_max_backoff_ms: 50,
+            compensation_stuck_after_secs: 1,
+            ..Default::default()
+        };
+        settings
+    })
+    .await;
+    let client = ordersaga_proto::client::OrderClient::connect(
+        orchestrator.endpoint(),
+        ordersaga_tests::API_KEY,
+    )
+    .await
+    .unwrap();
+    let created = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "AQ"))
+        .await
+        .unwrap();
+    let pool = orchestrator.db.pool().await;
+    eventually("the stuck announcement", WAIT, || {
+        let pool = pool.clone();
+        let id = created.order_id.clone();
+        async move { (outbox_of(&pool, &id).await.len() == 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        outbox_of(&pool, &created.order_id).await,
+        vec![
+            (1, "order.created".to_owned()),
+            (2, "order.compensation_stuck".to_owned())
+        ]
+    );
+    // What the relay's pruning does to sent events past their retention.
+    sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")
+        .bind(&created.order_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    proxy.set_rule(Rule::Pass);
+    let order = terminal_order(&client, &created.order_id, WAIT).await;
+    assert_eq!(order.status, OrderStatus::Compensated as i32, "{order:?}");
+    assert_eq!(
+        outbox_of(&pool, &created.order_id).await,
+        vec![(3, "order.compensated".to_owned())],
+        "the sequence goes on after pruning"
+    );
+}
+
+/// An event that no queue is bound for is kept in the durable queue
+/// `<exchange>.unrouted`, not confirmed into the void.
+async fn events_no_queue_is_bound_for_are_parked_not_lost(backend: Backend) {
+    let exchange = unique_exchange();
+    let options = Options {
+        broker: Some(broker(rabbitmq_url(), &exchange)),
+        ..Default::default()
+    };
+    let system = System::start(backend, options).await;
+    let client = system.client().await;
+    let mut request = order(&request_id(), "alice", &[("PEN", 1)], "DE");
+    request.wait = true;
+    let done = client.create_order(request).await.unwrap();
+    assert_eq!(done.status, OrderStatus::Completed as i32);
+    let pool = system.orchestrator.db.pool().await;
+    eventually("the relay to confirm both events", WAIT, || {
+        let pool = pool.clone();
+        async move {
+            let unsent: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at_ms IS NULL")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (unsent == 0).then_some(())
+        }
+    })
+    .await;
+    let parked = ordersaga_tests::broker::drain_queue(&format!("{exchange}.unrouted")).await;
+    let types: Vec<String> = parked
+        .iter()
+        .filter(|e| e.field("order_id") == done.order_id.as_str())
+        .map(|e| e.field("event_type").as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        vec!["order.created".to_owned(), "order.completed".to_owned()],
+        "both events are parked, in order"
+    );
 }

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use lapin::{
     Connection, ConnectionProperties, ExchangeKind,
     options::{
-        BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions,
         QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
@@ -99,29 +99,7 @@ pub async fn consume(exchange: &str) -> mpsc::UnboundedReceiver<Received> {
     tokio::spawn(async move {
         let _connection = connection;
         while let Some(Ok(delivery)) = consumer.next().await {
-            let properties = &delivery.properties;
-            let traceparent_header = properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("traceparent").cloned())
-                .and_then(|v| match v {
-                    AMQPValue::LongString(s) => {
-                        Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                    }
-                    _ => None,
-                })
-                .unwrap_or_default();
-            let received = Received {
-                routing_key: delivery.routing_key.as_str().to_owned(),
-                message_id: properties
-                    .message_id()
-                    .as_ref()
-                    .map(|m| m.as_str().to_owned())
-                    .unwrap_or_default(),
-                traceparent_header,
-                persistent: *properties.delivery_mode() == Some(2),
-                body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
-            };
+            let received = received(&delivery);
             let _ = delivery.ack(BasicAckOptions::default()).await;
             if tx.send(received).is_err() {
                 break;
@@ -129,6 +107,55 @@ pub async fn consume(exchange: &str) -> mpsc::UnboundedReceiver<Received> {
         }
     });
     rx
+}
+
+fn received(delivery: &lapin::message::Delivery) -> Received {
+    let properties = &delivery.properties;
+    let traceparent_header = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    Received {
+        routing_key: delivery.routing_key.as_str().to_owned(),
+        message_id: properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default(),
+        traceparent_header,
+        persistent: *properties.delivery_mode() == Some(2),
+        body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
+    }
+}
+
+/// Takes every message waiting in the durable queue `queue` (acked), oldest
+/// first. Panics if the queue does not exist.
+pub async fn drain_queue(queue: &str) -> Vec<Received> {
+    let connection = Connection::connect(&rabbitmq_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("RabbitMQ at {} is unreachable: {e}", rabbitmq_url()));
+    let channel = connection.create_channel().await.unwrap();
+    let mut messages = Vec::new();
+    loop {
+        let got = channel
+            .basic_get(
+                ShortString::from(queue.to_owned()),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} cannot be read: {e}"));
+        let Some(message) = got else {
+            break;
+        };
+        messages.push(received(&message.delivery));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    messages
 }
 
 /// Receives until `done` says the events so far are enough, deduplicating by

@@ -5,12 +5,39 @@ use std::{path::Path, process::Stdio, time::Duration};
 
 use tokio::process::{Child, Command};
 
-use crate::{API_KEY, binaries::free_port, eventually};
+use ordersaga_proto::client::OrderClient;
+
+use crate::{API_KEY, binaries::free_port, eventually, system::DomainServices};
+
+/// The orchestrator as a real process (`binary`), on the store at `db_url`,
+/// driving `services`, with fast retries and `env` on top.
+pub fn orchestrator_process(
+    binary: &str,
+    data_dir: &Path,
+    db_url: &str,
+    services: &DomainServices,
+    env: &[(&str, String)],
+) -> ServiceProcess {
+    let (stock, shipping, payment) = services.endpoints();
+    let mut all = vec![
+        ("DATABASE_URL", db_url.to_owned()),
+        ("STOCK_SERVICE_URL", stock),
+        ("SHIPPING_SERVICE_URL", shipping),
+        ("PAYMENT_SERVICE_URL", payment),
+        ("RETRY_INITIAL_BACKOFF_MS", "5".to_owned()),
+        ("RETRY_MAX_BACKOFF_MS", "100".to_owned()),
+        ("COMPENSATION_MAX_BACKOFF_MS", "100".to_owned()),
+        ("STEP_MAX_ATTEMPTS", "40".to_owned()),
+    ];
+    all.extend(env.iter().cloned());
+    ServiceProcess::new(binary, data_dir, "orchestrator", &all)
+}
 
 /// A service process with its fixed port, environment and store.
 pub struct ServiceProcess {
     binary: String,
     pub port: u16,
+    pub metrics_port: u16,
     env: Vec<(String, String)>,
     child: Option<Child>,
 }
@@ -25,11 +52,12 @@ impl ServiceProcess {
         env: &[(&str, String)],
     ) -> ServiceProcess {
         let port = free_port();
+        let metrics_port = free_port();
         let mut all = vec![
             ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
             ("HOST".to_owned(), "127.0.0.1".to_owned()),
             ("PORT".to_owned(), port.to_string()),
-            ("METRICS_PORT".to_owned(), "0".to_owned()),
+            ("METRICS_PORT".to_owned(), metrics_port.to_string()),
             (
                 "DATABASE_URL".to_owned(),
                 format!("sqlite://{}", data_dir.join(format!("{name}.db")).display()),
@@ -43,9 +71,16 @@ impl ServiceProcess {
         ServiceProcess {
             binary: binary.to_owned(),
             port,
+            metrics_port,
             env: all,
             child: None,
         }
+    }
+
+    /// Sets (or replaces) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.into()));
     }
 
     pub fn endpoint(&self) -> String {
@@ -68,6 +103,34 @@ impl ServiceProcess {
             async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
         })
         .await;
+    }
+
+    /// Its `/metrics` page.
+    pub async fn scrape(&self) -> String {
+        crate::services::scrape(([127, 0, 0, 1], self.metrics_port).into()).await
+    }
+
+    /// Waits for the process to end by itself (e.g. at an armed crash point).
+    pub async fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the process was started");
+        tokio::time::timeout(timeout, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {timeout:?}", self.binary))
+            .expect("wait for the process")
+    }
+
+    /// An OrderService client, once the process answers.
+    pub async fn order_client(&self) -> OrderClient {
+        let endpoint = self.endpoint();
+        eventually("the orchestrator to answer", Duration::from_secs(30), || {
+            let endpoint = endpoint.clone();
+            async move {
+                let client = OrderClient::connect(endpoint, API_KEY).await.ok()?;
+                client.list_orders(Default::default()).await.ok()?;
+                Some(client)
+            }
+        })
+        .await
     }
 
     /// SIGKILL, as `kill -9`.

@@ -59,23 +59,9 @@ impl Running {
         PaymentServiceClient::new(self.channel().await)
     }
 
-    /// The metrics page, fetched over plain HTTP/1.0.
+    /// The metrics page.
     pub async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .expect("connect to /metrics");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(
-            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-            "{response}"
-        );
-        response
+        scrape(self.metrics_addr).await
     }
 
     /// Signals shutdown and waits for the drain to finish.
@@ -102,6 +88,25 @@ impl Drop for Running {
             let _ = stop.send(());
         }
     }
+}
+
+/// A `/metrics` page, fetched over plain HTTP/1.0.
+pub async fn scrape(metrics_addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics_addr)
+        .await
+        .expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
 }
 
 fn shutdown_pair() -> (

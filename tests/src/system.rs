@@ -53,6 +53,12 @@ pub struct DomainServices {
     pub stock: Running,
     pub shipping: Running,
     pub payment: Running,
+    /// Where the orchestrator reaches stock, when not directly (a proxy).
+    pub stock_endpoint: Option<String>,
+    /// Where the orchestrator reaches shipping, when not directly (a proxy).
+    pub shipping_endpoint: Option<String>,
+    /// Where the orchestrator reaches payment, when not directly (a proxy).
+    pub payment_endpoint: Option<String>,
 }
 
 impl DomainServices {
@@ -64,16 +70,31 @@ impl DomainServices {
             shipping: services::shipping_with_faults(backend, options.shipping_faults.clone())
                 .await,
             payment: services::payment_with_faults(backend, options.payment_faults.clone()).await,
+            stock_endpoint: None,
+            shipping_endpoint: None,
+            payment_endpoint: None,
         };
         seed(&services.stock.endpoint(), &services.payment.endpoint()).await;
         services
     }
 
     pub fn downstream(&self) -> DownstreamArgs {
-        DownstreamArgs::local(
-            self.stock.endpoint(),
-            self.shipping.endpoint(),
-            self.payment.endpoint(),
+        let (stock, shipping, payment) = self.endpoints();
+        DownstreamArgs::local(stock, shipping, payment)
+    }
+
+    /// Where the orchestrator reaches stock, shipping and payment.
+    pub fn endpoints(&self) -> (String, String, String) {
+        (
+            self.stock_endpoint
+                .clone()
+                .unwrap_or_else(|| self.stock.endpoint()),
+            self.shipping_endpoint
+                .clone()
+                .unwrap_or_else(|| self.shipping.endpoint()),
+            self.payment_endpoint
+                .clone()
+                .unwrap_or_else(|| self.payment.endpoint()),
         )
     }
 

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
 use crate::{
+    crash_points::{self, point},
     downstream::StockClient,
     error::OrderError,
     order_saga::OrderData,
@@ -155,6 +156,7 @@ impl OrderService for OrderApi {
                 .await?
                 {
                     Recorded::Created => {
+                        crash_points::reach(point::AFTER_CREATE_COMMIT).await;
                         saga_span.in_scope(|| tracing::info!("order recorded; saga started"));
                         let order_id = order.order_id;
                         self.engine.start(order_id, Arc::new(order), saga_span);
@@ -311,6 +313,7 @@ impl OrderService for OrderApi {
         match outcome {
             CancelOutcome::Accepted => {
                 tracing::info!(reason = %req.reason, "cancellation requested");
+                crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
                 self.engine.notify(order_id);
             }
             CancelOutcome::AlreadyRequested | CancelOutcome::NotRunning(SagaStatus::Cancelled) => {}

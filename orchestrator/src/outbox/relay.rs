@@ -25,6 +25,8 @@ use sqlx::{AnyPool, Row};
 use svc_kit::time::now_ms;
 use tokio::{sync::watch, task::JoinHandle};
 
+use crate::crash_points::{self, point};
+
 /// Most events published per confirm round.
 const BATCH: i64 = 256;
 /// How often an idle relay looks for new events.
@@ -280,6 +282,7 @@ impl Relay {
                     .await?;
                 pending.push((id, confirm));
             }
+            crash_points::reach(point::AFTER_PUBLISH).await;
             // Marked sent only once confirmed, and only up to the first refusal,
             // so nothing after a refused event is skipped.
             let mut confirmed = Vec::with_capacity(pending.len());

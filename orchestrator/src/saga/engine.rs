@@ -22,7 +22,10 @@ use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::outbox::NewEvent;
+use crate::{
+    crash_points::{self, point},
+    outbox::NewEvent,
+};
 
 use super::{
     definition::{Call, Milestone, Phase, SagaDefinition, Step},
@@ -285,6 +288,7 @@ impl<D: Send + Sync + 'static> Inner<D> {
         let step = self.definition.steps[index as usize].clone();
         let started = now_ms();
         let outcome = self.attempt_forward(saga_id, step.as_ref(), data).await?;
+        crash_points::reach(point::AFTER_STEP_REPLY).await;
         let finished = Some(now_ms());
         let mut record = StepRecord::started(Phase::Forward, index, step.name(), started);
         record.finished_at_ms = finished;
@@ -489,6 +493,9 @@ impl<D: Send + Sync + 'static> Inner<D> {
             failure_reason: cursor.failure_reason.clone(),
         };
         self.checkpoint(saga_id, steps, Some(state), false).await?;
+        if next >= 0 {
+            crash_points::reach(point::BETWEEN_COMPENSATIONS).await;
+        }
         cursor.next_step = next;
         Ok(())
     }

@@ -14,7 +14,10 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::definition::Phase;
-use crate::outbox::{self, NewEvent};
+use crate::{
+    crash_points::{self, point},
+    outbox::{self, NewEvent},
+};
 
 /// The most checkpoints one commit carries.
 const MAX_BATCH: usize = 512;
@@ -289,8 +292,18 @@ async fn write_batches(pool: AnyPool, mut rx: mpsc::Receiver<(Checkpoint, Reply)
             }
         }
         let checkpoints: Vec<&Checkpoint> = batch.iter().map(|(c, _)| c).collect();
+        let has_events = checkpoints.iter().any(|c| !c.events.is_empty());
         match commit_batch(&pool, &checkpoints).await {
             Ok(results) => {
+                let lost = crash_points::reach(point::AFTER_LOG_COMMIT).await
+                    | (has_events && crash_points::reach(point::AFTER_LOG_COMMIT_WITH_EVENTS).await);
+                if lost {
+                    // As if the reply to COMMIT was lost: durable, but reported failed.
+                    for (_, reply) in batch.drain(..) {
+                        let _ = reply.send(Err("the reply to COMMIT was lost".into()));
+                    }
+                    continue;
+                }
                 for ((_, reply), applied) in batch.drain(..).zip(results) {
                     let _ = reply.send(Ok(applied));
                 }
