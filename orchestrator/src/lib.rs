@@ -1,22 +1,21 @@
 //! The orchestrator: serves `orders.v1.OrderService` and drives one saga per
 //! order through the domain services.
 //!
-//! - [`saga`]: the durable saga engine, generic over its steps.
-//! - [`order_saga`]: the order saga defined on it: reserve stock, prepare
+//! - [`order_saga`]: the order saga, defined on the generic `saga-engine`: reserve stock, prepare
 //!   shipment, charge payment, and their compensations.
 //! - [`orders`]: the public API: create, get, list, watch, cancel.
 //! - [`outbox`]: order events, written with the state change, relayed to RabbitMQ.
 //! - [`downstream`]: the clients of the domain services.
 //! - [`error`]: the OrderService's outcomes and their gRPC codes.
-//! - [`crash_points`]: named places where tests abort or pause the process.
 
-pub mod crash_points;
 pub mod downstream;
 pub mod error;
 pub mod order_saga;
 pub mod orders;
 pub mod outbox;
-pub mod saga;
+
+/// Named crash points, armed only by the test build of the binary.
+pub use saga_engine::crash_points;
 
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ use svc_kit::{
     settings::ServerArgs,
     store::{Migrations, Store},
 };
+use saga_engine::{Engine, RetryPolicy, metrics::EngineMetrics};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::{
@@ -36,7 +36,6 @@ use crate::{
     order_saga::OrderData,
     orders::OrderApi,
     outbox::relay::{BrokerArgs, OutboxMetrics, Relay},
-    saga::{Engine, RetryPolicy, metrics::EngineMetrics},
 };
 
 pub const DEFAULT_PORT: u16 = 50051;
@@ -210,7 +209,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         settings.engine.retry_policy(),
         settings.engine.max_inflight_sagas as usize,
         engine_metrics,
-    );
+    )?;
     let resumed = engine.recover().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");

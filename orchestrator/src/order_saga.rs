@@ -22,10 +22,9 @@ use serde_json::{Map, Value};
 use tonic::{Request, Status};
 use uuid::Uuid;
 
-use crate::{
-    downstream::{Downstream, PaymentClient, ShippingClient, StockClient},
-    saga::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step},
-};
+use saga_engine::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step};
+
+use crate::downstream::{Downstream, PaymentClient, ShippingClient, StockClient};
 
 pub const KIND: &str = "order";
 
@@ -66,14 +65,14 @@ pub fn definition(downstream: Downstream) -> SagaDefinition<OrderData> {
             Arc::new(ChargePayment(downstream.payment)),
         ],
         // Once the charge has begun, the order can no longer be cancelled.
-        pivot: Some(2),
+        pivot: Some("charge_payment"),
         span: saga_span,
         announce,
     }
 }
 
 /// The order's part of every order event (see docs/events.md).
-pub fn event_fields(order: &OrderData, status: &str, failure_reason: &str) -> Map<String, Value> {
+fn event_fields(order: &OrderData, status: &str, failure_reason: &str) -> Map<String, Value> {
     let mut data = Map::new();
     data.insert("order_id".into(), order.order_id.to_string().into());
     data.insert("customer_id".into(), order.customer_id.clone().into());
@@ -84,11 +83,15 @@ pub fn event_fields(order: &OrderData, status: &str, failure_reason: &str) -> Ma
     data
 }
 
-/// Order events: `order.completed`, `order.compensated`, `order.cancelled`,
-/// `order.failed` and `order.compensation_stuck`. (`order.created` is written
-/// with the order itself.)
+/// Order events: `order.created` (written with the order itself),
+/// `order.completed`, `order.compensated`, `order.cancelled`, `order.failed`
+/// and `order.compensation_stuck`.
 fn announce(order: &OrderData, milestone: &Milestone<'_>) -> Option<Announcement> {
     match milestone {
+        Milestone::Started => Some(Announcement {
+            event_type: "order.created".into(),
+            data: event_fields(order, SagaStatus::Running.as_str(), ""),
+        }),
         Milestone::Finished {
             status,
             failure_reason,

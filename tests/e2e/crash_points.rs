@@ -48,7 +48,7 @@ async fn a_create_order_whose_caller_left_after_the_commit_is_still_driven(backe
         dir.path(),
         &db.url,
         &services,
-        &[("CRASH_POINTS", "create_order.after_commit=1*pause(2000)".into())],
+        &[("CRASH_POINTS", "start.after_commit=1*pause(2000)".into())],
     );
     orchestrator.start().await;
     let client = orchestrator.order_client().await;

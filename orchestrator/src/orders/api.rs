@@ -1,6 +1,6 @@
 //! The gRPC handlers of `orders.v1.OrderService`.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{pin::Pin, time::Duration};
 
 use futures::Stream;
 use ordersaga_proto::orders::v1::{
@@ -14,17 +14,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
+use saga_engine::{CancelOutcome, Engine, SagaChange, SagaStatus, Started};
+
 use crate::{
-    crash_points::{self, point},
     downstream::StockClient,
     error::OrderError,
     order_saga::OrderData,
     orders::{
         pricing,
-        store::{self, ListFilter, PageToken, Recorded},
+        store::{self, ListFilter, PageToken},
         validate,
     },
-    saga::{CancelOutcome, Engine, SagaChange, SagaStatus, log},
 };
 
 pub struct OrderApi {
@@ -126,7 +126,8 @@ impl OrderService for OrderApi {
         let mut just_started = false;
         let order_id = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
             Some((order_id, stored)) => {
-                same_request(&new.request_id, order_id, &stored, &fingerprint)?
+                self.seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                    .await?
             }
             None => {
                 let (items, total_cents, currency) =
@@ -140,33 +141,33 @@ impl OrderService for OrderApi {
                     total_cents,
                     currency,
                 };
-                let first_step = self.engine.definition().steps[0].name();
-                // The saga's span: child of this call's span, so a client's
-                // traceparent roots the whole saga. Stored, so a resumed saga
-                // joins the same trace.
-                let saga_span = self.engine.saga_span(order.order_id, None);
-                let traceparent = svc_kit::propagation::traceparent(&saga_span);
-                match store::record(
-                    self.engine.pool(),
-                    &order,
-                    &fingerprint,
-                    &traceparent,
-                    first_step,
-                )
-                .await?
+                let order_id = order.order_id;
+                let admit = store::admit(&order, fingerprint.clone());
+                // The saga's span is a child of this call's span, so a client's
+                // traceparent roots the whole saga.
+                match self
+                    .engine
+                    .start(order_id, order, admit)
+                    .await
+                    .map_err(OrderError::from)?
                 {
-                    Recorded::Created => {
-                        crash_points::reach(point::AFTER_CREATE_COMMIT).await;
-                        saga_span.in_scope(|| tracing::info!("order recorded; saga started"));
-                        let order_id = order.order_id;
-                        self.engine.start(order_id, Arc::new(order), saga_span);
+                    Started::Started => {
                         just_started = true;
                         order_id
                     }
-                    Recorded::Existing {
-                        order_id,
-                        fingerprint: stored,
-                    } => same_request(&new.request_id, order_id, &stored, &fingerprint)?,
+                    Started::Refused => {
+                        // Another request with this request_id got there first.
+                        let (order_id, stored) =
+                            store::find_by_request_id(self.engine.pool(), &new.request_id)
+                                .await?
+                                .ok_or_else(|| {
+                                    svc_kit::Error::Internal(
+                                        "order vanished after a request_id conflict".into(),
+                                    )
+                                })?;
+                        self.seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                            .await?
+                    }
                 }
             }
         };
@@ -303,7 +304,9 @@ impl OrderService for OrderApi {
         if req.reason.chars().count() > 500 {
             return Err(svc_kit::Error::invalid("reason", "is longer than 500 characters").into());
         }
-        let outcome = log::request_cancel(self.engine.pool(), order_id)
+        let outcome = self
+            .engine
+            .cancel(order_id)
             .await
             .map_err(OrderError::from)?;
         let refuse = |reason: String| OrderError::NotCancellable {
@@ -312,9 +315,7 @@ impl OrderService for OrderApi {
         };
         match outcome {
             CancelOutcome::Accepted => {
-                tracing::info!(reason = %req.reason, "cancellation requested");
-                crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
-                self.engine.notify(order_id);
+                tracing::info!(reason = %req.reason, "cancellation accepted");
             }
             CancelOutcome::AlreadyRequested | CancelOutcome::NotRunning(SagaStatus::Cancelled) => {}
             CancelOutcome::PastPivot => {
@@ -329,6 +330,26 @@ impl OrderService for OrderApi {
         }
         let (order, _) = store::load_from_pool(self.engine.pool(), order_id).await?;
         Ok(Response::new(CancelOrderResponse { order: Some(order) }))
+    }
+}
+
+impl OrderApi {
+    /// The order of a `request_id` seen before, if the request is the same
+    /// one; a retry also makes sure the order's saga is being driven (its
+    /// first request may have been dropped between its commit and its start).
+    async fn seen_before(
+        &self,
+        request_id: &str,
+        order_id: Uuid,
+        stored: &[u8],
+        fingerprint: &[u8],
+    ) -> Result<Uuid, Status> {
+        let order_id = same_request(request_id, order_id, stored, fingerprint)?;
+        self.engine
+            .ensure_driven(order_id)
+            .await
+            .map_err(OrderError::from)?;
+        Ok(order_id)
     }
 }
 

@@ -1,27 +1,14 @@
 //! The orders table: the client's idempotency key, lookups and listing. An
-//! order and its saga are recorded in one transaction.
+//! order and its saga are recorded in one transaction (see [`admit`]).
 
 use ordersaga_proto::orders::v1::Order;
 use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
 
-use crate::{
-    error::OrderError,
-    order_saga::{self, OrderData},
-    orders::view,
-    outbox::{self, NewEvent},
-    saga::{SagaStatus, log},
-};
+use futures::future::BoxFuture;
+use saga_engine::{Admission, SagaStatus, log};
 
-/// What recording a new order found.
-pub enum Recorded {
-    Created,
-    /// Another request with this `request_id` got there first.
-    Existing {
-        order_id: Uuid,
-        fingerprint: Vec<u8>,
-    },
-}
+use crate::{error::OrderError, order_saga::OrderData, orders::view};
 
 pub async fn find_by_request_id(
     pool: &AnyPool,
@@ -38,62 +25,41 @@ pub async fn find_by_request_id(
     .transpose()
 }
 
-/// Records the order and starts its saga's log, atomically.
-pub async fn record(
-    pool: &AnyPool,
+/// The order's part of the transaction that starts its saga: the order row,
+/// which holds the client's idempotency key. Refused when another request with
+/// the same `request_id` got there first.
+pub fn admit(
     order: &OrderData,
-    fingerprint: &[u8],
-    trace_context: &str,
-    first_step: &'static str,
-) -> Result<Recorded, OrderError> {
-    let data_json =
-        serde_json::to_string(order).map_err(|e| svc_kit::Error::Internal(e.to_string()))?;
-    let mut tx = pool.begin().await?;
-    log::insert_saga(
-        &mut tx,
-        &log::NewSaga {
-            saga_id: order.order_id,
-            kind: order_saga::KIND,
-            data_json: &data_json,
-            trace_context,
-            first_step,
-        },
-    )
-    .await?;
-    let inserted = sqlx::query(
-        "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(order.order_id.to_string())
-    .bind(&order.request_id)
-    .bind(fingerprint.to_vec())
-    .bind(&order.customer_id)
-    .bind(svc_kit::time::now_ms())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        // The event commits with the order it announces.
-        let created = NewEvent {
-            aggregate_id: order.order_id,
-            event_type: "order.created".into(),
-            data: order_saga::event_fields(order, SagaStatus::Running.as_str(), ""),
-            traceparent: trace_context.to_owned(),
-        };
-        outbox::insert(&mut tx, &created).await?;
-        tx.commit().await?;
-        return Ok(Recorded::Created);
+    fingerprint: Vec<u8>,
+) -> impl for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Admission, sqlx::Error>>
++ Send
++ 'static {
+    let (order_id, request_id, customer_id) = (
+        order.order_id.to_string(),
+        order.request_id.clone(),
+        order.customer_id.clone(),
+    );
+    move |conn: &mut AnyConnection| {
+        Box::pin(async move {
+            let inserted = sqlx::query(
+                "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(order_id)
+            .bind(request_id)
+            .bind(fingerprint)
+            .bind(customer_id)
+            .bind(svc_kit::time::now_ms())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            Ok(if inserted == 1 {
+                Admission::Admit
+            } else {
+                Admission::Refuse
+            })
+        })
     }
-    tx.rollback().await?;
-    let (order_id, fingerprint) = find_by_request_id(pool, &order.request_id)
-        .await?
-        .ok_or_else(|| {
-            svc_kit::Error::Internal("order vanished after a request_id conflict".into())
-        })?;
-    Ok(Recorded::Existing {
-        order_id,
-        fingerprint,
-    })
 }
 
 /// The order with its saga's state and step history.

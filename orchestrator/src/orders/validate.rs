@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use ordersaga_proto::orders::v1::{CreateOrderRequest, OrderStatus};
 use svc_kit::{Error, validate};
 
-use crate::{order_saga::ShippingAddress, saga::SagaStatus};
+use saga_engine::SagaStatus;
+
+use crate::order_saga::ShippingAddress;
 
 /// A create request that passed validation (items not yet priced).
 pub struct NewOrder {

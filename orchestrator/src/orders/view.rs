@@ -3,10 +3,9 @@
 use ordersaga_proto::orders::v1::{self as pb, OrderStatus, StepPhase, StepStatus as PbStepStatus};
 use prost_types::Timestamp;
 
-use crate::{
-    order_saga::OrderData,
-    saga::{Phase, SagaStatus, SagaView, StepStatus},
-};
+use saga_engine::{Phase, SagaStatus, SagaView, StepStatus};
+
+use crate::order_saga::OrderData;
 
 pub fn order_status(status: SagaStatus) -> OrderStatus {
     match status {

@@ -4,6 +4,11 @@
 //!   type, `message_id` the event ID, and the W3C `traceparent` a header.
 //! - Publisher confirms: an event is marked sent only after the broker confirmed
 //!   it. Delivery is therefore at least once; consumers dedupe by `message_id`.
+//! - Nothing is confirmed into the void: events are published `mandatory`, and
+//!   one that no queue is bound for comes back and is parked in the durable
+//!   queue `<exchange>.unrouted` (with its routing key in the header
+//!   `x-unrouted-routing-key`) before it counts as sent. A deployment that
+//!   binds its consumers late finds every event there.
 //! - Events go out in outbox order, so each order's events arrive in sequence.
 //! - While the broker is down or unreachable, the relay retries with backoff and
 //!   the events wait in the outbox; after it returns, they are all delivered.
@@ -16,7 +21,9 @@ use std::time::Duration;
 use clap::Args;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions},
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    },
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
@@ -25,7 +32,7 @@ use sqlx::{AnyPool, Row};
 use svc_kit::time::now_ms;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::crash_points::{self, point};
+use saga_engine::crash_points::{self, point};
 
 /// Most events published per confirm round.
 const BATCH: i64 = 256;
@@ -275,7 +282,10 @@ impl Relay {
                     .basic_publish(
                         ShortString::from(self.exchange.clone()),
                         ShortString::from(event_type),
-                        BasicPublishOptions::default(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
                         payload.as_bytes(),
                         properties,
                     )
@@ -289,7 +299,11 @@ impl Relay {
             let total = pending.len();
             for (id, confirm) in pending {
                 match confirm.await? {
-                    Confirmation::Ack(_) => confirmed.push(id),
+                    Confirmation::Ack(None) => confirmed.push(id),
+                    Confirmation::Ack(Some(returned)) => {
+                        self.park(channel, returned.delivery).await?;
+                        confirmed.push(id);
+                    }
                     other => {
                         tracing::warn!(?other, "the broker refused an event; retrying from it");
                         break;
@@ -302,6 +316,37 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    /// Keeps an event no queue was bound for in `<exchange>.unrouted`, through
+    /// the default exchange, and waits for the broker to confirm it.
+    async fn park(&self, channel: &Channel, returned: lapin::message::Delivery) -> anyhow::Result<()> {
+        let routing_key = returned.routing_key.as_str().to_owned();
+        tracing::warn!(routing_key, "no queue is bound for an event; parking it in the unrouted queue");
+        let mut properties = returned.properties;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-unrouted-routing-key".into(),
+            AMQPValue::LongString(LongString::from(routing_key)),
+        );
+        properties = properties.with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(unrouted_queue(&self.exchange)),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &returned.data,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            other => anyhow::bail!("the broker did not keep a parked event: {other:?}"),
+        }
     }
 
     async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
@@ -378,7 +423,22 @@ async fn connect(url: &str, exchange: &str) -> anyhow::Result<(Connection, Chann
             FieldTable::default(),
         )
         .await?;
+    channel
+        .queue_declare(
+            ShortString::from(unrouted_queue(exchange)),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
     Ok((connection, channel))
+}
+
+/// The durable queue that keeps events no queue was bound for.
+pub fn unrouted_queue(exchange: &str) -> String {
+    format!("{exchange}.unrouted")
 }
 
 async fn sleep_or_stop(stopping: &mut watch::Receiver<bool>, wait: Duration) {

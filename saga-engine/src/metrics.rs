@@ -2,12 +2,17 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tonic::Code;
 
-use super::{definition::Phase, log::SagaStatus};
+use crate::{definition::Phase, log::SagaStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -36,13 +41,21 @@ pub struct EngineMetrics {
     in_flight: Gauge,
 }
 
+impl Default for EngineMetrics {
+    /// Metrics that nobody scrapes (e.g. in tests).
+    fn default() -> Self {
+        EngineMetrics::register(&mut Registry::default())
+    }
+}
+
 impl EngineMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = EngineMetrics {
             started: Counter::default(),
             finished: Family::default(),
             step_seconds: Family::new_with_constructor(|| {
-                Histogram::new(svc_kit::metrics::latency_buckets())
+                // 0.25 ms to about 8 s, as the services' own RPC latency histograms.
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
             }),
             retries: Family::default(),
             in_flight: Gauge::default(),
@@ -71,11 +84,11 @@ impl EngineMetrics {
         metrics
     }
 
-    pub(super) fn started(&self) {
+    pub(crate) fn started(&self) {
         self.started.inc();
     }
 
-    pub(super) fn finished(&self, status: SagaStatus) {
+    pub(crate) fn finished(&self, status: SagaStatus) {
         self.finished
             .get_or_create(&OutcomeLabels {
                 outcome: status.as_str(),
@@ -83,7 +96,7 @@ impl EngineMetrics {
             .inc();
     }
 
-    pub(super) fn attempt(&self, step: &'static str, phase: Phase, seconds: f64) {
+    pub(crate) fn attempt(&self, step: &'static str, phase: Phase, seconds: f64) {
         self.step_seconds
             .get_or_create(&StepLabels {
                 step,
@@ -92,7 +105,7 @@ impl EngineMetrics {
             .observe(seconds);
     }
 
-    pub(super) fn retry(&self, step: &'static str, phase: Phase, code: Code) {
+    pub(crate) fn retry(&self, step: &'static str, phase: Phase, code: Code) {
         self.retries
             .get_or_create(&RetryLabels {
                 step,
@@ -103,13 +116,13 @@ impl EngineMetrics {
     }
 
     /// Counts a driver in flight until the returned guard drops.
-    pub(super) fn in_flight(&self) -> InFlight {
+    pub(crate) fn in_flight(&self) -> InFlight {
         self.in_flight.inc();
         InFlight(self.in_flight.clone())
     }
 }
 
-pub(super) struct InFlight(Gauge);
+pub(crate) struct InFlight(Gauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {

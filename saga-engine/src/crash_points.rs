@@ -29,8 +29,9 @@ pub mod point {
     pub const AFTER_CANCEL_ACCEPTED: &str = "cancel.after_accept";
     /// Events are handed to the broker; its confirm has not yet been recorded.
     pub const AFTER_PUBLISH: &str = "outbox.after_publish";
-    /// `CreateOrder` has committed the order and its saga; the saga is not yet driven.
-    pub const AFTER_CREATE_COMMIT: &str = "create_order.after_commit";
+    /// A new saga (e.g. an order's, inside `CreateOrder`) is committed; it is
+    /// not yet driven.
+    pub const AFTER_START_COMMIT: &str = "start.after_commit";
 }
 
 #[cfg(feature = "crash-points")]

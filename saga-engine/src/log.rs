@@ -9,14 +9,14 @@
 use std::time::Duration;
 
 use sqlx::{AnyConnection, AnyPool, Row};
-use svc_kit::time::now_ms;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::definition::Phase;
 use crate::{
     crash_points::{self, point},
-    outbox::{self, NewEvent},
+    definition::Phase,
+    events::{self, NewEvent},
+    now_ms,
 };
 
 /// The most checkpoints one commit carries.
@@ -173,6 +173,9 @@ pub struct Checkpoint {
     pub state: Option<SagaState>,
     /// Mark the pivot as begun, unless a cancellation came first.
     pub enter_pivot: bool,
+    /// Make the saga COMPLETED, unless a cancellation came first; then it
+    /// stays RUNNING with every step done, and `events` are not written.
+    pub complete: bool,
     /// Outbox events that commit with this change.
     pub events: Vec<NewEvent>,
 }
@@ -184,6 +187,8 @@ pub struct Applied {
     pub cancel_requested: bool,
     /// `enter_pivot` was granted.
     pub pivot_entered: bool,
+    /// `complete` was granted.
+    pub completed: bool,
 }
 
 async fn upsert_step(
@@ -219,11 +224,9 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
     for step in &checkpoint.steps {
         upsert_step(conn, checkpoint.saga_id, step).await?;
     }
-    for event in &checkpoint.events {
-        outbox::insert(conn, event).await?;
-    }
-    // One statement: the new state, the pivot (granted only if no cancel came
-    // first), and what the saga's row says about cancellation.
+    // One statement: the new state, the pivot and the completion (each granted
+    // only if no cancel came first), and what the row says about cancellation.
+    // A cancel is a conditional update of the same row, so exactly one wins.
     let (status, next_step, failure_reason) = match &checkpoint.state {
         Some(state) => (
             Some(state.status.as_str()),
@@ -233,11 +236,15 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
         None => (None, None, None),
     };
     let row = sqlx::query(
-        "UPDATE sagas SET status = COALESCE($1, status), next_step = COALESCE($2, next_step), \
-         failure_reason = COALESCE($3, failure_reason), updated_at_ms = $4, \
-         pivot_passed = CASE WHEN $5 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
-         WHERE saga_id = $6 RETURNING cancel_requested, pivot_passed",
+        "UPDATE sagas SET \
+         status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
+                  ELSE COALESCE($2, status) END, \
+         next_step = COALESCE($3, next_step), \
+         failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
+         pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
+         WHERE saga_id = $7 RETURNING status, cancel_requested, pivot_passed",
     )
+    .bind(i64::from(checkpoint.complete))
     .bind(status)
     .bind(next_step)
     .bind(failure_reason)
@@ -248,9 +255,17 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
     .await?;
     let cancel_requested: i64 = row.try_get("cancel_requested")?;
     let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;
+    let completed = checkpoint.complete && row.try_get::<String, _>("status")? == "COMPLETED";
+    // A refused completion announces nothing: the saga compensates instead.
+    if !checkpoint.complete || completed {
+        for event in &checkpoint.events {
+            events::insert(conn, event).await?;
+        }
+    }
     Ok(Applied {
         cancel_requested: cancel_requested != 0,
         pivot_entered,
+        completed,
     })
 }
 
@@ -348,32 +363,58 @@ pub struct OpenSaga {
     pub cancel_requested: bool,
     pub failure_reason: String,
     pub trace_context: String,
+    /// Whether any compensation was begun (a saga that undid nothing after a
+    /// failure ends FAILED, not COMPENSATED).
+    pub undid_any: bool,
 }
 
+const OPEN_SAGA_COLUMNS: &str = "s.saga_id, s.data, s.status, s.next_step, s.cancel_requested, \
+     s.failure_reason, s.trace_context, \
+     (SELECT COUNT(*) FROM saga_steps c WHERE c.saga_id = s.saga_id AND c.phase = 'compensation') AS undone";
+
+/// Every open saga of `kind`, oldest first.
 pub async fn load_open(pool: &AnyPool, kind: &str) -> Result<Vec<OpenSaga>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT saga_id, data, status, next_step, cancel_requested, failure_reason, trace_context FROM sagas \
-         WHERE kind = $1 AND status IN ('RUNNING', 'COMPENSATING') ORDER BY created_at_ms",
-    )
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {OPEN_SAGA_COLUMNS} FROM sagas s \
+         WHERE s.kind = $1 AND s.status IN ('RUNNING', 'COMPENSATING') ORDER BY s.created_at_ms"
+    )))
     .bind(kind)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            let id: String = row.try_get("saga_id")?;
-            let status: String = row.try_get("status")?;
-            Ok(OpenSaga {
-                saga_id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                data_json: row.try_get("data")?,
-                status: SagaStatus::parse(&status)
-                    .ok_or_else(|| decode_error(format!("saga status {status:?}")))?,
-                next_step: row.try_get("next_step")?,
-                cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-                failure_reason: row.try_get("failure_reason")?,
-                trace_context: row.try_get("trace_context")?,
-            })
-        })
-        .collect()
+    rows.iter().map(open_saga).collect()
+}
+
+/// One saga of `kind`, if it is open.
+pub async fn load_one_open(
+    pool: &AnyPool,
+    kind: &str,
+    saga_id: Uuid,
+) -> Result<Option<OpenSaga>, sqlx::Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {OPEN_SAGA_COLUMNS} FROM sagas s \
+         WHERE s.saga_id = $1 AND s.kind = $2 AND s.status IN ('RUNNING', 'COMPENSATING')"
+    )))
+    .bind(saga_id.to_string())
+    .bind(kind)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(open_saga).transpose()
+}
+
+fn open_saga(row: &sqlx::any::AnyRow) -> Result<OpenSaga, sqlx::Error> {
+    let id: String = row.try_get("saga_id")?;
+    let status: String = row.try_get("status")?;
+    Ok(OpenSaga {
+        saga_id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        data_json: row.try_get("data")?,
+        status: SagaStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("saga status {status:?}")))?,
+        next_step: row.try_get("next_step")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        failure_reason: row.try_get("failure_reason")?,
+        trace_context: row.try_get("trace_context")?,
+        undid_any: row.try_get::<i64, _>("undone")? > 0,
+    })
 }
 
 fn decode_error(what: String) -> sqlx::Error {

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use tonic::Status;
 use uuid::Uuid;
 
-use super::log::SagaStatus;
+use crate::log::SagaStatus;
 
 /// Which way a step runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,9 +79,9 @@ pub struct SagaDefinition<D> {
     /// Stored with each saga, e.g. `"order"`.
     pub kind: &'static str,
     pub steps: Vec<Arc<dyn Step<D>>>,
-    /// Index of the pivot step: once it has begun, the saga can no longer be
-    /// cancelled (for an order, the charge).
-    pub pivot: Option<usize>,
+    /// The name of the pivot step: once it has begun, the saga can no longer
+    /// be cancelled (for an order, the charge).
+    pub pivot: Option<&'static str>,
     /// Makes the span a saga runs in, with the attributes its kind wants
     /// (e.g. `order_id`). Step attempts are its children. It must declare the
     /// empty fields `trace_id` and `resumed`, which the engine fills, and must
@@ -95,6 +95,8 @@ pub struct SagaDefinition<D> {
 /// Something that happened to a saga, which its kind may announce.
 #[derive(Debug, Clone)]
 pub enum Milestone<'a> {
+    /// The saga was recorded and will be driven.
+    Started,
     /// The saga reached a terminal state.
     Finished {
         status: SagaStatus,
@@ -108,6 +110,19 @@ pub enum Milestone<'a> {
     },
 }
 
+impl Milestone<'_> {
+    /// What makes this milestone unique within its saga: an event announcing
+    /// it has an ID derived from the saga and this key, so that writing it
+    /// again (a checkpoint applied twice) changes nothing.
+    pub fn key(&self) -> String {
+        match self {
+            Milestone::Started => "started".into(),
+            Milestone::Finished { .. } => "finished".into(),
+            Milestone::CompensationStuck { step, .. } => format!("compensation_stuck:{step}"),
+        }
+    }
+}
+
 /// An event to publish: its type (the routing key) and its fields.
 #[derive(Debug, Clone)]
 pub struct Announcement {
@@ -118,5 +133,38 @@ pub struct Announcement {
 impl<D> SagaDefinition<D> {
     pub fn step_names(&self) -> Vec<&'static str> {
         self.steps.iter().map(|s| s.name()).collect()
+    }
+
+    /// The index of the pivot step.
+    pub fn pivot_index(&self) -> Option<usize> {
+        let pivot = self.pivot?;
+        self.steps.iter().position(|s| s.name() == pivot)
+    }
+
+    /// Checks what the engine relies on: at least one step, unique step names
+    /// (they are recorded in the log and in each call's `request_id`), and a
+    /// pivot that names one of the steps.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.steps.is_empty() {
+            return Err(format!("saga kind {:?} has no steps", self.kind));
+        }
+        let names = self.step_names();
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                return Err(format!(
+                    "saga kind {:?} has two steps named {name:?}",
+                    self.kind
+                ));
+            }
+        }
+        if let Some(pivot) = self.pivot
+            && self.pivot_index().is_none()
+        {
+            return Err(format!(
+                "saga kind {:?}: the pivot {pivot:?} is not one of its steps {names:?}",
+                self.kind
+            ));
+        }
+        Ok(())
     }
 }

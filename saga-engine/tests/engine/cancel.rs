@@ -1,0 +1,101 @@
+//! Cancellation: an accepted cancel always ends the saga CANCELLED with no
+//! effect left; a cancel and the pivot race, and exactly one wins.
+
+use std::{sync::Arc, time::Duration};
+
+use saga_engine::{CancelOutcome, RetryPolicy, SagaStatus};
+use uuid::Uuid;
+
+use crate::{
+    scripted::{self, Cue, World, assert_consistent},
+    store::{self, Backend},
+};
+
+on_both_stores!(
+    a_cancel_stops_the_retries_of_a_step_and_undoes_it,
+    a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled,
+    a_cancel_and_the_pivot_race_and_exactly_one_wins,
+);
+
+/// Waits until step `step` of `saga` has been called `calls` times.
+async fn until_called(world: &World, saga: Uuid, step: &'static str, calls: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while world.forward_calls(saga, step) < calls {
+        assert!(tokio::time::Instant::now() < deadline, "{step} never called");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn a_cancel_stops_the_retries_of_a_step_and_undoes_it(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = RetryPolicy {
+        max_attempts: 1_000,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(20),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = Uuid::new_v4();
+    // b does its work, then loses every reply.
+    scripted::start_with(&engine, saga, |w| w.cue(saga, "b", &[Cue::LoseReply; 1_000]), &world)
+        .await;
+    until_called(&world, saga, "b", 2).await;
+    assert_eq!(engine.cancel(saga).await.unwrap(), CancelOutcome::Accepted);
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Cancelled);
+    assert!(
+        world.forward_calls(saga, "b") < 10,
+        "the retries stopped at the cancel"
+    );
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    for refused in ["a", "b"] {
+        let saga = Uuid::new_v4();
+        scripted::start_with(&engine, saga, |w| w.cue(saga, refused, &[Cue::SlowRefuse]), &world)
+            .await;
+        until_called(&world, saga, refused, 1).await;
+        assert_eq!(engine.cancel(saga).await.unwrap(), CancelOutcome::Accepted);
+        let status = scripted::terminal(&store.pool, saga).await;
+        assert_eq!(status, SagaStatus::Cancelled, "{refused} was refused after the cancel");
+        assert_consistent(&world, saga, status);
+    }
+}
+
+async fn a_cancel_and_the_pivot_race_and_exactly_one_wins(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let mut outcomes = (0, 0);
+    for round in 0..30u64 {
+        let saga = scripted::start(&engine).await;
+        // Cancel at a different moment of the saga's life each round.
+        tokio::time::sleep(Duration::from_micros(round * 150)).await;
+        let outcome = engine.cancel(saga).await.unwrap();
+        let status = scripted::terminal(&store.pool, saga).await;
+        match outcome {
+            CancelOutcome::Accepted => {
+                outcomes.0 += 1;
+                assert_eq!(status, SagaStatus::Cancelled, "an accepted cancel wins");
+                assert_eq!(
+                    world.forward_calls(saga, "c"),
+                    0,
+                    "the pivot never runs after an accepted cancel"
+                );
+            }
+            CancelOutcome::PastPivot | CancelOutcome::NotRunning(SagaStatus::Completed) => {
+                outcomes.1 += 1;
+                assert_eq!(status, SagaStatus::Completed, "a refused cancel changes nothing");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_consistent(&world, saga, status);
+    }
+    assert!(outcomes.0 > 0, "some cancels won: {outcomes:?}");
+}

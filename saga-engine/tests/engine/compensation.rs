@@ -1,0 +1,139 @@
+//! Compensation: a definite "no" undoes the steps before it, in reverse order;
+//! an unknown outcome undoes the step itself; the retry budget is kept.
+
+use std::sync::Arc;
+
+use saga_engine::SagaStatus;
+
+use crate::{
+    scripted::{self, Cue, World, assert_consistent},
+    store::{self, Backend},
+};
+
+on_both_stores!(
+    every_step_succeeds_and_the_saga_completes,
+    a_refusal_compensates_the_steps_before_it_in_reverse_order,
+    a_refusal_of_the_first_step_fails_with_nothing_to_undo,
+    an_outcome_that_stays_unknown_compensates_the_step_itself,
+    a_lost_reply_then_a_retry_completes_with_one_effect,
+    a_hung_call_counts_as_unknown_and_the_budget_is_kept,
+    a_compensation_that_fails_is_retried_until_it_succeeds,
+);
+
+async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = scripted::start(&engine).await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Completed);
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_refusal_compensates_the_steps_before_it_in_reverse_order(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(&engine, saga, |w| w.cue(saga, "c", &[Cue::Refuse]), &world).await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
+    assert_eq!(world.forward_calls(saga, "c"), 1, "a definite no is not retried");
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_refusal_of_the_first_step_fails_with_nothing_to_undo(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(&engine, saga, |w| w.cue(saga, "a", &[Cue::Refuse]), &world).await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Failed);
+    assert!(world.undone(saga).is_empty());
+    assert_consistent(&world, saga, status);
+}
+
+async fn an_outcome_that_stays_unknown_compensates_the_step_itself(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    // The work is done on the first attempt, but no reply ever arrives.
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::LoseReply; 4]),
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(world.undone(saga), vec!["b", "a"], "b itself is undone, then a");
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_lost_reply_then_a_retry_completes_with_one_effect(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "c", &[Cue::LoseReply, Cue::Fail]),
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!(world.forward_calls(saga, "c"), 3);
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_hung_call_counts_as_unknown_and_the_budget_is_kept(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "a", &[Cue::Hang, Cue::Fail, Cue::Fail, Cue::Fail, Cue::Ok]),
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Compensated, "unknown after 4 attempts");
+    assert_eq!(world.forward_calls(saga, "a"), 4, "the budget is 4 attempts");
+    assert_consistent(&world, saga, status);
+}
+
+async fn a_compensation_that_fails_is_retried_until_it_succeeds(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| {
+            w.cue(saga, "c", &[Cue::Refuse]);
+            w.cue_compensation(saga, "a", &[Cue::Fail; 7]);
+        },
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Compensated);
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT attempts FROM saga_steps WHERE saga_id = $1 AND phase = 'compensation' AND name = 'a'",
+    )
+    .bind(saga.to_string())
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(attempts, 8, "seven failures, then success");
+    assert_consistent(&world, saga, status);
+}

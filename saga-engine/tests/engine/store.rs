@@ -1,0 +1,97 @@
+//! A fresh store per test, with the engine's tables.
+
+use sqlx::{AnyPool, any::AnyPoolOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh store; dropped with the value (the SQLite folder; PostgreSQL
+/// databases are named by UUID and left for the server's owner to clean).
+pub struct TestStore {
+    pub pool: AnyPool,
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database and the server's admin URL, dropped with the store.
+    database: Option<(String, String)>,
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        let Some((name, admin_url)) = self.database.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                use sqlx::Connection;
+                let mut conn = sqlx::AnyConnection::connect(&admin_url).await.ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await
+                .ok()
+            })
+        })
+        .join();
+    }
+}
+
+pub async fn fresh(backend: Backend) -> TestStore {
+    sqlx::any::install_default_drivers();
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}?mode=rwc", dir.path().join("saga.db").display());
+            // One connection, as the services use SQLite.
+            let pool = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .unwrap();
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await
+                .unwrap();
+            saga_engine::MIGRATIONS_SQLITE.run(&pool).await.unwrap();
+            TestStore {
+                pool,
+                _dir: Some(dir),
+                database: None,
+            }
+        }
+        Backend::Postgres => {
+            let admin_url = std::env::var("TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            let admin = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&admin_url)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
+            let name = format!("engine_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            let (base, _) = admin_url.rsplit_once('/').unwrap();
+            let pool = AnyPoolOptions::new()
+                .max_connections(8)
+                .connect(&format!("{base}/{name}"))
+                .await
+                .unwrap();
+            saga_engine::MIGRATIONS_POSTGRES.run(&pool).await.unwrap();
+            TestStore {
+                pool,
+                _dir: None,
+                database: Some((name, admin_url)),
+            }
+        }
+    }
+}
