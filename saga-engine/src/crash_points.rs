@@ -52,6 +52,7 @@ mod armed {
         Fail,
     }
 
+    #[derive(Debug)]
     pub struct Armed {
         action: Action,
         /// Times it may still fire; `u64::MAX` for always.
