@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser};
 use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
+use saga_engine::{Engine, RetryPolicy, metrics::EngineMetrics};
 use svc_kit::{
     auth::ApiKeyCheck,
     metrics::MetricsRegistry,
@@ -28,7 +29,6 @@ use svc_kit::{
     settings::ServerArgs,
     store::{Migrations, Store},
 };
-use saga_engine::{Engine, RetryPolicy, metrics::EngineMetrics};
 use tonic::service::interceptor::InterceptedService;
 
 use crate::{

@@ -24,7 +24,11 @@ pub enum Cursor {
 
 impl Cursor {
     /// The cursor a stored saga resumes at.
-    pub fn from_log(status: SagaStatus, next_step: i64, step_count: usize) -> Result<Cursor, String> {
+    pub fn from_log(
+        status: SagaStatus,
+        next_step: i64,
+        step_count: usize,
+    ) -> Result<Cursor, String> {
         let in_range = |i: i64| usize::try_from(i).ok().filter(|&i| i <= step_count);
         match status {
             SagaStatus::Running => in_range(next_step)
@@ -37,7 +41,9 @@ impl Cursor {
             SagaStatus::Compensating => in_range(next_step)
                 .filter(|&step| step < step_count)
                 .map(|step| Cursor::Compensating { step: Some(step) })
-                .ok_or_else(|| format!("a compensating saga's next step {next_step} is out of range")),
+                .ok_or_else(|| {
+                    format!("a compensating saga's next step {next_step} is out of range")
+                }),
             terminal => Ok(Cursor::Finished(terminal)),
         }
     }

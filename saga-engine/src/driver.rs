@@ -132,7 +132,8 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         let mut records = vec![];
         let from = if maybe_sent {
             if let Some(s) = self.inner.definition.steps.get(step) {
-                let mut record = StepRecord::started(Phase::Forward, step as i64, s.name(), now_ms());
+                let mut record =
+                    StepRecord::started(Phase::Forward, step as i64, s.name(), now_ms());
                 record.status = StepStatus::Unknown;
                 record.last_error =
                     "cancelled while the step may have been in flight; compensated".into();
@@ -144,7 +145,8 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             }
         } else {
             if let Some(s) = self.inner.definition.steps.get(step) {
-                let mut record = StepRecord::started(Phase::Forward, step as i64, s.name(), now_ms());
+                let mut record =
+                    StepRecord::started(Phase::Forward, step as i64, s.name(), now_ms());
                 record.status = StepStatus::Skipped;
                 record.finished_at_ms = record.started_at_ms;
                 records.push(record);
@@ -177,8 +179,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 record.status = StepStatus::Failed;
                 record.attempts = attempts;
                 record.last_error = describe(&status);
-                self.state.failure_reason =
-                    format!("{} failed: {}", step.name(), status.message());
+                self.state.failure_reason = format!("{} failed: {}", step.name(), status.message());
                 tracing::info!(step = step.name(), code = ?status.code(), "step refused; compensating");
                 // A definite "no" had no effect: undo only the steps before it.
                 self.begin_compensation(index.checked_sub(1), vec![record])
@@ -210,7 +211,11 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Records a step's success with the start of the next step; after the
     /// last step, the same checkpoint completes the saga, unless a cancel
     /// came first.
-    async fn step_succeeded(&mut self, index: usize, record: StepRecord) -> Result<(), Interrupted> {
+    async fn step_succeeded(
+        &mut self,
+        index: usize,
+        record: StepRecord,
+    ) -> Result<(), Interrupted> {
         let next = index + 1;
         let mut steps = vec![record];
         let last = next == self.inner.definition.steps.len();

@@ -311,7 +311,8 @@ async fn write_batches(pool: AnyPool, mut rx: mpsc::Receiver<(Checkpoint, Reply)
         match commit_batch(&pool, &checkpoints).await {
             Ok(results) => {
                 let lost = crash_points::reach(point::AFTER_LOG_COMMIT).await
-                    | (has_events && crash_points::reach(point::AFTER_LOG_COMMIT_WITH_EVENTS).await);
+                    | (has_events
+                        && crash_points::reach(point::AFTER_LOG_COMMIT_WITH_EVENTS).await);
                 if lost {
                     // As if the reply to COMMIT was lost: durable, but reported failed.
                     for (_, reply) in batch.drain(..) {

@@ -37,9 +37,7 @@ async fn a_cancel_then_a_kill_9_compensates_the_step_in_flight(backend: Backend)
     cancel_then_stop(backend, Stop::Kill9).await
 }
 
-async fn a_cancel_then_sigterm_in_a_retry_backoff_compensates_the_step_in_flight(
-    backend: Backend,
-) {
+async fn a_cancel_then_sigterm_in_a_retry_backoff_compensates_the_step_in_flight(backend: Backend) {
     cancel_then_stop(backend, Stop::Sigterm).await
 }
 
@@ -131,9 +129,15 @@ async fn an_accepted_cancel_ends_cancelled_even_when_the_step_in_flight_fails(ba
     let client = system.client().await;
     let cases = [
         // RARE has one unit: reserving five fails for good.
-        (order(&request_id(), "alice", &[("RARE", 5)], "DE"), "reserve_stock"),
+        (
+            order(&request_id(), "alice", &[("RARE", 5)], "DE"),
+            "reserve_stock",
+        ),
         // Nobody ships to AQ.
-        (order(&request_id(), "alice", &[("BOOK", 1)], "AQ"), "prepare_shipment"),
+        (
+            order(&request_id(), "alice", &[("BOOK", 1)], "AQ"),
+            "prepare_shipment",
+        ),
     ];
     for (request, failing_step) in cases {
         let created = client.create_order(request).await.unwrap();
@@ -159,7 +163,11 @@ async fn an_accepted_cancel_ends_cancelled_even_when_the_step_in_flight_fails(ba
     }
     let effects = system.services.effects().await;
     assert_eq!(
-        (effects.reserved, effects.shipments_prepared, effects.charged),
+        (
+            effects.reserved,
+            effects.shipments_prepared,
+            effects.charged
+        ),
         (0, 0, 0)
     );
     effects.assert_conserved();

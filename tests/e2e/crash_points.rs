@@ -111,7 +111,9 @@ async fn a_commit_whose_reply_was_lost_mints_no_second_event(backend: Backend) {
         let metrics = orchestrator.scrape().await;
         metrics
             .lines()
-            .any(|l| l.starts_with("saga_finished_total") && l.contains("COMPLETED") && l.ends_with(" 1"))
+            .any(|l| {
+                l.starts_with("saga_finished_total") && l.contains("COMPLETED") && l.ends_with(" 1")
+            })
             .then_some(())
     })
     .await;
@@ -281,7 +283,10 @@ async fn audit_effects(
         .count() as i64;
     let effects = services.effects().await;
     assert_eq!(effects.reserved, completed, "at {point}: {effects:?}");
-    assert_eq!(effects.shipments_prepared, completed, "at {point}: {effects:?}");
+    assert_eq!(
+        effects.shipments_prepared, completed,
+        "at {point}: {effects:?}"
+    );
     assert_eq!(effects.charged, completed, "at {point}: {effects:?}");
     assert_eq!(effects.refunded, 0, "at {point}: {effects:?}");
     effects.assert_conserved();
@@ -304,9 +309,9 @@ async fn audit_events(
     };
     let received = collect_until(events, WAIT, |events| {
         outcomes.iter().all(|(id, status)| {
-            events
-                .iter()
-                .any(|e| e.field("order_id") == id.as_str() && e.routing_key == terminal_type(*status))
+            events.iter().any(|e| {
+                e.field("order_id") == id.as_str() && e.routing_key == terminal_type(*status)
+            })
         })
     })
     .await;

@@ -629,11 +629,13 @@ pub async fn survives_faults(backend: Backend) {
         .collect();
     // One deadline for the whole run: a saga that never ends fails the test
     // instead of hanging it.
-    let finished: Vec<Order> =
-        tokio::time::timeout(Duration::from_secs(180), futures::future::try_join_all(tasks))
-            .await
-            .expect("every order ends within 180 s")
-            .unwrap();
+    let finished: Vec<Order> = tokio::time::timeout(
+        Duration::from_secs(180),
+        futures::future::try_join_all(tasks),
+    )
+    .await
+    .expect("every order ends within 180 s")
+    .unwrap();
     assert!(
         finished
             .iter()

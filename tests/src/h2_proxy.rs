@@ -25,10 +25,7 @@ pub enum Rule {
     Pass,
     /// Calls whose path ends with `path_suffix` are forwarded, then their
     /// stream is reset with `reason` once the callee has replied.
-    ResetAfterReply {
-        path_suffix: String,
-        reason: Reason,
-    },
+    ResetAfterReply { path_suffix: String, reason: Reason },
 }
 
 pub struct H2Proxy {
@@ -45,7 +42,12 @@ impl H2Proxy {
         let addr = listener.local_addr().unwrap();
         let rule = Arc::new(Mutex::new(rule));
         let resets = Arc::new(Mutex::new(0));
-        let task = tokio::spawn(accept_loop(listener, upstream, rule.clone(), resets.clone()));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            rule.clone(),
+            resets.clone(),
+        ));
         H2Proxy {
             addr,
             rule,

@@ -122,14 +122,18 @@ impl ServiceProcess {
     /// An OrderService client, once the process answers.
     pub async fn order_client(&self) -> OrderClient {
         let endpoint = self.endpoint();
-        eventually("the orchestrator to answer", Duration::from_secs(30), || {
-            let endpoint = endpoint.clone();
-            async move {
-                let client = OrderClient::connect(endpoint, API_KEY).await.ok()?;
-                client.list_orders(Default::default()).await.ok()?;
-                Some(client)
-            }
-        })
+        eventually(
+            "the orchestrator to answer",
+            Duration::from_secs(30),
+            || {
+                let endpoint = endpoint.clone();
+                async move {
+                    let client = OrderClient::connect(endpoint, API_KEY).await.ok()?;
+                    client.list_orders(Default::default()).await.ok()?;
+                    Some(client)
+                }
+            },
+        )
         .await
     }
 

@@ -8,9 +8,7 @@ use ordersaga_proto::stock::v1::{GetProductRequest, Product};
 use saga_engine::retry::{Answer, classify};
 use tonic::{Code, Request, Status};
 
-use crate::{
-    downstream::StockClient, error::OrderError, order_saga::PricedItem,
-};
+use crate::{downstream::StockClient, error::OrderError, order_saga::PricedItem};
 
 /// Lookups are reads, so transient failures are retried a few times before
 /// the client is told to retry.
@@ -67,7 +65,9 @@ async fn lookup(client: &mut StockClient, sku: &str) -> Result<Product, Status> 
         request.set_timeout(Duration::from_secs(5));
         match client.get_product(request).await {
             Ok(reply) => return Ok(reply.into_inner().product.unwrap_or_default()),
-            Err(status) if classify(status.code()) == Answer::Unknown && attempt < LOOKUP_ATTEMPTS => {
+            Err(status)
+                if classify(status.code()) == Answer::Unknown && attempt < LOOKUP_ATTEMPTS =>
+            {
                 tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 attempt += 1;
             }

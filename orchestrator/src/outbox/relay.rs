@@ -320,9 +320,16 @@ impl Relay {
 
     /// Keeps an event no queue was bound for in `<exchange>.unrouted`, through
     /// the default exchange, and waits for the broker to confirm it.
-    async fn park(&self, channel: &Channel, returned: lapin::message::Delivery) -> anyhow::Result<()> {
+    async fn park(
+        &self,
+        channel: &Channel,
+        returned: lapin::message::Delivery,
+    ) -> anyhow::Result<()> {
         let routing_key = returned.routing_key.as_str().to_owned();
-        tracing::warn!(routing_key, "no queue is bound for an event; parking it in the unrouted queue");
+        tracing::warn!(
+            routing_key,
+            "no queue is bound for an event; parking it in the unrouted queue"
+        );
         let mut properties = returned.properties;
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(

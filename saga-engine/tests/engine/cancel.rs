@@ -21,7 +21,10 @@ on_both_stores!(
 async fn until_called(world: &World, saga: Uuid, step: &'static str, calls: u32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while world.forward_calls(saga, step) < calls {
-        assert!(tokio::time::Instant::now() < deadline, "{step} never called");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{step} never called"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -38,8 +41,13 @@ async fn a_cancel_stops_the_retries_of_a_step_and_undoes_it(backend: Backend) {
     let engine = scripted::engine(&world, &store.pool, policy);
     let saga = Uuid::new_v4();
     // b does its work, then loses every reply.
-    scripted::start_with(&engine, saga, |w| w.cue(saga, "b", &[Cue::LoseReply; 1_000]), &world)
-        .await;
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::LoseReply; 1_000]),
+        &world,
+    )
+    .await;
     until_called(&world, saga, "b", 2).await;
     assert_eq!(engine.cancel(saga).await.unwrap(), CancelOutcome::Accepted);
     let status = scripted::terminal(&store.pool, saga).await;
@@ -58,12 +66,21 @@ async fn a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled(bac
     let engine = scripted::engine(&world, &store.pool, scripted::policy());
     for refused in ["a", "b"] {
         let saga = Uuid::new_v4();
-        scripted::start_with(&engine, saga, |w| w.cue(saga, refused, &[Cue::SlowRefuse]), &world)
-            .await;
+        scripted::start_with(
+            &engine,
+            saga,
+            |w| w.cue(saga, refused, &[Cue::SlowRefuse]),
+            &world,
+        )
+        .await;
         until_called(&world, saga, refused, 1).await;
         assert_eq!(engine.cancel(saga).await.unwrap(), CancelOutcome::Accepted);
         let status = scripted::terminal(&store.pool, saga).await;
-        assert_eq!(status, SagaStatus::Cancelled, "{refused} was refused after the cancel");
+        assert_eq!(
+            status,
+            SagaStatus::Cancelled,
+            "{refused} was refused after the cancel"
+        );
         assert_consistent(&world, saga, status);
     }
 }
@@ -91,7 +108,11 @@ async fn a_cancel_and_the_pivot_race_and_exactly_one_wins(backend: Backend) {
             }
             CancelOutcome::PastPivot | CancelOutcome::NotRunning(SagaStatus::Completed) => {
                 outcomes.1 += 1;
-                assert_eq!(status, SagaStatus::Completed, "a refused cancel changes nothing");
+                assert_eq!(
+                    status,
+                    SagaStatus::Completed,
+                    "a refused cancel changes nothing"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }

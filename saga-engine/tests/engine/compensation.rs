@@ -39,7 +39,11 @@ async fn a_refusal_compensates_the_steps_before_it_in_reverse_order(backend: Bac
     let status = scripted::terminal(&store.pool, saga).await;
     assert_eq!(status, SagaStatus::Compensated);
     assert_eq!(world.undone(saga), vec!["b", "a"]);
-    assert_eq!(world.forward_calls(saga, "c"), 1, "a definite no is not retried");
+    assert_eq!(
+        world.forward_calls(saga, "c"),
+        1,
+        "a definite no is not retried"
+    );
     assert_consistent(&world, saga, status);
 }
 
@@ -70,7 +74,11 @@ async fn an_outcome_that_stays_unknown_compensates_the_step_itself(backend: Back
     .await;
     let status = scripted::terminal(&store.pool, saga).await;
     assert_eq!(status, SagaStatus::Compensated);
-    assert_eq!(world.undone(saga), vec!["b", "a"], "b itself is undone, then a");
+    assert_eq!(
+        world.undone(saga),
+        vec!["b", "a"],
+        "b itself is undone, then a"
+    );
     assert_consistent(&world, saga, status);
 }
 
@@ -100,13 +108,23 @@ async fn a_hung_call_counts_as_unknown_and_the_budget_is_kept(backend: Backend) 
     scripted::start_with(
         &engine,
         saga,
-        |w| w.cue(saga, "a", &[Cue::Hang, Cue::Fail, Cue::Fail, Cue::Fail, Cue::Ok]),
+        |w| {
+            w.cue(
+                saga,
+                "a",
+                &[Cue::Hang, Cue::Fail, Cue::Fail, Cue::Fail, Cue::Ok],
+            )
+        },
         &world,
     )
     .await;
     let status = scripted::terminal(&store.pool, saga).await;
     assert_eq!(status, SagaStatus::Compensated, "unknown after 4 attempts");
-    assert_eq!(world.forward_calls(saga, "a"), 4, "the budget is 4 attempts");
+    assert_eq!(
+        world.forward_calls(saga, "a"),
+        4,
+        "the budget is 4 attempts"
+    );
     assert_consistent(&world, saga, status);
 }
 

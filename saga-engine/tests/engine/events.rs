@@ -46,11 +46,13 @@ fn event(saga: Uuid, key: &str) -> NewEvent {
 }
 
 async fn outbox(pool: &AnyPool, saga: Uuid) -> Vec<(i64, String)> {
-    sqlx::query_as("SELECT sequence, event_id FROM outbox WHERE aggregate_id = $1 ORDER BY sequence")
-        .bind(saga.to_string())
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT sequence, event_id FROM outbox WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(saga.to_string())
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
@@ -82,17 +84,33 @@ async fn a_sagas_sequence_goes_on_after_its_events_are_pruned(backend: Backend) 
     let store = store::fresh(backend).await;
     let saga = new_saga(&store.pool).await;
     let mut conn = store.pool.acquire().await.unwrap();
-    assert!(events::insert(&mut conn, &event(saga, "started")).await.unwrap());
-    assert!(events::insert(&mut conn, &event(saga, "stuck")).await.unwrap());
+    assert!(
+        events::insert(&mut conn, &event(saga, "started"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        events::insert(&mut conn, &event(saga, "stuck"))
+            .await
+            .unwrap()
+    );
     // What the relay's pruning does to sent events past their retention.
     sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")
         .bind(saga.to_string())
         .execute(&mut *conn)
         .await
         .unwrap();
-    assert!(events::insert(&mut conn, &event(saga, "finished")).await.unwrap());
+    assert!(
+        events::insert(&mut conn, &event(saga, "finished"))
+            .await
+            .unwrap()
+    );
     // Writing an event again is a no-op.
-    assert!(!events::insert(&mut conn, &event(saga, "finished")).await.unwrap());
+    assert!(
+        !events::insert(&mut conn, &event(saga, "finished"))
+            .await
+            .unwrap()
+    );
     drop(conn);
     let rows = outbox(&store.pool, saga).await;
     assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3]);

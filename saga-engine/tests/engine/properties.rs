@@ -65,7 +65,11 @@ async fn check(store: &TestStore, schedule: Schedule) {
     let saga = Uuid::new_v4();
     for (i, step) in STEPS.iter().enumerate() {
         world.cue(saga, step, &schedule.forward[i]);
-        world.cue_compensation(saga, step, &vec![Cue::Fail; schedule.compensation_failures[i]]);
+        world.cue_compensation(
+            saga,
+            step,
+            &vec![Cue::Fail; schedule.compensation_failures[i]],
+        );
     }
     let mut engine = scripted::engine(&world, &store.pool, scripted::policy());
     scripted::start_with(&engine, saga, |_| {}, &world).await;

@@ -133,7 +133,11 @@ impl World {
         *ledger.effects.entry((saga, step)).or_default() += 1;
     }
 
-    fn next(&self, cues: &Mutex<HashMap<(Uuid, &'static str), VecDeque<Cue>>>, key: (Uuid, &'static str)) -> Cue {
+    fn next(
+        &self,
+        cues: &Mutex<HashMap<(Uuid, &'static str), VecDeque<Cue>>>,
+        key: (Uuid, &'static str),
+    ) -> Cue {
         cues.lock()
             .unwrap()
             .get_mut(&key)
@@ -177,7 +181,9 @@ impl Step<Script> for ScriptedStep {
             let mut ledger = self.world.ledger.lock().unwrap();
             if ledger.tombstones.contains(&key) {
                 // Compensated before it happened: a late action is refused.
-                return Err(Status::failed_precondition("compensated before it happened"));
+                return Err(Status::failed_precondition(
+                    "compensated before it happened",
+                ));
             }
             // Idempotent: a request_id that took effect before replays its
             // answer, even after a compensation, and never takes effect again.
@@ -338,9 +344,14 @@ pub fn assert_consistent(world: &World, saga: Uuid, status: SagaStatus) {
     world.assert_no_double_effect();
     let net = world.net_effects(saga);
     match status {
-        SagaStatus::Completed => assert_eq!(net, STEPS.to_vec(), "a completed saga has every effect"),
+        SagaStatus::Completed => {
+            assert_eq!(net, STEPS.to_vec(), "a completed saga has every effect")
+        }
         SagaStatus::Compensated | SagaStatus::Cancelled | SagaStatus::Failed => {
-            assert!(net.is_empty(), "a {status:?} saga has no effect left: {net:?}")
+            assert!(
+                net.is_empty(),
+                "a {status:?} saga has no effect left: {net:?}"
+            )
         }
         open => panic!("saga {saga} is not terminal: {open:?}"),
     }
