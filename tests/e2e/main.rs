@@ -38,6 +38,7 @@ mod observability;
 mod payment;
 mod recovery;
 mod saga;
+mod schema;
 mod shipping;
 mod stock;
 mod unknown_outcomes;

@@ -1,0 +1,54 @@
+//! The orchestrator creates the saga engine's tables through its own migration
+//! history (it predates the engine's crate). This checks that the two never
+//! drift: the same columns, with the same types, on both stores.
+
+use ordersaga_tests::{Backend, TestDb};
+use sqlx::AnyPool;
+
+on_both_stores!(the_orchestrator_and_the_engine_create_the_same_engine_tables);
+
+/// (column, type) of `table`, in column order.
+async fn columns(pool: &AnyPool, backend: Backend, table: &str) -> Vec<(String, String)> {
+    let sql = match backend {
+        Backend::Sqlite => {
+            format!("SELECT name, type FROM pragma_table_info('{table}') ORDER BY cid")
+        }
+        Backend::Postgres => format!(
+            "SELECT column_name::TEXT, data_type::TEXT FROM information_schema.columns \
+             WHERE table_name = '{table}' AND table_schema = 'public' ORDER BY ordinal_position"
+        ),
+    };
+    let mut columns: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    // ALTER TABLE appends a column; compare as sets of (name, type).
+    columns.sort();
+    columns
+}
+
+async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: Backend) {
+    let by_orchestrator = TestDb::new(backend).await;
+    svc_kit::store::Store::open(&by_orchestrator.url, &orchestrator::MIGRATIONS)
+        .await
+        .unwrap();
+    let by_engine = TestDb::new(backend).await;
+    let engine_migrations = svc_kit::store::Migrations {
+        sqlite: &saga_engine::MIGRATIONS_SQLITE,
+        postgres: &saga_engine::MIGRATIONS_POSTGRES,
+    };
+    let engine_pool = svc_kit::store::Store::open(&by_engine.url, &engine_migrations)
+        .await
+        .unwrap()
+        .pool;
+    let orchestrator_pool = by_orchestrator.pool().await;
+    for table in ["sagas", "saga_steps", "outbox"] {
+        let expected = columns(&engine_pool, backend, table).await;
+        assert!(!expected.is_empty(), "{table} exists");
+        assert_eq!(
+            columns(&orchestrator_pool, backend, table).await,
+            expected,
+            "{table} differs between the orchestrator's and the engine's migrations"
+        );
+    }
+}
