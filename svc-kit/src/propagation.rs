@@ -1,11 +1,9 @@
 //! W3C trace context across processes: injected into the metadata of every
-//! outgoing call, extracted on every server, and stored as a `traceparent`
-//! string where a trace must outlive a process (a saga).
-
-use std::collections::HashMap;
+//! outgoing call and extracted on every server. (A saga's trace, which must
+//! outlive its process, is stored by the engine: `saga_engine::trace_context`.)
 
 use opentelemetry::{
-    Context, global,
+    global,
     propagation::{Extractor, Injector},
     trace::TraceContextExt,
 };
@@ -42,25 +40,6 @@ impl Extractor for HeaderExtractor<'_> {
 pub fn inject_current(metadata: &mut MetadataMap) {
     let cx = Span::current().context();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
-}
-
-/// The `traceparent` of a span, to store and resume later. Empty when the span
-/// is not recorded.
-pub fn traceparent(span: &Span) -> String {
-    let cx = span.context();
-    let mut carrier = HashMap::new();
-    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
-    carrier.remove("traceparent").unwrap_or_default()
-}
-
-/// Makes `span` a child of the span a stored `traceparent` names. Must come
-/// before anything reads the span's context.
-pub fn adopt_traceparent(span: &Span, traceparent: &str) {
-    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let parent: Context = global::get_text_map_propagator(|p| p.extract(&carrier));
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
 }
 
 /// The hex trace ID of a span, or empty when it has none.

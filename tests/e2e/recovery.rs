@@ -3,66 +3,19 @@
 //! the same store. Every saga must finish as its inputs dictate, with no effect
 //! doubled.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use ordersaga_proto::{client::OrderClient, orders::v1::OrderStatus};
+use ordersaga_proto::orders::v1::OrderStatus;
 use ordersaga_tests::{
-    API_KEY, Backend, TestDb, binaries, eventually,
+    Backend, TestDb, eventually,
+    process::orchestrator_process,
     system::{DomainServices, Options, order},
 };
 use svc_kit::fault::FaultSettings;
-use tokio::process::{Child, Command};
 
-use crate::assertions::request_id;
+use crate::{assertions::request_id, bins};
 
 on_both_stores!(kill_9_mid_saga_then_every_saga_finishes_once);
-
-struct OrchestratorProcess {
-    port: u16,
-    db_url: String,
-    services: (String, String, String),
-}
-
-impl OrchestratorProcess {
-    fn spawn(&self) -> Child {
-        Command::new(crate::bins::ORCHESTRATOR)
-            .env_clear()
-            .env("APPLICATION_API_KEY", API_KEY)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", self.port.to_string())
-            .env("METRICS_PORT", "0")
-            .env("DATABASE_URL", &self.db_url)
-            .env("STOCK_SERVICE_URL", &self.services.0)
-            .env("SHIPPING_SERVICE_URL", &self.services.1)
-            .env("PAYMENT_SERVICE_URL", &self.services.2)
-            .env("RETRY_INITIAL_BACKOFF_MS", "5")
-            .env("RETRY_MAX_BACKOFF_MS", "100")
-            .env("STEP_MAX_ATTEMPTS", "40")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the orchestrator")
-    }
-
-    async fn client(&self) -> OrderClient {
-        let endpoint = format!("http://127.0.0.1:{}", self.port);
-        eventually(
-            "the orchestrator to answer",
-            Duration::from_secs(30),
-            || {
-                let endpoint = endpoint.clone();
-                async move {
-                    let client = OrderClient::connect(endpoint, API_KEY).await.ok()?;
-                    client.list_orders(Default::default()).await.ok()?;
-                    Some(client)
-                }
-            },
-        )
-        .await
-    }
-}
 
 async fn open_sagas(db: &TestDb) -> i64 {
     let pool = db.pool().await;
@@ -81,17 +34,10 @@ async fn kill_9_mid_saga_then_every_saga_finishes_once(backend: Backend) {
     };
     let services = DomainServices::start(backend, &Options::faults_everywhere(faults)).await;
     let db = TestDb::new(backend).await;
-    let process = OrchestratorProcess {
-        port: binaries::free_port(),
-        db_url: db.url.clone(),
-        services: (
-            services.stock.endpoint(),
-            services.shipping.endpoint(),
-            services.payment.endpoint(),
-        ),
-    };
-    let mut child = process.spawn();
-    let client = process.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = orchestrator_process(bins::ORCHESTRATOR, dir.path(), &db.url, &services, &[]);
+    process.start().await;
+    let client = process.order_client().await;
 
     let orders: Vec<(String, &str, &str)> = (0..40)
         .map(|i| {
@@ -111,17 +57,17 @@ async fn kill_9_mid_saga_then_every_saga_finishes_once(backend: Backend) {
     // flight), later (last steps and compensations), and right after a recovery.
     for delay_ms in [300, 900, 150] {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        child.kill().await.expect("kill -9 the orchestrator");
+        process.kill().await;
         let open = open_sagas(&db).await;
         assert!(
             open > 0,
             "the kill after {delay_ms} ms should find sagas in flight"
         );
-        child = process.spawn();
-        process.client().await;
+        process.start().await;
+        process.order_client().await;
     }
 
-    let client = process.client().await;
+    let client = process.order_client().await;
     let finished = eventually("every saga to finish", Duration::from_secs(120), || {
         let client = client.clone();
         let ids = ids.clone();
@@ -163,5 +109,5 @@ async fn kill_9_mid_saga_then_every_saga_finishes_once(backend: Backend) {
     assert_eq!(effects.refunded, 0, "{effects:?}");
     assert_eq!(effects.products["BOOK"].1, completed, "{effects:?}");
     effects.assert_conserved();
-    child.kill().await.ok();
+    process.kill().await;
 }
