@@ -5,8 +5,10 @@
 //! - [`run`]: the load, with an HDR latency histogram and outcome counts.
 //! - [`check`]: conservation through the services' read RPCs, and the outcome mix.
 //! - [`echo`]: the RPC ceiling, a tonic unary call at the same concurrency.
+//! - [`cpu`]: CPU time per process from `/proc`, for the CPU one saga costs each.
 
 pub mod check;
+pub mod cpu;
 pub mod echo;
 pub mod report;
 pub mod run;

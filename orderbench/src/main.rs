@@ -1,7 +1,37 @@
 //! `orderbench`: see the crate docs.
 
 use clap::{Parser, Subcommand};
-use orderbench::{BenchConfig, check, echo, report::Report, run, setup};
+use orderbench::{
+    BenchConfig, check,
+    cpu::{self, Target},
+    echo,
+    report::{Ceiling, Report},
+    run, setup,
+};
+
+/// The processes whose CPU a run accounts: the four services by the port they
+/// listen on, every PostgreSQL process, and orderbench itself.
+fn cpu_targets(args: &Args) -> Vec<Target> {
+    let port = |url: &str| {
+        url.rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse().ok())
+    };
+    let mut targets = vec![];
+    for (name, url) in [
+        ("orchestrator", &args.addr),
+        ("stock", &args.stock_addr),
+        ("shipping", &args.shipping_addr),
+        ("payment", &args.payment_addr),
+    ] {
+        if let Some(port) = port(url) {
+            targets.push(Target::Port(name, port));
+        }
+    }
+    targets.push(Target::Comm("postgres", "postgres"));
+    targets.push(Target::Own("(orderbench)"));
+    targets
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +57,15 @@ struct Args {
     /// The payment service, for set-up and the conservation check.
     #[arg(long, default_value = "http://127.0.0.1:50054")]
     payment_addr: String,
+
+    /// The shipping service, only to account its CPU.
+    #[arg(long, default_value = "http://127.0.0.1:50053")]
+    shipping_addr: String,
+
+    /// Calls of the RPC ceiling measured before the run, at the run's
+    /// concurrency (a quarter of them at C=1); 0 skips it.
+    #[arg(long, default_value_t = 20_000)]
+    echo_calls: u64,
 
     #[arg(
         long,
@@ -130,10 +169,25 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
+    let ceiling = if args.echo_calls > 0 {
+        let c1 = echo::ceiling((args.echo_calls / 4).max(1_000), 1).await?;
+        let at_c = echo::ceiling(args.echo_calls, config.concurrency).await?;
+        Some((c1, at_c))
+    } else {
+        None
+    };
     let world = setup::prepare(&config).await?;
+    let targets = cpu_targets(&args);
+    let cpu_before = cpu::sample(&targets);
     let load = run::orders(&config, &world).await?;
+    let cpu_after = cpu::sample(&targets);
     let verdict = check::conservation(&config, &world, &load).await?;
-    let report = Report::new(&config, &load, &verdict);
+    let mut report = Report::new(&config, &load, &verdict);
+    let finished: u64 = load.outcomes.values().sum();
+    report.cpu_ms_per_saga = cpu::per_unit(&cpu_before, &cpu_after, finished as f64);
+    if let Some((c1, at_c)) = &ceiling {
+        report.ceiling = Some(Ceiling::new(c1, at_c, report.sagas_per_s, report.p50_ms));
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

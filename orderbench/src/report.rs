@@ -1,8 +1,36 @@
 //! The figures, for people and for scripts.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
-use crate::{BenchConfig, check::Verdict, run::LoadResult};
+use crate::{BenchConfig, check::Verdict, echo::EchoReport, run::LoadResult};
+
+/// This machine's RPC ceiling, measured in the same invocation, and the run's
+/// figures as ratios to it (the speed goals are stated as such ratios, since
+/// absolute figures vary threefold from day to day on shared machines).
+#[derive(Debug, Serialize)]
+pub struct Ceiling {
+    /// Echo p50 at C=1.
+    pub echo_p50_ms_c1: f64,
+    /// Echo calls/s at the run's concurrency.
+    pub echo_calls_per_s: f64,
+    /// Echo calls/s ÷ sagas/s (goal: ≤ 16, aim ≤ 8).
+    pub throughput_ratio: f64,
+    /// Saga p50 ÷ echo p50 at C=1 (goal at C=1: ≤ 15).
+    pub latency_ratio: f64,
+}
+
+impl Ceiling {
+    pub fn new(c1: &EchoReport, at_c: &EchoReport, sagas_per_s: f64, p50_ms: f64) -> Ceiling {
+        Ceiling {
+            echo_p50_ms_c1: c1.p50_ms,
+            echo_calls_per_s: at_c.calls_per_s,
+            throughput_ratio: at_c.calls_per_s / sagas_per_s.max(f64::MIN_POSITIVE),
+            latency_ratio: p50_ms / c1.p50_ms.max(f64::MIN_POSITIVE),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -18,6 +46,10 @@ pub struct Report {
     pub errors: std::collections::BTreeMap<String, u64>,
     pub conservation: &'static str,
     pub failures: Vec<String>,
+    /// The RPC ceiling and the ratios to it; absent with `--echo-calls 0`.
+    pub ceiling: Option<Ceiling>,
+    /// CPU milliseconds per saga, by process (orderbench's own listed apart).
+    pub cpu_ms_per_saga: BTreeMap<&'static str, f64>,
 }
 
 impl Report {
@@ -37,6 +69,8 @@ impl Report {
             errors: load.errors.clone(),
             conservation: if verdict.passed() { "PASS" } else { "FAIL" },
             failures: verdict.failures.clone(),
+            ceiling: None,
+            cpu_ms_per_saga: BTreeMap::new(),
         }
     }
 
@@ -68,6 +102,26 @@ impl Report {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             println!("errors      {}", errors.join("  "));
+        }
+        if let Some(c) = &self.ceiling {
+            println!(
+                "ceiling     echo p50 at C=1 {:.3} ms; echo at C={} {:.0} calls/s",
+                c.echo_p50_ms_c1, self.concurrency, c.echo_calls_per_s
+            );
+            println!(
+                "ratios      echo/s ÷ sagas/s = {:.1} (goal ≤ 16, aim ≤ 8); p50 ÷ echo p50 = {:.1} (goal at C=1 ≤ 15); p99 ÷ p50 = {:.1}",
+                c.throughput_ratio,
+                c.latency_ratio,
+                self.p99_ms / self.p50_ms.max(f64::MIN_POSITIVE)
+            );
+        }
+        if !self.cpu_ms_per_saga.is_empty() {
+            let cpu: Vec<String> = self
+                .cpu_ms_per_saga
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2} ms"))
+                .collect();
+            println!("cpu/saga    {}", cpu.join("  "));
         }
         println!("conservation {}", self.conservation);
         for failure in &self.failures {

@@ -41,20 +41,29 @@ impl NewEvent {
 /// before. Returns whether it was new. The saga's row must exist.
 pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, sqlx::Error> {
     let event_id = event.event_id().to_string();
-    let seen: Option<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1")
-        .bind(&event_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if seen.is_some() {
-        return Ok(false);
-    }
     let aggregate_id = event.aggregate_id.to_string();
-    let sequence: i64 = sqlx::query_scalar(
-        "UPDATE sagas SET events_sequence = events_sequence + 1 WHERE saga_id = $1 RETURNING events_sequence",
+    // One statement: take the saga's next sequence number, unless this event
+    // was written before (then nothing changes).
+    let sequence: Option<i64> = sqlx::query_scalar(
+        "UPDATE sagas SET events_sequence = events_sequence + 1 \
+         WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
+         RETURNING events_sequence",
     )
     .bind(&aggregate_id)
-    .fetch_one(&mut *conn)
+    .bind(&event_id)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(sequence) = sequence else {
+        // Written before, or (a bug) no such saga: only the first is fine.
+        let written: Option<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1")
+            .bind(&event_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        return match written {
+            Some(_) => Ok(false),
+            None => Err(sqlx::Error::RowNotFound),
+        };
+    };
     let occurred_at_ms = now_ms();
     let mut body = Map::new();
     body.insert("event_id".into(), event_id.clone().into());

@@ -1,0 +1,154 @@
+//! CPU time per process, read from `/proc`, so a run can say what one saga
+//! costs each process of the system (Linux only; elsewhere nothing is found).
+//!
+//! The services are found by the port they listen on (so it works the same for
+//! separate binaries and for devstack's children), PostgreSQL by its process
+//! name (every backend counts).
+
+use std::{collections::BTreeMap, fs};
+
+/// Linux reports CPU time in clock ticks of `USER_HZ`, which is 100 on every
+/// architecture Linux supports for user space.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// A process group to account: a name and how to find its processes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The process listening on this TCP port.
+    Port(&'static str, u16),
+    /// Every process with this command name (`/proc/<pid>/comm`).
+    Comm(&'static str, &'static str),
+    /// This process.
+    Own(&'static str),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Port(name, _) | Target::Comm(name, _) | Target::Own(name) => name,
+        }
+    }
+}
+
+/// CPU seconds used so far, by target name; targets not found are absent.
+#[derive(Debug, Clone, Default)]
+pub struct Sample(BTreeMap<&'static str, BTreeMap<u32, f64>>);
+
+pub fn sample(targets: &[Target]) -> Sample {
+    let mut sample = Sample::default();
+    for target in targets {
+        let pids = match target {
+            Target::Port(_, port) => listening_pid(*port).into_iter().collect(),
+            Target::Comm(_, comm) => pids_named(comm),
+            Target::Own(_) => vec![std::process::id()],
+        };
+        let times: BTreeMap<u32, f64> = pids
+            .into_iter()
+            .filter_map(|pid| cpu_seconds(pid).map(|s| (pid, s)))
+            .collect();
+        if !times.is_empty() {
+            sample.0.insert(target.name(), times);
+        }
+    }
+    sample
+}
+
+/// CPU milliseconds each target used between two samples, divided by `per`.
+/// A process that started in between counts from zero.
+pub fn per_unit(before: &Sample, after: &Sample, per: f64) -> BTreeMap<&'static str, f64> {
+    after
+        .0
+        .iter()
+        .map(|(name, pids)| {
+            let used: f64 = pids
+                .iter()
+                .map(|(pid, now)| {
+                    let then = before.0.get(name).and_then(|b| b.get(pid)).copied();
+                    now - then.unwrap_or(0.0)
+                })
+                .sum();
+            (*name, used * 1000.0 / per.max(1.0))
+        })
+        .collect()
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its ')' are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+fn pids_named(comm: &str) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+fn all_pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The process that owns the listening socket on `port` (IPv4 or IPv6).
+fn listening_pid(port: u16) -> Option<u32> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    // State 0A is LISTEN.
+                    (u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A")
+                        .then(|| fields.get(9).map(|i| i.to_string()))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    all_pids().into_iter().find(|pid| {
+        fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+                .any(|link| wanted.iter().any(|w| link.to_str() == Some(w)))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_and_measures_a_listening_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(listening_pid(port), Some(std::process::id()));
+        let before = sample(&[Target::Port("me", port)]);
+        // Burn some CPU so the difference is visible.
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(100) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let after = sample(&[Target::Port("me", port)]);
+        let used = per_unit(&before, &after, 1.0);
+        assert!(used["me"] > 0.0, "{used:?}");
+    }
+}
