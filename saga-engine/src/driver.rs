@@ -56,6 +56,16 @@ impl Driving {
 /// The driver stopped because the process is shutting down; recovery resumes it.
 pub(crate) struct Interrupted;
 
+/// Why a driver stops before the saga's end.
+enum Halt {
+    /// The process is shutting down; recovery resumes the saga.
+    Interrupted,
+    /// The log says the saga is already terminal, with this status: a
+    /// checkpoint whose first COMMIT succeeded was sent again after its reply
+    /// was lost. Its outcome stands.
+    Closed(SagaStatus),
+}
+
 enum ForwardOutcome {
     Succeeded {
         output: String,
@@ -95,10 +105,21 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     }
 
     pub async fn run(mut self) -> Result<(), Interrupted> {
+        match self.drive().await {
+            Ok(()) => Ok(()),
+            Err(Halt::Closed(status)) => {
+                self.finished(status);
+                Ok(())
+            }
+            Err(Halt::Interrupted) => Err(Interrupted),
+        }
+    }
+
+    async fn drive(&mut self) -> Result<(), Halt> {
         let step_count = self.inner.definition.steps.len();
         loop {
             if self.inner.stopping() {
-                return Err(Interrupted);
+                return Err(Halt::Interrupted);
             }
             match self.state.cursor {
                 Cursor::Forward { step, maybe_sent } if self.state.cancel_requested => {
@@ -127,7 +148,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// A cancel was accepted while the saga runs, with `step` at the cursor:
     /// undo the done steps, and the step at the cursor too if its call may
     /// have been sent (this driver resumed it from the log).
-    async fn cancel_at(&mut self, step: usize, maybe_sent: bool) -> Result<(), Interrupted> {
+    async fn cancel_at(&mut self, step: usize, maybe_sent: bool) -> Result<(), Halt> {
         self.state.failure_reason = CANCELLED_REASON.into();
         let mut records = vec![];
         let from = if maybe_sent {
@@ -156,7 +177,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         self.begin_compensation(from, records).await
     }
 
-    async fn run_forward_step(&mut self, index: usize) -> Result<(), Interrupted> {
+    async fn run_forward_step(&mut self, index: usize) -> Result<(), Halt> {
         let step = self.inner.definition.steps[index].clone();
         let started = now_ms();
         let outcome = self.attempt_forward(step.as_ref()).await?;
@@ -211,11 +232,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Records a step's success with the start of the next step; after the
     /// last step, the same checkpoint completes the saga, unless a cancel
     /// came first.
-    async fn step_succeeded(
-        &mut self,
-        index: usize,
-        record: StepRecord,
-    ) -> Result<(), Interrupted> {
+    async fn step_succeeded(&mut self, index: usize, record: StepRecord) -> Result<(), Halt> {
         let next = index + 1;
         let mut steps = vec![record];
         let last = next == self.inner.definition.steps.len();
@@ -260,7 +277,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Every step is done but the saga is not yet COMPLETED: it was resumed
     /// between the two (a log written before completion shared the last step's
     /// checkpoint), or a cancel was accepted before the completion.
-    async fn complete(&mut self) -> Result<(), Interrupted> {
+    async fn complete(&mut self) -> Result<(), Halt> {
         let checkpoint = Checkpoint {
             saga_id: self.saga_id,
             steps: vec![],
@@ -284,7 +301,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         &mut self,
         from: Option<usize>,
         mut steps: Vec<StepRecord>,
-    ) -> Result<(), Interrupted> {
+    ) -> Result<(), Halt> {
         if let Some(from) = from {
             let name = self.inner.definition.steps[from].name();
             steps.push(StepRecord::started(
@@ -316,7 +333,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         Ok(())
     }
 
-    async fn run_compensation_step(&mut self, index: usize) -> Result<(), Interrupted> {
+    async fn run_compensation_step(&mut self, index: usize) -> Result<(), Halt> {
         self.state.undid_any = true;
         let step = self.inner.definition.steps[index].clone();
         let started = now_ms();
@@ -416,7 +433,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Forward attempts until a success, a definite "no", or the end of the
     /// budget. A cancel accepted meanwhile ends the retries at once: the
     /// outcome stays unknown, and the step is compensated.
-    async fn attempt_forward(&self, step: &dyn Step<D>) -> Result<ForwardOutcome, Interrupted> {
+    async fn attempt_forward(&self, step: &dyn Step<D>) -> Result<ForwardOutcome, Halt> {
         let request_id = Call::request_id(self.saga_id, step.name(), Phase::Forward);
         let policy = &self.inner.policy;
         let mut last_error = String::new();
@@ -458,7 +475,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                         last_error: format!("cancelled while retrying: {last_error}"),
                     });
                 }
-                _ = wait_stopping(stopping) => return Err(Interrupted),
+                _ = wait_stopping(stopping) => return Err(Halt::Interrupted),
             }
         }
         Ok(ForwardOutcome::Unknown {
@@ -520,7 +537,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         }
     }
 
-    async fn finish(&mut self, status: SagaStatus) -> Result<(), Interrupted> {
+    async fn finish(&mut self, status: SagaStatus) -> Result<(), Halt> {
         if status == SagaStatus::Cancelled {
             self.state.failure_reason = CANCELLED_REASON.into();
         }
@@ -565,10 +582,14 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Commits a checkpoint, retrying until the store takes it: the saga never
     /// moves on without its record. A retry may apply a checkpoint whose first
     /// COMMIT succeeded but whose reply was lost; applying one twice is harmless.
-    async fn checkpoint(&self, checkpoint: Checkpoint) -> Result<Applied, Interrupted> {
+    async fn checkpoint(&self, checkpoint: Checkpoint) -> Result<Applied, Halt> {
         let mut failures = 0;
         loop {
             match self.inner.log.commit(checkpoint.clone()).await {
+                Ok(Applied {
+                    closed: Some(status),
+                    ..
+                }) => return Err(Halt::Closed(status)),
                 Ok(applied) => {
                     let status = if checkpoint.complete {
                         applied.completed.then_some(SagaStatus::Completed)
@@ -594,11 +615,11 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         }
     }
 
-    async fn sleep_unless_stopping(&self, wait: Duration) -> Result<(), Interrupted> {
+    async fn sleep_unless_stopping(&self, wait: Duration) -> Result<(), Halt> {
         let stopping = self.inner.stopping.subscribe();
         tokio::select! {
             () = tokio::time::sleep(wait) => Ok(()),
-            _ = wait_stopping(stopping) => Err(Interrupted),
+            _ = wait_stopping(stopping) => Err(Halt::Interrupted),
         }
     }
 }

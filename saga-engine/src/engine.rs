@@ -177,6 +177,12 @@ where
         F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Admission, sqlx::Error>>,
     {
         let inner = &self.inner;
+        // Claimed before anything is written, so that no `ensure_driven` can
+        // start a second driver between the commit and this one, and a cancel
+        // accepted right after the commit finds the driver's signal.
+        let claim = self.claim(saga_id).ok_or_else(|| {
+            sqlx::Error::Protocol(format!("saga {saga_id} is already being driven"))
+        })?;
         let span = parent.in_scope(|| self.saga_span(saga_id, None));
         let traceparent = trace_context::traceparent(&span);
         let data_json =
@@ -188,6 +194,7 @@ where
             data_json: &data_json,
             trace_context: &traceparent,
             first_step: inner.definition.steps[0].name(),
+            starts_at_pivot: inner.definition.pivot_index() == Some(0),
         };
         log::insert_saga(&mut tx, &saga).await?;
         if admit(&mut tx).await? == Admission::Refuse {
@@ -197,7 +204,15 @@ where
         for event in inner.announce(saga_id, &data, &Milestone::Started, &traceparent) {
             events::insert(&mut tx, &event).await?;
         }
-        tx.commit().await?;
+        if let Err(err) = tx.commit().await {
+            // The reply to COMMIT may be lost after the commit is durable: then
+            // the saga exists and must be driven like any other.
+            let stored = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await;
+            if !matches!(stored, Ok(Some(_))) {
+                return Err(err);
+            }
+            tracing::warn!(%saga_id, error = %err, "the commit of a new saga reported an error, but it is stored; driving it");
+        }
         crash_points::reach(point::AFTER_START_COMMIT).await;
         span.in_scope(|| tracing::info!("saga recorded; driving it"));
         inner.metrics.started();
@@ -205,14 +220,11 @@ where
             saga_id,
             status: Some(SagaStatus::Running),
         });
-        // Someone may have found it first (`ensure_driven`); then it is driven.
-        if let Some(claim) = self.claim(saga_id) {
-            let state = Driving::new(Cursor::Forward {
-                step: 0,
-                maybe_sent: false,
-            });
-            self.spawn_driver(claim, Arc::new(data), state, span);
-        }
+        let state = Driving::new(Cursor::Forward {
+            step: 0,
+            maybe_sent: false,
+        });
+        self.spawn_driver(claim, Arc::new(data), state, span);
         Ok(Started::Started)
     }
 
@@ -239,9 +251,17 @@ where
         let open = log::load_open(&self.inner.pool, self.inner.definition.kind).await?;
         let mut resumed = 0;
         for saga in open {
-            if let Some(claim) = self.claim(saga.saga_id) {
-                self.resume(claim, saga)?;
-                resumed += 1;
+            let saga_id = saga.saga_id;
+            let Some(claim) = self.claim(saga_id) else {
+                continue;
+            };
+            // One saga this build can't read must not keep every other one
+            // from resuming; it stays open, visible, and is logged.
+            match self.resume(claim, saga) {
+                Ok(()) => resumed += 1,
+                Err(err) => {
+                    tracing::error!(%saga_id, error = %err, "cannot resume a saga; it stays open")
+                }
             }
         }
         Ok(resumed)
@@ -255,9 +275,16 @@ where
         if outcome == CancelOutcome::Accepted {
             crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
             let signal = self.inner.driving.lock().unwrap().get(&saga_id).cloned();
-            if let Some(signal) = signal {
+            match signal {
                 // Stored if the driver is not waiting now: it sees it at its next wait.
-                signal.notify_one();
+                Some(signal) => signal.notify_one(),
+                // Nobody drives it here (its start was lost): an accepted
+                // cancel must still be carried out.
+                None => {
+                    if let Err(err) = self.ensure_driven(saga_id).await {
+                        tracing::warn!(%saga_id, error = %err, "cannot drive a cancelled saga now; it resumes at the next start");
+                    }
+                }
             }
             let _ = self.inner.changes.send(SagaChange {
                 saga_id,

@@ -105,6 +105,8 @@ pub struct NewSaga<'a> {
     pub trace_context: &'a str,
     /// Name of step 0, recorded as started in the same write.
     pub first_step: &'static str,
+    /// Step 0 is the pivot: the saga can't be cancelled once started.
+    pub starts_at_pivot: bool,
 }
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
@@ -112,8 +114,8 @@ pub struct NewSaga<'a> {
 pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga<'_>) -> Result<(), sqlx::Error> {
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, $4, 0, $5, $6, $6)",
+        "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed) \
+         VALUES ($1, $2, $3, $4, 0, $5, $6, $6, $7)",
     )
     .bind(saga.saga_id.to_string())
     .bind(saga.kind)
@@ -121,6 +123,7 @@ pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga<'_>) -> Result
     .bind(SagaStatus::Running.as_str())
     .bind(saga.trace_context)
     .bind(now)
+    .bind(i64::from(saga.starts_at_pivot))
     .execute(&mut *conn)
     .await?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
@@ -189,6 +192,8 @@ pub struct Applied {
     pub pivot_entered: bool,
     /// `complete` was granted.
     pub completed: bool,
+    /// The saga was already terminal (with this status), so nothing was written.
+    pub closed: Option<SagaStatus>,
 }
 
 async fn upsert_step(
@@ -221,12 +226,10 @@ async fn upsert_step(
 
 async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Applied, sqlx::Error> {
     let id = checkpoint.saga_id.to_string();
-    for step in &checkpoint.steps {
-        upsert_step(conn, checkpoint.saga_id, step).await?;
-    }
     // One statement: the new state, the pivot and the completion (each granted
     // only if no cancel came first), and what the row says about cancellation.
     // A cancel is a conditional update of the same row, so exactly one wins.
+    // Only an open saga moves: a terminal one is never written again.
     let (status, next_step, failure_reason) = match &checkpoint.state {
         Some(state) => (
             Some(state.status.as_str()),
@@ -242,7 +245,8 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
          next_step = COALESCE($3, next_step), \
          failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
          pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
-         WHERE saga_id = $7 RETURNING status, cancel_requested, pivot_passed",
+         WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') \
+         RETURNING status, cancel_requested, pivot_passed",
     )
     .bind(i64::from(checkpoint.complete))
     .bind(status)
@@ -251,8 +255,27 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
     .bind(now_ms())
     .bind(i64::from(checkpoint.enter_pivot))
     .bind(&id)
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(row) = row else {
+        // Already terminal: this checkpoint was applied before (its COMMIT's
+        // reply was lost), or another driver ended the saga. Nothing to write.
+        let status: String = sqlx::query_scalar("SELECT status FROM sagas WHERE saga_id = $1")
+            .bind(&id)
+            .fetch_one(&mut *conn)
+            .await?;
+        let status = SagaStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+        return Ok(Applied {
+            cancel_requested: false,
+            pivot_entered: false,
+            completed: false,
+            closed: Some(status),
+        });
+    };
+    for step in &checkpoint.steps {
+        upsert_step(conn, checkpoint.saga_id, step).await?;
+    }
     let cancel_requested: i64 = row.try_get("cancel_requested")?;
     let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;
     let completed = checkpoint.complete && row.try_get::<String, _>("status")? == "COMPLETED";
@@ -266,6 +289,7 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
         cancel_requested: cancel_requested != 0,
         pivot_entered,
         completed,
+        closed: None,
     })
 }
 
@@ -532,7 +556,7 @@ pub async fn request_cancel(pool: &AnyPool, saga_id: Uuid) -> Result<CancelOutco
     let id = saga_id.to_string();
     let accepted = sqlx::query(
         "UPDATE sagas SET cancel_requested = 1, updated_at_ms = $1 \
-         WHERE saga_id = $2 AND status = 'RUNNING' AND pivot_passed = 0",
+         WHERE saga_id = $2 AND status = 'RUNNING' AND pivot_passed = 0 AND cancel_requested = 0",
     )
     .bind(now_ms())
     .bind(&id)

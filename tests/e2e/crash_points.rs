@@ -81,6 +81,29 @@ async fn a_create_order_whose_caller_left_after_the_commit_is_still_driven(backe
     );
     let effects = services.effects().await;
     assert_eq!((effects.reserved, effects.charged), (1, 1), "{effects:?}");
+    // The dropped call's own start (it ends its pause after the retry drove
+    // the saga) must not drive the saga a second time.
+    let metric = |metrics: &str, name: &str| -> Option<String> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    ordersaga_tests::eventually("the first call's start to be done", WAIT, || async {
+        let metrics = orchestrator.scrape().await;
+        (metric(&metrics, "saga_started_total").as_deref() == Some("1")
+            && metric(&metrics, "sagas_in_flight").as_deref() == Some("0"))
+        .then_some(())
+    })
+    .await;
+    let metrics = orchestrator.scrape().await;
+    assert_eq!(
+        metric(&metrics, "saga_finished_total").as_deref(),
+        Some("1"),
+        "the saga finished once: {metrics}"
+    );
+    let order = client.get_order(&retried.order_id).await.unwrap();
+    assert_eq!(order.status, OrderStatus::Completed as i32, "{order:?}");
     orchestrator.kill().await;
 }
 

@@ -27,6 +27,7 @@ async fn new_saga(pool: &AnyPool) -> Uuid {
             data_json: "{}",
             trace_context: "",
             first_step: "a",
+            starts_at_pivot: false,
         },
     )
     .await

@@ -76,6 +76,7 @@ async fn leave_as_crashed(pool: &AnyPool, world: &World, position: Position) -> 
             data_json: r#"{"label":"crashed"}"#,
             trace_context: "",
             first_step: STEPS[0],
+            starts_at_pivot: false,
         },
     )
     .await
