@@ -54,7 +54,7 @@ mod armed {
 
     #[derive(Debug)]
     pub struct Armed {
-        action: Action,
+        pub action: Action,
         /// Times it may still fire; `u64::MAX` for always.
         left: AtomicU64,
     }
@@ -142,9 +142,14 @@ mod tests {
     fn parses_actions_and_counts() {
         let points = parse("a=abort; b=2*pause(150);c=fail").unwrap();
         assert_eq!(points.len(), 3);
+        assert_eq!(points["a"].action, Action::Abort);
+        assert_eq!(
+            points["b"].action,
+            Action::Pause(std::time::Duration::from_millis(150))
+        );
+        assert_eq!(points["c"].action, Action::Fail);
         assert!(parse("a=explode").unwrap_err().contains("unknown action"));
         assert!(parse("a").unwrap_err().contains("name=action"));
         assert!(parse("a=x*abort").unwrap_err().contains("bad count"));
-        let _ = Action::Fail;
     }
 }

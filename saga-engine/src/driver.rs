@@ -300,37 +300,41 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     async fn begin_compensation(
         &mut self,
         from: Option<usize>,
-        mut steps: Vec<StepRecord>,
+        steps: Vec<StepRecord>,
     ) -> Result<(), Halt> {
-        if let Some(from) = from {
-            let name = self.inner.definition.steps[from].name();
+        let applied = self.compensate_next(from, steps).await?;
+        self.state.cancel_requested |= applied.cancel_requested;
+        self.state.undid_any |= from.is_some();
+        Ok(())
+    }
+
+    /// Commits `steps` with the saga COMPENSATING at `next` (recorded as
+    /// started), or with nothing left to undo, and moves the cursor there.
+    async fn compensate_next(
+        &mut self,
+        next: Option<usize>,
+        mut steps: Vec<StepRecord>,
+    ) -> Result<Applied, Halt> {
+        if let Some(next) = next {
+            let name = self.inner.definition.steps[next].name();
             steps.push(StepRecord::started(
                 Phase::Compensation,
-                from as i64,
+                next as i64,
                 name,
                 now_ms(),
             ));
         }
-        let cursor = Cursor::Compensating { step: from };
+        let cursor = Cursor::Compensating { step: next };
         let state = SagaState {
             status: SagaStatus::Compensating,
             next_step: cursor.next_step_column().unwrap_or(-1),
             failure_reason: self.state.failure_reason.clone(),
         };
         let applied = self
-            .checkpoint(Checkpoint {
-                saga_id: self.saga_id,
-                steps,
-                state: Some(state),
-                enter_pivot: false,
-                complete: false,
-                events: vec![],
-            })
+            .checkpoint(Checkpoint::new(self.saga_id, steps, Some(state), vec![]))
             .await?;
-        self.state.cancel_requested |= applied.cancel_requested;
-        self.state.undid_any |= from.is_some();
         self.state.cursor = cursor;
-        Ok(())
+        Ok(applied)
     }
 
     async fn run_compensation_step(&mut self, index: usize) -> Result<(), Halt> {
@@ -375,15 +379,8 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             } else {
                 vec![]
             };
-            self.checkpoint(Checkpoint {
-                saga_id: self.saga_id,
-                steps: vec![record],
-                state: None,
-                enter_pivot: false,
-                complete: false,
-                events,
-            })
-            .await?;
+            self.checkpoint(Checkpoint::new(self.saga_id, vec![record], None, events))
+                .await?;
             let wait = self
                 .inner
                 .policy
@@ -398,35 +395,10 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         record.output = output;
         record.finished_at_ms = Some(now_ms());
         let next = index.checked_sub(1);
-        let mut steps = vec![record];
-        if let Some(next) = next {
-            let name = self.inner.definition.steps[next].name();
-            steps.push(StepRecord::started(
-                Phase::Compensation,
-                next as i64,
-                name,
-                now_ms(),
-            ));
-        }
-        let cursor = Cursor::Compensating { step: next };
-        let state = SagaState {
-            status: SagaStatus::Compensating,
-            next_step: cursor.next_step_column().unwrap_or(-1),
-            failure_reason: self.state.failure_reason.clone(),
-        };
-        self.checkpoint(Checkpoint {
-            saga_id: self.saga_id,
-            steps,
-            state: Some(state),
-            enter_pivot: false,
-            complete: false,
-            events: vec![],
-        })
-        .await?;
+        self.compensate_next(next, vec![record]).await?;
         if next.is_some() {
             crash_points::reach(point::BETWEEN_COMPENSATIONS).await;
         }
-        self.state.cursor = cursor;
         Ok(())
     }
 
@@ -547,15 +519,8 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             failure_reason: self.state.failure_reason.clone(),
         };
         let events = self.announce_finished(status, &self.state.failure_reason.clone());
-        self.checkpoint(Checkpoint {
-            saga_id: self.saga_id,
-            steps: vec![],
-            state: Some(state),
-            enter_pivot: false,
-            complete: false,
-            events,
-        })
-        .await?;
+        self.checkpoint(Checkpoint::new(self.saga_id, vec![], Some(state), events))
+            .await?;
         self.finished(status);
         Ok(())
     }

@@ -183,6 +183,25 @@ pub struct Checkpoint {
     pub events: Vec<NewEvent>,
 }
 
+impl Checkpoint {
+    /// A checkpoint that neither enters the pivot nor completes the saga.
+    pub fn new(
+        saga_id: Uuid,
+        steps: Vec<StepRecord>,
+        state: Option<SagaState>,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        Checkpoint {
+            saga_id,
+            steps,
+            state,
+            enter_pivot: false,
+            complete: false,
+            events,
+        }
+    }
+}
+
 /// What the store said while applying a checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Applied {
