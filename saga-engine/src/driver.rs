@@ -21,7 +21,8 @@ use crate::{
     crash_points::{self, point},
     cursor::Cursor,
     definition::{Call, Milestone, Phase, Step},
-    engine::{Inner, SagaChange},
+    changes::SagaChange,
+    engine::Inner,
     events::NewEvent,
     log::{self, Applied, Checkpoint, SagaState, SagaStatus, StepRecord, StepStatus},
     now_ms,
@@ -561,7 +562,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                     } else {
                         checkpoint.state.as_ref().map(|s| s.status)
                     };
-                    let _ = self.inner.changes.send(SagaChange {
+                    self.inner.changes.publish(SagaChange {
                         saga_id: self.saga_id,
                         status,
                     });

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    changes::{Changes, SagaChange, SagaWatch},
     crash_points::{self, point},
     cursor::Cursor,
     definition::{Milestone, SagaDefinition},
@@ -33,14 +34,6 @@ use crate::{
     retry::RetryPolicy,
     trace_context,
 };
-
-/// A committed change of a saga, as broadcast to waiters and watchers.
-#[derive(Debug, Clone, Copy)]
-pub struct SagaChange {
-    pub saga_id: Uuid,
-    /// The saga's status after the change, when the change set it.
-    pub status: Option<SagaStatus>,
-}
 
 /// What the caller's part of a start transaction decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +72,7 @@ pub(crate) struct Inner<D> {
     pub(crate) policy: RetryPolicy,
     /// Bounds the sagas driven at once; the rest wait for a permit.
     permits: Semaphore,
-    pub(crate) changes: broadcast::Sender<SagaChange>,
+    pub(crate) changes: Changes,
     pub(crate) stopping: watch::Sender<bool>,
     drivers: TaskTracker,
     pub(crate) metrics: EngineMetrics,
@@ -115,7 +108,6 @@ where
         metrics: EngineMetrics,
     ) -> anyhow::Result<Self> {
         definition.validate().map_err(anyhow::Error::msg)?;
-        let (changes, _) = broadcast::channel(16 * 1024);
         Ok(Engine {
             inner: Arc::new(Inner {
                 log: LogWriter::spawn(pool.clone()),
@@ -123,7 +115,7 @@ where
                 pool,
                 policy,
                 permits: Semaphore::new(max_in_flight),
-                changes,
+                changes: Changes::new(),
                 stopping: watch::channel(false).0,
                 drivers: TaskTracker::new(),
                 metrics,
@@ -143,7 +135,13 @@ where
     /// Every committed change of any saga. Receivers that lag should re-read
     /// what they watch.
     pub fn subscribe(&self) -> broadcast::Receiver<SagaChange> {
-        self.inner.changes.subscribe()
+        self.inner.changes.subscribe_all()
+    }
+
+    /// Wakes on every committed change of one saga: make it before reading
+    /// the saga, then re-read after each wake.
+    pub fn watch(&self, saga_id: Uuid) -> SagaWatch {
+        self.inner.changes.watch(saga_id)
     }
 
     /// Records a new saga and drives it. In the same transaction, `admit`
@@ -216,7 +214,7 @@ where
         crash_points::reach(point::AFTER_START_COMMIT).await;
         span.in_scope(|| tracing::info!("saga recorded; driving it"));
         inner.metrics.started();
-        let _ = inner.changes.send(SagaChange {
+        inner.changes.publish(SagaChange {
             saga_id,
             status: Some(SagaStatus::Running),
         });
@@ -286,7 +284,7 @@ where
                     }
                 }
             }
-            let _ = self.inner.changes.send(SagaChange {
+            self.inner.changes.publish(SagaChange {
                 saga_id,
                 status: None,
             });

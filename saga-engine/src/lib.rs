@@ -12,6 +12,7 @@
 //! - [`log`]: the durable log (saga state, step records) and its group-commit writer.
 //! - [`events`]: the transactional outbox: events that commit with the change
 //!   that causes them, identified by the saga and its milestone.
+//! - [`changes`]: who hears of a committed change: everyone, or one saga's waiters.
 //! - [`engine`]: the handle: start, resume, cancel, watch, shut down.
 //! - [`driver`]: what drives one saga: steps, checkpoints, compensations.
 //! - [`metrics`]: sagas started, finished and in flight; step latency and retries.
@@ -19,6 +20,7 @@
 //!
 //! The tables live in [`MIGRATIONS_SQLITE`] and [`MIGRATIONS_POSTGRES`].
 
+pub mod changes;
 pub mod crash_points;
 pub mod cursor;
 pub mod definition;
@@ -32,7 +34,8 @@ mod trace_context;
 
 pub use cursor::Cursor;
 pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
-pub use engine::{Admission, Engine, SagaChange, Started};
+pub use changes::{SagaChange, SagaWatch};
+pub use engine::{Admission, Engine, Started};
 pub use log::{CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
 pub use retry::RetryPolicy;
 

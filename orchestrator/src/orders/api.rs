@@ -9,12 +9,12 @@ use ordersaga_proto::orders::v1::{
     WatchOrderRequest, WatchOrderResponse, order_service_server::OrderService,
 };
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
-use saga_engine::{CancelOutcome, Engine, SagaChange, SagaStatus, Started};
+use saga_engine::{CancelOutcome, Engine, SagaStatus, SagaWatch, Started};
 
 use crate::{
     downstream::StockClient,
@@ -48,46 +48,19 @@ impl OrderApi {
         &self,
         order_id: Uuid,
         deadline: tokio::time::Instant,
-        mut changes: broadcast::Receiver<SagaChange>,
+        mut changes: SagaWatch,
         just_started: bool,
     ) -> Result<Order, OrderError> {
         // A saga started by this very call is known to be running: skip the
-        // first read. `changes` was subscribed before it started, so no change
+        // first read. `changes` was made before it started, so no change
         // slips through.
-        let mut read = !just_started;
-        loop {
-            if !read {
-                read = true;
-                self.wait_for_change(order_id, deadline, &mut changes).await;
-                continue;
-            }
-            let (order, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
-            if status.is_terminal() || tokio::time::Instant::now() >= deadline {
-                return Ok(order);
-            }
-            self.wait_for_change(order_id, deadline, &mut changes).await;
+        if just_started && !wait_for_change(deadline, &mut changes).await {
+            return Ok(store::load_from_pool(self.engine.pool(), order_id).await?.0);
         }
-    }
-
-    /// Returns when this saga may have become terminal, or at the deadline.
-    async fn wait_for_change(
-        &self,
-        order_id: Uuid,
-        deadline: tokio::time::Instant,
-        changes: &mut broadcast::Receiver<SagaChange>,
-    ) {
         loop {
-            tokio::select! {
-                change = changes.recv() => match change {
-                    Ok(c) if c.saga_id != order_id => continue,
-                    Ok(c) if c.status.is_some_and(|s| !s.is_terminal()) => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                    Err(broadcast::error::RecvError::Closed) => {
-                        tokio::time::sleep_until(deadline).await;
-                        return;
-                    }
-                },
-                () = tokio::time::sleep_until(deadline) => return,
+            let (order, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
+            if status.is_terminal() || !wait_for_change(deadline, &mut changes).await {
+                return Ok(order);
             }
         }
     }
@@ -99,6 +72,14 @@ impl OrderApi {
         // Reply just before the client's deadline, leaving time for the reply to travel.
         let margin = (budget / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
         tokio::time::Instant::now() + budget.saturating_sub(margin)
+    }
+}
+
+/// Returns true when the saga may have changed, false at the deadline.
+async fn wait_for_change(deadline: tokio::time::Instant, changes: &mut SagaWatch) -> bool {
+    tokio::select! {
+        () = changes.changed() => true,
+        () = tokio::time::sleep_until(deadline) => false,
     }
 }
 
@@ -121,13 +102,15 @@ impl OrderService for OrderApi {
         }
         .encode_to_vec();
 
-        // Subscribed before the saga can start, so a waiter misses no change.
-        let changes = self.engine.subscribe();
         let mut just_started = false;
-        let order_id = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
+        let (order_id, changes) = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
             Some((order_id, stored)) => {
-                self.seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                    .await?
+                // Made before the saga is read, so a waiter misses no change.
+                let changes = self.engine.watch(order_id);
+                let order_id = self
+                    .seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                    .await?;
+                (order_id, changes)
             }
             None => {
                 let (items, total_cents, currency) =
@@ -142,6 +125,8 @@ impl OrderService for OrderApi {
                     currency,
                 };
                 let order_id = order.order_id;
+                // Made before the saga can start, so a waiter misses no change.
+                let changes = self.engine.watch(order_id);
                 let admit = store::admit(&order, fingerprint.clone());
                 // The saga's span is a child of this call's span, so a client's
                 // traceparent roots the whole saga.
@@ -153,7 +138,7 @@ impl OrderService for OrderApi {
                 {
                     Started::Started => {
                         just_started = true;
-                        order_id
+                        (order_id, changes)
                     }
                     Started::Refused => {
                         // Another request with this request_id got there first.
@@ -165,8 +150,11 @@ impl OrderService for OrderApi {
                                         "order vanished after a request_id conflict".into(),
                                     )
                                 })?;
-                        self.seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                            .await?
+                        let changes = self.engine.watch(order_id);
+                        let order_id = self
+                            .seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                            .await?;
+                        (order_id, changes)
                     }
                 }
             }
@@ -247,7 +235,7 @@ impl OrderService for OrderApi {
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
-        let mut changes = self.engine.subscribe();
+        let mut changes = self.engine.watch(order_id);
         let (first, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
         let (tx, rx) = mpsc::channel(16);
         let pool = self.engine.pool().clone();
@@ -262,11 +250,7 @@ impl OrderService for OrderApi {
                 return;
             }
             loop {
-                match changes.recv().await {
-                    Ok(change) if change.saga_id != order_id => continue,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
+                changes.changed().await;
                 let next = match store::load_from_pool(&pool, order_id).await {
                     Ok(next) => next,
                     Err(err) => {
