@@ -200,7 +200,6 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     metrics.register_pool(store.pool.clone());
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);
     let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
-    let relay = Relay::new(store.pool.clone(), &settings.broker, outbox_metrics);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let stock = downstream.stock.clone();
     let engine = Engine::new(
@@ -210,6 +209,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         settings.engine.max_inflight_sagas as usize,
         engine_metrics,
     )?;
+    let relay = Relay::new(
+        engine.pool().clone(),
+        engine.log_writer(),
+        &settings.broker,
+        outbox_metrics,
+    );
     let resumed = engine.recover().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");

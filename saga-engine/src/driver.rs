@@ -18,10 +18,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    changes::SagaChange,
     crash_points::{self, point},
     cursor::Cursor,
     definition::{Call, Milestone, Phase, Step},
-    changes::SagaChange,
     engine::Inner,
     events::NewEvent,
     log::{self, Applied, Checkpoint, SagaState, SagaStatus, StepRecord, StepStatus},

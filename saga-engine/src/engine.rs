@@ -14,9 +14,8 @@ use std::{
     time::Duration,
 };
 
-use futures::future::BoxFuture;
 use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::AnyPool;
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -28,8 +27,8 @@ use crate::{
     cursor::Cursor,
     definition::{Milestone, SagaDefinition},
     driver::{Driver, Driving},
-    events::{self, NewEvent},
-    log::{self, CancelOutcome, LogWriter, NewSaga, OpenSaga, SagaStatus},
+    events::NewEvent,
+    log::{self, Admit, CancelOutcome, LogWriter, NewSaga, OpenSaga, SagaStatus, Start},
     metrics::EngineMetrics,
     retry::RetryPolicy,
     trace_context,
@@ -110,7 +109,7 @@ where
         definition.validate().map_err(anyhow::Error::msg)?;
         Ok(Engine {
             inner: Arc::new(Inner {
-                log: LogWriter::spawn(pool.clone()),
+                log: LogWriter::spawn(pool.clone())?,
                 definition,
                 pool,
                 policy,
@@ -132,6 +131,12 @@ where
         &self.inner.pool
     }
 
+    /// The writer every write to the log's tables goes through (the outbox
+    /// relay marks what it published with it).
+    pub fn log_writer(&self) -> LogWriter {
+        self.inner.log.clone()
+    }
+
     /// Every committed change of any saga. Receivers that lag should re-read
     /// what they watch.
     pub fn subscribe(&self) -> broadcast::Receiver<SagaChange> {
@@ -151,12 +156,13 @@ where
     /// The work runs on a task of its own, so the saga is driven even if the
     /// caller is dropped after the commit. The saga's span is a child of the
     /// caller's span; its `traceparent` is stored so a resumed saga joins it.
-    pub async fn start<F>(&self, saga_id: Uuid, data: D, admit: F) -> Result<Started, sqlx::Error>
-    where
-        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Admission, sqlx::Error>>
-            + Send
-            + 'static,
-    {
+    pub async fn start(
+        &self,
+        saga_id: Uuid,
+        data: D,
+        admit: impl Admit,
+    ) -> Result<Started, sqlx::Error> {
+        let admit: Box<dyn Admit> = Box::new(admit);
         let engine = self.clone();
         let parent = tracing::Span::current();
         tokio::spawn(async move { engine.record_and_drive(saga_id, data, admit, parent).await })
@@ -164,16 +170,13 @@ where
             .map_err(|e| sqlx::Error::Protocol(format!("starting saga {saga_id} failed: {e}")))?
     }
 
-    async fn record_and_drive<F>(
+    async fn record_and_drive(
         &self,
         saga_id: Uuid,
         data: D,
-        admit: F,
+        admit: Box<dyn Admit>,
         parent: tracing::Span,
-    ) -> Result<Started, sqlx::Error>
-    where
-        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Admission, sqlx::Error>>,
-    {
+    ) -> Result<Started, sqlx::Error> {
         let inner = &self.inner;
         // Claimed before anything is written, so that no `ensure_driven` can
         // start a second driver between the commit and this one, and a cancel
@@ -185,31 +188,31 @@ where
         let traceparent = trace_context::traceparent(&span);
         let data_json =
             serde_json::to_string(&data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let mut tx = inner.pool.begin().await?;
-        let saga = NewSaga {
-            saga_id,
-            kind: inner.definition.kind,
-            data_json: &data_json,
-            trace_context: &traceparent,
-            first_step: inner.definition.steps[0].name(),
-            starts_at_pivot: inner.definition.pivot_index() == Some(0),
+        let events = inner.announce(saga_id, &data, &Milestone::Started, &traceparent);
+        let start = Start {
+            saga: NewSaga {
+                saga_id,
+                kind: inner.definition.kind,
+                data_json,
+                trace_context: traceparent,
+                first_step: inner.definition.steps[0].name(),
+                starts_at_pivot: inner.definition.pivot_index() == Some(0),
+            },
+            admit,
+            events,
         };
-        log::insert_saga(&mut tx, &saga).await?;
-        if admit(&mut tx).await? == Admission::Refuse {
-            tx.rollback().await?;
-            return Ok(Started::Refused);
-        }
-        for event in inner.announce(saga_id, &data, &Milestone::Started, &traceparent) {
-            events::insert(&mut tx, &event).await?;
-        }
-        if let Err(err) = tx.commit().await {
-            // The reply to COMMIT may be lost after the commit is durable: then
-            // the saga exists and must be driven like any other.
-            let stored = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await;
-            if !matches!(stored, Ok(Some(_))) {
-                return Err(err);
+        match inner.log.start(start).await {
+            Ok(Admission::Admit) => {}
+            Ok(Admission::Refuse) => return Ok(Started::Refused),
+            Err(err) => {
+                // The reply to COMMIT may be lost after the commit is durable:
+                // then the saga exists and must be driven like any other.
+                let stored = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await;
+                if !matches!(stored, Ok(Some(_))) {
+                    return Err(sqlx::Error::Protocol(err));
+                }
+                tracing::warn!(%saga_id, error = %err, "the commit of a new saga reported an error, but it is stored; driving it");
             }
-            tracing::warn!(%saga_id, error = %err, "the commit of a new saga reported an error, but it is stored; driving it");
         }
         crash_points::reach(point::AFTER_START_COMMIT).await;
         span.in_scope(|| tracing::info!("saga recorded; driving it"));
@@ -269,7 +272,12 @@ where
     /// returns, and the saga then ends CANCELLED, whatever else happens; its
     /// driver stops retrying a step whose outcome is still unknown.
     pub async fn cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
-        let outcome = log::request_cancel(&self.inner.pool, saga_id).await?;
+        let outcome = self
+            .inner
+            .log
+            .cancel(saga_id)
+            .await
+            .map_err(sqlx::Error::Protocol)?;
         if outcome == CancelOutcome::Accepted {
             crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
             let signal = self.inner.driving.lock().unwrap().get(&saga_id).cloned();

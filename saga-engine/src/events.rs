@@ -37,25 +37,49 @@ impl NewEvent {
     }
 }
 
+/// Takes the saga's next sequence number, unless the event was written
+/// before (then nothing changes and no row comes back). One statement.
+pub(crate) const NEXT_SEQUENCE: &str = "UPDATE sagas SET events_sequence = events_sequence + 1 \
+     WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
+     RETURNING events_sequence";
+
+pub(crate) const WRITTEN_BEFORE: &str = "SELECT id FROM outbox WHERE event_id = $1";
+
+pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The published body: the envelope fields, then the event's own.
+pub(crate) fn payload(
+    event: &NewEvent,
+    event_id: &str,
+    sequence: i64,
+    occurred_at_ms: i64,
+) -> String {
+    let mut body = Map::new();
+    body.insert("event_id".into(), event_id.into());
+    body.insert("event_type".into(), event.event_type.clone().into());
+    body.insert("sequence".into(), sequence.into());
+    body.insert("occurred_at_ms".into(), occurred_at_ms.into());
+    body.insert("traceparent".into(), event.traceparent.clone().into());
+    for (key, value) in &event.data {
+        body.insert(key.clone(), value.clone());
+    }
+    Value::Object(body).to_string()
+}
+
 /// Writes `event` inside the caller's transaction, unless it was written
 /// before. Returns whether it was new. The saga's row must exist.
 pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, sqlx::Error> {
     let event_id = event.event_id().to_string();
     let aggregate_id = event.aggregate_id.to_string();
-    // One statement: take the saga's next sequence number, unless this event
-    // was written before (then nothing changes).
-    let sequence: Option<i64> = sqlx::query_scalar(
-        "UPDATE sagas SET events_sequence = events_sequence + 1 \
-         WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
-         RETURNING events_sequence",
-    )
-    .bind(&aggregate_id)
-    .bind(&event_id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let sequence: Option<i64> = sqlx::query_scalar(NEXT_SEQUENCE)
+        .bind(&aggregate_id)
+        .bind(&event_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(sequence) = sequence else {
         // Written before, or (a bug) no such saga: only the first is fine.
-        let written: Option<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1")
+        let written: Option<i64> = sqlx::query_scalar(WRITTEN_BEFORE)
             .bind(&event_id)
             .fetch_optional(&mut *conn)
             .await?;
@@ -65,27 +89,15 @@ pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, 
         };
     };
     let occurred_at_ms = now_ms();
-    let mut body = Map::new();
-    body.insert("event_id".into(), event_id.clone().into());
-    body.insert("event_type".into(), event.event_type.clone().into());
-    body.insert("sequence".into(), sequence.into());
-    body.insert("occurred_at_ms".into(), occurred_at_ms.into());
-    body.insert("traceparent".into(), event.traceparent.clone().into());
-    for (key, value) in &event.data {
-        body.insert(key.clone(), value.clone());
-    }
-    sqlx::query(
-        "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&event_id)
-    .bind(&aggregate_id)
-    .bind(sequence)
-    .bind(&event.event_type)
-    .bind(Value::Object(body).to_string())
-    .bind(&event.traceparent)
-    .bind(occurred_at_ms)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(INSERT)
+        .bind(&event_id)
+        .bind(&aggregate_id)
+        .bind(sequence)
+        .bind(&event.event_type)
+        .bind(payload(event, &event_id, sequence, occurred_at_ms))
+        .bind(&event.traceparent)
+        .bind(occurred_at_ms)
+        .execute(&mut *conn)
+        .await?;
     Ok(true)
 }

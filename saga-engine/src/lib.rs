@@ -32,11 +32,11 @@ pub mod metrics;
 pub mod retry;
 mod trace_context;
 
+pub use changes::{SagaChange, SagaWatch};
 pub use cursor::Cursor;
 pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
-pub use changes::{SagaChange, SagaWatch};
 pub use engine::{Admission, Engine, Started};
-pub use log::{CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
+pub use log::{Admit, CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
 pub use retry::RetryPolicy;
 
 /// The engine's tables on SQLite, for users that do not create them themselves.

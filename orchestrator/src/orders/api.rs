@@ -103,62 +103,63 @@ impl OrderService for OrderApi {
         .encode_to_vec();
 
         let mut just_started = false;
-        let (order_id, changes) = match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
-            Some((order_id, stored)) => {
-                // Made before the saga is read, so a waiter misses no change.
-                let changes = self.engine.watch(order_id);
-                let order_id = self
-                    .seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                    .await?;
-                (order_id, changes)
-            }
-            None => {
-                let (items, total_cents, currency) =
-                    pricing::price(&self.stock, &new.items).await?;
-                let order = OrderData {
-                    order_id: Uuid::new_v4(),
-                    request_id: new.request_id.clone(),
-                    customer_id: new.customer_id,
-                    items,
-                    address: new.address,
-                    total_cents,
-                    currency,
-                };
-                let order_id = order.order_id;
-                // Made before the saga can start, so a waiter misses no change.
-                let changes = self.engine.watch(order_id);
-                let admit = store::admit(&order, fingerprint.clone());
-                // The saga's span is a child of this call's span, so a client's
-                // traceparent roots the whole saga.
-                match self
-                    .engine
-                    .start(order_id, order, admit)
-                    .await
-                    .map_err(OrderError::from)?
-                {
-                    Started::Started => {
-                        just_started = true;
-                        (order_id, changes)
-                    }
-                    Started::Refused => {
-                        // Another request with this request_id got there first.
-                        let (order_id, stored) =
-                            store::find_by_request_id(self.engine.pool(), &new.request_id)
-                                .await?
-                                .ok_or_else(|| {
-                                    svc_kit::Error::Internal(
-                                        "order vanished after a request_id conflict".into(),
-                                    )
-                                })?;
-                        let changes = self.engine.watch(order_id);
-                        let order_id = self
-                            .seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                            .await?;
-                        (order_id, changes)
+        let (order_id, changes) =
+            match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
+                Some((order_id, stored)) => {
+                    // Made before the saga is read, so a waiter misses no change.
+                    let changes = self.engine.watch(order_id);
+                    let order_id = self
+                        .seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                        .await?;
+                    (order_id, changes)
+                }
+                None => {
+                    let (items, total_cents, currency) =
+                        pricing::price(&self.stock, &new.items).await?;
+                    let order = OrderData {
+                        order_id: Uuid::new_v4(),
+                        request_id: new.request_id.clone(),
+                        customer_id: new.customer_id,
+                        items,
+                        address: new.address,
+                        total_cents,
+                        currency,
+                    };
+                    let order_id = order.order_id;
+                    // Made before the saga can start, so a waiter misses no change.
+                    let changes = self.engine.watch(order_id);
+                    let admit = store::AdmitOrder::new(&order, fingerprint.clone());
+                    // The saga's span is a child of this call's span, so a client's
+                    // traceparent roots the whole saga.
+                    match self
+                        .engine
+                        .start(order_id, order, admit)
+                        .await
+                        .map_err(OrderError::from)?
+                    {
+                        Started::Started => {
+                            just_started = true;
+                            (order_id, changes)
+                        }
+                        Started::Refused => {
+                            // Another request with this request_id got there first.
+                            let (order_id, stored) =
+                                store::find_by_request_id(self.engine.pool(), &new.request_id)
+                                    .await?
+                                    .ok_or_else(|| {
+                                        svc_kit::Error::Internal(
+                                            "order vanished after a request_id conflict".into(),
+                                        )
+                                    })?;
+                            let changes = self.engine.watch(order_id);
+                            let order_id = self
+                                .seen_before(&new.request_id, order_id, &stored, &fingerprint)
+                                .await?;
+                            (order_id, changes)
+                        }
                     }
                 }
-            }
-        };
+            };
         let order = if req.wait {
             self.wait_for_terminal(order_id, deadline, changes, just_started)
                 .await?

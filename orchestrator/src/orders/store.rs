@@ -6,7 +6,7 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
 
 use futures::future::BoxFuture;
-use saga_engine::{Admission, SagaStatus, log};
+use saga_engine::{Admission, Admit, SagaStatus, log};
 
 use crate::{error::OrderError, order_saga::OrderData, orders::view};
 
@@ -28,37 +28,65 @@ pub async fn find_by_request_id(
 /// The order's part of the transaction that starts its saga: the order row,
 /// which holds the client's idempotency key. Refused when another request with
 /// the same `request_id` got there first.
-pub fn admit(
-    order: &OrderData,
+pub struct AdmitOrder {
+    order_id: String,
+    request_id: String,
     fingerprint: Vec<u8>,
-) -> impl for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Admission, sqlx::Error>>
-+ Send
-+ 'static {
-    let (order_id, request_id, customer_id) = (
-        order.order_id.to_string(),
-        order.request_id.clone(),
-        order.customer_id.clone(),
-    );
-    move |conn: &mut AnyConnection| {
+    customer_id: String,
+}
+
+const INSERT_ORDER: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING";
+
+impl AdmitOrder {
+    pub fn new(order: &OrderData, fingerprint: Vec<u8>) -> Self {
+        AdmitOrder {
+            order_id: order.order_id.to_string(),
+            request_id: order.request_id.clone(),
+            fingerprint,
+            customer_id: order.customer_id.clone(),
+        }
+    }
+}
+
+fn admission(inserted: u64) -> Admission {
+    if inserted == 1 {
+        Admission::Admit
+    } else {
+        Admission::Refuse
+    }
+}
+
+impl Admit for AdmitOrder {
+    fn admit<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+    ) -> BoxFuture<'c, Result<Admission, sqlx::Error>> {
         Box::pin(async move {
-            let inserted = sqlx::query(
-                "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(order_id)
-            .bind(request_id)
-            .bind(fingerprint)
-            .bind(customer_id)
-            .bind(svc_kit::time::now_ms())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            Ok(if inserted == 1 {
-                Admission::Admit
-            } else {
-                Admission::Refuse
-            })
+            let inserted = sqlx::query(INSERT_ORDER)
+                .bind(&self.order_id)
+                .bind(&self.request_id)
+                .bind(&self.fingerprint)
+                .bind(&self.customer_id)
+                .bind(svc_kit::time::now_ms())
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            Ok(admission(inserted))
         })
+    }
+
+    fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission> {
+        let inserted = conn
+            .prepare_cached(INSERT_ORDER)?
+            .execute(rusqlite::params![
+                self.order_id,
+                self.request_id,
+                self.fingerprint,
+                self.customer_id,
+                svc_kit::time::now_ms(),
+            ])?;
+        Ok(admission(inserted as u64))
     }
 }
 

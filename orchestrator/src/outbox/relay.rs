@@ -32,7 +32,10 @@ use sqlx::{AnyPool, Row};
 use svc_kit::time::now_ms;
 use tokio::{sync::watch, task::JoinHandle};
 
-use saga_engine::crash_points::{self, point};
+use saga_engine::{
+    crash_points::{self, point},
+    log::LogWriter,
+};
 
 /// Most events published per confirm round.
 const BATCH: i64 = 256;
@@ -175,6 +178,9 @@ impl OutboxMetrics {
 
 pub struct Relay {
     pool: AnyPool,
+    /// What the relay writes (sent marks, pruning) goes through the engine's
+    /// log writer, the one writer of these tables.
+    writer: LogWriter,
     url: Option<String>,
     exchange: String,
     retention: Duration,
@@ -182,9 +188,15 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(pool: AnyPool, args: &BrokerArgs, metrics: OutboxMetrics) -> Self {
+    pub fn new(
+        pool: AnyPool,
+        writer: LogWriter,
+        args: &BrokerArgs,
+        metrics: OutboxMetrics,
+    ) -> Self {
         Relay {
             pool,
+            writer,
             url: args.url(),
             exchange: args.events_exchange.clone(),
             retention: Duration::from_secs(args.outbox_retention_secs),
@@ -356,34 +368,21 @@ impl Relay {
         }
     }
 
-    async fn mark_sent(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+    async fn mark_sent(&self, ids: &[i64]) -> anyhow::Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        for id in ids {
-            sqlx::query("UPDATE outbox SET sent_at_ms = $1 WHERE id = $2")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+        self.writer
+            .events_sent(ids.to_vec(), now_ms())
+            .await
+            .map_err(anyhow::Error::msg)
     }
 
     async fn prune(&self) {
         let cutoff = now_ms() - self.retention.as_millis() as i64;
-        match sqlx::query("DELETE FROM outbox WHERE sent_at_ms IS NOT NULL AND sent_at_ms < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await
-        {
-            Ok(done) if done.rows_affected() > 0 => {
-                tracing::info!(
-                    pruned = done.rows_affected(),
-                    "pruned sent events from the outbox"
-                )
+        match self.writer.prune_sent_events(cutoff).await {
+            Ok(pruned) if pruned > 0 => {
+                tracing::info!(pruned, "pruned sent events from the outbox")
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "cannot prune the outbox"),

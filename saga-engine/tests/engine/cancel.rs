@@ -91,7 +91,10 @@ async fn a_cancel_and_the_pivot_race_and_exactly_one_wins(backend: Backend) {
     let engine = scripted::engine(&world, &store.pool, scripted::policy());
     let mut outcomes = (0, 0);
     for round in 0..30u64 {
-        let saga = scripted::start(&engine).await;
+        // Step b takes 3 ms, so the moments below fall before the pivot and
+        // after it, however fast the store commits.
+        let saga = Uuid::new_v4();
+        scripted::start_with(&engine, saga, |w| w.cue(saga, "b", &[Cue::Slow]), &world).await;
         // Cancel at a different moment of the saga's life each round.
         tokio::time::sleep(Duration::from_micros(round * 150)).await;
         let outcome = engine.cancel(saga).await.unwrap();

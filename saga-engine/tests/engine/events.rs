@@ -24,8 +24,8 @@ async fn new_saga(pool: &AnyPool) -> Uuid {
         &log::NewSaga {
             saga_id: saga,
             kind: "scripted",
-            data_json: "{}",
-            trace_context: "",
+            data_json: "{}".into(),
+            trace_context: String::new(),
             first_step: "a",
             starts_at_pivot: false,
         },
@@ -59,7 +59,7 @@ async fn outbox(pool: &AnyPool, saga: Uuid) -> Vec<(i64, String)> {
 async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
     let store = store::fresh(backend).await;
     let saga = new_saga(&store.pool).await;
-    let writer = LogWriter::spawn(store.pool.clone());
+    let writer = LogWriter::spawn(store.pool.clone()).unwrap();
     let finished = Checkpoint {
         saga_id: saga,
         steps: vec![],

@@ -73,8 +73,8 @@ async fn leave_as_crashed(pool: &AnyPool, world: &World, position: Position) -> 
         &log::NewSaga {
             saga_id: saga,
             kind: "scripted",
-            data_json: r#"{"label":"crashed"}"#,
-            trace_context: "",
+            data_json: r#"{"label":"crashed"}"#.into(),
+            trace_context: String::new(),
             first_step: STEPS[0],
             starts_at_pivot: false,
         },

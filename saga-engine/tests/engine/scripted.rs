@@ -10,8 +10,8 @@ use std::{
 };
 
 use saga_engine::{
-    Admission, Call, Engine, Milestone, RetryPolicy, SagaDefinition, SagaStatus, Started, Step,
-    metrics::EngineMetrics,
+    Admission, Admit, Call, Engine, Milestone, RetryPolicy, SagaDefinition, SagaStatus, Started,
+    Step, metrics::EngineMetrics,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
@@ -35,6 +35,9 @@ pub enum Cue {
     Hang,
     /// Takes 200 ms, then refuses (a definite "no" that arrives late).
     SlowRefuse,
+    /// Takes 3 ms, then does the work and replies: a window as wide as a few
+    /// log commits, whatever the store's speed.
+    Slow,
 }
 
 /// The saga's input: nothing but a label; behaviour comes from the cues.
@@ -175,6 +178,7 @@ impl Step<Script> for ScriptedStep {
                 unreachable!()
             }
             Cue::SlowRefuse => tokio::time::sleep(Duration::from_millis(200)).await,
+            Cue::Slow => tokio::time::sleep(Duration::from_millis(3)).await,
             Cue::Ok | Cue::LoseReply | Cue::Refuse => {}
         }
         {
@@ -306,11 +310,27 @@ async fn start_id(engine: &Engine<Script>, id: Uuid) {
             Script {
                 label: "test".into(),
             },
-            |_: &mut sqlx::AnyConnection| Box::pin(async { Ok(Admission::Admit) }),
+            AdmitAll,
         )
         .await
         .unwrap();
     assert_eq!(started, Started::Started);
+}
+
+/// The scripted saga has no rows of its own: every start is admitted.
+struct AdmitAll;
+
+impl Admit for AdmitAll {
+    fn admit<'c>(
+        &'c self,
+        _: &'c mut sqlx::AnyConnection,
+    ) -> futures::future::BoxFuture<'c, Result<Admission, sqlx::Error>> {
+        Box::pin(async { Ok(Admission::Admit) })
+    }
+
+    fn admit_sqlite(&self, _: &rusqlite::Connection) -> rusqlite::Result<Admission> {
+        Ok(Admission::Admit)
+    }
 }
 
 /// The saga's status in the log.

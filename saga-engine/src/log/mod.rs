@@ -9,18 +9,19 @@
 use std::time::Duration;
 
 use sqlx::{AnyConnection, AnyPool, Row};
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
-    crash_points::{self, point},
     definition::Phase,
     events::{self, NewEvent},
     now_ms,
 };
 
-/// The most checkpoints one commit carries.
-const MAX_BATCH: usize = 512;
+mod sqlite;
+mod writer;
+
+pub(crate) use writer::Start;
+pub use writer::{Admit, LogWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SagaStatus {
@@ -98,34 +99,34 @@ impl StepStatus {
 }
 
 /// What a new saga is recorded with.
-pub struct NewSaga<'a> {
+#[derive(Debug, Clone)]
+pub struct NewSaga {
     pub saga_id: Uuid,
     pub kind: &'static str,
-    pub data_json: &'a str,
-    pub trace_context: &'a str,
+    pub data_json: String,
+    pub trace_context: String,
     /// Name of step 0, recorded as started in the same write.
     pub first_step: &'static str,
     /// Step 0 is the pivot: the saga can't be cancelled once started.
     pub starts_at_pivot: bool,
 }
 
+pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed) \
+     VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6)";
+
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
 /// that the caller's own rows, e.g. the order, commit with it).
-pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga<'_>) -> Result<(), sqlx::Error> {
+pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(), sqlx::Error> {
     let now = now_ms();
-    sqlx::query(
-        "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed) \
-         VALUES ($1, $2, $3, $4, 0, $5, $6, $6, $7)",
-    )
-    .bind(saga.saga_id.to_string())
-    .bind(saga.kind)
-    .bind(saga.data_json)
-    .bind(SagaStatus::Running.as_str())
-    .bind(saga.trace_context)
-    .bind(now)
-    .bind(i64::from(saga.starts_at_pivot))
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(INSERT_SAGA)
+        .bind(saga.saga_id.to_string())
+        .bind(saga.kind)
+        .bind(&saga.data_json)
+        .bind(&saga.trace_context)
+        .bind(now)
+        .bind(i64::from(saga.starts_at_pivot))
+        .execute(&mut *conn)
+        .await?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     upsert_step(conn, saga.saga_id, &started).await
 }
@@ -202,6 +203,27 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// The saga's new status, next step and failure reason, each `None` to
+    /// keep the stored one.
+    pub(crate) fn state_columns(&self) -> (Option<&'static str>, Option<i64>, Option<&str>) {
+        match &self.state {
+            Some(state) => (
+                Some(state.status.as_str()),
+                Some(state.next_step),
+                Some(state.failure_reason.as_str()),
+            ),
+            None => (None, None, None),
+        }
+    }
+
+    /// Whether the events go with this checkpoint: a refused completion
+    /// announces nothing (the saga compensates instead).
+    pub(crate) fn announces(&self, completed: bool) -> bool {
+        !self.complete || completed
+    }
+}
+
 /// What the store said while applying a checkpoint.
 #[derive(Debug, Clone, Copy)]
 pub struct Applied {
@@ -215,82 +237,86 @@ pub struct Applied {
     pub closed: Option<SagaStatus>,
 }
 
-async fn upsert_step(
+impl Applied {
+    pub(crate) fn closed(status: SagaStatus) -> Self {
+        Applied {
+            cancel_requested: false,
+            pivot_entered: false,
+            completed: false,
+            closed: Some(status),
+        }
+    }
+}
+
+pub(crate) const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+     ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
+       status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, \
+       output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
+       started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)";
+
+/// One statement: the new state, the pivot and the completion (each granted
+/// only if no cancel came first), and what the row says about cancellation.
+/// A cancel is a conditional update of the same row, so exactly one wins.
+/// Only an open saga moves: a terminal one is never written again.
+pub(crate) const APPLY_STATE: &str = "UPDATE sagas SET \
+     status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
+              ELSE COALESCE($2, status) END, \
+     next_step = COALESCE($3, next_step), \
+     failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
+     pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
+     WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') \
+     RETURNING status, cancel_requested, pivot_passed";
+
+pub(crate) const SAGA_STATUS: &str = "SELECT status FROM sagas WHERE saga_id = $1";
+
+pub(crate) async fn upsert_step(
     conn: &mut AnyConnection,
     saga_id: Uuid,
     step: &StepRecord,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
-           status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, \
-           output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
-           started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)",
-    )
-    .bind(saga_id.to_string())
-    .bind(step.phase.as_str())
-    .bind(step.index)
-    .bind(step.name)
-    .bind(step.status.as_str())
-    .bind(i64::from(step.attempts))
-    .bind(&step.last_error)
-    .bind(&step.output)
-    .bind(step.started_at_ms)
-    .bind(step.finished_at_ms)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(UPSERT_STEP)
+        .bind(saga_id.to_string())
+        .bind(step.phase.as_str())
+        .bind(step.index)
+        .bind(step.name)
+        .bind(step.status.as_str())
+        .bind(i64::from(step.attempts))
+        .bind(&step.last_error)
+        .bind(&step.output)
+        .bind(step.started_at_ms)
+        .bind(step.finished_at_ms)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
-async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Applied, sqlx::Error> {
+pub(crate) async fn apply(
+    conn: &mut AnyConnection,
+    checkpoint: &Checkpoint,
+) -> Result<Applied, sqlx::Error> {
     let id = checkpoint.saga_id.to_string();
-    // One statement: the new state, the pivot and the completion (each granted
-    // only if no cancel came first), and what the row says about cancellation.
-    // A cancel is a conditional update of the same row, so exactly one wins.
-    // Only an open saga moves: a terminal one is never written again.
-    let (status, next_step, failure_reason) = match &checkpoint.state {
-        Some(state) => (
-            Some(state.status.as_str()),
-            Some(state.next_step),
-            Some(state.failure_reason.as_str()),
-        ),
-        None => (None, None, None),
-    };
-    let row = sqlx::query(
-        "UPDATE sagas SET \
-         status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
-                  ELSE COALESCE($2, status) END, \
-         next_step = COALESCE($3, next_step), \
-         failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
-         pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
-         WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') \
-         RETURNING status, cancel_requested, pivot_passed",
-    )
-    .bind(i64::from(checkpoint.complete))
-    .bind(status)
-    .bind(next_step)
-    .bind(failure_reason)
-    .bind(now_ms())
-    .bind(i64::from(checkpoint.enter_pivot))
-    .bind(&id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let (status, next_step, failure_reason) = checkpoint.state_columns();
+    let row = sqlx::query(APPLY_STATE)
+        .bind(i64::from(checkpoint.complete))
+        .bind(status)
+        .bind(next_step)
+        .bind(failure_reason)
+        .bind(now_ms())
+        .bind(i64::from(checkpoint.enter_pivot))
+        .bind(&id)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(row) = row else {
         // Already terminal: this checkpoint was applied before (its COMMIT's
         // reply was lost), or another driver ended the saga. Nothing to write.
-        let status: String = sqlx::query_scalar("SELECT status FROM sagas WHERE saga_id = $1")
+        let status: String = sqlx::query_scalar(SAGA_STATUS)
             .bind(&id)
             .fetch_one(&mut *conn)
             .await?;
         let status = SagaStatus::parse(&status)
             .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
-        return Ok(Applied {
-            cancel_requested: false,
-            pivot_entered: false,
-            completed: false,
-            closed: Some(status),
-        });
+        return Ok(Applied::closed(status));
     };
     for step in &checkpoint.steps {
         upsert_step(conn, checkpoint.saga_id, step).await?;
@@ -298,8 +324,7 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
     let cancel_requested: i64 = row.try_get("cancel_requested")?;
     let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;
     let completed = checkpoint.complete && row.try_get::<String, _>("status")? == "COMPLETED";
-    // A refused completion announces nothing: the saga compensates instead.
-    if !checkpoint.complete || completed {
+    if checkpoint.announces(completed) {
         for event in &checkpoint.events {
             events::insert(conn, event).await?;
         }
@@ -310,91 +335,6 @@ async fn apply(conn: &mut AnyConnection, checkpoint: &Checkpoint) -> Result<Appl
         completed,
         closed: None,
     })
-}
-
-type Reply = oneshot::Sender<Result<Applied, String>>;
-
-/// The group-commit writer: one task that owns the log's writes.
-#[derive(Clone)]
-pub struct LogWriter {
-    queue: mpsc::Sender<(Checkpoint, Reply)>,
-}
-
-impl LogWriter {
-    pub fn spawn(pool: AnyPool) -> Self {
-        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(write_batches(pool, rx));
-        LogWriter { queue }
-    }
-
-    /// Returns once the checkpoint is committed.
-    pub async fn commit(&self, checkpoint: Checkpoint) -> Result<Applied, String> {
-        let (reply, done) = oneshot::channel();
-        self.queue
-            .send((checkpoint, reply))
-            .await
-            .map_err(|_| "the log writer has stopped".to_owned())?;
-        done.await
-            .map_err(|_| "the log writer dropped the checkpoint".to_owned())?
-    }
-}
-
-async fn write_batches(pool: AnyPool, mut rx: mpsc::Receiver<(Checkpoint, Reply)>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let checkpoints: Vec<&Checkpoint> = batch.iter().map(|(c, _)| c).collect();
-        let has_events = checkpoints.iter().any(|c| !c.events.is_empty());
-        match commit_batch(&pool, &checkpoints).await {
-            Ok(results) => {
-                let lost = crash_points::reach(point::AFTER_LOG_COMMIT).await
-                    | (has_events
-                        && crash_points::reach(point::AFTER_LOG_COMMIT_WITH_EVENTS).await);
-                if lost {
-                    // As if the reply to COMMIT was lost: durable, but reported failed.
-                    for (_, reply) in batch.drain(..) {
-                        let _ = reply.send(Err("the reply to COMMIT was lost".into()));
-                    }
-                    continue;
-                }
-                for ((_, reply), applied) in batch.drain(..).zip(results) {
-                    let _ = reply.send(Ok(applied));
-                }
-            }
-            // One bad checkpoint must not fail its neighbours: retry each alone.
-            Err(err) if batch.len() > 1 => {
-                tracing::warn!(error = %err, size = batch.len(), "batched log commit failed; committing one by one");
-                for (checkpoint, reply) in batch.drain(..) {
-                    let result = commit_batch(&pool, &[&checkpoint]).await;
-                    let _ = reply.send(result.map(|mut r| r.remove(0)).map_err(|e| e.to_string()));
-                }
-            }
-            Err(err) => {
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(err.to_string()));
-                }
-            }
-        }
-    }
-}
-
-async fn commit_batch(
-    pool: &AnyPool,
-    checkpoints: &[&Checkpoint],
-) -> Result<Vec<Applied>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut results = Vec::with_capacity(checkpoints.len());
-    for checkpoint in checkpoints {
-        results.push(apply(&mut tx, checkpoint).await?);
-    }
-    tx.commit().await?;
-    Ok(results)
 }
 
 /// A saga that is not terminal, as recovery finds it.
@@ -571,41 +511,64 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-pub async fn request_cancel(pool: &AnyPool, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
+pub(crate) const CANCEL: &str = "UPDATE sagas SET cancel_requested = 1, updated_at_ms = $1 \
+     WHERE saga_id = $2 AND status = 'RUNNING' AND pivot_passed = 0 AND cancel_requested = 0";
+
+pub(crate) const CANCEL_REFUSED_BECAUSE: &str =
+    "SELECT status, pivot_passed, cancel_requested FROM sagas WHERE saga_id = $1";
+
+/// Records a cancellation request, through the log writer (see
+/// [`LogWriter::cancel`]); in the caller's transaction.
+pub(crate) async fn request_cancel(
+    conn: &mut AnyConnection,
+    saga_id: Uuid,
+) -> Result<CancelOutcome, sqlx::Error> {
     let id = saga_id.to_string();
-    let accepted = sqlx::query(
-        "UPDATE sagas SET cancel_requested = 1, updated_at_ms = $1 \
-         WHERE saga_id = $2 AND status = 'RUNNING' AND pivot_passed = 0 AND cancel_requested = 0",
-    )
-    .bind(now_ms())
-    .bind(&id)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let accepted = sqlx::query(CANCEL)
+        .bind(now_ms())
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if accepted == 1 {
         return Ok(CancelOutcome::Accepted);
     }
-    let Some(row) =
-        sqlx::query("SELECT status, pivot_passed, cancel_requested FROM sagas WHERE saga_id = $1")
-            .bind(&id)
-            .fetch_optional(pool)
-            .await?
+    let Some(row) = sqlx::query(CANCEL_REFUSED_BECAUSE)
+        .bind(&id)
+        .fetch_optional(&mut *conn)
+        .await?
     else {
         return Ok(CancelOutcome::NotFound);
     };
     let status: String = row.try_get("status")?;
     let status = SagaStatus::parse(&status)
         .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
-    let pivot_passed = row.try_get::<i64, _>("pivot_passed")? != 0;
-    Ok(if row.try_get::<i64, _>("cancel_requested")? != 0 {
-        CancelOutcome::AlreadyRequested
-    } else if status == SagaStatus::Running || (pivot_passed && status == SagaStatus::Completed) {
-        // Still running but not cancellable means the pivot has begun.
-        CancelOutcome::PastPivot
-    } else {
-        CancelOutcome::NotRunning(status)
-    })
+    Ok(CancelOutcome::refused(
+        status,
+        row.try_get::<i64, _>("pivot_passed")? != 0,
+        row.try_get::<i64, _>("cancel_requested")? != 0,
+    ))
 }
+
+impl CancelOutcome {
+    /// Why a cancel that changed nothing was refused, from the saga's row.
+    pub(crate) fn refused(status: SagaStatus, pivot_passed: bool, cancel_requested: bool) -> Self {
+        if cancel_requested {
+            CancelOutcome::AlreadyRequested
+        } else if status == SagaStatus::Running || (pivot_passed && status == SagaStatus::Completed)
+        {
+            // Still running but not cancellable means the pivot has begun.
+            CancelOutcome::PastPivot
+        } else {
+            CancelOutcome::NotRunning(status)
+        }
+    }
+}
+
+/// The relay's writes to the outbox (they go through the log writer too).
+pub(crate) const MARK_SENT: &str = "UPDATE outbox SET sent_at_ms = $1 WHERE id = $2";
+pub(crate) const PRUNE_SENT: &str =
+    "DELETE FROM outbox WHERE sent_at_ms IS NOT NULL AND sent_at_ms < $1";
 
 /// Retries a log commit until it succeeds: the saga must not move on without
 /// its record. Waits grow to `cap`.

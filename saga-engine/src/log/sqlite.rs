@@ -1,0 +1,300 @@
+//! The log's writes on a SQLite file: one thread with its own connection,
+//! which runs a whole batch of writes per hand-over.
+//!
+//! Through sqlx, every statement is a message to the connection's worker
+//! thread and a reply back: two thread wake-ups per statement, about ten
+//! statements per saga. Those wake-ups were the largest cost in the profile
+//! (docs/benchmarks.md). Here a batch costs one hand-over each way, and the
+//! statements are prepared once and cached.
+//!
+//! The SQL is the same text as the sqlx path's (SQLite reads `$1` as a
+//! parameter), so the two can't drift apart. The sqlx pool stays open on the
+//! same file for reads and the other writes; both connections wait on
+//! SQLite's write lock rather than fail (`busy_timeout`).
+
+use std::{path::PathBuf, sync::mpsc, thread, time::Duration};
+
+use anyhow::Context;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use sqlx::AnyPool;
+use tokio::sync::oneshot;
+
+use uuid::Uuid;
+
+use super::{
+    APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint, INSERT_SAGA,
+    MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, StepRecord, UPSERT_STEP,
+    writer::{Start, Write, Written},
+};
+use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
+
+type Job = (
+    Vec<Write>,
+    oneshot::Sender<(Vec<Write>, Result<Vec<Written>, String>)>,
+);
+
+pub(crate) struct SqliteLog {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl SqliteLog {
+    /// The file behind a SQLite pool; `None` for PostgreSQL and for an
+    /// in-memory database (which no second connection can see).
+    pub(crate) fn file_of(pool: &AnyPool) -> Option<PathBuf> {
+        let url = pool.connect_options().database_url.to_string();
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let in_memory =
+            path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
+        (!in_memory).then(|| PathBuf::from(path))
+    }
+
+    /// Opens the (existing, migrated) file and starts the writer thread.
+    pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        // No CREATE flag: a path that does not name the pool's file is an error,
+        // not a second, empty database.
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open the saga log at {}", path.display()))?;
+        // The same settings as the pool's connection: WAL, every commit on
+        // disk before it is acknowledged, foreign keys enforced.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        conn.query_row("SELECT COUNT(*) FROM sagas WHERE 0", [], |_| Ok(()))
+            .with_context(|| format!("{} holds no saga log", path.display()))?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name("saga-log-sqlite".into())
+            .spawn(move || run(conn, rx))
+            .context("cannot start the saga log's writer thread")?;
+        Ok(SqliteLog { jobs })
+    }
+
+    /// Commits `writes` as one transaction on the writer thread.
+    pub(crate) async fn commit(
+        &self,
+        writes: Vec<Write>,
+    ) -> (Vec<Write>, Result<Vec<Written>, String>) {
+        let (reply, done) = oneshot::channel();
+        // On a send error the job (with the writes) comes back in the error.
+        if let Err(mpsc::SendError((writes, _))) = self.jobs.send((writes, reply)) {
+            return (
+                writes,
+                Err("the saga log's writer thread has stopped".into()),
+            );
+        }
+        done.await.unwrap_or_else(|_| {
+            (
+                Vec::new(),
+                Err("the saga log's writer thread stopped mid-batch".into()),
+            )
+        })
+    }
+}
+
+fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok((writes, reply)) = jobs.recv() {
+        let result = commit_batch(&mut conn, &writes).map_err(|e| e.to_string());
+        let _ = reply.send((writes, result));
+    }
+}
+
+fn commit_batch(conn: &mut Connection, writes: &[Write]) -> rusqlite::Result<Vec<Written>> {
+    // IMMEDIATE takes the write lock at BEGIN: a deferred transaction that
+    // read first could not upgrade while the pool's connection writes.
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(writes.len());
+    for write in writes {
+        results.push(match write {
+            Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&tx, checkpoint)?),
+            Write::Start(start) => Written::Start(start_saga(&mut tx, start)?),
+            Write::Cancel(saga_id) => Written::Cancel(request_cancel(&tx, *saga_id)?),
+            Write::EventsSent { ids, at_ms } => {
+                let mut mark = tx.prepare_cached(MARK_SENT)?;
+                for id in ids {
+                    mark.execute(params![at_ms, id])?;
+                }
+                Written::Rows(ids.len() as u64)
+            }
+            Write::PruneSent { before_ms } => {
+                Written::Rows(tx.prepare_cached(PRUNE_SENT)?.execute(params![before_ms])? as u64)
+            }
+        });
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn start_saga(tx: &mut rusqlite::Transaction<'_>, start: &Start) -> rusqlite::Result<Admission> {
+    // A savepoint, so that a refusal takes back this saga's rows and not its
+    // neighbours' in the batch. Dropped without commit, it rolls back.
+    let savepoint = tx.savepoint()?;
+    insert_saga(&savepoint, &start.saga)?;
+    if start.admit.admit_sqlite(&savepoint)? == Admission::Refuse {
+        return Ok(Admission::Refuse);
+    }
+    for event in &start.events {
+        insert_event(&savepoint, event)?;
+    }
+    savepoint.commit()?;
+    Ok(Admission::Admit)
+}
+
+fn insert_saga(conn: &Connection, saga: &NewSaga) -> rusqlite::Result<()> {
+    let now = now_ms();
+    conn.prepare_cached(INSERT_SAGA)?.execute(params![
+        saga.saga_id.to_string(),
+        saga.kind,
+        saga.data_json,
+        saga.trace_context,
+        now,
+        i64::from(saga.starts_at_pivot),
+    ])?;
+    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
+    upsert_step(conn, &saga.saga_id.to_string(), &started)
+}
+
+fn upsert_step(conn: &Connection, saga_id: &str, step: &StepRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(UPSERT_STEP)?.execute(params![
+        saga_id,
+        step.phase.as_str(),
+        step.index,
+        step.name,
+        step.status.as_str(),
+        i64::from(step.attempts),
+        step.last_error,
+        step.output,
+        step.started_at_ms,
+        step.finished_at_ms,
+    ])?;
+    Ok(())
+}
+
+fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied> {
+    let id = checkpoint.saga_id.to_string();
+    let (status, next_step, failure_reason) = checkpoint.state_columns();
+    let row = conn
+        .prepare_cached(APPLY_STATE)?
+        .query_row(
+            params![
+                i64::from(checkpoint.complete),
+                status,
+                next_step,
+                failure_reason,
+                now_ms(),
+                i64::from(checkpoint.enter_pivot),
+                id,
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((new_status, cancel_requested, pivot_passed)) = row else {
+        // Already terminal: applied before (its COMMIT's reply was lost), or
+        // another driver ended the saga. Nothing to write.
+        let status: String = conn
+            .prepare_cached(SAGA_STATUS)?
+            .query_row(params![id], |r| r.get(0))?;
+        return Ok(Applied::closed(parse_status(&status)?));
+    };
+    for step in &checkpoint.steps {
+        upsert_step(conn, &id, step)?;
+    }
+    let pivot_entered = checkpoint.enter_pivot && pivot_passed == 1;
+    let completed = checkpoint.complete && new_status == "COMPLETED";
+    if checkpoint.announces(completed) {
+        for event in &checkpoint.events {
+            insert_event(conn, event)?;
+        }
+    }
+    Ok(Applied {
+        cancel_requested: cancel_requested != 0,
+        pivot_entered,
+        completed,
+        closed: None,
+    })
+}
+
+/// See [`super::request_cancel`]: the same statements, on this connection.
+fn request_cancel(conn: &Connection, saga_id: Uuid) -> rusqlite::Result<CancelOutcome> {
+    let id = saga_id.to_string();
+    if conn
+        .prepare_cached(CANCEL)?
+        .execute(params![now_ms(), id])?
+        == 1
+    {
+        return Ok(CancelOutcome::Accepted);
+    }
+    let row = conn
+        .prepare_cached(CANCEL_REFUSED_BECAUSE)?
+        .query_row(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .optional()?;
+    let Some((status, pivot_passed, cancel_requested)) = row else {
+        return Ok(CancelOutcome::NotFound);
+    };
+    Ok(CancelOutcome::refused(
+        parse_status(&status)?,
+        pivot_passed != 0,
+        cancel_requested != 0,
+    ))
+}
+
+fn parse_status(status: &str) -> rusqlite::Result<SagaStatus> {
+    SagaStatus::parse(status).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("unexpected saga status {status:?} in the saga log").into(),
+        )
+    })
+}
+
+/// See [`events::insert`]: the same statements, on this connection.
+fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
+    let event_id = event.event_id().to_string();
+    let aggregate_id = event.aggregate_id.to_string();
+    let sequence: Option<i64> = conn
+        .prepare_cached(events::NEXT_SEQUENCE)?
+        .query_row(params![aggregate_id, event_id], |r| r.get(0))
+        .optional()?;
+    let Some(sequence) = sequence else {
+        // Written before, or (a bug) no such saga: only the first is fine.
+        let written: Option<i64> = conn
+            .prepare_cached(events::WRITTEN_BEFORE)?
+            .query_row(params![event_id], |r| r.get(0))
+            .optional()?;
+        return match written {
+            Some(_) => Ok(false),
+            None => Err(rusqlite::Error::QueryReturnedNoRows),
+        };
+    };
+    let occurred_at_ms = now_ms();
+    conn.prepare_cached(events::INSERT)?.execute(params![
+        event_id,
+        aggregate_id,
+        sequence,
+        event.event_type,
+        events::payload(event, &event_id, sequence, occurred_at_ms),
+        event.traceparent,
+        occurred_at_ms,
+    ])?;
+    Ok(true)
+}

@@ -1,0 +1,262 @@
+//! The group-commit writer: one task owns the log's writes.
+//!
+//! Drivers hand it checkpoints, `Engine::start` new sagas, `Engine::cancel`
+//! cancellations and the outbox relay what it has published; it
+//! commits whatever is waiting as one transaction, so under load many sagas
+//! share one commit and one fsync. A caller moves on only after the commit.
+//!
+//! Where the transaction runs depends on the store:
+//! - a SQLite file: on one thread with its own connection ([`super::sqlite`]),
+//!   the whole batch in one hand-over;
+//! - PostgreSQL (and the in-memory benchmark store): through sqlx.
+
+use futures::future::BoxFuture;
+use sqlx::{AnyConnection, AnyPool, Connection};
+use tokio::sync::{mpsc, oneshot};
+
+use uuid::Uuid;
+
+use super::{
+    Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, apply, insert_saga,
+    request_cancel, sqlite::SqliteLog,
+};
+use crate::{
+    crash_points::{self, point},
+    engine::Admission,
+    events::{self, NewEvent},
+};
+
+/// The most writes one commit carries.
+const MAX_BATCH: usize = 512;
+
+/// The caller's rows that commit with a new saga (e.g. the order and its
+/// idempotency key). Written once per kind of store: through sqlx, and on the
+/// SQLite log writer's own connection. Either may refuse; then nothing of the
+/// saga is written.
+pub trait Admit: Send + Sync + 'static {
+    /// Through sqlx, inside the transaction that records the saga.
+    fn admit<'c>(
+        &'c self,
+        conn: &'c mut AnyConnection,
+    ) -> BoxFuture<'c, Result<Admission, sqlx::Error>>;
+
+    /// On a SQLite file, inside the transaction that records the saga.
+    fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission>;
+}
+
+/// A new saga, the caller's rows and its first events, written together.
+pub(crate) struct Start {
+    pub saga: NewSaga,
+    pub admit: Box<dyn Admit>,
+    pub events: Vec<NewEvent>,
+}
+
+/// Every write to the log's tables goes through the writer, so that on a
+/// SQLite file no other connection competes for the write lock (SQLite's busy
+/// wait polls with sleeps, and under load a second writer starved).
+pub(crate) enum Write {
+    Checkpoint(Checkpoint),
+    Start(Start),
+    Cancel(Uuid),
+    EventsSent { ids: Vec<i64>, at_ms: i64 },
+    PruneSent { before_ms: i64 },
+}
+
+pub(crate) enum Written {
+    Checkpoint(Applied),
+    Start(Admission),
+    Cancel(CancelOutcome),
+    Rows(u64),
+}
+
+type Reply = oneshot::Sender<Result<Written, String>>;
+
+enum Backend {
+    Pool(AnyPool),
+    SqliteFile(SqliteLog),
+}
+
+#[derive(Clone)]
+pub struct LogWriter {
+    queue: mpsc::Sender<(Write, Reply)>,
+}
+
+impl LogWriter {
+    /// On a SQLite file the writer opens its own connection to the pool's
+    /// file (which must exist and be migrated).
+    pub fn spawn(pool: AnyPool) -> anyhow::Result<Self> {
+        let backend = match SqliteLog::file_of(&pool) {
+            Some(path) => Backend::SqliteFile(SqliteLog::open(&path)?),
+            None => Backend::Pool(pool),
+        };
+        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_batches(backend, rx));
+        Ok(LogWriter { queue })
+    }
+
+    /// Returns once the checkpoint is committed.
+    pub async fn commit(&self, checkpoint: Checkpoint) -> Result<Applied, String> {
+        match self.write(Write::Checkpoint(checkpoint)).await? {
+            Written::Checkpoint(applied) => Ok(applied),
+            _ => unreachable!("a checkpoint is answered as a checkpoint"),
+        }
+    }
+
+    /// Returns once the new saga is committed, or refused by its `admit`.
+    pub(crate) async fn start(&self, start: Start) -> Result<Admission, String> {
+        match self.write(Write::Start(start)).await? {
+            Written::Start(admission) => Ok(admission),
+            _ => unreachable!("a start is answered as a start"),
+        }
+    }
+
+    /// Records a cancellation request, if the saga can still be cancelled.
+    pub(crate) async fn cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, String> {
+        match self.write(Write::Cancel(saga_id)).await? {
+            Written::Cancel(outcome) => Ok(outcome),
+            _ => unreachable!("a cancel is answered as a cancel"),
+        }
+    }
+
+    /// Marks outbox events as published.
+    pub async fn events_sent(&self, ids: Vec<i64>, at_ms: i64) -> Result<(), String> {
+        self.write(Write::EventsSent { ids, at_ms }).await.map(drop)
+    }
+
+    /// Deletes the events published before `before_ms`; returns how many.
+    pub async fn prune_sent_events(&self, before_ms: i64) -> Result<u64, String> {
+        match self.write(Write::PruneSent { before_ms }).await? {
+            Written::Rows(rows) => Ok(rows),
+            _ => unreachable!("a prune is answered with a row count"),
+        }
+    }
+
+    async fn write(&self, write: Write) -> Result<Written, String> {
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .send((write, reply))
+            .await
+            .map_err(|_| "the log writer has stopped".to_owned())?;
+        done.await
+            .map_err(|_| "the log writer dropped the write".to_owned())?
+    }
+}
+
+async fn write_batches(backend: Backend, mut rx: mpsc::Receiver<(Write, Reply)>) {
+    let mut writes = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
+    while let Some((first, reply)) = rx.recv().await {
+        writes.push(first);
+        replies.push(reply);
+        while writes.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((next, reply)) => {
+                    writes.push(next);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        // Only checkpoints count here: the crash test of a lost reply means
+        // a checkpoint applied twice, not a start.
+        let has_events = writes
+            .iter()
+            .any(|w| matches!(w, Write::Checkpoint(c) if !c.events.is_empty()));
+        let result;
+        (writes, result) = backend.commit(writes).await;
+        match result {
+            Ok(results) => {
+                writes.clear();
+                let lost = crash_points::reach(point::AFTER_LOG_COMMIT).await
+                    | (has_events
+                        && crash_points::reach(point::AFTER_LOG_COMMIT_WITH_EVENTS).await);
+                if lost {
+                    // As if the reply to COMMIT was lost: durable, but reported failed.
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err("the reply to COMMIT was lost".into()));
+                    }
+                    continue;
+                }
+                for (reply, written) in replies.drain(..).zip(results) {
+                    let _ = reply.send(Ok(written));
+                }
+            }
+            // One bad write must not fail its neighbours: retry each alone.
+            Err(err) if writes.len() > 1 => {
+                tracing::warn!(error = %err, size = writes.len(), "batched log commit failed; committing one by one");
+                for (write, reply) in writes.drain(..).zip(replies.drain(..)) {
+                    let (_, result) = backend.commit(vec![write]).await;
+                    let _ = reply.send(result.map(|mut r| r.remove(0)));
+                }
+            }
+            Err(err) => {
+                writes.clear();
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// Commits `writes` as one transaction; hands them back for a retry.
+    async fn commit(&self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
+        match self {
+            Backend::SqliteFile(log) => log.commit(writes).await,
+            Backend::Pool(pool) => {
+                let result = commit_on_pool(pool, &writes)
+                    .await
+                    .map_err(|e| e.to_string());
+                (writes, result)
+            }
+        }
+    }
+}
+
+async fn commit_on_pool(pool: &AnyPool, writes: &[Write]) -> Result<Vec<Written>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut results = Vec::with_capacity(writes.len());
+    for write in writes {
+        results.push(match write {
+            Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
+            Write::Start(start) => Written::Start(start_on_pool(&mut tx, start).await?),
+            Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
+            Write::EventsSent { ids, at_ms } => {
+                for id in ids {
+                    sqlx::query(MARK_SENT)
+                        .bind(at_ms)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Written::Rows(ids.len() as u64)
+            }
+            Write::PruneSent { before_ms } => Written::Rows(
+                sqlx::query(PRUNE_SENT)
+                    .bind(before_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            ),
+        });
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+async fn start_on_pool(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
+    // A savepoint, so that a refusal takes back this saga's rows and not its
+    // neighbours' in the batch.
+    let mut savepoint = conn.begin().await?;
+    insert_saga(&mut savepoint, &start.saga).await?;
+    if start.admit.admit(&mut savepoint).await? == Admission::Refuse {
+        savepoint.rollback().await?;
+        return Ok(Admission::Refuse);
+    }
+    for event in &start.events {
+        events::insert(&mut savepoint, event).await?;
+    }
+    savepoint.commit().await?;
+    Ok(Admission::Admit)
+}
