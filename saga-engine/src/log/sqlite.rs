@@ -41,14 +41,7 @@ impl SqliteLog {
     /// The file behind a SQLite pool; `None` for PostgreSQL and for an
     /// in-memory database (which no second connection can see).
     pub(crate) fn file_of(pool: &AnyPool) -> Option<PathBuf> {
-        let url = pool.connect_options().database_url.to_string();
-        let rest = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let in_memory =
-            path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
-        (!in_memory).then(|| PathBuf::from(path))
+        file_of_url(pool.connect_options().database_url.as_str())
     }
 
     /// Opens the (existing, migrated) file and starts the writer thread.
@@ -97,6 +90,17 @@ impl SqliteLog {
             )
         })
     }
+}
+
+/// The file named by a SQLite URL, as sqlx reads it.
+fn file_of_url(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory =
+        path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
+    (!in_memory).then(|| PathBuf::from(path))
 }
 
 fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
@@ -297,4 +301,37 @@ fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
         occurred_at_ms,
     ])?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_file_of_a_sqlite_url_and_none_in_memory() {
+        assert_eq!(
+            file_of_url("sqlite://data/orders.db?mode=rwc"),
+            Some(PathBuf::from("data/orders.db"))
+        );
+        assert_eq!(
+            file_of_url("sqlite:///tmp/x/orders.db"),
+            Some(PathBuf::from("/tmp/x/orders.db"))
+        );
+        assert_eq!(file_of_url("sqlite::memory:"), None);
+        assert_eq!(file_of_url("sqlite://shared?mode=memory&cache=shared"), None);
+        assert_eq!(file_of_url("postgres://u@h/db"), None);
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_migrated_saga_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.db");
+        let err = SqliteLog::open(&missing).err().expect("a missing file is refused");
+        assert!(format!("{err:#}").contains("cannot open the saga log"), "{err:#}");
+        assert!(!missing.exists(), "no empty database is created in its place");
+        let empty = dir.path().join("empty.db");
+        Connection::open(&empty).unwrap();
+        let err = SqliteLog::open(&empty).err().expect("a file without the tables is refused");
+        assert!(format!("{err:#}").contains("holds no saga log"), "{err:#}");
+    }
 }
