@@ -9,7 +9,7 @@ use ordersaga_proto::payment::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once},
+    idempotency::{RequestKey, run_once, run_once_batched},
     store::Store,
     validate,
 };
@@ -40,9 +40,13 @@ impl PaymentService for PaymentApi {
         let req = request.into_inner();
         let new = validate_charge(&req)?;
         let key = RequestKey::new("Charge", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            Ok(charges::charge(conn, new).await?)
-        })
+        let sqlite_new = new.clone();
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| Ok(charges::charge(conn, new).await?),
+            move |conn| Ok(charges::charge_sqlite(conn, sqlite_new)?),
+        )
         .await?;
         Ok(Response::new(reply))
     }
@@ -56,9 +60,13 @@ impl PaymentService for PaymentApi {
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
         let key = RequestKey::new("Refund", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            Ok(charges::refund(conn, &req.order_id).await?)
-        })
+        let order_id = req.order_id.clone();
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| Ok(charges::refund(conn, &req.order_id).await?),
+            move |conn| Ok(charges::refund_sqlite(conn, &order_id)?),
+        )
         .await?;
         Ok(Response::new(reply))
     }
@@ -87,7 +95,7 @@ impl PaymentService for PaymentApi {
         validate::amount_cents("amount_cents", req.amount_cents)?;
         validate::currency("currency", &req.currency)?;
         let key = RequestKey::new("Deposit", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
+        let reply = run_once(&self.store, key, async |conn| {
             Ok(DepositResponse {
                 account: Some(
                     accounts::deposit(conn, &req.customer_id, req.amount_cents, &req.currency)

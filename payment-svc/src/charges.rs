@@ -5,6 +5,7 @@
 //! that refuses a late charge.
 
 use ordersaga_proto::payment::v1::{ChargeResponse, RefundResponse};
+use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row};
 use svc_kit::time::now_ms;
 use uuid::Uuid;
@@ -12,6 +13,7 @@ use uuid::Uuid;
 use crate::error::PaymentError;
 
 /// A validated charge.
+#[derive(Clone)]
 pub struct NewCharge {
     pub order_id: String,
     pub customer_id: String,
@@ -19,40 +21,46 @@ pub struct NewCharge {
     pub currency: String,
 }
 
+const INSERT_CHARGE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
+     VALUES ($1, $2, $3, $4, $5, 'charged', $6, $6) ON CONFLICT (order_id) DO NOTHING";
+/// The funds check and the debit are one statement: concurrent charges can
+/// never overdraw the account.
+const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, updated_at_ms = $2 \
+     WHERE customer_id = $3 AND currency = $4 AND balance_cents >= $1 RETURNING balance_cents";
+const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
+const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
+const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
+     VALUES ($1, '', '', 0, '', 'refunded', $2, $2) ON CONFLICT (order_id) DO NOTHING";
+const MARK_REFUNDED: &str = "UPDATE charges SET status = 'refunded', updated_at_ms = $1 WHERE order_id = $2 AND status = 'charged' \
+     RETURNING customer_id, amount_cents";
+const CREDIT: &str = "UPDATE accounts SET balance_cents = balance_cents + $1, updated_at_ms = $2 WHERE customer_id = $3";
+
 pub async fn charge(
     conn: &mut AnyConnection,
     new: NewCharge,
 ) -> Result<ChargeResponse, PaymentError> {
     let now = now_ms();
     let payment_id = Uuid::new_v4().to_string();
-    let inserted = sqlx::query(
-        "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, 'charged', $6, $6) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&new.order_id)
-    .bind(&payment_id)
-    .bind(&new.customer_id)
-    .bind(new.amount_cents)
-    .bind(&new.currency)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(INSERT_CHARGE)
+        .bind(&new.order_id)
+        .bind(&payment_id)
+        .bind(&new.customer_id)
+        .bind(new.amount_cents)
+        .bind(&new.currency)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if inserted == 0 {
         return Err(existing_charge(conn, &new.order_id).await?);
     }
-    // The funds check and the debit are one statement: concurrent charges can
-    // never overdraw the account.
-    let balance: Option<i64> = sqlx::query_scalar(
-        "UPDATE accounts SET balance_cents = balance_cents - $1, updated_at_ms = $2 \
-         WHERE customer_id = $3 AND currency = $4 AND balance_cents >= $1 RETURNING balance_cents",
-    )
-    .bind(new.amount_cents)
-    .bind(now)
-    .bind(&new.customer_id)
-    .bind(&new.currency)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let balance: Option<i64> = sqlx::query_scalar(DEBIT)
+        .bind(new.amount_cents)
+        .bind(now)
+        .bind(&new.customer_id)
+        .bind(&new.currency)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(balance_cents) = balance else {
         return Err(why_not_debited(conn, &new).await?);
     };
@@ -68,17 +76,24 @@ async fn why_not_debited(
     conn: &mut AnyConnection,
     new: &NewCharge,
 ) -> Result<PaymentError, PaymentError> {
-    let row = sqlx::query("SELECT balance_cents, currency FROM accounts WHERE customer_id = $1")
+    let row = sqlx::query(ACCOUNT)
         .bind(&new.customer_id)
         .fetch_optional(&mut *conn)
         .await?;
-    let Some(row) = row else {
-        return Ok(PaymentError::UnknownAccount {
+    let account = row
+        .map(|r| Ok::<_, sqlx::Error>((r.try_get("balance_cents")?, r.try_get("currency")?)))
+        .transpose()?;
+    Ok(refusal(new, account))
+}
+
+/// Why a debit of `new` did not happen, given the account (balance, currency).
+fn refusal(new: &NewCharge, account: Option<(i64, String)>) -> PaymentError {
+    let Some((balance_cents, currency)) = account else {
+        return PaymentError::UnknownAccount {
             customer_id: new.customer_id.clone(),
-        });
+        };
     };
-    let currency: String = row.try_get("currency")?;
-    Ok(if currency != new.currency {
+    if currency != new.currency {
         PaymentError::CurrencyMismatch {
             customer_id: new.customer_id.clone(),
             account: currency,
@@ -87,31 +102,39 @@ async fn why_not_debited(
     } else {
         PaymentError::InsufficientFunds {
             customer_id: new.customer_id.clone(),
-            balance_cents: row.try_get("balance_cents")?,
+            balance_cents,
             amount_cents: new.amount_cents,
         }
-    })
+    }
 }
 
 async fn existing_charge(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<PaymentError, PaymentError> {
-    let row = sqlx::query("SELECT payment_id, status FROM charges WHERE order_id = $1")
+    let row = sqlx::query(EXISTING_CHARGE)
         .bind(order_id)
         .fetch_one(&mut *conn)
         .await?;
-    let status: String = row.try_get("status")?;
-    Ok(if status == "refunded" {
+    Ok(already(
+        order_id,
+        row.try_get("payment_id")?,
+        row.try_get("status")?,
+    ))
+}
+
+/// Why a second charge of an order is refused.
+fn already(order_id: &str, payment_id: String, status: String) -> PaymentError {
+    if status == "refunded" {
         PaymentError::AlreadyRefunded {
             order_id: order_id.to_owned(),
         }
     } else {
         PaymentError::AlreadyCharged {
             order_id: order_id.to_owned(),
-            payment_id: row.try_get("payment_id")?,
+            payment_id,
         }
-    })
+    }
 }
 
 /// Refunds an order's charge. With no charge it records a tombstone and
@@ -121,29 +144,23 @@ pub async fn refund(
     order_id: &str,
 ) -> Result<RefundResponse, PaymentError> {
     let now = now_ms();
-    let tombstone = sqlx::query(
-        "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
-         VALUES ($1, '', '', 0, '', 'refunded', $2, $2) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let tombstone = sqlx::query(TOMBSTONE)
+        .bind(order_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if tombstone == 1 {
         return Ok(RefundResponse {
             refunded_charge: false,
             amount_cents: 0,
         });
     }
-    let refunded = sqlx::query(
-        "UPDATE charges SET status = 'refunded', updated_at_ms = $1 WHERE order_id = $2 AND status = 'charged' \
-         RETURNING customer_id, amount_cents",
-    )
-    .bind(now)
-    .bind(order_id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let refunded = sqlx::query(MARK_REFUNDED)
+        .bind(now)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(row) = refunded else {
         // Refunded before: nothing more to do.
         return Ok(RefundResponse {
@@ -153,12 +170,89 @@ pub async fn refund(
     };
     let customer_id: String = row.try_get("customer_id")?;
     let amount_cents: i64 = row.try_get("amount_cents")?;
-    sqlx::query("UPDATE accounts SET balance_cents = balance_cents + $1, updated_at_ms = $2 WHERE customer_id = $3")
+    sqlx::query(CREDIT)
         .bind(amount_cents)
         .bind(now)
         .bind(&customer_id)
         .execute(&mut *conn)
         .await?;
+    Ok(RefundResponse {
+        refunded_charge: true,
+        amount_cents,
+    })
+}
+
+/// [`charge`] on the store's batch writer (a SQLite file): the same statements.
+pub fn charge_sqlite(
+    conn: &rusqlite::Connection,
+    new: NewCharge,
+) -> Result<ChargeResponse, PaymentError> {
+    let now = now_ms();
+    let payment_id = Uuid::new_v4().to_string();
+    let inserted = conn.prepare_cached(INSERT_CHARGE)?.execute(params![
+        new.order_id,
+        payment_id,
+        new.customer_id,
+        new.amount_cents,
+        new.currency,
+        now,
+    ])?;
+    if inserted == 0 {
+        let (payment_id, status) = conn
+            .prepare_cached(EXISTING_CHARGE)?
+            .query_row(params![new.order_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        return Err(already(&new.order_id, payment_id, status));
+    }
+    let balance: Option<i64> = conn
+        .prepare_cached(DEBIT)?
+        .query_row(
+            params![new.amount_cents, now, new.customer_id, new.currency],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(balance_cents) = balance else {
+        let account = conn
+            .prepare_cached(ACCOUNT)?
+            .query_row(params![new.customer_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        return Err(refusal(&new, account));
+    };
+    Ok(ChargeResponse {
+        payment_id,
+        amount_cents: new.amount_cents,
+        currency: new.currency,
+        balance_cents,
+    })
+}
+
+/// [`refund`] on the store's batch writer (a SQLite file): the same statements.
+pub fn refund_sqlite(
+    conn: &rusqlite::Connection,
+    order_id: &str,
+) -> Result<RefundResponse, PaymentError> {
+    let now = now_ms();
+    if conn
+        .prepare_cached(TOMBSTONE)?
+        .execute(params![order_id, now])?
+        == 1
+    {
+        return Ok(RefundResponse {
+            refunded_charge: false,
+            amount_cents: 0,
+        });
+    }
+    let refunded: Option<(String, i64)> = conn
+        .prepare_cached(MARK_REFUNDED)?
+        .query_row(params![now, order_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((customer_id, amount_cents)) = refunded else {
+        return Ok(RefundResponse {
+            refunded_charge: false,
+            amount_cents: 0,
+        });
+    };
+    conn.prepare_cached(CREDIT)?
+        .execute(params![amount_cents, now, customer_id])?;
     Ok(RefundResponse {
         refunded_charge: true,
         amount_cents,

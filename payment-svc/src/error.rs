@@ -44,6 +44,12 @@ impl From<sqlx::Error> for PaymentError {
     }
 }
 
+impl From<rusqlite::Error> for PaymentError {
+    fn from(err: rusqlite::Error) -> Self {
+        PaymentError::Kit(err.into())
+    }
+}
+
 impl From<PaymentError> for Status {
     fn from(err: PaymentError) -> Self {
         match err {

@@ -12,7 +12,7 @@ use ordersaga_proto::shipping::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once},
+    idempotency::{RequestKey, run_once_batched},
     store::Store,
     validate,
 };
@@ -47,18 +47,35 @@ impl ShippingService for ShippingApi {
         let req = request.into_inner();
         let new = validate_prepare(&req)?;
         let key = RequestKey::new("PrepareShipment", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            // Checked inside the transaction so that the refusal is stored with the request_id.
-            if !self.countries.contains(&new.address.country) {
-                return Err(ShippingError::CountryNotServed {
-                    country: new.address.country.clone(),
-                }
-                .into());
-            }
-            Ok(PrepareShipmentResponse {
-                shipment: Some(shipments::prepare(conn, new).await?),
+        // Refused inside the request's transaction, so that the refusal is
+        // stored with the request_id.
+        let not_served = (!self.countries.contains(&new.address.country)).then(|| {
+            Status::from(ShippingError::CountryNotServed {
+                country: new.address.country.clone(),
             })
-        })
+        });
+        let sqlite_new = new.clone();
+        let sqlite_not_served = not_served.clone();
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| {
+                if let Some(refusal) = not_served {
+                    return Err(refusal);
+                }
+                Ok(PrepareShipmentResponse {
+                    shipment: Some(shipments::prepare(conn, new).await?),
+                })
+            },
+            move |conn| {
+                if let Some(refusal) = sqlite_not_served {
+                    return Err(refusal);
+                }
+                Ok(PrepareShipmentResponse {
+                    shipment: Some(shipments::prepare_sqlite(conn, sqlite_new)?),
+                })
+            },
+        )
         .await?;
         Ok(Response::new(reply))
     }
@@ -72,9 +89,13 @@ impl ShippingService for ShippingApi {
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
         let key = RequestKey::new("CancelShipment", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            Ok(shipments::cancel(conn, &req.order_id).await?)
-        })
+        let order_id = req.order_id.clone();
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| Ok(shipments::cancel(conn, &req.order_id).await?),
+            move |conn| Ok(shipments::cancel_sqlite(conn, &order_id)?),
+        )
         .await?;
         Ok(Response::new(reply))
     }

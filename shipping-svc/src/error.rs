@@ -31,6 +31,12 @@ impl From<sqlx::Error> for ShippingError {
     }
 }
 
+impl From<rusqlite::Error> for ShippingError {
+    fn from(err: rusqlite::Error) -> Self {
+        ShippingError::Kit(err.into())
+    }
+}
+
 impl From<ShippingError> for Status {
     fn from(err: ShippingError) -> Self {
         match err {

@@ -7,6 +7,7 @@
 use ordersaga_proto::shipping::v1::{
     Address, CancelShipmentResponse, ServiceLevel, Shipment, ShipmentStatus,
 };
+use rusqlite::params;
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::time::now_ms;
 use uuid::Uuid;
@@ -14,11 +15,33 @@ use uuid::Uuid;
 use crate::error::ShippingError;
 
 /// A validated shipment request.
+#[derive(Clone)]
 pub struct NewShipment {
     pub order_id: String,
     pub address: Address,
     pub service_level: ServiceLevel,
     pub item_count: i64,
+}
+
+const INSERT_SHIPMENT: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+     country, service_level, item_count, created_at_ms, updated_at_ms) \
+     VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING";
+const TOMBSTONE: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+     country, service_level, item_count, created_at_ms, updated_at_ms) \
+     VALUES ($1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2) ON CONFLICT (order_id) DO NOTHING";
+const MARK_CANCELLED: &str = "UPDATE shipments SET status = 'cancelled', updated_at_ms = $1 WHERE order_id = $2 AND status = 'prepared'";
+const EXISTING: &str = "SELECT shipment_id, status FROM shipments WHERE order_id = $1";
+
+/// Why a second prepare of an order is refused.
+fn already(order_id: String, shipment_id: String, cancelled: bool) -> ShippingError {
+    if cancelled {
+        ShippingError::AlreadyCancelled { order_id }
+    } else {
+        ShippingError::AlreadyPrepared {
+            order_id,
+            shipment_id,
+        }
+    }
 }
 
 pub async fn prepare(
@@ -28,39 +51,27 @@ pub async fn prepare(
     let now = now_ms();
     let shipment_id = Uuid::new_v4().to_string();
     let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
-    let inserted = sqlx::query(
-        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
-         country, service_level, item_count, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&new.order_id)
-    .bind(&shipment_id)
-    .bind(&tracking_id)
-    .bind(&new.address.recipient)
-    .bind(&new.address.line1)
-    .bind(&new.address.city)
-    .bind(&new.address.postal_code)
-    .bind(&new.address.country)
-    .bind(new.service_level as i32 as i64)
-    .bind(new.item_count)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(INSERT_SHIPMENT)
+        .bind(&new.order_id)
+        .bind(&shipment_id)
+        .bind(&tracking_id)
+        .bind(&new.address.recipient)
+        .bind(&new.address.line1)
+        .bind(&new.address.city)
+        .bind(&new.address.postal_code)
+        .bind(&new.address.country)
+        .bind(new.service_level as i32 as i64)
+        .bind(new.item_count)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if inserted == 1 {
         return get(conn, &new.order_id).await;
     }
     let existing = get(conn, &new.order_id).await?;
-    Err(if existing.status == ShipmentStatus::Cancelled as i32 {
-        ShippingError::AlreadyCancelled {
-            order_id: new.order_id,
-        }
-    } else {
-        ShippingError::AlreadyPrepared {
-            order_id: new.order_id,
-            shipment_id: existing.shipment_id,
-        }
-    })
+    let cancelled = existing.status == ShipmentStatus::Cancelled as i32;
+    Err(already(new.order_id, existing.shipment_id, cancelled))
 }
 
 /// Cancels an order's shipment. With none prepared it records a tombstone and
@@ -70,29 +81,23 @@ pub async fn cancel(
     order_id: &str,
 ) -> Result<CancelShipmentResponse, ShippingError> {
     let now = now_ms();
-    let tombstone = sqlx::query(
-        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
-         country, service_level, item_count, created_at_ms, updated_at_ms) \
-         VALUES ($1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let tombstone = sqlx::query(TOMBSTONE)
+        .bind(order_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if tombstone == 1 {
         return Ok(CancelShipmentResponse {
             cancelled_shipment: false,
         });
     }
-    let cancelled = sqlx::query(
-        "UPDATE shipments SET status = 'cancelled', updated_at_ms = $1 WHERE order_id = $2 AND status = 'prepared'",
-    )
-    .bind(now)
-    .bind(order_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let cancelled = sqlx::query(MARK_CANCELLED)
+        .bind(now)
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     Ok(CancelShipmentResponse {
         cancelled_shipment: cancelled == 1,
     })
@@ -134,5 +139,69 @@ fn shipment_from_row(row: &AnyRow) -> Result<Shipment, sqlx::Error> {
         service_level: service_level as i32,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+    })
+}
+
+/// [`prepare`] on the store's batch writer (a SQLite file): the same
+/// statements; the reply is built from what was inserted.
+pub fn prepare_sqlite(
+    conn: &rusqlite::Connection,
+    new: NewShipment,
+) -> Result<Shipment, ShippingError> {
+    let now = now_ms();
+    let shipment_id = Uuid::new_v4().to_string();
+    let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
+    let address = &new.address;
+    let inserted = conn.prepare_cached(INSERT_SHIPMENT)?.execute(params![
+        new.order_id,
+        shipment_id,
+        tracking_id,
+        address.recipient,
+        address.line1,
+        address.city,
+        address.postal_code,
+        address.country,
+        new.service_level as i32 as i64,
+        new.item_count,
+        now,
+    ])?;
+    if inserted == 0 {
+        let (shipment_id, status): (String, String) = conn
+            .prepare_cached(EXISTING)?
+            .query_row(params![new.order_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        return Err(already(new.order_id, shipment_id, status == "cancelled"));
+    }
+    Ok(Shipment {
+        shipment_id,
+        order_id: new.order_id,
+        tracking_id,
+        status: ShipmentStatus::Prepared as i32,
+        address: Some(new.address),
+        service_level: new.service_level as i32,
+        created_at_ms: now,
+        updated_at_ms: now,
+    })
+}
+
+/// [`cancel`] on the store's batch writer (a SQLite file): the same statements.
+pub fn cancel_sqlite(
+    conn: &rusqlite::Connection,
+    order_id: &str,
+) -> Result<CancelShipmentResponse, ShippingError> {
+    let now = now_ms();
+    if conn
+        .prepare_cached(TOMBSTONE)?
+        .execute(params![order_id, now])?
+        == 1
+    {
+        return Ok(CancelShipmentResponse {
+            cancelled_shipment: false,
+        });
+    }
+    let cancelled = conn
+        .prepare_cached(MARK_CANCELLED)?
+        .execute(params![now, order_id])?;
+    Ok(CancelShipmentResponse {
+        cancelled_shipment: cancelled == 1,
     })
 }

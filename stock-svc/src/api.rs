@@ -12,7 +12,7 @@ use ordersaga_proto::stock::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once},
+    idempotency::{RequestKey, run_once, run_once_batched},
     store::Store,
     validate,
 };
@@ -46,9 +46,13 @@ impl StockService for StockApi {
         let req = request.into_inner();
         let lines = validate_reserve(&req)?;
         let key = RequestKey::new("ReserveStock", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            Ok(reservations::reserve(conn, &req.order_id, lines).await?)
-        })
+        let (order_id, sqlite_lines) = (req.order_id.clone(), lines.clone());
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| Ok(reservations::reserve(conn, &req.order_id, lines).await?),
+            move |conn| Ok(reservations::reserve_sqlite(conn, &order_id, sqlite_lines)?),
+        )
         .await?;
         Ok(Response::new(reply))
     }
@@ -62,9 +66,13 @@ impl StockService for StockApi {
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
         let key = RequestKey::new("ReleaseStock", &req.request_id, &req);
-        let reply = run_once(&self.store.pool, key, async |conn| {
-            Ok(reservations::release(conn, &req.order_id).await?)
-        })
+        let order_id = req.order_id.clone();
+        let reply = run_once_batched(
+            &self.store,
+            key,
+            async |conn| Ok(reservations::release(conn, &req.order_id).await?),
+            move |conn| Ok(reservations::release_sqlite(conn, &order_id)?),
+        )
         .await?;
         Ok(Response::new(reply))
     }
@@ -106,7 +114,7 @@ impl StockService for StockApi {
         let req = request.into_inner();
         let restock = validate_restock(&req)?;
         let key = RequestKey::new("Restock", &req.request_id, &req);
-        let product = run_once(&self.store.pool, key, async |conn| {
+        let product = run_once(&self.store, key, async |conn| {
             Ok(RestockResponse {
                 product: Some(catalogue::restock(conn, restock).await?),
             })

@@ -39,6 +39,12 @@ impl From<sqlx::Error> for StockError {
     }
 }
 
+impl From<rusqlite::Error> for StockError {
+    fn from(err: rusqlite::Error) -> Self {
+        StockError::Kit(err.into())
+    }
+}
+
 impl From<StockError> for Status {
     fn from(err: StockError) -> Self {
         match err {

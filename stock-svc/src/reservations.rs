@@ -8,6 +8,7 @@
 //! the compensation overtakes the action has one outcome.
 
 use ordersaga_proto::stock::v1::{ReleaseStockResponse, ReserveStockResponse, ReservedLine};
+use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row};
 use svc_kit::time::now_ms;
 use uuid::Uuid;
@@ -15,10 +16,29 @@ use uuid::Uuid;
 use crate::error::StockError;
 
 /// One validated order line.
+#[derive(Clone)]
 pub struct Line {
     pub sku: String,
     pub quantity: i64,
 }
+
+const INSERT_RESERVATION: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+     VALUES ($1, $2, 'reserved', 0, '', $3, $3) ON CONFLICT (order_id) DO NOTHING";
+const INSERT_LINE: &str = "INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4)";
+const SET_TOTAL: &str =
+    "UPDATE reservations SET total_cents = $1, currency = $2 WHERE order_id = $3";
+/// The check and the decrement are one statement, so concurrent callers can
+/// never oversell.
+const TAKE_STOCK: &str = "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_ms = $2 \
+     WHERE sku = $3 AND available >= $1 RETURNING unit_price_cents, currency";
+const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
+const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
+const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+     VALUES ($1, '', 'released', 0, '', $2, $2) ON CONFLICT (order_id) DO NOTHING";
+const MARK_RELEASED: &str = "UPDATE reservations SET status = 'released', updated_at_ms = $1 WHERE order_id = $2 AND status = 'reserved'";
+const RESERVED_LINES: &str =
+    "SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku";
+const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserved = reserved - $1, updated_at_ms = $2 WHERE sku = $3";
 
 /// Reserves every line or none: any refusal returns an error and the caller
 /// rolls the transaction back.
@@ -29,16 +49,13 @@ pub async fn reserve(
 ) -> Result<ReserveStockResponse, StockError> {
     let now = now_ms();
     let reservation_id = Uuid::new_v4().to_string();
-    let inserted = sqlx::query(
-        "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, 'reserved', 0, '', $3, $3) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(&reservation_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(INSERT_RESERVATION)
+        .bind(order_id)
+        .bind(&reservation_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if inserted == 0 {
         return Err(existing_reservation(conn, order_id).await?);
     }
@@ -49,24 +66,14 @@ pub async fn reserve(
     let mut currency: Option<String> = None;
     for line in &lines {
         let (unit_price_cents, line_currency) = take_stock(conn, line, now).await?;
-        match &currency {
-            Some(first) if *first != line_currency => {
-                return Err(StockError::MixedCurrencies {
-                    first: first.clone(),
-                    second: line_currency,
-                });
-            }
-            _ => currency = Some(line_currency.clone()),
-        }
-        sqlx::query(
-            "INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(order_id)
-        .bind(&line.sku)
-        .bind(line.quantity)
-        .bind(unit_price_cents)
-        .execute(&mut *conn)
-        .await?;
+        same_currency(&mut currency, &line_currency)?;
+        sqlx::query(INSERT_LINE)
+            .bind(order_id)
+            .bind(&line.sku)
+            .bind(line.quantity)
+            .bind(unit_price_cents)
+            .execute(&mut *conn)
+            .await?;
         reserved.push(ReservedLine {
             sku: line.sku.clone(),
             quantity: line.quantity,
@@ -75,11 +82,8 @@ pub async fn reserve(
         });
     }
     let currency = currency.unwrap_or_default();
-    let total_cents: i64 = reserved
-        .iter()
-        .map(|l| l.unit_price_cents * l.quantity)
-        .sum();
-    sqlx::query("UPDATE reservations SET total_cents = $1, currency = $2 WHERE order_id = $3")
+    let total_cents = total(&reserved);
+    sqlx::query(SET_TOTAL)
         .bind(total_cents)
         .bind(&currency)
         .bind(order_id)
@@ -93,32 +97,30 @@ pub async fn reserve(
     })
 }
 
-/// Moves `line.quantity` units from available to reserved, if that many are
-/// available. The check and the decrement are one statement, so concurrent
-/// callers can never oversell.
-async fn take_stock(
-    conn: &mut AnyConnection,
-    line: &Line,
-    now: i64,
-) -> Result<(i64, String), StockError> {
-    let row = sqlx::query(
-        "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_ms = $2 \
-         WHERE sku = $3 AND available >= $1 RETURNING unit_price_cents, currency",
-    )
-    .bind(line.quantity)
-    .bind(now)
-    .bind(&line.sku)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = row {
-        return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
+/// Refuses a line whose currency differs from the lines before it.
+fn same_currency(currency: &mut Option<String>, line_currency: &str) -> Result<(), StockError> {
+    match currency {
+        Some(first) if first != line_currency => Err(StockError::MixedCurrencies {
+            first: first.clone(),
+            second: line_currency.to_owned(),
+        }),
+        _ => {
+            *currency = Some(line_currency.to_owned());
+            Ok(())
+        }
     }
-    let available: Option<i64> =
-        sqlx::query_scalar("SELECT available FROM products WHERE sku = $1")
-            .bind(&line.sku)
-            .fetch_optional(&mut *conn)
-            .await?;
-    Err(match available {
+}
+
+fn total(reserved: &[ReservedLine]) -> i64 {
+    reserved
+        .iter()
+        .map(|l| l.unit_price_cents * l.quantity)
+        .sum()
+}
+
+/// Why `line` could not be taken, given the units available (`None`: no such SKU).
+fn not_taken(line: &Line, available: Option<i64>) -> StockError {
+    match available {
         None => StockError::UnknownSku {
             sku: line.sku.clone(),
         },
@@ -127,7 +129,45 @@ async fn take_stock(
             available,
             requested: line.quantity,
         },
-    })
+    }
+}
+
+/// Why a reservation row already exists for an order.
+fn already(order_id: &str, reservation_id: String, status: &str) -> StockError {
+    if status == "released" {
+        StockError::AlreadyReleased {
+            order_id: order_id.to_owned(),
+        }
+    } else {
+        StockError::AlreadyReserved {
+            order_id: order_id.to_owned(),
+            reservation_id,
+        }
+    }
+}
+
+/// Moves `line.quantity` units from available to reserved, if that many are
+/// available. The check and the decrement are one statement, so concurrent
+/// callers can never oversell.
+async fn take_stock(
+    conn: &mut AnyConnection,
+    line: &Line,
+    now: i64,
+) -> Result<(i64, String), StockError> {
+    let row = sqlx::query(TAKE_STOCK)
+        .bind(line.quantity)
+        .bind(now)
+        .bind(&line.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = row {
+        return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
+    }
+    let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
+        .bind(&line.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(not_taken(line, available))
 }
 
 /// Why a reservation row already exists for an order.
@@ -135,21 +175,12 @@ async fn existing_reservation(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<StockError, StockError> {
-    let row = sqlx::query("SELECT reservation_id, status FROM reservations WHERE order_id = $1")
+    let row = sqlx::query(EXISTING)
         .bind(order_id)
         .fetch_one(&mut *conn)
         .await?;
     let status: String = row.try_get("status")?;
-    Ok(if status == "released" {
-        StockError::AlreadyReleased {
-            order_id: order_id.to_owned(),
-        }
-    } else {
-        StockError::AlreadyReserved {
-            order_id: order_id.to_owned(),
-            reservation_id: row.try_get("reservation_id")?,
-        }
-    })
+    Ok(already(order_id, row.try_get("reservation_id")?, &status))
 }
 
 /// Returns an order's reserved stock. With nothing reserved it records a
@@ -159,50 +190,139 @@ pub async fn release(
     order_id: &str,
 ) -> Result<ReleaseStockResponse, StockError> {
     let now = now_ms();
-    let tombstone = sqlx::query(
-        "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-         VALUES ($1, '', 'released', 0, '', $2, $2) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let tombstone = sqlx::query(TOMBSTONE)
+        .bind(order_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if tombstone == 1 {
         return Ok(ReleaseStockResponse {
             released_reservation: false,
         });
     }
-    let flipped = sqlx::query(
-        "UPDATE reservations SET status = 'released', updated_at_ms = $1 WHERE order_id = $2 AND status = 'reserved'",
-    )
-    .bind(now)
-    .bind(order_id)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let flipped = sqlx::query(MARK_RELEASED)
+        .bind(now)
+        .bind(order_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     if flipped == 0 {
         // Released before: nothing more to do.
         return Ok(ReleaseStockResponse {
             released_reservation: false,
         });
     }
-    let lines =
-        sqlx::query("SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku")
-            .bind(order_id)
-            .fetch_all(&mut *conn)
-            .await?;
+    let lines = sqlx::query(RESERVED_LINES)
+        .bind(order_id)
+        .fetch_all(&mut *conn)
+        .await?;
     for line in lines {
         let sku: String = line.try_get("sku")?;
         let quantity: i64 = line.try_get("quantity")?;
-        sqlx::query(
-            "UPDATE products SET available = available + $1, reserved = reserved - $1, updated_at_ms = $2 WHERE sku = $3",
-        )
-        .bind(quantity)
-        .bind(now)
-        .bind(&sku)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(GIVE_BACK)
+            .bind(quantity)
+            .bind(now)
+            .bind(&sku)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(ReleaseStockResponse {
+        released_reservation: true,
+    })
+}
+
+/// [`reserve`] on the store's batch writer (a SQLite file): the same statements.
+pub fn reserve_sqlite(
+    conn: &rusqlite::Connection,
+    order_id: &str,
+    mut lines: Vec<Line>,
+) -> Result<ReserveStockResponse, StockError> {
+    let now = now_ms();
+    let reservation_id = Uuid::new_v4().to_string();
+    let inserted =
+        conn.prepare_cached(INSERT_RESERVATION)?
+            .execute(params![order_id, reservation_id, now])?;
+    if inserted == 0 {
+        let (reservation_id, status): (String, String) = conn
+            .prepare_cached(EXISTING)?
+            .query_row(params![order_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        return Err(already(order_id, reservation_id, &status));
+    }
+    lines.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let mut reserved = Vec::with_capacity(lines.len());
+    let mut currency: Option<String> = None;
+    for line in &lines {
+        let taken: Option<(i64, String)> = conn
+            .prepare_cached(TAKE_STOCK)?
+            .query_row(params![line.quantity, now, line.sku], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((unit_price_cents, line_currency)) = taken else {
+            let available: Option<i64> = conn
+                .prepare_cached(AVAILABLE)?
+                .query_row(params![line.sku], |r| r.get(0))
+                .optional()?;
+            return Err(not_taken(line, available));
+        };
+        same_currency(&mut currency, &line_currency)?;
+        conn.prepare_cached(INSERT_LINE)?.execute(params![
+            order_id,
+            line.sku,
+            line.quantity,
+            unit_price_cents
+        ])?;
+        reserved.push(ReservedLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents,
+            currency: line_currency,
+        });
+    }
+    let currency = currency.unwrap_or_default();
+    let total_cents = total(&reserved);
+    conn.prepare_cached(SET_TOTAL)?
+        .execute(params![total_cents, currency, order_id])?;
+    Ok(ReserveStockResponse {
+        reservation_id,
+        lines: reserved,
+        total_cents,
+        currency,
+    })
+}
+
+/// [`release`] on the store's batch writer (a SQLite file): the same statements.
+pub fn release_sqlite(
+    conn: &rusqlite::Connection,
+    order_id: &str,
+) -> Result<ReleaseStockResponse, StockError> {
+    let now = now_ms();
+    let nothing = ReleaseStockResponse {
+        released_reservation: false,
+    };
+    if conn
+        .prepare_cached(TOMBSTONE)?
+        .execute(params![order_id, now])?
+        == 1
+    {
+        return Ok(nothing);
+    }
+    if conn
+        .prepare_cached(MARK_RELEASED)?
+        .execute(params![now, order_id])?
+        == 0
+    {
+        // Released before: nothing more to do.
+        return Ok(nothing);
+    }
+    let lines: Vec<(String, i64)> = conn
+        .prepare_cached(RESERVED_LINES)?
+        .query_map(params![order_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut give_back = conn.prepare_cached(GIVE_BACK)?;
+    for (sku, quantity) in lines {
+        give_back.execute(params![quantity, now, sku])?;
     }
     Ok(ReleaseStockResponse {
         released_reservation: true,

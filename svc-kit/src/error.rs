@@ -17,7 +17,7 @@ pub enum Error {
 
     /// The store is busy or unreachable; the caller may retry.
     #[error("store unavailable: {0}")]
-    StoreUnavailable(#[source] sqlx::Error),
+    StoreUnavailable(String),
 
     /// Anything else: a bug or corrupt data. Details go to the log only.
     #[error("internal error: {0}")]
@@ -36,7 +36,7 @@ impl Error {
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         if is_transient(&err) {
-            Error::StoreUnavailable(err)
+            Error::StoreUnavailable(err.to_string())
         } else {
             Error::Internal(err.to_string())
         }
@@ -65,6 +65,17 @@ fn is_transient(err: &sqlx::Error) -> bool {
                 || code.starts_with("08")
         }
         _ => false,
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Self {
+        match err.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::StoreUnavailable(err.to_string())
+            }
+            _ => Error::Internal(err.to_string()),
+        }
     }
 }
 

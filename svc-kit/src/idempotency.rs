@@ -11,12 +11,26 @@
 //! then reads its reply.
 //!
 //! Every service has an `idempotency` table of this shape (see its migrations).
+//!
+//! Two ways to run a request:
+//! - [`run_once_batched`], for the saga's steps: on a SQLite file, on the
+//!   store's batch writer (one hand-over, group commit); on PostgreSQL,
+//!   through the pool. The effect is written twice, once per driver.
+//! - [`run_once`], for the rest (admin calls): through the pool; on a SQLite
+//!   file it waits its turn at the writer's gate.
 
 use prost::Message;
+use rusqlite::OptionalExtension;
 use sqlx::{AnyConnection, AnyPool, Row};
 use tonic::{Code, Status};
 
-use crate::{Error, error::DEFINITE_REFUSALS, time::now_ms};
+use crate::{Error, batch_writer::Outcome, error::DEFINITE_REFUSALS, store::Store, time::now_ms};
+
+const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING";
+const STORE_REPLY: &str =
+    "UPDATE idempotency SET status_code = 0, reply = $1 WHERE request_id = $2";
+const STORED: &str = "SELECT method, fingerprint, status_code, status_message, reply FROM idempotency WHERE request_id = $1";
 
 /// The identity of a mutating request.
 pub struct RequestKey<'a> {
@@ -43,6 +57,124 @@ impl<'a> RequestKey<'a> {
 /// `effect` returns the reply, or a `Status`: a definite refusal rolls the effect
 /// back and is stored as the reply; any other error rolls back and stores nothing.
 pub async fn run_once<Resp>(
+    store: &Store,
+    key: RequestKey<'_>,
+    effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
+) -> Result<Resp, Status>
+where
+    Resp: Message + Default,
+{
+    let _turn = match &store.writer {
+        Some(writer) => Some(writer.gate().enter().await),
+        None => None,
+    };
+    run_on_pool(&store.pool, key, effect).await
+}
+
+/// [`run_once`] for a hot path: `effect` through the pool on PostgreSQL,
+/// `sqlite_effect` on the batch writer on a SQLite file. The two must do the
+/// same thing.
+pub async fn run_once_batched<Resp>(
+    store: &Store,
+    key: RequestKey<'_>,
+    effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
+    sqlite_effect: impl FnOnce(&rusqlite::Connection) -> Result<Resp, Status> + Send + 'static,
+) -> Result<Resp, Status>
+where
+    Resp: Message + Default + Send + 'static,
+{
+    let Some(writer) = &store.writer else {
+        return run_on_pool(&store.pool, key, effect).await;
+    };
+    let key = OwnedKey {
+        method: key.method,
+        request_id: key.request_id.to_owned(),
+        fingerprint: key.fingerprint,
+    };
+    writer
+        .run(move |conn| run_on_sqlite(conn, &key, sqlite_effect))
+        .await
+        .map_err(|e| Status::from(Error::StoreUnavailable(e)))?
+}
+
+struct OwnedKey {
+    method: &'static str,
+    request_id: String,
+    fingerprint: Vec<u8>,
+}
+
+/// The same steps as [`run_on_pool`], inside the batch writer's savepoint
+/// for this request. Nothing else writes the file meanwhile, so a refusal
+/// is stored on the claim's own row.
+fn run_on_sqlite<Resp: Message + Default>(
+    conn: &rusqlite::Connection,
+    key: &OwnedKey,
+    effect: impl FnOnce(&rusqlite::Connection) -> Result<Resp, Status>,
+) -> rusqlite::Result<Outcome<Result<Resp, Status>>> {
+    let claimed = conn.prepare_cached(CLAIM)?.execute(rusqlite::params![
+        key.request_id,
+        key.method,
+        key.fingerprint,
+        now_ms(),
+    ])? == 1;
+    if !claimed {
+        return Ok(Outcome::Keep(replay_sqlite(conn, key)?));
+    }
+    conn.execute_batch("SAVEPOINT effect")?;
+    match effect(conn) {
+        Ok(reply) => {
+            conn.execute_batch("RELEASE effect")?;
+            conn.prepare_cached(STORE_REPLY)?
+                .execute(rusqlite::params![reply.encode_to_vec(), key.request_id])?;
+            Ok(Outcome::Keep(Ok(reply)))
+        }
+        Err(status) => {
+            // Undo any partial effect first; the claim stays for now.
+            conn.execute_batch("ROLLBACK TO effect; RELEASE effect")?;
+            if DEFINITE_REFUSALS.contains(&status.code()) {
+                conn.prepare_cached(
+                    "UPDATE idempotency SET status_code = $1, status_message = $2 WHERE request_id = $3",
+                )?
+                .execute(rusqlite::params![
+                    status.code() as i32 as i64,
+                    status.message(),
+                    key.request_id
+                ])?;
+                Ok(Outcome::Keep(Err(Status::new(
+                    status.code(),
+                    status.message(),
+                ))))
+            } else {
+                // Not an answer: leave no trace, not even the claim.
+                Ok(Outcome::Undo(Err(status)))
+            }
+        }
+    }
+}
+
+fn replay_sqlite<Resp: Message + Default>(
+    conn: &rusqlite::Connection,
+    key: &OwnedKey,
+) -> rusqlite::Result<Result<Resp, Status>> {
+    let stored = conn
+        .prepare_cached(STORED)?
+        .query_row(rusqlite::params![key.request_id], |r| {
+            Ok(Stored {
+                method: r.get(0)?,
+                fingerprint: r.get(1)?,
+                status_code: r.get(2)?,
+                status_message: r.get(3)?,
+                reply: r.get(4)?,
+            })
+        })
+        .optional()?;
+    Ok(match stored {
+        Some(stored) => stored.answer(&key.method, &key.request_id, &key.fingerprint),
+        None => Err(Error::Internal(format!("request {} has no claim", key.request_id)).into()),
+    })
+}
+
+async fn run_on_pool<Resp>(
     pool: &AnyPool,
     key: RequestKey<'_>,
     effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
@@ -51,18 +183,15 @@ where
     Resp: Message + Default,
 {
     let mut tx = pool.begin().await.map_err(Error::from)?;
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms) \
-         VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(key.request_id)
-    .bind(key.method)
-    .bind(key.fingerprint.clone())
-    .bind(now_ms())
-    .execute(&mut *tx)
-    .await
-    .map_err(Error::from)?
-    .rows_affected()
+    let claimed = sqlx::query(CLAIM)
+        .bind(key.request_id)
+        .bind(key.method)
+        .bind(key.fingerprint.clone())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::from)?
+        .rows_affected()
         == 1;
     if !claimed {
         drop(tx);
@@ -71,7 +200,7 @@ where
 
     match effect(&mut tx).await {
         Ok(reply) => {
-            sqlx::query("UPDATE idempotency SET status_code = 0, reply = $1 WHERE request_id = $2")
+            sqlx::query(STORE_REPLY)
                 .bind(reply.encode_to_vec())
                 .bind(key.request_id)
                 .execute(&mut *tx)
@@ -126,39 +255,53 @@ async fn replay<Resp: Message + Default>(
     pool: &AnyPool,
     key: &RequestKey<'_>,
 ) -> Result<Resp, Status> {
-    let row = sqlx::query(
-        "SELECT method, fingerprint, status_code, status_message, reply FROM idempotency WHERE request_id = $1",
-    )
-    .bind(key.request_id)
-    .fetch_one(pool)
-    .await
-    .map_err(Error::from)?;
-    let method: String = row.try_get("method").map_err(Error::from)?;
-    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(Error::from)?;
-    if method != key.method || fingerprint != key.fingerprint {
-        return Err(Error::RequestIdReused {
-            request_id: key.request_id.to_owned(),
-            method,
+    let row = sqlx::query(STORED)
+        .bind(key.request_id)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::from)?;
+    let stored = Stored {
+        method: row.try_get("method").map_err(Error::from)?,
+        fingerprint: row.try_get("fingerprint").map_err(Error::from)?,
+        status_code: row.try_get("status_code").map_err(Error::from)?,
+        status_message: row.try_get("status_message").map_err(Error::from)?,
+        reply: row.try_get("reply").map_err(Error::from)?,
+    };
+    stored.answer(key.method, key.request_id, &key.fingerprint)
+}
+
+/// A request's row in the `idempotency` table.
+struct Stored {
+    method: String,
+    fingerprint: Vec<u8>,
+    status_code: Option<i64>,
+    status_message: Option<String>,
+    reply: Option<Vec<u8>>,
+}
+
+impl Stored {
+    /// The stored answer, if this is the same request.
+    fn answer<Resp: Message + Default>(
+        self,
+        method: &str,
+        request_id: &str,
+        fingerprint: &[u8],
+    ) -> Result<Resp, Status> {
+        if self.method != method || self.fingerprint != fingerprint {
+            return Err(Error::RequestIdReused {
+                request_id: request_id.to_owned(),
+                method: self.method,
+            }
+            .into());
         }
-        .into());
-    }
-    let code: Option<i64> = row.try_get("status_code").map_err(Error::from)?;
-    match code {
-        Some(0) => {
-            let reply: Vec<u8> = row.try_get("reply").map_err(Error::from)?;
-            Resp::decode(reply.as_slice()).map_err(|e| {
-                Error::Internal(format!("stored reply of {}: {e}", key.request_id)).into()
-            })
-        }
-        Some(code) => {
-            let message: Option<String> = row.try_get("status_message").map_err(Error::from)?;
-            Err(Status::new(
+        match (self.status_code, self.reply) {
+            (Some(0), Some(reply)) => Resp::decode(reply.as_slice())
+                .map_err(|e| Error::Internal(format!("stored reply of {request_id}: {e}")).into()),
+            (Some(code), _) if code != 0 => Err(Status::new(
                 Code::from_i32(code as i32),
-                message.unwrap_or_default(),
-            ))
-        }
-        None => {
-            Err(Error::Internal(format!("request {} has no stored reply", key.request_id)).into())
+                self.status_message.unwrap_or_default(),
+            )),
+            _ => Err(Error::Internal(format!("request {request_id} has no stored reply")).into()),
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`settings`]: the flags and env every service takes (address, store, API key, faults).
 //! - [`store`]: one SQLite-or-PostgreSQL pool with migrations run at start-up.
+//! - [`batch_writer`]: on a SQLite file, the hot writes in batches on one thread.
 //! - [`idempotency`]: runs a mutating request once per `request_id`, replaying its stored reply.
 //! - [`validate`]: field checks that answer INVALID_ARGUMENT naming the field.
 //! - [`auth`]: the `x-api-key` check on business RPCs.
@@ -13,6 +14,7 @@
 //! - [`telemetry`]: logs and OpenTelemetry traces; [`propagation`]: W3C trace context across calls.
 
 pub mod auth;
+pub mod batch_writer;
 pub mod error;
 pub mod fault;
 pub mod idempotency;

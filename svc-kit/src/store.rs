@@ -3,10 +3,16 @@
 //! Both go through sqlx's `Any` driver, so every query is written once with `$n`
 //! placeholders and only the migrations differ per backend.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+
+use crate::batch_writer::{BatchWriter, WriteGate};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -37,10 +43,22 @@ pub struct Migrations {
     pub postgres: &'static Migrator,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// On a SQLite file: the thread that runs the hot writes in batches
+    /// (see [`crate::batch_writer`]). `None` on PostgreSQL and in memory.
+    pub writer: Option<BatchWriter>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .field("batch_writer", &self.writer.is_some())
+            .finish()
+    }
 }
 
 impl Store {
@@ -49,9 +67,12 @@ impl Store {
     pub async fn open(url: &str, migrations: &Migrations) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
         let backend: Backend = url.parse()?;
-        let url = match backend {
-            Backend::Sqlite => prepare_sqlite_url(url)?,
-            Backend::Postgres => url.to_owned(),
+        let (url, file) = match backend {
+            Backend::Sqlite => {
+                let (url, file) = prepare_sqlite_url(url)?;
+                (url, Some(file))
+            }
+            Backend::Postgres => (url.to_owned(), None),
         };
         let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         let options = match backend {
@@ -81,7 +102,14 @@ impl Store {
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate the store at {}", redact(&url)))?;
-        Ok(Store { pool, backend })
+        let writer = file
+            .map(|file| BatchWriter::open(&file, WriteGate::default()))
+            .transpose()?;
+        Ok(Store {
+            pool,
+            backend,
+            writer,
+        })
     }
 }
 
@@ -109,12 +137,14 @@ impl Store {
         Ok(Store {
             pool,
             backend: Backend::Sqlite,
+            writer: None,
         })
     }
 }
 
-/// Adds `mode=rwc` so a missing file is created, and creates the parent folder.
-fn prepare_sqlite_url(url: &str) -> anyhow::Result<String> {
+/// Adds `mode=rwc` so a missing file is created, and creates the parent
+/// folder. Returns the URL and the file's path.
+fn prepare_sqlite_url(url: &str) -> anyhow::Result<(String, PathBuf)> {
     let rest = url
         .trim_start_matches("sqlite://")
         .trim_start_matches("sqlite:");
@@ -138,7 +168,7 @@ fn prepare_sqlite_url(url: &str) -> anyhow::Result<String> {
     } else {
         format!("{query}&mode=rwc")
     };
-    Ok(format!("sqlite://{path}?{query}"))
+    Ok((format!("sqlite://{path}?{query}"), PathBuf::from(path)))
 }
 
 /// Hides a password in a URL before it reaches a message or a log.

@@ -118,10 +118,10 @@ impl OrderService for OrderApi {
                         pricing::price(&self.stock, &new.items).await?;
                     let order = OrderData {
                         // Time-ordered (v7): a new saga's rows, and the services'
-                    // rows keyed by it, go to the last pages of each index, so
-                    // a batch of commits shares pages instead of writing one
-                    // random page per index per saga.
-                    order_id: Uuid::now_v7(),
+                        // rows keyed by it, go to the last pages of each index, so
+                        // a batch of commits shares pages instead of writing one
+                        // random page per index per saga.
+                        order_id: Uuid::now_v7(),
                         request_id: new.request_id.clone(),
                         customer_id: new.customer_id,
                         items,

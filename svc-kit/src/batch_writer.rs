@@ -1,0 +1,178 @@
+//! A service's hot writes on a SQLite file: one thread with its own
+//! connection, and many requests per commit.
+//!
+//! Through sqlx, every statement is a message to the connection's worker
+//! thread and a reply back: two thread wake-ups per statement, six to eight
+//! statements per request, and one commit (one fsync) per request. In the
+//! profile of a service under load, those wake-ups and context switches were
+//! over half of its CPU (docs/benchmarks.md). Here a request is one hand-over
+//! to the thread and one back, and the requests waiting together share one
+//! transaction, one commit and one fsync (group commit).
+//!
+//! Each job runs inside its own savepoint, so one request's failure undoes
+//! only its own writes. A job's result reaches its caller only after the
+//! commit: nothing is acknowledged before it is durable.
+//!
+//! The sqlx pool stays open on the same file for reads and for the rare
+//! writes that are not worth a second implementation (admin calls). Those
+//! take the [`WriteGate`] first, as every batch does, so the two connections
+//! never wait on SQLite's busy handler (it polls with sleeps, and under load
+//! a second writer starved).
+
+use std::{path::Path, sync::Arc, sync::mpsc, thread, time::Duration};
+
+use anyhow::Context;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
+
+/// The most requests one commit carries.
+const MAX_BATCH: usize = 256;
+
+/// What a job decided about its own writes.
+pub enum Outcome<T> {
+    /// Keep them: they commit with the batch.
+    Keep(T),
+    /// Undo them (back to the job's savepoint); the batch goes on.
+    Undo(T),
+}
+
+/// Called after the commit, with its result: sends the job's result.
+type Deliver = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Runs the job in the open transaction, or (with `None`) not at all, when
+/// the transaction could not begin.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Deliver + Send>;
+
+/// The turn to write to the file, fair (first come, first served) between
+/// the batch writer and the pool's connection.
+#[derive(Clone, Default)]
+pub struct WriteGate(Arc<Mutex<()>>);
+
+impl WriteGate {
+    pub async fn enter(&self) -> OwnedMutexGuard<()> {
+        self.0.clone().lock_owned().await
+    }
+}
+
+#[derive(Clone)]
+pub struct BatchWriter {
+    jobs: mpsc::Sender<Job>,
+    gate: WriteGate,
+}
+
+impl BatchWriter {
+    /// Opens the (existing, migrated) file and starts the writer thread.
+    pub fn open(path: &Path, gate: WriteGate) -> anyhow::Result<Self> {
+        // No CREATE flag: a path that is not the pool's file is an error, not
+        // a second, empty database.
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open the store at {}", path.display()))?;
+        // The pool's settings: WAL, each commit on disk before it is
+        // acknowledged, foreign keys enforced.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "cache_size", -32768)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let thread_gate = gate.clone();
+        thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(conn, rx, thread_gate))
+            .context("cannot start the store's writer thread")?;
+        Ok(BatchWriter { jobs, gate })
+    }
+
+    /// The gate the pool's writers take on this file.
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
+    }
+
+    /// Runs `job` in the next batch, inside its own savepoint; returns its
+    /// result once the batch is committed.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> rusqlite::Result<Outcome<T>> + Send + 'static,
+    ) -> Result<T, String> {
+        let (reply, done) = oneshot::channel::<Result<T, String>>();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Some(conn) => in_savepoint(conn, job),
+                None => Err("the batch did not begin".to_owned()),
+            };
+            Box::new(move |committed| {
+                let _ = reply.send(committed.and(result));
+            })
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| "the store's writer thread has stopped".to_owned())?;
+        done.await
+            .map_err(|_| "the store's writer thread stopped mid-batch".to_owned())?
+    }
+}
+
+fn in_savepoint<T>(
+    conn: &Connection,
+    job: impl FnOnce(&Connection) -> rusqlite::Result<Outcome<T>>,
+) -> Result<T, String> {
+    let undo = |conn: &Connection| {
+        conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            .map_err(|e| e.to_string())
+    };
+    conn.execute_batch("SAVEPOINT job")
+        .map_err(|e| e.to_string())?;
+    match job(conn) {
+        Ok(Outcome::Keep(value)) => {
+            conn.execute_batch("RELEASE job")
+                .map_err(|e| e.to_string())?;
+            Ok(value)
+        }
+        Ok(Outcome::Undo(value)) => undo(conn).map(|()| value),
+        Err(err) => {
+            undo(conn)?;
+            Err(err.to_string())
+        }
+    }
+}
+
+fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, gate: WriteGate) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let _turn = gate.0.blocking_lock();
+        let (deliveries, committed) = commit(&mut conn, &mut batch);
+        for deliver in deliveries {
+            deliver(committed.clone());
+        }
+    }
+}
+
+/// Runs the batch in one transaction; returns each job's delivery and the
+/// commit's result.
+fn commit(conn: &mut Connection, batch: &mut Vec<Job>) -> (Vec<Deliver>, Result<(), String>) {
+    match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => {
+            let deliveries = batch.drain(..).map(|job| job(Some(&tx))).collect();
+            let committed = tx.commit().map_err(|e| e.to_string());
+            if let Err(err) = &committed {
+                tracing::error!(error = %err, "a batch on the store did not commit");
+            }
+            (deliveries, committed)
+        }
+        Err(err) => {
+            let err = err.to_string();
+            tracing::error!(error = %err, size = batch.len(), "cannot begin a batch on the store");
+            (batch.drain(..).map(|job| job(None)).collect(), Err(err))
+        }
+    }
+}
