@@ -176,3 +176,101 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Job>) -> (Vec<Deliver>, Result<
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn file_with_table() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+            .unwrap();
+        (dir, path)
+    }
+
+    fn rows(path: &Path) -> Vec<(String, i64)> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn.prepare("SELECT k, v FROM t ORDER BY k").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn insert(
+        key: &'static str,
+        then: fn(()) -> Outcome<()>,
+    ) -> impl FnOnce(&Connection) -> rusqlite::Result<Outcome<()>> {
+        move |conn| {
+            conn.execute("INSERT INTO t (k, v) VALUES (?1, 1)", [key])?;
+            Ok(then(()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_job_keeps_or_undoes_only_its_own_writes() {
+        let (_dir, path) = file_with_table();
+        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        // Sent together, so most land in one batch: an undone job and a failed
+        // one must not take their neighbours' writes with them.
+        let (kept, undone, failed, also_kept) = tokio::join!(
+            writer.run(insert("a", Outcome::Keep)),
+            writer.run(insert("b", Outcome::Undo)),
+            writer.run(|conn| {
+                conn.execute("INSERT INTO t (k, v) VALUES ('c', 1)", [])?;
+                // A duplicate key: the job fails after its first write.
+                conn.execute("INSERT INTO t (k, v) VALUES ('c', 2)", [])?;
+                Ok(Outcome::Keep(()))
+            }),
+            writer.run(insert("d", Outcome::Keep)),
+        );
+        assert!(kept.is_ok() && undone.is_ok() && also_kept.is_ok());
+        let failed = failed.expect_err("a job whose statement fails reports it");
+        assert!(failed.contains("UNIQUE"), "{failed}");
+        assert_eq!(rows(&path), vec![("a".into(), 1), ("d".into(), 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gated_writer_on_another_connection_is_not_starved() {
+        let (_dir, path) = file_with_table();
+        let gate = WriteGate::default();
+        let writer = BatchWriter::open(&path, gate.clone()).unwrap();
+        // Keep the batch writer busy while another connection writes through
+        // the gate, with no busy wait to rescue it.
+        let busy = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                for i in 0..300 {
+                    writer
+                        .run(move |conn| {
+                            conn.execute(
+                                "INSERT INTO t (k, v) VALUES (?1, 1)",
+                                [format!("busy-{i:03}")],
+                            )?;
+                            Ok(Outcome::Keep(()))
+                        })
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::ZERO).unwrap();
+        for i in 0..20 {
+            let _turn = gate.enter().await;
+            other
+                .execute(
+                    "INSERT INTO t (k, v) VALUES (?1, 2)",
+                    [format!("gated-{i:02}")],
+                )
+                .expect("the gate's holder never meets a locked database");
+        }
+        busy.await.unwrap();
+        assert_eq!(rows(&path).len(), 320);
+    }
+}
