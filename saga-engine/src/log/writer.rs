@@ -7,8 +7,10 @@
 //!
 //! Where the transaction runs depends on the store:
 //! - a SQLite file: on one thread with its own connection ([`super::sqlite`]),
-//!   the whole batch in one hand-over;
-//! - PostgreSQL (and the in-memory benchmark store): through sqlx.
+//!   the whole batch in one hand-over. Every write goes through it, so no
+//!   other connection ever waits on SQLite's write lock.
+//! - PostgreSQL (and the in-memory benchmark store): through sqlx; checkpoints
+//!   are group-committed, the other writes run at once on the pool.
 
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool, Connection};
@@ -79,19 +81,25 @@ enum Backend {
 #[derive(Clone)]
 pub struct LogWriter {
     queue: mpsc::Sender<(Write, Reply)>,
+    /// Through sqlx, only checkpoints are queued for group commit; the other
+    /// writes run at once in their own transactions, side by side on the
+    /// pool's connections. Queued, each would wait for the batch ahead and
+    /// pay two more round trips (its savepoint): measured on PostgreSQL, 17%
+    /// fewer sagas per second.
+    direct: Option<AnyPool>,
 }
 
 impl LogWriter {
     /// On a SQLite file the writer opens its own connection to the pool's
     /// file (which must exist and be migrated).
     pub fn spawn(pool: AnyPool) -> anyhow::Result<Self> {
-        let backend = match SqliteLog::file_of(&pool) {
-            Some(path) => Backend::SqliteFile(SqliteLog::open(&path)?),
-            None => Backend::Pool(pool),
+        let (backend, direct) = match SqliteLog::file_of(&pool) {
+            Some(path) => (Backend::SqliteFile(SqliteLog::open(&path)?), None),
+            None => (Backend::Pool(pool.clone()), Some(pool)),
         };
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(write_batches(backend, rx));
-        Ok(LogWriter { queue })
+        Ok(LogWriter { queue, direct })
     }
 
     /// Returns once the checkpoint is committed.
@@ -132,6 +140,14 @@ impl LogWriter {
     }
 
     async fn write(&self, write: Write) -> Result<Written, String> {
+        if let Some(pool) = &self.direct
+            && !matches!(write, Write::Checkpoint(_))
+        {
+            let mut written = commit_on_pool(pool, std::slice::from_ref(&write))
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(written.remove(0));
+        }
         let (reply, done) = oneshot::channel();
         self.queue
             .send((write, reply))
