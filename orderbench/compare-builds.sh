@@ -4,6 +4,7 @@
 # (the second build's, or $ORDERBENCH):
 #
 #   orderbench/compare-builds.sh /path/to/before/release /path/to/after/release
+#   STORES=postgres orderbench/compare-builds.sh ...   (one store only)
 #
 # Each build dir must hold devstack, orchestrator, stock-svc, shipping-svc and
 # payment-svc (cargo build --release -p devstack -p orderbench -p orchestrator
@@ -37,7 +38,10 @@ pg_run() { # $1 label, $2 release dir
   echo "== $1 postgres C=64"; $ORDERBENCH -n 3000 -c 64 2>/dev/null | grep -v '^\s*$'
   kill $p1 $p2 $p3 $p4; wait 2>/dev/null; sleep 1
 }
-sqlite_run before "$1"
-sqlite_run after "$2"
-pg_run before "$1"
-pg_run after "$2"
+for store in ${STORES:-sqlite postgres}; do
+  case $store in
+    sqlite) sqlite_run before "$1"; sqlite_run after "$2" ;;
+    postgres) pg_run before "$1"; pg_run after "$2" ;;
+    *) echo "STORES: unknown store $store (sqlite, postgres)" >&2; exit 2 ;;
+  esac
+done

@@ -25,7 +25,7 @@ pub struct SagaChange {
     pub status: Option<SagaStatus>,
 }
 
-type Watchers = Arc<Mutex<HashMap<Uuid, watch::Sender<u64>>>>;
+type Watchers = Arc<Mutex<HashMap<Uuid, watch::Sender<Option<SagaStatus>>>>>;
 
 pub(crate) struct Changes {
     all: broadcast::Sender<SagaChange>,
@@ -49,7 +49,7 @@ impl Changes {
         let receiver = match one.get(&saga_id) {
             Some(sender) => sender.subscribe(),
             None => {
-                let (sender, receiver) = watch::channel(0);
+                let (sender, receiver) = watch::channel(None);
                 one.insert(saga_id, sender);
                 receiver
             }
@@ -66,7 +66,8 @@ impl Changes {
             let _ = self.all.send(change);
         }
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
-            sender.send_modify(|count| *count += 1);
+            // Sent even when the value is the same, so every change wakes.
+            sender.send_replace(change.status);
         }
     }
 }
@@ -75,18 +76,21 @@ impl Changes {
 /// misses no change committed after that point.
 pub struct SagaWatch {
     saga_id: Uuid,
-    receiver: Option<watch::Receiver<u64>>,
+    receiver: Option<watch::Receiver<Option<SagaStatus>>>,
     watchers: Watchers,
 }
 
 impl SagaWatch {
     /// Returns once the saga has changed since the last call (or since this
-    /// watch was made). The caller re-reads the saga from the store.
-    pub async fn changed(&mut self) {
+    /// watch was made), with the status the latest change set, if it set one.
+    /// Changes that came together are told as one, the latest; a terminal
+    /// status is never followed by another.
+    pub async fn changed(&mut self) -> Option<SagaStatus> {
         let receiver = self.receiver.as_mut().expect("present until dropped");
         // The sender lives as long as any receiver (it leaves the map only
         // when the last one drops), so this can't fail while we hold one.
         let _ = receiver.changed().await;
+        *receiver.borrow_and_update()
     }
 }
 

@@ -75,11 +75,17 @@ impl OrderApi {
     }
 }
 
-/// Returns true when the saga may have changed, false at the deadline.
+/// Returns true when the saga may have become terminal, false at the
+/// deadline. A change to a status that is not terminal needs no read.
 async fn wait_for_change(deadline: tokio::time::Instant, changes: &mut SagaWatch) -> bool {
-    tokio::select! {
-        () = changes.changed() => true,
-        () = tokio::time::sleep_until(deadline) => false,
+    loop {
+        tokio::select! {
+            status = changes.changed() => match status {
+                Some(status) if !status.is_terminal() => continue,
+                _ => return true,
+            },
+            () = tokio::time::sleep_until(deadline) => return false,
+        }
     }
 }
 

@@ -143,10 +143,7 @@ impl LogWriter {
         if let Some(pool) = &self.direct
             && !matches!(write, Write::Checkpoint(_))
         {
-            let mut written = commit_on_pool(pool, std::slice::from_ref(&write))
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(written.remove(0));
+            return commit_alone(pool, &write).await.map_err(|e| e.to_string());
         }
         let (reply, done) = oneshot::channel();
         self.queue
@@ -259,6 +256,26 @@ async fn commit_on_pool(pool: &AnyPool, writes: &[Write]) -> Result<Vec<Written>
     }
     tx.commit().await?;
     Ok(results)
+}
+
+/// One write in a transaction of its own. A refused start rolls the whole
+/// transaction back, so it needs no savepoint.
+async fn commit_alone(pool: &AnyPool, write: &Write) -> Result<Written, sqlx::Error> {
+    let Write::Start(start) = write else {
+        let mut written = commit_on_pool(pool, std::slice::from_ref(write)).await?;
+        return Ok(written.remove(0));
+    };
+    let mut tx = pool.begin().await?;
+    insert_saga(&mut tx, &start.saga).await?;
+    if start.admit.admit(&mut tx).await? == Admission::Refuse {
+        tx.rollback().await?;
+        return Ok(Written::Start(Admission::Refuse));
+    }
+    for event in &start.events {
+        events::insert(&mut tx, event).await?;
+    }
+    tx.commit().await?;
+    Ok(Written::Start(Admission::Admit))
 }
 
 async fn start_on_pool(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
