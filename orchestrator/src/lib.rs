@@ -17,7 +17,7 @@ pub mod outbox;
 /// Named crash points, armed only by the test build of the binary.
 pub use saga_engine::crash_points;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use clap::{Args, Parser};
 use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
@@ -34,7 +34,7 @@ use tonic::service::interceptor::InterceptedService;
 use crate::{
     downstream::{Downstream, DownstreamArgs},
     order_saga::OrderData,
-    orders::OrderApi,
+    orders::{OrderApi, pricing::Catalogue},
     outbox::relay::{BrokerArgs, OutboxMetrics, Relay},
 };
 
@@ -201,9 +201,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);
     let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
-    let stock = downstream.stock.clone();
+    let catalogue = Arc::new(Catalogue::new(downstream.stock.clone()));
     let engine = Engine::new(
-        order_saga::definition(downstream),
+        order_saga::definition(downstream, catalogue.clone()),
         store.pool,
         settings.engine.retry_policy(),
         settings.engine.max_inflight_sagas as usize,
@@ -219,7 +219,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");
     }
-    let api = OrderApi::new(engine.clone(), stock, settings.server.request_timeout());
+    let api = OrderApi::new(engine.clone(), catalogue, settings.server.request_timeout());
     let service =
         OrderServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
     let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);

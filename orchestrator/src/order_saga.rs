@@ -19,12 +19,15 @@ use ordersaga_proto::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
 use saga_engine::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step};
 
-use crate::downstream::{Downstream, PaymentClient, ShippingClient, StockClient};
+use crate::{
+    downstream::{Downstream, PaymentClient, ShippingClient, StockClient},
+    orders::pricing::Catalogue,
+};
 
 pub const KIND: &str = "order";
 
@@ -56,11 +59,16 @@ pub struct ShippingAddress {
     pub country: String,
 }
 
-pub fn definition(downstream: Downstream) -> SagaDefinition<OrderData> {
+/// The order saga. `catalogue` is the price cache the orders were priced
+/// from: the reserve step drops the prices the stock service refuses.
+pub fn definition(downstream: Downstream, catalogue: Arc<Catalogue>) -> SagaDefinition<OrderData> {
     SagaDefinition {
         kind: KIND,
         steps: vec![
-            Arc::new(ReserveStock(downstream.stock)),
+            Arc::new(ReserveStock {
+                stock: downstream.stock,
+                catalogue,
+            }),
             Arc::new(PrepareShipment(downstream.shipping)),
             Arc::new(ChargePayment(downstream.payment)),
         ],
@@ -144,7 +152,10 @@ fn request<T>(message: T, call: &Call) -> Request<T> {
     request
 }
 
-struct ReserveStock(StockClient);
+struct ReserveStock {
+    stock: StockClient,
+    catalogue: Arc<Catalogue>,
+}
 
 #[async_trait]
 impl Step<OrderData> for ReserveStock {
@@ -159,6 +170,10 @@ impl Step<OrderData> for ReserveStock {
             .map(|i| OrderLine {
                 sku: i.sku.clone(),
                 quantity: i.quantity,
+                // The stock service refuses the reservation if the catalogue
+                // no longer has this price (see orders::pricing).
+                expected_unit_price_cents: i.unit_price_cents,
+                expected_currency: order.currency.clone(),
             })
             .collect();
         let message = ReserveStockRequest {
@@ -166,12 +181,22 @@ impl Step<OrderData> for ReserveStock {
             order_id: order.order_id.to_string(),
             lines,
         };
-        let reply = self
-            .0
+        let reply = match self
+            .stock
             .clone()
             .reserve_stock(request(message, call))
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                if status.code() == Code::FailedPrecondition {
+                    // Perhaps a price changed: the next order asks afresh.
+                    self.catalogue
+                        .forget(order.items.iter().map(|i| i.sku.as_str()));
+                }
+                return Err(status);
+            }
+        };
         Ok(format!("reservation {}", reply.reservation_id))
     }
 
@@ -181,7 +206,7 @@ impl Step<OrderData> for ReserveStock {
             order_id: order.order_id.to_string(),
         };
         let reply = self
-            .0
+            .stock
             .clone()
             .release_stock(request(message, call))
             .await?

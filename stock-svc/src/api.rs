@@ -143,9 +143,31 @@ fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
                 format!("{:?} appears more than once; merge the lines", line.sku),
             ));
         }
+        let expected_price = if line.expected_unit_price_cents != 0 {
+            validate::amount_cents(
+                format!("lines[{i}].expected_unit_price_cents"),
+                line.expected_unit_price_cents,
+            )?;
+            validate::currency(
+                format!("lines[{i}].expected_currency"),
+                &line.expected_currency,
+            )?;
+            Some((
+                line.expected_unit_price_cents,
+                line.expected_currency.clone(),
+            ))
+        } else if !line.expected_currency.is_empty() {
+            return Err(Error::invalid(
+                format!("lines[{i}].expected_currency"),
+                "is set without expected_unit_price_cents; set both or neither",
+            ));
+        } else {
+            None
+        };
         lines.push(Line {
             sku: line.sku.clone(),
             quantity: line.quantity,
+            expected_price,
         });
     }
     Ok(lines)

@@ -14,6 +14,17 @@ pub enum StockError {
         requested: i64,
     },
 
+    #[error(
+        "price changed: sku {sku:?} costs {actual_cents} {actual_currency} now, the order was priced at {expected_cents} {expected_currency}; place the order again"
+    )]
+    PriceChanged {
+        sku: String,
+        expected_cents: i64,
+        expected_currency: String,
+        actual_cents: i64,
+        actual_currency: String,
+    },
+
     #[error("the order's lines are priced in different currencies ({first} and {second})")]
     MixedCurrencies { first: String, second: String },
 
@@ -52,6 +63,7 @@ impl From<StockError> for Status {
                 Status::not_found(err.to_string())
             }
             StockError::OutOfStock { .. }
+            | StockError::PriceChanged { .. }
             | StockError::MixedCurrencies { .. }
             | StockError::AlreadyReleased { .. }
             | StockError::AlreadyReserved { .. } => Status::failed_precondition(err.to_string()),

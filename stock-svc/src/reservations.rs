@@ -20,6 +20,27 @@ use crate::error::StockError;
 pub struct Line {
     pub sku: String,
     pub quantity: i64,
+    /// The unit price and currency the caller priced the line at, if any.
+    pub expected_price: Option<(i64, String)>,
+}
+
+impl Line {
+    /// Refuses the line if the catalogue's price is not the one the order
+    /// was priced at (read in the same statement that takes the stock).
+    fn check_price(&self, unit_price_cents: i64, currency: &str) -> Result<(), StockError> {
+        match &self.expected_price {
+            Some((cents, expected)) if *cents != unit_price_cents || expected != currency => {
+                Err(StockError::PriceChanged {
+                    sku: self.sku.clone(),
+                    expected_cents: *cents,
+                    expected_currency: expected.clone(),
+                    actual_cents: unit_price_cents,
+                    actual_currency: currency.to_owned(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 const INSERT_RESERVATION: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -66,6 +87,7 @@ pub async fn reserve(
     let mut currency: Option<String> = None;
     for line in &lines {
         let (unit_price_cents, line_currency) = take_stock(conn, line, now).await?;
+        line.check_price(unit_price_cents, &line_currency)?;
         same_currency(&mut currency, &line_currency)?;
         sqlx::query(INSERT_LINE)
             .bind(order_id)
@@ -266,6 +288,7 @@ pub fn reserve_sqlite(
                 .optional()?;
             return Err(not_taken(line, available));
         };
+        line.check_price(unit_price_cents, &line_currency)?;
         same_currency(&mut currency, &line_currency)?;
         conn.prepare_cached(INSERT_LINE)?.execute(params![
             order_id,

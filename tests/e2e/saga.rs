@@ -25,6 +25,7 @@ on_both_stores!(
     orders_are_listed_filtered_and_paged,
     watch_streams_each_change_until_terminal,
     create_order_is_validated_and_authenticated,
+    an_order_is_never_charged_a_price_the_catalogue_no_longer_has,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -753,4 +754,52 @@ async fn a_compensation_that_keeps_failing_stays_visible_and_is_announced(backen
     .await
     .unwrap();
     assert_eq!(announcements, 1, "announced once");
+}
+
+/// The orchestrator keeps looked-up prices; the stock service checks each
+/// order's prices when it reserves. A price changed behind the orchestrator's
+/// back is refused, never charged, and the next order is priced afresh.
+async fn an_order_is_never_charged_a_price_the_catalogue_no_longer_has(backend: Backend) {
+    let system = System::start(backend, Options::default()).await;
+    let client = system.client().await;
+    let book = |request_id: String| order(&request_id, "alice", &[("BOOK", 1)], "DE");
+    let first = client
+        .create_order_and_wait(book(request_id()), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status(&first), OrderStatus::Completed, "{first:?}");
+    assert_eq!(first.total_cents, 1_500);
+
+    // The price changes in the stock service's own store, which nobody tells
+    // the orchestrator about.
+    sqlx::query("UPDATE products SET unit_price_cents = 1750 WHERE sku = 'BOOK'")
+        .execute(&system.services.stock.db.pool().await)
+        .await
+        .unwrap();
+    let second = client
+        .create_order_and_wait(book(request_id()), WAIT)
+        .await
+        .unwrap();
+    // Priced from the kept price, then refused when reserved: nothing taken.
+    assert_eq!(status(&second), OrderStatus::Failed, "{second:?}");
+    assert!(
+        second.failure_reason.contains("price changed"),
+        "{:?}",
+        second.failure_reason
+    );
+    let third = client
+        .create_order_and_wait(book(request_id()), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(status(&third), OrderStatus::Completed, "{third:?}");
+    assert_eq!(third.total_cents, 1_750, "priced afresh after the refusal");
+
+    let effects = system.services.effects().await;
+    assert_eq!(effects.charged, 2);
+    assert_eq!(
+        effects.charged_cents,
+        1_500 + 1_750,
+        "each order charged the catalogue's price when it was reserved"
+    );
+    assert_eq!(effects.reserved, 2);
 }

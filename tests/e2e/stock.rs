@@ -11,6 +11,7 @@ use tonic::{Code, transport::Channel};
 use crate::assertions::{assert_status, order_id, request_id};
 
 on_both_stores!(
+    a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
     repeated_reserve_returns_the_same_reply_and_reserves_once,
     reused_request_id_with_another_payload_is_refused,
     release_before_reserve_refuses_the_late_reserve,
@@ -56,9 +57,61 @@ fn reserve(request_id: &str, order_id: &str, lines: &[(&str, i64)]) -> ReserveSt
             .map(|(sku, quantity)| OrderLine {
                 sku: (*sku).into(),
                 quantity: *quantity,
+                ..Default::default()
             })
             .collect(),
     }
+}
+
+/// A one-line reservation that states the price the order was priced at.
+fn priced(
+    request_id: &str,
+    order_id: &str,
+    sku: &str,
+    cents: i64,
+    currency: &str,
+) -> ReserveStockRequest {
+    ReserveStockRequest {
+        request_id: request_id.into(),
+        order_id: order_id.into(),
+        lines: vec![OrderLine {
+            sku: sku.into(),
+            quantity: 1,
+            expected_unit_price_cents: cents,
+            expected_currency: currency.into(),
+        }],
+    }
+}
+
+async fn a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    // The price as the order was priced: taken.
+    client
+        .reserve_stock(authed(priced(
+            &request_id(),
+            &order_id(),
+            "APPLE",
+            150,
+            "EUR",
+        )))
+        .await
+        .expect("the catalogue's price is reserved");
+    // A stale price, or another currency: refused, nothing taken, and the
+    // refusal is replayed like any other.
+    for (cents, currency) in [(120, "EUR"), (150, "USD")] {
+        let request = priced(&request_id(), &order_id(), "APPLE", cents, currency);
+        let refused = client.reserve_stock(authed(request.clone())).await;
+        assert_status(
+            refused,
+            Code::FailedPrecondition,
+            &["price changed", "APPLE", "150 EUR"],
+        );
+        let replayed = client.reserve_stock(authed(request)).await;
+        assert_status(replayed, Code::FailedPrecondition, &["price changed"]);
+    }
+    assert_eq!(levels(&mut client, "APPLE").await, (9, 1));
 }
 
 async fn repeated_reserve_returns_the_same_reply_and_reserves_once(backend: Backend) {
@@ -351,6 +404,7 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
                     .map(|(s, q)| OrderLine {
                         sku: s.clone(),
                         quantity: *q,
+                        ..Default::default()
                     })
                     .collect(),
                 ..good.clone()
@@ -376,6 +430,18 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
         (
             "lines[1].sku",
             reserve(&rid, &good.order_id, &[("APPLE", 1), ("APPLE", 2)]),
+        ),
+        (
+            "lines[0].expected_unit_price_cents",
+            priced(&rid, &good.order_id, "APPLE", -5, "EUR"),
+        ),
+        (
+            "lines[0].expected_currency",
+            priced(&rid, &good.order_id, "APPLE", 150, "euro"),
+        ),
+        (
+            "lines[0].expected_currency",
+            priced(&rid, &good.order_id, "APPLE", 0, "EUR"),
         ),
     ];
     for (field, request) in cases {

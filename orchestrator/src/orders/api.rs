@@ -1,6 +1,6 @@
 //! The gRPC handlers of `orders.v1.OrderService`.
 
-use std::{pin::Pin, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 use ordersaga_proto::orders::v1::{
@@ -17,11 +17,10 @@ use uuid::Uuid;
 use saga_engine::{CancelOutcome, Engine, SagaStatus, SagaWatch, Started};
 
 use crate::{
-    downstream::StockClient,
     error::OrderError,
     order_saga::OrderData,
     orders::{
-        pricing,
+        pricing::{self, Catalogue},
         store::{self, ListFilter, PageToken},
         validate,
     },
@@ -29,16 +28,16 @@ use crate::{
 
 pub struct OrderApi {
     engine: Engine<OrderData>,
-    stock: StockClient,
+    catalogue: Arc<Catalogue>,
     /// How long a `wait` may last when the client sent no deadline.
     max_wait: Duration,
 }
 
 impl OrderApi {
-    pub fn new(engine: Engine<OrderData>, stock: StockClient, max_wait: Duration) -> Self {
+    pub fn new(engine: Engine<OrderData>, catalogue: Arc<Catalogue>, max_wait: Duration) -> Self {
         OrderApi {
             engine,
-            stock,
+            catalogue,
             max_wait,
         }
     }
@@ -121,7 +120,7 @@ impl OrderService for OrderApi {
                 }
                 None => {
                     let (items, total_cents, currency) =
-                        pricing::price(&self.stock, &new.items).await?;
+                        pricing::price(&self.catalogue, &new.items).await?;
                     let order = OrderData {
                         // Time-ordered (v7): a new saga's rows, and the services'
                         // rows keyed by it, go to the last pages of each index, so

@@ -1,7 +1,21 @@
 //! Prices an order from the stock service's catalogue before it is recorded, so
 //! the order (and the amount the saga will charge) is fixed from the start.
+//!
+//! Prices are kept for a while ([`PRICE_TTL`]) instead of asked for on every
+//! order: the lookup was one RPC (and one read in the stock service) per
+//! order. A kept price may be stale, so it is checked where it counts: the
+//! reserve step sends the price each line was priced at, and the stock
+//! service refuses the reservation (FAILED_PRECONDITION, "price changed") if
+//! its catalogue says otherwise, in the same statement that takes the stock.
+//! An order is never charged a price the catalogue no longer has; the refused
+//! order fails with nothing taken, and the step drops the order's SKUs from
+//! the cache, so the next order is priced afresh.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use futures::future::try_join_all;
 use ordersaga_proto::stock::v1::{GetProductRequest, Product};
@@ -14,22 +28,92 @@ use crate::{downstream::StockClient, error::OrderError, order_saga::PricedItem};
 /// the client is told to retry.
 const LOOKUP_ATTEMPTS: u32 = 4;
 
+/// How long a looked-up price is used without asking again.
+pub const PRICE_TTL: Duration = Duration::from_secs(60);
+
+/// Past this many SKUs the cache starts afresh (a bound on memory).
+const MAX_CACHED: usize = 100_000;
+
+/// A product's price, as the catalogue gave it.
+#[derive(Debug, Clone)]
+struct Price {
+    unit_price_cents: i64,
+    currency: String,
+    fetched: Instant,
+}
+
+/// The catalogue's prices, looked up through the stock service and kept for
+/// [`PRICE_TTL`].
+pub struct Catalogue {
+    stock: StockClient,
+    prices: Mutex<HashMap<String, Price>>,
+}
+
+impl Catalogue {
+    pub fn new(stock: StockClient) -> Self {
+        Catalogue {
+            stock,
+            prices: Mutex::default(),
+        }
+    }
+
+    /// Drops these SKUs' prices: the stock service said one of them changed.
+    pub fn forget<'a>(&self, skus: impl IntoIterator<Item = &'a str>) {
+        let mut prices = self.prices.lock().unwrap();
+        for sku in skus {
+            prices.remove(sku);
+        }
+    }
+
+    fn cached(&self, sku: &str) -> Option<Price> {
+        let prices = self.prices.lock().unwrap();
+        prices
+            .get(sku)
+            .filter(|p| p.fetched.elapsed() < PRICE_TTL)
+            .cloned()
+    }
+
+    fn keep(&self, sku: &str, price: Price) {
+        let mut prices = self.prices.lock().unwrap();
+        if prices.len() >= MAX_CACHED {
+            prices.clear();
+        }
+        prices.insert(sku.to_owned(), price);
+    }
+
+    /// The price of one SKU: kept, or looked up.
+    async fn price_of(&self, sku: &str) -> Result<Price, Status> {
+        if let Some(price) = self.cached(sku) {
+            return Ok(price);
+        }
+        let product = lookup(&mut self.stock.clone(), sku).await?;
+        let price = Price {
+            unit_price_cents: product.unit_price_cents,
+            currency: product.currency,
+            fetched: Instant::now(),
+        };
+        self.keep(sku, price.clone());
+        Ok(price)
+    }
+}
+
 /// The priced items, their total and their currency.
 pub async fn price(
-    stock: &StockClient,
+    catalogue: &Catalogue,
     items: &[(String, i64)],
 ) -> Result<(Vec<PricedItem>, i64, String), OrderError> {
-    let lookups = items.iter().enumerate().map(|(i, (sku, quantity))| {
-        let mut client = stock.clone();
-        async move {
-            match lookup(&mut client, sku).await {
-                Ok(product) => Ok((
+    let lookups = items
+        .iter()
+        .enumerate()
+        .map(|(i, (sku, quantity))| async move {
+            match catalogue.price_of(sku).await {
+                Ok(price) => Ok((
                     PricedItem {
                         sku: sku.clone(),
                         quantity: *quantity,
-                        unit_price_cents: product.unit_price_cents,
+                        unit_price_cents: price.unit_price_cents,
                     },
-                    product.currency,
+                    price.currency,
                 )),
                 Err(status) if status.code() == Code::NotFound => Err(OrderError::UnknownSku {
                     field: format!("items[{i}].sku"),
@@ -41,8 +125,7 @@ pub async fn price(
                     status.message()
                 ))),
             }
-        }
-    });
+        });
     let priced = try_join_all(lookups).await?;
     let currency = priced.first().map(|(_, c)| c.clone()).unwrap_or_default();
     if let Some((_, other)) = priced.iter().find(|(_, c)| *c != currency) {
