@@ -65,6 +65,9 @@ impl SqliteLog {
         // Checkpoint the WAL every ~32 MiB rather than every 4 MiB: a page
         // changed by many commits in between is copied to the file once.
         conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+        // A batch's savepoints need a statement journal: in memory, not a
+        // temporary file opened, written and unlinked at each commit.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.set_prepared_statement_cache_capacity(32);
         conn.query_row("SELECT COUNT(*) FROM sagas WHERE 0", [], |_| Ok(()))
             .with_context(|| format!("{} holds no saga log", path.display()))?;
