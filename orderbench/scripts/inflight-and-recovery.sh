@@ -8,8 +8,8 @@ R=${R:-/work/target-release/release}
 D=/tmp/mem; rm -rf $D; mkdir -p $D; cd $D
 export APPLICATION_API_KEY=dev-key HOST=127.0.0.1 RUST_LOG=warn
 start_shipping() { REQUEST_TIMEOUT_SECS=3600 PORT=50053 METRICS_PORT=9093 DATABASE_URL=sqlite://$D/shipping.db FAULT_LATENCY_MS=${1:-0} $R/shipping-svc > shipping.log 2>&1 & echo $! > shipping.pid; }
-PORT=50052 METRICS_PORT=9092 DATABASE_URL=sqlite://$D/stock.db $R/stock-svc > stock.log 2>&1 &
-PORT=50054 METRICS_PORT=9094 DATABASE_URL=sqlite://$D/payment.db $R/payment-svc > payment.log 2>&1 &
+PORT=50052 METRICS_PORT=9092 DATABASE_URL=sqlite://$D/stock.db $R/stock-svc > stock.log 2>&1 & echo $! > stock.pid
+PORT=50054 METRICS_PORT=9094 DATABASE_URL=sqlite://$D/payment.db $R/payment-svc > payment.log 2>&1 & echo $! > payment.pid
 start_shipping 60000
 sleep 1
 STEP_TIMEOUT_MS=600000 PORT=50051 METRICS_PORT=9091 DATABASE_URL=sqlite://$D/orchestrator.db $R/orchestrator > orch.log 2>&1 & echo $! > orch.pid
@@ -19,7 +19,7 @@ sleep 2
 echo "orchestrator RSS with the sagas in flight: $(ps -o rss= -p $(cat orch.pid)) KiB"
 curl -s localhost:9091/metrics | grep -E "^sagas_in_flight|^saga_started_total"
 kill -9 $(cat orch.pid); sleep 0.5
-pkill -9 -f 'release/shipping-svc'; sleep 0.5; start_shipping 0; until (exec 3<>/dev/tcp/127.0.0.1/50053) 2>/dev/null; do sleep 0.1; done; sleep 0.5
+kill -9 $(cat shipping.pid); sleep 0.5; start_shipping 0; until (exec 3<>/dev/tcp/127.0.0.1/50053) 2>/dev/null; do sleep 0.1; done; sleep 0.5
 nstat -n; T0=$(date +%s.%N)
 MAX_INFLIGHT_SAGAS=${INFLIGHT:-10000} PORT=50051 METRICS_PORT=9091 DATABASE_URL=sqlite://$D/orchestrator.db $R/orchestrator > orch2.log 2>&1 & echo $! > orch.pid
 sleep 0.3
@@ -30,4 +30,4 @@ nstat | grep -E "Overflow|Drop|AttemptFail|OutRst|EstabReset|ActiveOpens|Passive
 grep -i "resum" orch2.log | head -2
 curl -s localhost:9091/metrics | grep -E "^saga_finished_total|^sagas_in_flight"
 echo "orchestrator RSS after: $(ps -o rss= -p $(cat orch.pid)) KiB"
-pkill -f "target-release/release/(orchestrator|stock-svc|shipping-svc|payment-svc)"
+kill $(cat orch.pid stock.pid shipping.pid payment.pid)

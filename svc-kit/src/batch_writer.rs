@@ -75,7 +75,6 @@ impl BatchWriter {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "cache_size", -32768)?;
         // A batch's savepoints need a statement journal: in memory, not a
         // temporary file opened, written and unlinked at each commit.
         conn.pragma_update(None, "temp_store", "MEMORY")?;

@@ -59,9 +59,6 @@ impl SqliteLog {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        // 64 MiB of page cache (the default is 2 MiB): the writer re-reads the
-        // index pages of every open saga at each checkpoint.
-        conn.pragma_update(None, "cache_size", -65536)?;
         // Checkpoint the WAL every ~32 MiB rather than every 4 MiB: a page
         // changed by many commits in between is copied to the file once.
         conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
