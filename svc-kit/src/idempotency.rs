@@ -169,7 +169,7 @@ fn replay_sqlite<Resp: Message + Default>(
         })
         .optional()?;
     Ok(match stored {
-        Some(stored) => stored.answer(&key.method, &key.request_id, &key.fingerprint),
+        Some(stored) => stored.answer(key.method, &key.request_id, &key.fingerprint),
         None => Err(Error::Internal(format!("request {} has no claim", key.request_id)).into()),
     })
 }
