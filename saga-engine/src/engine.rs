@@ -28,7 +28,10 @@ use crate::{
     definition::{Milestone, SagaDefinition},
     driver::{Driver, Driving},
     events::NewEvent,
-    log::{self, Admit, CancelOutcome, LogWriter, NewSaga, OpenSaga, SagaStatus, Start},
+    log::{
+        self, Admit, CancelOutcome, LogWriter, NewSaga, OpenSaga, SagaStatus, SagaView, SqliteLog,
+        SqliteReader, Start,
+    },
     metrics::EngineMetrics,
     retry::RetryPolicy,
     trace_context,
@@ -68,6 +71,8 @@ pub(crate) struct Inner<D> {
     pub(crate) definition: SagaDefinition<D>,
     pub(crate) pool: AnyPool,
     pub(crate) log: LogWriter,
+    /// On a SQLite file: reads on a thread with their own connection.
+    reader: Option<SqliteReader>,
     pub(crate) policy: RetryPolicy,
     /// Bounds the sagas driven at once; the rest wait for a permit.
     permits: Semaphore,
@@ -110,6 +115,9 @@ where
         Ok(Engine {
             inner: Arc::new(Inner {
                 log: LogWriter::spawn(pool.clone())?,
+                reader: SqliteLog::file_of(&pool)
+                    .map(|file| SqliteReader::open(&file))
+                    .transpose()?,
                 definition,
                 pool,
                 policy,
@@ -129,6 +137,26 @@ where
 
     pub fn pool(&self) -> &AnyPool {
         &self.inner.pool
+    }
+
+    /// On a SQLite file, the reader for the caller's own reads of this store
+    /// (one hand-over per read, not one per statement); `None` otherwise.
+    pub fn sqlite_reader(&self) -> Option<&SqliteReader> {
+        self.inner.reader.as_ref()
+    }
+
+    /// A saga with its step history, as shown to users.
+    pub async fn view(&self, saga_id: Uuid) -> Result<Option<SagaView>, sqlx::Error> {
+        match &self.inner.reader {
+            Some(reader) => reader
+                .run(move |conn| log::load_sqlite_view(conn, saga_id))
+                .await
+                .map_err(sqlx::Error::Protocol),
+            None => {
+                let mut conn = self.inner.pool.acquire().await?;
+                log::load_view(&mut conn, saga_id).await
+            }
+        }
     }
 
     /// The writer every write to the log's tables goes through (the outbox

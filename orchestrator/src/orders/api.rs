@@ -54,10 +54,10 @@ impl OrderApi {
         // first read. `changes` was made before it started, so no change
         // slips through.
         if just_started && !wait_for_change(deadline, &mut changes).await {
-            return Ok(store::load_from_pool(self.engine.pool(), order_id).await?.0);
+            return Ok(store::load_one(&self.engine, order_id).await?.0);
         }
         loop {
-            let (order, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
+            let (order, status) = store::load_one(&self.engine, order_id).await?;
             if status.is_terminal() || !wait_for_change(deadline, &mut changes).await {
                 return Ok(order);
             }
@@ -109,7 +109,7 @@ impl OrderService for OrderApi {
 
         let mut just_started = false;
         let (order_id, changes) =
-            match store::find_by_request_id(self.engine.pool(), &new.request_id).await? {
+            match store::find_by_request_id(&self.engine, &new.request_id).await? {
                 Some((order_id, stored)) => {
                     // Made before the saga is read, so a waiter misses no change.
                     let changes = self.engine.watch(order_id);
@@ -153,7 +153,7 @@ impl OrderService for OrderApi {
                         Started::Refused => {
                             // Another request with this request_id got there first.
                             let (order_id, stored) =
-                                store::find_by_request_id(self.engine.pool(), &new.request_id)
+                                store::find_by_request_id(&self.engine, &new.request_id)
                                     .await?
                                     .ok_or_else(|| {
                                         svc_kit::Error::Internal(
@@ -173,7 +173,7 @@ impl OrderService for OrderApi {
             self.wait_for_terminal(order_id, deadline, changes, just_started)
                 .await?
         } else {
-            store::load_from_pool(self.engine.pool(), order_id).await?.0
+            store::load_one(&self.engine, order_id).await?.0
         };
         Ok(Response::new(CreateOrderResponse { order: Some(order) }))
     }
@@ -183,7 +183,7 @@ impl OrderService for OrderApi {
         request: Request<GetOrderRequest>,
     ) -> Result<Response<GetOrderResponse>, Status> {
         let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
-        let (order, _) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        let (order, _) = store::load_one(&self.engine, order_id).await?;
         Ok(Response::new(GetOrderResponse { order: Some(order) }))
     }
 
@@ -246,9 +246,9 @@ impl OrderService for OrderApi {
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
         let mut changes = self.engine.watch(order_id);
-        let (first, status) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        let (first, status) = store::load_one(&self.engine, order_id).await?;
         let (tx, rx) = mpsc::channel(16);
-        let pool = self.engine.pool().clone();
+        let engine = self.engine.clone();
         tokio::spawn(async move {
             let mut last = first.clone();
             if tx
@@ -261,7 +261,7 @@ impl OrderService for OrderApi {
             }
             loop {
                 changes.changed().await;
-                let next = match store::load_from_pool(&pool, order_id).await {
+                let next = match store::load_one(&engine, order_id).await {
                     Ok(next) => next,
                     Err(err) => {
                         let _ = tx.send(Err(err.into())).await;
@@ -322,7 +322,7 @@ impl OrderService for OrderApi {
                 return Err(OrderError::NotFound(order_id.to_string()).into());
             }
         }
-        let (order, _) = store::load_from_pool(self.engine.pool(), order_id).await?;
+        let (order, _) = store::load_one(&self.engine, order_id).await?;
         Ok(Response::new(CancelOrderResponse { order: Some(order) }))
     }
 }

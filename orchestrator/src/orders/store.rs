@@ -6,23 +6,42 @@ use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
 
 use futures::future::BoxFuture;
-use saga_engine::{Admission, Admit, SagaStatus, log};
+use rusqlite::OptionalExtension;
+use saga_engine::{Admission, Admit, Engine, SagaStatus, SagaView, log};
 
 use crate::{error::OrderError, order_saga::OrderData, orders::view};
 
+const FIND_BY_REQUEST_ID: &str = "SELECT order_id, fingerprint FROM orders WHERE request_id = $1";
+
+/// The order a `request_id` created, with the fingerprint of its request.
 pub async fn find_by_request_id(
-    pool: &AnyPool,
+    engine: &Engine<OrderData>,
     request_id: &str,
 ) -> Result<Option<(Uuid, Vec<u8>)>, OrderError> {
-    let row = sqlx::query("SELECT order_id, fingerprint FROM orders WHERE request_id = $1")
-        .bind(request_id)
-        .fetch_optional(pool)
-        .await?;
-    row.map(|r| {
-        let id: String = r.try_get("order_id")?;
-        Ok((parse_id(&id)?, r.try_get("fingerprint")?))
-    })
-    .transpose()
+    let found: Option<(String, Vec<u8>)> = match engine.sqlite_reader() {
+        Some(reader) => {
+            let request_id = request_id.to_owned();
+            reader
+                .run(move |conn| {
+                    conn.prepare_cached(FIND_BY_REQUEST_ID)?
+                        .query_row(rusqlite::params![request_id], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })
+                        .optional()
+                })
+                .await
+                .map_err(|e| OrderError::from(sqlx::Error::Protocol(e)))?
+        }
+        None => sqlx::query(FIND_BY_REQUEST_ID)
+            .bind(request_id)
+            .fetch_optional(engine.pool())
+            .await?
+            .map(|r| Ok::<_, sqlx::Error>((r.try_get("order_id")?, r.try_get("fingerprint")?)))
+            .transpose()?,
+    };
+    found
+        .map(|(id, fingerprint)| Ok((parse_id(&id)?, fingerprint)))
+        .transpose()
 }
 
 /// The order's part of the transaction that starts its saga: the order row,
@@ -95,22 +114,28 @@ pub async fn load(
     conn: &mut AnyConnection,
     order_id: Uuid,
 ) -> Result<Option<(Order, SagaStatus)>, OrderError> {
-    let Some(saga) = log::load_view(conn, order_id).await? else {
-        return Ok(None);
-    };
-    let data: OrderData = serde_json::from_str(&saga.data_json)
-        .map_err(|e| svc_kit::Error::Internal(format!("order {order_id} data: {e}")))?;
-    Ok(Some((view::order(&data, &saga), saga.status)))
+    log::load_view(conn, order_id)
+        .await?
+        .map(|saga| render(order_id, &saga))
+        .transpose()
 }
 
-pub async fn load_from_pool(
-    pool: &AnyPool,
+/// One order, through the engine (on a SQLite file, its reader thread).
+pub async fn load_one(
+    engine: &Engine<OrderData>,
     order_id: Uuid,
 ) -> Result<(Order, SagaStatus), OrderError> {
-    let mut conn = pool.acquire().await?;
-    load(&mut conn, order_id)
+    let saga = engine
+        .view(order_id)
         .await?
-        .ok_or_else(|| OrderError::NotFound(order_id.to_string()))
+        .ok_or_else(|| OrderError::NotFound(order_id.to_string()))?;
+    render(order_id, &saga)
+}
+
+fn render(order_id: Uuid, saga: &SagaView) -> Result<(Order, SagaStatus), OrderError> {
+    let data: OrderData = serde_json::from_str(&saga.data_json)
+        .map_err(|e| svc_kit::Error::Internal(format!("order {order_id} data: {e}")))?;
+    Ok((view::order(&data, saga), saga.status))
 }
 
 /// Where a page of orders starts: after this (created_at_ms, order_id), newest first.

@@ -20,6 +20,8 @@ use crate::{
 mod sqlite;
 mod writer;
 
+pub(crate) use sqlite::SqliteLog;
+pub use sqlite::{SqliteReader, load_view as load_sqlite_view};
 pub(crate) use writer::Start;
 pub use writer::{Admit, LogWriter};
 
@@ -435,29 +437,36 @@ pub struct SagaView {
     pub steps: Vec<StepView>,
 }
 
+pub(crate) const VIEW_SAGA: &str = "SELECT data, status, pivot_passed, cancel_requested, failure_reason, trace_context, created_at_ms, updated_at_ms \
+     FROM sagas WHERE saga_id = $1";
+pub(crate) const VIEW_STEPS: &str = "SELECT name, phase, step_index, status, attempts, last_error, output, started_at_ms, finished_at_ms \
+     FROM saga_steps WHERE saga_id = $1";
+
+/// Forward steps first, then compensations in the order they ran.
+pub(crate) fn sort_steps(steps: &mut [StepView]) {
+    steps.sort_by_key(|s| match s.phase {
+        Phase::Forward => (0, s.index),
+        Phase::Compensation => (1, -s.index),
+    });
+}
+
 pub async fn load_view(
     conn: &mut AnyConnection,
     saga_id: Uuid,
 ) -> Result<Option<SagaView>, sqlx::Error> {
     let id = saga_id.to_string();
-    let Some(row) = sqlx::query(
-        "SELECT data, status, pivot_passed, cancel_requested, failure_reason, trace_context, created_at_ms, updated_at_ms \
-         FROM sagas WHERE saga_id = $1",
-    )
-    .bind(&id)
-    .fetch_optional(&mut *conn)
-    .await?
+    let Some(row) = sqlx::query(VIEW_SAGA)
+        .bind(&id)
+        .fetch_optional(&mut *conn)
+        .await?
     else {
         return Ok(None);
     };
     let status: String = row.try_get("status")?;
-    let step_rows = sqlx::query(
-        "SELECT name, phase, step_index, status, attempts, last_error, output, started_at_ms, finished_at_ms \
-         FROM saga_steps WHERE saga_id = $1",
-    )
-    .bind(&id)
-    .fetch_all(&mut *conn)
-    .await?;
+    let step_rows = sqlx::query(VIEW_STEPS)
+        .bind(&id)
+        .fetch_all(&mut *conn)
+        .await?;
     let mut steps = step_rows
         .iter()
         .map(|r| {
@@ -478,10 +487,7 @@ pub async fn load_view(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    steps.sort_by_key(|s| match s.phase {
-        Phase::Forward => (0, s.index),
-        Phase::Compensation => (1, -s.index),
-    });
+    sort_steps(&mut steps);
     Ok(Some(SagaView {
         saga_id,
         data_json: row.try_get("data")?,

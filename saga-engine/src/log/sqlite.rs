@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::{
     APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint, INSERT_SAGA,
-    MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, StepRecord, UPSERT_STEP,
+    MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, SagaView, StepRecord, StepStatus,
+    StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, sort_steps,
     writer::{Start, Write, Written},
 };
 use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
@@ -107,6 +108,119 @@ fn file_of_url(url: &str) -> Option<PathBuf> {
     let in_memory =
         path.is_empty() || path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory");
     (!in_memory).then(|| PathBuf::from(path))
+}
+
+type Read = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Reads on a SQLite file, on a thread with its own read-only connection:
+/// one hand-over per read, however many statements it runs (through sqlx,
+/// each statement is a hop to the connection's thread and back). WAL lets it
+/// read beside the writer.
+#[derive(Clone)]
+pub struct SqliteReader {
+    reads: mpsc::Sender<Read>,
+}
+
+impl SqliteReader {
+    pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open the saga log at {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (reads, rx) = mpsc::channel::<Read>();
+        thread::Builder::new()
+            .name("saga-log-reader".into())
+            .spawn(move || {
+                while let Ok(read) = rx.recv() {
+                    read(&conn);
+                }
+            })
+            .context("cannot start the saga log's reader thread")?;
+        Ok(SqliteReader { reads })
+    }
+
+    /// Runs `read` on the reader's connection.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, String> {
+        let (reply, done) = oneshot::channel();
+        self.reads
+            .send(Box::new(move |conn| {
+                let _ = reply.send(read(conn).map_err(|e| e.to_string()));
+            }))
+            .map_err(|_| "the saga log's reader thread has stopped".to_owned())?;
+        done.await
+            .map_err(|_| "the saga log's reader thread stopped mid-read".to_owned())?
+    }
+}
+
+/// See [`super::load_view`]: the same statements, on this connection.
+pub fn load_view(conn: &Connection, saga_id: Uuid) -> rusqlite::Result<Option<SagaView>> {
+    let id = saga_id.to_string();
+    let row = conn
+        .prepare_cached(VIEW_SAGA)?
+        .query_row(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })
+        .optional()?;
+    let Some((data_json, status, pivot, cancel, failure_reason, trace_context, created, updated)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let mut steps = conn
+        .prepare_cached(VIEW_STEPS)?
+        .query_map(params![id], |r| {
+            let phase: String = r.get(1)?;
+            let status: String = r.get(3)?;
+            Ok(StepView {
+                name: r.get(0)?,
+                phase: Phase::parse(&phase).ok_or_else(|| unexpected("phase", &phase))?,
+                index: r.get(2)?,
+                status: StepStatus::parse(&status)
+                    .ok_or_else(|| unexpected("step status", &status))?,
+                attempts: r.get::<_, i64>(4)? as u32,
+                last_error: r.get(5)?,
+                output: r.get(6)?,
+                started_at_ms: r.get(7)?,
+                finished_at_ms: r.get(8)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    sort_steps(&mut steps);
+    Ok(Some(SagaView {
+        saga_id,
+        data_json,
+        status: parse_status(&status)?,
+        pivot_passed: pivot != 0,
+        cancel_requested: cancel != 0,
+        failure_reason,
+        trace_context,
+        created_at_ms: created,
+        updated_at_ms: updated,
+        steps,
+    }))
+}
+
+fn unexpected(what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("unexpected {what} {value:?} in the saga log").into(),
+    )
 }
 
 fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
@@ -268,13 +382,7 @@ fn request_cancel(conn: &Connection, saga_id: Uuid) -> rusqlite::Result<CancelOu
 }
 
 fn parse_status(status: &str) -> rusqlite::Result<SagaStatus> {
-    SagaStatus::parse(status).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            0,
-            rusqlite::types::Type::Text,
-            format!("unexpected saga status {status:?} in the saga log").into(),
-        )
-    })
+    SagaStatus::parse(status).ok_or_else(|| unexpected("saga status", status))
 }
 
 /// See [`events::insert`]: the same statements, on this connection.
