@@ -127,7 +127,13 @@ fn in_savepoint<T>(
     };
     conn.execute_batch("SAVEPOINT job")
         .map_err(|e| e.to_string())?;
-    match job(conn) {
+    // A job that panics (a bug) fails alone: its writes are undone, and the
+    // thread goes on serving every other request of the store.
+    let Ok(ran) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
+        undo(conn)?;
+        return Err("the request's job panicked; its writes were undone".into());
+    };
+    match ran {
         Ok(Outcome::Keep(value)) => {
             conn.execute_batch("RELEASE job")
                 .map_err(|e| e.to_string())?;
@@ -235,6 +241,24 @@ mod tests {
         let failed = failed.expect_err("a job whose statement fails reports it");
         assert!(failed.contains("UNIQUE"), "{failed}");
         assert_eq!(rows(&path), vec![("a".into(), 1), ("d".into(), 1)]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_panics_fails_alone_and_the_writer_goes_on() {
+        let (_dir, path) = file_with_table();
+        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        let panicked = writer
+            .run(|conn| -> rusqlite::Result<Outcome<()>> {
+                conn.execute("INSERT INTO t (k, v) VALUES ('p', 1)", [])?;
+                panic!("a bug in a request's effect")
+            })
+            .await;
+        assert!(panicked.unwrap_err().contains("panicked"));
+        writer
+            .run(insert("after", Outcome::Keep))
+            .await
+            .expect("the next request is served");
+        assert_eq!(rows(&path), vec![("after".into(), 1)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,7 +218,7 @@ where
         .database_url
         .clone()
         .unwrap_or_else(|| defaults.database_url.to_owned());
-    let store = Store::open(&url, migrations).await?;
+    let store = Store::open_with_batch_writer(&url, migrations).await?;
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
     let service = InterceptedService::new(make_service(store), ApiKeyCheck::new(args.api_key()));

@@ -63,8 +63,26 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Connects, creating a SQLite file (and its folder) when missing, and runs
-    /// the service's migrations.
+    /// the service's migrations. No batch writer: for a store whose writes go
+    /// elsewhere (the orchestrator's, written by the saga engine's own writer).
     pub async fn open(url: &str, migrations: &Migrations) -> anyhow::Result<Store> {
+        Self::connect(url, migrations, false).await
+    }
+
+    /// [`Store::open`], and on a SQLite file the batch writer that runs the
+    /// service's hot writes ([`crate::batch_writer`]).
+    pub async fn open_with_batch_writer(
+        url: &str,
+        migrations: &Migrations,
+    ) -> anyhow::Result<Store> {
+        Self::connect(url, migrations, true).await
+    }
+
+    async fn connect(
+        url: &str,
+        migrations: &Migrations,
+        batch_writer: bool,
+    ) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
         let backend: Backend = url.parse()?;
         let (url, file) = match backend {
@@ -103,6 +121,7 @@ impl Store {
             .await
             .with_context(|| format!("cannot migrate the store at {}", redact(&url)))?;
         let writer = file
+            .filter(|_| batch_writer)
             .map(|file| BatchWriter::open(&file, WriteGate::default()))
             .transpose()?;
         Ok(Store {

@@ -135,7 +135,9 @@ impl SqliteReader {
             .name("saga-log-reader".into())
             .spawn(move || {
                 while let Ok(read) = rx.recv() {
-                    read(&conn);
+                    // A read that panics drops its reply (its caller gets an
+                    // error); the thread goes on serving the others.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&conn)));
                 }
             })
             .context("cannot start the saga log's reader thread")?;
@@ -225,7 +227,12 @@ fn unexpected(what: &str, value: &str) -> rusqlite::Error {
 
 fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok((writes, reply)) = jobs.recv() {
-        let result = commit_batch(&mut conn, &writes).map_err(|e| e.to_string());
+        // A panic (a bug, perhaps in a caller's `admit_sqlite`) fails this
+        // batch, which is rolled back, not the writer: sagas retry their writes.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            commit_batch(&mut conn, &writes).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| Err("a log write panicked; its batch was rolled back".into()));
         let _ = reply.send((writes, result));
     }
 }
