@@ -555,7 +555,15 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 Ok(Applied {
                     closed: Some(status),
                     ..
-                }) => return Err(Halt::Closed(status)),
+                }) => {
+                    // Ended by an earlier commit whose reply was lost (or by
+                    // another driver): its waiters must hear of it all the same.
+                    self.inner.changes.publish(SagaChange {
+                        saga_id: self.saga_id,
+                        status: Some(status),
+                    });
+                    return Err(Halt::Closed(status));
+                }
                 Ok(applied) => {
                     let status = if checkpoint.complete {
                         applied.completed.then_some(SagaStatus::Completed)

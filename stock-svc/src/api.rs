@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use ordersaga_proto::stock::v1::{
-    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse,
+    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse, OrderLine,
     ReleaseStockRequest, ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse,
     RestockRequest, RestockResponse, stock_service_server::StockService,
 };
@@ -45,7 +45,22 @@ impl StockService for StockApi {
     ) -> Result<Response<ReserveStockResponse>, Status> {
         let req = request.into_inner();
         let lines = validate_reserve(&req)?;
-        let key = RequestKey::new("ReserveStock", &req.request_id, &req);
+        // The expected prices are a precondition, not part of what is asked:
+        // a retry that adds them (an orchestrator upgraded between two
+        // attempts) is the same request and gets the stored reply.
+        let identity = ReserveStockRequest {
+            lines: req
+                .lines
+                .iter()
+                .map(|line| OrderLine {
+                    expected_unit_price_cents: 0,
+                    expected_currency: String::new(),
+                    ..line.clone()
+                })
+                .collect(),
+            ..req.clone()
+        };
+        let key = RequestKey::new("ReserveStock", &req.request_id, &identity);
         let (order_id, sqlite_lines) = (req.order_id.clone(), lines.clone());
         let reply = run_once_batched(
             &self.store,

@@ -170,7 +170,14 @@ fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, gate: WriteGate) {
 fn commit(conn: &mut Connection, batch: &mut Vec<Job>) -> (Vec<Deliver>, Result<(), String>) {
     match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => {
-            let deliveries = batch.drain(..).map(|job| job(Some(&tx))).collect();
+            let mut deliveries = Vec::with_capacity(batch.len());
+            for job in batch.drain(..) {
+                // SQLite ends the whole transaction on some errors (a full disk,
+                // an I/O error). Run nothing more: outside a transaction each
+                // job would commit alone while its caller hears of a failure.
+                let open = !tx.is_autocommit();
+                deliveries.push(job(open.then_some(&*tx)));
+            }
             let committed = tx.commit().map_err(|e| e.to_string());
             if let Err(err) = &committed {
                 tracing::error!(error = %err, "a batch on the store did not commit");
@@ -241,6 +248,57 @@ mod tests {
         let failed = failed.expect_err("a job whose statement fails reports it");
         assert!(failed.contains("UNIQUE"), "{failed}");
         assert_eq!(rows(&path), vec![("a".into(), 1), ("d".into(), 1)]);
+    }
+
+    /// SQLite may end the whole transaction on an error (a full disk, an I/O
+    /// error). The jobs after it must not run outside any transaction, each
+    /// committing alone while its caller is told the batch failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_job_runs_after_the_transaction_is_gone() {
+        let (_dir, path) = file_with_table();
+        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        // Hold the writer's thread so that the next two jobs share a batch.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let holding = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .run(move |_| {
+                        held.recv().unwrap();
+                        Ok(Outcome::Keep(()))
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ends_it = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .run(|conn| {
+                        // As SQLite does on SQLITE_FULL or an I/O error.
+                        conn.execute_batch("ROLLBACK")?;
+                        Ok(Outcome::Keep(()))
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.run(insert("after", Outcome::Keep)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hold.send(()).unwrap();
+        let _ = holding.await.unwrap();
+        let _ = ends_it.await.unwrap();
+        let after = after.await.unwrap();
+        let stored = rows(&path).iter().any(|(k, _)| k == "after");
+        assert_eq!(
+            after.is_ok(),
+            stored,
+            "a job's caller is told it failed only if its writes are not stored (told {after:?}, stored: {stored})"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

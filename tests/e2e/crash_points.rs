@@ -122,10 +122,20 @@ async fn a_commit_whose_reply_was_lost_mints_no_second_event(backend: Backend) {
     );
     orchestrator.start().await;
     let client = orchestrator.order_client().await;
+    // A caller waiting on the saga must be told it ended, though the driver
+    // learns it only from the log (its retry finds the saga already closed),
+    // not left waiting until its deadline.
+    let asked = std::time::Instant::now();
     let created = client
-        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+        .create_order_and_wait(order(&request_id(), "alice", &[("BOOK", 1)], "DE"), WAIT)
         .await
         .unwrap();
+    assert!(
+        // It takes well under a second; the server lets a wait last 30 s.
+        asked.elapsed() < Duration::from_secs(10),
+        "the waiter was left until its deadline: {:?}",
+        asked.elapsed()
+    );
     let order = terminal_order(&client, &created.order_id, WAIT).await;
     assert_eq!(order.status, OrderStatus::Completed as i32, "{order:?}");
     // The driver counts the saga finished only once its checkpoint is

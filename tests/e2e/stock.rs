@@ -12,6 +12,7 @@ use crate::assertions::{assert_status, order_id, request_id};
 
 on_both_stores!(
     a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
+    a_retry_that_adds_the_expected_price_replays_the_reservation,
     repeated_reserve_returns_the_same_reply_and_reserves_once,
     reused_request_id_with_another_payload_is_refused,
     release_before_reserve_refuses_the_late_reserve,
@@ -112,6 +113,34 @@ async fn a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused(backend
         assert_status(replayed, Code::FailedPrecondition, &["price changed"]);
     }
     assert_eq!(levels(&mut client, "APPLE").await, (9, 1));
+}
+
+/// An orchestrator of the build before the price check reserved without an
+/// expected price; after an upgrade it retries the same request_id with one.
+/// That is the same request: the stored reservation is replayed, not refused
+/// as a reused request_id (which would end the saga with the stock held).
+async fn a_retry_that_adds_the_expected_price_replays_the_reservation(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let (rid, order) = (request_id(), order_id());
+    let mut before_upgrade = priced(&rid, &order, "APPLE", 0, "");
+    before_upgrade.lines[0].quantity = 2;
+    let first = client
+        .reserve_stock(authed(before_upgrade.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut after_upgrade = before_upgrade;
+    after_upgrade.lines[0].expected_unit_price_cents = 150;
+    after_upgrade.lines[0].expected_currency = "EUR".into();
+    let again = client
+        .reserve_stock(authed(after_upgrade))
+        .await
+        .expect("the same request, with its price stated, is replayed")
+        .into_inner();
+    assert_eq!(again, first);
+    assert_eq!(levels(&mut client, "APPLE").await, (8, 2));
 }
 
 async fn repeated_reserve_returns_the_same_reply_and_reserves_once(backend: Backend) {

@@ -260,7 +260,12 @@ impl OrderService for OrderApi {
                 return;
             }
             loop {
-                changes.changed().await;
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    // The client left: stop watching now, not at the saga's
+                    // next change (which may never come).
+                    () = tx.closed() => return,
+                }
                 let next = match store::load_one(&engine, order_id).await {
                     Ok(next) => next,
                     Err(err) => {

@@ -46,7 +46,48 @@ struct Price {
 /// [`PRICE_TTL`].
 pub struct Catalogue {
     stock: StockClient,
-    prices: Mutex<HashMap<String, Price>>,
+    prices: Mutex<Prices>,
+}
+
+/// The kept prices, and when each SKU was last forgotten: a lookup that began
+/// before that may carry the stale price, so its answer is not kept.
+#[derive(Default)]
+struct Prices {
+    kept: HashMap<String, Price>,
+    forgotten: HashMap<String, Instant>,
+}
+
+impl Prices {
+    fn get(&self, sku: &str) -> Option<Price> {
+        self.kept
+            .get(sku)
+            .filter(|p| p.fetched.elapsed() < PRICE_TTL)
+            .cloned()
+    }
+
+    fn forget(&mut self, sku: &str) {
+        self.kept.remove(sku);
+        self.forgotten.insert(sku.to_owned(), Instant::now());
+    }
+
+    /// Keeps a price looked up from `price.fetched` on, unless the SKU was
+    /// forgotten meanwhile.
+    fn keep(&mut self, sku: &str, price: Price) {
+        if self
+            .forgotten
+            .get(sku)
+            .is_some_and(|at| *at >= price.fetched)
+        {
+            return;
+        }
+        if self.kept.len() >= MAX_CACHED {
+            self.kept.clear();
+        }
+        if self.forgotten.len() >= MAX_CACHED {
+            self.forgotten.clear();
+        }
+        self.kept.insert(sku.to_owned(), price);
+    }
 }
 
 impl Catalogue {
@@ -61,38 +102,23 @@ impl Catalogue {
     pub fn forget<'a>(&self, skus: impl IntoIterator<Item = &'a str>) {
         let mut prices = self.prices.lock().unwrap();
         for sku in skus {
-            prices.remove(sku);
+            prices.forget(sku);
         }
-    }
-
-    fn cached(&self, sku: &str) -> Option<Price> {
-        let prices = self.prices.lock().unwrap();
-        prices
-            .get(sku)
-            .filter(|p| p.fetched.elapsed() < PRICE_TTL)
-            .cloned()
-    }
-
-    fn keep(&self, sku: &str, price: Price) {
-        let mut prices = self.prices.lock().unwrap();
-        if prices.len() >= MAX_CACHED {
-            prices.clear();
-        }
-        prices.insert(sku.to_owned(), price);
     }
 
     /// The price of one SKU: kept, or looked up.
     async fn price_of(&self, sku: &str) -> Result<Price, Status> {
-        if let Some(price) = self.cached(sku) {
+        if let Some(price) = self.prices.lock().unwrap().get(sku) {
             return Ok(price);
         }
+        let asked = Instant::now();
         let product = lookup(&mut self.stock.clone(), sku).await?;
         let price = Price {
             unit_price_cents: product.unit_price_cents,
             currency: product.currency,
-            fetched: Instant::now(),
+            fetched: asked,
         };
-        self.keep(sku, price.clone());
+        self.prices.lock().unwrap().keep(sku, price.clone());
         Ok(price)
     }
 }
@@ -156,5 +182,41 @@ async fn lookup(client: &mut StockClient, sku: &str) -> Result<Product, Status> 
             }
             Err(status) => return Err(status),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(cents: i64, fetched: Instant) -> Price {
+        Price {
+            unit_price_cents: cents,
+            currency: "EUR".into(),
+            fetched,
+        }
+    }
+
+    #[test]
+    fn a_lookup_that_began_before_a_forget_is_not_kept() {
+        let mut prices = Prices::default();
+        let asked = Instant::now();
+        // The stock service refuses a stale price while this lookup is out.
+        prices.forget("BOOK");
+        prices.keep("BOOK", price(1_500, asked));
+        assert!(prices.get("BOOK").is_none(), "a stale answer was kept");
+        // A lookup that began after it is kept.
+        prices.keep("BOOK", price(1_750, Instant::now()));
+        assert_eq!(prices.get("BOOK").unwrap().unit_price_cents, 1_750);
+    }
+
+    #[test]
+    fn a_price_is_used_for_its_time_to_live_only() {
+        let mut prices = Prices::default();
+        let Some(long_ago) = Instant::now().checked_sub(PRICE_TTL) else {
+            return; // a clock this young can't express it
+        };
+        prices.keep("BOOK", price(1_500, long_ago));
+        assert!(prices.get("BOOK").is_none());
     }
 }
