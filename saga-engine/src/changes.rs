@@ -1,18 +1,14 @@
-//! Who hears of a committed change of a saga.
-//!
-//! Two kinds of listeners: those that follow every saga (a broadcast), and
-//! those that wait on one saga (a `CreateOrder` with `wait`, a watch stream).
-//! The second kind gets a channel of its own per saga, so that a change wakes
-//! only the tasks waiting on that saga. With one broadcast for all, every
-//! change woke every waiter: at 64 waiting calls, 64 wake-ups per change, and
-//! the scheduler's wake-ups were the largest single cost in the profile.
+//! Who hears of a committed change of a saga: the tasks waiting on that saga
+//! (a `CreateOrder` with `wait`, a watch stream), each saga with a channel of
+//! its own, so that a change wakes only them. With one broadcast for all,
+//! every change woke every waiter: at 64 waiting calls, 64 wake-ups per change.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::log::SagaStatus;
@@ -28,20 +24,14 @@ pub struct SagaChange {
 type Watchers = Arc<Mutex<HashMap<Uuid, watch::Sender<Option<SagaStatus>>>>>;
 
 pub(crate) struct Changes {
-    all: broadcast::Sender<SagaChange>,
     one: Watchers,
 }
 
 impl Changes {
     pub(crate) fn new() -> Self {
         Changes {
-            all: broadcast::channel(16 * 1024).0,
             one: Arc::default(),
         }
-    }
-
-    pub(crate) fn subscribe_all(&self) -> broadcast::Receiver<SagaChange> {
-        self.all.subscribe()
     }
 
     pub(crate) fn watch(&self, saga_id: Uuid) -> SagaWatch {
@@ -62,9 +52,6 @@ impl Changes {
     }
 
     pub(crate) fn publish(&self, change: SagaChange) {
-        if self.all.receiver_count() > 0 {
-            let _ = self.all.send(change);
-        }
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
             // Sent even when the value is the same, so every change wakes.
             sender.send_replace(change.status);

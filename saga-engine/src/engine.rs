@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::AnyPool;
-use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -163,12 +163,6 @@ where
     /// relay marks what it published with it).
     pub fn log_writer(&self) -> LogWriter {
         self.inner.log.clone()
-    }
-
-    /// Every committed change of any saga. Receivers that lag should re-read
-    /// what they watch.
-    pub fn subscribe(&self) -> broadcast::Receiver<SagaChange> {
-        self.inner.changes.subscribe_all()
     }
 
     /// Wakes on every committed change of one saga: make it before reading

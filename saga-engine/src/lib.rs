@@ -12,7 +12,7 @@
 //! - [`log`]: the durable log (saga state, step records) and its group-commit writer.
 //! - [`events`]: the transactional outbox: events that commit with the change
 //!   that causes them, identified by the saga and its milestone.
-//! - [`changes`]: who hears of a committed change: everyone, or one saga's waiters.
+//! - [`changes`]: who hears of a committed change: the waiters of that saga.
 //! - [`engine`]: the handle: start, resume, cancel, watch, shut down.
 //! - [`driver`]: what drives one saga: steps, checkpoints, compensations.
 //! - [`metrics`]: sagas started, finished and in flight; step latency and retries.

@@ -143,7 +143,11 @@ impl LogWriter {
         if let Some(pool) = &self.direct
             && !matches!(write, Write::Checkpoint(_))
         {
-            return commit_alone(pool, &write).await.map_err(|e| e.to_string());
+            // In a transaction of its own, so a start needs no savepoint.
+            let mut written = commit_on_pool(pool, std::slice::from_ref(&write))
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(written.remove(0));
         }
         let (reply, done) = oneshot::channel();
         self.queue
@@ -229,11 +233,12 @@ impl Backend {
 
 async fn commit_on_pool(pool: &AnyPool, writes: &[Write]) -> Result<Vec<Written>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let alone = writes.len() == 1;
     let mut results = Vec::with_capacity(writes.len());
     for write in writes {
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
-            Write::Start(start) => Written::Start(start_on_pool(&mut tx, start).await?),
+            Write::Start(start) => Written::Start(start_on_pool(&mut tx, start, alone).await?),
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
             Write::EventsSent { ids, at_ms } => {
                 for id in ids {
@@ -254,42 +259,41 @@ async fn commit_on_pool(pool: &AnyPool, writes: &[Write]) -> Result<Vec<Written>
             ),
         });
     }
-    tx.commit().await?;
+    if alone && matches!(results[0], Written::Start(Admission::Refuse)) {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
     Ok(results)
 }
 
-/// One write in a transaction of its own. A refused start rolls the whole
-/// transaction back, so it needs no savepoint.
-async fn commit_alone(pool: &AnyPool, write: &Write) -> Result<Written, sqlx::Error> {
-    let Write::Start(start) = write else {
-        let mut written = commit_on_pool(pool, std::slice::from_ref(write)).await?;
-        return Ok(written.remove(0));
-    };
-    let mut tx = pool.begin().await?;
-    insert_saga(&mut tx, &start.saga).await?;
-    if start.admit.admit(&mut tx).await? == Admission::Refuse {
-        tx.rollback().await?;
-        return Ok(Written::Start(Admission::Refuse));
+/// A new saga and the caller's rows. Alone in its transaction, a refusal
+/// rolls the whole transaction back (see [`commit_on_pool`]); in a batch, a
+/// savepoint takes back this saga's rows and not its neighbours'.
+async fn start_on_pool(
+    conn: &mut AnyConnection,
+    start: &Start,
+    alone: bool,
+) -> Result<Admission, sqlx::Error> {
+    if alone {
+        return write_start(conn, start).await;
     }
-    for event in &start.events {
-        events::insert(&mut tx, event).await?;
+    let mut savepoint = conn.begin().await?;
+    let admission = write_start(&mut savepoint, start).await?;
+    match admission {
+        Admission::Admit => savepoint.commit().await?,
+        Admission::Refuse => savepoint.rollback().await?,
     }
-    tx.commit().await?;
-    Ok(Written::Start(Admission::Admit))
+    Ok(admission)
 }
 
-async fn start_on_pool(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
-    // A savepoint, so that a refusal takes back this saga's rows and not its
-    // neighbours' in the batch.
-    let mut savepoint = conn.begin().await?;
-    insert_saga(&mut savepoint, &start.saga).await?;
-    if start.admit.admit(&mut savepoint).await? == Admission::Refuse {
-        savepoint.rollback().await?;
+async fn write_start(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
+    insert_saga(conn, &start.saga).await?;
+    if start.admit.admit(conn).await? == Admission::Refuse {
         return Ok(Admission::Refuse);
     }
     for event in &start.events {
-        events::insert(&mut savepoint, event).await?;
+        events::insert(conn, event).await?;
     }
-    savepoint.commit().await?;
     Ok(Admission::Admit)
 }
