@@ -1,0 +1,251 @@
+//! The system under test: four service processes on their own stores, a
+//! faulty proxy on each link from the orchestrator (to the three services and
+//! to RabbitMQ), and, on PostgreSQL, a server of the run's own.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::sync::Mutex;
+
+use crate::{
+    audit::Stores,
+    postgres::Postgres,
+    processes::{Binaries, ServiceProcess, free_port},
+    proxy::FaultyProxy,
+    schedule::{Link, Victim},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        })
+    }
+}
+
+pub const API_KEY: &str = "chaos-key";
+
+pub struct SystemConfig {
+    pub store: StoreKind,
+    pub binaries: Binaries,
+    /// The services fail 20 % of calls before the work and lose 20 % of
+    /// replies after it.
+    pub builtin_faults: bool,
+    /// The real broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp_url: String,
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Where stores and logs go.
+    pub dir: PathBuf,
+}
+
+pub struct System {
+    pub store: StoreKind,
+    pub dir: PathBuf,
+    pub stores: Stores,
+    pub exchange: String,
+    pub amqp_url: String,
+    pub postgres: Mutex<Option<Postgres>>,
+    pub processes: BTreeMap<Victim, Mutex<ServiceProcess>>,
+    pub links: BTreeMap<Link, FaultyProxy>,
+    pub broker: FaultyProxy,
+    /// The services' own addresses, not through a proxy.
+    pub direct: BTreeMap<Victim, String>,
+}
+
+impl System {
+    pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
+        config.binaries.check()?;
+        let dir = config.dir.clone();
+        let postgres = match config.store {
+            StoreKind::Sqlite => None,
+            StoreKind::Postgres => Some(Postgres::create(&dir, config.pg_bin_dir.clone()).await?),
+        };
+        let store_url = async |name: &str| -> anyhow::Result<String> {
+            Ok(match &postgres {
+                Some(pg) => pg.create_database(name).await?,
+                None => format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+            })
+        };
+        let stores = Stores {
+            orchestrator: store_url("orchestrator").await?,
+            stock: store_url("stock").await?,
+            shipping: store_url("shipping").await?,
+            payment: store_url("payment").await?,
+        };
+
+        let mut processes = BTreeMap::new();
+        let mut direct = BTreeMap::new();
+        let mut links = BTreeMap::new();
+        for (victim, link, binary, url) in [
+            (Victim::Stock, Link::Stock, &config.binaries.stock, &stores.stock),
+            (Victim::Shipping, Link::Shipping, &config.binaries.shipping, &stores.shipping),
+            (Victim::Payment, Link::Payment, &config.binaries.payment, &stores.payment),
+        ] {
+            let mut env = vec![
+                ("DATABASE_URL".to_owned(), url.clone()),
+                ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
+            ];
+            if config.builtin_faults {
+                env.push(("FAULT_UNAVAILABLE_RATE".into(), "0.2".into()));
+                env.push(("FAULT_DROP_REPLY_RATE".into(), "0.2".into()));
+            }
+            let mut process = ServiceProcess::new(victim.name(), binary, free_port()?, env, &dir);
+            process.start()?;
+            process.wait_ready(Duration::from_secs(30)).await?;
+            links.insert(link, FaultyProxy::start(process.addr()).await?);
+            direct.insert(victim, process.url());
+            processes.insert(victim, Mutex::new(process));
+        }
+
+        let broker = FaultyProxy::start(broker_addr(&config.amqp_url)?).await?;
+        let exchange = format!("chaos.orders.{}", uuid::Uuid::new_v4().simple());
+        let via = |link: Link| format!("http://{}", links[&link].addr);
+        let env = vec![
+            ("DATABASE_URL".to_owned(), stores.orchestrator.clone()),
+            ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
+            ("STOCK_SERVICE_URL".to_owned(), via(Link::Stock)),
+            ("SHIPPING_SERVICE_URL".to_owned(), via(Link::Shipping)),
+            ("PAYMENT_SERVICE_URL".to_owned(), via(Link::Payment)),
+            (
+                "RABBITMQ_URL".to_owned(),
+                with_addr(&config.amqp_url, broker.addr)?,
+            ),
+            ("EVENTS_EXCHANGE".to_owned(), exchange.clone()),
+        ];
+        let mut orchestrator = ServiceProcess::new(
+            Victim::Orchestrator.name(),
+            &config.binaries.orchestrator,
+            free_port()?,
+            env,
+            &dir,
+        );
+        orchestrator.start()?;
+        orchestrator.wait_ready(Duration::from_secs(30)).await?;
+        direct.insert(Victim::Orchestrator, orchestrator.url());
+        processes.insert(Victim::Orchestrator, Mutex::new(orchestrator));
+
+        Ok(System {
+            store: config.store,
+            dir,
+            stores,
+            exchange,
+            amqp_url: config.amqp_url,
+            postgres: Mutex::new(postgres),
+            processes,
+            links,
+            broker,
+            direct,
+        })
+    }
+
+    pub fn url(&self, victim: Victim) -> &str {
+        &self.direct[&victim]
+    }
+
+    /// SIGKILL, then a restart right after. Returns once the victim is gone
+    /// (not once it is back).
+    pub async fn kill_and_restart(&self, victim: Victim) -> anyhow::Result<()> {
+        if victim == Victim::Postgres {
+            let mut postgres = self.postgres.lock().await;
+            let Some(pg) = postgres.as_mut() else {
+                bail!("this run has no PostgreSQL to kill");
+            };
+            pg.kill9().await?;
+            return pg.start().await.context("PostgreSQL did not come back");
+        }
+        let mut process = self.processes[&victim].lock().await;
+        process.kill9().await?;
+        process.start()
+    }
+
+    /// Heals every link, and checks that no process died on its own.
+    /// Returns what it found dead (and restarted).
+    pub async fn heal(&self) -> anyhow::Result<Vec<String>> {
+        for proxy in self.links.values().chain([&self.broker]) {
+            proxy.heal();
+        }
+        let mut dead = vec![];
+        for process in self.processes.values() {
+            let mut process = process.lock().await;
+            if let Some(exit) = process.exited() {
+                dead.push(format!("{exit}; see {}", process.log().display()));
+                process.start()?;
+            }
+            process.wait_ready(Duration::from_secs(30)).await?;
+        }
+        Ok(dead)
+    }
+
+    pub async fn stop(&self) {
+        for process in self.processes.values().rev() {
+            process.lock().await.stop(Duration::from_secs(5)).await;
+        }
+        if let Some(pg) = self.postgres.lock().await.as_mut() {
+            pg.stop().await;
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// `host:port` of an AMQP URL.
+fn broker_addr(amqp_url: &str) -> anyhow::Result<SocketAddr> {
+    let authority = authority(amqp_url)?;
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port)?
+        .next()
+        .with_context(|| format!("{host_port} resolves to no address"))
+}
+
+/// The same URL, pointed at `addr`.
+fn with_addr(amqp_url: &str, addr: SocketAddr) -> anyhow::Result<String> {
+    let authority = authority(amqp_url)?;
+    let replaced = match authority.rsplit_once('@') {
+        Some((credentials, _)) => format!("{credentials}@{addr}"),
+        None => addr.to_string(),
+    };
+    Ok(amqp_url.replacen(authority, &replaced, 1))
+}
+
+fn authority(amqp_url: &str) -> anyhow::Result<&str> {
+    let rest = amqp_url
+        .strip_prefix("amqp://")
+        .with_context(|| format!("{amqp_url:?} is not an amqp:// URL"))?;
+    Ok(rest.split('/').next().unwrap_or(rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_broker_url_is_pointed_at_the_proxy() {
+        let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert_eq!(broker_addr(url).unwrap().port(), 5672);
+        let proxy: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        assert_eq!(
+            with_addr(url, proxy).unwrap(),
+            "amqp://guest:guest@127.0.0.1:4000/%2f"
+        );
+        assert!(broker_addr("http://x").is_err());
+    }
+}
