@@ -155,7 +155,10 @@ fn check_orders(
         *audit.outcomes.entry(order.status.clone()).or_default() += 1;
         if !TERMINAL.contains(&order.status.as_str()) {
             audit.stuck += 1;
-            audit.violation(format!("order {} is stuck in {}", order.order_id, order.status));
+            audit.violation(format!(
+                "order {} is stuck in {}",
+                order.order_id, order.status
+            ));
         }
     }
     let requested: HashSet<&str> = clients.iter().map(|c| c.request_id.as_str()).collect();
@@ -174,7 +177,11 @@ fn check_orders(
             audit.violation(format!("{}: no order was recorded", client.request_id));
             continue;
         };
-        let expected_customer = if client.poor { &world.poor } else { &world.payer };
+        let expected_customer = if client.poor {
+            &world.poor
+        } else {
+            &world.payer
+        };
         if &stored.customer_id != expected_customer {
             audit.violation(format!(
                 "{}: recorded for customer {}",
@@ -196,7 +203,11 @@ fn check_orders(
             )),
             Some(_) => {}
         }
-        if client.order_id.as_deref().is_some_and(|id| id != stored.order_id) {
+        if client
+            .order_id
+            .as_deref()
+            .is_some_and(|id| id != stored.order_id)
+        {
             audit.doubled += 1;
             audit.violation(format!(
                 "{}: the client was given order {:?}, the store has {}",
@@ -248,11 +259,20 @@ fn check_effects(
     }
 }
 
-fn conserve(audit: &mut Audit, what: &str, actual: i64, expected: i64) {
+/// How a count that is off reads: an effect applied too often, or missing.
+#[derive(Clone, Copy, PartialEq)]
+enum Counts {
+    /// More than expected means an effect applied too often (stock reserved).
+    Effects,
+    /// Less than expected means an effect applied too often (a balance).
+    Remainder,
+}
+
+fn conserve(audit: &mut Audit, what: &str, actual: i64, expected: i64, counts: Counts) {
     if actual == expected {
         return;
     }
-    if actual > expected {
+    if (actual > expected) == (counts == Counts::Effects) {
         audit.doubled += 1;
     } else {
         audit.lost += 1;
@@ -287,7 +307,7 @@ async fn check_stock(
         .await?;
     let (available, reserved): (i64, i64) = (product.get(0), product.get(1));
     let lines: i64 = sqlx::query(
-        "SELECT COALESCE(SUM(l.quantity), 0) FROM reservation_lines l
+        "SELECT CAST(COALESCE(SUM(l.quantity), 0) AS BIGINT) FROM reservation_lines l
          JOIN reservations r ON r.order_id = l.order_id
          WHERE r.status = 'reserved' AND l.sku = $1",
     )
@@ -301,14 +321,22 @@ async fn check_stock(
         "stock available + reserved (seeded)",
         available + reserved,
         world.stock_seeded(),
+        Counts::Remainder,
     );
     conserve(
         audit,
         "stock reserved (sold to COMPLETED orders)",
         reserved,
         completed(by_id, None) * QUANTITY,
+        Counts::Effects,
     );
-    conserve(audit, "stock reserved = sum of held reservation lines", reserved, lines);
+    conserve(
+        audit,
+        "stock reserved = sum of held reservation lines",
+        reserved,
+        lines,
+        Counts::Effects,
+    );
     Ok(())
 }
 
@@ -349,7 +377,9 @@ async fn check_payment(
         if status == "charged" {
             *charged_by.entry(customer).or_default() += amount;
             if amount != price {
-                audit.violation(format!("charge of order {order_id}: {amount} cents, not {price}"));
+                audit.violation(format!(
+                    "charge of order {order_id}: {amount} cents, not {price}"
+                ));
             }
         }
     }
@@ -368,18 +398,21 @@ async fn check_payment(
             &format!("{customer}: balance + charged (deposited)"),
             balance + charged,
             deposited,
+            Counts::Remainder,
         );
         conserve(
             audit,
             &format!("{customer}: charged (COMPLETED orders × price)"),
             charged,
             completed(by_id, Some(customer)) * price,
+            Counts::Effects,
         );
         conserve(
             audit,
             &format!("{customer}: balance"),
             balance,
             deposited - completed(by_id, Some(customer)) * price,
+            Counts::Remainder,
         );
     }
     pool.close().await;

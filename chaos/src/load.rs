@@ -91,19 +91,17 @@ async fn drive(
         // The server holds the call at most 5 s; the local bound is for a
         // connection that went silent.
         let call = client.create_order_and_wait(request.clone(), Duration::from_secs(5));
-        match tokio::time::timeout(Duration::from_secs(8), call).await {
-            Ok(Ok(order)) => {
-                record.order_id = Some(order.order_id.clone());
-                if let Some(outcome) = terminal(order.status) {
-                    record.outcome = Some(outcome);
-                    record.ended = Some(Instant::now());
-                    return record;
-                }
-                // Not terminal yet: ask again at once, the server waits.
-                backoff = Duration::from_millis(50);
-                continue;
+        // An error or a silent connection: retry the same request after a pause.
+        if let Ok(Ok(order)) = tokio::time::timeout(Duration::from_secs(8), call).await {
+            record.order_id = Some(order.order_id.clone());
+            if let Some(outcome) = terminal(order.status) {
+                record.outcome = Some(outcome);
+                record.ended = Some(Instant::now());
+                return record;
             }
-            Ok(Err(_)) | Err(_) => {}
+            // Not terminal yet: ask again at once, the server waits.
+            backoff = Duration::from_millis(50);
+            continue;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(500));

@@ -73,7 +73,11 @@ struct Args {
     #[arg(long)]
     pg_bin_dir: Option<PathBuf>,
 
-    #[arg(long, env = "CHAOS_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "CHAOS_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
 }
 

@@ -43,17 +43,20 @@ impl Plant {
         match self {
             Plant::DoubleCharge => {
                 let pool = sqlx::AnyPool::connect(&stores.payment).await?;
-                let amount: i64 = sqlx::query("SELECT amount_cents FROM charges WHERE order_id = $1")
-                    .bind(&order.order_id)
-                    .fetch_one(&pool)
-                    .await?
-                    .get(0);
+                let amount: i64 =
+                    sqlx::query("SELECT amount_cents FROM charges WHERE order_id = $1")
+                        .bind(&order.order_id)
+                        .fetch_one(&pool)
+                        .await?
+                        .get(0);
                 debug_assert_eq!(amount, QUANTITY * UNIT_PRICE_CENTS);
-                sqlx::query("UPDATE accounts SET balance_cents = balance_cents - $1 WHERE customer_id = $2")
-                    .bind(amount)
-                    .bind(&world.payer)
-                    .execute(&pool)
-                    .await?;
+                sqlx::query(
+                    "UPDATE accounts SET balance_cents = balance_cents - $1 WHERE customer_id = $2",
+                )
+                .bind(amount)
+                .bind(&world.payer)
+                .execute(&pool)
+                .await?;
                 pool.close().await;
             }
             Plant::DoubleReserve => {

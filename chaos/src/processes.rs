@@ -44,7 +44,12 @@ impl Binaries {
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
-        for binary in [&self.orchestrator, &self.stock, &self.shipping, &self.payment] {
+        for binary in [
+            &self.orchestrator,
+            &self.stock,
+            &self.shipping,
+            &self.payment,
+        ] {
             if !binary.is_file() {
                 bail!(
                     "{} does not exist: build it (cargo build --release -p orchestrator -p stock-svc -p shipping-svc -p payment-svc) or pass --bin-dir",

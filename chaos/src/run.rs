@@ -90,7 +90,11 @@ async fn drive(
 
     let world = World::new(config.orders);
     world
-        .seed(system.url(Victim::Stock), system.url(Victim::Payment), API_KEY)
+        .seed(
+            system.url(Victim::Stock),
+            system.url(Victim::Payment),
+            API_KEY,
+        )
         .await?;
     let consumer = Consumer::start(&system.amqp_url, &system.exchange)
         .await

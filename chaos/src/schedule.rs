@@ -111,13 +111,17 @@ impl fmt::Display for Fault {
         match *self {
             Fault::Kill(victim) => write!(f, "kill -9 {}", victim.name()),
             Fault::Reset(link) => write!(f, "reset every connection on {}", link.name()),
-            Fault::Blackhole { link, for_ms } => write!(f, "blackhole {} for {for_ms} ms", link.name()),
+            Fault::Blackhole { link, for_ms } => {
+                write!(f, "blackhole {} for {for_ms} ms", link.name())
+            }
             Fault::Latency {
                 link,
                 added_ms,
                 for_ms,
             } => write!(f, "+{added_ms} ms on {} for {for_ms} ms", link.name()),
-            Fault::Partition { link, for_ms } => write!(f, "partition {} for {for_ms} ms", link.name()),
+            Fault::Partition { link, for_ms } => {
+                write!(f, "partition {} for {for_ms} ms", link.name())
+            }
             Fault::BrokerCut { for_ms } => write!(f, "cut the broker for {for_ms} ms"),
         }
     }
@@ -304,7 +308,11 @@ mod tests {
             .filter(|p| matches!(p.fault, Fault::Kill(_)))
             .map(|p| p.at_ms)
             .collect();
-        assert!(kills.windows(2).all(|w| (2_000..=5_000).contains(&(w[1] - w[0]))));
+        assert!(
+            kills
+                .windows(2)
+                .all(|w| (2_000..=5_000).contains(&(w[1] - w[0])))
+        );
         assert!(kills.len() >= 300_000 / 5_000 - 1);
         for kind in [
             "kill -9 postgres",
@@ -313,7 +321,10 @@ mod tests {
             "blackhole",
             "broker cut",
         ] {
-            assert!(schedule.faults.iter().any(|p| p.fault.kind() == kind), "{kind}");
+            assert!(
+                schedule.faults.iter().any(|p| p.fault.kind() == kind),
+                "{kind}"
+            );
         }
     }
 }

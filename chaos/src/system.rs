@@ -89,9 +89,24 @@ impl System {
         let mut direct = BTreeMap::new();
         let mut links = BTreeMap::new();
         for (victim, link, binary, url) in [
-            (Victim::Stock, Link::Stock, &config.binaries.stock, &stores.stock),
-            (Victim::Shipping, Link::Shipping, &config.binaries.shipping, &stores.shipping),
-            (Victim::Payment, Link::Payment, &config.binaries.payment, &stores.payment),
+            (
+                Victim::Stock,
+                Link::Stock,
+                &config.binaries.stock,
+                &stores.stock,
+            ),
+            (
+                Victim::Shipping,
+                Link::Shipping,
+                &config.binaries.shipping,
+                &stores.shipping,
+            ),
+            (
+                Victim::Payment,
+                Link::Payment,
+                &config.binaries.payment,
+                &stores.payment,
+            ),
         ] {
             let mut env = vec![
                 ("DATABASE_URL".to_owned(), url.clone()),
@@ -154,8 +169,8 @@ impl System {
         &self.direct[&victim]
     }
 
-    /// SIGKILL, then a restart right after. Returns once the victim is gone
-    /// (not once it is back).
+    /// SIGKILL, then a restart right after. Returns once the victim takes
+    /// connections again.
     pub async fn kill_and_restart(&self, victim: Victim) -> anyhow::Result<()> {
         if victim == Victim::Postgres {
             let mut postgres = self.postgres.lock().await;
@@ -167,7 +182,8 @@ impl System {
         }
         let mut process = self.processes[&victim].lock().await;
         process.kill9().await?;
-        process.start()
+        process.start()?;
+        process.wait_ready(Duration::from_secs(30)).await
     }
 
     /// Heals every link, and checks that no process died on its own.

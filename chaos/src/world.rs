@@ -46,7 +46,12 @@ impl World {
         self.orders as i64 * QUANTITY * UNIT_PRICE_CENTS
     }
 
-    pub async fn seed(&self, stock_url: &str, payment_url: &str, api_key: &str) -> anyhow::Result<()> {
+    pub async fn seed(
+        &self,
+        stock_url: &str,
+        payment_url: &str,
+        api_key: &str,
+    ) -> anyhow::Result<()> {
         let stock = StockServiceClient::new(channel(stock_url)?);
         let restock = RestockRequest {
             request_id: format!("{}-restock", self.run_id),
@@ -110,6 +115,8 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no attempt")))
-        .with_context(|| format!("{what} kept failing"))
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+    .with_context(|| format!("{what} kept failing"))
 }

@@ -27,6 +27,7 @@ mod auth;
 mod bench;
 mod bins;
 mod cancellation;
+mod chaos;
 mod compose;
 mod config;
 mod crash_points;
