@@ -21,7 +21,7 @@
 
 use prost::Message;
 use rusqlite::OptionalExtension;
-use sqlx::{AnyConnection, AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tonic::{Code, Status};
 
 use crate::{Error, batch_writer::Outcome, error::DEFINITE_REFUSALS, store::Store, time::now_ms};
@@ -182,7 +182,8 @@ async fn run_on_pool<Resp>(
 where
     Resp: Message + Default,
 {
-    let mut tx = pool.begin().await.map_err(Error::from)?;
+    let mut conn = TxConnection(pool.acquire().await.map_err(Error::from)?, Ended::No);
+    let mut tx = conn.0.begin().await.map_err(Error::from)?;
     let claimed = sqlx::query(CLAIM)
         .bind(key.request_id)
         .bind(key.method)
@@ -194,7 +195,9 @@ where
         .rows_affected()
         == 1;
     if !claimed {
-        drop(tx);
+        tx.rollback().await.map_err(Error::from)?;
+        conn.1 = Ended::Yes;
+        drop(conn);
         return replay(pool, &key).await;
     }
 
@@ -207,16 +210,41 @@ where
                 .await
                 .map_err(Error::from)?;
             tx.commit().await.map_err(Error::from)?;
+            conn.1 = Ended::Yes;
             Ok(reply)
         }
         Err(status) => {
             // Undo any partial effect first (and free the connection).
             tx.rollback().await.map_err(Error::from)?;
+            conn.1 = Ended::Yes;
+            drop(conn);
             if DEFINITE_REFUSALS.contains(&status.code()) {
                 record_refusal(pool, &key, &status).await
             } else {
                 Err(status)
             }
+        }
+    }
+}
+
+#[derive(PartialEq)]
+enum Ended {
+    No,
+    Yes,
+}
+
+/// The pooled connection of one transaction. Dropped before its transaction
+/// ended (tonic drops a request whose client left, wherever it is), it is
+/// closed instead of going back to the pool, which ends the transaction on
+/// the server. sqlx 0.9 hands back a connection whose `BEGIN` was cancelled
+/// in flight still inside the transaction: the next statements on it would
+/// never commit, and their locks would block every retry.
+struct TxConnection(sqlx::pool::PoolConnection<sqlx::Any>, Ended);
+
+impl Drop for TxConnection {
+    fn drop(&mut self) {
+        if self.1 == Ended::No {
+            self.0.close_on_drop();
         }
     }
 }

@@ -27,6 +27,7 @@ mod auth;
 mod bench;
 mod bins;
 mod cancellation;
+mod cancelled_requests;
 mod chaos;
 mod compose;
 mod config;

@@ -1,0 +1,123 @@
+//! A request whose caller leaves (a client that resets its stream, a deadline
+//! that passes) is dropped by tonic wherever it is, in the middle of a
+//! `BEGIN` included. Whatever point it is dropped at, no pooled connection may
+//! be left inside a transaction: later work on it would never commit, and the
+//! locks it holds would block every retry of the same request.
+//! (sqlx 0.9 hands back a connection whose `BEGIN` was cancelled in flight
+//! still inside the transaction.)
+
+use std::time::Duration;
+
+use sqlx::{AnyConnection, Connection, Row};
+use svc_kit::{
+    idempotency::{RequestKey, run_once},
+    store::Store,
+};
+use ordersaga_tests::{Backend, TestDb};
+
+on_both_stores!(a_request_dropped_at_any_await_leaves_no_transaction_open);
+
+const REQUESTS: usize = 40;
+
+async fn a_request_dropped_at_any_await_leaves_no_transaction_open(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    let request = |i: usize| {
+        let request_id = format!("dropped-{i}");
+        let store = &store;
+        async move {
+            let key = RequestKey {
+                method: "Restock",
+                request_id: &request_id,
+                fingerprint: vec![1],
+            };
+            run_once(store, key, async |conn: &mut AnyConnection| {
+                sqlx::query(
+                    "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+                     VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
+                )
+                .bind(&request_id)
+                .execute(conn)
+                .await
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                Ok(())
+            })
+            .await
+        }
+    };
+
+    let mut other = AnyConnection::connect(&db.url).await.unwrap();
+    let visible = async |other: &mut AnyConnection, sku: &str| -> bool {
+        sqlx::query("SELECT sku FROM products WHERE sku = $1")
+            .bind(sku)
+            .fetch_optional(other)
+            .await
+            .unwrap()
+            .is_some()
+    };
+
+    // Request i is polled i times, the reactor running between polls, then
+    // dropped: every await point of the request is a place it dies at.
+    for i in 0..REQUESTS {
+        let mut call = Box::pin(request(i));
+        for _ in 0..i {
+            if futures::poll!(call.as_mut()).is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+        drop(call);
+        // The dropped request's connection goes back to the pool on a task of
+        // its own: give it the time, then look.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if backend == Backend::Postgres {
+            let stranded: i64 = sqlx::query(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            )
+            .fetch_one(&mut other)
+            .await
+            .unwrap()
+            .get(0);
+            assert_eq!(
+                stranded, 0,
+                "after request {i} was dropped, a pooled connection sits idle inside a transaction"
+            );
+        }
+        // A statement outside any transaction, on the pool: committed as
+        // soon as it returns, for everyone to see.
+        let sku = format!("after-drop-{i}");
+        sqlx::query(
+            "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+             VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
+        )
+        .bind(&sku)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        assert!(
+            visible(&mut other, &sku).await,
+            "a statement after request {i} was dropped did not commit: its connection was left inside a transaction"
+        );
+    }
+
+    // Each again, to the end: none may wait on a lock a dropped one left.
+    for i in 0..REQUESTS {
+        tokio::time::timeout(Duration::from_secs(10), request(i))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("request {i} blocked behind a transaction a dropped request left open")
+            })
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+    }
+
+    // And every effect is committed, once: seen from a connection of its own.
+    let committed: i64 = sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM products WHERE sku LIKE 'dropped-%'",
+    )
+    .fetch_one(&mut other)
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(committed, REQUESTS as i64);
+}
