@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
+use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection, Row};
 use svc_kit::{
     idempotency::{RequestKey, run_once},
     store::Store,
 };
-use ordersaga_tests::{Backend, TestDb};
 
 on_both_stores!(a_request_dropped_at_any_await_leaves_no_transaction_open);
 
@@ -112,12 +112,11 @@ async fn a_request_dropped_at_any_await_leaves_no_transaction_open(backend: Back
     }
 
     // And every effect is committed, once: seen from a connection of its own.
-    let committed: i64 = sqlx::query(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM products WHERE sku LIKE 'dropped-%'",
-    )
-    .fetch_one(&mut other)
-    .await
-    .unwrap()
-    .get(0);
+    let committed: i64 =
+        sqlx::query("SELECT CAST(COUNT(*) AS BIGINT) FROM products WHERE sku LIKE 'dropped-%'")
+            .fetch_one(&mut other)
+            .await
+            .unwrap()
+            .get(0);
     assert_eq!(committed, REQUESTS as i64);
 }

@@ -143,9 +143,19 @@ impl LogWriter {
         if let Some(pool) = &self.direct
             && !matches!(write, Write::Checkpoint(_))
         {
-            // In a transaction of its own, so a start needs no savepoint.
-            let mut written = commit_on_pool(pool, std::slice::from_ref(&write))
+            // In a transaction of its own, so a start needs no savepoint; on a
+            // task of its own, so that a caller that is dropped (a CancelOrder
+            // whose client left) does not drop the transaction half-way: sqlx
+            // would hand a connection whose BEGIN was in flight back to the
+            // pool still inside the transaction.
+            let pool = pool.clone();
+            let written =
+                tokio::spawn(
+                    async move { commit_on_pool(&pool, std::slice::from_ref(&write)).await },
+                );
+            let mut written = written
                 .await
+                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             return Ok(written.remove(0));
         }

@@ -15,6 +15,7 @@ on_both_stores!(
     a_cancel_stops_the_retries_of_a_step_and_undoes_it,
     a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled,
     a_cancel_and_the_pivot_race_and_exactly_one_wins,
+    a_cancel_dropped_at_any_await_leaves_no_transaction_open,
 );
 
 /// Waits until step `step` of `saga` has been called `calls` times.
@@ -122,4 +123,33 @@ async fn a_cancel_and_the_pivot_race_and_exactly_one_wins(backend: Backend) {
         assert_consistent(&world, saga, status);
     }
     assert!(outcomes.0 > 0, "some cancels won: {outcomes:?}");
+}
+
+/// A cancel runs in its caller's task (a CancelOrder call), which tonic drops
+/// when the client leaves, wherever it is: in the middle of the cancel's
+/// `BEGIN` too. No pooled connection may be left inside a transaction then.
+/// The sagas are finished first, so that nothing else uses the pool and
+/// absorbs a stranded transaction into its own.
+async fn a_cancel_dropped_at_any_await_leaves_no_transaction_open(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    for polls in 0..20 {
+        let saga = scripted::start(&engine).await;
+        scripted::terminal(&store.pool, saga).await;
+        let mut cancel = Box::pin(engine.cancel(saga));
+        for _ in 0..polls {
+            if futures::poll!(cancel.as_mut()).is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+        drop(cancel);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            store.stranded_transactions().await,
+            0,
+            "a cancel dropped after {polls} polls left a connection inside a transaction"
+        );
+    }
 }

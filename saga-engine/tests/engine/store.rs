@@ -17,6 +17,30 @@ pub struct TestStore {
     database: Option<(String, String)>,
 }
 
+impl TestStore {
+    /// Connections of this store's pool that have sat idle inside a
+    /// transaction for 100 ms or more, as the server sees them (a live
+    /// transaction between two statements does not count). Always 0 on
+    /// SQLite, which has no server.
+    pub async fn stranded_transactions(&self) -> i64 {
+        use sqlx::{Connection, Row};
+        let Some((name, admin_url)) = &self.database else {
+            return 0;
+        };
+        let mut admin = sqlx::AnyConnection::connect(admin_url).await.unwrap();
+        sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+             WHERE datname = $1 AND state LIKE 'idle in transaction%' \
+             AND state_change < clock_timestamp() - interval '100 milliseconds'",
+        )
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap()
+        .get(0)
+    }
+}
+
 impl Drop for TestStore {
     fn drop(&mut self) {
         let Some((name, admin_url)) = self.database.take() else {
