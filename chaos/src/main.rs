@@ -60,6 +60,11 @@ struct Args {
     #[arg(long)]
     no_builtin_faults: bool,
 
+    /// Only the schedule's kills: no network fault and no broker cut (to
+    /// measure recovery from a crash with nothing else in the way).
+    #[arg(long)]
+    kills_only: bool,
+
     /// Apply one effect a second time behind the saga's back: the audit must fail.
     #[arg(long, value_parser = clap::value_parser!(Plant))]
     plant: Option<Plant>,
@@ -123,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency: args.concurrency as usize,
             spread: args.spread_secs.map(Duration::from_secs),
             builtin_faults: !args.no_builtin_faults,
+            kills_only: args.kills_only,
             plant: args.plant,
             binaries: Binaries::beside(&bin_dir),
             amqp_url: args.amqp_url.clone(),
@@ -131,7 +137,8 @@ async fn main() -> anyhow::Result<()> {
         };
         println!(
             "chaos on {store}, seed {seed}: {:?}",
-            chaos::Schedule::new(profile, seed, store == StoreKind::Postgres)
+            config
+                .schedule()
                 .faults
                 .iter()
                 .map(|p| format!("{:.1}s {}", p.at_ms as f64 / 1000.0, p.fault))

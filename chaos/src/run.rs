@@ -30,6 +30,8 @@ pub struct RunConfig {
     /// schedule, so that orders are in flight at every fault.
     pub spread: Option<Duration>,
     pub builtin_faults: bool,
+    /// Only the schedule's kills (no network fault, no broker cut).
+    pub kills_only: bool,
     pub plant: Option<Plant>,
     pub binaries: Binaries,
     pub amqp_url: String,
@@ -39,11 +41,7 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
-    let schedule = Schedule::new(
-        config.profile,
-        config.seed,
-        config.store == StoreKind::Postgres,
-    );
+    let schedule = config.schedule();
     let dir = tempfile::Builder::new()
         .prefix(&format!("chaos-{}-", config.store))
         .tempdir()?;
@@ -77,6 +75,17 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
                 config.seed,
                 kept.display()
             )))
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn schedule(&self) -> Schedule {
+        let schedule = Schedule::new(self.profile, self.seed, self.store == StoreKind::Postgres);
+        if self.kills_only {
+            schedule.kills_only()
+        } else {
+            schedule
         }
     }
 }

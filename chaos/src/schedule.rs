@@ -217,6 +217,13 @@ impl Schedule {
         Schedule { seed, faults }
     }
 
+    /// Only the kills: to measure recovery from a crash with nothing else
+    /// in the way.
+    pub fn kills_only(mut self) -> Schedule {
+        self.faults.retain(|p| matches!(p.fault, Fault::Kill(_)));
+        self
+    }
+
     /// When the last fault has healed.
     pub fn end_ms(&self) -> u64 {
         self.faults

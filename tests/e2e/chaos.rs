@@ -34,6 +34,7 @@ fn config(backend: Backend, profile: Profile, orders: u64) -> RunConfig {
         concurrency: 32,
         spread: None,
         builtin_faults: true,
+        kills_only: false,
         plant: None,
         binaries: Binaries {
             orchestrator: bins::ORCHESTRATOR.into(),
