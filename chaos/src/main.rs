@@ -135,15 +135,15 @@ async fn main() -> anyhow::Result<()> {
             pg_bin_dir: args.pg_bin_dir.clone(),
             events_timeout: Duration::from_secs(60),
         };
+        let schedule = config.schedule();
         println!(
-            "chaos on {store}, seed {seed}: {:?}",
-            config
-                .schedule()
-                .faults
-                .iter()
-                .map(|p| format!("{:.1}s {}", p.at_ms as f64 / 1000.0, p.fault))
-                .collect::<Vec<_>>()
+            "chaos on {store}, seed {seed}: {} faults over {:.0} s",
+            schedule.faults.len(),
+            schedule.end_ms() as f64 / 1000.0
         );
+        for planned in &schedule.faults {
+            println!("  {:>6.1} s  {}", planned.at_ms as f64 / 1000.0, planned.fault);
+        }
         match chaos::run(&config).await {
             Ok(report) => {
                 report.print();
