@@ -142,7 +142,11 @@ async fn main() -> anyhow::Result<()> {
             schedule.end_ms() as f64 / 1000.0
         );
         for planned in &schedule.faults {
-            println!("  {:>6.1} s  {}", planned.at_ms as f64 / 1000.0, planned.fault);
+            println!(
+                "  {:>6.1} s  {}",
+                planned.at_ms as f64 / 1000.0,
+                planned.fault
+            );
         }
         match chaos::run(&config).await {
             Ok(report) => {

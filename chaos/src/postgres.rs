@@ -16,7 +16,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::processes::{free_port, signal};
+use crate::processes::free_port;
 
 pub struct Postgres {
     bin_dir: PathBuf,
@@ -88,7 +88,12 @@ impl Postgres {
         if let Some((uid, gid)) = self.run_as {
             command.uid(uid).gid(gid);
         }
-        command.stdin(Stdio::null()).kill_on_drop(true);
+        // A process group of its own, which the backends inherit: one
+        // signal to the group reaches them all, even one forked a moment ago.
+        command
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
         command
     }
 
@@ -151,21 +156,27 @@ impl Postgres {
         Ok(self.url(name))
     }
 
-    /// SIGKILL to the postmaster and to every backend, then waits for the
-    /// postmaster to be gone. Killing only the postmaster would leave the
-    /// backends holding the shared memory, and the restart would refuse.
+    /// SIGKILL to the postmaster and to every backend at once (its process
+    /// group), then waits until none is left. Killing only the postmaster
+    /// would leave backends holding the shared memory, and the restart would
+    /// refuse to start.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        if let Some(pid) = child.id() {
-            let backends = children_of(pid);
-            signal(pid, "KILL");
-            for backend in backends {
-                signal(backend, "KILL");
-            }
-        }
+        let Some(pid) = child.id() else {
+            return Ok(());
+        };
+        signal_group(pid, "KILL");
         child.wait().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while group_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("PostgreSQL's backends outlived SIGKILL for 10 s");
+            }
+            signal_group(pid, "KILL");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(())
     }
 
@@ -216,24 +227,33 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     })
 }
 
-/// The PIDs whose parent is `pid`, from /proc.
-fn children_of(pid: u32) -> Vec<u32> {
+/// Sends a signal to every process of the group `pgid`.
+fn signal_group(pgid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Whether any process of the group `pgid` is still alive (a zombie counts
+/// as gone), from /proc.
+fn group_alive(pgid: u32) -> bool {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|entry| {
-            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == pid).then_some(child)
+        .any(|entry| {
+            let Some(stat) = std::fs::read_to_string(entry.path().join("stat")).ok() else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ')'.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
         })
-        .collect()
 }

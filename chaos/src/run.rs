@@ -121,13 +121,25 @@ async fn drive(
     };
 
     let started = Instant::now();
-    let injector = tokio::spawn(inject(system.clone(), schedule.clone(), started));
-    let clients = load::run(&load, &world).await?;
-    let load_ended = Instant::now();
-    let injected = injector.await??;
+    let mut injector = tokio::spawn(inject(system.clone(), schedule.clone(), started));
+    let orders = load::run(&load, &world);
+    tokio::pin!(orders);
+    // An injection that fails (PostgreSQL that does not come back) ends the
+    // run at once, rather than after every client has given up.
+    let (clients, load_ended, injected) = tokio::select! {
+        clients = &mut orders => {
+            let load_ended = Instant::now();
+            (clients?, load_ended, injector.await??)
+        }
+        injected = &mut injector => {
+            let injected = injected??;
+            let clients = orders.await?;
+            (clients, Instant::now(), injected)
+        }
+    };
     let dead = system.heal().await?;
 
-    let orders = await_events(system, &consumer, config.events_timeout).await?;
+    let stored = await_events(system, &consumer, config.events_timeout).await?;
     if let Some(plant) = config.plant {
         plant.apply(&world, &system.stores).await?;
     }
@@ -138,7 +150,7 @@ async fn drive(
     Ok(Report {
         store: config.store,
         seed: config.seed,
-        orders: orders as u64,
+        orders: stored as u64,
         concurrency: config.concurrency,
         load_secs: (load_ended - started).as_secs_f64(),
         injected,

@@ -38,6 +38,7 @@ mod grpcurl;
 mod metrics;
 mod observability;
 mod payment;
+mod rapid_reset;
 mod recovery;
 mod saga;
 mod schema;
