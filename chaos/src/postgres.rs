@@ -16,7 +16,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::processes::free_port;
+use crate::processes::{free_port, signal};
 
 pub struct Postgres {
     bin_dir: PathBuf,
@@ -49,6 +49,8 @@ impl Postgres {
         for dir in [&pg_root, &data_dir, &socket_dir] {
             std::fs::create_dir_all(dir)?;
         }
+        // As /proc shows a backend's working folder (see `working_in`).
+        let data_dir = std::fs::canonicalize(&data_dir)?;
         // The run's folder may be private to root: the server must reach its own.
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))?;
         std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))?;
@@ -88,12 +90,7 @@ impl Postgres {
         if let Some((uid, gid)) = self.run_as {
             command.uid(uid).gid(gid);
         }
-        // A process group of its own, which the backends inherit: one
-        // signal to the group reaches them all, even one forked a moment ago.
-        command
-            .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true);
+        command.stdin(Stdio::null()).kill_on_drop(true);
         command
     }
 
@@ -156,10 +153,13 @@ impl Postgres {
         Ok(self.url(name))
     }
 
-    /// SIGKILL to the postmaster and to every backend at once (its process
-    /// group), then waits until none is left. Killing only the postmaster
-    /// would leave backends holding the shared memory, and the restart would
-    /// refuse to start.
+    /// SIGKILL to the postmaster and to every backend, then waits until
+    /// none is left. Killing only the postmaster would leave backends holding
+    /// the shared memory, and the restart would refuse to start. Each backend
+    /// is a process group of its own (PostgreSQL calls `setsid`), so no one
+    /// signal reaches them all: the postmaster is frozen first, so that it
+    /// forks nothing while its children are listed, and every process still
+    /// working in the data folder is swept up afterwards.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
@@ -167,17 +167,27 @@ impl Postgres {
         let Some(pid) = child.id() else {
             return Ok(());
         };
-        signal_group(pid, "KILL");
+        signal(pid, "STOP");
+        let backends = children_of(pid);
+        signal(pid, "KILL");
+        for backend in backends {
+            signal(backend, "KILL");
+        }
         child.wait().await?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while group_alive(pid) {
-            if Instant::now() > deadline {
-                bail!("PostgreSQL's backends outlived SIGKILL for 10 s");
+        loop {
+            let left = working_in(&self.data_dir);
+            if left.is_empty() {
+                return Ok(());
             }
-            signal_group(pid, "KILL");
+            if Instant::now() > deadline {
+                bail!("PostgreSQL processes {left:?} outlived SIGKILL for 10 s");
+            }
+            for pid in left {
+                signal(pid, "KILL");
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(())
     }
 
     pub async fn stop(&mut self) {
@@ -227,33 +237,44 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     })
 }
 
-/// Sends a signal to every process of the group `pgid`.
-fn signal_group(pgid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+/// The PIDs whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    processes()
+        .filter(|(_, stat)| stat.ppid == pid)
+        .map(|(child, _)| child)
+        .collect()
 }
 
-/// Whether any process of the group `pgid` is still alive (a zombie counts
-/// as gone), from /proc.
-fn group_alive(pgid: u32) -> bool {
+/// The live processes whose working folder is `dir` (PostgreSQL's backends
+/// work in the data folder), from /proc.
+fn working_in(dir: &Path) -> Vec<u32> {
+    processes()
+        .filter(|(pid, stat)| {
+            stat.state != 'Z'
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+struct Stat {
+    state: char,
+    ppid: u32,
+}
+
+/// Every process, with its state and parent, from /proc.
+fn processes() -> impl Iterator<Item = (u32, Stat)> {
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .any(|entry| {
-            let Some(stat) = std::fs::read_to_string(entry.path().join("stat")).ok() else {
-                return false;
-            };
-            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ')'.
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str())
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            Some((pid, Stat { state, ppid }))
         })
 }
