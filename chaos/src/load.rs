@@ -4,14 +4,15 @@
 
 use std::{sync::Arc, time::Duration};
 
+use orderbench::run::{is_poor, order_request};
 use ordersaga_proto::{
     client::OrderClient,
-    orders::v1::{CreateOrderRequest, OrderItem, OrderStatus, ShippingAddress},
+    orders::v1::{CreateOrderRequest, OrderStatus},
 };
 use tokio::{sync::Semaphore, time::Instant};
 use tonic::transport::Endpoint;
 
-use crate::world::{QUANTITY, World};
+use crate::world::{POOR_SHARE, World};
 
 /// What one client saw of its order.
 #[derive(Debug, Clone)]
@@ -39,11 +40,6 @@ pub struct Load {
     pub give_up_after: Duration,
 }
 
-/// Whether order `i` is placed by the customer who can't pay: one in ten.
-pub fn is_poor(i: u64) -> bool {
-    i % 10 == 9
-}
-
 pub async fn run(load: &Load, world: &World) -> anyhow::Result<Vec<ClientRecord>> {
     let channel = Endpoint::from_shared(load.orchestrator_url.clone())?
         .connect_timeout(Duration::from_secs(1))
@@ -56,11 +52,11 @@ pub async fn run(load: &Load, world: &World) -> anyhow::Result<Vec<ClientRecord>
     for i in 0..load.orders {
         tokio::time::sleep_until(started + Duration::from_secs_f64(pace * i as f64)).await;
         let permit = permits.clone().acquire_owned().await?;
-        let (client, request) = (client.clone(), order_request(world, i));
+        let (client, request) = (client.clone(), order_request(world, i, POOR_SHARE));
         let give_up_at = Instant::now() + load.give_up_after;
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            drive(client, request, is_poor(i), give_up_at).await
+            drive(client, request, is_poor(i, POOR_SHARE), give_up_at).await
         }));
     }
     let mut records = Vec::with_capacity(tasks.len());
@@ -127,27 +123,4 @@ pub fn status_name(status: OrderStatus) -> String {
         .as_str_name()
         .trim_start_matches("ORDER_STATUS_")
         .to_owned()
-}
-
-pub fn order_request(world: &World, i: u64) -> CreateOrderRequest {
-    CreateOrderRequest {
-        request_id: format!("{}-order-{i}", world.run_id),
-        customer_id: if is_poor(i) {
-            world.poor.clone()
-        } else {
-            world.payer.clone()
-        },
-        items: vec![OrderItem {
-            sku: world.sku.clone(),
-            quantity: QUANTITY,
-        }],
-        shipping_address: Some(ShippingAddress {
-            recipient: "Chaos Customer".into(),
-            line1: "1 Fault Line".into(),
-            city: "Berlin".into(),
-            postal_code: "10115".into(),
-            country: "DE".into(),
-        }),
-        wait: true,
-    }
 }

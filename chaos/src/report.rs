@@ -79,6 +79,29 @@ impl Report {
             .count()
     }
 
+    /// p50, p99 and max of the time from an order's first call to the
+    /// terminal status its client saw: what the faults cost with or without
+    /// a crash, to read the crossing times against.
+    pub fn order_latency(&self) -> (Duration, Duration, Duration) {
+        let mut latencies: Vec<Duration> = self
+            .clients
+            .iter()
+            .filter_map(|c| Some(c.ended? - c.started))
+            .collect();
+        latencies.sort();
+        let at = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        (
+            at(0.5),
+            at(0.99),
+            latencies.last().copied().unwrap_or_default(),
+        )
+    }
+
     pub fn print(&self) {
         println!(
             "\nchaos run on {}: seed {}, {} orders at C={}, load {:.1} s",
@@ -107,6 +130,13 @@ impl Report {
             }
         }
         let calls: u64 = self.clients.iter().map(|c| u64::from(c.calls)).sum();
+        let (p50, p99, max) = self.order_latency();
+        println!(
+            "\norder latency (first call to terminal status): p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+            p50.as_secs_f64(),
+            p99.as_secs_f64(),
+            max.as_secs_f64()
+        );
         println!(
             "\norders: {} ({}), {} crossed a crash; client calls: {calls}",
             self.orders,

@@ -12,28 +12,33 @@ use ordersaga_proto::{
 };
 use tonic::{Request, transport::Channel};
 
-pub const UNIT_PRICE_CENTS: i64 = 1_999;
-pub const QUANTITY: i64 = 1;
+pub use orderbench::setup::{QUANTITY, UNIT_PRICE_CENTS};
+
 /// The customer who can't pay holds this much, less than any order.
 pub const POOR_BALANCE_CENTS: i64 = 1;
+/// One order in ten is placed by the customer who can't pay.
+pub const POOR_SHARE: f64 = 0.1;
 
+/// orderbench's world (the names of the SKU and the customers), and how
+/// many orders it is seeded for.
 #[derive(Debug, Clone)]
 pub struct World {
-    pub run_id: String,
-    pub sku: String,
-    pub payer: String,
-    pub poor: String,
+    pub names: orderbench::setup::World,
     pub orders: u64,
+}
+
+impl std::ops::Deref for World {
+    type Target = orderbench::setup::World;
+
+    fn deref(&self) -> &Self::Target {
+        &self.names
+    }
 }
 
 impl World {
     pub fn new(orders: u64) -> World {
-        let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         World {
-            sku: format!("CHAOS-{run_id}"),
-            payer: format!("chaos-{run_id}"),
-            poor: format!("chaos-poor-{run_id}"),
-            run_id,
+            names: orderbench::setup::World::fresh(),
             orders,
         }
     }
@@ -57,7 +62,7 @@ impl World {
             request_id: format!("{}-restock", self.run_id),
             sku: self.sku.clone(),
             quantity: self.stock_seeded(),
-            name: "chaos item".into(),
+            name: "chaos run item".into(),
             unit_price_cents: UNIT_PRICE_CENTS,
             currency: "EUR".into(),
         };

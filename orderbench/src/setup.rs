@@ -26,14 +26,21 @@ pub fn authed<T>(message: T, key: &str) -> anyhow::Result<Request<T>> {
     Ok(request)
 }
 
+impl World {
+    /// Names no earlier run used: a SKU, a customer who pays, one who can't.
+    pub fn fresh() -> World {
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        World {
+            sku: format!("BENCH-{run_id}"),
+            payer: format!("bench-{run_id}"),
+            poor: format!("bench-poor-{run_id}"),
+            run_id,
+        }
+    }
+}
+
 pub async fn prepare(config: &BenchConfig) -> anyhow::Result<World> {
-    let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let world = World {
-        sku: format!("BENCH-{run_id}"),
-        payer: format!("bench-{run_id}"),
-        poor: format!("bench-poor-{run_id}"),
-        run_id,
-    };
+    let world = World::fresh();
     let n = config.orders as i64;
     let mut stock = StockServiceClient::connect(config.stock_addr.clone()).await?;
     stock
