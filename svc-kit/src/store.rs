@@ -92,7 +92,11 @@ impl Store {
             }
             Backend::Postgres => (url.to_owned(), None),
         };
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        // While the database is down, sqlx retries its connects with a backoff
+        // capped at a fifth of this timeout: 10 s let a connection come back up
+        // to 2 s after PostgreSQL did (see docs/reliability.md). A caller that
+        // times out gets UNAVAILABLE and retries.
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(3));
         let options = match backend {
             // One connection: SQLite allows one writer at a time anyway, and a pool
             // queue is fair where SQLite's busy handler sleeps and polls (and can
