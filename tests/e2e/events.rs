@@ -6,7 +6,9 @@ use orchestrator::outbox::relay::BrokerArgs;
 use ordersaga_proto::orders::v1::{Order, OrderStatus};
 use ordersaga_tests::{
     Backend,
-    broker::{Received, TcpProxy, collect_until, consume, rabbitmq_url, unique_exchange},
+    broker::{
+        FaultyProxy, Received, collect_until, consume, rabbitmq_url, unique_exchange, url_via,
+    },
     eventually,
     process::ServiceProcess,
     system::{DomainServices, Options, System, order},
@@ -201,9 +203,11 @@ async fn a_state_change_and_its_event_commit_together(backend: Backend) {
 async fn a_broker_outage_loses_no_event() {
     let exchange = unique_exchange();
     let mut rx = consume(&exchange).await;
-    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = FaultyProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
     let options = Options {
-        broker: Some(broker(proxy.url(), &exchange)),
+        broker: Some(broker(url_via(&proxy), &exchange)),
         ..Default::default()
     };
     let system = System::start(Backend::Sqlite, options).await;
@@ -234,7 +238,7 @@ async fn a_broker_outage_loses_no_event() {
         "events wait in the outbox while the broker is away"
     );
 
-    proxy.restore();
+    proxy.heal();
     let events = collect_until(&mut rx, WAIT, |events| {
         ids.iter().all(|id| {
             events
@@ -266,7 +270,9 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
     let exchange = unique_exchange();
     let mut rx = consume(&exchange).await;
     // The broker is unreachable, so events commit with their state and wait.
-    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = FaultyProxy::start("127.0.0.1:5672".parse().unwrap())
+        .await
+        .unwrap();
     proxy.cut();
     let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -278,7 +284,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
             ("STOCK_SERVICE_URL", services.stock.endpoint()),
             ("SHIPPING_SERVICE_URL", services.shipping.endpoint()),
             ("PAYMENT_SERVICE_URL", services.payment.endpoint()),
-            ("RABBITMQ_URL", proxy.url()),
+            ("RABBITMQ_URL", url_via(&proxy)),
             ("EVENTS_EXCHANGE", exchange.clone()),
         ],
     );
@@ -299,7 +305,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
     }
     // State committed, events not yet published: crash.
     orchestrator.kill().await;
-    proxy.restore();
+    proxy.heal();
     orchestrator.start().await;
 
     let events = collect_until(&mut rx, WAIT, |events| {
