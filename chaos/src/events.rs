@@ -28,49 +28,61 @@ pub struct Consumer {
     delivered: Arc<Mutex<Vec<Delivered>>>,
 }
 
+/// Connects to `amqp_url`, declares `exchange` (a durable topic exchange, as
+/// the relay does), binds a private queue to it for every routing key, and
+/// consumes it as `tag`. The connection must outlive the consumer.
+pub async fn subscribe(
+    amqp_url: &str,
+    exchange: &str,
+    tag: &str,
+) -> lapin::Result<(Connection, lapin::Consumer)> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .exchange_declare(
+            ShortString::from(exchange.to_owned()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = channel
+        .queue_declare(
+            ShortString::from(""),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            ShortString::from(exchange.to_owned()),
+            ShortString::from("#"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            ShortString::from(tag.to_owned()),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, consumer))
+}
+
 impl Consumer {
     pub async fn start(amqp_url: &str, exchange: &str) -> anyhow::Result<Consumer> {
-        let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .exchange_declare(
-                ShortString::from(exchange.to_owned()),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let queue = channel
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                ShortString::from(exchange.to_owned()),
-                ShortString::from("#"),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.name().clone(),
-                ShortString::from("chaos-audit"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (connection, mut deliveries) = subscribe(amqp_url, exchange, "chaos-audit").await?;
         let consumer = Consumer::default();
         let delivered = consumer.delivered.clone();
         tokio::spawn(async move {

@@ -5,12 +5,9 @@ use std::{collections::HashMap, time::Duration};
 
 use futures::StreamExt;
 use lapin::{
-    Connection, ConnectionProperties, ExchangeKind,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeclareOptions,
-        QueueBindOptions, QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldTable, ShortString},
+    Connection, ConnectionProperties,
+    options::{BasicAckOptions, BasicGetOptions},
+    types::{AMQPValue, ShortString},
 };
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -45,53 +42,9 @@ impl Received {
 /// Binds a private queue to `exchange` (all routing keys) and forwards every
 /// message, acked after it is handed over.
 pub async fn consume(exchange: &str) -> mpsc::UnboundedReceiver<Received> {
-    let connection = Connection::connect(&rabbitmq_url(), ConnectionProperties::default())
+    let (connection, mut consumer) = chaos::events::subscribe(&rabbitmq_url(), exchange, "tests")
         .await
         .unwrap_or_else(|e| panic!("RabbitMQ at {} is unreachable: {e}", rabbitmq_url()));
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .exchange_declare(
-            ShortString::from(exchange.to_owned()),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            ShortString::from(""),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            ShortString::from(exchange.to_owned()),
-            ShortString::from("#"),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            ShortString::from("tests"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _connection = connection;
