@@ -89,11 +89,6 @@ impl FaultyProxy {
         self.hold(Active::Latency(added), duration);
     }
 
-    /// A partition until [`heal`](Self::heal).
-    pub fn cut(&self) {
-        self.partition_for(Duration::from_secs(365 * 86_400));
-    }
-
     /// Ends every fault at once.
     pub fn heal(&self) {
         self.active.lock().unwrap().clear();

@@ -6,9 +6,7 @@ use orchestrator::outbox::relay::BrokerArgs;
 use ordersaga_proto::orders::v1::{Order, OrderStatus};
 use ordersaga_tests::{
     Backend,
-    broker::{
-        FaultyProxy, Received, collect_until, consume, rabbitmq_url, unique_exchange, url_via,
-    },
+    broker::{Received, TcpProxy, collect_until, consume, rabbitmq_url, unique_exchange},
     eventually,
     process::ServiceProcess,
     system::{DomainServices, Options, System, order},
@@ -203,11 +201,9 @@ async fn a_state_change_and_its_event_commit_together(backend: Backend) {
 async fn a_broker_outage_loses_no_event() {
     let exchange = unique_exchange();
     let mut rx = consume(&exchange).await;
-    let proxy = FaultyProxy::start("127.0.0.1:5672".parse().unwrap())
-        .await
-        .unwrap();
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let options = Options {
-        broker: Some(broker(url_via(&proxy), &exchange)),
+        broker: Some(broker(proxy.url(), &exchange)),
         ..Default::default()
     };
     let system = System::start(Backend::Sqlite, options).await;
@@ -238,7 +234,7 @@ async fn a_broker_outage_loses_no_event() {
         "events wait in the outbox while the broker is away"
     );
 
-    proxy.heal();
+    proxy.restore();
     let events = collect_until(&mut rx, WAIT, |events| {
         ids.iter().all(|id| {
             events
@@ -270,9 +266,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
     let exchange = unique_exchange();
     let mut rx = consume(&exchange).await;
     // The broker is unreachable, so events commit with their state and wait.
-    let proxy = FaultyProxy::start("127.0.0.1:5672".parse().unwrap())
-        .await
-        .unwrap();
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     proxy.cut();
     let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -284,7 +278,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
             ("STOCK_SERVICE_URL", services.stock.endpoint()),
             ("SHIPPING_SERVICE_URL", services.shipping.endpoint()),
             ("PAYMENT_SERVICE_URL", services.payment.endpoint()),
-            ("RABBITMQ_URL", url_via(&proxy)),
+            ("RABBITMQ_URL", proxy.url()),
             ("EVENTS_EXCHANGE", exchange.clone()),
         ],
     );
@@ -305,7 +299,7 @@ async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
     }
     // State committed, events not yet published: crash.
     orchestrator.kill().await;
-    proxy.heal();
+    proxy.restore();
     orchestrator.start().await;
 
     let events = collect_until(&mut rx, WAIT, |events| {

@@ -1,7 +1,7 @@
 //! The local RabbitMQ, as the tests see it: a consumer bound to a test's own
-//! exchange, and a TCP proxy the test can cut and heal.
+//! exchange, and a TCP proxy the test can cut and restore.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use futures::StreamExt;
 use lapin::{
@@ -10,7 +10,10 @@ use lapin::{
     types::{AMQPValue, ShortString},
 };
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
 
 /// The broker the tests use; `TEST_RABBITMQ_URL` overrides it.
 pub fn rabbitmq_url() -> String {
@@ -135,11 +138,51 @@ pub async fn collect_until(
     events
 }
 
-/// A TCP proxy (to RabbitMQ) that a test can cut (connections reset, new
-/// ones refused) and heal: the chaos runner's.
-pub use chaos::proxy::FaultyProxy;
+/// A TCP proxy to RabbitMQ that a test can cut (every connection dropped, new
+/// ones refused) and restore.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+}
 
-/// The AMQP URL of the local broker, through `proxy`.
-pub fn url_via(proxy: &FaultyProxy) -> String {
-    format!("amqp://guest:guest@{}/%2f", proxy.addr)
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, _) = watch::channel(true);
+        let state = up.subscribe();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !*state.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let mut state = state.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { addr, up }
+    }
+
+    /// The AMQP URL through the proxy.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.addr)
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
 }
