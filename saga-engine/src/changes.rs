@@ -51,6 +51,13 @@ impl Changes {
         }
     }
 
+    /// Wakes every waiter to re-read its saga (changes may have been missed).
+    pub(crate) fn publish_all(&self) {
+        for sender in self.one.lock().unwrap().values() {
+            sender.send_replace(None);
+        }
+    }
+
     pub(crate) fn publish(&self, change: SagaChange) {
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
             // Sent even when the value is the same, so every change wakes.

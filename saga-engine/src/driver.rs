@@ -41,21 +41,31 @@ pub(crate) struct Driving {
     /// A compensation was begun: after a failure, the saga then ends
     /// COMPENSATED rather than FAILED.
     pub undid_any: bool,
+    /// The epoch this driver holds the saga at: every checkpoint is written
+    /// only while the saga is still at it.
+    pub epoch: i64,
 }
 
 impl Driving {
-    pub fn new(cursor: Cursor) -> Self {
+    pub fn new(cursor: Cursor, epoch: i64) -> Self {
         Driving {
             cursor,
             cancel_requested: false,
             failure_reason: String::new(),
             undid_any: false,
+            epoch,
         }
     }
 }
 
-/// The driver stopped because the process is shutting down; recovery resumes it.
-pub(crate) struct Interrupted;
+/// Why a driver stopped before its saga's end.
+pub(crate) enum Stopped {
+    /// The process is shutting down; recovery resumes the saga.
+    Interrupted,
+    /// Another replica claimed the saga (this one was paused, cut off or
+    /// slow past its lease); it drives it from here.
+    Fenced,
+}
 
 /// Why a driver stops before the saga's end.
 enum Halt {
@@ -65,6 +75,8 @@ enum Halt {
     /// checkpoint whose first COMMIT succeeded was sent again after its reply
     /// was lost. Its outcome stands.
     Closed(SagaStatus),
+    /// The saga moved to a later epoch: another replica drives it now.
+    Fenced,
 }
 
 enum ForwardOutcome {
@@ -105,14 +117,15 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         }
     }
 
-    pub async fn run(mut self) -> Result<(), Interrupted> {
+    pub async fn run(mut self) -> Result<(), Stopped> {
         match self.drive().await {
             Ok(()) => Ok(()),
             Err(Halt::Closed(status)) => {
                 self.finished(status);
                 Ok(())
             }
-            Err(Halt::Interrupted) => Err(Interrupted),
+            Err(Halt::Interrupted) => Err(Stopped::Interrupted),
+            Err(Halt::Fenced) => Err(Stopped::Fenced),
         }
     }
 
@@ -252,6 +265,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         };
         let checkpoint = Checkpoint {
             saga_id: self.saga_id,
+            epoch: self.state.epoch,
             steps,
             state: Some(state),
             enter_pivot: self.inner.definition.pivot_index() == Some(next),
@@ -281,6 +295,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     async fn complete(&mut self) -> Result<(), Halt> {
         let checkpoint = Checkpoint {
             saga_id: self.saga_id,
+            epoch: self.state.epoch,
             steps: vec![],
             state: None,
             enter_pivot: false,
@@ -332,7 +347,13 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             failure_reason: self.state.failure_reason.clone(),
         };
         let applied = self
-            .checkpoint(Checkpoint::new(self.saga_id, steps, Some(state), vec![]))
+            .checkpoint(Checkpoint::new(
+                self.saga_id,
+                self.state.epoch,
+                steps,
+                Some(state),
+                vec![],
+            ))
             .await?;
         self.state.cursor = cursor;
         Ok(applied)
@@ -380,8 +401,14 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             } else {
                 vec![]
             };
-            self.checkpoint(Checkpoint::new(self.saga_id, vec![record], None, events))
-                .await?;
+            self.checkpoint(Checkpoint::new(
+                self.saga_id,
+                self.state.epoch,
+                vec![record],
+                None,
+                events,
+            ))
+            .await?;
             let wait = self
                 .inner
                 .policy
@@ -520,8 +547,14 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             failure_reason: self.state.failure_reason.clone(),
         };
         let events = self.announce_finished(status, &self.state.failure_reason.clone());
-        self.checkpoint(Checkpoint::new(self.saga_id, vec![], Some(state), events))
-            .await?;
+        self.checkpoint(Checkpoint::new(
+            self.saga_id,
+            self.state.epoch,
+            vec![],
+            Some(state),
+            events,
+        ))
+        .await?;
         self.finished(status);
         Ok(())
     }
@@ -552,6 +585,13 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         let mut failures = 0;
         loop {
             match self.inner.log.commit(checkpoint.clone()).await {
+                Ok(Applied { fenced: true, .. }) => {
+                    tracing::warn!(
+                        epoch = self.state.epoch,
+                        "another replica took this saga over; this one stops driving it"
+                    );
+                    return Err(Halt::Fenced);
+                }
                 Ok(Applied {
                     closed: Some(status),
                     ..
@@ -565,14 +605,9 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                     return Err(Halt::Closed(status));
                 }
                 Ok(applied) => {
-                    let status = if checkpoint.complete {
-                        applied.completed.then_some(SagaStatus::Completed)
-                    } else {
-                        checkpoint.state.as_ref().map(|s| s.status)
-                    };
                     self.inner.changes.publish(SagaChange {
                         saga_id: self.saga_id,
-                        status,
+                        status: checkpoint.status_after(&applied),
                     });
                     return Ok(applied);
                 }

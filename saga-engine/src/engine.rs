@@ -2,14 +2,16 @@
 //! open saga after a crash, cancel, watch, and shut down.
 //!
 //! Each saga is driven by at most one task in this process (see [`Claim`]);
-//! a [`driver`](crate::driver) runs its steps. Starting is one call that
+//! a [`driver`](crate::driver) runs its steps. With several replicas on one
+//! database ([`Ownership::Replica`]), by one replica at a time: see
+//! [`crate::replicas`]. Starting is one call that
 //! records the saga, the caller's own rows and the saga's first event in one
 //! transaction, and then drives it, on a task of its own: a caller that goes
 //! away after the commit (its client reset the stream, its deadline passed)
 //! can't leave a saga that nothing drives.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -26,16 +28,35 @@ use crate::{
     crash_points::{self, point},
     cursor::Cursor,
     definition::{Milestone, SagaDefinition},
-    driver::{Driver, Driving},
+    driver::{Driver, Driving, Stopped},
     events::NewEvent,
     log::{
-        self, Admit, CancelOutcome, LogWriter, NewSaga, OpenSaga, SagaStatus, SagaView, SqliteLog,
-        SqliteReader, Start,
+        self, Admit, CancelOutcome, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, SagaStatus,
+        SagaView, SqliteLog, SqliteReader, Start,
     },
     metrics::EngineMetrics,
+    notifications::{self, Heard},
+    replicas::{self, Renewal, ReplicaSettings},
     retry::RetryPolicy,
     trace_context,
 };
+
+/// Who else may drive sagas in the engine's store.
+#[derive(Debug, Clone)]
+pub enum Ownership {
+    /// This process alone (a SQLite file, which one process uses at a time;
+    /// a test): every open saga in the store is its own to resume.
+    Alone,
+    /// One replica among several on one PostgreSQL database: it drives the
+    /// sagas it starts and those it claims from replicas that died or left.
+    Replica(ReplicaSettings),
+}
+
+/// The owner recorded for sagas when the engine runs alone.
+const ALONE: &str = "local";
+
+/// Most orphaned sagas claimed in one sweep.
+const CLAIM_BATCH: i64 = 1_000;
 
 /// What the caller's part of a start transaction decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +104,16 @@ pub(crate) struct Inner<D> {
     /// The sagas this process drives, each with the signal that tells its
     /// driver a cancel was accepted.
     driving: Arc<Mutex<HashMap<Uuid, Arc<Notify>>>>,
+    /// Set in replica mode.
+    replica: Option<ReplicaSettings>,
+    /// This process's life as a replica: tells a restart from its predecessor.
+    incarnation: Uuid,
+    /// Why this replica had to stop, if another process took its ID.
+    lost: watch::Sender<Option<String>>,
+    /// Wakes the sweeper before its tick (a replica released its sagas).
+    sweep_now: Notify,
+    /// Sagas this build can't read: not claimed again at every sweep.
+    unreadable: Mutex<HashSet<Uuid>>,
 }
 
 /// The right to drive one saga in this process; released when dropped.
@@ -102,8 +133,8 @@ impl<D> Engine<D>
 where
     D: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    /// An engine for `definition` on `pool`, whose tables must exist. Fails if
-    /// the definition is malformed.
+    /// An engine for `definition` on `pool`, whose tables must exist, that
+    /// runs [`Ownership::Alone`]. Fails if the definition is malformed.
     pub fn new(
         definition: SagaDefinition<D>,
         pool: AnyPool,
@@ -111,10 +142,46 @@ where
         max_in_flight: usize,
         metrics: EngineMetrics,
     ) -> anyhow::Result<Self> {
+        Self::with_ownership(
+            definition,
+            pool,
+            policy,
+            max_in_flight,
+            metrics,
+            Ownership::Alone,
+        )
+    }
+
+    /// An engine that runs alone or as one replica of several; replicas need
+    /// PostgreSQL.
+    pub fn with_ownership(
+        definition: SagaDefinition<D>,
+        pool: AnyPool,
+        policy: RetryPolicy,
+        max_in_flight: usize,
+        metrics: EngineMetrics,
+        ownership: Ownership,
+    ) -> anyhow::Result<Self> {
         definition.validate().map_err(anyhow::Error::msg)?;
+        let replica = match ownership {
+            Ownership::Alone => None,
+            Ownership::Replica(replica) => {
+                anyhow::ensure!(
+                    pool.connect_options()
+                        .database_url
+                        .scheme()
+                        .starts_with("postgres"),
+                    "replicas share a PostgreSQL database; this store is {}",
+                    pool.connect_options().database_url.scheme()
+                );
+                anyhow::ensure!(!replica.id.is_empty(), "a replica needs a non-empty ID");
+                Some(replica)
+            }
+        };
+        let incarnation = Uuid::new_v4();
         Ok(Engine {
             inner: Arc::new(Inner {
-                log: LogWriter::spawn(pool.clone())?,
+                log: LogWriter::spawn(pool.clone(), replica.as_ref().map(|_| incarnation))?,
                 reader: SqliteLog::file_of(&pool)
                     .map(|file| SqliteReader::open(&file))
                     .transpose()?,
@@ -127,8 +194,28 @@ where
                 drivers: TaskTracker::new(),
                 metrics,
                 driving: Arc::default(),
+                replica,
+                incarnation,
+                lost: watch::channel(None).0,
+                sweep_now: Notify::new(),
+                unreadable: Mutex::default(),
             }),
         })
+    }
+
+    /// This engine's replica ID (the owner it records on its sagas).
+    pub fn replica_id(&self) -> &str {
+        self.inner.owner()
+    }
+
+    /// Resolves if this replica must stop: another process registered under
+    /// its ID. Never resolves when the engine runs alone.
+    pub async fn lost(&self) -> String {
+        let mut lost = self.inner.lost.subscribe();
+        match lost.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub fn definition(&self) -> &SagaDefinition<D> {
@@ -219,6 +306,7 @@ where
                 trace_context: traceparent,
                 first_step: inner.definition.steps[0].name(),
                 starts_at_pivot: inner.definition.pivot_index() == Some(0),
+                owner: inner.owner().to_owned(),
             },
             admit,
             events,
@@ -243,23 +331,34 @@ where
             saga_id,
             status: Some(SagaStatus::Running),
         });
-        let state = Driving::new(Cursor::Forward {
-            step: 0,
-            maybe_sent: false,
-        });
+        let state = Driving::new(
+            Cursor::Forward {
+                step: 0,
+                maybe_sent: false,
+            },
+            FIRST_EPOCH,
+        );
         self.spawn_driver(claim, Arc::new(data), state, span);
         Ok(Started::Started)
     }
 
-    /// Makes sure an open saga is driven by this process: if nobody drives it
-    /// (its start was lost), it is resumed from the log. Returns whether it
+    /// Makes sure an open saga is driven: if nobody drives it (its start was
+    /// lost, or, with replicas, its owner died), this process resumes it from
+    /// the log. A saga a live replica drives is left to it. Returns whether it
     /// had to be resumed.
     pub async fn ensure_driven(&self, saga_id: Uuid) -> Result<bool, sqlx::Error> {
         let Some(claim) = self.claim(saga_id) else {
             return Ok(false);
         };
-        let open =
-            log::load_one_open(&self.inner.pool, self.inner.definition.kind, saga_id).await?;
+        let inner = &self.inner;
+        if let Some(replica) = &inner.replica
+            && replicas::claim_one(&inner.pool, replica, inner.definition.kind, saga_id)
+                .await?
+                .is_none()
+        {
+            return Ok(false);
+        }
+        let open = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await?;
         let Some(open) = open else {
             return Ok(false);
         };
@@ -269,24 +368,37 @@ where
         Ok(true)
     }
 
-    /// Resumes every open saga of this definition from the log. Returns how many.
+    /// Resumes every open saga of this definition that is this process's to
+    /// drive. Alone, that is every open saga in the store. As a replica, it
+    /// first joins the others (a lease of its own, the listener for their
+    /// changes, the sweeper that takes over the sagas of replicas that die),
+    /// then takes back the sagas recorded under its own ID and those whose
+    /// owner's lease ran out. Returns how many it resumed.
     pub async fn recover(&self) -> anyhow::Result<usize> {
-        let open = log::load_open(&self.inner.pool, self.inner.definition.kind).await?;
-        let mut resumed = 0;
-        for saga in open {
-            let saga_id = saga.saga_id;
-            let Some(claim) = self.claim(saga_id) else {
-                continue;
-            };
-            // One saga this build can't read must not keep every other one
-            // from resuming; it stays open, visible, and is logged.
-            match self.resume(claim, saga) {
-                Ok(()) => resumed += 1,
-                Err(err) => {
-                    tracing::error!(%saga_id, error = %err, "cannot resume a saga; it stays open")
+        let inner = &self.inner;
+        let Some(replica) = &inner.replica else {
+            let open = log::load_open(&inner.pool, inner.definition.kind).await?;
+            let mut resumed = 0;
+            for saga in open {
+                if let Some(claim) = self.claim(saga.saga_id) {
+                    resumed += usize::from(self.resume_or_log(claim, saga));
                 }
             }
+            return Ok(resumed);
+        };
+        if let Some(left_ms) = replicas::live_predecessor(&inner.pool, replica).await? {
+            tracing::warn!(
+                replica = %replica.id,
+                lease_left_ms = left_ms,
+                "this replica ID still holds a lease: taking its sagas back now (a restart after a crash). \
+                 If another process runs under this ID, it stops: give each replica its own ID"
+            );
         }
+        replicas::register(&inner.pool, replica, inner.incarnation).await?;
+        self.spawn_replica_tasks(replica.clone());
+        let own = replicas::claim_own(&inner.pool, replica, inner.definition.kind).await?;
+        let mut resumed = self.resume_claimed(own).await;
+        resumed += self.sweep(replica).await?;
         Ok(resumed)
     }
 
@@ -337,17 +449,46 @@ where
 
     /// Stops starting new calls, then waits up to `grace` for drivers to reach a
     /// checkpoint. Whatever is still in flight after that is left to recovery.
+    /// A replica then hands its open sagas over: it releases them and its
+    /// lease at once, and the other replicas take them without waiting for
+    /// the lease to run out.
     pub async fn shutdown(&self, grace: Duration) {
-        self.inner.stopping.send_replace(true);
-        self.inner.drivers.close();
-        if tokio::time::timeout(grace, self.inner.drivers.wait())
+        let inner = &self.inner;
+        inner.stopping.send_replace(true);
+        inner.drivers.close();
+        if tokio::time::timeout(grace, inner.drivers.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                left = self.inner.drivers.len(),
-                "sagas still in flight at shutdown; they resume from the log on restart"
+                left = inner.drivers.len(),
+                "sagas still in flight at shutdown; they resume from the log"
             );
+        }
+        let Some(replica) = &inner.replica else {
+            return;
+        };
+        if inner.lost.borrow().is_some() {
+            return;
+        }
+        match replicas::release(
+            &inner.pool,
+            replica,
+            inner.incarnation,
+            inner.definition.kind,
+        )
+        .await
+        {
+            Ok(released) => {
+                tracing::info!(
+                    released,
+                    "handed this replica's open sagas over to the others"
+                )
+            }
+            Err(err) => tracing::warn!(
+                error = %err,
+                "cannot hand the open sagas over; the others take them when this replica's lease runs out"
+            ),
         }
     }
 
@@ -381,11 +522,158 @@ where
             cancel_requested: saga.cancel_requested,
             failure_reason: saga.failure_reason,
             undid_any: saga.undid_any,
+            epoch: saga.epoch,
         };
         // The resumed steps join the saga's original trace.
         let span = self.saga_span(saga.saga_id, Some(&saga.trace_context));
         self.spawn_driver(claim, Arc::new(data), state, span);
         Ok(())
+    }
+
+    /// Resumes `saga`; one saga this build can't read must not keep every
+    /// other one from resuming: it stays open, visible, and is logged.
+    fn resume_or_log(&self, claim: Claim, saga: OpenSaga) -> bool {
+        let saga_id = saga.saga_id;
+        match self.resume(claim, saga) {
+            Ok(()) => true,
+            Err(err) => {
+                self.inner.unreadable.lock().unwrap().insert(saga_id);
+                tracing::error!(%saga_id, error = %err, "cannot resume a saga; it stays open");
+                false
+            }
+        }
+    }
+
+    /// Resumes sagas this replica just claimed, each at its new epoch.
+    async fn resume_claimed(&self, claimed: Vec<(Uuid, i64)>) -> usize {
+        let inner = &self.inner;
+        let mut resumed = 0;
+        for (saga_id, epoch) in claimed {
+            // Driven here already by a driver at an older epoch: it is fenced
+            // at its next write, and the sweep takes the saga up again.
+            let Some(claim) = self.claim(saga_id) else {
+                continue;
+            };
+            match log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await {
+                Ok(Some(saga)) if saga.epoch == epoch => {
+                    resumed += usize::from(self.resume_or_log(claim, saga))
+                }
+                // Ended or claimed again since: nothing to drive.
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(%saga_id, error = %err, "cannot read a claimed saga; the sweep takes it up again")
+                }
+            }
+        }
+        resumed
+    }
+
+    /// Takes over the open sagas of replicas whose lease ran out, and any of
+    /// this replica's own that nothing here drives. Returns how many it resumed.
+    async fn sweep(&self, replica: &ReplicaSettings) -> Result<usize, sqlx::Error> {
+        let inner = &self.inner;
+        let kind = inner.definition.kind;
+        let mut resumed = 0;
+        loop {
+            let orphans = replicas::claim_orphans(&inner.pool, replica, kind, CLAIM_BATCH).await?;
+            let full = orphans.len() as i64 == CLAIM_BATCH;
+            if !orphans.is_empty() {
+                tracing::info!(
+                    sagas = orphans.len(),
+                    "taking over the open sagas of replicas whose lease ran out"
+                );
+                inner.metrics.taken_over(orphans.len() as u64);
+            }
+            resumed += self.resume_claimed(orphans).await;
+            if !full {
+                break;
+            }
+        }
+        let idle = replicas::own_idle(&inner.pool, replica, kind).await?;
+        for saga_id in idle {
+            let driven = inner.driving.lock().unwrap().contains_key(&saga_id);
+            if driven || inner.unreadable.lock().unwrap().contains(&saga_id) {
+                continue;
+            }
+            if let Some(epoch) = replicas::claim_one(&inner.pool, replica, kind, saga_id).await? {
+                resumed += self.resume_claimed(vec![(saga_id, epoch)]).await;
+            }
+        }
+        Ok(resumed)
+    }
+
+    /// The replica's background work: renew its lease, listen for the other
+    /// replicas' changes, and sweep for sagas nobody drives.
+    fn spawn_replica_tasks(&self, replica: ReplicaSettings) {
+        let database_url = replica.database_url.clone();
+        let engine = self.clone();
+        let tick = replica.tick();
+        tokio::spawn(async move {
+            let inner = &engine.inner;
+            let mut stopping = inner.stopping.subscribe();
+            let mut next_sweep = tokio::time::Instant::now() + tick;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_sweep) => {}
+                    () = inner.sweep_now.notified() => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+                next_sweep = tokio::time::Instant::now() + tick;
+                match replicas::renew(&inner.pool, &replica, inner.incarnation).await {
+                    Ok(Renewal::Renewed) => {}
+                    Ok(Renewal::Superseded) => {
+                        let reason = format!(
+                            "another process registered as replica {:?}: this one stops driving sagas; \
+                             give each replica its own ID",
+                            replica.id
+                        );
+                        tracing::error!("{reason}");
+                        inner.stopping.send_replace(true);
+                        inner.lost.send_replace(Some(reason));
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot renew this replica's lease; retrying");
+                        continue;
+                    }
+                }
+                if let Err(err) = engine.sweep(&replica).await {
+                    tracing::warn!(error = %err, "cannot look for sagas nobody drives; retrying");
+                }
+            }
+        });
+
+        let engine = self.clone();
+        let stopping = self.inner.stopping.subscribe();
+        tokio::spawn(notifications::listen(
+            database_url,
+            self.inner.incarnation,
+            stopping,
+            move |heard| engine.heard(heard),
+        ));
+    }
+
+    /// What the listener heard from the other replicas.
+    fn heard(&self, heard: Heard) {
+        let inner = &self.inner;
+        match heard {
+            Heard::Changes(notices) => {
+                for notice in notices {
+                    if notice.cancel {
+                        let signal = inner.driving.lock().unwrap().get(&notice.saga_id).cloned();
+                        if let Some(signal) = signal {
+                            signal.notify_one();
+                        }
+                    }
+                    inner.changes.publish(SagaChange {
+                        saga_id: notice.saga_id,
+                        status: notice.status,
+                    });
+                }
+            }
+            Heard::Release => inner.sweep_now.notify_one(),
+            Heard::Reconnected => inner.changes.publish_all(),
+        }
     }
 
     fn spawn_driver(&self, claim: Claim, data: Arc<D>, state: Driving, span: tracing::Span) {
@@ -397,8 +685,12 @@ where
                 };
                 let _in_flight = inner.metrics.in_flight();
                 let driver = Driver::new(&inner, claim.saga_id, &data, &claim.cancelled, state);
-                if driver.run().await.is_err() {
-                    tracing::info!("saga interrupted by shutdown; it resumes from the log");
+                match driver.run().await {
+                    Ok(()) => {}
+                    Err(Stopped::Interrupted) => {
+                        tracing::info!("saga interrupted by shutdown; it resumes from the log")
+                    }
+                    Err(Stopped::Fenced) => inner.metrics.fenced(),
                 }
                 drop(claim);
             }
@@ -410,6 +702,11 @@ where
 impl<D> Inner<D> {
     pub(crate) fn stopping(&self) -> bool {
         *self.stopping.borrow()
+    }
+
+    /// The owner this engine records on the sagas it starts.
+    fn owner(&self) -> &str {
+        self.replica.as_ref().map_or(ALONE, |r| r.id.as_str())
     }
 
     /// The event, if any, that this saga's kind publishes for a milestone.

@@ -45,8 +45,9 @@ pub(crate) const NEXT_SEQUENCE: &str = "UPDATE sagas SET events_sequence = event
 
 pub(crate) const WRITTEN_BEFORE: &str = "SELECT id FROM outbox WHERE event_id = $1";
 
-pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+/// The event carries the epoch of its writer, read from the saga's row.
+pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM sagas WHERE saga_id = $2))";
 
 /// The published body: the envelope fields, then the event's own.
 pub(crate) fn payload(

@@ -15,6 +15,9 @@
 //! - [`changes`]: who hears of a committed change: the waiters of that saga.
 //! - [`engine`]: the handle: start, resume, cancel, watch, shut down.
 //! - [`driver`]: what drives one saga: steps, checkpoints, compensations.
+//! - [`replicas`]: several engines on one PostgreSQL database: leases,
+//!   epochs, takeover and hand-over.
+//! - [`notifications`]: changes told across replicas (LISTEN/NOTIFY).
 //! - [`metrics`]: sagas started, finished and in flight; step latency and retries.
 //! - [`crash_points`]: named places where tests abort or pause the process.
 //!
@@ -29,14 +32,17 @@ pub mod engine;
 pub mod events;
 pub mod log;
 pub mod metrics;
+mod notifications;
+pub mod replicas;
 pub mod retry;
 mod trace_context;
 
 pub use changes::{SagaChange, SagaWatch};
 pub use cursor::Cursor;
 pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
-pub use engine::{Admission, Engine, Started};
+pub use engine::{Admission, Engine, Ownership, Started};
 pub use log::{Admit, CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
+pub use replicas::ReplicaSettings;
 pub use retry::RetryPolicy;
 
 /// The engine's tables on SQLite, for users that do not create them themselves.

@@ -39,6 +39,8 @@ pub struct EngineMetrics {
     step_seconds: Family<StepLabels, Histogram>,
     retries: Family<RetryLabels, Counter>,
     in_flight: Gauge,
+    taken_over: Counter,
+    fenced: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -59,6 +61,8 @@ impl EngineMetrics {
             }),
             retries: Family::default(),
             in_flight: Gauge::default(),
+            taken_over: Counter::default(),
+            fenced: Counter::default(),
         };
         registry.register("saga_started", "Sagas started", metrics.started.clone());
         registry.register(
@@ -81,7 +85,25 @@ impl EngineMetrics {
             "Sagas being driven now",
             metrics.in_flight.clone(),
         );
+        registry.register(
+            "saga_taken_over",
+            "Sagas this replica took over from replicas whose lease ran out",
+            metrics.taken_over.clone(),
+        );
+        registry.register(
+            "saga_fenced",
+            "Drivers stopped because another replica had taken their saga over",
+            metrics.fenced.clone(),
+        );
         metrics
+    }
+
+    pub(crate) fn taken_over(&self, sagas: u64) {
+        self.taken_over.inc_by(sagas);
+    }
+
+    pub(crate) fn fenced(&self) {
+        self.fenced.inc();
     }
 
     pub(crate) fn started(&self) {

@@ -40,6 +40,7 @@ mod observability;
 mod payment;
 mod rapid_reset;
 mod recovery;
+mod replicas;
 mod saga;
 mod schema;
 mod shipping;

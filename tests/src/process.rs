@@ -83,6 +83,11 @@ impl ServiceProcess {
         self.env.push((key.to_owned(), value.into()));
     }
 
+    /// The environment it starts with.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -111,10 +111,15 @@ pub struct NewSaga {
     pub first_step: &'static str,
     /// Step 0 is the pivot: the saga can't be cancelled once started.
     pub starts_at_pivot: bool,
+    /// The replica that records it drives it, at epoch 1.
+    pub owner: String,
 }
 
-pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed) \
-     VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6)";
+/// The epoch a new saga starts with, under the replica that records it.
+pub const FIRST_EPOCH: i64 = 1;
+
+pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
+     VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1)";
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
 /// that the caller's own rows, e.g. the order, commit with it).
@@ -127,6 +132,7 @@ pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(),
         .bind(&saga.trace_context)
         .bind(now)
         .bind(i64::from(saga.starts_at_pivot))
+        .bind(&saga.owner)
         .execute(&mut *conn)
         .await?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
@@ -175,6 +181,9 @@ pub struct SagaState {
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub saga_id: Uuid,
+    /// The epoch its driver claimed the saga at: the change is written only
+    /// if the saga is still at that epoch (no other replica took it since).
+    pub epoch: i64,
     pub steps: Vec<StepRecord>,
     pub state: Option<SagaState>,
     /// Mark the pivot as begun, unless a cancellation came first.
@@ -190,12 +199,14 @@ impl Checkpoint {
     /// A checkpoint that neither enters the pivot nor completes the saga.
     pub fn new(
         saga_id: Uuid,
+        epoch: i64,
         steps: Vec<StepRecord>,
         state: Option<SagaState>,
         events: Vec<NewEvent>,
     ) -> Self {
         Checkpoint {
             saga_id,
+            epoch,
             steps,
             state,
             enter_pivot: false,
@@ -219,6 +230,15 @@ impl Checkpoint {
         }
     }
 
+    /// The status this checkpoint set, as `applied` says, if it set one.
+    pub(crate) fn status_after(&self, applied: &Applied) -> Option<SagaStatus> {
+        if self.complete {
+            applied.completed.then_some(SagaStatus::Completed)
+        } else {
+            self.state.as_ref().map(|s| s.status)
+        }
+    }
+
     /// Whether the events go with this checkpoint: a refused completion
     /// announces nothing (the saga compensates instead).
     pub(crate) fn announces(&self, completed: bool) -> bool {
@@ -237,6 +257,9 @@ pub struct Applied {
     pub completed: bool,
     /// The saga was already terminal (with this status), so nothing was written.
     pub closed: Option<SagaStatus>,
+    /// The saga is open but at another epoch: another replica claimed it
+    /// since this driver did, so nothing was written.
+    pub fenced: bool,
 }
 
 impl Applied {
@@ -246,28 +269,47 @@ impl Applied {
             pivot_entered: false,
             completed: false,
             closed: Some(status),
+            fenced: false,
+        }
+    }
+
+    /// Nothing was written: the saga is terminal (`closed`) or another
+    /// replica holds it (`fenced`), as its row says now.
+    pub(crate) fn refused(status: SagaStatus) -> Self {
+        if status.is_terminal() {
+            Applied::closed(status)
+        } else {
+            Applied {
+                closed: None,
+                fenced: true,
+                ..Applied::closed(status)
+            }
         }
     }
 }
 
-pub(crate) const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+/// The record carries the epoch of its writer, read from the saga's row in
+/// the same transaction (which the checkpoint's own update has locked).
+pub(crate) const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT epoch FROM sagas WHERE saga_id = $1)) \
      ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
-       status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, \
+       status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, epoch = excluded.epoch, \
        output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
        started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)";
 
 /// One statement: the new state, the pivot and the completion (each granted
 /// only if no cancel came first), and what the row says about cancellation.
 /// A cancel is a conditional update of the same row, so exactly one wins.
-/// Only an open saga moves: a terminal one is never written again.
+/// Only an open saga moves: a terminal one is never written again. Only the
+/// driver at the saga's current epoch moves it: the fence (a takeover bumps
+/// the epoch under the row's lock, so the two are serialised).
 pub(crate) const APPLY_STATE: &str = "UPDATE sagas SET \
      status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
               ELSE COALESCE($2, status) END, \
      next_step = COALESCE($3, next_step), \
      failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
      pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
-     WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') \
+     WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') AND epoch = $8 \
      RETURNING status, cancel_requested, pivot_passed";
 
 pub(crate) const SAGA_STATUS: &str = "SELECT status FROM sagas WHERE saga_id = $1";
@@ -307,18 +349,20 @@ pub(crate) async fn apply(
         .bind(now_ms())
         .bind(i64::from(checkpoint.enter_pivot))
         .bind(&id)
+        .bind(checkpoint.epoch)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {
         // Already terminal: this checkpoint was applied before (its COMMIT's
-        // reply was lost), or another driver ended the saga. Nothing to write.
+        // reply was lost), or another driver ended the saga. Or still open,
+        // but another replica claimed it since. Nothing to write either way.
         let status: String = sqlx::query_scalar(SAGA_STATUS)
             .bind(&id)
             .fetch_one(&mut *conn)
             .await?;
         let status = SagaStatus::parse(&status)
             .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
-        return Ok(Applied::closed(status));
+        return Ok(Applied::refused(status));
     };
     for step in &checkpoint.steps {
         upsert_step(conn, checkpoint.saga_id, step).await?;
@@ -336,6 +380,7 @@ pub(crate) async fn apply(
         pivot_entered,
         completed,
         closed: None,
+        fenced: false,
     })
 }
 
@@ -352,10 +397,12 @@ pub struct OpenSaga {
     /// Whether any compensation was begun (a saga that undid nothing after a
     /// failure ends FAILED, not COMPENSATED).
     pub undid_any: bool,
+    /// The epoch it is held at; its driver writes under it.
+    pub epoch: i64,
 }
 
 const OPEN_SAGA_COLUMNS: &str = "s.saga_id, s.data, s.status, s.next_step, s.cancel_requested, \
-     s.failure_reason, s.trace_context, \
+     s.failure_reason, s.trace_context, s.epoch, \
      (SELECT COUNT(*) FROM saga_steps c WHERE c.saga_id = s.saga_id AND c.phase = 'compensation') AS undone";
 
 /// Every open saga of `kind`, oldest first.
@@ -400,6 +447,7 @@ fn open_saga(row: &sqlx::any::AnyRow) -> Result<OpenSaga, sqlx::Error> {
         failure_reason: row.try_get("failure_reason")?,
         trace_context: row.try_get("trace_context")?,
         undid_any: row.try_get::<i64, _>("undone")? > 0,
+        epoch: row.try_get("epoch")?,
     })
 }
 

@@ -287,6 +287,7 @@ fn insert_saga(conn: &Connection, saga: &NewSaga) -> rusqlite::Result<()> {
         saga.trace_context,
         now,
         i64::from(saga.starts_at_pivot),
+        saga.owner,
     ])?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     upsert_step(conn, &saga.saga_id.to_string(), &started)
@@ -322,6 +323,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
                 now_ms(),
                 i64::from(checkpoint.enter_pivot),
                 id,
+                checkpoint.epoch,
             ],
             |r| {
                 Ok((
@@ -334,11 +336,12 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
         .optional()?;
     let Some((new_status, cancel_requested, pivot_passed)) = row else {
         // Already terminal: applied before (its COMMIT's reply was lost), or
-        // another driver ended the saga. Nothing to write.
+        // another driver ended the saga; or another replica holds it now.
+        // Nothing to write.
         let status: String = conn
             .prepare_cached(SAGA_STATUS)?
             .query_row(params![id], |r| r.get(0))?;
-        return Ok(Applied::closed(parse_status(&status)?));
+        return Ok(Applied::refused(parse_status(&status)?));
     };
     for step in &checkpoint.steps {
         upsert_step(conn, &id, step)?;
@@ -355,6 +358,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
         pivot_entered,
         completed,
         closed: None,
+        fenced: false,
     })
 }
 

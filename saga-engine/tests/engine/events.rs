@@ -28,6 +28,7 @@ async fn new_saga(pool: &AnyPool) -> Uuid {
             trace_context: String::new(),
             first_step: "a",
             starts_at_pivot: false,
+            owner: "local".into(),
         },
     )
     .await
@@ -59,9 +60,10 @@ async fn outbox(pool: &AnyPool, saga: Uuid) -> Vec<(i64, String)> {
 async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
     let store = store::fresh(backend).await;
     let saga = new_saga(&store.pool).await;
-    let writer = LogWriter::spawn(store.pool.clone()).unwrap();
+    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
     let finished = Checkpoint {
         saga_id: saga,
+        epoch: log::FIRST_EPOCH,
         steps: vec![],
         state: Some(SagaState {
             status: SagaStatus::Failed,

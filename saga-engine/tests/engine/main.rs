@@ -26,5 +26,6 @@ mod compensation;
 mod events;
 mod properties;
 mod recovery;
+mod replicas;
 mod scripted;
 mod store;

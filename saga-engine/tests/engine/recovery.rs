@@ -77,6 +77,7 @@ async fn leave_as_crashed(pool: &AnyPool, world: &World, position: Position) -> 
             trace_context: String::new(),
             first_step: STEPS[0],
             starts_at_pivot: false,
+            owner: "local".into(),
         },
     )
     .await

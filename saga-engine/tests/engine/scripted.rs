@@ -38,6 +38,10 @@ pub enum Cue {
     /// Takes 3 ms, then does the work and replies: a window as wide as a few
     /// log commits, whatever the store's speed.
     Slow,
+    /// Waits until the test opens the world's gate with this number, then
+    /// does the work and replies: a step held in flight for as long as a
+    /// test needs.
+    Gated(usize),
 }
 
 /// The saga's input: nothing but a label; behaviour comes from the cues.
@@ -67,9 +71,18 @@ pub struct World {
     pub ledger: Mutex<Ledger>,
     forward: Mutex<HashMap<(Uuid, &'static str), VecDeque<Cue>>>,
     compensation: Mutex<HashMap<(Uuid, &'static str), VecDeque<Cue>>>,
+    /// The gates opened by [`World::open_gate`], which [`Cue::Gated`] steps
+    /// wait for.
+    gates: (Mutex<HashSet<usize>>, tokio::sync::Notify),
 }
 
 impl World {
+    /// Lets every step gated on `gate` go on, now and from now on.
+    pub fn open_gate(&self, gate: usize) {
+        self.gates.0.lock().unwrap().insert(gate);
+        self.gates.1.notify_waiters();
+    }
+
     /// Cues the next forward attempts of `step` of `saga`; later attempts succeed.
     pub fn cue(&self, saga: Uuid, step: &'static str, cues: &[Cue]) {
         self.forward
@@ -179,6 +192,13 @@ impl Step<Script> for ScriptedStep {
             }
             Cue::SlowRefuse => tokio::time::sleep(Duration::from_millis(200)).await,
             Cue::Slow => tokio::time::sleep(Duration::from_millis(3)).await,
+            Cue::Gated(gate) => loop {
+                let opened = self.world.gates.1.notified();
+                if self.world.gates.0.lock().unwrap().contains(&gate) {
+                    break;
+                }
+                opened.await;
+            },
             Cue::Ok | Cue::LoseReply | Cue::Refuse => {}
         }
         {
@@ -282,6 +302,32 @@ pub fn engine(world: &Arc<World>, pool: &AnyPool, policy: RetryPolicy) -> Engine
         EngineMetrics::default(),
     )
     .unwrap()
+}
+
+/// An engine as one replica, `id`, with `lease`, on the PostgreSQL `pool`.
+/// It has joined the others (and resumed what was its to resume).
+pub async fn replica(
+    world: &Arc<World>,
+    pool: &AnyPool,
+    policy: RetryPolicy,
+    id: &str,
+    lease: Duration,
+) -> Engine<Script> {
+    let engine = Engine::with_ownership(
+        definition(world),
+        pool.clone(),
+        policy,
+        1_000,
+        EngineMetrics::default(),
+        saga_engine::Ownership::Replica(saga_engine::ReplicaSettings {
+            id: id.into(),
+            lease,
+            database_url: pool.connect_options().database_url.to_string(),
+        }),
+    )
+    .unwrap();
+    engine.recover().await.unwrap();
+    engine
 }
 
 /// Starts a saga and returns its ID.

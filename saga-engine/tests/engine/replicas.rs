@@ -1,0 +1,245 @@
+//! Several engines as replicas on one PostgreSQL database: each open saga is
+//! driven by one of them at a time; a replica that dies or leaves has its
+//! sagas taken over; one that lost a saga can no longer write to it; changes
+//! and cancels reach every replica.
+
+use std::{sync::Arc, time::Duration};
+
+use saga_engine::{CancelOutcome, SagaStatus};
+use sqlx::AnyPool;
+use uuid::Uuid;
+
+use crate::{
+    scripted::{self, Cue, World},
+    store::{self, Backend},
+};
+
+const SHORT_LEASE: Duration = Duration::from_millis(500);
+/// Long enough that nothing in a test waits for it to run out.
+const LONG_LEASE: Duration = Duration::from_secs(120);
+
+/// Waits (at most 10 s) until `check` holds.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn owner_and_epoch(pool: &AnyPool, saga: Uuid) -> (String, i64) {
+    sqlx::query_as("SELECT owner, epoch FROM sagas WHERE saga_id = $1")
+        .bind(saga.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The epochs of the saga's step records, in the order the saga wrote them.
+async fn step_epochs(pool: &AnyPool, saga: Uuid) -> Vec<(String, String, i64)> {
+    sqlx::query_as(
+        "SELECT phase, name, epoch FROM saga_steps WHERE saga_id = $1 \
+         ORDER BY started_at_ms, phase DESC, step_index",
+    )
+    .bind(saga.to_string())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+fn slow_policy() -> saga_engine::RetryPolicy {
+    let mut policy = scripted::policy();
+    policy.call_timeout = Duration::from_secs(30);
+    policy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_leaves_alone_a_saga_a_live_one_drives() {
+    let store = store::fresh(Backend::Postgres).await;
+    let world = Arc::new(World::default());
+    let first = scripted::replica(&world, &store.pool, slow_policy(), "a", LONG_LEASE).await;
+    let saga = Uuid::new_v4();
+    scripted::start_with(&first, saga, |w| w.cue(saga, "b", &[Cue::Gated(0)]), &world).await;
+    until("b is called", async || world.forward_calls(saga, "b") == 1).await;
+
+    // A second replica starts while the first is alive and in the middle of b.
+    let second = scripted::replica(&world, &store.pool, slow_policy(), "b", LONG_LEASE).await;
+    assert_eq!(
+        second.recover().await.unwrap(),
+        0,
+        "the second replica resumed a saga the first one drives"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        world.forward_calls(saga, "b"),
+        1,
+        "b was called by both replicas"
+    );
+
+    world.open_gate(0);
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::Completed
+    );
+    scripted::assert_consistent(&world, saga, SagaStatus::Completed);
+    assert_eq!(owner_and_epoch(&store.pool, saga).await, ("a".into(), 1));
+}
+
+/// A replica whose lease ran out (it was paused, say) loses its saga to
+/// another; when it wakes, its late write is refused and it stops driving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_past_its_lease_is_taken_over_and_fenced() {
+    let store = store::fresh(Backend::Postgres).await;
+    let world = Arc::new(World::default());
+    let paused = scripted::replica(&world, &store.pool, slow_policy(), "a", LONG_LEASE).await;
+    let saga = Uuid::new_v4();
+    // The first call of b (by "a") waits for gate 0, the second (by the
+    // replica that takes over) for gate 1.
+    let cues = [Cue::Gated(0), Cue::Gated(1)];
+    scripted::start_with(&paused, saga, |w| w.cue(saga, "b", &cues), &world).await;
+    until("b is called", async || world.forward_calls(saga, "b") == 1).await;
+    // As if "a" had not renewed for a whole lease: it is busy in b and
+    // believes it still holds the saga.
+    sqlx::query("UPDATE saga_replicas SET lease_until_ms = 0 WHERE replica_id = 'a'")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+
+    let _taker = scripted::replica(&world, &store.pool, slow_policy(), "b", SHORT_LEASE).await;
+    until("b takes the saga over", async || {
+        owner_and_epoch(&store.pool, saga).await == ("b".into(), 2)
+    })
+    .await;
+    until("the new owner calls b again", async || {
+        world.forward_calls(saga, "b") == 2
+    })
+    .await;
+
+    // The old owner's call returns first: its checkpoint must be refused,
+    // and it must not go on to c.
+    world.open_gate(0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        world.forward_calls(saga, "c"),
+        0,
+        "the fenced replica went on to c"
+    );
+    let epochs = step_epochs(&store.pool, saga).await;
+    assert_eq!(epochs.len(), 2, "the fenced replica wrote: {epochs:?}");
+
+    world.open_gate(1);
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::Completed
+    );
+    scripted::assert_consistent(&world, saga, SagaStatus::Completed);
+    assert_eq!(world.forward_calls(saga, "c"), 1);
+    let epochs = step_epochs(&store.pool, saga).await;
+    let written: Vec<i64> = epochs.iter().map(|(_, _, e)| *e).collect();
+    assert_eq!(
+        written,
+        vec![1, 2, 2],
+        "a, then b and c by the new owner: {epochs:?}"
+    );
+    let event_epochs: Vec<i64> =
+        sqlx::query_scalar("SELECT epoch FROM outbox WHERE aggregate_id = $1 ORDER BY sequence")
+            .bind(saga.to_string())
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+    assert_eq!(event_epochs, vec![1, 2], "started by a, completed by b");
+}
+
+/// On shutdown a replica hands its sagas over: the others take them at once,
+/// not after its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_shuts_down_hands_its_sagas_over_at_once() {
+    let store = store::fresh(Backend::Postgres).await;
+    let world = Arc::new(World::default());
+    let leaving = scripted::replica(&world, &store.pool, slow_policy(), "a", LONG_LEASE).await;
+    let staying = scripted::replica(&world, &store.pool, slow_policy(), "b", LONG_LEASE).await;
+    let saga = Uuid::new_v4();
+    scripted::start_with(
+        &leaving,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::Gated(0)]),
+        &world,
+    )
+    .await;
+    until("b is called", async || world.forward_calls(saga, "b") == 1).await;
+
+    let since = std::time::Instant::now();
+    leaving.shutdown(Duration::from_millis(50)).await;
+    until("the staying replica takes the saga", async || {
+        owner_and_epoch(&store.pool, saga).await.0 == "b"
+    })
+    .await;
+    assert!(
+        since.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        since.elapsed()
+    );
+    world.open_gate(0);
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::Completed
+    );
+    scripted::assert_consistent(&world, saga, SagaStatus::Completed);
+    let replicas: Vec<String> = sqlx::query_scalar("SELECT replica_id FROM saga_replicas")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        replicas,
+        vec!["b".to_owned()],
+        "the leaving replica ended its lease"
+    );
+    drop(staying);
+}
+
+/// A cancel accepted by one replica stops the retries of the driver on
+/// another at once, not after its retry budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_on_one_replica_reaches_the_driver_on_another() {
+    let store = store::fresh(Backend::Postgres).await;
+    let world = Arc::new(World::default());
+    let mut policy = scripted::policy();
+    // Without the cancel, b would retry for about a minute.
+    policy.max_attempts = 30;
+    policy.initial_backoff = Duration::from_secs(2);
+    policy.max_backoff = Duration::from_secs(2);
+    let driving = scripted::replica(&world, &store.pool, policy.clone(), "a", LONG_LEASE).await;
+    let other = scripted::replica(&world, &store.pool, policy, "b", LONG_LEASE).await;
+    let saga = Uuid::new_v4();
+    scripted::start_with(
+        &driving,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::Fail; 30]),
+        &world,
+    )
+    .await;
+    until("b fails once", async || world.forward_calls(saga, "b") == 1).await;
+
+    let mut watch = other.watch(saga);
+    assert_eq!(other.cancel(saga).await.unwrap(), CancelOutcome::Accepted);
+    let since = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = watch.changed().await
+                && status.is_terminal()
+            {
+                return status;
+            }
+        }
+    })
+    .await
+    .expect("the watcher on the other replica hears the saga end");
+    assert_eq!(status, SagaStatus::Cancelled);
+    assert!(
+        since.elapsed() < Duration::from_millis(1_500),
+        "the cancel took {:?} to stop the retries",
+        since.elapsed()
+    );
+    scripted::assert_consistent(&world, saga, SagaStatus::Cancelled);
+    assert_eq!(owner_and_epoch(&store.pool, saga).await, ("a".into(), 1));
+}
