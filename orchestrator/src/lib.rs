@@ -6,6 +6,7 @@
 //! - [`orders`]: the public API: create, get, list, watch, cancel.
 //! - [`outbox`]: order events, written with the state change, relayed to RabbitMQ.
 //! - [`downstream`]: the clients of the domain services.
+//! - [`replica`]: how this process shares its store with other orchestrators.
 //! - [`error`]: the OrderService's outcomes and their gRPC codes.
 
 pub mod downstream;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod order_saga;
 pub mod orders;
 pub mod outbox;
+pub mod replica;
 
 /// Named crash points, armed only by the test build of the binary.
 pub use saga_engine::crash_points;
@@ -21,7 +23,7 @@ use std::{sync::Arc, time::Duration};
 
 use clap::{Args, Parser};
 use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
-use saga_engine::{Engine, RetryPolicy, metrics::EngineMetrics};
+use saga_engine::{Engine, Ownership, RetryPolicy, metrics::EngineMetrics};
 use svc_kit::{
     auth::ApiKeyCheck,
     metrics::MetricsRegistry,
@@ -35,7 +37,11 @@ use crate::{
     downstream::{Downstream, DownstreamArgs},
     order_saga::OrderData,
     orders::{OrderApi, pricing::Catalogue},
-    outbox::relay::{BrokerArgs, OutboxMetrics, Relay},
+    outbox::{
+        leader::RelayLeader,
+        relay::{BrokerArgs, OutboxMetrics, Relay},
+    },
+    replica::{ReplicaArgs, SqliteLock},
 };
 
 pub const DEFAULT_PORT: u16 = 50051;
@@ -63,6 +69,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
 
     #[command(flatten)]
     pub downstream: DownstreamArgs,
@@ -163,6 +172,7 @@ impl Settings {
         Settings {
             server: ServerArgs::local(database_url, api_key),
             engine: EngineArgs::default(),
+            replica: ReplicaArgs::default(),
             downstream,
             broker: BrokerArgs::default(),
         }
@@ -179,6 +189,8 @@ pub struct Orchestrator {
     relay: Relay,
     grace: Duration,
     resumed: usize,
+    /// On a SQLite file: held for the process's life.
+    _sqlite_lock: Option<SqliteLock>,
 }
 
 pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
@@ -196,24 +208,39 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     } else {
         Store::open(&url, &MIGRATIONS).await?
     };
+    // A second orchestrator on one SQLite file would drive the same sagas.
+    let sqlite_lock = saga_engine::log::sqlite_file(&store.pool)
+        .map(|file| SqliteLock::acquire(&file))
+        .transpose()?;
+    let ownership = if settings.engine.bench_only_in_memory_store {
+        Ownership::Alone
+    } else {
+        settings.replica.ownership(&url)
+    };
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);
     let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let catalogue = Arc::new(Catalogue::new(downstream.stock.clone()));
-    let engine = Engine::new(
+    let leader = match &ownership {
+        Ownership::Replica(replica) => RelayLeader::elected(&url, replica.lease),
+        Ownership::Alone => RelayLeader::alone(),
+    };
+    let engine = Engine::with_ownership(
         order_saga::definition(downstream, catalogue.clone()),
         store.pool,
         settings.engine.retry_policy(),
         settings.engine.max_inflight_sagas as usize,
         engine_metrics,
+        ownership,
     )?;
     let relay = Relay::new(
         engine.pool().clone(),
         engine.log_writer(),
         &settings.broker,
         outbox_metrics,
+        leader,
     );
     let resumed = engine.recover().await?;
     if resumed > 0 {
@@ -237,6 +264,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         relay,
         grace,
         resumed,
+        _sqlite_lock: sqlite_lock,
     })
 }
 
@@ -266,11 +294,23 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let (stop_relay, relay_stopping) = tokio::sync::watch::channel(false);
         let relay = self.relay.spawn(relay_stopping);
-        let result = self.server.run_until_stopped(shutdown).await;
+        // A replica whose ID another process took stops serving, as on SIGTERM.
+        let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+        let engine = self.engine.clone();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                reason = engine.lost() => { let _ = lost_tx.send(reason); }
+            }
+        };
+        let result = self.server.run_until_stopped(stop).await;
         self.engine.shutdown(self.grace).await;
         // Unsent events stay in the outbox for the next start.
         stop_relay.send_replace(true);
         let _ = relay.await;
+        if let Ok(reason) = lost_rx.await {
+            anyhow::bail!(reason);
+        }
         result
     }
 }

@@ -212,9 +212,13 @@ where
     /// its ID. Never resolves when the engine runs alone.
     pub async fn lost(&self) -> String {
         let mut lost = self.inner.lost.subscribe();
-        match lost.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => std::future::pending().await,
+        let reason = match lost.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
         }
     }
 

@@ -13,6 +13,7 @@
 //! - While the broker is down or unreachable, the relay retries with backoff and
 //!   the events wait in the outbox; after it returns, they are all delivered.
 //! - Sent events are pruned after the retention period.
+//! - With several replicas, one relay publishes at a time (see [`super::leader`]).
 //!
 //! With no broker configured, the relay only measures the backlog.
 
@@ -37,10 +38,14 @@ use saga_engine::{
     log::LogWriter,
 };
 
+use super::leader::RelayLeader;
+
 /// Most events published per confirm round.
 const BATCH: i64 = 256;
 /// How often an idle relay looks for new events.
 const POLL: Duration = Duration::from_millis(50);
+/// How often a relay that does not lead runs for the lead.
+const FOLLOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
@@ -185,6 +190,7 @@ pub struct Relay {
     exchange: String,
     retention: Duration,
     metrics: OutboxMetrics,
+    leader: RelayLeader,
 }
 
 impl Relay {
@@ -193,8 +199,10 @@ impl Relay {
         writer: LogWriter,
         args: &BrokerArgs,
         metrics: OutboxMetrics,
+        leader: RelayLeader,
     ) -> Self {
         Relay {
+            leader,
             pool,
             writer,
             url: args.url(),
@@ -213,15 +221,20 @@ impl Relay {
         tokio::spawn(self.run(stopping))
     }
 
-    async fn run(self, mut stopping: watch::Receiver<bool>) {
+    async fn run(mut self, mut stopping: watch::Receiver<bool>) {
         let mut failures = 0u32;
         while !*stopping.borrow() {
-            let Some(url) = &self.url else {
+            let Some(url) = self.url.clone() else {
                 self.measure().await;
                 sleep_or_stop(&mut stopping, Duration::from_secs(5)).await;
                 continue;
             };
-            match connect(url, &self.exchange).await {
+            if !self.leader.lead().await {
+                self.measure().await;
+                sleep_or_stop(&mut stopping, FOLLOW).await;
+                continue;
+            }
+            match connect(&url, &self.exchange).await {
                 Ok((connection, channel)) => {
                     if failures > 0 {
                         tracing::info!("reconnected to RabbitMQ; publishing the outbox");
@@ -244,16 +257,21 @@ impl Relay {
                 }
             }
         }
+        self.leader.resign().await;
     }
 
-    /// Publishes unsent events until the broker fails or the process stops.
+    /// Publishes unsent events until the broker fails, this replica loses
+    /// the lead, or the process stops.
     async fn pump(
-        &self,
+        &mut self,
         channel: &Channel,
         stopping: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
         while !*stopping.borrow() {
+            if !self.leader.lead().await {
+                return Ok(());
+            }
             if last_prune.elapsed() > Duration::from_secs(60) {
                 self.prune().await;
                 last_prune = tokio::time::Instant::now();

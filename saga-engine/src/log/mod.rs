@@ -22,6 +22,12 @@ mod writer;
 
 pub(crate) use sqlite::SqliteLog;
 pub use sqlite::{SqliteReader, load_view as load_sqlite_view};
+
+/// The file behind a SQLite pool; `None` for PostgreSQL and for an in-memory
+/// database.
+pub fn sqlite_file(pool: &AnyPool) -> Option<std::path::PathBuf> {
+    SqliteLog::file_of(pool)
+}
 pub(crate) use writer::Start;
 pub use writer::{Admit, LogWriter};
 
