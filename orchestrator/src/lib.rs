@@ -224,7 +224,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let catalogue = Arc::new(Catalogue::new(downstream.stock.clone()));
     let leader = match &ownership {
-        Ownership::Replica(replica) => RelayLeader::elected(&url, replica.lease),
+        Ownership::Replica(replica) => RelayLeader::elected(&url, &replica.id, replica.lease),
         Ownership::Alone => RelayLeader::alone(),
     };
     let engine = Engine::with_ownership(

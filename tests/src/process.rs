@@ -142,6 +142,21 @@ impl ServiceProcess {
         .await
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to the running process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("the process runs")
+            .to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid} failed");
+    }
+
     /// SIGKILL, as `kill -9`.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

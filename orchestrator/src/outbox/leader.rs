@@ -18,7 +18,10 @@
 
 use std::time::Duration;
 
-use sqlx::{Connection, postgres::PgConnection};
+use sqlx::{
+    ConnectOptions, Connection,
+    postgres::{PgConnectOptions, PgConnection},
+};
 
 /// The advisory lock's key ("ordersr1"); one per database.
 const LOCK_KEY: i64 = 0x6f72_6465_7273_7231;
@@ -30,6 +33,9 @@ pub struct RelayLeader {
 
 struct Election {
     url: String,
+    /// Names the session (`application_name`), so an operator sees in
+    /// `pg_stat_activity` which replica leads.
+    replica_id: String,
     lease: Duration,
     /// The session that holds the lock, while this replica leads.
     held: Option<PgConnection>,
@@ -42,10 +48,11 @@ impl RelayLeader {
     }
 
     /// One relay among the replicas on the PostgreSQL database at `url`.
-    pub fn elected(url: &str, lease: Duration) -> Self {
+    pub fn elected(url: &str, replica_id: &str, lease: Duration) -> Self {
         RelayLeader {
             election: Some(Election {
                 url: url.to_owned(),
+                replica_id: replica_id.to_owned(),
                 lease,
                 held: None,
             }),
@@ -67,7 +74,7 @@ impl RelayLeader {
                 }
             }
         }
-        match try_lead(&election.url, election.lease).await {
+        match try_lead(election).await {
             Ok(Some(conn)) => {
                 tracing::info!("this replica publishes the outbox");
                 election.held = Some(conn);
@@ -90,11 +97,20 @@ impl RelayLeader {
     }
 }
 
-async fn try_lead(url: &str, lease: Duration) -> Result<Option<PgConnection>, sqlx::Error> {
-    let mut conn = PgConnection::connect(url).await?;
+/// The session name of the replica that leads the relay.
+pub fn session_name(replica_id: &str) -> String {
+    format!("outbox-relay {replica_id}")
+}
+
+async fn try_lead(election: &Election) -> Result<Option<PgConnection>, sqlx::Error> {
+    let options: PgConnectOptions = election.url.parse()?;
+    let mut conn = options
+        .application_name(&session_name(&election.replica_id))
+        .connect()
+        .await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SET idle_session_timeout = {}",
-        lease.as_millis()
+        election.lease.as_millis()
     )))
     .execute(&mut conn)
     .await?;
