@@ -5,6 +5,11 @@
 //! very library its own binary runs, configured through the same env
 //! variables), so each keeps its own process, logs and OpenTelemetry
 //! `service.name`, as in a deployment. Ctrl-C stops them all gracefully.
+//!
+//! With `--replicas N` and a PostgreSQL URL for the orchestrator, it runs N
+//! orchestrator replicas on that database, so that a takeover can be watched
+//! on one machine: kill one (its PID is printed) and the others take its
+//! sagas over.
 
 mod seed;
 
@@ -52,6 +57,26 @@ struct Args {
     /// Port of the orchestrator's /metrics; the services take the next three.
     #[arg(long, value_name = "METRICS_PORT", default_value_t = orchestrator::DEFAULT_METRICS_PORT)]
     metrics_port: u16,
+
+    /// Orchestrator replicas to run; more than one needs a PostgreSQL URL. Replica
+    /// 1 takes --port, replica i > 1 takes --port + 2 + i (after the services).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    replicas: u16,
+
+    /// The orchestrator's store (default: a SQLite file in the data folder),
+    /// e.g. postgres://postgres@127.0.0.1:5432/orders. The services stay on SQLite.
+    #[arg(long, env = "ORCHESTRATOR_DATABASE_URL", value_name = "URL")]
+    orchestrator_database_url: Option<String>,
+}
+
+impl Args {
+    /// The gRPC and /metrics ports of orchestrator replica `i` (from 0).
+    fn replica_ports(&self, i: u16) -> (u16, u16) {
+        match i {
+            0 => (self.port, self.metrics_port),
+            i => (self.port + 3 + i, self.metrics_port + 3 + i),
+        }
+    }
 }
 
 #[tokio::main]
@@ -60,6 +85,18 @@ async fn main() -> anyhow::Result<()> {
         return run_role(&role).await;
     }
     let args = Args::parse();
+    let orchestrator_db = args.orchestrator_database_url.clone();
+    if args.replicas > 1
+        && !orchestrator_db
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres"))
+    {
+        bail!(
+            "--replicas {} needs the orchestrator on PostgreSQL (--orchestrator-database-url postgres://…): \
+             a SQLite file serves one orchestrator",
+            args.replicas
+        );
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create the data folder {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
@@ -68,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let sqlite = |file: &str| format!("sqlite://{}", data_dir.join(file).display());
 
     let mut children = Vec::new();
+    let mut roles = Vec::new();
     for (offset, role, port, db) in [
         (1, "stock", stock_port, "stock.db"),
         (2, "shipping", shipping_port, "shipping.db"),
@@ -75,32 +113,47 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let metrics = [("METRICS_PORT", (args.metrics_port + offset).to_string())];
         children.push(spawn(role, &args, port, &sqlite(db), &metrics)?);
+        roles.push(role.to_owned());
     }
-    let services = [
-        ("METRICS_PORT", args.metrics_port.to_string()),
-        ("STOCK_SERVICE_URL", local(stock_port)),
-        ("SHIPPING_SERVICE_URL", local(shipping_port)),
-        ("PAYMENT_SERVICE_URL", local(payment_port)),
-    ];
-    children.push(spawn(
-        "orchestrator",
-        &args,
-        args.port,
-        &sqlite("orchestrator.db"),
-        &services,
-    )?);
+    let orchestrator_db = orchestrator_db.unwrap_or_else(|| sqlite("orchestrator.db"));
+    let mut replicas = Vec::new();
+    for i in 0..args.replicas {
+        let (port, metrics_port) = args.replica_ports(i);
+        let mut env = vec![
+            ("METRICS_PORT", metrics_port.to_string()),
+            ("STOCK_SERVICE_URL", local(stock_port)),
+            ("SHIPPING_SERVICE_URL", local(shipping_port)),
+            ("PAYMENT_SERVICE_URL", local(payment_port)),
+        ];
+        if args.replicas > 1 {
+            env.push(("REPLICA_ID", format!("devstack-{}", i + 1)));
+        }
+        let child = spawn("orchestrator", &args, port, &orchestrator_db, &env)?;
+        replicas.push((local(port), child.id().unwrap_or_default()));
+        children.push(child);
+        roles.push(format!("orchestrator replica {}", i + 1));
+    }
 
     // A service that can't start (say, its port is taken) stops everything.
     let (stock_url, payment_url) = (local(stock_port), local(payment_port));
     tokio::select! {
         seeded = seed::demo(&stock_url, &payment_url, &args.api_key) => seeded?,
-        exited = first_exit(&mut children) => bail!("a service could not start: {exited}"),
+        exited = first_exit(&mut children, &roles) => bail!("a service could not start: {exited}"),
     }
     print_tour(&args, &local(args.port));
+    if replicas.len() > 1 {
+        print_replicas(&replicas);
+    }
 
+    // With replicas, one may die (that is the point): only the services are watched.
+    let watched = if replicas.len() > 1 {
+        3
+    } else {
+        children.len()
+    };
     tokio::select! {
         () = svc_kit::shutdown::signal() => {}
-        exited = first_exit(&mut children) => bail!("a service stopped unexpectedly: {exited}"),
+        exited = first_exit(&mut children[..watched], &roles) => bail!("a service stopped unexpectedly: {exited}"),
     }
     for child in &children {
         if let Some(pid) = child.id() {
@@ -154,14 +207,34 @@ fn spawn(
 }
 
 /// Which service exited first, and how.
-async fn first_exit(children: &mut [Child]) -> String {
-    const ROLES: [&str; 4] = ["stock", "shipping", "payment", "orchestrator"];
+async fn first_exit(children: &mut [Child], roles: &[String]) -> String {
     let waits = children.iter_mut().map(|c| Box::pin(c.wait()));
     let (status, index, _) = futures::future::select_all(waits).await;
     format!(
         "the {} service exited ({status:?})",
-        ROLES.get(index).unwrap_or(&"?")
+        roles.get(index).map_or("?", String::as_str)
     )
+}
+
+fn print_replicas(replicas: &[(String, u32)]) {
+    println!("Orchestrator replicas on one PostgreSQL database (each serves the whole API):");
+    for (i, (url, pid)) in replicas.iter().enumerate() {
+        println!("  devstack-{}  {url}  pid {pid}", i + 1);
+    }
+    if let Some((_, pid)) = replicas.get(1) {
+        println!(
+            r#"
+Watch a takeover: start a few orders, then kill a replica the hard way,
+
+  kill -9 {pid}
+
+and the others take its open sagas over within the lease (LEASE_MS, 5 s by
+default); every saga's owner and epoch are in the `sagas` table, and each
+replica's /metrics counts `saga_taken_over_total`. devstack keeps running
+with the replicas that are left.
+"#
+        );
+    }
 }
 
 /// Where to reach a server bound to `host` from this machine.
