@@ -47,7 +47,8 @@ pub fn sample(targets: &[Target]) -> Sample {
             .filter_map(|pid| cpu_seconds(pid).map(|s| (pid, s)))
             .collect();
         if !times.is_empty() {
-            sample.0.insert(target.name(), times);
+            // Several targets may share a name (the orchestrator's replicas): summed.
+            sample.0.entry(target.name()).or_default().extend(times);
         }
     }
     sample

@@ -17,6 +17,7 @@ pub mod setup;
 /// Where the system under test is, and how to load it.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
+    /// The OrderService; replicas separated by commas.
     pub orders_addr: String,
     pub stock_addr: String,
     pub payment_addr: String,
@@ -26,4 +27,22 @@ pub struct BenchConfig {
     /// Share of orders placed by a customer who can't pay (they compensate).
     pub compensate_share: f64,
     pub progress: bool,
+}
+
+impl BenchConfig {
+    /// One client per OrderService replica in `orders_addr`.
+    pub async fn order_clients(&self) -> anyhow::Result<Vec<ordersaga_proto::client::OrderClient>> {
+        let mut clients = vec![];
+        for addr in self.orders_addr.split(',').filter(|a| !a.trim().is_empty()) {
+            clients.push(
+                ordersaga_proto::client::OrderClient::connect(
+                    addr.trim().to_owned(),
+                    &self.api_key,
+                )
+                .await?,
+            );
+        }
+        anyhow::ensure!(!clients.is_empty(), "no OrderService address given");
+        Ok(clients)
+    }
 }

@@ -18,8 +18,12 @@ fn cpu_targets(args: &Args) -> Vec<Target> {
             .and_then(|p| p.trim_end_matches('/').parse().ok())
     };
     let mut targets = vec![];
+    for url in args.addr.split(',') {
+        if let Some(port) = port(url) {
+            targets.push(Target::Port("orchestrator", port));
+        }
+    }
     for (name, url) in [
-        ("orchestrator", &args.addr),
         ("stock", &args.stock_addr),
         ("shipping", &args.shipping_addr),
         ("payment", &args.payment_addr),
@@ -42,7 +46,8 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// The OrderService (orchestrator).
+    /// The OrderService (orchestrator); replicas as a comma-separated list,
+    /// over which the orders are spread in turn (client-side balancing).
     #[arg(
         long,
         env = "ORDERBENCH_ADDR",

@@ -7,10 +7,7 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
-use ordersaga_proto::{
-    client::OrderClient,
-    orders::v1::{CreateOrderRequest, OrderItem, OrderStatus, ShippingAddress},
-};
+use ordersaga_proto::orders::v1::{CreateOrderRequest, OrderItem, OrderStatus, ShippingAddress};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::{
@@ -38,7 +35,7 @@ pub fn is_poor(i: u64, share: f64) -> bool {
 }
 
 pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadResult> {
-    let client = OrderClient::connect(config.orders_addr.clone(), &config.api_key).await?;
+    let clients = config.order_clients().await?;
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1,
@@ -66,7 +63,7 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
         let request = order_request(world, i, config.compensate_share);
         let permit = permits.clone().acquire_owned().await?;
         let (client, latency, outcomes, errors, progress) = (
-            client.clone(),
+            clients[i as usize % clients.len()].clone(),
             latency.clone(),
             outcomes.clone(),
             errors.clone(),
@@ -122,14 +119,14 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
 /// Creates the orders without `wait`: each call returns once the order is
 /// recorded. Returns how many were created.
 pub async fn flood(config: &BenchConfig, world: &World) -> anyhow::Result<u64> {
-    let client = OrderClient::connect(config.orders_addr.clone(), &config.api_key).await?;
+    let clients = config.order_clients().await?;
     let permits = Arc::new(Semaphore::new(config.concurrency));
     let mut tasks = Vec::with_capacity(config.orders as usize);
     for i in 0..config.orders {
         let mut request = order_request(world, i, config.compensate_share);
         request.wait = false;
         let permit = permits.clone().acquire_owned().await?;
-        let client = client.clone();
+        let client = clients[i as usize % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             client.create_order(request).await.is_ok()
@@ -144,7 +141,7 @@ pub async fn flood(config: &BenchConfig, world: &World) -> anyhow::Result<u64> {
 
 /// Polls until no saga is RUNNING or COMPENSATING; returns how long it took.
 pub async fn drain(config: &BenchConfig, timeout: Duration) -> anyhow::Result<Duration> {
-    let client = OrderClient::connect(config.orders_addr.clone(), &config.api_key).await?;
+    let client = config.order_clients().await?.remove(0);
     let started = Instant::now();
     loop {
         let open = client
