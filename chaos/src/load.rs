@@ -30,7 +30,9 @@ pub struct ClientRecord {
 }
 
 pub struct Load {
-    pub orchestrator_url: String,
+    /// The orchestrator's replicas (one or more); a client starts on one and
+    /// moves to the next after a failed call, as client-side balancing does.
+    pub orchestrator_urls: Vec<String>,
     pub api_key: String,
     pub orders: u64,
     pub concurrency: usize,
@@ -41,10 +43,15 @@ pub struct Load {
 }
 
 pub async fn run(load: &Load, world: &World) -> anyhow::Result<Vec<ClientRecord>> {
-    let channel = Endpoint::from_shared(load.orchestrator_url.clone())?
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy();
-    let client = OrderClient::from_channel(channel, &load.api_key);
+    let mut clients = vec![];
+    for url in &load.orchestrator_urls {
+        let channel = Endpoint::from_shared(url.clone())?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        clients.push(OrderClient::from_channel(channel, &load.api_key));
+    }
+    anyhow::ensure!(!clients.is_empty(), "no orchestrator to load");
+    let clients = Arc::new(clients);
     let permits = Arc::new(Semaphore::new(load.concurrency.max(1)));
     let started = Instant::now();
     let pace = load.spread.as_secs_f64() / load.orders.max(1) as f64;
@@ -52,11 +59,18 @@ pub async fn run(load: &Load, world: &World) -> anyhow::Result<Vec<ClientRecord>
     for i in 0..load.orders {
         tokio::time::sleep_until(started + Duration::from_secs_f64(pace * i as f64)).await;
         let permit = permits.clone().acquire_owned().await?;
-        let (client, request) = (client.clone(), order_request(world, i, POOR_SHARE));
+        let (clients, request) = (clients.clone(), order_request(world, i, POOR_SHARE));
         let give_up_at = Instant::now() + load.give_up_after;
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            drive(client, request, is_poor(i, POOR_SHARE), give_up_at).await
+            drive(
+                &clients,
+                i as usize,
+                request,
+                is_poor(i, POOR_SHARE),
+                give_up_at,
+            )
+            .await
         }));
     }
     let mut records = Vec::with_capacity(tasks.len());
@@ -67,7 +81,8 @@ pub async fn run(load: &Load, world: &World) -> anyhow::Result<Vec<ClientRecord>
 }
 
 async fn drive(
-    client: OrderClient,
+    clients: &[OrderClient],
+    first: usize,
     request: CreateOrderRequest,
     poor: bool,
     give_up_at: Instant,
@@ -83,6 +98,8 @@ async fn drive(
     };
     let mut backoff = Duration::from_millis(50);
     while Instant::now() < give_up_at {
+        // A failed call moves on to the next replica.
+        let client = &clients[(first + record.calls as usize) % clients.len()];
         record.calls += 1;
         // The server holds the call at most 5 s; the local bound is for a
         // connection that went silent.

@@ -65,6 +65,12 @@ struct Args {
     #[arg(long)]
     kills_only: bool,
 
+    /// Orchestrator replicas on the run's PostgreSQL (the multi-replica
+    /// profile): each kill of the orchestrator strikes one replica, in turn,
+    /// while the others take its sagas over. PostgreSQL only.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    replicas: u64,
+
     /// Apply one effect a second time behind the saga's back: the audit must fail.
     #[arg(long, value_parser = clap::value_parser!(Plant))]
     plant: Option<Plant>,
@@ -116,8 +122,16 @@ async fn main() -> anyhow::Result<()> {
     let stores = match args.store {
         Store::Sqlite => vec![StoreKind::Sqlite],
         Store::Postgres => vec![StoreKind::Postgres],
+        // Replicas share a PostgreSQL database; a SQLite file serves one.
+        Store::Both if args.replicas > 1 => vec![StoreKind::Postgres],
         Store::Both => vec![StoreKind::Sqlite, StoreKind::Postgres],
     };
+    if args.replicas > 1 && stores.contains(&StoreKind::Sqlite) {
+        anyhow::bail!(
+            "--replicas {} needs --store postgres: a SQLite file serves one orchestrator",
+            args.replicas
+        );
+    }
     let mut failed = false;
     for store in stores {
         let config = RunConfig {
@@ -134,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
             amqp_url: args.amqp_url.clone(),
             pg_bin_dir: args.pg_bin_dir.clone(),
             events_timeout: Duration::from_secs(60),
+            replicas: args.replicas as usize,
         };
         let schedule = config.schedule();
         println!(

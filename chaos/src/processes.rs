@@ -63,7 +63,7 @@ impl Binaries {
 
 /// One service process, started and restarted with the same environment.
 pub struct ServiceProcess {
-    pub name: &'static str,
+    pub name: String,
     binary: PathBuf,
     pub port: u16,
     env: Vec<(String, String)>,
@@ -73,18 +73,19 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn new(
-        name: &'static str,
+        name: impl Into<String>,
         binary: &Path,
         port: u16,
         env: Vec<(String, String)>,
         log_dir: &Path,
     ) -> ServiceProcess {
+        let name = name.into();
         ServiceProcess {
+            log: log_dir.join(format!("{name}.log")),
             name,
             binary: binary.to_owned(),
             port,
             env,
-            log: log_dir.join(format!("{name}.log")),
             child: None,
         }
     }

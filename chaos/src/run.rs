@@ -38,6 +38,9 @@ pub struct RunConfig {
     pub pg_bin_dir: Option<PathBuf>,
     /// How long to wait for the events of finished orders after the load.
     pub events_timeout: Duration,
+    /// Orchestrator replicas (PostgreSQL only); a kill of the orchestrator
+    /// strikes one, each in turn.
+    pub replicas: usize,
 }
 
 pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
@@ -53,6 +56,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
             amqp_url: config.amqp_url.clone(),
             pg_bin_dir: config.pg_bin_dir.clone(),
             dir: dir.path().to_owned(),
+            replicas: config.replicas,
         })
         .await?,
     );
@@ -112,7 +116,7 @@ async fn drive(
         .spread
         .unwrap_or(Duration::from_millis(schedule.end_ms()));
     let load = Load {
-        orchestrator_url: system.url(Victim::Orchestrator).to_owned(),
+        orchestrator_urls: system.orchestrator_urls().await,
         api_key: API_KEY.to_owned(),
         orders: config.orders,
         concurrency: config.concurrency,

@@ -1,11 +1,14 @@
 //! The system under test: four service processes on their own stores, a
 //! faulty proxy on each link from the orchestrator (to the three services and
-//! to RabbitMQ), and, on PostgreSQL, a server of the run's own.
+//! to RabbitMQ), and, on PostgreSQL, a server of the run's own. On PostgreSQL
+//! the orchestrator may run as several replicas; a kill of the orchestrator
+//! then strikes one replica, each in turn.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -48,7 +51,13 @@ pub struct SystemConfig {
     pub pg_bin_dir: Option<PathBuf>,
     /// Where stores and logs go.
     pub dir: PathBuf,
+    /// Orchestrator replicas (more than one needs PostgreSQL).
+    pub replicas: usize,
 }
+
+/// The replicas' lease in a run: short, so that a killed replica's sagas
+/// are taken over within the run's fault windows.
+pub const REPLICA_LEASE_MS: u64 = 1_000;
 
 pub struct System {
     pub store: StoreKind,
@@ -57,7 +66,12 @@ pub struct System {
     pub exchange: String,
     pub amqp_url: String,
     pub postgres: Mutex<Option<Postgres>>,
+    /// The domain services.
     pub processes: BTreeMap<Victim, Mutex<ServiceProcess>>,
+    /// The orchestrator's replicas (one unless asked for more).
+    pub orchestrators: Vec<Mutex<ServiceProcess>>,
+    /// Orchestrator kills so far: the next strikes replica `kills % n`.
+    orchestrator_kills: AtomicUsize,
     pub links: BTreeMap<Link, FaultyProxy>,
     pub broker: FaultyProxy,
     /// The services' own addresses, not through a proxy.
@@ -67,6 +81,12 @@ pub struct System {
 impl System {
     pub async fn start(config: SystemConfig) -> anyhow::Result<System> {
         config.binaries.check()?;
+        if config.replicas > 1 && config.store != StoreKind::Postgres {
+            bail!(
+                "{} orchestrator replicas need PostgreSQL: a SQLite file serves one orchestrator",
+                config.replicas
+            );
+        }
         let dir = config.dir.clone();
         let postgres = match config.store {
             StoreKind::Sqlite => None,
@@ -139,17 +159,30 @@ impl System {
             ),
             ("EVENTS_EXCHANGE".to_owned(), exchange.clone()),
         ];
-        let mut orchestrator = ServiceProcess::new(
-            Victim::Orchestrator.name(),
-            &config.binaries.orchestrator,
-            free_port()?,
-            env,
-            &dir,
-        );
-        orchestrator.start()?;
-        orchestrator.wait_ready(Duration::from_secs(30)).await?;
-        direct.insert(Victim::Orchestrator, orchestrator.url());
-        processes.insert(Victim::Orchestrator, Mutex::new(orchestrator));
+        let mut orchestrators = vec![];
+        for i in 0..config.replicas.max(1) {
+            let mut env = env.clone();
+            let name = if config.replicas > 1 {
+                env.push(("REPLICA_ID".to_owned(), format!("r{i}")));
+                env.push(("LEASE_MS".to_owned(), REPLICA_LEASE_MS.to_string()));
+                format!("{}-r{i}", Victim::Orchestrator.name())
+            } else {
+                Victim::Orchestrator.name().to_owned()
+            };
+            let mut orchestrator = ServiceProcess::new(
+                &name,
+                &config.binaries.orchestrator,
+                free_port()?,
+                env,
+                &dir,
+            );
+            orchestrator.start()?;
+            orchestrator.wait_ready(Duration::from_secs(30)).await?;
+            if i == 0 {
+                direct.insert(Victim::Orchestrator, orchestrator.url());
+            }
+            orchestrators.push(Mutex::new(orchestrator));
+        }
 
         Ok(System {
             store: config.store,
@@ -159,6 +192,8 @@ impl System {
             amqp_url: config.amqp_url,
             postgres: Mutex::new(postgres),
             processes,
+            orchestrators,
+            orchestrator_kills: AtomicUsize::new(0),
             links,
             broker,
             direct,
@@ -167,6 +202,31 @@ impl System {
 
     pub fn url(&self, victim: Victim) -> &str {
         &self.direct[&victim]
+    }
+
+    /// Every orchestrator replica's URL.
+    pub async fn orchestrator_urls(&self) -> Vec<String> {
+        let mut urls = vec![];
+        for replica in &self.orchestrators {
+            urls.push(replica.lock().await.url());
+        }
+        urls
+    }
+
+    /// The process a kill of `victim` strikes: for the orchestrator, its
+    /// replicas in turn.
+    fn process(&self, victim: Victim) -> &Mutex<ServiceProcess> {
+        match victim {
+            Victim::Orchestrator => {
+                let kills = self.orchestrator_kills.fetch_add(1, Ordering::Relaxed);
+                &self.orchestrators[kills % self.orchestrators.len()]
+            }
+            other => &self.processes[&other],
+        }
+    }
+
+    fn every_process(&self) -> impl DoubleEndedIterator<Item = &Mutex<ServiceProcess>> {
+        self.processes.values().chain(&self.orchestrators)
     }
 
     /// SIGKILL, then a restart right after. Returns once the victim takes
@@ -180,7 +240,7 @@ impl System {
             pg.kill9().await?;
             return pg.start().await.context("PostgreSQL did not come back");
         }
-        let mut process = self.processes[&victim].lock().await;
+        let mut process = self.process(victim).lock().await;
         process.kill9().await?;
         process.start()?;
         process.wait_ready(Duration::from_secs(30)).await
@@ -193,7 +253,7 @@ impl System {
             proxy.heal();
         }
         let mut dead = vec![];
-        for process in self.processes.values() {
+        for process in self.every_process() {
             let mut process = process.lock().await;
             if let Some(exit) = process.exited() {
                 dead.push(format!("{exit}; see {}", process.log().display()));
@@ -205,7 +265,7 @@ impl System {
     }
 
     pub async fn stop(&self) {
-        for process in self.processes.values().rev() {
+        for process in self.every_process().rev() {
             process.lock().await.stop(Duration::from_secs(5)).await;
         }
         if let Some(pg) = self.postgres.lock().await.as_mut() {

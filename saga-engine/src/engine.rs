@@ -114,6 +114,8 @@ pub(crate) struct Inner<D> {
     sweep_now: Notify,
     /// Sagas this build can't read: not claimed again at every sweep.
     unreadable: Mutex<HashSet<Uuid>>,
+    /// The replica's background tasks run (they are started once).
+    joined: std::sync::atomic::AtomicBool,
 }
 
 /// The right to drive one saga in this process; released when dropped.
@@ -199,6 +201,7 @@ where
                 lost: watch::channel(None).0,
                 sweep_now: Notify::new(),
                 unreadable: Mutex::default(),
+                joined: Default::default(),
             }),
         })
     }
@@ -399,7 +402,9 @@ where
             );
         }
         replicas::register(&inner.pool, replica, inner.incarnation).await?;
-        self.spawn_replica_tasks(replica.clone());
+        if !inner.joined.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.spawn_replica_tasks(replica.clone());
+        }
         let own = replicas::claim_own(&inner.pool, replica, inner.definition.kind).await?;
         let mut resumed = self.resume_claimed(own).await;
         resumed += self.sweep(replica).await?;
@@ -551,6 +556,20 @@ where
     /// Resumes sagas this replica just claimed, each at its new epoch.
     async fn resume_claimed(&self, claimed: Vec<(Uuid, i64)>) -> usize {
         let inner = &self.inner;
+        let kind = inner.definition.kind;
+        // Many at once (a restart, a takeover): one read of every open saga
+        // rather than one read each.
+        let bulk = claimed.len() > 16;
+        let mut loaded: HashMap<Uuid, OpenSaga> = HashMap::new();
+        if bulk {
+            match log::load_open(&inner.pool, kind).await {
+                Ok(open) => loaded = open.into_iter().map(|s| (s.saga_id, s)).collect(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read the claimed sagas; the sweep takes them up again");
+                    return 0;
+                }
+            }
+        }
         let mut resumed = 0;
         for (saga_id, epoch) in claimed {
             // Driven here already by a driver at an older epoch: it is fenced
@@ -558,7 +577,12 @@ where
             let Some(claim) = self.claim(saga_id) else {
                 continue;
             };
-            match log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await {
+            let saga = if bulk {
+                Ok(loaded.remove(&saga_id))
+            } else {
+                log::load_one_open(&inner.pool, kind, saga_id).await
+            };
+            match saga {
                 Ok(Some(saga)) if saga.epoch == epoch => {
                     resumed += usize::from(self.resume_or_log(claim, saga))
                 }

@@ -45,6 +45,7 @@ fn config(backend: Backend, profile: Profile, orders: u64) -> RunConfig {
         amqp_url: rabbitmq_url(),
         pg_bin_dir: None,
         events_timeout: Duration::from_secs(60),
+        replicas: 1,
     }
 }
 
@@ -96,4 +97,29 @@ async fn an_effect_applied_twice_fails_the_audit(backend: Backend) {
             let _ = std::fs::remove_dir_all(kept);
         }
     }
+}
+
+/// The multi-replica profile: three orchestrator replicas on the run's
+/// PostgreSQL, each kill of the orchestrator striking one of them in turn,
+/// among every other fault of the short profile.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_under_the_short_profile_lose_double_and_strand_nothing() {
+    let mut config = config(Backend::Postgres, Profile::Short, 1_000);
+    config.replicas = 3;
+    let report = run(&config).await;
+    assert!(
+        report.passed(),
+        "seed {}: {:#?}",
+        config.seed,
+        report.audit.violations
+    );
+    assert_eq!(
+        (
+            report.audit.lost,
+            report.audit.doubled,
+            report.audit.stuck,
+            report.audit.events_lost
+        ),
+        (0, 0, 0, 0)
+    );
 }
