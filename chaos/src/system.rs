@@ -133,6 +133,7 @@ impl System {
                 ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
             ];
             if config.builtin_faults {
+                env.push(("ALLOW_UNSAFE_SETTINGS".into(), "true".into()));
                 env.push(("FAULT_UNAVAILABLE_RATE".into(), "0.2".into()));
                 env.push(("FAULT_DROP_REPLY_RATE".into(), "0.2".into()));
             }

@@ -199,11 +199,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         .database_url
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    let in_memory: &[&str] = if settings.engine.bench_only_in_memory_store {
+        &[
+            "the benchmark-only in-memory saga log (BENCH_ONLY_IN_MEMORY_STORE), which loses every open saga on restart",
+        ]
+    } else {
+        &[]
+    };
+    settings.server.check_unsafe(in_memory)?;
     let store = if settings.engine.bench_only_in_memory_store {
-        tracing::warn!(
-            "BENCHMARK MODE (--bench-only-in-memory-store): the saga log is in memory; \
-             every open saga is lost on restart"
-        );
         Store::open_in_memory_for_benchmarks(&MIGRATIONS).await?
     } else {
         Store::open(&url, &MIGRATIONS).await?
@@ -247,8 +251,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         tracing::info!(resumed, "resuming open sagas from the log");
     }
     let api = OrderApi::new(engine.clone(), catalogue, settings.server.request_timeout());
-    let service =
-        OrderServiceServer::with_interceptor(api, ApiKeyCheck::new(settings.server.api_key()));
+    let service = InterceptedService::new(
+        OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),
+        ApiKeyCheck::new(settings.server.api_key()),
+    );
     let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);
     let server = App::bind(
         settings.server,

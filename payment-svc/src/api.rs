@@ -32,13 +32,18 @@ impl PaymentApi {
 
 #[tonic::async_trait]
 impl PaymentService for PaymentApi {
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn charge(
         &self,
         request: Request<ChargeRequest>,
     ) -> Result<Response<ChargeResponse>, Status> {
         let req = request.into_inner();
         let new = validate_charge(&req)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("Charge", &req.request_id, &req);
         let sqlite_new = new.clone();
         let reply = run_once_batched(
@@ -51,7 +56,7 @@ impl PaymentService for PaymentApi {
         Ok(Response::new(reply))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn refund(
         &self,
         request: Request<RefundRequest>,
@@ -59,6 +64,11 @@ impl PaymentService for PaymentApi {
         let req = request.into_inner();
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("Refund", &req.request_id, &req);
         let order_id = req.order_id.clone();
         let reply = run_once_batched(
@@ -84,7 +94,7 @@ impl PaymentService for PaymentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(customer_id = %request.get_ref().customer_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(customer_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn deposit(
         &self,
         request: Request<DepositRequest>,
@@ -94,6 +104,11 @@ impl PaymentService for PaymentApi {
         validate::id("customer_id", &req.customer_id)?;
         validate::amount_cents("amount_cents", req.amount_cents)?;
         validate::currency("currency", &req.currency)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("customer_id", &req.customer_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("Deposit", &req.request_id, &req);
         let reply = run_once(&self.store, key, async |conn| {
             Ok(DepositResponse {

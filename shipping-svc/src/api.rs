@@ -39,13 +39,18 @@ impl ShippingApi {
 
 #[tonic::async_trait]
 impl ShippingService for ShippingApi {
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn prepare_shipment(
         &self,
         request: Request<PrepareShipmentRequest>,
     ) -> Result<Response<PrepareShipmentResponse>, Status> {
         let req = request.into_inner();
         let new = validate_prepare(&req)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("PrepareShipment", &req.request_id, &req);
         // Refused inside the request's transaction, so that the refusal is
         // stored with the request_id.
@@ -80,7 +85,7 @@ impl ShippingService for ShippingApi {
         Ok(Response::new(reply))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn cancel_shipment(
         &self,
         request: Request<CancelShipmentRequest>,
@@ -88,6 +93,11 @@ impl ShippingService for ShippingApi {
         let req = request.into_inner();
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("CancelShipment", &req.request_id, &req);
         let order_id = req.order_id.clone();
         let reply = run_once_batched(

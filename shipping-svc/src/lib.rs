@@ -81,6 +81,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
     let countries: BTreeSet<String> = settings.ship_to_countries.iter().cloned().collect();
     svc_kit::server::start_domain_service(settings.server, &DEFAULTS, &MIGRATIONS, |store| {
         ShippingServiceServer::new(api::ShippingApi::new(store, countries))
+            .max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES)
     })
     .await
 }

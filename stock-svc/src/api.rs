@@ -38,13 +38,18 @@ impl StockApi {
 
 #[tonic::async_trait]
 impl StockService for StockApi {
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn reserve_stock(
         &self,
         request: Request<ReserveStockRequest>,
     ) -> Result<Response<ReserveStockResponse>, Status> {
         let req = request.into_inner();
         let lines = validate_reserve(&req)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         // The expected prices are a precondition, not part of what is asked:
         // a retry that adds them (an orchestrator upgraded between two
         // attempts) is the same request and gets the stored reply.
@@ -72,7 +77,7 @@ impl StockService for StockApi {
         Ok(Response::new(reply))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn release_stock(
         &self,
         request: Request<ReleaseStockRequest>,
@@ -80,6 +85,11 @@ impl StockService for StockApi {
         let req = request.into_inner();
         validate::id("request_id", &req.request_id)?;
         validate::uuid("order_id", &req.order_id)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[
+            ("order_id", &req.order_id),
+            ("request_id", &req.request_id),
+        ]);
         let key = RequestKey::new("ReleaseStock", &req.request_id, &req);
         let order_id = req.order_id.clone();
         let reply = run_once_batched(
@@ -121,13 +131,15 @@ impl StockService for StockApi {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(sku = %request.get_ref().sku, request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(sku = tracing::field::Empty, request_id = tracing::field::Empty))]
     async fn restock(
         &self,
         request: Request<RestockRequest>,
     ) -> Result<Response<RestockResponse>, Status> {
         let req = request.into_inner();
         let restock = validate_restock(&req)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[("sku", &req.sku), ("request_id", &req.request_id)]);
         let key = RequestKey::new("Restock", &req.request_id, &req);
         let product = run_once(&self.store, key, async |conn| {
             Ok(RestockResponse {

@@ -53,6 +53,7 @@ pub type Application = App<InterceptedService<StockServiceServer<api::StockApi>,
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {
     svc_kit::server::start_domain_service(settings.server, &DEFAULTS, &MIGRATIONS, |store| {
         StockServiceServer::new(api::StockApi::new(store))
+            .max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES)
     })
     .await
 }

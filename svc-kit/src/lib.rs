@@ -18,6 +18,7 @@ pub mod batch_writer;
 pub mod error;
 pub mod fault;
 pub mod idempotency;
+pub mod methods;
 pub mod metrics;
 pub mod propagation;
 pub mod server;

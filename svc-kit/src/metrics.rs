@@ -173,11 +173,15 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
-        let method = request.uri().path().trim_start_matches('/').to_owned();
+        // Only the contract's methods get series of their own (see
+        // `crate::methods`): a raw path would let anyone grow them.
+        let path = request.uri().path();
+        let health = path.starts_with("/grpc.");
+        let method = crate::methods::label(path).to_owned();
         Box::pin(async move {
             let started = Instant::now();
             let response = inner.call(request).await?;
-            if !method.starts_with("grpc.") {
+            if !health {
                 // A failed unary call carries its status in the headers
                 // (trailers-only); a success carries it in the trailers.
                 let code = response

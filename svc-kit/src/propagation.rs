@@ -58,7 +58,9 @@ pub fn trace_id(span: &Span) -> String {
 /// traces about business.
 pub fn server_span(request: &http::Request<()>) -> Span {
     let path = request.uri().path();
-    if path.starts_with("/grpc.") {
+    // Health, reflection, and any path that is not a method of the contract
+    // (anyone may send those, before any key check): no span.
+    if !crate::methods::is_known(path) {
         return Span::none();
     }
     let method = path.trim_start_matches('/');
@@ -77,4 +79,14 @@ pub fn server_span(request: &http::Request<()>) -> Span {
     }
     span.record("trace_id", trace_id(&span));
     span
+}
+
+/// Records request fields on the current span (declared `Empty` in the
+/// handler's `#[instrument]`), once they passed validation: a raw field
+/// never reaches a span or a log line, whatever a caller put in it.
+pub fn record_fields(fields: &[(&'static str, &str)]) {
+    let span = Span::current();
+    for (name, value) in fields {
+        span.record(*name, *value);
+    }
 }

@@ -214,6 +214,7 @@ where
     B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    args.check_unsafe(&[])?;
     let url = args
         .database_url
         .clone()
@@ -251,6 +252,12 @@ where
 /// See the server builder: how many client-reset, not-yet-accepted streams a
 /// connection may have before the server closes it.
 const MAX_PENDING_ACCEPT_RESETS: usize = 16 * 1024;
+
+/// The largest request message any service decodes. The largest valid
+/// request (a CreateOrder with 100 lines of 128-byte SKUs and a full
+/// address) is about 20 KiB; tonic's default of 4 MiB let any caller make a
+/// service allocate and parse 4 MiB before validation refused it.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 

@@ -48,6 +48,18 @@ pub struct ServerArgs {
 
     #[command(flatten)]
     pub faults: FaultSettings,
+
+    /// Lets settings that break the service on purpose run: fault injection
+    /// (`FAULT_*`) and, in the orchestrator, the benchmark-only in-memory store.
+    /// Without it they stop the process at start-up; with it, each is logged
+    /// loudly. For tests, demos and benchmarks only.
+    #[arg(
+        long,
+        env = "ALLOW_UNSAFE_SETTINGS",
+        value_name = "ALLOW_UNSAFE_SETTINGS",
+        default_value_t = false
+    )]
+    pub allow_unsafe_settings: bool,
 }
 
 impl ServerArgs {
@@ -63,7 +75,39 @@ impl ServerArgs {
             request_timeout_secs: 30,
             log_json: false,
             faults: FaultSettings::default(),
+            allow_unsafe_settings: false,
         }
+    }
+
+    /// Refuses to start with an unsafe setting on (fault injection, or those
+    /// in `also`) unless ALLOW_UNSAFE_SETTINGS is set; with it, says so loudly.
+    pub fn check_unsafe(&self, also: &[&str]) -> anyhow::Result<()> {
+        let mut on: Vec<String> = also.iter().map(|s| (*s).to_owned()).collect();
+        if self.faults.is_active() {
+            on.insert(
+                0,
+                format!(
+                    "fault injection (FAULT_UNAVAILABLE_RATE={}, FAULT_DROP_REPLY_RATE={}, FAULT_LATENCY_MS={})",
+                    self.faults.fault_unavailable_rate,
+                    self.faults.fault_drop_reply_rate,
+                    self.faults.fault_latency_ms
+                ),
+            );
+        }
+        if on.is_empty() {
+            return Ok(());
+        }
+        if !self.allow_unsafe_settings {
+            anyhow::bail!(
+                "{} is for tests and benchmarks only and breaks real orders; \
+                 to run with it anyway, also set ALLOW_UNSAFE_SETTINGS=true (--allow-unsafe-settings)",
+                on.join(" and ")
+            );
+        }
+        for setting in &on {
+            tracing::warn!("UNSAFE SETTING ON: {setting}. Never run this with real orders");
+        }
+        Ok(())
     }
 
     pub fn request_timeout(&self) -> Duration {

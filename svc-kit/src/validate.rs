@@ -19,7 +19,8 @@ pub const MAX_AMOUNT_CENTS: i64 = 1_000_000_000_000;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// An identifier chosen by the caller: 1 to 128 bytes, no control characters.
+/// An identifier chosen by the caller: 1 to 128 bytes, no control characters
+/// and no invisible format characters (see [`unseen`]).
 pub fn id(field: impl Into<String>, value: &str) -> Result<()> {
     let field = field.into();
     if value.is_empty() {
@@ -31,10 +32,7 @@ pub fn id(field: impl Into<String>, value: &str) -> Result<()> {
             format!("is {} bytes long, the limit is {MAX_ID_LEN}", value.len()),
         ));
     }
-    if value.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
-    }
-    Ok(())
+    refuse_unseen(field, value)
 }
 
 /// A UUID in its canonical text form.
@@ -131,8 +129,50 @@ pub fn text(field: impl Into<String>, value: &str, max: usize) -> Result<()> {
             format!("is {chars} characters long, the limit is {max}"),
         ));
     }
+    refuse_unseen(field, value)
+}
+
+/// Optional free text (a cancel's `reason`): empty, or up to `max`
+/// characters with no control or invisible format characters.
+pub fn optional_text(field: impl Into<String>, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    text(field, value, max)
+}
+
+/// Whether `c` is a character a reader does not see but that changes what
+/// they see: bidirectional overrides and isolates (which can make `abc`
+/// display as `cba` in a log or a UI), zero-width characters (which make two
+/// identical-looking IDs differ), and the other invisible format characters
+/// (Unicode category Cf) a name or an ID never needs.
+pub fn unseen(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'                      // soft hyphen
+        | '\u{061C}'                    // Arabic letter mark
+        | '\u{180E}'                    // Mongolian vowel separator
+        | '\u{200B}'..='\u{200F}'        // zero-width space, joiners, LRM, RLM
+        | '\u{202A}'..='\u{202E}'        // bidi embeddings and overrides
+        | '\u{2060}'..='\u{2064}'        // word joiner, invisible operators
+        | '\u{2066}'..='\u{206F}'        // bidi isolates, deprecated format characters
+        | '\u{FEFF}'                    // zero-width no-break space (BOM)
+        | '\u{FFF9}'..='\u{FFFB}'        // interlinear annotation
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}' // tag characters
+    )
+}
+
+fn refuse_unseen(field: String, value: &str) -> Result<()> {
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    if let Some(c) = value.chars().find(|c| unseen(*c)) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must not contain invisible format characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
     }
     Ok(())
 }
@@ -215,5 +255,28 @@ mod tests {
         sku("sku", "SKU-1.a_b").unwrap();
         currency("currency", "EUR").unwrap();
         assert_eq!(page_size("page_size", 0, 100, 500).unwrap(), 100);
+    }
+
+    #[test]
+    fn refuses_what_a_reader_cannot_see() {
+        for (value, found) in [
+            ("order\u{202E}1", "U+202E"),
+            ("ali\u{200B}ce", "U+200B"),
+            ("\u{2066}x\u{2069}", "U+2066"),
+            ("x\u{FEFF}", "U+FEFF"),
+            ("tag\u{E0041}", "U+E0041"),
+        ] {
+            let refused = message(id("customer_id", value));
+            assert!(
+                refused.contains("customer_id") && refused.contains(found),
+                "{refused}"
+            );
+            assert!(message(text("address.line1", value, 200)).contains(found));
+        }
+        assert!(message(id("request_id", "a\u{7}b")).contains("control characters"));
+        // Letters of every script stay welcome.
+        text("address.line1", "Straße 1, 東京, Αθήνα, القاهرة", 200).unwrap();
+        optional_text("reason", "", 500).unwrap();
+        assert!(message(optional_text("reason", "why\u{202E}", 500)).contains("reason"));
     }
 }

@@ -9,8 +9,10 @@ use std::{
 use ordersaga_proto::stock::v1::{GetProductRequest, stock_service_client::StockServiceClient};
 use ordersaga_tests::{API_KEY, authed, binaries, eventually};
 
-use crate::bins::{PAYMENT, SHIPPING, STOCK};
+use crate::bins::{ORCHESTRATOR, PAYMENT, SHIPPING, STOCK};
 
+/// Runs `binary` with `env` until it exits; one that is still running after
+/// 20 s (it started, where it should have refused to) is killed and reported.
 fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(binary);
@@ -18,11 +20,23 @@ fn run_with_env(binary: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
         .current_dir(dir.path())
         .env_clear()
         .env("PORT", "0")
-        .env("METRICS_PORT", "0");
+        .env("METRICS_PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         command.env(k, v);
     }
-    let output = command.output().expect("run the binary");
+    let mut child = command.spawn().expect("run the binary");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let _ = child.wait();
+            return (None, format!("{binary} {env:?} kept running"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("collect its output");
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -56,6 +70,23 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
                 ("SHIP_TO_COUNTRIES", "DE,germany"),
             ],
             "ship-to-countries",
+        ),
+        // Settings that break a service on purpose need an explicit opt-in.
+        (
+            SHIPPING,
+            &[
+                ("APPLICATION_API_KEY", "k"),
+                ("FAULT_DROP_REPLY_RATE", "0.1"),
+            ],
+            "ALLOW_UNSAFE_SETTINGS",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "k"),
+                ("BENCH_ONLY_IN_MEMORY_STORE", "true"),
+            ],
+            "ALLOW_UNSAFE_SETTINGS",
         ),
         (
             STOCK,

@@ -32,6 +32,7 @@ mod chaos;
 mod compose;
 mod config;
 mod crash_points;
+mod edge;
 mod events;
 mod faults;
 mod grpcurl;

@@ -133,3 +133,55 @@ async fn counters_match_a_known_mix_of_orders() {
         2.0
     );
 }
+
+/// Requests to paths that are not methods of the contract, without a key,
+/// as anyone who can open a connection may send them: they share one
+/// `other` series, so 10,000 random paths leave `/metrics` as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn random_paths_leave_the_series_unchanged() {
+    let stock = ordersaga_tests::services::stock(ordersaga_tests::Backend::Sqlite).await;
+    let call = |channel: tonic::transport::Channel, path: String| {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        async move {
+            grpc.ready().await.unwrap();
+            let path = http::uri::PathAndQuery::try_from(path).unwrap();
+            let codec = tonic_prost::ProstCodec::<(), ()>::default();
+            grpc.unary(tonic::Request::new(()), path, codec).await
+        }
+    };
+    // One first, so that the `other` series exists.
+    let refused = call(stock.channel().await, "/warm/up".into())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    let series = |page: &str| page.lines().filter(|l| !l.starts_with('#')).count();
+    let before = series(&stock.scrape().await);
+    // A connection of its own per 100 calls: the server closes a connection
+    // on which it had to reset too many streams (h2's own defence).
+    for batch in 0..100 {
+        let channel = stock.channel().await;
+        let calls = (0..100).map(|i| {
+            call(
+                channel.clone(),
+                format!(
+                    "/{}.v1.Service{batch}/Method{i}",
+                    uuid::Uuid::new_v4().simple()
+                ),
+            )
+        });
+        for result in futures::future::join_all(calls).await {
+            let status = result.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+        }
+    }
+    let page = stock.scrape().await;
+    assert_eq!(
+        series(&page),
+        before,
+        "10,000 random paths added series to /metrics"
+    );
+    assert!(
+        page.contains(r#"grpc_server_handled_total{method="other",code="Unimplemented"} 10001"#),
+        "{page}"
+    );
+}

@@ -106,7 +106,10 @@ async fn one_order_is_one_trace_across_all_four_services() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     // Half of the shipping calls fail before any work: steps get retried.
-    let faults = [("FAULT_UNAVAILABLE_RATE", "0.5".to_owned())];
+    let faults = [
+        ("FAULT_UNAVAILABLE_RATE", "0.5".to_owned()),
+        ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
+    ];
     let deployment = Deployment::start(dir.path(), &collector, &faults).await;
 
     // The client's own trace roots the saga.
@@ -258,7 +261,10 @@ async fn steps_resumed_after_kill_9_join_the_original_trace() {
     let collector = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     // Slow shipping: the saga is caught mid-flight.
-    let slow = [("FAULT_LATENCY_MS", "1500".to_owned())];
+    let slow = [
+        ("FAULT_LATENCY_MS", "1500".to_owned()),
+        ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
+    ];
     let mut deployment = Deployment::start(dir.path(), &collector, &slow).await;
     let client = deployment.client().await;
     let created = client

@@ -498,3 +498,94 @@ fn metric(page: &str, name: &str) -> f64 {
         .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Every replica serves the whole API for sagas another replica drives: a
+/// watch streams them to their end, a `CreateOrder` with `wait` returns
+/// when they end, a cancel reaches their driver, and lists show them.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_serves_the_sagas_another_drives() {
+    let cluster = Cluster::start(2, LEASE_MS, 300, None).await;
+    let clients = cluster.clients();
+    let (driver, other) = (&clients[0], &clients[1]);
+
+    let rid = request_id();
+    let request = order(&rid, "alice", &[("BOOK", 1)], "DE");
+    let created = driver.create_order(request.clone()).await.unwrap();
+    let since = Instant::now();
+    let mut watch = other.watch_order(&created.order_id).await.unwrap();
+    let waited = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            other
+                .create_order_and_wait(request, Duration::from_secs(30))
+                .await
+        })
+    };
+    let mut seen = vec![];
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("the watch on the other replica goes quiet")
+        .unwrap()
+    {
+        let status = OrderStatus::try_from(message.order.unwrap().status).unwrap();
+        seen.push(status);
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&OrderStatus::Completed),
+        "the other replica's watch: {seen:?}"
+    );
+    assert!(
+        seen.len() >= 2,
+        "it streamed the changes, not just the end: {seen:?}"
+    );
+    let waited = waited
+        .await
+        .unwrap()
+        .expect("CreateOrder with wait on the other replica");
+    assert_eq!(waited.order_id, created.order_id);
+    assert_eq!(
+        OrderStatus::try_from(waited.status),
+        Ok(OrderStatus::Completed)
+    );
+    assert!(
+        since.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        since.elapsed()
+    );
+
+    // A cancel on the other replica ends the saga its driver runs.
+    let rid = request_id();
+    let created = driver
+        .create_order(order(&rid, "alice", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap();
+    other
+        .cancel_order(&created.order_id, request_id(), "changed my mind")
+        .await
+        .expect("the cancel is accepted before the charge");
+    let ended = wait_all_terminal(
+        std::slice::from_ref(driver),
+        &[Placed {
+            request_id: rid,
+            poor: false,
+            order_id: created.order_id.clone(),
+        }],
+    )
+    .await;
+    assert_eq!(ended, vec![OrderStatus::Cancelled]);
+    let owner: String = sqlx::query_scalar("SELECT owner FROM sagas WHERE saga_id = $1")
+        .bind(&created.order_id)
+        .fetch_one(&cluster.db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(owner, "r0", "the cancel did not move the saga");
+
+    let listed = other
+        .list_orders(Default::default())
+        .await
+        .unwrap()
+        .orders
+        .len();
+    assert_eq!(listed, 2, "the other replica lists both orders");
+}

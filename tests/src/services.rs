@@ -144,6 +144,8 @@ pub async fn stock(backend: Backend) -> Running {
 pub async fn stock_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = stock_svc::Settings::local(db.url.clone(), API_KEY);
+    // The tests inject faults on purpose: they opt in.
+    settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;
     start!(db, stock_svc::build(settings))
 }
@@ -155,6 +157,8 @@ pub async fn shipping(backend: Backend) -> Running {
 pub async fn shipping_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    // The tests inject faults on purpose: they opt in.
+    settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;
     start!(db, shipping_svc::build(settings))
 }
@@ -166,6 +170,8 @@ pub async fn payment(backend: Backend) -> Running {
 pub async fn payment_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    // The tests inject faults on purpose: they opt in.
+    settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;
     start!(db, payment_svc::build(settings))
 }

@@ -92,7 +92,7 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>>
 
 #[tonic::async_trait]
 impl OrderService for OrderApi {
-    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    #[tracing::instrument(skip_all, fields(request_id = tracing::field::Empty))]
     async fn create_order(
         &self,
         request: Request<CreateOrderRequest>,
@@ -100,6 +100,8 @@ impl OrderService for OrderApi {
         let deadline = self.wait_deadline(request.metadata());
         let req = request.into_inner();
         let new = validate::create(&req)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[("request_id", &req.request_id)]);
         // `wait` is how the client wants the reply, not part of the order.
         let fingerprint = CreateOrderRequest {
             wait: false,
@@ -292,7 +294,7 @@ impl OrderService for OrderApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[tracing::instrument(skip_all, fields(order_id = %request.get_ref().order_id))]
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty))]
     async fn cancel_order(
         &self,
         request: Request<CancelOrderRequest>,
@@ -300,9 +302,9 @@ impl OrderService for OrderApi {
         let req = request.into_inner();
         svc_kit::validate::id("request_id", &req.request_id)?;
         let order_id = svc_kit::validate::uuid("order_id", &req.order_id)?;
-        if req.reason.chars().count() > 500 {
-            return Err(svc_kit::Error::invalid("reason", "is longer than 500 characters").into());
-        }
+        svc_kit::validate::optional_text("reason", &req.reason, 500)?;
+        // Only now, valid, do the fields go into the span.
+        svc_kit::propagation::record_fields(&[("order_id", &req.order_id)]);
         let outcome = self
             .engine
             .cancel(order_id)
@@ -371,9 +373,14 @@ fn same_request(
 }
 
 /// The client's deadline, from the `grpc-timeout` header (e.g. `500m`, `5S`).
+/// The gRPC spec bounds the value to at most 8 digits, so no unit can
+/// overflow; anything else is no deadline (the server's own bound applies).
 fn client_deadline(metadata: &MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -384,4 +391,31 @@ fn client_deadline(metadata: &MetadataMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        client_deadline(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeout_is_read_as_the_spec_bounds_it() {
+        assert_eq!(deadline("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(deadline("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(
+            deadline("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        // More than 8 digits: not a valid header, and no overflow.
+        assert_eq!(deadline("99999999999999999H"), None);
+        assert_eq!(deadline("123456789m"), None);
+        assert_eq!(deadline("+5S"), None);
+        assert_eq!(deadline("S"), None);
+        assert_eq!(deadline("5x"), None);
+    }
 }

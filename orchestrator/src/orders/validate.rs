@@ -59,15 +59,51 @@ pub fn create(req: &CreateOrderRequest) -> Result<NewOrder, Error> {
     })
 }
 
-/// The saga statuses that a status filter selects; PENDING selects none (an
-/// order's saga starts in the same transaction that records it).
+/// Most entries a status filter may have: each status once, with room to
+/// spare. More can only be repeats, each a bind in the list query.
+pub const MAX_STATUS_FILTER: usize = 16;
+
+/// The saga statuses that a status filter selects, each once; PENDING
+/// selects none (an order's saga starts in the same transaction that records it).
 pub fn status_filter(statuses: &[i32]) -> Result<Vec<SagaStatus>, Error> {
+    if statuses.len() > MAX_STATUS_FILTER {
+        return Err(Error::invalid(
+            "statuses",
+            format!(
+                "has {} entries, the limit is {MAX_STATUS_FILTER}",
+                statuses.len()
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(statuses.len());
     for (i, value) in statuses.iter().enumerate() {
         let status: OrderStatus = validate::known_enum(format!("statuses[{i}]"), *value, false)?;
-        if let Some(saga) = crate::orders::view::saga_status(status) {
+        if let Some(saga) = crate::orders::view::saga_status(status)
+            && !out.contains(&saga)
+        {
             out.push(saga);
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_filter_is_deduplicated_and_capped() {
+        let completed = OrderStatus::Completed as i32;
+        assert_eq!(
+            status_filter(&[completed, completed, completed]).unwrap(),
+            vec![SagaStatus::Completed]
+        );
+        let refused = status_filter(&vec![completed; 1_000])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("statuses") && refused.contains("1000"),
+            "{refused}"
+        );
+    }
 }
