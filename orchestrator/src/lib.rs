@@ -36,7 +36,11 @@ use tonic::service::interceptor::InterceptedService;
 use crate::{
     downstream::{Downstream, DownstreamArgs},
     order_saga::OrderData,
-    orders::{OrderApi, pricing::Catalogue},
+    orders::{
+        OrderApi,
+        pricing::Catalogue,
+        watch_limits::{WatchArgs, WatchLimits},
+    },
     outbox::{
         leader::RelayLeader,
         relay::{BrokerArgs, OutboxMetrics, Relay},
@@ -72,6 +76,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub replica: ReplicaArgs,
+
+    #[command(flatten)]
+    pub watch: WatchArgs,
 
     #[command(flatten)]
     pub downstream: DownstreamArgs,
@@ -173,6 +180,7 @@ impl Settings {
             server: ServerArgs::local(database_url, api_key),
             engine: EngineArgs::default(),
             replica: ReplicaArgs::default(),
+            watch: WatchArgs::default(),
             downstream,
             broker: BrokerArgs::default(),
         }
@@ -250,7 +258,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");
     }
-    let api = OrderApi::new(engine.clone(), catalogue, settings.server.request_timeout());
+    let api = OrderApi::new(
+        engine.clone(),
+        catalogue,
+        settings.server.request_timeout(),
+        WatchLimits::new(&settings.watch),
+    );
     let service = InterceptedService::new(
         OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),
         ApiKeyCheck::new(settings.server.api_key()),

@@ -38,6 +38,7 @@ mod faults;
 mod grpcurl;
 mod metrics;
 mod observability;
+mod overload;
 mod payment;
 mod rapid_reset;
 mod recovery;

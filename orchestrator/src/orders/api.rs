@@ -23,6 +23,7 @@ use crate::{
         pricing::{self, Catalogue},
         store::{self, ListFilter, PageToken},
         validate,
+        watch_limits::WatchLimits,
     },
 };
 
@@ -31,14 +32,21 @@ pub struct OrderApi {
     catalogue: Arc<Catalogue>,
     /// How long a `wait` may last when the client sent no deadline.
     max_wait: Duration,
+    watch_limits: WatchLimits,
 }
 
 impl OrderApi {
-    pub fn new(engine: Engine<OrderData>, catalogue: Arc<Catalogue>, max_wait: Duration) -> Self {
+    pub fn new(
+        engine: Engine<OrderData>,
+        catalogue: Arc<Catalogue>,
+        max_wait: Duration,
+        watch_limits: WatchLimits,
+    ) -> Self {
         OrderApi {
             engine,
             catalogue,
             max_wait,
+            watch_limits,
         }
     }
 
@@ -247,11 +255,15 @@ impl OrderService for OrderApi {
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<Self::WatchOrderStream>, Status> {
         let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
+        let slot = self.watch_limits.open(request.remote_addr())?;
+        let ends_at = tokio::time::Instant::now() + self.watch_limits.lifetime;
         let mut changes = self.engine.watch(order_id);
         let (first, status) = store::load_one(&self.engine, order_id).await?;
         let (tx, rx) = mpsc::channel(16);
         let engine = self.engine.clone();
         tokio::spawn(async move {
+            // Held for the stream's life: its place among the open streams.
+            let _slot = slot;
             let mut last = first.clone();
             if tx
                 .send(Ok(WatchOrderResponse { order: Some(first) }))
@@ -267,6 +279,14 @@ impl OrderService for OrderApi {
                     // The client left: stop watching now, not at the saga's
                     // next change (which may never come).
                     () = tx.closed() => return,
+                    () = tokio::time::sleep_until(ends_at) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "this watch reached its lifetime (WATCH_STREAM_MAX_SECS); watch again to go on",
+                            )))
+                            .await;
+                        return;
+                    }
                 }
                 let next = match store::load_one(&engine, order_id).await {
                     Ok(next) => next,

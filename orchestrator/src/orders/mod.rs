@@ -5,11 +5,13 @@
 //! - [`pricing`]: prices the items from the stock service before the order is recorded.
 //! - [`store`]: the orders table: the client's idempotency key, lookups, listing.
 //! - [`view`]: the saga log rendered as an `Order` message.
+//! - [`watch_limits`]: bounds on WatchOrder streams.
 
 pub mod api;
 pub mod pricing;
 pub mod store;
 pub mod validate;
 pub mod view;
+pub mod watch_limits;
 
 pub use api::OrderApi;
