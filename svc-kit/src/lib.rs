@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod propagation;
 pub mod server;
 pub mod settings;
+pub mod shed;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

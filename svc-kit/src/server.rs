@@ -24,6 +24,7 @@ use crate::{
     fault::FaultLayer,
     metrics::{FrozenMetrics, GrpcMetricsLayer, MetricsRegistry},
     settings::ServerArgs,
+    shed::ShedLayer,
     store::{Migrations, Store},
 };
 
@@ -156,8 +157,10 @@ where
             // (say, 10,000 sagas resumed at once) the default would cut the one
             // connection every saga shares and fail all their calls together.
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
-            // Latency and status code per method, for /metrics.
+            // Latency and status code per method, for /metrics (refusals included).
             .layer(self.grpc_metrics)
+            // Past the limit of calls in flight, RESOURCE_EXHAUSTED at once.
+            .layer(ShedLayer::new(self.args.max_concurrent_calls as usize))
             // Opt-in fault injection around every business call (never health or reflection).
             .layer(FaultLayer::new(self.args.faults.clone()))
             .add_service(health_service)

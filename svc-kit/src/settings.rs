@@ -37,6 +37,11 @@ pub struct ServerArgs {
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", value_name = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_secs: u64,
 
+    /// Most business calls in flight at once; past it a call is answered
+    /// RESOURCE_EXHAUSTED at once (health checks are never refused).
+    #[arg(long, env = "MAX_CONCURRENT_CALLS", value_name = "MAX_CONCURRENT_CALLS", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_calls: u32,
+
     /// Write logs as JSON lines instead of human-readable text.
     #[arg(
         long,
@@ -73,6 +78,7 @@ impl ServerArgs {
             database_url: Some(database_url.into()),
             api_key: SecretString::from(api_key),
             request_timeout_secs: 30,
+            max_concurrent_calls: 4_096,
             log_json: false,
             faults: FaultSettings::default(),
             allow_unsafe_settings: false,

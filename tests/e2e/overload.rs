@@ -97,3 +97,86 @@ async fn watch_streams_are_bounded_per_connection_in_total_and_in_time() {
         .await
         .expect("a place was given back");
 }
+
+/// Past its limit of calls in flight a service answers RESOURCE_EXHAUSTED at
+/// once, rather than queueing; its health check still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_past_the_limit_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stock = ordersaga_tests::process::ServiceProcess::new(
+        bins::STOCK,
+        dir.path(),
+        "stock",
+        &[
+            // Each call takes a second, so two fill the limit.
+            ("FAULT_LATENCY_MS", "1000".to_owned()),
+            ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
+            ("MAX_CONCURRENT_CALLS", "2".to_owned()),
+        ],
+    );
+    stock.start().await;
+    let channel = tonic::transport::Endpoint::from_shared(stock.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let calls = (0..10).map(|i| {
+        let mut client = ordersaga_proto::stock::v1::stock_service_client::StockServiceClient::new(
+            channel.clone(),
+        );
+        async move {
+            // The first two are sent first, so they hold the limit.
+            tokio::time::sleep(Duration::from_millis(if i < 2 { 0 } else { 200 })).await;
+            let started = Instant::now();
+            let answer = client
+                .get_product(ordersaga_tests::authed(
+                    ordersaga_proto::stock::v1::GetProductRequest { sku: "NONE".into() },
+                ))
+                .await;
+            (answer.err().map(|s| s.code()), started.elapsed())
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    let refused: Vec<Duration> = answers
+        .iter()
+        .filter(|(code, _)| *code == Some(Code::ResourceExhausted))
+        .map(|(_, took)| *took)
+        .collect();
+    assert_eq!(refused.len(), 8, "{answers:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|took| *took < Duration::from_millis(300)),
+        "a refusal must come at once: {answers:?}"
+    );
+    let served = answers
+        .iter()
+        .filter(|(code, _)| *code == Some(Code::NotFound))
+        .count();
+    assert_eq!(served, 2, "{answers:?}");
+
+    // Busy, the service still tells its health.
+    let _busy = {
+        let mut client = ordersaga_proto::stock::v1::stock_service_client::StockServiceClient::new(
+            channel.clone(),
+        );
+        tokio::spawn(async move {
+            client
+                .get_product(ordersaga_tests::authed(
+                    ordersaga_proto::stock::v1::GetProductRequest { sku: "NONE".into() },
+                ))
+                .await
+        })
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
