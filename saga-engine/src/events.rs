@@ -38,16 +38,17 @@ impl NewEvent {
 }
 
 /// Takes the saga's next sequence number, unless the event was written
-/// before (then nothing changes and no row comes back). One statement.
+/// before (then nothing changes and no row comes back). One statement, which
+/// also returns the epoch the saga is held at, for the event to carry.
 pub(crate) const NEXT_SEQUENCE: &str = "UPDATE sagas SET events_sequence = events_sequence + 1 \
      WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
-     RETURNING events_sequence";
+     RETURNING events_sequence, epoch";
 
 pub(crate) const WRITTEN_BEFORE: &str = "SELECT id FROM outbox WHERE event_id = $1";
 
-/// The event carries the epoch of its writer, read from the saga's row.
+/// The event carries the epoch of its writer, as [`NEXT_SEQUENCE`] read it.
 pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, (SELECT epoch FROM sagas WHERE saga_id = $2))";
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// The published body: the envelope fields, then the event's own.
 pub(crate) fn payload(
@@ -73,12 +74,12 @@ pub(crate) fn payload(
 pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, sqlx::Error> {
     let event_id = event.event_id().to_string();
     let aggregate_id = event.aggregate_id.to_string();
-    let sequence: Option<i64> = sqlx::query_scalar(NEXT_SEQUENCE)
+    let taken: Option<(i64, i64)> = sqlx::query_as(NEXT_SEQUENCE)
         .bind(&aggregate_id)
         .bind(&event_id)
         .fetch_optional(&mut *conn)
         .await?;
-    let Some(sequence) = sequence else {
+    let Some((sequence, epoch)) = taken else {
         // Written before, or (a bug) no such saga: only the first is fine.
         let written: Option<i64> = sqlx::query_scalar(WRITTEN_BEFORE)
             .bind(&event_id)
@@ -98,6 +99,7 @@ pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, 
         .bind(payload(event, &event_id, sequence, occurred_at_ms))
         .bind(&event.traceparent)
         .bind(occurred_at_ms)
+        .bind(epoch)
         .execute(&mut *conn)
         .await?;
     Ok(true)

@@ -142,7 +142,7 @@ pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(),
         .execute(&mut *conn)
         .await?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    upsert_step(conn, saga.saga_id, &started).await
+    upsert_step(conn, saga.saga_id, &started, FIRST_EPOCH).await
 }
 
 /// One step's record in the log.
@@ -294,10 +294,11 @@ impl Applied {
     }
 }
 
-/// The record carries the epoch of its writer, read from the saga's row in
-/// the same transaction (which the checkpoint's own update has locked).
+/// The record carries the epoch of its writer: the one the checkpoint's own
+/// fenced update just matched (or the first, for a new saga), so no second
+/// read of the saga's row.
 pub(crate) const UPSERT_STEP: &str = "INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT epoch FROM sagas WHERE saga_id = $1)) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
      ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
        status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, epoch = excluded.epoch, \
        output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
@@ -324,6 +325,7 @@ pub(crate) async fn upsert_step(
     conn: &mut AnyConnection,
     saga_id: Uuid,
     step: &StepRecord,
+    epoch: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(UPSERT_STEP)
         .bind(saga_id.to_string())
@@ -336,6 +338,7 @@ pub(crate) async fn upsert_step(
         .bind(&step.output)
         .bind(step.started_at_ms)
         .bind(step.finished_at_ms)
+        .bind(epoch)
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -371,7 +374,7 @@ pub(crate) async fn apply(
         return Ok(Applied::refused(status));
     };
     for step in &checkpoint.steps {
-        upsert_step(conn, checkpoint.saga_id, step).await?;
+        upsert_step(conn, checkpoint.saga_id, step, checkpoint.epoch).await?;
     }
     let cancel_requested: i64 = row.try_get("cancel_requested")?;
     let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;

@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint, INSERT_SAGA,
-    MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, SagaView, StepRecord, StepStatus,
-    StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, sort_steps,
+    APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint, FIRST_EPOCH,
+    INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, SagaView, StepRecord,
+    StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, sort_steps,
     writer::{Start, Write, Written},
 };
 use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
@@ -290,10 +290,15 @@ fn insert_saga(conn: &Connection, saga: &NewSaga) -> rusqlite::Result<()> {
         saga.owner,
     ])?;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    upsert_step(conn, &saga.saga_id.to_string(), &started)
+    upsert_step(conn, &saga.saga_id.to_string(), &started, FIRST_EPOCH)
 }
 
-fn upsert_step(conn: &Connection, saga_id: &str, step: &StepRecord) -> rusqlite::Result<()> {
+fn upsert_step(
+    conn: &Connection,
+    saga_id: &str,
+    step: &StepRecord,
+    epoch: i64,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(UPSERT_STEP)?.execute(params![
         saga_id,
         step.phase.as_str(),
@@ -305,6 +310,7 @@ fn upsert_step(conn: &Connection, saga_id: &str, step: &StepRecord) -> rusqlite:
         step.output,
         step.started_at_ms,
         step.finished_at_ms,
+        epoch,
     ])?;
     Ok(())
 }
@@ -344,7 +350,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
         return Ok(Applied::refused(parse_status(&status)?));
     };
     for step in &checkpoint.steps {
-        upsert_step(conn, &id, step)?;
+        upsert_step(conn, &id, step, checkpoint.epoch)?;
     }
     let pivot_entered = checkpoint.enter_pivot && pivot_passed == 1;
     let completed = checkpoint.complete && new_status == "COMPLETED";
@@ -400,11 +406,13 @@ fn parse_status(status: &str) -> rusqlite::Result<SagaStatus> {
 fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
     let event_id = event.event_id().to_string();
     let aggregate_id = event.aggregate_id.to_string();
-    let sequence: Option<i64> = conn
+    let taken: Option<(i64, i64)> = conn
         .prepare_cached(events::NEXT_SEQUENCE)?
-        .query_row(params![aggregate_id, event_id], |r| r.get(0))
+        .query_row(params![aggregate_id, event_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()?;
-    let Some(sequence) = sequence else {
+    let Some((sequence, epoch)) = taken else {
         // Written before, or (a bug) no such saga: only the first is fine.
         let written: Option<i64> = conn
             .prepare_cached(events::WRITTEN_BEFORE)?
@@ -424,6 +432,7 @@ fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
         events::payload(event, &event_id, sequence, occurred_at_ms),
         event.traceparent,
         occurred_at_ms,
+        epoch,
     ])?;
     Ok(true)
 }
