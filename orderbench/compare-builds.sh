@@ -27,7 +27,7 @@ pg_run() { # $1 label, $2 release dir
   for db in bench_orchestrator bench_stock bench_shipping bench_payment; do
     psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null; done
   local PG=postgres://postgres@127.0.0.1:5432
-  export APPLICATION_API_KEY=dev-key HOST=127.0.0.1 RUST_LOG=warn
+  export APPLICATION_API_KEY=dev-key ADMIN_API_KEY=dev-admin-key HOST=127.0.0.1 RUST_LOG=warn
   PORT=50052 METRICS_PORT=0 DATABASE_URL=$PG/bench_stock    $2/stock-svc > /dev/null 2>&1 & p1=$!
   PORT=50053 METRICS_PORT=0 DATABASE_URL=$PG/bench_shipping $2/shipping-svc > /dev/null 2>&1 & p2=$!
   PORT=50054 METRICS_PORT=0 DATABASE_URL=$PG/bench_payment  $2/payment-svc > /dev/null 2>&1 & p3=$!

@@ -20,7 +20,7 @@ ORDERBENCH=${ORDERBENCH:-$AFTER/orderbench}
 N1=${N1:-500}
 N64=${N64:-3000}
 PG=postgres://postgres@127.0.0.1:5432
-export APPLICATION_API_KEY=dev-key HOST=127.0.0.1 RUST_LOG=warn
+export APPLICATION_API_KEY=dev-key ADMIN_API_KEY=dev-admin-key HOST=127.0.0.1 RUST_LOG=warn
 waitport() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 fresh_db() { psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null; }
 

@@ -15,7 +15,7 @@ use crate::{
     processes::Binaries,
     report::{Injected, Report},
     schedule::{Fault, Link, Profile, Schedule},
-    system::{API_KEY, StoreKind, System, SystemConfig},
+    system::{ADMIN_KEY, API_KEY, StoreKind, System, SystemConfig},
     world::World,
 };
 
@@ -106,7 +106,7 @@ async fn drive(
         .seed(
             system.url(Victim::Stock),
             system.url(Victim::Payment),
-            API_KEY,
+            ADMIN_KEY,
         )
         .await?;
     let consumer = Consumer::start(&system.amqp_url, &system.exchange)

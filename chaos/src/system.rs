@@ -38,7 +38,11 @@ impl std::fmt::Display for StoreKind {
     }
 }
 
-pub const API_KEY: &str = "chaos-key";
+/// The business key of the run's services (32 characters or more, as a
+/// service started from the environment requires).
+pub const API_KEY: &str = "chaos-business-key-0123456789abcdef";
+/// The admin key, for seeding stock and money.
+pub const ADMIN_KEY: &str = "chaos-admin-key-0123456789abcdef0123";
 
 pub struct SystemConfig {
     pub store: StoreKind,
@@ -131,6 +135,7 @@ impl System {
             let mut env = vec![
                 ("DATABASE_URL".to_owned(), url.clone()),
                 ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
+                ("ADMIN_API_KEY".to_owned(), ADMIN_KEY.to_owned()),
             ];
             if config.builtin_faults {
                 env.push(("ALLOW_UNSAFE_SETTINGS".into(), "true".into()));

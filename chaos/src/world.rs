@@ -55,7 +55,7 @@ impl World {
         &self,
         stock_url: &str,
         payment_url: &str,
-        api_key: &str,
+        admin_key: &str,
     ) -> anyhow::Result<()> {
         let stock = StockServiceClient::new(channel(stock_url)?);
         let restock = RestockRequest {
@@ -68,7 +68,7 @@ impl World {
         };
         retry("restock", || {
             let mut stock = stock.clone();
-            let request = authed(restock.clone(), api_key);
+            let request = authed(restock.clone(), admin_key);
             async move { stock.restock(request?).await.map(drop) }
         })
         .await?;
@@ -85,7 +85,7 @@ impl World {
             };
             retry("deposit", || {
                 let mut payment = payment.clone();
-                let request = authed(deposit.clone(), api_key);
+                let request = authed(deposit.clone(), admin_key);
                 async move { payment.deposit(request?).await.map(drop) }
             })
             .await?;

@@ -6,17 +6,17 @@
 # Every call has a fixed request_id, so running it again changes nothing: the
 # services answer a repeated request_id with the stored reply.
 #
-# Env: APPLICATION_API_KEY (required), STOCK_ADDR (default stock-svc:50052),
+# Env: ADMIN_API_KEY (required: Restock and Deposit are admin RPCs), STOCK_ADDR (default stock-svc:50052),
 # PAYMENT_ADDR (default payment-svc:50054).
 set -eu
 
-: "${APPLICATION_API_KEY:?APPLICATION_API_KEY must be set}"
+: "${ADMIN_API_KEY:?ADMIN_API_KEY must be set}"
 STOCK_ADDR="${STOCK_ADDR:-stock-svc:50052}"
 PAYMENT_ADDR="${PAYMENT_ADDR:-payment-svc:50054}"
 
 call() {
   # call ADDR METHOD JSON
-  grpcurl -plaintext -max-time 10 -H "x-api-key: ${APPLICATION_API_KEY}" -d "$3" "$1" "$2" >/dev/null
+  grpcurl -plaintext -max-time 10 -H "x-api-key: ${ADMIN_API_KEY}" -d "$3" "$1" "$2" >/dev/null
 }
 
 restock() {

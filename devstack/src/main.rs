@@ -46,6 +46,15 @@ struct Args {
     )]
     api_key: String,
 
+    /// Key for admin RPCs (Restock, Deposit): devstack seeds with it.
+    #[arg(
+        long,
+        env = "ADMIN_API_KEY",
+        value_name = "ADMIN_API_KEY",
+        default_value = "dev-admin-key"
+    )]
+    admin_key: String,
+
     /// Address the four servers listen on.
     #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
     host: IpAddr,
@@ -137,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     // A service that can't start (say, its port is taken) stops everything.
     let (stock_url, payment_url) = (local(stock_port), local(payment_port));
     tokio::select! {
-        seeded = seed::demo(&stock_url, &payment_url, &args.api_key) => seeded?,
+        seeded = seed::demo(&stock_url, &payment_url, &args.admin_key) => seeded?,
         exited = first_exit(&mut children, &roles) => bail!("a service could not start: {exited}"),
     }
     print_tour(&args, &local(args.port));
@@ -193,6 +202,7 @@ fn spawn(
     command
         .env(ROLE_VAR, role)
         .env("APPLICATION_API_KEY", &args.api_key)
+        .env("ADMIN_API_KEY", &args.admin_key)
         .env("HOST", args.host.to_string())
         .env("PORT", port.to_string())
         .env("DATABASE_URL", database_url)

@@ -42,7 +42,7 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
     anyhow::bail!("{url} did not come up within 10 s")
 }
 
-pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Result<()> {
+pub async fn demo(stock_url: &str, payment_url: &str, admin_key: &str) -> anyhow::Result<()> {
     let mut stock = StockServiceClient::new(
         connect(stock_url)
             .await
@@ -58,7 +58,7 @@ pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Resu
             currency: "EUR".into(),
         };
         stock
-            .restock(authed(request, key)?)
+            .restock(authed(request, admin_key)?)
             .await
             .with_context(|| format!("seed {sku}"))?;
     }
@@ -75,7 +75,7 @@ pub async fn demo(stock_url: &str, payment_url: &str, key: &str) -> anyhow::Resu
             currency: "EUR".into(),
         };
         payment
-            .deposit(authed(request, key)?)
+            .deposit(authed(request, admin_key)?)
             .await
             .with_context(|| format!("seed account {customer}"))?;
     }

@@ -53,7 +53,8 @@ pub struct DownstreamArgs {
     #[arg(long, env = "DOWNSTREAM_MAX_CONCURRENT_CALLS", value_name = "DOWNSTREAM_MAX_CONCURRENT_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub downstream_max_concurrent_calls: u32,
 
-    /// Key sent to the domain services in `x-api-key`; defaults to the orchestrator's own key.
+    /// Business key sent to the domain services in `x-api-key`; defaults to
+    /// the first of the orchestrator's own business keys.
     #[arg(
         long,
         env = "SERVICES_API_KEY",
@@ -107,6 +108,10 @@ impl Downstream {
     /// Builds the clients. Channels connect on first use and reconnect by
     /// themselves, so the orchestrator can start before the services.
     pub fn connect_lazy(args: &DownstreamArgs, own_key: &str) -> anyhow::Result<Self> {
+        if let Some(key) = &args.services_api_key {
+            svc_kit::settings::check_single_key(key)
+                .map_err(|e| anyhow::anyhow!("SERVICES_API_KEY (--services-api-key): {e}"))?;
+        }
         let key = args
             .services_api_key
             .as_ref()

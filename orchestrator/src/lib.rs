@@ -25,13 +25,12 @@ use clap::{Args, Parser};
 use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
 use saga_engine::{Engine, Ownership, RetryPolicy, metrics::EngineMetrics};
 use svc_kit::{
-    auth::ApiKeyCheck,
+    auth::RequireKey,
     metrics::MetricsRegistry,
     server::App,
     settings::ServerArgs,
     store::{Migrations, Store},
 };
-use tonic::service::interceptor::InterceptedService;
 
 use crate::{
     downstream::{Downstream, DownstreamArgs},
@@ -187,7 +186,7 @@ impl Settings {
     }
 }
 
-type Server = App<InterceptedService<OrderServiceServer<OrderApi>, ApiKeyCheck>>;
+type Server = App<RequireKey<OrderServiceServer<OrderApi>>>;
 
 /// A built orchestrator: the store is migrated, open sagas are resumed, and the
 /// port is bound.
@@ -215,6 +214,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         &[]
     };
     settings.server.check_unsafe(in_memory)?;
+    let keys = settings.server.keys()?;
     let store = if settings.engine.bench_only_in_memory_store {
         Store::open_in_memory_for_benchmarks(&MIGRATIONS).await?
     } else {
@@ -264,9 +264,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         settings.server.request_timeout(),
         WatchLimits::new(&settings.watch),
     );
-    let service = InterceptedService::new(
+    let service = RequireKey::new(
         OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),
-        ApiKeyCheck::new(settings.server.api_key()),
+        keys,
     );
     let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);
     let server = App::bind(

@@ -6,7 +6,7 @@
 set -u
 R=${R:-/work/target-release/release}
 D=/tmp/mem; rm -rf $D; mkdir -p $D; cd $D
-export APPLICATION_API_KEY=dev-key HOST=127.0.0.1 RUST_LOG=warn
+export APPLICATION_API_KEY=dev-key ADMIN_API_KEY=dev-admin-key HOST=127.0.0.1 RUST_LOG=warn
 start_shipping() { REQUEST_TIMEOUT_SECS=3600 PORT=50053 METRICS_PORT=9093 DATABASE_URL=sqlite://$D/shipping.db FAULT_LATENCY_MS=${1:-0} ALLOW_UNSAFE_SETTINGS=true $R/shipping-svc > shipping.log 2>&1 & echo $! > shipping.pid; }
 PORT=50052 METRICS_PORT=9092 DATABASE_URL=sqlite://$D/stock.db $R/stock-svc > stock.log 2>&1 & echo $! > stock.pid
 PORT=50054 METRICS_PORT=9094 DATABASE_URL=sqlite://$D/payment.db $R/payment-svc > payment.log 2>&1 & echo $! > payment.pid

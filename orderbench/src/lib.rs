@@ -22,6 +22,8 @@ pub struct BenchConfig {
     pub stock_addr: String,
     pub payment_addr: String,
     pub api_key: String,
+    /// For the run's Restock and Deposit.
+    pub admin_key: String,
     pub orders: u64,
     pub concurrency: usize,
     /// Share of orders placed by a customer who can't pay (they compensate).

@@ -80,6 +80,15 @@ struct Args {
     )]
     api_key: String,
 
+    /// The admin key, to restock and deposit for the run.
+    #[arg(
+        long,
+        env = "ADMIN_API_KEY",
+        hide_env_values = true,
+        default_value = "dev-admin-key"
+    )]
+    admin_key: String,
+
     /// Orders to run.
     #[arg(short = 'n', long, default_value_t = 2_000)]
     orders: u64,
@@ -155,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         stock_addr: args.stock_addr.clone(),
         payment_addr: args.payment_addr.clone(),
         api_key: args.api_key.clone(),
+        admin_key: args.admin_key.clone(),
         orders: args.orders,
         concurrency: args.concurrency.max(1),
         compensate_share: args.compensate_share,

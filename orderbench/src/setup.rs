@@ -53,7 +53,7 @@ pub async fn prepare(config: &BenchConfig) -> anyhow::Result<World> {
                 unit_price_cents: UNIT_PRICE_CENTS,
                 currency: "EUR".into(),
             },
-            &config.api_key,
+            &config.admin_key,
         )?)
         .await?;
     let mut payment = PaymentServiceClient::connect(config.payment_addr.clone()).await?;
@@ -69,7 +69,7 @@ pub async fn prepare(config: &BenchConfig) -> anyhow::Result<World> {
                     amount_cents: cents,
                     currency: "EUR".into(),
                 },
-                &config.api_key,
+                &config.admin_key,
             )?)
             .await?;
     }

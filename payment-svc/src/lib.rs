@@ -14,12 +14,11 @@ pub mod error;
 use clap::Parser;
 use ordersaga_proto::payment::v1::payment_service_server::PaymentServiceServer;
 use svc_kit::{
-    auth::ApiKeyCheck,
+    auth::RequireKey,
     server::{App, Defaults},
     settings::ServerArgs,
     store::Migrations,
 };
-use tonic::service::interceptor::InterceptedService;
 
 pub const DEFAULTS: Defaults = Defaults {
     port: 50054,
@@ -47,7 +46,7 @@ pub struct Settings {
     pub server: ServerArgs,
 }
 
-pub type Application = App<InterceptedService<PaymentServiceServer<api::PaymentApi>, ApiKeyCheck>>;
+pub type Application = App<RequireKey<PaymentServiceServer<api::PaymentApi>>>;
 
 /// Opens the store, runs migrations and binds the ports.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {

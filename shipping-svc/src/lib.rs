@@ -14,12 +14,11 @@ use std::collections::BTreeSet;
 use clap::Parser;
 use ordersaga_proto::shipping::v1::shipping_service_server::ShippingServiceServer;
 use svc_kit::{
-    auth::ApiKeyCheck,
+    auth::RequireKey,
     server::{App, Defaults},
     settings::ServerArgs,
     store::Migrations,
 };
-use tonic::service::interceptor::InterceptedService;
 
 pub const DEFAULTS: Defaults = Defaults {
     port: 50053,
@@ -73,8 +72,7 @@ fn parse_country(value: &str) -> Result<String, String> {
     }
 }
 
-pub type Application =
-    App<InterceptedService<ShippingServiceServer<api::ShippingApi>, ApiKeyCheck>>;
+pub type Application = App<RequireKey<ShippingServiceServer<api::ShippingApi>>>;
 
 /// Opens the store, runs migrations and binds the port.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {

@@ -14,12 +14,11 @@ pub mod reservations;
 use clap::Parser;
 use ordersaga_proto::stock::v1::stock_service_server::StockServiceServer;
 use svc_kit::{
-    auth::ApiKeyCheck,
+    auth::RequireKey,
     server::{App, Defaults},
     settings::ServerArgs,
     store::Migrations,
 };
-use tonic::service::interceptor::InterceptedService;
 
 pub const DEFAULTS: Defaults = Defaults {
     port: 50052,
@@ -47,7 +46,7 @@ pub struct Settings {
     pub server: ServerArgs,
 }
 
-pub type Application = App<InterceptedService<StockServiceServer<api::StockApi>, ApiKeyCheck>>;
+pub type Application = App<RequireKey<StockServiceServer<api::StockApi>>>;
 
 /// Opens the store, runs migrations and binds the ports.
 pub async fn build(settings: Settings) -> anyhow::Result<Application> {

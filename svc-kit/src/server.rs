@@ -17,10 +17,8 @@ use tonic::{body::Body, server::NamedService, transport::Server};
 use tonic_health::ServingStatus;
 use tower::Service;
 
-use tonic::service::interceptor::InterceptedService;
-
 use crate::{
-    auth::ApiKeyCheck,
+    auth::RequireKey,
     fault::FaultLayer,
     metrics::{FrozenMetrics, GrpcMetricsLayer, MetricsRegistry},
     settings::ServerArgs,
@@ -205,19 +203,20 @@ pub async fn start_domain_service<S, B>(
     defaults: &Defaults,
     migrations: &Migrations,
     make_service: impl FnOnce(Store) -> S,
-) -> anyhow::Result<App<InterceptedService<S, ApiKeyCheck>>>
+) -> anyhow::Result<App<RequireKey<S>>>
 where
-    InterceptedService<S, ApiKeyCheck>: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
+    RequireKey<S>: Service<http::Request<Body>, Response = http::Response<B>, Error = Infallible>
         + NamedService
         + Clone
         + Send
         + Sync
         + 'static,
-    <InterceptedService<S, ApiKeyCheck> as Service<http::Request<Body>>>::Future: Send + 'static,
+    <RequireKey<S> as Service<http::Request<Body>>>::Future: Send + 'static,
     B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     args.check_unsafe(&[])?;
+    let keys = args.keys()?;
     let url = args
         .database_url
         .clone()
@@ -225,7 +224,7 @@ where
     let store = Store::open_with_batch_writer(&url, migrations).await?;
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
-    let service = InterceptedService::new(make_service(store), ApiKeyCheck::new(args.api_key()));
+    let service = RequireKey::new(make_service(store), keys);
     App::bind(args, defaults.port, defaults.metrics_port, service, metrics).await
 }
 

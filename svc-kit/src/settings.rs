@@ -9,7 +9,10 @@ use std::{net::IpAddr, time::Duration};
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::fault::FaultSettings;
+use crate::{
+    auth::{DEV_KEYS, KeySet, Keys, MIN_KEY_LEN},
+    fault::FaultSettings,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -29,9 +32,26 @@ pub struct ServerArgs {
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL")]
     pub database_url: Option<String>,
 
-    /// Key every business call must carry in its `x-api-key` metadata.
-    #[arg(long, env = "APPLICATION_API_KEY", value_name = "APPLICATION_API_KEY", value_parser = parse_api_key, hide_env_values = true)]
+    /// Keys a business call may carry in its `x-api-key` metadata, separated
+    /// by commas: during a rotation both the new key (first) and the old one.
+    /// Each at least 32 characters (only `dev-key` is exempt).
+    #[arg(
+        long,
+        env = "APPLICATION_API_KEY",
+        value_name = "APPLICATION_API_KEY",
+        hide_env_values = true
+    )]
     pub api_key: SecretString,
+
+    /// Keys for admin RPCs (Restock, Deposit), separated by commas; never the
+    /// same as a business key. Without it, admin RPCs are refused.
+    #[arg(
+        long,
+        env = "ADMIN_API_KEY",
+        value_name = "ADMIN_API_KEY",
+        hide_env_values = true
+    )]
+    pub admin_api_key: Option<SecretString>,
 
     /// Longest a call may run on the server before it is cancelled, in seconds.
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", value_name = "REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -77,6 +97,7 @@ impl ServerArgs {
             metrics_port: Some(0),
             database_url: Some(database_url.into()),
             api_key: SecretString::from(api_key),
+            admin_api_key: None,
             request_timeout_secs: 30,
             max_concurrent_calls: 4_096,
             log_json: false,
@@ -120,19 +141,81 @@ impl ServerArgs {
         Duration::from_secs(self.request_timeout_secs)
     }
 
+    /// The business key this service sends when it calls others: the first
+    /// of its set, the newest during a rotation.
     pub fn api_key(&self) -> &str {
-        self.api_key.expose_secret()
+        key_set(&self.api_key).next().unwrap_or_default()
+    }
+
+    /// The keys it accepts, by scope. Refuses a key that is in both scopes
+    /// (an admin key handed to every business client would be no admin key),
+    /// and warns when a key is one of the well-known development keys.
+    ///
+    /// Checked here rather than by clap, whose message would print the value.
+    pub fn keys(&self) -> anyhow::Result<Keys> {
+        check_key_set(&self.api_key)
+            .map_err(|e| anyhow::anyhow!("APPLICATION_API_KEY (--api-key): {e}"))?;
+        if let Some(admin) = &self.admin_api_key {
+            check_key_set(admin)
+                .map_err(|e| anyhow::anyhow!("ADMIN_API_KEY (--admin-api-key): {e}"))?;
+        }
+        let business: Vec<&str> = key_set(&self.api_key).collect();
+        let admin: Vec<&str> = self.admin_api_key.iter().flat_map(key_set).collect();
+        if business.iter().any(|key| admin.contains(key)) {
+            anyhow::bail!(
+                "ADMIN_API_KEY and APPLICATION_API_KEY share a key: give admin RPCs keys of their own"
+            );
+        }
+        for key in business.iter().chain(&admin) {
+            if DEV_KEYS.contains(key) {
+                tracing::warn!(
+                    "running with the development key {key:?}, which anyone can guess: for local use only"
+                );
+            }
+        }
+        Ok(Keys {
+            business: KeySet::new(business),
+            admin: KeySet::new(admin),
+        })
     }
 }
 
-fn parse_api_key(value: &str) -> Result<SecretString, String> {
+fn key_set(keys: &SecretString) -> impl Iterator<Item = &str> {
+    keys.expose_secret().split(',')
+}
+
+/// A comma-separated set of keys: each printable ASCII, at least
+/// [`MIN_KEY_LEN`] characters unless it is a development key. The message
+/// names the key by its position, never by its value.
+pub fn check_key_set(keys: &SecretString) -> Result<(), String> {
+    let value = keys.expose_secret();
     if value.trim().is_empty() {
         return Err("the API key must not be empty".into());
     }
-    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("the API key must be printable ASCII without spaces".into());
+    for (n, key) in value.split(',').enumerate() {
+        let which = format!("key {} of the list", n + 1);
+        if key.is_empty() {
+            return Err(format!("{which} is empty (a stray comma?)"));
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("{which} must be printable ASCII without spaces"));
+        }
+        if key.len() < MIN_KEY_LEN && !DEV_KEYS.contains(&key) {
+            return Err(format!(
+                "{which} has {} characters; a key needs at least {MIN_KEY_LEN} (e.g. `openssl rand -hex 24`)",
+                key.len()
+            ));
+        }
     }
-    Ok(SecretString::from(value))
+    Ok(())
+}
+
+/// One key, checked as each key of a set is.
+pub fn check_single_key(key: &SecretString) -> Result<(), String> {
+    if key.expose_secret().contains(',') {
+        return Err("one key only, no commas: this is the key sent, not a set accepted".into());
+    }
+    check_key_set(key)
 }
 
 /// Parses a probability in `[0, 1]`.

@@ -4,7 +4,7 @@
 
 use orderbench::{BenchConfig, check, run, setup};
 use ordersaga_tests::{
-    API_KEY, Backend,
+    ADMIN_KEY, API_KEY, Backend,
     system::{Options, System},
 };
 
@@ -17,6 +17,7 @@ async fn orderbench_smoke_conserves_stock_and_money(backend: Backend) {
         stock_addr: system.services.stock.endpoint(),
         payment_addr: system.services.payment.endpoint(),
         api_key: API_KEY.to_owned(),
+        admin_key: ADMIN_KEY.to_owned(),
         orders: 200,
         concurrency: 16,
         compensate_share: 0.1,

@@ -55,10 +55,48 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
     let cases: &[BadSetting] = &[
         (STOCK, &[], "APPLICATION_API_KEY"),
         (STOCK, &[("APPLICATION_API_KEY", " ")], "must not be empty"),
+        // Keys: long enough, one scope each, a clean list.
+        (
+            STOCK,
+            &[("APPLICATION_API_KEY", "short-secret-key")],
+            "needs at least 32",
+        ),
         (
             PAYMENT,
             &[
-                ("APPLICATION_API_KEY", "k"),
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("ADMIN_API_KEY", "admin-short-secret"),
+            ],
+            "ADMIN_API_KEY",
+        ),
+        (
+            STOCK,
+            &[
+                (
+                    "APPLICATION_API_KEY",
+                    "dev-key,abcdefghijklmnopqrstuvwxyz0123456789",
+                ),
+                ("ADMIN_API_KEY", "abcdefghijklmnopqrstuvwxyz0123456789"),
+            ],
+            "share a key",
+        ),
+        (
+            SHIPPING,
+            &[("APPLICATION_API_KEY", "dev-key,")],
+            "stray comma",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("SERVICES_API_KEY", "dev-key,dev-key"),
+            ],
+            "one key only",
+        ),
+        (
+            PAYMENT,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
                 ("FAULT_UNAVAILABLE_RATE", "1.5"),
             ],
             "fault-unavailable-rate",
@@ -66,7 +104,7 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
         (
             SHIPPING,
             &[
-                ("APPLICATION_API_KEY", "k"),
+                ("APPLICATION_API_KEY", "dev-key"),
                 ("SHIP_TO_COUNTRIES", "DE,germany"),
             ],
             "ship-to-countries",
@@ -75,7 +113,7 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
         (
             SHIPPING,
             &[
-                ("APPLICATION_API_KEY", "k"),
+                ("APPLICATION_API_KEY", "dev-key"),
                 ("FAULT_DROP_REPLY_RATE", "0.1"),
             ],
             "ALLOW_UNSAFE_SETTINGS",
@@ -83,25 +121,28 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
         (
             ORCHESTRATOR,
             &[
-                ("APPLICATION_API_KEY", "k"),
+                ("APPLICATION_API_KEY", "dev-key"),
                 ("BENCH_ONLY_IN_MEMORY_STORE", "true"),
             ],
             "ALLOW_UNSAFE_SETTINGS",
         ),
         (
             STOCK,
-            &[("APPLICATION_API_KEY", "k"), ("PORT", "99999")],
+            &[("APPLICATION_API_KEY", "dev-key"), ("PORT", "99999")],
             "port",
         ),
         (
             STOCK,
-            &[("APPLICATION_API_KEY", "k"), ("DATABASE_URL", "mysql://x")],
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("DATABASE_URL", "mysql://x"),
+            ],
             "DATABASE_URL",
         ),
         (
             STOCK,
             &[
-                ("APPLICATION_API_KEY", "k"),
+                ("APPLICATION_API_KEY", "dev-key"),
                 ("DATABASE_URL", "postgres://nobody:hunter2@127.0.0.1:1/x"),
             ],
             "cannot open the store",
@@ -117,10 +158,17 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             stderr.contains(needle),
             "{binary} {env:?}: stderr should mention {needle:?}:\n{stderr}"
         );
-        assert!(
-            !stderr.contains("hunter2"),
-            "a password reached the output:\n{stderr}"
-        );
+        for secret in [
+            "hunter2",
+            "short-secret-key",
+            "admin-short-secret",
+            "abcdefghijklm",
+        ] {
+            assert!(
+                !stderr.contains(secret),
+                "a secret reached the output:\n{stderr}"
+            );
+        }
     }
 }
 

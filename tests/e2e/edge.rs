@@ -323,9 +323,17 @@ async fn ten_thousand_malformed_requests_to_each_service_write_nothing() {
                 async move {
                     grpc.ready().await.unwrap();
                     let mut request = tonic::Request::new(body);
+                    // Each method with the key of its scope, so that the bytes
+                    // reach decoding and validation.
+                    let key =
+                        if svc_kit::auth::ADMIN_METHODS.contains(&format!("/{method}").as_str()) {
+                            ordersaga_tests::ADMIN_KEY
+                        } else {
+                            ordersaga_tests::API_KEY
+                        };
                     request
                         .metadata_mut()
-                        .insert("x-api-key", ordersaga_tests::API_KEY.parse().unwrap());
+                        .insert("x-api-key", key.parse().unwrap());
                     let path = http::uri::PathAndQuery::try_from(format!("/{method}")).unwrap();
                     (method, grpc.unary(request, path, RawCodec).await)
                 }

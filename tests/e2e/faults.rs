@@ -1,7 +1,7 @@
 //! Fault injection: failures before the work, and replies dropped after it.
 
 use ordersaga_proto::stock::v1::RestockRequest;
-use ordersaga_tests::{Backend, authed, services};
+use ordersaga_tests::{Backend, admin, services};
 use svc_kit::fault::FaultSettings;
 use tonic::Code;
 
@@ -38,7 +38,7 @@ async fn failing_before_work_changes_nothing(backend: Backend) {
     };
     let svc = services::stock_with_faults(backend, faults).await;
     let mut client = svc.stock().await;
-    let result = client.restock(authed(restock(&request_id()))).await;
+    let result = client.restock(admin(restock(&request_id()))).await;
     assert_status(
         result,
         Code::Unavailable,
@@ -57,7 +57,7 @@ async fn dropped_reply_keeps_the_single_effect(backend: Backend) {
     let rid = request_id();
     for _ in 0..3 {
         // The caller sees a failure each time, though the work was done once.
-        let result = client.restock(authed(restock(&rid))).await;
+        let result = client.restock(admin(restock(&rid))).await;
         assert_status(result, Code::Unavailable, &["reply dropped"]);
     }
     assert_eq!(

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use ordersaga_tests::{API_KEY, Backend, services};
+use ordersaga_tests::{ADMIN_KEY, API_KEY, Backend, services};
 
 fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let output = Command::new("grpcurl")
@@ -48,11 +48,26 @@ async fn grpcurl_lists_calls_and_is_refused_without_the_key() {
     assert!(!ok);
     assert!(err.contains("Unauthenticated"), "{err}");
 
+    // Restock is an admin RPC: the business key is not enough.
     let header = format!("x-api-key: {API_KEY}");
-    let (ok, out, err) = grpcurl(&[
+    let (ok, _, err) = grpcurl(&[
         "-plaintext",
         "-H",
         &header,
+        "-d",
+        restock,
+        &addr,
+        "stock.v1.StockService/Restock",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("PermissionDenied"), "{err}");
+    assert!(err.contains("ADMIN_API_KEY"), "{err}");
+
+    let admin_header = format!("x-api-key: {ADMIN_KEY}");
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-H",
+        &admin_header,
         "-d",
         restock,
         &addr,

@@ -5,7 +5,7 @@ use ordersaga_proto::payment::v1::{
     ChargeRequest, DepositRequest, GetAccountRequest, RefundRequest,
     payment_service_client::PaymentServiceClient,
 };
-use ordersaga_tests::{Backend, authed, services};
+use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
 use crate::assertions::{assert_status, order_id, request_id};
@@ -22,7 +22,7 @@ on_both_stores!(
 
 async fn open(client: &mut PaymentServiceClient<Channel>, customer: &str, cents: i64) {
     client
-        .deposit(authed(DepositRequest {
+        .deposit(admin(DepositRequest {
             request_id: request_id(),
             customer_id: customer.into(),
             amount_cents: cents,
@@ -292,7 +292,7 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
         );
     }
     let bad_deposit = client
-        .deposit(authed(DepositRequest {
+        .deposit(admin(DepositRequest {
             request_id: request_id(),
             customer_id: "bob".into(),
             amount_cents: 0,

@@ -5,7 +5,7 @@ use ordersaga_proto::stock::v1::{
     GetProductRequest, ListProductsRequest, OrderLine, ReleaseStockRequest, ReserveStockRequest,
     RestockRequest, stock_service_client::StockServiceClient,
 };
-use ordersaga_tests::{Backend, authed, services};
+use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
 use crate::assertions::{assert_status, order_id, request_id};
@@ -26,7 +26,7 @@ on_both_stores!(
 
 pub async fn seed(client: &mut StockServiceClient<Channel>, sku: &str, quantity: i64, price: i64) {
     client
-        .restock(authed(RestockRequest {
+        .restock(admin(RestockRequest {
             request_id: request_id(),
             sku: sku.into(),
             quantity,
@@ -343,7 +343,7 @@ async fn business_refusals_have_precise_codes_and_are_replayed(backend: Backend)
         .expect("a new request_id is a new request");
 
     let incomplete = client
-        .restock(authed(RestockRequest {
+        .restock(admin(RestockRequest {
             request_id: request_id(),
             sku: "NEW".into(),
             quantity: 1,
@@ -478,7 +478,7 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
         assert_status(result, Code::InvalidArgument, &[field]);
     }
     let bad_restock = client
-        .restock(authed(RestockRequest {
+        .restock(admin(RestockRequest {
             request_id: request_id(),
             sku: "NEW".into(),
             quantity: 5,

@@ -14,7 +14,7 @@ pub mod services;
 pub mod stores;
 pub mod system;
 
-pub use services::{API_KEY, Running, authed};
+pub use services::{ADMIN_KEY, API_KEY, Running, admin, authed};
 pub use stores::{Backend, TestDb};
 
 /// Polls `check` until it returns `Some`, for at most `timeout`; panics after.

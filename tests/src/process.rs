@@ -7,7 +7,7 @@ use tokio::process::{Child, Command};
 
 use ordersaga_proto::client::OrderClient;
 
-use crate::{API_KEY, binaries::free_port, eventually, system::DomainServices};
+use crate::{ADMIN_KEY, API_KEY, binaries::free_port, eventually, system::DomainServices};
 
 /// The orchestrator as a real process (`binary`), on the store at `db_url`,
 /// driving `services`, with fast retries and `env` on top.
@@ -55,6 +55,7 @@ impl ServiceProcess {
         let metrics_port = free_port();
         let mut all = vec![
             ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
+            ("ADMIN_API_KEY".to_owned(), ADMIN_KEY.to_owned()),
             ("HOST".to_owned(), "127.0.0.1".to_owned()),
             ("PORT".to_owned(), port.to_string()),
             ("METRICS_PORT".to_owned(), metrics_port.to_string()),

@@ -13,14 +13,27 @@ use tonic::{Request, transport::Channel};
 
 use crate::{Backend, TestDb};
 
-pub const API_KEY: &str = "test-key";
+/// The business key of every service the tests start (32 characters or
+/// more, as a service started from the environment requires).
+pub const API_KEY: &str = "test-business-key-0123456789abcdef";
+/// The admin key (Restock, Deposit) of every service the tests start.
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef0123";
 
-/// Wraps a message with the API key metadata.
+/// Wraps a message with the business key.
 pub fn authed<T>(message: T) -> Request<T> {
+    with_key(message, API_KEY)
+}
+
+/// Wraps a message with the admin key, for Restock and Deposit.
+pub fn admin<T>(message: T) -> Request<T> {
+    with_key(message, ADMIN_KEY)
+}
+
+fn with_key<T>(message: T, key: &str) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()
-        .insert(svc_kit::auth::API_KEY_HEADER, API_KEY.parse().unwrap());
+        .insert(svc_kit::auth::API_KEY_HEADER, key.parse().unwrap());
     request
 }
 
@@ -144,9 +157,18 @@ pub async fn stock(backend: Backend) -> Running {
 pub async fn stock_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = stock_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
     // The tests inject faults on purpose: they opt in.
     settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;
+    start!(db, stock_svc::build(settings))
+}
+
+/// Stock with the given key sets (comma-separated) instead of the tests' keys.
+pub async fn stock_with_keys(backend: Backend, business: &str, admin: Option<&str>) -> Running {
+    let db = TestDb::new(backend).await;
+    let mut settings = stock_svc::Settings::local(db.url.clone(), business);
+    settings.server.admin_api_key = admin.map(Into::into);
     start!(db, stock_svc::build(settings))
 }
 
@@ -157,6 +179,7 @@ pub async fn shipping(backend: Backend) -> Running {
 pub async fn shipping_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
     // The tests inject faults on purpose: they opt in.
     settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;
@@ -170,6 +193,7 @@ pub async fn payment(backend: Backend) -> Running {
 pub async fn payment_with_faults(backend: Backend, faults: FaultSettings) -> Running {
     let db = TestDb::new(backend).await;
     let mut settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
     // The tests inject faults on purpose: they opt in.
     settings.server.allow_unsafe_settings = faults.is_active();
     settings.server.faults = faults;

@@ -15,7 +15,7 @@ use sqlx::AnyPool;
 use svc_kit::fault::FaultSettings;
 use tonic::transport::Channel;
 
-use crate::{API_KEY, Backend, Running, authed, services};
+use crate::{API_KEY, Backend, Running, admin, services};
 
 /// The seeded catalogue: SKU, unit price in cents, units in stock.
 pub const CATALOGUE: &[(&str, i64, i64)] = &[
@@ -201,7 +201,7 @@ pub async fn seed(stock_url: &str, payment_url: &str) {
         retry(|| {
             let mut stock = stock.clone();
             let request = request.clone();
-            async move { stock.restock(authed(request)).await.map(|_| ()) }
+            async move { stock.restock(admin(request)).await.map(|_| ()) }
         })
         .await;
     }
@@ -216,7 +216,7 @@ pub async fn seed(stock_url: &str, payment_url: &str) {
         retry(|| {
             let mut payment = payment.clone();
             let request = request.clone();
-            async move { payment.deposit(authed(request)).await.map(|_| ()) }
+            async move { payment.deposit(admin(request)).await.map(|_| ()) }
         })
         .await;
     }
