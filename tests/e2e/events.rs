@@ -261,6 +261,61 @@ async fn a_broker_outage_loses_no_event() {
     .await;
 }
 
+/// A partition that closes nothing (no RST, no FIN) and carries nothing: the
+/// relay must give up on a publish the broker never confirms and reconnect,
+/// not wait on a connection that is gone in all but name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_broker_connection_is_abandoned_and_no_event_is_lost() {
+    let exchange = unique_exchange();
+    let mut rx = consume(&exchange).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let options = Options {
+        broker: Some(broker(proxy.url(), &exchange)),
+        ..Default::default()
+    };
+    let system = System::start(Backend::Sqlite, options).await;
+    let client = system.client().await;
+    let mut ids = Vec::new();
+    let mut place = async |ids: &mut Vec<String>| {
+        let mut request = order(&request_id(), "alice", &[("PEN", 1)], "DE");
+        request.wait = true;
+        ids.push(client.create_order(request).await.unwrap().order_id);
+    };
+    let both_events = |ids: &[String], events: &[Received]| {
+        ids.iter().all(|id| {
+            ["order.created", "order.completed"].iter().all(|kind| {
+                events
+                    .iter()
+                    .any(|e| e.field("order_id") == id.as_str() && e.routing_key == *kind)
+            })
+        })
+    };
+    // The relay is connected and publishing.
+    place(&mut ids).await;
+    let mut events = collect_until(&mut rx, WAIT, |events| both_events(&ids, events)).await;
+
+    proxy.stall();
+    for _ in 0..4 {
+        place(&mut ids).await;
+    }
+    // Well under RabbitMQ's heartbeat timeout (60 s): the relay's own
+    // bound on a confirm is what finds the dead connection.
+    events.extend(
+        collect_until(&mut rx, Duration::from_secs(30), |more| {
+            let all: Vec<Received> = events.iter().chain(more).cloned().collect();
+            both_events(&ids, &all)
+        })
+        .await,
+    );
+    // At least once: a batch sent again after a reconnect may come twice.
+    let mut seen = std::collections::HashSet::new();
+    events.retain(|e| seen.insert(e.message_id.clone()));
+    for (id, list) in by_order(&events) {
+        let kinds: Vec<&str> = list.iter().map(|(_, kind)| kind.as_str()).collect();
+        assert_eq!(kinds, ["order.created", "order.completed"], "order {id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_committed_before_a_kill_9_is_delivered_after_restart() {
     let exchange = unique_exchange();

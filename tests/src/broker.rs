@@ -139,38 +139,53 @@ pub async fn collect_until(
 }
 
 /// A TCP proxy to RabbitMQ that a test can cut (every connection dropped, new
-/// ones refused) and restore.
+/// ones refused), stall (the open connections go silent, as behind a network
+/// partition, while new ones pass) and restore.
 pub struct TcpProxy {
     pub addr: SocketAddr,
-    up: watch::Sender<bool>,
+    mode: watch::Sender<Mode>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Up,
+    Cut,
+    /// The connections open now carry nothing more; they stay open.
+    Stalled,
 }
 
 impl TcpProxy {
     pub async fn start(upstream: SocketAddr) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (up, _) = watch::channel(true);
-        let state = up.subscribe();
+        let (mode, _) = watch::channel(Mode::Up);
+        let state = mode.subscribe();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                if !*state.borrow() {
+                if *state.borrow() == Mode::Cut {
                     drop(client);
                     continue;
                 }
                 let mut state = state.clone();
+                // A connection made while stalled is a new path: it passes.
+                let born_stalled = *state.borrow() == Mode::Stalled;
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (mut client, mut server) = (client, server);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = state.wait_for(|up| !*up) => {}
+                    let left = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                        left = state.wait_for(|m| *m == Mode::Cut || (*m == Mode::Stalled && !born_stalled)) => left.map(|m| *m),
+                    };
+                    if matches!(left, Ok(Mode::Stalled)) {
+                        // Silent, not closed: no byte either way until a cut.
+                        let _ = state.wait_for(|m| *m == Mode::Cut).await;
                     }
                 });
             }
         });
-        TcpProxy { addr, up }
+        TcpProxy { addr, mode }
     }
 
     /// The AMQP URL through the proxy.
@@ -179,10 +194,15 @@ impl TcpProxy {
     }
 
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// The connections open now go silent; new ones pass.
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stalled);
     }
 
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.mode.send_replace(Mode::Up);
     }
 }

@@ -46,6 +46,13 @@ const BATCH: i64 = 256;
 const POLL: Duration = Duration::from_millis(50);
 /// How often a relay that does not lead runs for the lead.
 const FOLLOW: Duration = Duration::from_secs(1);
+/// Longest wait for the broker on a live connection: the connection and its
+/// channel set up, a batch published and confirmed, a close. A partition can
+/// leave a connection open but silent (no RST, no FIN), and RabbitMQ's
+/// heartbeat takes a minute or more to notice; past this bound the relay
+/// drops the connection and makes a new one. A batch of 256 confirms
+/// normally takes milliseconds.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
@@ -243,7 +250,12 @@ impl Relay {
                     if let Err(err) = self.pump(&channel, &mut stopping).await {
                         tracing::warn!(error = %err, "lost RabbitMQ; events wait in the outbox");
                     }
-                    let _ = connection.close(200, "relay stopping".into()).await;
+                    // On a silent connection a close would wait forever.
+                    let _ = tokio::time::timeout(
+                        BROKER_TIMEOUT,
+                        connection.close(200, "relay stopping".into()),
+                    )
+                    .await;
                 }
                 Err(err) => {
                     failures += 1;
@@ -288,64 +300,81 @@ impl Relay {
                 sleep_or_stop(stopping, POLL).await;
                 continue;
             }
-            let mut pending = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let id: i64 = row.try_get("id")?;
-                let event_id: String = row.try_get("event_id")?;
-                let event_type: String = row.try_get("event_type")?;
-                let payload: String = row.try_get("payload")?;
-                let traceparent: String = row.try_get("traceparent")?;
-                let created_at_ms: i64 = row.try_get("created_at_ms")?;
-                let mut headers = FieldTable::default();
-                headers.insert(
-                    "traceparent".into(),
-                    AMQPValue::LongString(LongString::from(traceparent)),
-                );
-                let properties = BasicProperties::default()
-                    .with_message_id(ShortString::from(event_id))
-                    .with_type(ShortString::from(event_type.clone()))
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_timestamp((created_at_ms / 1000) as u64)
-                    .with_headers(headers);
-                let confirm = channel
-                    .basic_publish(
-                        ShortString::from(self.exchange.clone()),
-                        ShortString::from(event_type),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        payload.as_bytes(),
-                        properties,
-                    )
-                    .await?;
-                pending.push((id, confirm));
-            }
-            crash_points::reach(point::AFTER_PUBLISH).await;
-            // Marked sent only once confirmed, and only up to the first refusal,
-            // so nothing after a refused event is skipped.
-            let mut confirmed = Vec::with_capacity(pending.len());
-            let total = pending.len();
-            for (id, confirm) in pending {
-                match confirm.await? {
-                    Confirmation::Ack(None) => confirmed.push(id),
-                    Confirmation::Ack(Some(returned)) => {
-                        self.park(channel, returned.delivery).await?;
-                        confirmed.push(id);
-                    }
-                    other => {
-                        tracing::warn!(?other, "the broker refused an event; retrying from it");
-                        break;
-                    }
-                }
-            }
+            let (confirmed, total) =
+                tokio::time::timeout(BROKER_TIMEOUT, self.publish(channel, &rows))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the broker confirmed no batch within {BROKER_TIMEOUT:?}; reconnecting"
+                        )
+                    })??;
             self.mark_sent(&confirmed).await?;
             if confirmed.len() < total {
                 anyhow::bail!("broker refused an event");
             }
         }
         Ok(())
+    }
+
+    /// Publishes `rows` and waits for their confirms. Returns the IDs to mark
+    /// sent (those confirmed, up to the first refusal, so nothing after a
+    /// refused event is skipped) and how many were published.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        rows: &[sqlx::any::AnyRow],
+    ) -> anyhow::Result<(Vec<i64>, usize)> {
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.try_get("id")?;
+            let event_id: String = row.try_get("event_id")?;
+            let event_type: String = row.try_get("event_type")?;
+            let payload: String = row.try_get("payload")?;
+            let traceparent: String = row.try_get("traceparent")?;
+            let created_at_ms: i64 = row.try_get("created_at_ms")?;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "traceparent".into(),
+                AMQPValue::LongString(LongString::from(traceparent)),
+            );
+            let properties = BasicProperties::default()
+                .with_message_id(ShortString::from(event_id))
+                .with_type(ShortString::from(event_type.clone()))
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_timestamp((created_at_ms / 1000) as u64)
+                .with_headers(headers);
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(self.exchange.clone()),
+                    ShortString::from(event_type),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    payload.as_bytes(),
+                    properties,
+                )
+                .await?;
+            pending.push((id, confirm));
+        }
+        crash_points::reach(point::AFTER_PUBLISH).await;
+        let mut confirmed = Vec::with_capacity(pending.len());
+        let total = pending.len();
+        for (id, confirm) in pending {
+            match confirm.await? {
+                Confirmation::Ack(None) => confirmed.push(id),
+                Confirmation::Ack(Some(returned)) => {
+                    self.park(channel, returned.delivery).await?;
+                    confirmed.push(id);
+                }
+                other => {
+                    tracing::warn!(?other, "the broker refused an event; retrying from it");
+                    break;
+                }
+            }
+        }
+        Ok((confirmed, total))
     }
 
     /// Keeps an event no queue was bound for in `<exchange>.unrouted`, through
@@ -425,13 +454,15 @@ impl Relay {
     }
 }
 
+/// The connection and its channel, set up within [`BROKER_TIMEOUT`].
 async fn connect(url: &str, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
-    let connection = tokio::time::timeout(
-        Duration::from_secs(5),
-        Connection::connect(url, ConnectionProperties::default()),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("timed out connecting to RabbitMQ"))??;
+    tokio::time::timeout(BROKER_TIMEOUT, set_up(url, exchange))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to RabbitMQ"))?
+}
+
+async fn set_up(url: &str, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
