@@ -276,7 +276,7 @@ async fn a_silent_broker_connection_is_abandoned_and_no_event_is_lost() {
     let system = System::start(Backend::Sqlite, options).await;
     let client = system.client().await;
     let mut ids = Vec::new();
-    let mut place = async |ids: &mut Vec<String>| {
+    let place = async |ids: &mut Vec<String>| {
         let mut request = order(&request_id(), "alice", &[("PEN", 1)], "DE");
         request.wait = true;
         ids.push(client.create_order(request).await.unwrap().order_id);
