@@ -17,6 +17,7 @@ pub mod auth;
 pub mod batch_writer;
 pub mod error;
 pub mod fault;
+pub mod grpc_timeout;
 pub mod idempotency;
 pub mod methods;
 pub mod metrics;

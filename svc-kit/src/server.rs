@@ -149,12 +149,10 @@ where
             .timeout(self.args.request_timeout())
             // A server span per call, child of the caller's span (W3C traceparent).
             .trace_fn(crate::propagation::server_span)
-            // h2 closes a connection (GOAWAY) after 20 streams that the client reset
-            // before the server accepted them: its rapid-reset defence. Our
-            // orchestrator cancels calls that pass their deadline, so under a burst
-            // (say, 10,000 sagas resumed at once) the default would cut the one
-            // connection every saga shares and fail all their calls together.
-            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+            // h2's own rapid-reset defence stays as it is: a connection that
+            // resets 20 streams before the server accepted them is closed
+            // (GOAWAY). The orchestrator never needs more: it does not open a
+            // stream it is about to give up on (orchestrator::downstream::DeadlineCap).
             // Latency and status code per method, for /metrics (refusals included).
             .layer(self.grpc_metrics)
             // Past the limit of calls in flight, RESOURCE_EXHAUSTED at once.
@@ -250,10 +248,6 @@ where
     let app = build.await?;
     app.run_until_stopped(crate::shutdown::signal()).await
 }
-
-/// See the server builder: how many client-reset, not-yet-accepted streams a
-/// connection may have before the server closes it.
-const MAX_PENDING_ACCEPT_RESETS: usize = 16 * 1024;
 
 /// The largest request message any service decodes. The largest valid
 /// request (a CreateOrder with 100 lines of 128-byte SKUs and a full

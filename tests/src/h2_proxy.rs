@@ -7,10 +7,14 @@
 //! real `RST_STREAM` frame with the rule's reason, so the caller's gRPC stack
 //! classifies it exactly as it would in production (tonic maps INTERNAL_ERROR
 //! to INTERNAL and CANCEL to CANCELLED).
+//!
+//! It also records the streams the caller itself reset before the reply
+//! came, with how long each had been open: calls it gave up on.
 
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -32,6 +36,7 @@ pub struct H2Proxy {
     pub addr: SocketAddr,
     rule: Arc<Mutex<Rule>>,
     resets: Arc<Mutex<u64>>,
+    caller_resets: Arc<Mutex<Vec<Duration>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,16 +47,21 @@ impl H2Proxy {
         let addr = listener.local_addr().unwrap();
         let rule = Arc::new(Mutex::new(rule));
         let resets = Arc::new(Mutex::new(0));
+        let caller_resets = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept_loop(
             listener,
             upstream,
             rule.clone(),
-            resets.clone(),
+            Counters {
+                resets: resets.clone(),
+                caller_resets: caller_resets.clone(),
+            },
         ));
         H2Proxy {
             addr,
             rule,
             resets,
+            caller_resets,
             task,
         }
     }
@@ -65,9 +75,15 @@ impl H2Proxy {
         *self.rule.lock().unwrap() = rule;
     }
 
-    /// How many streams were reset so far.
+    /// How many streams the proxy reset so far.
     pub fn resets(&self) -> u64 {
         *self.resets.lock().unwrap()
+    }
+
+    /// The streams the caller reset before their reply came: how long each
+    /// had been open.
+    pub fn caller_resets(&self) -> Vec<Duration> {
+        self.caller_resets.lock().unwrap().clone()
     }
 }
 
@@ -77,19 +93,25 @@ impl Drop for H2Proxy {
     }
 }
 
+#[derive(Clone)]
+struct Counters {
+    resets: Arc<Mutex<u64>>,
+    caller_resets: Arc<Mutex<Vec<Duration>>>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     rule: Arc<Mutex<Rule>>,
-    resets: Arc<Mutex<u64>>,
+    counters: Counters,
 ) {
     loop {
         let Ok((downstream, _)) = listener.accept().await else {
             return;
         };
-        let (rule, resets) = (rule.clone(), resets.clone());
+        let (rule, counters) = (rule.clone(), counters.clone());
         tokio::spawn(async move {
-            let _ = serve_connection(downstream, upstream, rule, resets).await;
+            let _ = serve_connection(downstream, upstream, rule, counters).await;
         });
     }
 }
@@ -99,7 +121,7 @@ async fn serve_connection(
     downstream: TcpStream,
     upstream: SocketAddr,
     rule: Arc<Mutex<Rule>>,
-    resets: Arc<Mutex<u64>>,
+    counters: Counters,
 ) -> Result<(), h2::Error> {
     let mut incoming = h2::server::handshake(downstream).await?;
     let Ok(upstream) = TcpStream::connect(upstream).await else {
@@ -121,9 +143,9 @@ async fn serve_connection(
                 .ends_with(path_suffix.as_str())
                 .then_some(*reason),
         };
-        let (sender, resets) = (sender.clone(), resets.clone());
+        let (sender, counters) = (sender.clone(), counters.clone());
         tokio::spawn(async move {
-            let _ = forward(sender, request, respond, reset, resets).await;
+            let _ = forward(sender, request, respond, reset, counters).await;
         });
     }
     Ok(())
@@ -134,30 +156,44 @@ async fn forward(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     reset: Option<Reason>,
-    resets: Arc<Mutex<u64>>,
+    counters: Counters,
 ) -> Result<(), h2::Error> {
+    let opened = Instant::now();
     let (parts, body) = request.into_parts();
     let mut sender = sender.ready().await?;
-    let (reply, upstream_body) = sender.send_request(Request::from_parts(parts, ()), false)?;
-    copy_body(body, upstream_body).await?;
-    let (parts, body) = reply.await?.into_parts();
+    let (reply, mut upstream_body) = sender.send_request(Request::from_parts(parts, ()), false)?;
+    let forwarded = async {
+        copy_body(body, &mut upstream_body).await?;
+        reply.await
+    };
+    let caller_gave_up = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    let reply = tokio::select! {
+        reply = forwarded => reply?,
+        _ = caller_gave_up => {
+            counters.caller_resets.lock().unwrap().push(opened.elapsed());
+            upstream_body.send_reset(Reason::CANCEL);
+            return Ok(());
+        }
+    };
+    let (parts, body) = reply.into_parts();
     match reset {
         Some(reason) => {
             // The callee has done the work and answered; the caller never hears it.
             drain(body).await?;
             respond.send_reset(reason);
-            *resets.lock().unwrap() += 1;
+            *counters.resets.lock().unwrap() += 1;
         }
         None => {
-            let downstream_body = respond.send_response(Response::from_parts(parts, ()), false)?;
-            copy_body(body, downstream_body).await?;
+            let mut downstream_body =
+                respond.send_response(Response::from_parts(parts, ()), false)?;
+            copy_body(body, &mut downstream_body).await?;
         }
     }
     Ok(())
 }
 
 /// Copies data frames, then the trailers (gRPC's status travels in them).
-async fn copy_body(mut from: RecvStream, mut to: SendStream<Bytes>) -> Result<(), h2::Error> {
+async fn copy_body(mut from: RecvStream, to: &mut SendStream<Bytes>) -> Result<(), h2::Error> {
     while let Some(chunk) = from.data().await {
         let chunk = chunk?;
         let _ = from.flow_control().release_capacity(chunk.len());

@@ -1,6 +1,10 @@
 //! Clients of the domain services: one lazily connected HTTP/2 channel per
 //! service, shared by every saga, each call carrying the orchestrator's API key.
 
+mod deadline_cap;
+
+pub use deadline_cap::{DeadlineCap, MIN_BUDGET};
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -48,8 +52,9 @@ pub struct DownstreamArgs {
     pub payment_url: String,
 
     /// Most calls in flight on each service's connection; more wait in the
-    /// orchestrator. Keeps a burst (10,000 sagas resumed at once) from opening
-    /// thousands of HTTP/2 streams that time out and get reset together.
+    /// orchestrator, and one that waits out its deadline is never sent (see
+    /// [`DeadlineCap`]). Keeps a burst (10,000 sagas resumed at once) from
+    /// opening thousands of HTTP/2 streams that time out and get reset together.
     #[arg(long, env = "DOWNSTREAM_MAX_CONCURRENT_CALLS", value_name = "DOWNSTREAM_MAX_CONCURRENT_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub downstream_max_concurrent_calls: u32,
 
@@ -92,7 +97,7 @@ impl Interceptor for SendApiKey {
     }
 }
 
-pub type Authed = InterceptedService<Channel, SendApiKey>;
+pub type Authed = InterceptedService<DeadlineCap<Channel>, SendApiKey>;
 pub type StockClient = StockServiceClient<Authed>;
 pub type ShippingClient = ShippingServiceClient<Authed>;
 pub type PaymentClient = PaymentServiceClient<Authed>;
@@ -126,11 +131,13 @@ impl Downstream {
                 .with_context(|| format!("{name} is not a valid URL: {url:?}"))?
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
-                .concurrency_limit(args.downstream_max_concurrent_calls as usize)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true);
             Ok(InterceptedService::new(
-                endpoint.connect_lazy(),
+                DeadlineCap::new(
+                    endpoint.connect_lazy(),
+                    args.downstream_max_concurrent_calls as usize,
+                ),
                 auth.clone(),
             ))
         };
