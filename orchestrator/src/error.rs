@@ -21,6 +21,11 @@ pub enum OrderError {
     #[error("order {order_id} can no longer be cancelled: {reason}")]
     NotCancellable { order_id: String, reason: String },
 
+    #[error(
+        "{waiting} orders wait for a free saga slot, the limit (MAX_WAITING_SAGAS); nothing was recorded, retry with backoff"
+    )]
+    Backlogged { waiting: usize },
+
     #[error(transparent)]
     Kit(#[from] svc_kit::Error),
 }
@@ -41,6 +46,7 @@ impl From<OrderError> for Status {
                 Status::failed_precondition(err.to_string())
             }
             OrderError::PricingUnavailable(_) => Status::unavailable(err.to_string()),
+            OrderError::Backlogged { .. } => Status::resource_exhausted(err.to_string()),
             OrderError::Kit(kit) => kit.into(),
         }
     }

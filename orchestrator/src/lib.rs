@@ -115,6 +115,12 @@ pub struct EngineArgs {
     #[arg(long, env = "MAX_INFLIGHT_SAGAS", value_name = "MAX_INFLIGHT_SAGAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight_sagas: u32,
 
+    /// Most new orders waiting for a saga slot (past MAX_INFLIGHT_SAGAS);
+    /// past it CreateOrder is answered RESOURCE_EXHAUSTED before anything is
+    /// recorded. Sagas resumed after a restart count too.
+    #[arg(long, env = "MAX_WAITING_SAGAS", value_name = "MAX_WAITING_SAGAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub max_waiting_sagas: u32,
+
     /// A compensation failing for longer than this many seconds is announced (order.compensation_stuck).
     #[arg(
         long,
@@ -148,6 +154,7 @@ impl Default for EngineArgs {
             retry_max_backoff_ms: 5_000,
             compensation_max_backoff_ms: 10_000,
             max_inflight_sagas: 10_000,
+            max_waiting_sagas: 10_000,
             compensation_stuck_after_secs: 60,
             bench_only_in_memory_store: false,
             shutdown_grace_ms: 5_000,
@@ -263,6 +270,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         catalogue,
         settings.server.request_timeout(),
         WatchLimits::new(&settings.watch),
+        settings.engine.max_waiting_sagas as usize,
     );
     let service = RequireKey::new(
         OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),

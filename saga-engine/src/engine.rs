@@ -97,6 +97,7 @@ pub(crate) struct Inner<D> {
     pub(crate) policy: RetryPolicy,
     /// Bounds the sagas driven at once; the rest wait for a permit.
     permits: Semaphore,
+    max_in_flight: usize,
     pub(crate) changes: Changes,
     pub(crate) stopping: watch::Sender<bool>,
     drivers: TaskTracker,
@@ -191,6 +192,7 @@ where
                 pool,
                 policy,
                 permits: Semaphore::new(max_in_flight),
+                max_in_flight,
                 changes: Changes::new(),
                 stopping: watch::channel(false).0,
                 drivers: TaskTracker::new(),
@@ -502,6 +504,18 @@ where
     }
 
     /// The right to drive `saga_id`, unless this process already drives it.
+    /// How many sagas this engine holds that wait for a slot to be driven
+    /// in (past `max_in_flight`): a queue that only grows under overload.
+    pub fn waiting(&self) -> usize {
+        let in_flight = self.inner.max_in_flight - self.inner.permits.available_permits();
+        self.inner
+            .driving
+            .lock()
+            .unwrap()
+            .len()
+            .saturating_sub(in_flight)
+    }
+
     fn claim(&self, saga_id: Uuid) -> Option<Claim> {
         let mut driving = self.inner.driving.lock().unwrap();
         if driving.contains_key(&saga_id) {

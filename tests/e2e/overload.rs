@@ -180,3 +180,68 @@ async fn calls_past_the_limit_are_refused_at_once() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// With one saga driven at a time and room for one more to wait, a third
+/// order is refused at once, naming the limit, and nothing of it is
+/// recorded; a retry of an order already taken is still answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() {
+    let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("MAX_INFLIGHT_SAGAS", "1".to_owned()),
+        ("MAX_WAITING_SAGAS", "1".to_owned()),
+        // Shipping unreachable: the first saga holds its slot, retrying.
+        ("SHIPPING_SERVICE_URL", "http://127.0.0.1:1".to_owned()),
+        ("STEP_MAX_ATTEMPTS", "100".to_owned()),
+        ("RETRY_MAX_BACKOFF_MS", "1000".to_owned()),
+    ];
+    let mut orchestrator =
+        orchestrator_process(bins::ORCHESTRATOR, dir.path(), &db.url, &services, &limits);
+    orchestrator.start().await;
+    let client = orchestrator.order_client().await;
+    let first = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap();
+    // Its driver holds the one slot once it has reserved the stock.
+    ordersaga_tests::eventually(
+        "the first saga to be driven",
+        Duration::from_secs(20),
+        || async {
+            let order = client.get_order(&first.order_id).await.ok()?;
+            order
+                .steps
+                .iter()
+                .any(|step| step.name == "reserve_stock" && step.finished_at.is_some())
+                .then_some(())
+        },
+    )
+    .await;
+    let second_request = order(&request_id(), "alice", &[("BOOK", 1)], "DE");
+    let second = client.create_order(second_request.clone()).await.unwrap();
+
+    let since = Instant::now();
+    let refused = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap_err();
+    let took = since.elapsed();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("MAX_WAITING_SAGAS"),
+        "{refused:?}"
+    );
+    assert!(took < Duration::from_secs(1), "the refusal took {took:?}");
+    let pool = db.pool().await;
+    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sagas")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 2, "the refused order was recorded");
+
+    // The same request again is a replay, not new work: answered.
+    let replayed = client.create_order(second_request).await.unwrap();
+    assert_eq!(replayed.order_id, second.order_id);
+}

@@ -33,6 +33,8 @@ pub struct OrderApi {
     /// How long a `wait` may last when the client sent no deadline.
     max_wait: Duration,
     watch_limits: WatchLimits,
+    /// Past this many sagas waiting for a slot, new orders are refused.
+    max_waiting_sagas: usize,
 }
 
 impl OrderApi {
@@ -41,12 +43,14 @@ impl OrderApi {
         catalogue: Arc<Catalogue>,
         max_wait: Duration,
         watch_limits: WatchLimits,
+        max_waiting_sagas: usize,
     ) -> Self {
         OrderApi {
             engine,
             catalogue,
             max_wait,
             watch_limits,
+            max_waiting_sagas,
         }
     }
 
@@ -129,6 +133,13 @@ impl OrderService for OrderApi {
                     (order_id, changes)
                 }
                 None => {
+                    // Checked before anything is priced or recorded: under
+                    // overload, a refusal at once beats a saga queued for
+                    // longer than its client waits.
+                    let waiting = self.engine.waiting();
+                    if waiting >= self.max_waiting_sagas {
+                        return Err(OrderError::Backlogged { waiting }.into());
+                    }
                     let (items, total_cents, currency) =
                         pricing::price(&self.catalogue, &new.items).await?;
                     let order = OrderData {
