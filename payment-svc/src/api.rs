@@ -123,7 +123,7 @@ impl PaymentService for PaymentApi {
     }
 }
 
-fn validate_charge(req: &ChargeRequest) -> Result<NewCharge, Error> {
+pub fn validate_charge(req: &ChargeRequest) -> Result<NewCharge, Error> {
     validate::id("request_id", &req.request_id)?;
     validate::uuid("order_id", &req.order_id)?;
     validate::id("customer_id", &req.customer_id)?;

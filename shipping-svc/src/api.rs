@@ -124,7 +124,7 @@ impl ShippingService for ShippingApi {
     }
 }
 
-fn validate_prepare(req: &PrepareShipmentRequest) -> Result<NewShipment, Error> {
+pub fn validate_prepare(req: &PrepareShipmentRequest) -> Result<NewShipment, Error> {
     validate::id("request_id", &req.request_id)?;
     validate::uuid("order_id", &req.order_id)?;
     let address = validate::present("address", req.address.as_ref())?;

@@ -151,7 +151,7 @@ impl StockService for StockApi {
     }
 }
 
-fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
+pub fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
     validate::id("request_id", &req.request_id)?;
     validate::uuid("order_id", &req.order_id)?;
     validate::count("lines", req.lines.len(), validate::MAX_LINES)?;
@@ -200,7 +200,7 @@ fn validate_reserve(req: &ReserveStockRequest) -> Result<Vec<Line>, Error> {
     Ok(lines)
 }
 
-fn validate_restock(req: &RestockRequest) -> Result<Restock, Error> {
+pub fn validate_restock(req: &RestockRequest) -> Result<Restock, Error> {
     validate::id("request_id", &req.request_id)?;
     validate::sku("sku", &req.sku)?;
     validate::quantity("quantity", req.quantity, MAX_RESTOCK)?;

@@ -10,7 +10,9 @@ pub const HEADER: &str = "grpc-timeout";
 /// The duration of a header value (e.g. `500m`, `5S`); anything else is
 /// `None` (no deadline).
 pub fn parse(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // Checked, not `split_at`: a last character of more than one byte would
+    // panic there (the fuzz tests found it).
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -64,6 +66,7 @@ mod tests {
         assert_eq!(parse("S"), None);
         assert_eq!(parse(""), None);
         assert_eq!(parse("5x"), None);
+        assert_eq!(parse("5ß"), None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ mod crash_points;
 mod edge;
 mod events;
 mod faults;
+mod fuzz;
 mod grpcurl;
 mod metrics;
 mod observability;
