@@ -10,6 +10,7 @@
 pub mod check;
 pub mod cpu;
 pub mod echo;
+pub mod overload;
 pub mod report;
 pub mod run;
 pub mod setup;

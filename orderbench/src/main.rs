@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use orderbench::{
     BenchConfig, check,
     cpu::{self, Target},
-    echo,
+    echo, overload,
     report::{Ceiling, Report},
     run, setup,
 };
@@ -117,6 +117,17 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout_secs: u64,
     },
+    /// The normal load (N orders at C) gives the sustained rate; then orders
+    /// are offered open-loop at FACTOR times it for SECONDS. Prints what was
+    /// admitted (rate, p99 against the normal p99), the share refused and how
+    /// fast a refusal came back. Configure the system's limits first
+    /// (MAX_INFLIGHT_SAGAS, MAX_WAITING_SAGAS, MAX_CONCURRENT_CALLS).
+    Overload {
+        #[arg(long, default_value_t = 10.0)]
+        factor: f64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// The RPC ceiling: a tonic unary call over loopback at the same concurrency.
     Echo {
         #[arg(short = 'n', long, default_value_t = 100_000)]
@@ -175,6 +186,15 @@ async fn main() -> anyhow::Result<()> {
             let world = setup::prepare(&config).await?;
             let created = run::flood(&config, &world).await?;
             println!("created {created} orders without waiting");
+            return Ok(());
+        }
+        Some(Command::Overload { factor, seconds }) => {
+            let report = overload::run(&config, factor, seconds).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print();
+            }
             return Ok(());
         }
         Some(Command::Drain { timeout_secs }) => {

@@ -31,3 +31,37 @@ async fn orderbench_smoke_conserves_stock_and_money(backend: Backend) {
     assert_eq!(load.outcomes.get("COMPENSATED"), Some(&20));
     assert!(load.errors.is_empty(), "{:?}", load.errors);
 }
+
+/// The overload mode, run small: with room for 4 sagas driven and 4 waiting,
+/// orders offered at 10 times the sustained rate are partly admitted and
+/// partly refused RESOURCE_EXHAUSTED, and nothing fails otherwise. (What the
+/// latencies are is the benchmark's business.)
+#[tokio::test(flavor = "multi_thread")]
+async fn orderbench_overload_admits_some_and_refuses_the_rest() {
+    let options = Options {
+        engine: Some(orchestrator::EngineArgs {
+            max_inflight_sagas: 4,
+            max_waiting_sagas: 4,
+            ..Default::default()
+        }),
+        ..Options::default()
+    };
+    let system = System::start(Backend::Sqlite, options).await;
+    let config = BenchConfig {
+        orders_addr: system.orchestrator.endpoint(),
+        stock_addr: system.services.stock.endpoint(),
+        payment_addr: system.services.payment.endpoint(),
+        api_key: API_KEY.to_owned(),
+        admin_key: ADMIN_KEY.to_owned(),
+        orders: 40,
+        concurrency: 4,
+        compensate_share: 0.0,
+        progress: false,
+    };
+    let report = orderbench::overload::run(&config, 10.0, 2).await.unwrap();
+    report.print();
+    assert!(report.admitted > 0, "{report:?}");
+    assert!(report.refused > 0, "{report:?}");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.admitted + report.refused, report.offered);
+}
