@@ -222,6 +222,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     };
     settings.server.check_unsafe(in_memory)?;
     let keys = settings.server.keys()?;
+    settings.server.tls.server_config()?;
     let store = if settings.engine.bench_only_in_memory_store {
         Store::open_in_memory_for_benchmarks(&MIGRATIONS).await?
     } else {

@@ -13,7 +13,11 @@ use tokio::{
     sync::watch,
 };
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{body::Body, server::NamedService, transport::Server};
+use tonic::{
+    body::Body,
+    server::NamedService,
+    transport::{Server, ServerTlsConfig},
+};
 use tonic_health::ServingStatus;
 use tower::Service;
 
@@ -34,6 +38,7 @@ pub struct App<S> {
     metrics: Arc<FrozenMetrics>,
     grpc_metrics: GrpcMetricsLayer,
     service: S,
+    tls: Option<ServerTlsConfig>,
     args: ServerArgs,
 }
 
@@ -72,6 +77,7 @@ where
             metrics: metrics.freeze(),
             grpc_metrics,
             service,
+            tls: args.tls.server_config()?,
             args,
         })
     }
@@ -142,9 +148,15 @@ where
             service = S::NAME,
             addr = %self.args.host,
             faults = self.args.faults.is_active(),
+            tls = self.tls.is_some(),
+            mtls = self.args.tls.tls_client_ca.is_some(),
             "serving"
         );
-        Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls)?;
+        }
+        server
             // Server-side deadline; tonic answers CANCELLED when it fires.
             .timeout(self.args.request_timeout())
             // A server span per call, child of the caller's span (W3C traceparent).
@@ -215,6 +227,7 @@ where
 {
     args.check_unsafe(&[])?;
     let keys = args.keys()?;
+    args.tls.server_config()?;
     let url = args
         .database_url
         .clone()

@@ -12,6 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::{
     auth::{DEV_KEYS, KeySet, Keys, MIN_KEY_LEN},
     fault::FaultSettings,
+    tls::TlsArgs,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -72,6 +73,9 @@ pub struct ServerArgs {
     pub log_json: bool,
 
     #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
     pub faults: FaultSettings,
 
     /// Lets settings that break the service on purpose run: fault injection
@@ -101,6 +105,7 @@ impl ServerArgs {
             request_timeout_secs: 30,
             max_concurrent_calls: 4_096,
             log_json: false,
+            tls: TlsArgs::default(),
             faults: FaultSettings::default(),
             allow_unsafe_settings: false,
         }

@@ -126,6 +126,49 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             ],
             "ALLOW_UNSAFE_SETTINGS",
         ),
+        // TLS: both halves of an identity, readable PEM files, and URLs
+        // that say what the orchestrator's TLS settings say.
+        (
+            STOCK,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("TLS_CERT", "/nonexistent/server.pem"),
+            ],
+            "TLS_CERT is set without TLS_KEY",
+        ),
+        (
+            PAYMENT,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("TLS_CERT", "/nonexistent/server.pem"),
+                ("TLS_KEY", "/nonexistent/server-key.pem"),
+            ],
+            "TLS_CERT: cannot read /nonexistent/server.pem",
+        ),
+        (
+            SHIPPING,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("TLS_CLIENT_CA", "/nonexistent/ca.pem"),
+            ],
+            "TLS_CLIENT_CA needs TLS_CERT and TLS_KEY",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("STOCK_SERVICE_URL", "https://localhost:50052"),
+            ],
+            "SERVICES_TLS_CA is not set",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("SERVICES_TLS_CA", "/nonexistent/ca.pem"),
+            ],
+            "SERVICES_TLS_CA: cannot read /nonexistent/ca.pem",
+        ),
         (
             STOCK,
             &[("APPLICATION_API_KEY", "dev-key"), ("PORT", "99999")],

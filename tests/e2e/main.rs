@@ -48,4 +48,5 @@ mod saga;
 mod schema;
 mod shipping;
 mod stock;
+mod tls;
 mod unknown_outcomes;

@@ -172,6 +172,41 @@ pub async fn stock_with_keys(backend: Backend, business: &str, admin: Option<&st
     start!(db, stock_svc::build(settings))
 }
 
+/// The three services with their server settings changed by `configure`
+/// (e.g. TLS), each on a fresh store, with the tests' keys. Not seeded.
+pub async fn stock_configured(
+    backend: Backend,
+    configure: impl FnOnce(&mut svc_kit::settings::ServerArgs),
+) -> Running {
+    let db = TestDb::new(backend).await;
+    let mut settings = stock_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
+    configure(&mut settings.server);
+    start!(db, stock_svc::build(settings))
+}
+
+pub async fn shipping_configured(
+    backend: Backend,
+    configure: impl FnOnce(&mut svc_kit::settings::ServerArgs),
+) -> Running {
+    let db = TestDb::new(backend).await;
+    let mut settings = shipping_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
+    configure(&mut settings.server);
+    start!(db, shipping_svc::build(settings))
+}
+
+pub async fn payment_configured(
+    backend: Backend,
+    configure: impl FnOnce(&mut svc_kit::settings::ServerArgs),
+) -> Running {
+    let db = TestDb::new(backend).await;
+    let mut settings = payment_svc::Settings::local(db.url.clone(), API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
+    configure(&mut settings.server);
+    start!(db, payment_svc::build(settings))
+}
+
 pub async fn shipping(backend: Backend) -> Running {
     shipping_with_faults(backend, FaultSettings::default()).await
 }

@@ -5,7 +5,7 @@ mod deadline_cap;
 
 pub use deadline_cap::{DeadlineCap, MIN_BUDGET};
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
@@ -19,7 +19,7 @@ use tonic::{
     Request, Status,
     metadata::AsciiMetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
 #[derive(Debug, Clone, Args)]
@@ -67,6 +67,20 @@ pub struct DownstreamArgs {
         hide_env_values = true
     )]
     pub services_api_key: Option<SecretString>,
+
+    /// PEM CA that signed the services' certificates: the service URLs are
+    /// then `https://` and every call goes over TLS (without it, `http://`).
+    #[arg(long, env = "SERVICES_TLS_CA", value_name = "SERVICES_TLS_CA")]
+    pub services_tls_ca: Option<PathBuf>,
+
+    /// PEM certificate the orchestrator presents to the services (mTLS),
+    /// with SERVICES_TLS_KEY.
+    #[arg(long, env = "SERVICES_TLS_CERT", value_name = "SERVICES_TLS_CERT")]
+    pub services_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of SERVICES_TLS_CERT.
+    #[arg(long, env = "SERVICES_TLS_KEY", value_name = "SERVICES_TLS_KEY")]
+    pub services_tls_key: Option<PathBuf>,
 }
 
 impl DownstreamArgs {
@@ -77,7 +91,31 @@ impl DownstreamArgs {
             payment_url,
             downstream_max_concurrent_calls: 512,
             services_api_key: None,
+            services_tls_ca: None,
+            services_tls_cert: None,
+            services_tls_key: None,
         }
+    }
+
+    /// The TLS the orchestrator speaks to the services, if any.
+    fn tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let identity = match (&self.services_tls_cert, &self.services_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                ("SERVICES_TLS_CERT", cert.as_path()),
+                ("SERVICES_TLS_KEY", key.as_path()),
+            )),
+            (Some(_), None) => anyhow::bail!("SERVICES_TLS_CERT is set without SERVICES_TLS_KEY"),
+            (None, Some(_)) => anyhow::bail!("SERVICES_TLS_KEY is set without SERVICES_TLS_CERT"),
+        };
+        let Some(ca) = &self.services_tls_ca else {
+            anyhow::ensure!(
+                identity.is_none(),
+                "SERVICES_TLS_CERT needs SERVICES_TLS_CA: mTLS is TLS with client certificates"
+            );
+            return Ok(None);
+        };
+        svc_kit::tls::client_config(("SERVICES_TLS_CA", ca), identity).map(Some)
     }
 }
 
@@ -126,9 +164,25 @@ impl Downstream {
             .parse()
             .context("SERVICES_API_KEY is not valid metadata")?;
         let auth = SendApiKey { key };
+        let tls = args.tls()?;
         let channel = |url: &str, name: &str| -> anyhow::Result<Authed> {
-            let endpoint = Endpoint::from_shared(url.to_owned())
-                .with_context(|| format!("{name} is not a valid URL: {url:?}"))?
+            let mut endpoint = Endpoint::from_shared(url.to_owned())
+                .with_context(|| format!("{name} is not a valid URL: {url:?}"))?;
+            match (url.starts_with("https://"), &tls) {
+                (true, Some(tls)) => {
+                    endpoint = endpoint
+                        .tls_config(tls.clone())
+                        .with_context(|| format!("TLS to {name} ({url})"))?;
+                }
+                (false, None) => {}
+                (true, None) => anyhow::bail!(
+                    "{name} is https:// but SERVICES_TLS_CA is not set: name the CA that signed the services' certificates"
+                ),
+                (false, Some(_)) => anyhow::bail!(
+                    "SERVICES_TLS_CA is set but {name} is not https:// ({url}): use https:// to call it over TLS"
+                ),
+            }
+            let endpoint = endpoint
                 .connect_timeout(Duration::from_secs(2))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
