@@ -65,10 +65,14 @@ impl TlsArgs {
     }
 }
 
-/// A client's TLS: the CA to trust, and for mTLS the client's own identity.
+/// A PEM file and the setting that named it, so that an error can say which.
+pub type PemSetting<'a> = (&'a str, &'a Path);
+
+/// A client's TLS: the CA to trust, and for mTLS the client's own identity
+/// (certificate, key).
 pub fn client_config(
-    ca: (&str, &Path),
-    identity: Option<((&str, &Path), (&str, &Path))>,
+    ca: PemSetting<'_>,
+    identity: Option<(PemSetting<'_>, PemSetting<'_>)>,
 ) -> anyhow::Result<ClientTlsConfig> {
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(
         ca.0,
