@@ -141,6 +141,45 @@ impl Postgres {
         }
     }
 
+    /// From now on, TCP clients must come over TLS with `cert`/`key` as the
+    /// server's identity: a plaintext client is refused by `pg_hba.conf`.
+    /// Applied with a configuration reload; returns once plaintext is refused.
+    pub async fn require_tls(&mut self, cert: &Path, key: &Path) -> anyhow::Result<()> {
+        for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+            let to = self.data_dir.join(name);
+            std::fs::copy(from, &to)
+                .with_context(|| format!("cannot copy {} into the data folder", from.display()))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+            }
+        }
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut settings = std::fs::read_to_string(&conf)?;
+        settings
+            .push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, settings)?;
+        std::fs::write(
+            self.data_dir.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )?;
+        let mut admin = PgConnection::connect(&self.url("postgres")).await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&mut admin)
+            .await?;
+        let plaintext = format!("{}?sslmode=disable", self.url("postgres"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while PgConnection::connect(&plaintext).await.is_ok() {
+            if Instant::now() > deadline {
+                bail!("PostgreSQL still takes plaintext clients 10 s after the reload");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }

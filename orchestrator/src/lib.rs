@@ -261,7 +261,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         &settings.broker,
         outbox_metrics,
         leader,
-    );
+    )?;
     let resumed = engine.recover().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");
@@ -346,7 +346,7 @@ impl Orchestrator {
 /// The binary's whole life: logs, build (and resume open sagas), serve until
 /// SIGTERM or SIGINT, drain.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let _telemetry = svc_kit::telemetry::init("orchestrator", settings.server.log_json);
+    let _telemetry = svc_kit::telemetry::init("orchestrator", settings.server.log_json)?;
     let orchestrator = build(settings).await?;
     orchestrator
         .run_until_stopped(svc_kit::shutdown::signal())

@@ -257,7 +257,7 @@ where
     B: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _telemetry = crate::telemetry::init(service_name, log_json);
+    let _telemetry = crate::telemetry::init(service_name, log_json)?;
     let app = build.await?;
     app.run_until_stopped(crate::shutdown::signal()).await
 }

@@ -90,7 +90,10 @@ impl Store {
                 let (url, file) = prepare_sqlite_url(url)?;
                 (url, Some(file))
             }
-            Backend::Postgres => (url.to_owned(), None),
+            Backend::Postgres => {
+                check_postgres_tls_files(url)?;
+                (url.to_owned(), None)
+            }
         };
         // While the database is down, sqlx retries its connects with a backoff
         // capped at a fifth of this timeout: 10 s let a connection come back up
@@ -194,6 +197,49 @@ fn prepare_sqlite_url(url: &str) -> anyhow::Result<(String, PathBuf)> {
     Ok((format!("sqlite://{path}?{query}"), PathBuf::from(path)))
 }
 
+/// TLS to PostgreSQL is set in the URL as libpq sets it (`sslmode=verify-full`,
+/// `sslrootcert`, `sslcert`, `sslkey`). Their files are checked now, so that a
+/// wrong path stops the start-up naming the parameter, not a connect later.
+fn check_postgres_tls_files(url: &str) -> anyhow::Result<()> {
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+        if !matches!(name, "sslrootcert" | "sslcert" | "sslkey") || value == "system" {
+            continue;
+        }
+        let path = percent_decode(value);
+        std::fs::File::open(&path).with_context(|| {
+            format!("DATABASE_URL: {name}={path} cannot be read (a PEM file is expected)")
+        })?;
+    }
+    Ok(())
+}
+
+/// `%XX` escapes decoded, as a URL's query carries a path.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Hides a password in a URL before it reaches a message or a log.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -211,6 +257,21 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_an_unreadable_tls_file_of_the_database_url() {
+        let err = check_postgres_tls_files(
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/no/such%20dir/ca.pem",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("sslrootcert=/no/such dir/ca.pem cannot be read"),
+            "{err}"
+        );
+        assert!(check_postgres_tls_files("postgres://u@h/db?sslmode=require").is_ok());
+        assert!(check_postgres_tls_files("postgres://u@h/db?sslrootcert=system").is_ok());
+    }
 
     #[test]
     fn redacts_password_only() {

@@ -7,9 +7,18 @@
 //!   OTLP/gRPC. The standard variables apply: `OTEL_SERVICE_NAME` overrides the
 //!   service's own name, `OTEL_TRACES_SAMPLER`/`…_ARG` pick the sampler.
 //!
+//! - Over TLS when the endpoint is `https://`: the system's roots, or the CA
+//!   in `OTEL_EXPORTER_OTLP_CERTIFICATE`, with a client certificate for mTLS in
+//!   `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`…_CLIENT_KEY` (the spec's
+//!   variables; the `…_TRACES_…` forms win). A file that cannot be read stops
+//!   the start-up, naming the variable.
+//!
 //! `RUST_LOG` filters only the logs, so quieting logs never loses traces.
 
+use std::path::PathBuf;
+
 use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_otlp::WithTonicConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter, fmt, prelude::*};
 
@@ -37,10 +46,77 @@ pub fn export_configured() -> bool {
     .any(|var| std::env::var(var).is_ok_and(|v| !v.trim().is_empty()))
 }
 
+/// The first of `names` that is set and not blank, with its name.
+fn first_set(names: &[&'static str]) -> Option<(&'static str, String)> {
+    names.iter().find_map(|&name| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (name, v))
+    })
+}
+
+/// The exporter's TLS, when the variables ask for more than the defaults.
+fn export_tls() -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    let ca = first_set(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ]);
+    let cert = first_set(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ]);
+    let key = first_set(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ]);
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    let endpoint = first_set(&[
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]);
+    if let Some((name, url)) = &endpoint
+        && !url.trim_start().starts_with("https://")
+    {
+        anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE / …_CLIENT_CERTIFICATE / …_CLIENT_KEY are set, but {name} \
+             is not an https:// URL: traces would go out in plaintext"
+        );
+    }
+    let as_path = |(name, value): (&'static str, String)| (name, PathBuf::from(value));
+    let (ca, cert, key) = (ca.map(as_path), cert.map(as_path), key.map(as_path));
+    let identity = match (&cert, &key) {
+        (Some((cert_name, cert)), Some((key_name, key))) => {
+            Some(((*cert_name, cert.as_path()), (*key_name, key.as_path())))
+        }
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: set both or neither"
+        ),
+    };
+    let config = match &ca {
+        Some((name, ca)) => crate::tls::client_config((name, ca), identity)?,
+        None => {
+            let mut config = tonic::transport::ClientTlsConfig::new().with_native_roots();
+            if let Some((cert, key)) = identity {
+                config = config.identity(tonic::transport::Identity::from_pem(
+                    crate::tls::read_pem(cert.0, cert.1, "CERTIFICATE")?,
+                    crate::tls::read_pem(key.0, key.1, "PRIVATE KEY")?,
+                ));
+            }
+            config
+        }
+    };
+    Ok(Some(config))
+}
+
 /// Installs logging and tracing for `service_name` (e.g. `"stock-svc"`).
 /// Installs nothing if a subscriber is already set (tests start many services
-/// in one process); the guard is then inert.
-pub fn init(service_name: &'static str, log_json: bool) -> TelemetryGuard {
+/// in one process); the guard is then inert. Fails only on a TLS setting of
+/// the exporter that cannot be used.
+pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
 
     let mut resource = Resource::builder();
@@ -50,10 +126,11 @@ pub fn init(service_name: &'static str, log_json: bool) -> TelemetryGuard {
     let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
     let exporting = export_configured();
     if exporting {
-        match opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
-        {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        if let Some(tls) = export_tls()? {
+            exporter = exporter.with_tls_config(tls);
+        }
+        match exporter.build() {
             Ok(exporter) => builder = builder.with_batch_exporter(exporter),
             Err(err) => eprintln!("OTLP trace export disabled: {err}"),
         }
@@ -78,13 +155,13 @@ pub fn init(service_name: &'static str, log_json: bool) -> TelemetryGuard {
         .try_init()
         .is_ok();
     if !installed {
-        return TelemetryGuard { provider: None };
+        return Ok(TelemetryGuard { provider: None });
     }
     global::set_tracer_provider(provider.clone());
     if exporting {
         tracing::info!(service = service_name, "exporting traces over OTLP");
     }
-    TelemetryGuard {
+    Ok(TelemetryGuard {
         provider: Some(provider),
-    }
+    })
 }

@@ -89,7 +89,7 @@ pub fn client_config(
 }
 
 /// The file behind `setting`, which must hold a PEM block of `kind`.
-fn read_pem(setting: &str, path: &Path, kind: &str) -> anyhow::Result<Vec<u8>> {
+pub fn read_pem(setting: &str, path: &Path, kind: &str) -> anyhow::Result<Vec<u8>> {
     let pem = std::fs::read(path)
         .with_context(|| format!("{setting}: cannot read {}", path.display()))?;
     let text = String::from_utf8_lossy(&pem);

@@ -169,6 +169,64 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             ],
             "SERVICES_TLS_CA: cannot read /nonexistent/ca.pem",
         ),
+        // TLS to the backends: files readable, and only with a TLS URL.
+        (
+            STOCK,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                (
+                    "DATABASE_URL",
+                    "postgres://postgres@127.0.0.1/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+                ),
+            ],
+            "sslrootcert=/nonexistent/ca.pem cannot be read",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("RABBITMQ_HOST", "127.0.0.1"),
+                ("RABBITMQ_TLS_CA", "/nonexistent/ca.pem"),
+            ],
+            "the broker is not reached over TLS",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("RABBITMQ_HOST", "127.0.0.1"),
+                ("RABBITMQ_TLS", "true"),
+                ("RABBITMQ_TLS_CA", "/nonexistent/ca.pem"),
+            ],
+            "RABBITMQ_TLS_CA: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            ORCHESTRATOR,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("RABBITMQ_URL", "amqps://guest:hunter2@127.0.0.1:5671/%2f"),
+                ("RABBITMQ_TLS_CERT", "/nonexistent/client.pem"),
+            ],
+            "RABBITMQ_TLS_CERT and RABBITMQ_TLS_KEY go together",
+        ),
+        (
+            STOCK,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://localhost:4317"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+            ],
+            "OTEL_EXPORTER_OTLP_CERTIFICATE: cannot read /nonexistent/ca.pem",
+        ),
+        (
+            PAYMENT,
+            &[
+                ("APPLICATION_API_KEY", "dev-key"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+            ],
+            "OTEL_EXPORTER_OTLP_ENDPOINT is not an https:// URL",
+        ),
         (
             STOCK,
             &[("APPLICATION_API_KEY", "dev-key"), ("PORT", "99999")],

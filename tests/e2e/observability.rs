@@ -6,11 +6,13 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use ordersaga_proto::{
     client::OrderClient,
     orders::v1::{Order, OrderStatus, StepStatus, order_service_client::OrderServiceClient},
+    stock::v1::{RestockRequest, stock_service_client::StockServiceClient},
 };
 use ordersaga_tests::{
-    API_KEY,
+    API_KEY, admin,
     collector::{CollectedSpan, Collector},
     eventually,
+    pki::Pki,
     process::ServiceProcess,
     system::{order, seed},
 };
@@ -311,4 +313,77 @@ async fn steps_resumed_after_kill_9_join_the_original_trace() {
             .iter()
             .any(|s| s.name == "payment.v1.PaymentService/Charge" && s.service == "payment-svc")
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_tls_only_to_a_trusted_collector() {
+    let pki = Pki::new();
+    let tls = svc_kit::tls::TlsArgs {
+        tls_client_ca: None,
+        ..pki.server_mtls()
+    }
+    .server_config()
+    .unwrap()
+    .expect("a TLS configuration");
+    let collector = Collector::start_tls(tls).await;
+    let dir = tempfile::tempdir().unwrap();
+    let exporting_to = |name: &str, ca: &str| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.https_endpoint()),
+            (
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                pki.path(ca).display().to_string(),
+            ),
+            ("OTEL_SERVICE_NAME", name.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ]
+    };
+    let mut untrusting = ServiceProcess::new(
+        bins::STOCK,
+        dir.path(),
+        "untrusting",
+        &exporting_to("stock-untrusting", "other-ca.pem"),
+    );
+    let mut trusting = ServiceProcess::new(
+        bins::STOCK,
+        dir.path(),
+        "trusting",
+        &exporting_to("stock-trusting", "ca.pem"),
+    );
+    untrusting.start().await;
+    trusting.start().await;
+    for service in [&untrusting, &trusting] {
+        StockServiceClient::connect(service.endpoint())
+            .await
+            .unwrap()
+            .restock(admin(RestockRequest {
+                request_id: request_id(),
+                sku: "BOOK".into(),
+                quantity: 1,
+                name: "Book".into(),
+                unit_price_cents: 1_500,
+                currency: "EUR".into(),
+            }))
+            .await
+            .expect("a traced call");
+    }
+    eventually("spans over TLS", Duration::from_secs(30), || async {
+        collector
+            .spans()
+            .iter()
+            .any(|s| s.service == "stock-trusting")
+            .then_some(())
+    })
+    .await;
+    // Both made spans at the same time and export every 100 ms.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !collector
+            .spans()
+            .iter()
+            .any(|s| s.service == "stock-untrusting"),
+        "spans went to a collector whose certificate another CA signed"
+    );
+    untrusting.terminate().await;
+    trusting.terminate().await;
 }

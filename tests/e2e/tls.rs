@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use orchestrator::downstream::DownstreamArgs;
+use orchestrator::{downstream::DownstreamArgs, outbox::relay::BrokerArgs};
 use ordersaga_proto::{
     client::OrderClient,
     orders::v1::OrderStatus,
@@ -12,11 +12,19 @@ use ordersaga_proto::{
     stock::v1::{GetProductRequest, RestockRequest, stock_service_client::StockServiceClient},
 };
 use ordersaga_tests::{
-    API_KEY, Backend, Running, admin, authed, pki::Pki, services, system::order,
+    ADMIN_KEY, API_KEY, Backend, Running, admin, authed,
+    broker::{TlsFront, collect_until, consume, unique_exchange},
+    eventually,
+    pki::Pki,
+    services,
+    system::{Options, System, order},
 };
+use secrecy::SecretString;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::assertions::request_id;
+
+const WAIT: Duration = Duration::from_secs(60);
 
 fn https(service: &Running) -> String {
     format!("https://localhost:{}", service.addr.port())
@@ -151,4 +159,149 @@ async fn plaintext_and_untrusted_clients_are_refused_and_an_order_completes_over
         .product
         .unwrap();
     assert_eq!(product.available, 8, "the stock was taken over mTLS");
+}
+
+/// A stock service on `database_url`, serving until the test ends; or why it
+/// did not start.
+async fn stock_on(database_url: String) -> Result<std::net::SocketAddr, String> {
+    let mut settings = stock_svc::Settings::local(database_url, API_KEY);
+    settings.server.admin_api_key = Some(ADMIN_KEY.into());
+    let app = stock_svc::build(settings)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let addr = app.local_addr();
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_reaches_postgresql_only_over_verified_tls() {
+    let pki = Pki::new();
+    let root = tempfile::tempdir().unwrap();
+    let mut postgres = chaos::postgres::Postgres::create(root.path(), None)
+        .await
+        .expect("a PostgreSQL server of the test's own");
+    postgres
+        .require_tls(&pki.path("server.pem"), &pki.path("server-key.pem"))
+        .await
+        .unwrap();
+    let url = postgres.create_database("stock").await.unwrap();
+    let verify_with = |ca: &str| {
+        format!(
+            "{url}?sslmode=verify-full&sslrootcert={}",
+            pki.path(ca).display()
+        )
+    };
+
+    let plaintext = stock_on(format!("{url}?sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert!(
+        plaintext.contains("no encryption"),
+        "a plaintext connection was not refused by the server: {plaintext}"
+    );
+    let untrusted = stock_on(verify_with("other-ca.pem")).await.unwrap_err();
+    assert!(
+        untrusted.to_lowercase().contains("certificate"),
+        "a server whose certificate another CA signed was trusted: {untrusted}"
+    );
+    let missing = stock_on(format!(
+        "{url}?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        missing.contains("sslrootcert=/nonexistent/ca.pem cannot be read"),
+        "{missing}"
+    );
+
+    let addr = stock_on(verify_with("ca.pem"))
+        .await
+        .expect("the service starts over verified TLS");
+    let mut stock = StockServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    stock
+        .restock(admin(RestockRequest {
+            request_id: request_id(),
+            sku: "BOOK".into(),
+            quantity: 3,
+            name: "Book".into(),
+            unit_price_cents: 1_500,
+            currency: "EUR".into(),
+        }))
+        .await
+        .expect("a write over TLS");
+    let product = stock
+        .get_product(authed(GetProductRequest { sku: "BOOK".into() }))
+        .await
+        .expect("a read over TLS")
+        .into_inner()
+        .product
+        .unwrap();
+    assert_eq!(product.available, 3);
+    postgres.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn order_events_reach_rabbitmq_over_tls_and_never_an_untrusted_broker() {
+    let pki = Pki::new();
+    let front = TlsFront::start(
+        &pki.path("server.pem"),
+        &pki.path("server-key.pem"),
+        "127.0.0.1:5672".parse().unwrap(),
+    )
+    .await;
+    let broker = |ca: &str, exchange: &str| BrokerArgs {
+        rabbitmq_url: Some(SecretString::from(front.url())),
+        rabbitmq_tls_ca: Some(pki.path(ca)),
+        events_exchange: exchange.to_owned(),
+        ..Default::default()
+    };
+
+    // A relay that trusts another CA breaks off every handshake.
+    let untrusting = System::start(
+        Backend::Sqlite,
+        Options {
+            broker: Some(broker("other-ca.pem", &unique_exchange())),
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually(
+        "the relay to refuse the broker's certificate",
+        WAIT,
+        || async { (front.refused() > 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(front.accepted(), 0, "a relay trusted an unknown CA");
+    drop(untrusting);
+
+    let exchange = unique_exchange();
+    let mut events = consume(&exchange).await;
+    let system = System::start(
+        Backend::Sqlite,
+        Options {
+            broker: Some(broker("ca.pem", &exchange)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut request = order(&request_id(), "alice", &[("BOOK", 1)], "DE");
+    request.wait = true;
+    let placed = system.client().await.create_order(request).await.unwrap();
+    let received = collect_until(&mut events, WAIT, |events| {
+        events.iter().any(|e| {
+            e.field("order_id") == placed.order_id.as_str() && e.routing_key == "order.completed"
+        })
+    })
+    .await;
+    assert!(
+        received.iter().any(|e| e.routing_key == "order.completed"),
+        "the order's events arrived over AMQPS: {received:?}"
+    );
+    assert!(
+        front.accepted() > 0,
+        "the events came through the TLS front"
+    );
 }

@@ -1,7 +1,16 @@
 //! The local RabbitMQ, as the tests see it: a consumer bound to a test's own
 //! exchange, and a TCP proxy the test can cut and restore.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::StreamExt;
 use lapin::{
@@ -204,5 +213,78 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.mode.send_replace(Mode::Up);
+    }
+}
+
+/// A TLS front for RabbitMQ, as a broker's TLS listener is: it takes TLS
+/// with the given certificate and passes the plaintext on to `upstream`. It
+/// counts handshakes that succeeded and that failed, so a test sees a client
+/// refuse the certificate rather than only that nothing arrived.
+pub struct TlsFront {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl TlsFront {
+    pub async fn start(cert: &Path, key: &Path, upstream: SocketAddr) -> TlsFront {
+        use tokio_rustls::rustls::{
+            self,
+            pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, refused): (Arc<AtomicUsize>, Arc<AtomicUsize>) = Default::default();
+        let (ok, failed) = (Arc::clone(&accepted), Arc::clone(&refused));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, ok, failed) = (acceptor.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    ok.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        TlsFront {
+            addr,
+            accepted,
+            refused,
+        }
+    }
+
+    /// The AMQPS URL of the front, by the name its certificate carries.
+    pub fn url(&self) -> String {
+        format!("amqps://guest:guest@localhost:{}/%2f", self.addr.port())
+    }
+
+    /// Handshakes completed so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Handshakes a client broke off (or that were not TLS) so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 }

@@ -107,12 +107,26 @@ pub struct Collector {
 
 impl Collector {
     pub async fn start() -> Collector {
+        Self::start_with(None).await
+    }
+
+    /// A collector that takes only TLS, with `tls` as its identity; its
+    /// endpoint is then `https://localhost:<port>`.
+    pub async fn start_tls(tls: tonic::transport::ServerTlsConfig) -> Collector {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> Collector {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the collector");
         let addr = listener.local_addr().unwrap();
         let sink = Sink::default();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).expect("the collector's TLS");
+        }
+        let server = builder
             .add_service(TraceServiceServer::new(sink.clone()))
             .serve_with_incoming(TcpListenerStream::new(listener));
         tokio::spawn(server);
@@ -121,6 +135,10 @@ impl Collector {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn https_endpoint(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
     }
 
     pub fn spans(&self) -> Vec<CollectedSpan> {

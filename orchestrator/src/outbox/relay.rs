@@ -15,9 +15,13 @@
 //! - Sent events are pruned after the retention period.
 //! - With several replicas, one relay publishes at a time (see [`super::leader`]).
 //!
+//! - Over TLS (`amqps://`, or `RABBITMQ_TLS` with the parts), trusting the
+//!   system's roots or `RABBITMQ_TLS_CA`, with a client certificate for mTLS
+//!   (`RABBITMQ_TLS_CERT`/`RABBITMQ_TLS_KEY`).
+//!
 //! With no broker configured, the relay only measures the backlog.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 use lapin::{
@@ -25,6 +29,7 @@ use lapin::{
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
     },
+    tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
@@ -101,6 +106,29 @@ pub struct BrokerArgs {
     )]
     pub rabbitmq_vhost: String,
 
+    /// With the RABBITMQ_* parts: connect over TLS (`amqps://`). A
+    /// RABBITMQ_URL says so by its scheme.
+    #[arg(
+        long,
+        env = "RABBITMQ_TLS",
+        value_name = "RABBITMQ_TLS",
+        default_value_t = false
+    )]
+    pub rabbitmq_tls: bool,
+
+    /// PEM file of the CA that signed the broker's certificate, when it is not
+    /// one the system trusts. Needs an amqps:// broker.
+    #[arg(long, env = "RABBITMQ_TLS_CA", value_name = "RABBITMQ_TLS_CA")]
+    pub rabbitmq_tls_ca: Option<PathBuf>,
+
+    /// PEM certificate the relay presents to the broker (mTLS); with RABBITMQ_TLS_KEY.
+    #[arg(long, env = "RABBITMQ_TLS_CERT", value_name = "RABBITMQ_TLS_CERT")]
+    pub rabbitmq_tls_cert: Option<PathBuf>,
+
+    /// PEM (PKCS#8) private key of RABBITMQ_TLS_CERT.
+    #[arg(long, env = "RABBITMQ_TLS_KEY", value_name = "RABBITMQ_TLS_KEY")]
+    pub rabbitmq_tls_key: Option<PathBuf>,
+
     /// The topic exchange order events are published to.
     #[arg(
         long,
@@ -124,6 +152,10 @@ impl Default for BrokerArgs {
             rabbitmq_user: "guest".into(),
             rabbitmq_password: None,
             rabbitmq_vhost: "/".into(),
+            rabbitmq_tls: false,
+            rabbitmq_tls_ca: None,
+            rabbitmq_tls_cert: None,
+            rabbitmq_tls_key: None,
             events_exchange: "orders.events".into(),
             outbox_retention_secs: 7 * 24 * 3600,
         }
@@ -143,12 +175,55 @@ impl BrokerArgs {
             .map(|p| p.expose_secret().to_owned())
             .unwrap_or_else(|| "guest".into());
         Some(format!(
-            "amqp://{}:{}@{host}:{}/{}",
+            "{}://{}:{}@{host}:{}/{}",
+            if self.rabbitmq_tls { "amqps" } else { "amqp" },
             encode(&self.rabbitmq_user),
             encode(&password),
             self.rabbitmq_port,
             encode(&self.rabbitmq_vhost)
         ))
+    }
+}
+
+impl BrokerArgs {
+    /// The TLS files, read and checked now so that a wrong path stops the
+    /// start-up with the setting's name rather than failing every reconnect.
+    pub fn tls(&self) -> anyhow::Result<OwnedTLSConfig> {
+        let url = self.url();
+        let tls_url = url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("amqps://"));
+        let any_file = self.rabbitmq_tls_ca.is_some()
+            || self.rabbitmq_tls_cert.is_some()
+            || self.rabbitmq_tls_key.is_some();
+        if any_file && !tls_url {
+            anyhow::bail!(
+                "RABBITMQ_TLS_CA / RABBITMQ_TLS_CERT / RABBITMQ_TLS_KEY are set, but the broker is not \
+                 reached over TLS: use an amqps:// RABBITMQ_URL, or RABBITMQ_TLS=true with RABBITMQ_HOST"
+            );
+        }
+        let read =
+            |setting: &str, path: &PathBuf, kind: &str| svc_kit::tls::read_pem(setting, path, kind);
+        let cert_chain = self
+            .rabbitmq_tls_ca
+            .as_ref()
+            .map(|ca| read("RABBITMQ_TLS_CA", ca, "CERTIFICATE"))
+            .transpose()?
+            .map(|pem| String::from_utf8_lossy(&pem).into_owned());
+        let identity = match (&self.rabbitmq_tls_cert, &self.rabbitmq_tls_key) {
+            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+                pem: read("RABBITMQ_TLS_CERT", cert, "CERTIFICATE")?,
+                key: read("RABBITMQ_TLS_KEY", key, "PRIVATE KEY")?,
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "RABBITMQ_TLS_CERT and RABBITMQ_TLS_KEY go together: set both or neither"
+            ),
+        };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
     }
 }
 
@@ -194,6 +269,7 @@ pub struct Relay {
     /// log writer, the one writer of these tables.
     writer: LogWriter,
     url: Option<String>,
+    tls: OwnedTLSConfig,
     exchange: String,
     retention: Duration,
     metrics: OutboxMetrics,
@@ -207,16 +283,17 @@ impl Relay {
         args: &BrokerArgs,
         metrics: OutboxMetrics,
         leader: RelayLeader,
-    ) -> Self {
-        Relay {
+    ) -> anyhow::Result<Self> {
+        Ok(Relay {
             leader,
             pool,
             writer,
+            tls: args.tls()?,
             url: args.url(),
             exchange: args.events_exchange.clone(),
             retention: Duration::from_secs(args.outbox_retention_secs),
             metrics,
-        }
+        })
     }
 
     pub fn spawn(self, stopping: watch::Receiver<bool>) -> JoinHandle<()> {
@@ -241,7 +318,7 @@ impl Relay {
                 sleep_or_stop(&mut stopping, FOLLOW).await;
                 continue;
             }
-            match connect(&url, &self.exchange).await {
+            match connect(&url, &self.tls, &self.exchange).await {
                 Ok((connection, channel)) => {
                     if failures > 0 {
                         tracing::info!("reconnected to RabbitMQ; publishing the outbox");
@@ -455,14 +532,28 @@ impl Relay {
 }
 
 /// The connection and its channel, set up within [`BROKER_TIMEOUT`].
-async fn connect(url: &str, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
-    tokio::time::timeout(BROKER_TIMEOUT, set_up(url, exchange))
+async fn connect(
+    url: &str,
+    tls: &OwnedTLSConfig,
+    exchange: &str,
+) -> anyhow::Result<(Connection, Channel)> {
+    tokio::time::timeout(BROKER_TIMEOUT, set_up(url, tls, exchange))
         .await
         .map_err(|_| anyhow::anyhow!("timed out connecting to RabbitMQ"))?
 }
 
-async fn set_up(url: &str, exchange: &str) -> anyhow::Result<(Connection, Channel)> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+async fn set_up(
+    url: &str,
+    tls: &OwnedTLSConfig,
+    exchange: &str,
+) -> anyhow::Result<(Connection, Channel)> {
+    let connection = Connection::connect_with_config(
+        url,
+        ConnectionProperties::default(),
+        tls.clone(),
+        lapin::runtime::default_runtime()?,
+    )
+    .await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
