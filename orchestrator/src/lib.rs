@@ -242,7 +242,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let engine_metrics = EngineMetrics::register(&mut metrics.registry);
     let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
-    let catalogue = Arc::new(Catalogue::new(downstream.stock.clone()));
+    let catalogue = Arc::new(Catalogue::new(
+        downstream.stock.clone(),
+        settings.downstream.pricing_lookups(),
+    ));
     let leader = match &ownership {
         Ownership::Replica(replica) => RelayLeader::elected(&url, &replica.id, replica.lease),
         Ownership::Alone => RelayLeader::alone(),

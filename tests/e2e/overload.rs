@@ -1,15 +1,20 @@
 //! Overload is answered, not absorbed: WatchOrder streams are bounded in
 //! total, per connection and in time, and past a bound the call is refused
-//! at once, naming the limit.
+//! at once, naming the limit; the pricing of new orders cannot take the
+//! stock link from the sagas under way.
 
 use std::time::{Duration, Instant};
 
-use ordersaga_proto::{client::OrderClient, orders::v1::WatchOrderResponse};
+use ordersaga_proto::{
+    client::OrderClient,
+    orders::v1::{OrderStatus, WatchOrderResponse},
+};
 use ordersaga_tests::{
     API_KEY, Backend, TestDb,
     process::orchestrator_process,
     system::{DomainServices, Options, order},
 };
+use svc_kit::fault::FaultSettings;
 use tonic::{Code, Streaming};
 
 use crate::{assertions::request_id, bins};
@@ -244,4 +249,69 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
     // The same request again is a replay, not new work: answered.
     let replayed = client.create_order(second_request).await.unwrap();
     assert_eq!(replayed.order_id, second.order_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_full_of_unknown_skus_cannot_starve_the_sagas_own_stock_calls() {
+    // Every stock call takes 300 ms; the link to stock carries 4 at a time.
+    let options = Options {
+        stock_faults: FaultSettings {
+            fault_latency_ms: 300,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let services = DomainServices::start(Backend::Sqlite, &options).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("DOWNSTREAM_MAX_CONCURRENT_CALLS", "4".to_owned()),
+        ("PRICING_MAX_CONCURRENT_LOOKUPS", "2".to_owned()),
+        ("STEP_TIMEOUT_MS", "2000".to_owned()),
+        ("STEP_MAX_ATTEMPTS", "2".to_owned()),
+        ("RETRY_INITIAL_BACKOFF_MS", "5".to_owned()),
+        ("RETRY_MAX_BACKOFF_MS", "50".to_owned()),
+    ];
+    let mut orchestrator =
+        orchestrator_process(bins::ORCHESTRATOR, dir.path(), &db.url, &services, &limits);
+    orchestrator.start().await;
+    let client = orchestrator.order_client().await;
+    let placed = |items: &[(&str, i64)]| {
+        let mut request = order(&request_id(), "alice", items, "DE");
+        request.wait = true;
+        request
+    };
+    // From now on BOOK's price is kept: the next BOOK order needs stock only
+    // for its reservation.
+    let first = client.create_order(placed(&[("BOOK", 1)])).await.unwrap();
+    assert_eq!(first.status, OrderStatus::Completed as i32, "{first:?}");
+
+    // The flood: 30 orders of 4 SKUs nobody has, each a lookup of 300 ms.
+    // On the link alone that is 9 s of every slot taken.
+    let flood: Vec<_> = (0..30)
+        .map(|i| {
+            let client = client.clone();
+            let skus: Vec<String> = (0..4).map(|j| format!("GHOST-{i}-{j}")).collect();
+            tokio::spawn(async move {
+                let items: Vec<(&str, i64)> = skus.iter().map(|s| (s.as_str(), 1)).collect();
+                client
+                    .create_order(order(&request_id(), "alice", &items, "DE"))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paying = client.create_order(placed(&[("BOOK", 1)])).await.unwrap();
+    assert_eq!(
+        paying.status,
+        OrderStatus::Completed as i32,
+        "the saga's reservation waited out its deadline behind the pricing of the flood: {paying:?}"
+    );
+    for order in flood {
+        let refused = order.await.unwrap().unwrap_err();
+        assert!(
+            matches!(refused.code(), Code::NotFound | Code::Unavailable),
+            "{refused:?}"
+        );
+    }
 }

@@ -58,6 +58,14 @@ pub struct DownstreamArgs {
     #[arg(long, env = "DOWNSTREAM_MAX_CONCURRENT_CALLS", value_name = "DOWNSTREAM_MAX_CONCURRENT_CALLS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub downstream_max_concurrent_calls: u32,
 
+    /// Most price lookups (GetProduct) in flight at once, out of the stock
+    /// service's DOWNSTREAM_MAX_CONCURRENT_CALLS; default a quarter of it. New
+    /// orders' pricing then never takes every slot of the link that the
+    /// sagas' reservations and releases need. A lookup that waits 2 s for
+    /// its turn fails the order with UNAVAILABLE (retryable).
+    #[arg(long, env = "PRICING_MAX_CONCURRENT_LOOKUPS", value_name = "PRICING_MAX_CONCURRENT_LOOKUPS", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub pricing_max_concurrent_lookups: Option<u32>,
+
     /// Business key sent to the domain services in `x-api-key`; defaults to
     /// the first of the orchestrator's own business keys.
     #[arg(
@@ -84,12 +92,24 @@ pub struct DownstreamArgs {
 }
 
 impl DownstreamArgs {
+    /// The pricing budget: set, or a quarter of the per-service cap. Never
+    /// more than the cap less one, so a saga's call always finds a slot.
+    pub fn pricing_lookups(&self) -> usize {
+        let cap = self.downstream_max_concurrent_calls as usize;
+        let budget = self
+            .pricing_max_concurrent_lookups
+            .map(|n| n as usize)
+            .unwrap_or(cap / 4);
+        budget.min(cap.saturating_sub(1)).max(1)
+    }
+
     pub fn local(stock_url: String, shipping_url: String, payment_url: String) -> Self {
         DownstreamArgs {
             stock_url,
             shipping_url,
             payment_url,
             downstream_max_concurrent_calls: 512,
+            pricing_max_concurrent_lookups: None,
             services_api_key: None,
             services_tls_ca: None,
             services_tls_cert: None,

@@ -10,6 +10,11 @@
 //! An order is never charged a price the catalogue no longer has; the refused
 //! order fails with nothing taken, and the step drops the order's SKUs from
 //! the cache, so the next order is priced afresh.
+//!
+//! Lookups share the stock link with the sagas' own calls (reserve, release),
+//! so they get a budget of their own ([`Catalogue::new`]): orders full of
+//! SKUs nobody cached (or that do not exist) cannot take every slot of the
+//! link and starve the reservations and compensations of sagas under way.
 
 use std::{
     collections::HashMap,
@@ -20,6 +25,7 @@ use std::{
 use futures::future::try_join_all;
 use ordersaga_proto::stock::v1::{GetProductRequest, Product};
 use saga_engine::retry::{Answer, classify};
+use tokio::sync::Semaphore;
 use tonic::{Code, Request, Status};
 
 use crate::{downstream::StockClient, error::OrderError, order_saga::PricedItem};
@@ -30,6 +36,9 @@ const LOOKUP_ATTEMPTS: u32 = 4;
 
 /// How long a looked-up price is used without asking again.
 pub const PRICE_TTL: Duration = Duration::from_secs(60);
+
+/// Longest wait for a lookup's turn within the pricing budget.
+const LOOKUP_QUEUE_WAIT: Duration = Duration::from_secs(2);
 
 /// Past this many SKUs the cache starts afresh (a bound on memory).
 const MAX_CACHED: usize = 100_000;
@@ -47,6 +56,8 @@ struct Price {
 pub struct Catalogue {
     stock: StockClient,
     prices: Mutex<Prices>,
+    /// Lookups in flight at once: a share of the stock link, not all of it.
+    lookups: Semaphore,
 }
 
 /// The kept prices, and when each SKU was last forgotten: a lookup that began
@@ -91,10 +102,12 @@ impl Prices {
 }
 
 impl Catalogue {
-    pub fn new(stock: StockClient) -> Self {
+    /// At most `max_lookups` lookups in flight at once.
+    pub fn new(stock: StockClient, max_lookups: usize) -> Self {
         Catalogue {
             stock,
             prices: Mutex::default(),
+            lookups: Semaphore::new(max_lookups),
         }
     }
 
@@ -111,6 +124,14 @@ impl Catalogue {
         if let Some(price) = self.prices.lock().unwrap().get(sku) {
             return Ok(price);
         }
+        let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, self.lookups.acquire())
+            .await
+            .map_err(|_| {
+                Status::unavailable(
+                    "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
+                )
+            })?
+            .map_err(|_| Status::unavailable("pricing is shutting down"))?;
         let asked = Instant::now();
         let product = lookup(&mut self.stock.clone(), sku).await?;
         let price = Price {
