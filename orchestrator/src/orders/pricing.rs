@@ -15,14 +15,19 @@
 //! so they get a budget of their own ([`Catalogue::new`]): orders full of
 //! SKUs nobody cached (or that do not exist) cannot take every slot of the
 //! link and starve the reservations and compensations of sagas under way.
+//! Orders that need the same SKU at once share one lookup, so a burst of
+//! orders for a product nobody has priced yet makes one call, not one each.
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use futures::future::try_join_all;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared, try_join_all},
+};
 use ordersaga_proto::stock::v1::{GetProductRequest, Product};
 use saga_engine::retry::{Answer, classify};
 use tokio::sync::Semaphore;
@@ -38,7 +43,7 @@ const LOOKUP_ATTEMPTS: u32 = 4;
 pub const PRICE_TTL: Duration = Duration::from_secs(60);
 
 /// Longest wait for a lookup's turn within the pricing budget.
-const LOOKUP_QUEUE_WAIT: Duration = Duration::from_secs(2);
+const LOOKUP_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Past this many SKUs the cache starts afresh (a bound on memory).
 const MAX_CACHED: usize = 100_000;
@@ -55,10 +60,15 @@ struct Price {
 /// [`PRICE_TTL`].
 pub struct Catalogue {
     stock: StockClient,
-    prices: Mutex<Prices>,
+    prices: Arc<Mutex<Prices>>,
     /// Lookups in flight at once: a share of the stock link, not all of it.
-    lookups: Semaphore,
+    lookups: Arc<Semaphore>,
+    /// The lookup under way for each SKU, which every order that needs the
+    /// SKU meanwhile awaits.
+    in_flight: Arc<Mutex<HashMap<String, Lookup>>>,
 }
+
+type Lookup = Shared<BoxFuture<'static, Result<Price, Status>>>;
 
 /// The kept prices, and when each SKU was last forgotten: a lookup that began
 /// before that may carry the stale price, so its answer is not kept.
@@ -106,8 +116,9 @@ impl Catalogue {
     pub fn new(stock: StockClient, max_lookups: usize) -> Self {
         Catalogue {
             stock,
-            prices: Mutex::default(),
-            lookups: Semaphore::new(max_lookups),
+            prices: Arc::default(),
+            lookups: Arc::new(Semaphore::new(max_lookups)),
+            in_flight: Arc::default(),
         }
     }
 
@@ -119,28 +130,57 @@ impl Catalogue {
         }
     }
 
-    /// The price of one SKU: kept, or looked up.
+    /// The price of one SKU: kept, or looked up (or being looked up).
     async fn price_of(&self, sku: &str) -> Result<Price, Status> {
         if let Some(price) = self.prices.lock().unwrap().get(sku) {
             return Ok(price);
         }
-        let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, self.lookups.acquire())
-            .await
-            .map_err(|_| {
-                Status::unavailable(
-                    "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
-                )
-            })?
-            .map_err(|_| Status::unavailable("pricing is shutting down"))?;
-        let asked = Instant::now();
-        let product = lookup(&mut self.stock.clone(), sku).await?;
-        let price = Price {
-            unit_price_cents: product.unit_price_cents,
-            currency: product.currency,
-            fetched: asked,
-        };
-        self.prices.lock().unwrap().keep(sku, price.clone());
-        Ok(price)
+        let lookup = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(sku.to_owned())
+            .or_insert_with(|| self.look_up(sku.to_owned()))
+            .clone();
+        lookup.await
+    }
+
+    /// One lookup of `sku`, within the budget; its price kept, then it
+    /// leaves `in_flight`. Every order awaiting it can drop it: the last
+    /// clone, in `in_flight`, lets the next order that needs it go on.
+    fn look_up(&self, sku: String) -> Lookup {
+        let (mut stock, lookups, prices, in_flight) = (
+            self.stock.clone(),
+            self.lookups.clone(),
+            self.prices.clone(),
+            self.in_flight.clone(),
+        );
+        async move {
+            let price = async {
+                let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
+                    .await
+                    .map_err(|_| {
+                        Status::unavailable(
+                            "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
+                        )
+                    })?
+                    .map_err(|_| Status::unavailable("pricing is shutting down"))?;
+                let asked = Instant::now();
+                let product = lookup(&mut stock, &sku).await?;
+                let price = Price {
+                    unit_price_cents: product.unit_price_cents,
+                    currency: product.currency,
+                    fetched: asked,
+                };
+                prices.lock().unwrap().keep(&sku, price.clone());
+                Ok(price)
+            }
+            .await;
+            in_flight.lock().unwrap().remove(&sku);
+            price
+        }
+        .boxed()
+        .shared()
     }
 }
 
