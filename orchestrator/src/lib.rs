@@ -275,6 +275,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         settings.server.request_timeout(),
         WatchLimits::new(&settings.watch),
         settings.engine.max_waiting_sagas as usize,
+        &mut metrics.registry,
     );
     let service = RequireKey::new(
         OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),

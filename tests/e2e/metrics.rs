@@ -9,7 +9,7 @@ use svc_kit::fault::FaultSettings;
 use crate::assertions::request_id;
 
 /// The value of the sample `name` (with its labels, as exposed), or 0 if absent.
-fn sample(page: &str, name: &str) -> f64 {
+pub(crate) fn sample(page: &str, name: &str) -> f64 {
     page.lines()
         .find_map(|line| {
             line.strip_prefix(name)

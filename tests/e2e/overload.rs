@@ -315,3 +315,58 @@ async fn orders_full_of_unknown_skus_cannot_starve_the_sagas_own_stock_calls() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_watchers_of_one_order_share_one_reload_per_change() {
+    // Shipping takes 1.5 s: time for every watcher to join mid-saga.
+    let options = Options {
+        shipping_faults: FaultSettings {
+            fault_latency_ms: 1_500,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let services = DomainServices::start(Backend::Sqlite, &options).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut orchestrator =
+        orchestrator_process(bins::ORCHESTRATOR, dir.path(), &db.url, &services, &[]);
+    orchestrator.start().await;
+    let client = orchestrator.order_client().await;
+    let placed = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap();
+    let loads = || async {
+        crate::metrics::sample(&orchestrator.scrape().await, "order_watch_loads_total")
+    };
+    let before = loads().await;
+    const WATCHERS: usize = 50;
+    let watchers: Vec<_> = (0..WATCHERS)
+        .map(|_| {
+            let (client, id) = (client.clone(), placed.order_id.clone());
+            tokio::spawn(async move {
+                let mut stream = client.watch_order(&id).await.unwrap();
+                let mut seen = Vec::new();
+                while let Some(message) = stream.message().await.unwrap() {
+                    seen.push(message.order.unwrap());
+                }
+                seen
+            })
+        })
+        .collect();
+    for watcher in watchers {
+        let seen = watcher.await.unwrap();
+        let last = seen.last().expect("a first snapshot");
+        assert_eq!(last.status, OrderStatus::Completed as i32, "{last:?}");
+    }
+    let reloads = loads().await - before;
+    println!("{WATCHERS} watchers of one order: {reloads} reloads");
+    // The saga changes a handful of times while they watch (shipping done,
+    // payment started and done, completed): one reload each, plus the
+    // first load, not one per watcher per change.
+    assert!(
+        reloads <= 12.0,
+        "{WATCHERS} watchers of one order made {reloads} reloads of it"
+    );
+}

@@ -8,6 +8,7 @@ use ordersaga_proto::orders::v1::{
     GetOrderRequest, GetOrderResponse, ListOrdersRequest, ListOrdersResponse, Order,
     WatchOrderRequest, WatchOrderResponse, order_service_server::OrderService,
 };
+use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +25,7 @@ use crate::{
         store::{self, ListFilter, PageToken},
         validate,
         watch_limits::WatchLimits,
+        watch_views::WatchViews,
     },
 };
 
@@ -35,6 +37,8 @@ pub struct OrderApi {
     watch_limits: WatchLimits,
     /// Past this many sagas waiting for a slot, new orders are refused.
     max_waiting_sagas: usize,
+    /// The views WatchOrder streams share, one per watched order.
+    watch_views: WatchViews,
 }
 
 impl OrderApi {
@@ -44,8 +48,10 @@ impl OrderApi {
         max_wait: Duration,
         watch_limits: WatchLimits,
         max_waiting_sagas: usize,
+        registry: &mut Registry,
     ) -> Self {
         OrderApi {
+            watch_views: WatchViews::new(engine.clone(), registry),
             engine,
             catalogue,
             max_wait,
@@ -268,25 +274,35 @@ impl OrderService for OrderApi {
         let order_id = svc_kit::validate::uuid("order_id", &request.get_ref().order_id)?;
         let slot = self.watch_limits.open(request.remote_addr())?;
         let ends_at = tokio::time::Instant::now() + self.watch_limits.lifetime;
-        let mut changes = self.engine.watch(order_id);
-        let (first, status) = store::load_one(&self.engine, order_id).await?;
+        let mut view = self.watch_views.subscribe(order_id);
+        let first = match view.wait_for(Option::is_some).await {
+            Ok(state) => state.clone(),
+            Err(_) => None,
+        }
+        .ok_or_else(|| Status::unavailable("the order's view ended; watch again"))??;
         let (tx, rx) = mpsc::channel(16);
-        let engine = self.engine.clone();
         tokio::spawn(async move {
             // Held for the stream's life: its place among the open streams.
             let _slot = slot;
-            let mut last = first.clone();
+            let mut last = first.0.clone();
             if tx
-                .send(Ok(WatchOrderResponse { order: Some(first) }))
+                .send(Ok(WatchOrderResponse {
+                    order: Some(first.0.clone()),
+                }))
                 .await
                 .is_err()
-                || status.is_terminal()
+                || first.1.is_terminal()
             {
                 return;
             }
             loop {
                 tokio::select! {
-                    _ = changes.changed() => {}
+                    changed = view.changed() => if changed.is_err() {
+                        // The view ended without a terminal snapshot we saw:
+                        // only when the orchestrator stops.
+                        let _ = tx.send(Err(Status::unavailable("the order's view ended; watch again"))).await;
+                        return;
+                    },
                     // The client left: stop watching now, not at the saga's
                     // next change (which may never come).
                     () = tx.closed() => return,
@@ -299,10 +315,13 @@ impl OrderService for OrderApi {
                         return;
                     }
                 }
-                let next = match store::load_one(&engine, order_id).await {
+                let Some(next) = view.borrow_and_update().clone() else {
+                    continue;
+                };
+                let next = match next {
                     Ok(next) => next,
-                    Err(err) => {
-                        let _ = tx.send(Err(err.into())).await;
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 };
@@ -312,7 +331,7 @@ impl OrderService for OrderApi {
                 last = next.0.clone();
                 if tx
                     .send(Ok(WatchOrderResponse {
-                        order: Some(next.0),
+                        order: Some(next.0.clone()),
                     }))
                     .await
                     .is_err()

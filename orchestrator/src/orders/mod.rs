@@ -6,6 +6,7 @@
 //! - [`store`]: the orders table: the client's idempotency key, lookups, listing.
 //! - [`view`]: the saga log rendered as an `Order` message.
 //! - [`watch_limits`]: bounds on WatchOrder streams.
+//! - [`watch_views`]: one reload per change of an order, shared by its streams.
 
 pub mod api;
 pub mod pricing;
@@ -13,5 +14,6 @@ pub mod store;
 pub mod validate;
 pub mod view;
 pub mod watch_limits;
+pub mod watch_views;
 
 pub use api::OrderApi;
