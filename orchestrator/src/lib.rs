@@ -130,6 +130,18 @@ pub struct EngineArgs {
     )]
     pub compensation_stuck_after_secs: u64,
 
+    /// A compensation failing for longer than this many seconds gives up:
+    /// the order ends NEEDS_ATTENTION (order.needs_attention) for a person to
+    /// resolve. 0 retries forever. Counted from the first failed attempt
+    /// since the saga was last resumed.
+    #[arg(
+        long,
+        env = "COMPENSATION_ATTENTION_AFTER_SECS",
+        value_name = "COMPENSATION_ATTENTION_AFTER_SECS",
+        default_value_t = 6 * 3600
+    )]
+    pub compensation_attention_after_secs: u64,
+
     /// BENCHMARKS ONLY: keep the saga log in memory (lost on restart), to measure
     /// the cost of durability. Never use it for real orders.
     #[arg(long, env = "BENCH_ONLY_IN_MEMORY_STORE", default_value_t = false)]
@@ -156,6 +168,7 @@ impl Default for EngineArgs {
             max_inflight_sagas: 10_000,
             max_waiting_sagas: 10_000,
             compensation_stuck_after_secs: 60,
+            compensation_attention_after_secs: 6 * 3600,
             bench_only_in_memory_store: false,
             shutdown_grace_ms: 5_000,
         }
@@ -171,6 +184,8 @@ impl EngineArgs {
             max_backoff: Duration::from_millis(self.retry_max_backoff_ms),
             max_compensation_backoff: Duration::from_millis(self.compensation_max_backoff_ms),
             compensation_stuck_after: Duration::from_secs(self.compensation_stuck_after_secs),
+            compensation_attention_after: (self.compensation_attention_after_secs > 0)
+                .then(|| Duration::from_secs(self.compensation_attention_after_secs)),
         }
     }
 }

@@ -93,7 +93,7 @@ fn event_fields(order: &OrderData, status: &str, failure_reason: &str) -> Map<St
 
 /// Order events: `order.created` (written with the order itself),
 /// `order.completed`, `order.compensated`, `order.cancelled`, `order.failed`
-/// and `order.compensation_stuck`.
+/// `order.needs_attention` and `order.compensation_stuck`.
 fn announce(order: &OrderData, milestone: &Milestone<'_>) -> Option<Announcement> {
     match milestone {
         Milestone::Started => Some(Announcement {
@@ -109,6 +109,7 @@ fn announce(order: &OrderData, milestone: &Milestone<'_>) -> Option<Announcement
                 SagaStatus::Compensated => "order.compensated",
                 SagaStatus::Cancelled => "order.cancelled",
                 SagaStatus::Failed => "order.failed",
+                SagaStatus::NeedsAttention => "order.needs_attention",
                 SagaStatus::Running | SagaStatus::Compensating => return None,
             };
             Some(Announcement {

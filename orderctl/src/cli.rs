@@ -196,6 +196,7 @@ pub enum StatusArg {
     Compensated,
     Cancelled,
     Failed,
+    NeedsAttention,
 }
 
 impl From<StatusArg> for OrderStatus {
@@ -208,6 +209,7 @@ impl From<StatusArg> for OrderStatus {
             StatusArg::Compensated => Self::Compensated,
             StatusArg::Cancelled => Self::Cancelled,
             StatusArg::Failed => Self::Failed,
+            StatusArg::NeedsAttention => Self::NeedsAttention,
         }
     }
 }

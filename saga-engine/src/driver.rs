@@ -409,6 +409,30 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 events,
             ))
             .await?;
+            if let Some(budget) = self.inner.policy.compensation_attention_after
+                && since.elapsed() >= budget
+            {
+                tracing::error!(step = step.name(), attempt, error = %last_error, "compensation gave up; the saga needs attention");
+                let mut record =
+                    StepRecord::started(Phase::Compensation, index as i64, step.name(), started);
+                record.status = StepStatus::Failed;
+                record.attempts = attempt;
+                record.finished_at_ms = Some(now_ms());
+                let gave_up = format!(
+                    "undoing {} failed for {} s ({attempt} attempts): {last_error}",
+                    step.name(),
+                    since.elapsed().as_secs()
+                );
+                self.state.failure_reason = if self.state.failure_reason.is_empty() {
+                    gave_up
+                } else {
+                    format!("{}; then {gave_up}", self.state.failure_reason)
+                };
+                record.last_error = last_error;
+                return self
+                    .finish_with(SagaStatus::NeedsAttention, vec![record])
+                    .await;
+            }
             let wait = self
                 .inner
                 .policy
@@ -538,6 +562,15 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     }
 
     async fn finish(&mut self, status: SagaStatus) -> Result<(), Halt> {
+        self.finish_with(status, vec![]).await
+    }
+
+    /// Ends the saga at `status`, committing `steps` with it.
+    async fn finish_with(
+        &mut self,
+        status: SagaStatus,
+        steps: Vec<StepRecord>,
+    ) -> Result<(), Halt> {
         if status == SagaStatus::Cancelled {
             self.state.failure_reason = CANCELLED_REASON.into();
         }
@@ -550,7 +583,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         self.checkpoint(Checkpoint::new(
             self.saga_id,
             self.state.epoch,
-            vec![],
+            steps,
             Some(state),
             events,
         ))

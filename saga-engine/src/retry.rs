@@ -58,6 +58,9 @@ pub struct RetryPolicy {
     pub max_compensation_backoff: Duration,
     /// A compensation failing for longer than this is announced as stuck.
     pub compensation_stuck_after: Duration,
+    /// A compensation failing for longer than this gives up: the saga ends
+    /// NEEDS_ATTENTION for a person to resolve. `None`: it retries forever.
+    pub compensation_attention_after: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -69,6 +72,7 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(5),
             max_compensation_backoff: Duration::from_secs(10),
             compensation_stuck_after: Duration::from_secs(60),
+            compensation_attention_after: None,
         }
     }
 }

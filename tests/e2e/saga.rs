@@ -803,3 +803,80 @@ async fn an_order_is_never_charged_a_price_the_catalogue_no_longer_has(backend: 
     );
     assert_eq!(effects.reserved, 2);
 }
+
+on_both_stores!(a_compensation_failing_past_its_budget_leaves_the_order_needing_attention);
+
+/// As above, with a budget: past it the compensation gives up, and the
+/// order rests NEEDS_ATTENTION with the cause, announced once, no longer
+/// retried.
+async fn a_compensation_failing_past_its_budget_leaves_the_order_needing_attention(
+    backend: Backend,
+) {
+    let options = Options {
+        shipping_faults: FaultSettings {
+            fault_latency_ms: 1_000,
+            ..Default::default()
+        },
+        engine: Some(EngineArgs {
+            compensation_max_backoff_ms: 50,
+            compensation_attention_after_secs: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut system = System::start(backend, options).await;
+    let client = system.client().await;
+    let created = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "AQ"))
+        .await
+        .unwrap();
+    ordersaga_tests::eventually("the reservation", WAIT, || async {
+        let order = client.get_order(&created.order_id).await.ok()?;
+        order
+            .steps
+            .iter()
+            .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
+            .then_some(())
+    })
+    .await;
+    system.services.stock.halt().await;
+
+    let resting = ordersaga_tests::eventually("NEEDS_ATTENTION", WAIT, || async {
+        let order = client.get_order(&created.order_id).await.ok()?;
+        (status(&order) == OrderStatus::NeedsAttention).then_some(order)
+    })
+    .await;
+    assert!(
+        resting
+            .failure_reason
+            .contains("undoing reserve_stock failed for 2 s")
+            && resting.failure_reason.contains("Unavailable"),
+        "{}",
+        resting.failure_reason
+    );
+    let release = resting
+        .steps
+        .iter()
+        .find(|s| s.name == "reserve_stock" && s.phase == StepPhase::Compensation as i32)
+        .expect("the release step is visible");
+    assert_eq!(release.status, StepStatus::Failed as i32, "{release:?}");
+    assert!(release.attempts >= 2, "{release:?}");
+    assert!(release.last_error.contains("Unavailable"), "{release:?}");
+
+    let pool = system.orchestrator.db.pool().await;
+    let announced: Vec<String> = sqlx::query_scalar(
+        "SELECT payload FROM outbox WHERE aggregate_id = $1 AND event_type = 'order.needs_attention'",
+    )
+    .bind(&created.order_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(announced.len(), 1, "announced once: {announced:?}");
+    let event: serde_json::Value = serde_json::from_str(&announced[0]).unwrap();
+    assert_eq!(event["status"], "NEEDS_ATTENTION");
+
+    // Resting, not retried: the attempts stay where they were.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = client.get_order(&created.order_id).await.unwrap();
+    assert_eq!(later.steps, resting.steps, "the saga was still driven");
+}

@@ -15,6 +15,7 @@ pub fn order_status(status: SagaStatus) -> OrderStatus {
         SagaStatus::Compensated => OrderStatus::Compensated,
         SagaStatus::Cancelled => OrderStatus::Cancelled,
         SagaStatus::Failed => OrderStatus::Failed,
+        SagaStatus::NeedsAttention => OrderStatus::NeedsAttention,
     }
 }
 
@@ -27,6 +28,7 @@ pub fn saga_status(status: OrderStatus) -> Option<SagaStatus> {
         OrderStatus::Compensated => Some(SagaStatus::Compensated),
         OrderStatus::Cancelled => Some(SagaStatus::Cancelled),
         OrderStatus::Failed => Some(SagaStatus::Failed),
+        OrderStatus::NeedsAttention => Some(SagaStatus::NeedsAttention),
     }
 }
 

@@ -39,16 +39,20 @@ pub enum SagaStatus {
     Compensated,
     Cancelled,
     Failed,
+    /// A compensation kept failing past its budget: the saga rests until a
+    /// person acts. Not driven, not resumed; its failed step keeps the cause.
+    NeedsAttention,
 }
 
 impl SagaStatus {
-    pub const ALL: [SagaStatus; 6] = [
+    pub const ALL: [SagaStatus; 7] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
         SagaStatus::Completed,
         SagaStatus::Compensated,
         SagaStatus::Cancelled,
         SagaStatus::Failed,
+        SagaStatus::NeedsAttention,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +63,7 @@ impl SagaStatus {
             SagaStatus::Compensated => "COMPENSATED",
             SagaStatus::Cancelled => "CANCELLED",
             SagaStatus::Failed => "FAILED",
+            SagaStatus::NeedsAttention => "NEEDS_ATTENTION",
         }
     }
 

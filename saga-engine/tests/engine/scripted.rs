@@ -290,6 +290,7 @@ pub fn policy() -> RetryPolicy {
         max_backoff: Duration::from_millis(10),
         max_compensation_backoff: Duration::from_millis(10),
         compensation_stuck_after: Duration::from_secs(60),
+        compensation_attention_after: None,
     }
 }
 
