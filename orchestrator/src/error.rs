@@ -21,6 +21,12 @@ pub enum OrderError {
     #[error("order {order_id} can no longer be cancelled: {reason}")]
     NotCancellable { order_id: String, reason: String },
 
+    #[error("order {order_id} does not need attention: it is {status}")]
+    NotResting { order_id: String, status: String },
+
+    #[error("request_id {0:?} was used for another order or another action")]
+    ActionRequestIdReused(String),
+
     #[error(
         "{waiting} orders wait for a free saga slot, the limit (MAX_WAITING_SAGAS); nothing was recorded, retry with backoff"
     )]
@@ -42,9 +48,10 @@ impl From<OrderError> for Status {
             OrderError::UnknownSku { .. } | OrderError::NotFound(_) => {
                 Status::not_found(err.to_string())
             }
-            OrderError::MixedCurrencies { .. } | OrderError::NotCancellable { .. } => {
-                Status::failed_precondition(err.to_string())
-            }
+            OrderError::MixedCurrencies { .. }
+            | OrderError::NotCancellable { .. }
+            | OrderError::NotResting { .. } => Status::failed_precondition(err.to_string()),
+            OrderError::ActionRequestIdReused(_) => Status::already_exists(err.to_string()),
             OrderError::PricingUnavailable(_) => Status::unavailable(err.to_string()),
             OrderError::Backlogged { .. } => Status::resource_exhausted(err.to_string()),
             OrderError::Kit(kit) => kit.into(),

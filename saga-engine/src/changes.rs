@@ -54,16 +54,31 @@ impl Changes {
     /// Wakes every waiter to re-read its saga (changes may have been missed).
     pub(crate) fn publish_all(&self) {
         for sender in self.one.lock().unwrap().values() {
-            sender.send_replace(None);
+            tell(sender, None);
         }
     }
 
     pub(crate) fn publish(&self, change: SagaChange) {
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
-            // Sent even when the value is the same, so every change wakes.
-            sender.send_replace(change.status);
+            tell(sender, change.status);
         }
     }
+}
+
+/// Wakes the saga's watchers with `status`, even when it is the same value
+/// (every change wakes), unless they were told a terminal status: that one
+/// stands. A late word without a status (a replica's own "cancel accepted",
+/// told after the driver on another replica already ended the saga) once
+/// replaced CANCELLED before a watcher read it, and the watcher waited
+/// forever.
+fn tell(sender: &watch::Sender<Option<SagaStatus>>, status: Option<SagaStatus>) {
+    sender.send_if_modified(|current| {
+        if current.is_some_and(SagaStatus::is_terminal) {
+            return false;
+        }
+        *current = status;
+        true
+    });
 }
 
 /// Wakes when one saga changes. Created before the caller reads the saga, it
@@ -126,6 +141,24 @@ mod tests {
                 .is_err(),
             "the watcher of b must not wake for a change of a"
         );
+    }
+
+    #[tokio::test]
+    async fn a_terminal_status_is_never_replaced_by_a_later_word() {
+        let changes = Changes::new();
+        let saga = Uuid::new_v4();
+        let mut watch = changes.watch(saga);
+        changes.publish(SagaChange {
+            saga_id: saga,
+            status: Some(SagaStatus::Cancelled),
+        });
+        // Told before the watcher read the first: it must not hide it.
+        changes.publish(SagaChange {
+            saga_id: saga,
+            status: None,
+        });
+        changes.publish_all();
+        assert_eq!(watch.changed().await, Some(SagaStatus::Cancelled));
     }
 
     #[tokio::test]

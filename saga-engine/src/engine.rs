@@ -31,8 +31,8 @@ use crate::{
     driver::{Driver, Driving, Stopped},
     events::NewEvent,
     log::{
-        self, Admit, CancelOutcome, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, SagaStatus,
-        SagaView, SqliteLog, SqliteReader, Start,
+        self, Admit, CancelOutcome, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, Reopen,
+        ReopenOutcome, SagaStatus, SagaView, SqliteLog, SqliteReader, Start,
     },
     metrics::EngineMetrics,
     notifications::{self, Heard},
@@ -57,6 +57,8 @@ const ALONE: &str = "local";
 
 /// Most orphaned sagas claimed in one sweep.
 const CLAIM_BATCH: i64 = 1_000;
+/// Longest a joining replica waits for its first LISTEN before it goes on.
+const LISTEN_SET_UP: Duration = Duration::from_secs(10);
 
 /// What the caller's part of a start transaction decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,7 +407,19 @@ where
         }
         replicas::register(&inner.pool, replica, inner.incarnation).await?;
         if !inner.joined.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.spawn_replica_tasks(replica.clone());
+            // A replica hears the others before it counts as joined: a
+            // release or a cancel sent while its LISTEN was still being set
+            // up (a TLS handshake takes a while) would be lost, and a
+            // hand-over wait for a whole lease.
+            let listening = self.spawn_replica_tasks(replica.clone());
+            if tokio::time::timeout(LISTEN_SET_UP, listening)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "not yet listening for the other replicas' changes after {LISTEN_SET_UP:?}; going on, hand-overs wait for leases until it does"
+                );
+            }
         }
         let own = replicas::claim_own(&inner.pool, replica, inner.definition.kind).await?;
         let mut resumed = self.resume_claimed(own).await;
@@ -440,6 +454,36 @@ where
             self.inner.changes.publish(SagaChange {
                 saga_id,
                 status: None,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Carries out an operator's action on a saga that rests NEEDS_ATTENTION
+    /// (see [`Reopen`]). Durable before this returns; the saga is then driven
+    /// here, from the compensation that failed or, resolved by hand, from
+    /// the one before it. A replay of the action's request_id changes nothing.
+    pub async fn reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
+        let saga_id = action.saga_id;
+        let owner = self
+            .inner
+            .replica
+            .as_ref()
+            .map(|replica| replica.id.clone())
+            .unwrap_or_default();
+        let outcome = self
+            .inner
+            .log
+            .reopen(action, owner)
+            .await
+            .map_err(sqlx::Error::Protocol)?;
+        if outcome == ReopenOutcome::Reopened {
+            if let Err(err) = self.ensure_driven(saga_id).await {
+                tracing::warn!(%saga_id, error = %err, "cannot drive a reopened saga now; it resumes at the next start");
+            }
+            self.inner.changes.publish(SagaChange {
+                saga_id,
+                status: Some(SagaStatus::Compensating),
             });
         }
         Ok(outcome)
@@ -646,7 +690,8 @@ where
 
     /// The replica's background work: renew its lease, listen for the other
     /// replicas' changes, and sweep for sagas nobody drives.
-    fn spawn_replica_tasks(&self, replica: ReplicaSettings) {
+    /// Returns what hears once the listener listens.
+    fn spawn_replica_tasks(&self, replica: ReplicaSettings) -> tokio::sync::oneshot::Receiver<()> {
         let database_url = replica.database_url.clone();
         let engine = self.clone();
         let tick = replica.tick();
@@ -687,12 +732,15 @@ where
 
         let engine = self.clone();
         let stopping = self.inner.stopping.subscribe();
+        let (listening, heard_listening) = tokio::sync::oneshot::channel();
         tokio::spawn(notifications::listen(
             database_url,
             self.inner.incarnation,
             stopping,
+            Some(listening),
             move |heard| engine.heard(heard),
         ));
+        heard_listening
     }
 
     /// What the listener heard from the other replicas.

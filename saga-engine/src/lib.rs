@@ -41,7 +41,9 @@ pub use changes::{SagaChange, SagaWatch};
 pub use cursor::Cursor;
 pub use definition::{Announcement, Call, Milestone, Phase, SagaDefinition, Step};
 pub use engine::{Admission, Engine, Ownership, Started};
-pub use log::{Admit, CancelOutcome, SagaStatus, SagaView, StepStatus, StepView};
+pub use log::{
+    Admit, CancelOutcome, Reopen, ReopenOutcome, SagaStatus, SagaView, StepStatus, StepView,
+};
 pub use replicas::ReplicaSettings;
 pub use retry::RetryPolicy;
 

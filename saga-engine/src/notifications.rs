@@ -118,11 +118,13 @@ pub(crate) enum Heard {
 }
 
 /// Listens until `stopping`, handing each thing heard to `on_heard`; skips
-/// what this replica (`me`) sent. Reconnects after a failure.
+/// what this replica (`me`) sent. Reconnects after a failure. `listening`
+/// hears once the first LISTEN is in place.
 pub(crate) async fn listen(
     url: String,
     me: Uuid,
     mut stopping: watch::Receiver<bool>,
+    mut listening: Option<tokio::sync::oneshot::Sender<()>>,
     on_heard: impl Fn(Heard) + Send,
 ) {
     let mut failures = 0u32;
@@ -142,6 +144,9 @@ pub(crate) async fn listen(
                 continue;
             }
         };
+        if let Some(listening) = listening.take() {
+            let _ = listening.send(());
+        }
         if failures > 0 {
             on_heard(Heard::Reconnected);
         }

@@ -24,6 +24,8 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 pub const ADMIN_METHODS: &[&str] = &[
     "/stock.v1.StockService/Restock",
     "/payment.v1.PaymentService/Deposit",
+    "/orders.v1.OrderService/RetryCompensation",
+    "/orders.v1.OrderService/ResolveCompensation",
 ];
 
 /// The keys `devstack` and the README use. Anyone can guess them: they are

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ordersaga_proto::{
     orders::v1::{
         CancelOrderRequest, CreateOrderRequest, GetOrderRequest, ListOrdersRequest, OrderItem,
-        ShippingAddress, WatchOrderRequest,
+        ResolveCompensationRequest, RetryCompensationRequest, ShippingAddress, WatchOrderRequest,
     },
     payment::v1::{ChargeRequest, DepositRequest, GetAccountRequest, RefundRequest},
     shipping::v1::{Address, CancelShipmentRequest, GetShipmentRequest, PrepareShipmentRequest},
@@ -395,6 +395,8 @@ fn decode_everything(bytes: &[u8]) {
     let _ = GetOrderRequest::decode(bytes);
     let _ = WatchOrderRequest::decode(bytes);
     let _ = CancelOrderRequest::decode(bytes);
+    let _ = RetryCompensationRequest::decode(bytes);
+    let _ = ResolveCompensationRequest::decode(bytes);
     let _ = ReleaseStockRequest::decode(bytes);
     let _ = GetProductRequest::decode(bytes);
     let _ = ListProductsRequest::decode(bytes);

@@ -39,6 +39,7 @@ mod fuzz;
 mod grpcurl;
 mod metrics;
 mod observability;
+mod operator;
 mod overload;
 mod payment;
 mod rapid_reset;

@@ -6,7 +6,9 @@ use futures::Stream;
 use ordersaga_proto::orders::v1::{
     CancelOrderRequest, CancelOrderResponse, CreateOrderRequest, CreateOrderResponse,
     GetOrderRequest, GetOrderResponse, ListOrdersRequest, ListOrdersResponse, Order,
-    WatchOrderRequest, WatchOrderResponse, order_service_server::OrderService,
+    ResolveCompensationRequest, ResolveCompensationResponse, RetryCompensationRequest,
+    RetryCompensationResponse, WatchOrderRequest, WatchOrderResponse,
+    order_service_server::OrderService,
 };
 use prometheus_client::registry::Registry;
 use prost::Message;
@@ -15,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use uuid::Uuid;
 
-use saga_engine::{CancelOutcome, Engine, SagaStatus, SagaWatch, Started};
+use saga_engine::{CancelOutcome, Engine, Reopen, ReopenOutcome, SagaStatus, SagaWatch, Started};
 
 use crate::{
     error::OrderError,
@@ -381,6 +383,86 @@ impl OrderService for OrderApi {
         }
         let (order, _) = store::load_one(&self.engine, order_id).await?;
         Ok(Response::new(CancelOrderResponse { order: Some(order) }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty))]
+    async fn retry_compensation(
+        &self,
+        request: Request<RetryCompensationRequest>,
+    ) -> Result<Response<RetryCompensationResponse>, Status> {
+        let req = request.into_inner();
+        svc_kit::validate::id("request_id", &req.request_id)?;
+        let order_id = svc_kit::validate::uuid("order_id", &req.order_id)?;
+        svc_kit::propagation::record_fields(&[("order_id", &req.order_id)]);
+        let order = self.reopen(order_id, req.request_id, None).await?;
+        Ok(Response::new(RetryCompensationResponse {
+            order: Some(order),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty))]
+    async fn resolve_compensation(
+        &self,
+        request: Request<ResolveCompensationRequest>,
+    ) -> Result<Response<ResolveCompensationResponse>, Status> {
+        let req = request.into_inner();
+        svc_kit::validate::id("request_id", &req.request_id)?;
+        let order_id = svc_kit::validate::uuid("order_id", &req.order_id)?;
+        svc_kit::validate::text("operator", &req.operator, 200)?;
+        svc_kit::validate::text("reason", &req.reason, 500)?;
+        svc_kit::propagation::record_fields(&[("order_id", &req.order_id)]);
+        let note = format!(
+            "resolved by hand by {}: {}",
+            req.operator.trim(),
+            req.reason.trim()
+        );
+        let order = self.reopen(order_id, req.request_id, Some(note)).await?;
+        Ok(Response::new(ResolveCompensationResponse {
+            order: Some(order),
+        }))
+    }
+}
+
+impl OrderApi {
+    /// An operator's action on a NEEDS_ATTENTION order (see [`Reopen`]).
+    async fn reopen(
+        &self,
+        order_id: Uuid,
+        request_id: String,
+        resolved_by_hand: Option<String>,
+    ) -> Result<Order, Status> {
+        let action = if resolved_by_hand.is_some() {
+            "resolved by hand"
+        } else {
+            "compensation retried"
+        };
+        let outcome = self
+            .engine
+            .reopen(Reopen {
+                saga_id: order_id,
+                request_id: request_id.clone(),
+                resolved_by_hand,
+            })
+            .await
+            .map_err(OrderError::from)?;
+        match outcome {
+            ReopenOutcome::Reopened => tracing::warn!(%order_id, "{action} by an operator"),
+            ReopenOutcome::Replayed => {}
+            ReopenOutcome::RequestIdReused => {
+                return Err(OrderError::ActionRequestIdReused(request_id).into());
+            }
+            ReopenOutcome::NotResting(status) => {
+                return Err(OrderError::NotResting {
+                    order_id: order_id.to_string(),
+                    status: status.as_str().into(),
+                }
+                .into());
+            }
+            ReopenOutcome::NotFound => {
+                return Err(OrderError::NotFound(order_id.to_string()).into());
+            }
+        }
+        Ok(store::load_one(&self.engine, order_id).await?.0)
     }
 }
 

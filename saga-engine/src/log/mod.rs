@@ -633,6 +633,147 @@ impl CancelOutcome {
     }
 }
 
+/// An operator's action on a saga that rests NEEDS_ATTENTION: it goes back
+/// to COMPENSATING and is driven again, from the compensation that failed
+/// (run again, under the same request_id to the service) or, when a person
+/// undid that step's effect by hand, from the one before it.
+#[derive(Debug, Clone)]
+pub struct Reopen {
+    pub saga_id: Uuid,
+    /// The action's own idempotency key.
+    pub request_id: String,
+    /// `Some(note)`: the failed compensation's effect was undone by hand;
+    /// the note (who, why) becomes its output and joins the failure reason.
+    pub resolved_by_hand: Option<String>,
+}
+
+impl Reopen {
+    pub(crate) fn action(&self) -> &'static str {
+        if self.resolved_by_hand.is_some() {
+            "resolve_by_hand"
+        } else {
+            "retry_compensation"
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReopenOutcome {
+    /// Back to COMPENSATING; the caller drives it.
+    Reopened,
+    /// This request_id did this to this saga before: nothing more to do.
+    Replayed,
+    /// This request_id was used for another saga or another action.
+    RequestIdReused,
+    /// The saga does not rest NEEDS_ATTENTION.
+    NotResting(SagaStatus),
+    NotFound,
+}
+
+pub(crate) const ACTION_SEEN: &str =
+    "SELECT saga_id, action FROM saga_actions WHERE request_id = $1";
+pub(crate) const RESTING: &str =
+    "SELECT status, next_step, failure_reason FROM sagas WHERE saga_id = $1";
+pub(crate) const RESOLVE_STEP: &str = "UPDATE saga_steps SET status = 'SUCCEEDED', output = $1, finished_at_ms = $2 \
+     WHERE saga_id = $3 AND phase = 'compensation' AND step_index = $4";
+/// Claimed for `owner` (a replica's ID; `''` alone keeps it) at a new epoch.
+pub(crate) const REOPEN: &str = "UPDATE sagas SET status = 'COMPENSATING', next_step = $1, \
+     owner = CASE WHEN $2 = '' THEN owner ELSE $2 END, epoch = epoch + 1, failure_reason = $3, updated_at_ms = $4 \
+     WHERE saga_id = $5 AND status = 'NEEDS_ATTENTION'";
+pub(crate) const RECORD_ACTION: &str = "INSERT INTO saga_actions (request_id, saga_id, action, note, at_ms) \
+     VALUES ($1, $2, $3, $4, $5)";
+
+/// What a reopen writes, once the saga's row was read: the next step and
+/// failure reason it resumes with, or why it does not.
+pub(crate) fn plan_reopen(
+    reopen: &Reopen,
+    seen: Option<(String, String)>,
+    resting: Option<(SagaStatus, i64, String)>,
+) -> Result<(i64, String), ReopenOutcome> {
+    if let Some((saga_id, action)) = seen {
+        return Err(
+            if saga_id == reopen.saga_id.to_string() && action == reopen.action() {
+                ReopenOutcome::Replayed
+            } else {
+                ReopenOutcome::RequestIdReused
+            },
+        );
+    }
+    let Some((status, next_step, failure_reason)) = resting else {
+        return Err(ReopenOutcome::NotFound);
+    };
+    if status != SagaStatus::NeedsAttention {
+        return Err(ReopenOutcome::NotResting(status));
+    }
+    Ok(match &reopen.resolved_by_hand {
+        None => (next_step, failure_reason),
+        // The step before it, or none left (-1): the saga then ends.
+        Some(note) => (next_step - 1, format!("{failure_reason}; {note}")),
+    })
+}
+
+/// Reopens a resting saga (see [`Reopen`]), through the log writer; in the
+/// caller's transaction.
+pub(crate) async fn reopen(
+    conn: &mut AnyConnection,
+    reopen: &Reopen,
+    owner: &str,
+) -> Result<ReopenOutcome, sqlx::Error> {
+    let id = reopen.saga_id.to_string();
+    let seen = sqlx::query(ACTION_SEEN)
+        .bind(&reopen.request_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|row| Ok::<_, sqlx::Error>((row.try_get("saga_id")?, row.try_get("action")?)))
+        .transpose()?;
+    let resting = sqlx::query(RESTING)
+        .bind(&id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|row| {
+            let status: String = row.try_get("status")?;
+            let status = SagaStatus::parse(&status)
+                .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+            Ok::<_, sqlx::Error>((
+                status,
+                row.try_get("next_step")?,
+                row.try_get("failure_reason")?,
+            ))
+        })
+        .transpose()?;
+    let (next_step, failure_reason) = match plan_reopen(reopen, seen, resting) {
+        Ok(plan) => plan,
+        Err(outcome) => return Ok(outcome),
+    };
+    let now = now_ms();
+    if let Some(note) = &reopen.resolved_by_hand {
+        sqlx::query(RESOLVE_STEP)
+            .bind(note)
+            .bind(now)
+            .bind(&id)
+            .bind(next_step + 1)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(REOPEN)
+        .bind(next_step)
+        .bind(owner)
+        .bind(&failure_reason)
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(RECORD_ACTION)
+        .bind(&reopen.request_id)
+        .bind(&id)
+        .bind(reopen.action())
+        .bind(reopen.resolved_by_hand.as_deref().unwrap_or(""))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ReopenOutcome::Reopened)
+}
+
 /// The relay's writes to the outbox (they go through the log writer too).
 pub(crate) const MARK_SENT: &str = "UPDATE outbox SET sent_at_ms = $1 WHERE id = $2";
 pub(crate) const PRUNE_SENT: &str =

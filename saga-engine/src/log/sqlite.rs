@@ -22,9 +22,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint, FIRST_EPOCH,
-    INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, SAGA_STATUS, SagaStatus, SagaView, StepRecord,
-    StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, sort_steps,
+    ACTION_SEEN, APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint,
+    FIRST_EPOCH, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION, REOPEN, RESOLVE_STEP,
+    RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView, StepRecord, StepStatus,
+    StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
     writer::{Start, Write, Written},
 };
 use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
@@ -247,6 +248,7 @@ fn commit_batch(conn: &mut Connection, writes: &[Write]) -> rusqlite::Result<Vec
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&tx, checkpoint)?),
             Write::Start(start) => Written::Start(start_saga(&mut tx, start)?),
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&tx, *saga_id)?),
+            Write::Reopen(action, owner) => Written::Reopen(reopen(&tx, action, owner)?),
             Write::EventsSent { ids, at_ms } => {
                 let mut mark = tx.prepare_cached(MARK_SENT)?;
                 for id in ids {
@@ -366,6 +368,48 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
         closed: None,
         fenced: false,
     })
+}
+
+/// See [`super::reopen`]: the same statements, on this connection.
+fn reopen(conn: &Connection, action: &Reopen, owner: &str) -> rusqlite::Result<ReopenOutcome> {
+    let id = action.saga_id.to_string();
+    let seen = conn
+        .prepare_cached(ACTION_SEEN)?
+        .query_row(params![action.request_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let resting = conn
+        .prepare_cached(RESTING)?
+        .query_row(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .optional()?
+        .map(|(status, next, reason)| {
+            Ok::<_, rusqlite::Error>((parse_status(&status)?, next, reason))
+        })
+        .transpose()?;
+    let (next_step, failure_reason) = match plan_reopen(action, seen, resting) {
+        Ok(plan) => plan,
+        Err(outcome) => return Ok(outcome),
+    };
+    let now = now_ms();
+    if let Some(note) = &action.resolved_by_hand {
+        conn.prepare_cached(RESOLVE_STEP)?
+            .execute(params![note, now, id, next_step + 1])?;
+    }
+    conn.prepare_cached(REOPEN)?
+        .execute(params![next_step, owner, failure_reason, now, id])?;
+    conn.prepare_cached(RECORD_ACTION)?.execute(params![
+        action.request_id,
+        id,
+        action.action(),
+        action.resolved_by_hand.as_deref().unwrap_or(""),
+        now
+    ])?;
+    Ok(ReopenOutcome::Reopened)
 }
 
 /// See [`super::request_cancel`]: the same statements, on this connection.

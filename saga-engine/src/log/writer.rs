@@ -19,8 +19,8 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, SagaStatus, apply,
-    insert_saga, request_cancel, sqlite::SqliteLog,
+    Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, Reopen, ReopenOutcome,
+    SagaStatus, apply, insert_saga, reopen, request_cancel, sqlite::SqliteLog,
 };
 use crate::{
     crash_points::{self, point},
@@ -61,14 +61,22 @@ pub(crate) enum Write {
     Checkpoint(Checkpoint),
     Start(Start),
     Cancel(Uuid),
-    EventsSent { ids: Vec<i64>, at_ms: i64 },
-    PruneSent { before_ms: i64 },
+    /// An operator's action, and the replica that will drive the saga.
+    Reopen(Reopen, String),
+    EventsSent {
+        ids: Vec<i64>,
+        at_ms: i64,
+    },
+    PruneSent {
+        before_ms: i64,
+    },
 }
 
 pub(crate) enum Written {
     Checkpoint(Applied),
     Start(Admission),
     Cancel(CancelOutcome),
+    Reopen(ReopenOutcome),
     Rows(u64),
 }
 
@@ -133,6 +141,19 @@ impl LogWriter {
         match self.write(Write::Cancel(saga_id)).await? {
             Written::Cancel(outcome) => Ok(outcome),
             _ => unreachable!("a cancel is answered as a cancel"),
+        }
+    }
+
+    /// Carries out an operator's action on a saga that rests NEEDS_ATTENTION,
+    /// claiming it for `owner`.
+    pub(crate) async fn reopen(
+        &self,
+        action: Reopen,
+        owner: String,
+    ) -> Result<ReopenOutcome, String> {
+        match self.write(Write::Reopen(action, owner)).await? {
+            Written::Reopen(outcome) => Ok(outcome),
+            _ => unreachable!("a reopen is answered as a reopen"),
         }
     }
 
@@ -264,6 +285,7 @@ async fn commit_on_pool(
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
             Write::Start(start) => Written::Start(start_on_pool(&mut tx, start, alone).await?),
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
+            Write::Reopen(action, owner) => Written::Reopen(reopen(&mut tx, action, owner).await?),
             Write::EventsSent { ids, at_ms } => {
                 for id in ids {
                     sqlx::query(MARK_SENT)
@@ -312,6 +334,11 @@ fn notices(writes: &[Write], results: &[Written]) -> Vec<Notice> {
             (Write::Start(start), Written::Start(Admission::Admit)) => Some(Notice {
                 saga_id: start.saga.saga_id,
                 status: Some(SagaStatus::Running),
+                cancel: false,
+            }),
+            (Write::Reopen(action, _), Written::Reopen(ReopenOutcome::Reopened)) => Some(Notice {
+                saga_id: action.saga_id,
+                status: Some(SagaStatus::Compensating),
                 cancel: false,
             }),
             (Write::Cancel(saga_id), Written::Cancel(CancelOutcome::Accepted)) => Some(Notice {

@@ -1,0 +1,242 @@
+//! Operator actions on an order that rests NEEDS_ATTENTION (a compensation
+//! that kept failing past its budget): run it again once the cause is fixed,
+//! or record that a person undid its effect by hand. Admin key only,
+//! idempotent by their own request_id, refused in any other status.
+
+use std::time::Duration;
+
+use ordersaga_proto::{
+    orders::v1::{
+        Order, OrderStatus, ResolveCompensationRequest, RetryCompensationRequest, StepPhase,
+        StepStatus, order_service_client::OrderServiceClient,
+    },
+    stock::v1::GetProductRequest,
+};
+use ordersaga_tests::{
+    Backend, TestDb, admin, authed,
+    broker::TcpProxy,
+    eventually,
+    process::{ServiceProcess, orchestrator_process},
+    system::{DomainServices, Options, order},
+};
+use svc_kit::fault::FaultSettings;
+use tonic::{Code, transport::Channel};
+
+use crate::{assertions::request_id, bins};
+
+on_both_stores!(a_stuck_compensation_is_retried_or_resolved_by_an_operator);
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    services: DomainServices,
+    /// Between the orchestrator and stock: cut, stock's releases fail.
+    link: TcpProxy,
+    orchestrator: ServiceProcess,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(backend: Backend) -> Setup {
+        // Shipping is slow, so the link to stock can be cut in between.
+        let options = Options {
+            shipping_faults: FaultSettings {
+                fault_latency_ms: 1_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut services = DomainServices::start(backend, &options).await;
+        let link = TcpProxy::start(services.stock.addr).await;
+        services.stock_endpoint = Some(format!("http://{}", link.addr));
+        let db = TestDb::new(backend).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut orchestrator = orchestrator_process(
+            bins::ORCHESTRATOR,
+            dir.path(),
+            &db.url,
+            &services,
+            &[
+                ("COMPENSATION_ATTENTION_AFTER_SECS", "1".to_owned()),
+                ("COMPENSATION_MAX_BACKOFF_MS", "50".to_owned()),
+            ],
+        );
+        orchestrator.start().await;
+        Setup {
+            services,
+            link,
+            orchestrator,
+            _db: db,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::connect(self.orchestrator.endpoint())
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, order_id: &str) -> Order {
+        self.client()
+            .await
+            .get_order(authed(ordersaga_proto::orders::v1::GetOrderRequest {
+                order_id: order_id.to_owned(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap()
+    }
+
+    async fn until(&self, order_id: &str, status: OrderStatus) -> Order {
+        eventually(status.as_str_name(), WAIT, || async {
+            let order = self.get(order_id).await;
+            (order.status == status as i32).then_some(order)
+        })
+        .await
+    }
+
+    async fn available_books(&self) -> i64 {
+        self.services
+            .stock
+            .stock()
+            .await
+            .get_product(authed(GetProductRequest { sku: "BOOK".into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .product
+            .unwrap()
+            .available
+    }
+
+    /// An order (unshippable, so it compensates) whose release of the stock
+    /// keeps failing past its budget: it rests NEEDS_ATTENTION.
+    async fn stuck_order(&self) -> Order {
+        let placed = self
+            .client()
+            .await
+            .create_order(authed(order(&request_id(), "alice", &[("BOOK", 1)], "AQ")))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        eventually("the reservation", WAIT, || async {
+            let order = self.get(&placed.order_id).await;
+            order
+                .steps
+                .iter()
+                .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
+                .then_some(())
+        })
+        .await;
+        self.link.cut();
+        let resting = self
+            .until(&placed.order_id, OrderStatus::NeedsAttention)
+            .await;
+        self.link.restore();
+        resting
+    }
+}
+
+fn release(order: &Order) -> &ordersaga_proto::orders::v1::Step {
+    order
+        .steps
+        .iter()
+        .find(|s| s.name == "reserve_stock" && s.phase == StepPhase::Compensation as i32)
+        .expect("the release step")
+}
+
+async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Backend) {
+    let setup = Setup::start(backend).await;
+    let mut client = setup.client().await;
+    let books = setup.available_books().await;
+
+    // Retry now: the same release, once the link is back.
+    let stuck = setup.stuck_order().await;
+    assert_eq!(
+        setup.available_books().await,
+        books - 1,
+        "the book is still held"
+    );
+    let retry = RetryCompensationRequest {
+        request_id: request_id(),
+        order_id: stuck.order_id.clone(),
+    };
+    let refused = client
+        .retry_compensation(authed(retry.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    client
+        .retry_compensation(admin(retry.clone()))
+        .await
+        .expect("an operator retries the compensation");
+    let retried = setup.until(&stuck.order_id, OrderStatus::Compensated).await;
+    assert_eq!(release(&retried).status, StepStatus::Succeeded as i32);
+    assert_eq!(
+        setup.available_books().await,
+        books,
+        "the book was released"
+    );
+    // The same action again is a replay; a new one finds nothing to do.
+    let replayed = client
+        .retry_compensation(admin(retry))
+        .await
+        .expect("a replay is answered")
+        .into_inner()
+        .order
+        .unwrap();
+    assert_eq!(replayed.status, OrderStatus::Compensated as i32);
+    let too_late = client
+        .retry_compensation(admin(RetryCompensationRequest {
+            request_id: request_id(),
+            order_id: stuck.order_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(too_late.code(), Code::FailedPrecondition, "{too_late:?}");
+    assert!(too_late.message().contains("COMPENSATED"), "{too_late:?}");
+
+    // Resolve by hand: a person released the book outside the system.
+    let stuck = setup.stuck_order().await;
+    let nameless = client
+        .resolve_compensation(admin(ResolveCompensationRequest {
+            request_id: request_id(),
+            order_id: stuck.order_id.clone(),
+            operator: " ".into(),
+            reason: "released by hand".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(nameless.code(), Code::InvalidArgument, "{nameless:?}");
+    assert!(nameless.message().contains("operator"), "{nameless:?}");
+    client
+        .resolve_compensation(admin(ResolveCompensationRequest {
+            request_id: request_id(),
+            order_id: stuck.order_id.clone(),
+            operator: "ops@example.com".into(),
+            reason: "released 1 BOOK in the warehouse system".into(),
+        }))
+        .await
+        .expect("an operator resolves it");
+    let resolved = setup.until(&stuck.order_id, OrderStatus::Compensated).await;
+    let note = "resolved by hand by ops@example.com: released 1 BOOK in the warehouse system";
+    assert!(
+        resolved
+            .failure_reason
+            .contains("undoing reserve_stock failed")
+            && resolved.failure_reason.ends_with(note),
+        "{}",
+        resolved.failure_reason
+    );
+    let step = release(&resolved);
+    assert_eq!(step.status, StepStatus::Succeeded as i32, "{step:?}");
+    assert_eq!(step.result, note);
+    // The system itself released nothing: the person did, elsewhere.
+    assert_eq!(setup.available_books().await, books - 1);
+}
