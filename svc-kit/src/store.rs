@@ -37,6 +37,9 @@ impl FromStr for Backend {
     }
 }
 
+/// How long PostgreSQL lets a session sit idle inside a transaction.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "SET idle_in_transaction_session_timeout = 3000";
+
 /// The migrations of a service, one folder per backend.
 pub struct Migrations {
     pub sqlite: &'static Migrator,
@@ -105,7 +108,19 @@ impl Store {
             // queue is fair where SQLite's busy handler sleeps and polls (and can
             // fail with SQLITE_BUSY under load). No transaction is held across an RPC.
             Backend::Sqlite => options.max_connections(1),
-            Backend::Postgres => options.max_connections(16),
+            // A transaction is never left open across anything slow (no RPC
+            // inside one), so one idle in the middle means its process is
+            // stuck: paused, swapped out, partitioned. Its row locks would
+            // block everyone else, a replica's successors included, for as
+            // long as that lasts; PostgreSQL ends such a session instead.
+            Backend::Postgres => options.max_connections(16).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
+                        .execute(conn)
+                        .await
+                        .map(|_| ())
+                })
+            }),
         };
         let pool = options
             .connect(&url)

@@ -589,3 +589,51 @@ async fn every_replica_serves_the_sagas_another_drives() {
         .len();
     assert_eq!(listed, 2, "the other replica lists both orders");
 }
+
+/// A process stopped in the middle of a transaction (SIGSTOP, a long GC-like
+/// stall, a partition) must not hold its row locks for as long as it stays
+/// stuck: a replica's successors would wait on them, past its lease.
+/// PostgreSQL ends such a session after 3 s idle in its transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_left_open_by_a_stuck_process_releases_its_locks() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = svc_kit::store::Store::open(&db.url, &orchestrator::MIGRATIONS)
+        .await
+        .unwrap();
+    let pool = &store.pool;
+    sqlx::query("CREATE TABLE held (id TEXT PRIMARY KEY, holder TEXT NOT NULL)")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO held VALUES ('o1', 'nobody')")
+        .execute(pool)
+        .await
+        .unwrap();
+    // The stuck process: its transaction holds the row, then nothing more.
+    let mut stuck = pool.begin().await.unwrap();
+    sqlx::query("UPDATE held SET holder = 'stuck' WHERE id = 'o1'")
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+    let since = std::time::Instant::now();
+    let successor = tokio::time::timeout(
+        Duration::from_secs(20),
+        sqlx::query("UPDATE held SET holder = 'successor' WHERE id = 'o1'").execute(pool),
+    )
+    .await
+    .expect("the successor waited on the stuck transaction's lock for 20 s")
+    .unwrap();
+    assert_eq!(successor.rows_affected(), 1);
+    assert!(
+        since.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        since.elapsed()
+    );
+    // The stuck session is gone, and its change with it.
+    assert!(stuck.commit().await.is_err());
+    let holder: String = sqlx::query_scalar("SELECT holder FROM held WHERE id = 'o1'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(holder, "successor");
+}
