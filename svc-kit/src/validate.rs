@@ -20,11 +20,22 @@ pub const MAX_AMOUNT_CENTS: i64 = 1_000_000_000_000;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// An identifier chosen by the caller: 1 to 128 bytes, no control characters
-/// and no invisible format characters (see [`unseen`]).
+/// and no invisible format characters (see [`unseen`]), not blank and without
+/// whitespace around it (`"alice "` would be another customer than `"alice"`
+/// to the store, and the same one to a reader).
 pub fn id(field: impl Into<String>, value: &str) -> Result<()> {
     let field = field.into();
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be blank"));
+    }
+    if value.trim() != value {
+        return Err(Error::invalid(
+            field,
+            "must not start or end with whitespace",
+        ));
     }
     if value.len() > MAX_ID_LEN {
         return Err(Error::invalid(
@@ -245,6 +256,12 @@ mod tests {
             message(quantity("lines[3].quantity", 0, 10)).starts_with("invalid lines[3].quantity")
         );
         assert!(message(uuid("order_id", "nope")).contains("not a UUID"));
+        // Found by the fuzzing in tests/e2e/fuzz.rs: a blank customer was taken.
+        assert_eq!(
+            message(id("customer_id", " ")),
+            "invalid customer_id: must not be blank"
+        );
+        assert!(message(id("customer_id", "alice ")).contains("whitespace"));
         assert!(message(country("address.country", "de")).contains("address.country"));
         assert!(message(page_size("page_size", 501, 100, 500)).contains("page_size"));
     }
