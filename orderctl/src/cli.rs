@@ -29,6 +29,11 @@ pub struct Cli {
     #[arg(long, env = "APPLICATION_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Admin key, sent instead of the API key by the operator actions
+    /// (`retry-compensation`, `resolve`).
+    #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,28 +50,44 @@ pub enum Command {
     Watch { order_id: String },
     /// Cancel an order before payment; its done steps are undone.
     Cancel(CancelArgs),
+    /// Operator action (admin key): run the failed compensation of a
+    /// NEEDS_ATTENTION order again, now.
+    RetryCompensation(RetryArgs),
+    /// Operator action (admin key): record that you undid the failed
+    /// compensation of a NEEDS_ATTENTION order by hand; the saga goes on
+    /// undoing the steps before it and ends COMPENSATED.
+    Resolve(ResolveArgs),
     /// Print order events from RabbitMQ as they are published, one line each
     /// (times in UTC), until Ctrl-C. Needs no API key.
     Events(EventsArgs),
 }
 
 impl Cli {
-    /// The API key, which every subcommand but `events` needs. Missing, it is a
-    /// usage error, as when clap required it: message, usage, exit code 2.
-    pub fn api_key(&self) -> Result<&str, clap::Error> {
-        self.api_key.as_deref().ok_or_else(|| {
+    /// The key the subcommand sends: the admin key for operator actions,
+    /// else the API key (every subcommand but `events` needs one). Missing,
+    /// it is a usage error, as when clap required it: message, usage, exit
+    /// code 2.
+    pub fn key(&self) -> Result<&str, clap::Error> {
+        let (key, flag) = if self.command.is_operator_action() {
+            (&self.admin_key, "--admin-key (or ADMIN_API_KEY)")
+        } else {
+            (&self.api_key, "--api-key (or APPLICATION_API_KEY)")
+        };
+        key.as_deref().ok_or_else(|| {
             Self::command().error(
                 ErrorKind::MissingRequiredArgument,
-                format!(
-                    "--api-key (or APPLICATION_API_KEY) is required for {}",
-                    self.command.name()
-                ),
+                format!("{flag} is required for {}", self.command.name()),
             )
         })
     }
 }
 
 impl Command {
+    /// Whether it acts on a saga as an operator, with the admin key.
+    pub fn is_operator_action(&self) -> bool {
+        matches!(self, Command::RetryCompensation(_) | Command::Resolve(_))
+    }
+
     /// The subcommand as typed.
     pub fn name(&self) -> &'static str {
         match self {
@@ -75,6 +96,8 @@ impl Command {
             Command::List(_) => "list",
             Command::Watch { .. } => "watch",
             Command::Cancel(_) => "cancel",
+            Command::RetryCompensation(_) => "retry-compensation",
+            Command::Resolve(_) => "resolve",
             Command::Events(_) => "events",
         }
     }
@@ -146,6 +169,32 @@ pub struct CancelArgs {
 
     /// Why, for the record.
     #[arg(long, default_value = "")]
+    pub reason: String,
+
+    /// Idempotency key, as for `create`. Default: a new UUID v4.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    pub order_id: String,
+
+    /// Idempotency key, as for `create`. Default: a new UUID v4.
+    #[arg(long)]
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    pub order_id: String,
+
+    /// Who resolved it, e.g. your e-mail address; kept in the saga's history.
+    #[arg(long)]
+    pub operator: String,
+
+    /// What you did, e.g. "released 2 BOOK in the warehouse system".
+    #[arg(long)]
     pub reason: String,
 
     /// Idempotency key, as for `create`. Default: a new UUID v4.
@@ -237,4 +286,53 @@ fn parse_item(item: &str) -> Result<OrderItem, String> {
         sku: sku.to_owned(),
         quantity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("orderctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn operator_actions_send_the_admin_key_and_the_rest_the_api_key() {
+        let resolve = parse(&[
+            "--api-key",
+            "business",
+            "--admin-key",
+            "admin",
+            "resolve",
+            "o1",
+            "--operator",
+            "ops@example.com",
+            "--reason",
+            "released by hand",
+        ])
+        .unwrap();
+        assert_eq!(resolve.key().unwrap(), "admin");
+        let get = parse(&["--api-key", "business", "--admin-key", "admin", "get", "o1"]).unwrap();
+        assert_eq!(get.key().unwrap(), "business");
+        // Only checkable where the environment gives no admin key.
+        if std::env::var("ADMIN_API_KEY").is_err() {
+            let retry = parse(&["--api-key", "business", "retry-compensation", "o1"]).unwrap();
+            let err = retry.key().unwrap_err().to_string();
+            assert!(
+                err.contains("--admin-key (or ADMIN_API_KEY) is required for retry-compensation"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolve_needs_who_and_why() {
+        for args in [
+            &["resolve", "o1", "--reason", "released by hand"][..],
+            &["resolve", "o1", "--operator", "ops@example.com"][..],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        }
+    }
 }

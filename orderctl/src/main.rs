@@ -50,7 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return events::run(args).await;
     }
     // Checked before connecting, like the arguments clap checks.
-    let api_key = cli.api_key().unwrap_or_else(|err| err.exit());
+    let api_key = cli.key().unwrap_or_else(|err| err.exit());
 
     // A connect failure is reported like a call failure, with the code a call
     // to an unreachable server would get.
@@ -126,6 +126,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| Uuid::new_v4().to_string());
             let order = client
                 .cancel_order(args.order_id, request_id.clone(), args.reason)
+                .await;
+            let order = with_retry_hint(order, generated, &request_id)?;
+            print!("{}", render::order(&order));
+        }
+        Command::RetryCompensation(args) => {
+            let generated = args.request_id.is_none();
+            let request_id = args
+                .request_id
+                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let order = client
+                .retry_compensation(args.order_id, request_id.clone())
+                .await;
+            let order = with_retry_hint(order, generated, &request_id)?;
+            print!("{}", render::order(&order));
+        }
+        Command::Resolve(args) => {
+            let generated = args.request_id.is_none();
+            let request_id = args
+                .request_id
+                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let order = client
+                .resolve_compensation(
+                    args.order_id,
+                    request_id.clone(),
+                    args.operator,
+                    args.reason,
+                )
                 .await;
             let order = with_retry_hint(order, generated, &request_id)?;
             print!("{}", render::order(&order));

@@ -30,7 +30,8 @@ use tonic::{
 
 use crate::orders::v1::{
     CancelOrderRequest, CreateOrderRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse,
-    Order, WatchOrderRequest, WatchOrderResponse, order_service_client::OrderServiceClient,
+    Order, ResolveCompensationRequest, RetryCompensationRequest, WatchOrderRequest,
+    WatchOrderResponse, order_service_client::OrderServiceClient,
 };
 
 /// The metadata key the services read the API key from.
@@ -186,6 +187,42 @@ impl OrderClient {
             reason: reason.into(),
         };
         let reply = self.inner.clone().cancel_order(request).await?;
+        order_of(reply.into_inner().order)
+    }
+
+    /// Runs the failed compensation of a NEEDS_ATTENTION order again. An
+    /// operator action: the client must carry the admin key.
+    pub async fn retry_compensation(
+        &self,
+        order_id: impl Into<String>,
+        request_id: impl Into<String>,
+    ) -> Result<Order, Status> {
+        let request = RetryCompensationRequest {
+            request_id: request_id.into(),
+            order_id: order_id.into(),
+        };
+        let reply = self.inner.clone().retry_compensation(request).await?;
+        order_of(reply.into_inner().order)
+    }
+
+    /// Records that `operator` undid the failed compensation of a
+    /// NEEDS_ATTENTION order by hand (`reason`: what they did); the saga goes
+    /// on to COMPENSATED. An operator action: the client must carry the
+    /// admin key.
+    pub async fn resolve_compensation(
+        &self,
+        order_id: impl Into<String>,
+        request_id: impl Into<String>,
+        operator: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<Order, Status> {
+        let request = ResolveCompensationRequest {
+            request_id: request_id.into(),
+            order_id: order_id.into(),
+            operator: operator.into(),
+            reason: reason.into(),
+        };
+        let reply = self.inner.clone().resolve_compensation(request).await?;
         order_of(reply.into_inner().order)
     }
 }

@@ -6,14 +6,15 @@
 use std::time::Duration;
 
 use ordersaga_proto::{
+    client::OrderClient,
     orders::v1::{
-        Order, OrderStatus, ResolveCompensationRequest, RetryCompensationRequest, StepPhase,
-        StepStatus, order_service_client::OrderServiceClient,
+        Order, OrderStatus, RetryCompensationRequest, StepPhase, StepStatus,
+        order_service_client::OrderServiceClient,
     },
     stock::v1::GetProductRequest,
 };
 use ordersaga_tests::{
-    Backend, TestDb, admin, authed,
+    ADMIN_KEY, Backend, TestDb, admin, authed,
     broker::TcpProxy,
     eventually,
     process::{ServiceProcess, orchestrator_process},
@@ -204,24 +205,23 @@ async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Bac
 
     // Resolve by hand: a person released the book outside the system.
     let stuck = setup.stuck_order().await;
-    let nameless = client
-        .resolve_compensation(admin(ResolveCompensationRequest {
-            request_id: request_id(),
-            order_id: stuck.order_id.clone(),
-            operator: " ".into(),
-            reason: "released by hand".into(),
-        }))
+    // Through the SDK, as orderctl does, with the admin key.
+    let operator = OrderClient::connect(setup.orchestrator.endpoint(), ADMIN_KEY)
+        .await
+        .unwrap();
+    let nameless = operator
+        .resolve_compensation(&stuck.order_id, request_id(), " ", "released by hand")
         .await
         .unwrap_err();
     assert_eq!(nameless.code(), Code::InvalidArgument, "{nameless:?}");
     assert!(nameless.message().contains("operator"), "{nameless:?}");
-    client
-        .resolve_compensation(admin(ResolveCompensationRequest {
-            request_id: request_id(),
-            order_id: stuck.order_id.clone(),
-            operator: "ops@example.com".into(),
-            reason: "released 1 BOOK in the warehouse system".into(),
-        }))
+    operator
+        .resolve_compensation(
+            &stuck.order_id,
+            request_id(),
+            "ops@example.com",
+            "released 1 BOOK in the warehouse system",
+        )
         .await
         .expect("an operator resolves it");
     let resolved = setup.until(&stuck.order_id, OrderStatus::Compensated).await;

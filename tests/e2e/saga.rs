@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use orchestrator::EngineArgs;
-use ordersaga_proto::orders::v1::{ListOrdersRequest, Order, OrderStatus, StepPhase, StepStatus};
+use ordersaga_proto::{
+    client::OrderClient,
+    orders::v1::{ListOrdersRequest, Order, OrderStatus, StepPhase, StepStatus},
+};
 use ordersaga_tests::{
     Backend,
     system::{Options, System, order},
@@ -683,23 +686,24 @@ on_both_stores!(a_compensation_that_keeps_failing_stays_visible_and_is_announced
 /// The stock service goes away after the reservation, so its release keeps
 /// failing: the saga stays COMPENSATING with its last error and attempt count,
 /// and `order.compensation_stuck` is written to the outbox once.
-async fn a_compensation_that_keeps_failing_stays_visible_and_is_announced(backend: Backend) {
+/// An unshippable order (AQ is not served) whose reservation must be
+/// released, with the stock service stopped once it reserved: the release
+/// keeps failing.
+async fn an_order_whose_release_keeps_failing(
+    backend: Backend,
+    engine: EngineArgs,
+) -> (System, OrderClient, Order) {
     let options = Options {
         // Shipping is slow, so the stock service can be stopped in between.
         shipping_faults: FaultSettings {
             fault_latency_ms: 1_000,
             ..Default::default()
         },
-        engine: Some(EngineArgs {
-            compensation_max_backoff_ms: 50,
-            compensation_stuck_after_secs: 1,
-            ..Default::default()
-        }),
+        engine: Some(engine),
         ..Default::default()
     };
     let mut system = System::start(backend, options).await;
     let client = system.client().await;
-    // AQ is not served: the shipment fails for good, so the reservation must be released.
     let created = client
         .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "AQ"))
         .await
@@ -714,6 +718,16 @@ async fn a_compensation_that_keeps_failing_stays_visible_and_is_announced(backen
     })
     .await;
     system.services.stock.halt().await;
+    (system, client, created)
+}
+
+async fn a_compensation_that_keeps_failing_stays_visible_and_is_announced(backend: Backend) {
+    let engine = EngineArgs {
+        compensation_max_backoff_ms: 50,
+        compensation_stuck_after_secs: 1,
+        ..Default::default()
+    };
+    let (system, client, created) = an_order_whose_release_keeps_failing(backend, engine).await;
 
     let pool = system.orchestrator.db.pool().await;
     let stuck = ordersaga_tests::eventually("the stuck announcement", WAIT, || {
@@ -812,34 +826,12 @@ on_both_stores!(a_compensation_failing_past_its_budget_leaves_the_order_needing_
 async fn a_compensation_failing_past_its_budget_leaves_the_order_needing_attention(
     backend: Backend,
 ) {
-    let options = Options {
-        shipping_faults: FaultSettings {
-            fault_latency_ms: 1_000,
-            ..Default::default()
-        },
-        engine: Some(EngineArgs {
-            compensation_max_backoff_ms: 50,
-            compensation_attention_after_secs: 2,
-            ..Default::default()
-        }),
+    let engine = EngineArgs {
+        compensation_max_backoff_ms: 50,
+        compensation_attention_after_secs: 2,
         ..Default::default()
     };
-    let mut system = System::start(backend, options).await;
-    let client = system.client().await;
-    let created = client
-        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "AQ"))
-        .await
-        .unwrap();
-    ordersaga_tests::eventually("the reservation", WAIT, || async {
-        let order = client.get_order(&created.order_id).await.ok()?;
-        order
-            .steps
-            .iter()
-            .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
-            .then_some(())
-    })
-    .await;
-    system.services.stock.halt().await;
+    let (system, client, created) = an_order_whose_release_keeps_failing(backend, engine).await;
 
     let resting = ordersaga_tests::eventually("NEEDS_ATTENTION", WAIT, || async {
         let order = client.get_order(&created.order_id).await.ok()?;
