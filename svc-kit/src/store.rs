@@ -216,43 +216,19 @@ fn prepare_sqlite_url(url: &str) -> anyhow::Result<(String, PathBuf)> {
 /// `sslrootcert`, `sslcert`, `sslkey`). Their files are checked now, so that a
 /// wrong path stops the start-up naming the parameter, not a connect later.
 fn check_postgres_tls_files(url: &str) -> anyhow::Result<()> {
-    let Some((_, query)) = url.split_once('?') else {
+    let Ok(parsed) = url::Url::parse(url) else {
+        // sqlx reports a malformed URL when it connects.
         return Ok(());
     };
-    for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
-        if !matches!(name, "sslrootcert" | "sslcert" | "sslkey") || value == "system" {
+    for (name, path) in parsed.query_pairs() {
+        if !matches!(&*name, "sslrootcert" | "sslcert" | "sslkey") || path == "system" {
             continue;
         }
-        let path = percent_decode(value);
-        std::fs::File::open(&path).with_context(|| {
+        std::fs::File::open(&*path).with_context(|| {
             format!("DATABASE_URL: {name}={path} cannot be read (a PEM file is expected)")
         })?;
     }
     Ok(())
-}
-
-/// `%XX` escapes decoded, as a URL's query carries a path.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Hides a password in a URL before it reaches a message or a log.

@@ -96,20 +96,8 @@ fn export_tls() -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
             "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together: set both or neither"
         ),
     };
-    let config = match &ca {
-        Some((name, ca)) => crate::tls::client_config((name, ca), identity)?,
-        None => {
-            let mut config = tonic::transport::ClientTlsConfig::new().with_native_roots();
-            if let Some((cert, key)) = identity {
-                config = config.identity(tonic::transport::Identity::from_pem(
-                    crate::tls::read_pem(cert.0, cert.1, "CERTIFICATE")?,
-                    crate::tls::read_pem(key.0, key.1, "PRIVATE KEY")?,
-                ));
-            }
-            config
-        }
-    };
-    Ok(Some(config))
+    let ca = ca.as_ref().map(|(name, ca)| (*name, ca.as_path()));
+    crate::tls::client_config(ca, identity).map(Some)
 }
 
 /// Installs logging and tracing for `service_name` (e.g. `"stock-svc"`).

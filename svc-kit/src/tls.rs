@@ -68,17 +68,18 @@ impl TlsArgs {
 /// A PEM file and the setting that named it, so that an error can say which.
 pub type PemSetting<'a> = (&'a str, &'a Path);
 
-/// A client's TLS: the CA to trust, and for mTLS the client's own identity
-/// (certificate, key).
+/// A client's TLS: the CA to trust (`None`: the system's roots), and for
+/// mTLS the client's own identity (certificate, key).
 pub fn client_config(
-    ca: PemSetting<'_>,
+    ca: Option<PemSetting<'_>>,
     identity: Option<(PemSetting<'_>, PemSetting<'_>)>,
 ) -> anyhow::Result<ClientTlsConfig> {
-    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(
-        ca.0,
-        ca.1,
-        "CERTIFICATE",
-    )?));
+    let mut config = match ca {
+        Some((setting, path)) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
+            read_pem(setting, path, "CERTIFICATE")?,
+        )),
+        None => ClientTlsConfig::new().with_native_roots(),
+    };
     if let Some(((cert_name, cert), (key_name, key))) = identity {
         config = config.identity(Identity::from_pem(
             read_pem(cert_name, cert, "CERTIFICATE")?,

@@ -84,7 +84,7 @@ impl Pki {
             .as_deref()
             .zip(key.as_deref())
             .map(|(cert, key)| (("cert", cert), ("key", key)));
-        svc_kit::tls::client_config(("ca", &self.path(ca)), identity).unwrap()
+        svc_kit::tls::client_config(Some(("ca", &self.path(ca))), identity).unwrap()
     }
 }
 

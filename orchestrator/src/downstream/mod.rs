@@ -135,7 +135,7 @@ impl DownstreamArgs {
             );
             return Ok(None);
         };
-        svc_kit::tls::client_config(("SERVICES_TLS_CA", ca), identity).map(Some)
+        svc_kit::tls::client_config(Some(("SERVICES_TLS_CA", ca)), identity).map(Some)
     }
 }
 
