@@ -17,6 +17,7 @@ use crate::{
     now_ms,
 };
 
+mod postgres;
 mod sqlite;
 mod writer;
 

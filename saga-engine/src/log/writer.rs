@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::{
     Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, Reopen, ReopenOutcome,
-    SagaStatus, apply, insert_saga, reopen, request_cancel, sqlite::SqliteLog,
+    SagaStatus, apply, insert_saga, postgres, reopen, request_cancel, sqlite::SqliteLog,
 };
 use crate::{
     crash_points::{self, point},
@@ -272,20 +272,46 @@ impl Backend {
     }
 }
 
+/// On PostgreSQL, a batch of checkpoints (each saga once) is applied in one
+/// statement, and sent events are marked in one.
 async fn commit_on_pool(
     pool: &AnyPool,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
+    let postgres = pool
+        .connect_options()
+        .database_url
+        .scheme()
+        .starts_with("postgres");
     let mut tx = pool.begin().await?;
     let alone = writes.len() == 1;
     let mut results = Vec::with_capacity(writes.len());
-    for write in writes {
+    let checkpoints: Option<Vec<&Checkpoint>> = writes
+        .iter()
+        .map(|write| match write {
+            Write::Checkpoint(checkpoint) => Some(checkpoint),
+            _ => None,
+        })
+        .collect();
+    if let Some(checkpoints) = checkpoints.filter(|c| postgres && postgres::one_per_saga(c.iter().copied())) {
+        results.extend(
+            postgres::apply_batch(&mut tx, &checkpoints)
+                .await?
+                .into_iter()
+                .map(Written::Checkpoint),
+        );
+    }
+    for write in writes.iter().skip(results.len()) {
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
             Write::Start(start) => Written::Start(start_on_pool(&mut tx, start, alone).await?),
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
             Write::Reopen(action, owner) => Written::Reopen(reopen(&mut tx, action, owner).await?),
+            Write::EventsSent { ids, at_ms } if postgres => {
+                postgres::mark_sent(&mut tx, ids, *at_ms).await?;
+                Written::Rows(ids.len() as u64)
+            }
             Write::EventsSent { ids, at_ms } => {
                 for id in ids {
                     sqlx::query(MARK_SENT)

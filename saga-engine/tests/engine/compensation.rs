@@ -18,6 +18,7 @@ on_both_stores!(
     a_lost_reply_then_a_retry_completes_with_one_effect,
     a_hung_call_counts_as_unknown_and_the_budget_is_kept,
     a_compensation_that_fails_is_retried_until_it_succeeds,
+    many_sagas_at_once_each_end_by_their_own_script,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -154,4 +155,50 @@ async fn a_compensation_that_fails_is_retried_until_it_succeeds(backend: Backend
     .unwrap();
     assert_eq!(attempts, 8, "seven failures, then success");
     assert_consistent(&world, saga, status);
+}
+
+/// Sagas started together share the log's batches (on PostgreSQL, one
+/// statement applies a whole batch): each must still get its own state and
+/// step records, never a neighbour's.
+async fn many_sagas_at_once_each_end_by_their_own_script(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let sagas: Vec<(uuid::Uuid, bool)> = (0..48)
+        .map(|i| (uuid::Uuid::new_v4(), i % 3 == 0))
+        .collect();
+    for (saga, refused) in &sagas {
+        if *refused {
+            world.cue(*saga, "c", &[Cue::Refuse]);
+        }
+    }
+    futures::future::join_all(sagas.iter().map(|(saga, _)| {
+        let engine = &engine;
+        let world = &world;
+        async move { scripted::start_with(engine, *saga, |_| (), world).await }
+    }))
+    .await;
+    for (saga, refused) in &sagas {
+        let status = scripted::terminal(&store.pool, *saga).await;
+        let (expected, steps) = if *refused {
+            // a, b and c forward; b and a undone.
+            (SagaStatus::Compensated, vec!["forward a SUCCEEDED", "forward b SUCCEEDED", "forward c FAILED", "compensation a SUCCEEDED", "compensation b SUCCEEDED"])
+        } else {
+            (SagaStatus::Completed, vec!["forward a SUCCEEDED", "forward b SUCCEEDED", "forward c SUCCEEDED"])
+        };
+        assert_eq!(status, expected, "saga {saga}");
+        assert_consistent(&world, *saga, status);
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT phase, name, status FROM saga_steps WHERE saga_id = $1 ORDER BY phase DESC, name",
+        )
+        .bind(saga.to_string())
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let rows: Vec<String> = rows
+            .into_iter()
+            .map(|(phase, name, status)| format!("{phase} {name} {status}"))
+            .collect();
+        assert_eq!(rows, steps, "saga {saga}'s step records");
+    }
 }

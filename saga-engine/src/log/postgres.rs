@@ -1,0 +1,156 @@
+//! A batch of checkpoints in one statement, on PostgreSQL.
+//!
+//! Applied one by one, a checkpoint costs a round trip for its saga's row and
+//! one per step record, and PostgreSQL's CPU per saga went mostly to those
+//! round trips, not to the rows. Here the batch travels as two JSON
+//! parameters and one statement applies it: a fenced update of every saga's
+//! row (the same rules as [`super::APPLY_STATE`]), then the step records of
+//! exactly the sagas that update matched, with the epoch it matched. What it
+//! returns is what `APPLY_STATE` returns, one row per saga that moved.
+//!
+//! A saga may appear once per batch (one `UPDATE … FROM` sets a row once);
+//! the writer sends a batch with a saga twice one checkpoint at a time.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, Row};
+
+use super::{Applied, Checkpoint, SAGA_STATUS, SagaStatus, decode_error};
+use crate::{events, now_ms};
+
+const APPLY_BATCH: &str = "WITH c AS ( \
+       SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
+         enter_pivot boolean, status text, next_step bigint, failure_reason text)), \
+     moved AS ( \
+       UPDATE sagas s SET \
+         status = CASE WHEN c.complete THEN (CASE WHEN s.cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
+                  ELSE COALESCE(c.status, s.status) END, \
+         next_step = COALESCE(c.next_step, s.next_step), \
+         failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = $3, \
+         pivot_passed = CASE WHEN c.enter_pivot AND s.cancel_requested = 0 THEN 1 ELSE s.pivot_passed END \
+       FROM c \
+       WHERE s.saga_id = c.saga_id AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
+       RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch), \
+     steps AS ( \
+       INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
+       SELECT st.saga_id, st.phase, st.step_index, st.name, st.status, st.attempts, st.last_error, st.output, \
+              st.started_at_ms, st.finished_at_ms, m.epoch \
+       FROM jsonb_to_recordset($2::jsonb) AS st(saga_id text, phase text, step_index bigint, name text, status text, \
+              attempts bigint, last_error text, output text, started_at_ms bigint, finished_at_ms bigint), moved m \
+       WHERE m.saga_id = st.saga_id \
+       ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
+         status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, epoch = excluded.epoch, \
+         output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
+         started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)) \
+     SELECT saga_id, status, cancel_requested, pivot_passed FROM moved";
+
+/// Whether [`apply_batch`] can take these checkpoints: each saga once.
+pub(crate) fn one_per_saga<'a>(checkpoints: impl Iterator<Item = &'a Checkpoint>) -> bool {
+    let mut seen = HashSet::new();
+    checkpoints.into_iter().all(|c| seen.insert(c.saga_id))
+}
+
+/// Applies `checkpoints` (each saga at most once) inside the caller's
+/// transaction; the results come in the same order.
+pub(crate) async fn apply_batch(
+    conn: &mut AnyConnection,
+    checkpoints: &[&Checkpoint],
+) -> Result<Vec<Applied>, sqlx::Error> {
+    let (sagas, steps) = parameters(checkpoints);
+    let rows = sqlx::query(APPLY_BATCH)
+        .bind(sagas)
+        .bind(steps)
+        .bind(now_ms())
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut moved = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let saga_id: String = row.try_get("saga_id")?;
+        let status: String = row.try_get("status")?;
+        let cancel_requested: i64 = row.try_get("cancel_requested")?;
+        let pivot_passed: i64 = row.try_get("pivot_passed")?;
+        moved.insert(saga_id, (status, cancel_requested != 0, pivot_passed == 1));
+    }
+    let mut results = Vec::with_capacity(checkpoints.len());
+    for checkpoint in checkpoints {
+        let id = checkpoint.saga_id.to_string();
+        let Some((status, cancel_requested, pivot_passed)) = moved.remove(&id) else {
+            // Terminal, or held at another epoch: nothing was written.
+            let status: String = sqlx::query_scalar(SAGA_STATUS)
+                .bind(&id)
+                .fetch_one(&mut *conn)
+                .await?;
+            let status = SagaStatus::parse(&status)
+                .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+            results.push(Applied::refused(status));
+            continue;
+        };
+        let completed = checkpoint.complete && status == "COMPLETED";
+        if checkpoint.announces(completed) {
+            for event in &checkpoint.events {
+                events::insert(conn, event).await?;
+            }
+        }
+        results.push(Applied {
+            cancel_requested,
+            pivot_entered: checkpoint.enter_pivot && pivot_passed,
+            completed,
+            closed: None,
+            fenced: false,
+        });
+    }
+    Ok(results)
+}
+
+/// The batch as the statement's two JSON arrays: the sagas' new state, and
+/// every step record.
+fn parameters(checkpoints: &[&Checkpoint]) -> (String, String) {
+    let mut sagas = Vec::with_capacity(checkpoints.len());
+    let mut steps = Vec::with_capacity(checkpoints.len());
+    for checkpoint in checkpoints {
+        let saga_id = checkpoint.saga_id.to_string();
+        let (status, next_step, failure_reason) = checkpoint.state_columns();
+        sagas.push(json!({
+            "saga_id": saga_id,
+            "epoch": checkpoint.epoch,
+            "complete": checkpoint.complete,
+            "enter_pivot": checkpoint.enter_pivot,
+            "status": status,
+            "next_step": next_step,
+            "failure_reason": failure_reason,
+        }));
+        for step in &checkpoint.steps {
+            steps.push(json!({
+                "saga_id": saga_id,
+                "phase": step.phase.as_str(),
+                "step_index": step.index,
+                "name": step.name,
+                "status": step.status.as_str(),
+                "attempts": step.attempts,
+                "last_error": step.last_error,
+                "output": step.output,
+                "started_at_ms": step.started_at_ms,
+                "finished_at_ms": step.finished_at_ms,
+            }));
+        }
+    }
+    (Value::Array(sagas).to_string(), Value::Array(steps).to_string())
+}
+
+const MARK_SENT: &str = "UPDATE outbox SET sent_at_ms = $1 \
+     WHERE id IN (SELECT jsonb_array_elements_text($2::jsonb)::bigint)";
+
+/// Marks the relay's published events as sent, in one statement.
+pub(crate) async fn mark_sent(
+    conn: &mut AnyConnection,
+    ids: &[i64],
+    at_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(MARK_SENT)
+        .bind(at_ms)
+        .bind(Value::from(ids).to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
