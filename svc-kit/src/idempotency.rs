@@ -24,7 +24,7 @@ use rusqlite::OptionalExtension;
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tonic::{Code, Status};
 
-use crate::{Error, batch_writer::Outcome, error::DEFINITE_REFUSALS, store::Store, time::now_ms};
+use crate::{Error, batch_writer::Outcome, shared_transaction::{SharedTransaction, TurnResult}, error::DEFINITE_REFUSALS, store::Store, time::now_ms};
 
 const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING";
@@ -71,9 +71,9 @@ where
     run_on_pool(&store.pool, key, effect).await
 }
 
-/// [`run_once`] for a hot path: `effect` through the pool on PostgreSQL,
-/// `sqlite_effect` on the batch writer on a SQLite file. The two must do the
-/// same thing.
+/// [`run_once`] for a hot path: `effect` on the shared transaction on
+/// PostgreSQL (through the pool without one), `sqlite_effect` on the batch
+/// writer on a SQLite file. The two must do the same thing.
 pub async fn run_once_batched<Resp>(
     store: &Store,
     key: RequestKey<'_>,
@@ -83,6 +83,9 @@ pub async fn run_once_batched<Resp>(
 where
     Resp: Message + Default + Send + 'static,
 {
+    if let Some(shared) = &store.shared {
+        return run_on_shared(shared, key, effect).await;
+    }
     let Some(writer) = &store.writer else {
         return run_on_pool(&store.pool, key, effect).await;
     };
@@ -95,6 +98,61 @@ where
         .run(move |conn| run_on_sqlite(conn, &key, sqlite_effect))
         .await
         .map_err(|e| Status::from(Error::StoreUnavailable(e)))?
+}
+
+/// The same steps as [`run_on_pool`], each request in its turn on the
+/// shared transaction ([`crate::shared_transaction`]). A definite refusal
+/// takes a second turn to be stored, after its effect was rolled back.
+async fn run_on_shared<Resp>(
+    shared: &SharedTransaction,
+    key: RequestKey<'_>,
+    effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
+) -> Result<Resp, Status>
+where
+    Resp: Message + Default,
+{
+    let answer = shared
+        .run(async |conn: &mut AnyConnection| {
+            let claimed = sqlx::query(CLAIM)
+                .bind(key.request_id)
+                .bind(key.method)
+                .bind(key.fingerprint.clone())
+                .bind(now_ms())
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                == 1;
+            if !claimed {
+                // Seen before, perhaps earlier in this very batch: the answer
+                // holds only once the batch commits, like a written one.
+                return Ok(TurnResult::Written(replay(&mut *conn, &key).await?));
+            }
+            Ok(match effect(&mut *conn).await {
+                Ok(reply) => {
+                    sqlx::query(STORE_REPLY)
+                        .bind(reply.encode_to_vec())
+                        .bind(key.request_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    TurnResult::Written(Ok(reply))
+                }
+                // Rolled back, the claim with it.
+                Err(status) => TurnResult::Nothing(Err(status)),
+            })
+        })
+        .await?;
+    match answer {
+        Err(status) if DEFINITE_REFUSALS.contains(&status.code()) => {
+            shared
+                .run(async |conn: &mut AnyConnection| {
+                    Ok(TurnResult::Written(
+                        record_refusal(&mut *conn, &key, &status).await?,
+                    ))
+                })
+                .await?
+        }
+        answer => answer,
+    }
 }
 
 struct OwnedKey {
@@ -198,7 +256,8 @@ where
         tx.rollback().await.map_err(Error::from)?;
         conn.1 = Ended::Yes;
         drop(conn);
-        return replay(pool, &key).await;
+        let mut conn = pool.acquire().await.map_err(Error::from)?;
+        return replay(&mut conn, &key).await.map_err(Error::from)?;
     }
 
     match effect(&mut tx).await {
@@ -219,7 +278,10 @@ where
             conn.1 = Ended::Yes;
             drop(conn);
             if DEFINITE_REFUSALS.contains(&status.code()) {
-                record_refusal(pool, &key, &status).await
+                let mut conn = pool.acquire().await.map_err(Error::from)?;
+                record_refusal(&mut conn, &key, &status)
+                    .await
+                    .map_err(Error::from)?
             } else {
                 Err(status)
             }
@@ -252,10 +314,10 @@ impl Drop for TxConnection {
 /// Stores a definite refusal as the reply of `key`, unless a concurrent request
 /// with the same key got there first; then its reply wins.
 async fn record_refusal<Resp: Message + Default>(
-    pool: &AnyPool,
+    conn: &mut AnyConnection,
     key: &RequestKey<'_>,
     status: &Status,
-) -> Result<Resp, Status> {
+) -> Result<Result<Resp, Status>, sqlx::Error> {
     let stored = sqlx::query(
         "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id) DO NOTHING",
@@ -266,36 +328,34 @@ async fn record_refusal<Resp: Message + Default>(
     .bind(now_ms())
     .bind(status.code() as i32 as i64)
     .bind(status.message())
-    .execute(pool)
-    .await
-    .map_err(Error::from)?
+    .execute(&mut *conn)
+    .await?
     .rows_affected()
         == 1;
     if stored {
-        Err(Status::new(status.code(), status.message()))
+        Ok(Err(Status::new(status.code(), status.message())))
     } else {
-        replay(pool, key).await
+        replay(conn, key).await
     }
 }
 
 /// Returns the stored reply of a `request_id` seen before.
 async fn replay<Resp: Message + Default>(
-    pool: &AnyPool,
+    conn: &mut AnyConnection,
     key: &RequestKey<'_>,
-) -> Result<Resp, Status> {
+) -> Result<Result<Resp, Status>, sqlx::Error> {
     let row = sqlx::query(STORED)
         .bind(key.request_id)
-        .fetch_one(pool)
-        .await
-        .map_err(Error::from)?;
+        .fetch_one(&mut *conn)
+        .await?;
     let stored = Stored {
-        method: row.try_get("method").map_err(Error::from)?,
-        fingerprint: row.try_get("fingerprint").map_err(Error::from)?,
-        status_code: row.try_get("status_code").map_err(Error::from)?,
-        status_message: row.try_get("status_message").map_err(Error::from)?,
-        reply: row.try_get("reply").map_err(Error::from)?,
+        method: row.try_get("method")?,
+        fingerprint: row.try_get("fingerprint")?,
+        status_code: row.try_get("status_code")?,
+        status_message: row.try_get("status_message")?,
+        reply: row.try_get("reply")?,
     };
-    stored.answer(key.method, key.request_id, &key.fingerprint)
+    Ok(stored.answer(key.method, key.request_id, &key.fingerprint))
 }
 
 /// A request's row in the `idempotency` table.

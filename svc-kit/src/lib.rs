@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod propagation;
 pub mod server;
 pub mod settings;
+pub mod shared_transaction;
 pub mod shed;
 pub mod shutdown;
 pub mod store;

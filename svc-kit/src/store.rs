@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context, bail};
 use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
 
-use crate::batch_writer::{BatchWriter, WriteGate};
+use crate::{
+    batch_writer::{BatchWriter, WriteGate},
+    shared_transaction::SharedTransaction,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -53,6 +56,9 @@ pub struct Store {
     /// On a SQLite file: the thread that runs the hot writes in batches
     /// (see [`crate::batch_writer`]). `None` on PostgreSQL and in memory.
     pub writer: Option<BatchWriter>,
+    /// On PostgreSQL: the transaction the hot writes share, one commit per
+    /// batch (see [`crate::shared_transaction`]).
+    pub shared: Option<SharedTransaction>,
 }
 
 impl std::fmt::Debug for Store {
@@ -60,6 +66,7 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("backend", &self.backend)
             .field("batch_writer", &self.writer.is_some())
+            .field("shared_transaction", &self.shared.is_some())
             .finish()
     }
 }
@@ -146,10 +153,13 @@ impl Store {
             .filter(|_| batch_writer)
             .map(|file| BatchWriter::open(&file, WriteGate::default()))
             .transpose()?;
+        let shared = (backend == Backend::Postgres && batch_writer)
+            .then(|| SharedTransaction::new(pool.clone()));
         Ok(Store {
             pool,
             backend,
             writer,
+            shared,
         })
     }
 }
@@ -179,6 +189,7 @@ impl Store {
             pool,
             backend: Backend::Sqlite,
             writer: None,
+            shared: None,
         })
     }
 }

@@ -11,17 +11,39 @@ use std::time::Duration;
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection, Row};
 use svc_kit::{
-    idempotency::{RequestKey, run_once},
+    idempotency::{RequestKey, run_once, run_once_batched},
     store::Store,
 };
 
-on_both_stores!(a_request_dropped_at_any_await_leaves_no_transaction_open);
+on_both_stores!(
+    a_request_dropped_at_any_await_leaves_no_transaction_open,
+    a_hot_request_dropped_at_any_await_leaves_no_transaction_open,
+);
 
 const REQUESTS: usize = 40;
 
+const INSERT_PRODUCT: &str = "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+     VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)";
+
+/// An admin request: its own transaction from the pool.
 async fn a_request_dropped_at_any_await_leaves_no_transaction_open(backend: Backend) {
+    dropped_at_any_await(backend, false).await
+}
+
+/// A saga step's request: on PostgreSQL, a turn on the shared transaction
+/// (a drop mid-turn rolls its whole batch back); on SQLite, the batch writer.
+async fn a_hot_request_dropped_at_any_await_leaves_no_transaction_open(backend: Backend) {
+    dropped_at_any_await(backend, true).await
+}
+
+async fn dropped_at_any_await(backend: Backend, hot: bool) {
     let db = TestDb::new(backend).await;
-    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    let store = if hot {
+        Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS).await
+    } else {
+        Store::open(&db.url, &stock_svc::MIGRATIONS).await
+    }
+    .unwrap();
     let request = |i: usize| {
         let request_id = format!("dropped-{i}");
         let store = &store;
@@ -31,15 +53,21 @@ async fn a_request_dropped_at_any_await_leaves_no_transaction_open(backend: Back
                 request_id: &request_id,
                 fingerprint: vec![1],
             };
-            run_once(store, key, async |conn: &mut AnyConnection| {
-                sqlx::query(
-                    "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
-                     VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
-                )
-                .bind(&request_id)
-                .execute(conn)
-                .await
-                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            let effect = async |conn: &mut AnyConnection| {
+                sqlx::query(INSERT_PRODUCT)
+                    .bind(&request_id)
+                    .execute(conn)
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                Ok(())
+            };
+            if !hot {
+                return run_once(store, key, effect).await;
+            }
+            let sku = request_id.clone();
+            run_once_batched(store, key, effect, move |conn: &rusqlite::Connection| {
+                conn.execute(INSERT_PRODUCT, [&sku])
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
                 Ok(())
             })
             .await
@@ -87,10 +115,7 @@ async fn a_request_dropped_at_any_await_leaves_no_transaction_open(backend: Back
         // A statement outside any transaction, on the pool: committed as
         // soon as it returns, for everyone to see.
         let sku = format!("after-drop-{i}");
-        sqlx::query(
-            "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
-             VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
-        )
+        sqlx::query(INSERT_PRODUCT)
         .bind(&sku)
         .execute(&store.pool)
         .await

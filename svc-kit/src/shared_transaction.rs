@@ -1,0 +1,235 @@
+//! Group commit on PostgreSQL: the saga steps' requests take turns on one
+//! open transaction, each inside its own savepoint, and one `COMMIT` makes a
+//! whole batch of them durable at once.
+//!
+//! Why: the steps of concurrent orders write the same hot rows (a popular
+//! SKU's stock, one customer's balance). In a transaction of its own, each
+//! request held that row's lock through its commit's WAL flush, so requests
+//! queued one flush apiece behind each other. On the shared transaction they
+//! never wait on each other's locks, and a flush serves the whole batch. It
+//! is what the batch writer ([`crate::batch_writer`]) does for a SQLite file.
+//!
+//! The rules:
+//! - A request's reply (or stored refusal) is returned only after the commit
+//!   of its batch. If that commit fails, every request of the batch gets
+//!   UNAVAILABLE and nothing of theirs was written; a retry with the same
+//!   `request_id` runs again.
+//! - A request that fails with something other than a definite answer is
+//!   rolled back to its savepoint, and its neighbours go on.
+//! - A request dropped in the middle of its turn (its client left) leaves the
+//!   transaction in an unknown state: the batch is rolled back whole (its
+//!   connection closed), and its other requests get UNAVAILABLE.
+//! - The committer commits as soon as a turn ends and it gets the lock: the
+//!   requests that queued meanwhile form the next batch. One request alone
+//!   waits no timer.
+
+use std::sync::Arc;
+
+use sqlx::{Any, AnyConnection, AnyPool, pool::PoolConnection};
+use tokio::sync::{Mutex, MutexGuard, Notify, mpsc, watch};
+
+use crate::Error;
+
+/// How one batch ended: `None` while it is open.
+type Ended = watch::Sender<Option<Result<(), String>>>;
+
+/// The open transaction that the hot requests share (PostgreSQL only).
+#[derive(Clone)]
+pub struct SharedTransaction {
+    inner: Arc<Inner>,
+    /// Held by every handle: the committer stops when the last is dropped.
+    _alive: mpsc::Sender<()>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    turn: Mutex<Turn>,
+    /// Wakes the committer when a turn ended.
+    turns_ended: Notify,
+}
+
+struct Turn {
+    /// The connection of the open transaction (`None`: none is open).
+    conn: Option<PoolConnection<Any>>,
+    /// Requests whose writes are in the open transaction.
+    members: usize,
+    /// Told how the open batch ended.
+    batch: Arc<Ended>,
+    /// A request was dropped mid-turn: the open transaction must not commit.
+    poisoned: bool,
+}
+
+impl Turn {
+    /// Ends the open batch: its members hear `result`; the connection goes
+    /// back to the pool only after a commit.
+    fn end_batch(&mut self, result: Result<(), String>) {
+        if let Some(mut conn) = self.conn.take()
+            && result.is_err()
+        {
+            // Closing the connection ends the transaction on the server.
+            conn.close_on_drop();
+        }
+        self.members = 0;
+        self.poisoned = false;
+        let ended = std::mem::replace(&mut self.batch, Arc::new(watch::channel(None).0));
+        ended.send_replace(Some(result));
+    }
+
+    /// Rolls the open batch back if a dropped request left it poisoned.
+    fn clear_poison(&mut self) {
+        if self.poisoned {
+            self.end_batch(Err(
+                "a request was cancelled in the middle of the shared transaction".into(),
+            ));
+        }
+    }
+}
+
+/// A turn in progress: dropped before [`InTurn::finish`] (the request's
+/// future was dropped), it poisons the open transaction.
+struct InTurn<'a> {
+    turn: MutexGuard<'a, Turn>,
+    finished: bool,
+    /// The committer, to roll the poisoned batch back at once.
+    committer: &'a Notify,
+}
+
+impl Drop for InTurn<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.turn.poisoned = true;
+            self.committer.notify_one();
+        }
+    }
+}
+
+/// What a turn left behind.
+pub enum TurnResult<T> {
+    /// Written into the batch: the answer holds once the batch commits.
+    Written(T),
+    /// Nothing of it is in the batch (rolled back to its savepoint).
+    Nothing(T),
+}
+
+impl SharedTransaction {
+    pub fn new(pool: AnyPool) -> Self {
+        let inner = Arc::new(Inner {
+            pool,
+            turn: Mutex::new(Turn {
+                conn: None,
+                members: 0,
+                batch: Arc::new(watch::channel(None).0),
+                poisoned: false,
+            }),
+            turns_ended: Notify::new(),
+        });
+        let (alive, handles) = mpsc::channel(1);
+        tokio::spawn(commit_batches(inner.clone(), handles));
+        SharedTransaction {
+            inner,
+            _alive: alive,
+        }
+    }
+
+    /// Runs `work` in its turn on the shared transaction, inside a savepoint
+    /// (rolled back if `work` returns [`TurnResult::Nothing`] or fails), and
+    /// returns its answer: at once if nothing of it was written, else once
+    /// its batch committed.
+    pub async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
+    ) -> Result<T, Error> {
+        let mut turn = InTurn {
+            turn: self.inner.turn.lock().await,
+            finished: false,
+            committer: &self.inner.turns_ended,
+        };
+        turn.turn.clear_poison();
+        let result = take_turn(&self.inner.pool, &mut turn.turn, work).await;
+        turn.finished = true;
+        let ended = match &result {
+            Ok(TurnResult::Written(_)) => {
+                turn.turn.members += 1;
+                Some(turn.turn.batch.subscribe())
+            }
+            Ok(TurnResult::Nothing(_)) => None,
+            Err(err) => {
+                // The transaction's state is unknown: roll the batch back.
+                let err = format!("a statement of the shared transaction failed: {err}");
+                turn.turn.end_batch(Err(err));
+                None
+            }
+        };
+        drop(turn);
+        self.inner.turns_ended.notify_one();
+        let (answer, ended) = match result.map_err(Error::from)? {
+            TurnResult::Nothing(answer) => return answer.map_err(Error::from),
+            TurnResult::Written(answer) => (answer, ended.expect("a written turn subscribed")),
+        };
+        let mut ended = ended;
+        match ended.wait_for(Option::is_some).await.as_deref() {
+            Ok(Some(Ok(()))) => answer.map_err(Error::from),
+            Ok(Some(Err(err))) => Err(Error::StoreUnavailable(format!(
+                "the batch of this request did not commit: {err}"
+            ))),
+            _ => Err(Error::StoreUnavailable("the committer stopped".into())),
+        }
+    }
+}
+
+/// One turn: `work` inside its savepoint. The outer error is the shared
+/// transaction's own (its state is then unknown); `work`'s own failure is
+/// rolled back and returned as [`TurnResult::Nothing`].
+async fn take_turn<T>(
+    pool: &AnyPool,
+    turn: &mut Turn,
+    work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
+) -> Result<TurnResult<Result<T, sqlx::Error>>, sqlx::Error> {
+    if turn.conn.is_none() {
+        let mut conn = pool.acquire().await?;
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+        turn.conn = Some(conn);
+    }
+    let conn = turn.conn.as_mut().expect("opened above");
+    sqlx::raw_sql("SAVEPOINT request")
+        .execute(&mut **conn)
+        .await?;
+    let outcome = match work(&mut **conn).await {
+        Ok(TurnResult::Written(answer)) => {
+            sqlx::raw_sql("RELEASE SAVEPOINT request")
+                .execute(&mut **conn)
+                .await?;
+            return Ok(TurnResult::Written(Ok(answer)));
+        }
+        Ok(TurnResult::Nothing(answer)) => Ok(answer),
+        Err(err) => Err(err),
+    };
+    sqlx::raw_sql("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+        .execute(&mut **conn)
+        .await?;
+    Ok(TurnResult::Nothing(outcome))
+}
+
+/// Commits the open batch whenever a turn ended, until every handle is gone.
+async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
+    loop {
+        tokio::select! {
+            _ = inner.turns_ended.notified() => {}
+            _ = handles.recv() => return,
+        }
+        let mut turn = inner.turn.lock().await;
+        turn.clear_poison();
+        let Some(conn) = turn.conn.as_mut() else {
+            continue;
+        };
+        let result = sqlx::raw_sql("COMMIT")
+            .execute(&mut **conn)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string());
+        if let Err(err) = &result {
+            tracing::warn!(error = %err, members = turn.members, "the shared transaction did not commit");
+        }
+        turn.end_batch(result);
+    }
+}
