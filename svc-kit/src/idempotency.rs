@@ -24,7 +24,14 @@ use rusqlite::OptionalExtension;
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
 use tonic::{Code, Status};
 
-use crate::{Error, batch_writer::Outcome, shared_transaction::{SharedTransaction, TurnResult}, error::DEFINITE_REFUSALS, store::Store, time::now_ms};
+use crate::{
+    Error,
+    batch_writer::Outcome,
+    error::DEFINITE_REFUSALS,
+    shared_transaction::{SharedTransaction, TurnResult},
+    store::Store,
+    time::now_ms,
+};
 
 const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING";

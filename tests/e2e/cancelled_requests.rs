@@ -116,10 +116,10 @@ async fn dropped_at_any_await(backend: Backend, hot: bool) {
         // soon as it returns, for everyone to see.
         let sku = format!("after-drop-{i}");
         sqlx::query(INSERT_PRODUCT)
-        .bind(&sku)
-        .execute(&store.pool)
-        .await
-        .unwrap();
+            .bind(&sku)
+            .execute(&store.pool)
+            .await
+            .unwrap();
         assert!(
             visible(&mut other, &sku).await,
             "a statement after request {i} was dropped did not commit: its connection was left inside a transaction"

@@ -135,7 +135,10 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String) {
             }));
         }
     }
-    (Value::Array(sagas).to_string(), Value::Array(steps).to_string())
+    (
+        Value::Array(sagas).to_string(),
+        Value::Array(steps).to_string(),
+    )
 }
 
 const MARK_SENT: &str = "UPDATE outbox SET sent_at_ms = $1 \

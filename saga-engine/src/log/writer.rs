@@ -294,7 +294,9 @@ async fn commit_on_pool(
             _ => None,
         })
         .collect();
-    if let Some(checkpoints) = checkpoints.filter(|c| postgres && postgres::one_per_saga(c.iter().copied())) {
+    if let Some(checkpoints) =
+        checkpoints.filter(|c| postgres && postgres::one_per_saga(c.iter().copied()))
+    {
         results.extend(
             postgres::apply_batch(&mut tx, &checkpoints)
                 .await?

@@ -182,9 +182,25 @@ async fn many_sagas_at_once_each_end_by_their_own_script(backend: Backend) {
         let status = scripted::terminal(&store.pool, *saga).await;
         let (expected, steps) = if *refused {
             // a, b and c forward; b and a undone.
-            (SagaStatus::Compensated, vec!["forward a SUCCEEDED", "forward b SUCCEEDED", "forward c FAILED", "compensation a SUCCEEDED", "compensation b SUCCEEDED"])
+            (
+                SagaStatus::Compensated,
+                vec![
+                    "forward a SUCCEEDED",
+                    "forward b SUCCEEDED",
+                    "forward c FAILED",
+                    "compensation a SUCCEEDED",
+                    "compensation b SUCCEEDED",
+                ],
+            )
         } else {
-            (SagaStatus::Completed, vec!["forward a SUCCEEDED", "forward b SUCCEEDED", "forward c SUCCEEDED"])
+            (
+                SagaStatus::Completed,
+                vec![
+                    "forward a SUCCEEDED",
+                    "forward b SUCCEEDED",
+                    "forward c SUCCEEDED",
+                ],
+            )
         };
         assert_eq!(status, expected, "saga {saga}");
         assert_consistent(&world, *saga, status);
