@@ -23,7 +23,10 @@
 //!   requests that queued meanwhile form the next batch. One request alone
 //!   waits no timer.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use sqlx::{Any, AnyConnection, AnyPool, pool::PoolConnection};
 use tokio::sync::{Mutex, MutexGuard, Notify, mpsc, watch};
@@ -43,6 +46,8 @@ pub struct SharedTransaction {
 
 struct Inner {
     pool: AnyPool,
+    /// Batches committed so far.
+    commits: AtomicU64,
     turn: Mutex<Turn>,
     /// Wakes the committer when a turn ended.
     turns_ended: Notify,
@@ -115,6 +120,7 @@ impl SharedTransaction {
     pub fn new(pool: AnyPool) -> Self {
         let inner = Arc::new(Inner {
             pool,
+            commits: AtomicU64::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
                 members: 0,
@@ -129,6 +135,11 @@ impl SharedTransaction {
             inner,
             _alive: alive,
         }
+    }
+
+    /// How many batches committed so far.
+    pub fn commits(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
     }
 
     /// Runs `work` in its turn on the shared transaction, inside a savepoint
@@ -227,6 +238,9 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
             .await
             .map(drop)
             .map_err(|e| e.to_string());
+        if result.is_ok() {
+            inner.commits.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(err) = &result {
             tracing::warn!(error = %err, members = turn.members, "the shared transaction did not commit");
         }

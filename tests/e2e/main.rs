@@ -36,6 +36,7 @@ mod edge;
 mod events;
 mod faults;
 mod fuzz;
+mod group_commit;
 mod grpcurl;
 mod metrics;
 mod observability;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One orderbench run on PostgreSQL (the four binaries, one database each on
+# 127.0.0.1:5432), then PostgreSQL's CPU per saga split by database: the sum
+# of utime+stime of each database's backends, read from /proc before and
+# after the run (backends that exit during the run are not counted).
+#
+#   orderbench/scripts/postgres-cpu-by-database.sh RELEASE_DIR [ORDERS] [CONCURRENCY]
+#
+# SSLMODE (default disable) is appended to every DATABASE_URL, so runs on a
+# server with ssl = on compare like with like. ORDERBENCH picks another
+# orderbench binary (default: the one in RELEASE_DIR). Drops and creates the
+# bench_* databases; needs ports 50051-50054 free.
+set -u
+[ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [ORDERS] [CONCURRENCY]" >&2; exit 2; }
+R=$1; N=${2:-4000}; C=${3:-64}
+ORDERBENCH=${ORDERBENCH:-$R/orderbench}
+waitport() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done; return 1; }
+# "postgres: 15/main: USER DATABASE HOST(PORT) STATE": ticks per database.
+cpu_by_database() {
+  for p in $(pgrep -f '^postgres: '); do
+    db=$(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null | awk '{print $4}')
+    ticks=$(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null) || continue
+    echo "$db $ticks"
+  done | awk '{t[$1]+=$2} END {for (d in t) print d, t[d]}' | sort
+}
+for db in bench_orchestrator bench_stock bench_shipping bench_payment; do
+  psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" >/dev/null 2>&1; done
+PG=postgres://postgres@127.0.0.1:5432; Q="?sslmode=${SSLMODE:-disable}"
+export APPLICATION_API_KEY=dev-key ADMIN_API_KEY=dev-admin-key HOST=127.0.0.1 RUST_LOG=warn
+PORT=50052 METRICS_PORT=0 DATABASE_URL=$PG/bench_stock$Q    $R/stock-svc    > /dev/null 2>&1 & p1=$!
+PORT=50053 METRICS_PORT=0 DATABASE_URL=$PG/bench_shipping$Q $R/shipping-svc > /dev/null 2>&1 & p2=$!
+PORT=50054 METRICS_PORT=0 DATABASE_URL=$PG/bench_payment$Q  $R/payment-svc  > /dev/null 2>&1 & p3=$!
+waitport 50052; waitport 50053; waitport 50054
+PORT=50051 METRICS_PORT=0 DATABASE_URL=$PG/bench_orchestrator$Q STOCK_SERVICE_URL=http://127.0.0.1:50052 \
+  SHIPPING_SERVICE_URL=http://127.0.0.1:50053 PAYMENT_SERVICE_URL=http://127.0.0.1:50054 \
+  $R/orchestrator > /dev/null 2>&1 & p4=$!
+waitport 50051; sleep 1
+$ORDERBENCH -n 300 -c 16 --echo-calls 0 > /dev/null 2>&1   # opens the pools
+before=$(mktemp); after=$(mktemp)
+cpu_by_database > "$before"
+$ORDERBENCH -n "$N" -c "$C" 2>/dev/null | grep -v '^\s*$'
+cpu_by_database > "$after"
+echo "postgres CPU per saga, by database (ms):"
+join "$before" "$after" | awk -v n="$N" -v hz="$(getconf CLK_TCK)" \
+  '{d=($3-$2)*1000/hz/n; if (d>0) printf "  %-20s %.3f\n", $1, d; t+=d} END {printf "  %-20s %.3f\n", "total", t}'
+rm -f "$before" "$after"
+kill $p1 $p2 $p3 $p4; wait 2>/dev/null
