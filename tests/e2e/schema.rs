@@ -1,6 +1,7 @@
 //! The orchestrator creates the saga engine's tables through its own migration
 //! history (it predates the engine's crate). This checks that the two never
-//! drift: the same columns, with the same types, on both stores.
+//! drift: the same columns, with the same types, on both stores, and on
+//! PostgreSQL the same storage options (the log's fillfactor).
 
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::AnyPool;
@@ -24,6 +25,16 @@ async fn columns(pool: &AnyPool, backend: Backend, table: &str) -> Vec<(String, 
         .unwrap();
     // ALTER TABLE appends a column; compare as sets of (name, type).
     columns.sort();
+    if backend == Backend::Postgres {
+        let options: String = sqlx::query_scalar(
+            "SELECT COALESCE(array_to_string(reloptions, ','), '') FROM pg_class WHERE relname = $1",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        columns.push(("(storage options)".into(), options));
+    }
     columns
 }
 
@@ -50,5 +61,16 @@ async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: 
             expected,
             "{table} differs between the orchestrator's and the engine's migrations"
         );
+    }
+    if backend == Backend::Postgres {
+        // Updated in place at every checkpoint: room left on each page.
+        for table in ["sagas", "saga_steps"] {
+            let options = columns(&engine_pool, backend, table).await;
+            assert_eq!(
+                options.last().map(|(_, o)| o.as_str()),
+                Some("fillfactor=70"),
+                "{table}'s storage options"
+            );
+        }
     }
 }
