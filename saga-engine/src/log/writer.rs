@@ -91,11 +91,14 @@ enum Backend {
 #[derive(Clone)]
 pub struct LogWriter {
     queue: mpsc::Sender<(Write, Reply)>,
-    /// Through sqlx, only checkpoints are queued for group commit; the other
-    /// writes run at once in their own transactions, side by side on the
-    /// pool's connections. Queued, each would wait for the batch ahead and
-    /// pay two more round trips (its savepoint): measured on PostgreSQL, 17%
-    /// fewer sagas per second.
+    /// Through sqlx, checkpoints and starts are queued for group commit; the
+    /// other writes (cancels, operator actions, the relay's) run at once in
+    /// their own transactions, side by side on the pool's connections.
+    /// Starts joined the queue once a batch of checkpoints became one
+    /// statement on PostgreSQL: in a transaction of its own, each start cost
+    /// a commit and three more round trips, and the orchestrator's database
+    /// 25-35% more CPU per saga; before, when a batch was slow, queued starts
+    /// had cost 17% of throughput (docs/benchmarks.md).
     direct: Option<AnyPool>,
     /// In replica mode, the incarnation that signs the notices each commit
     /// sends to the other replicas (see [`crate::notifications`]).
@@ -172,13 +175,13 @@ impl LogWriter {
 
     async fn write(&self, write: Write) -> Result<Written, String> {
         if let Some(pool) = &self.direct
-            && !matches!(write, Write::Checkpoint(_))
+            && !matches!(write, Write::Checkpoint(_) | Write::Start(_))
         {
-            // In a transaction of its own, so a start needs no savepoint; on a
-            // task of its own, so that a caller that is dropped (a CancelOrder
-            // whose client left) does not drop the transaction half-way: sqlx
-            // would hand a connection whose BEGIN was in flight back to the
-            // pool still inside the transaction.
+            // In a transaction of its own, on a task of its own, so that a
+            // caller that is dropped (a CancelOrder whose client left) does
+            // not drop the transaction half-way: sqlx would hand a connection
+            // whose BEGIN was in flight back to the pool still inside the
+            // transaction.
             let pool = pool.clone();
             let notify_as = self.notify_as;
             let written = tokio::spawn(async move {
@@ -286,25 +289,31 @@ async fn commit_on_pool(
         .starts_with("postgres");
     let mut tx = pool.begin().await?;
     let alone = writes.len() == 1;
-    let mut results = Vec::with_capacity(writes.len());
-    let checkpoints: Option<Vec<&Checkpoint>> = writes
+    let mut batched: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
+    let checkpoints: Vec<(usize, &Checkpoint)> = writes
         .iter()
-        .map(|write| match write {
-            Write::Checkpoint(checkpoint) => Some(checkpoint),
+        .enumerate()
+        .filter_map(|(i, write)| match write {
+            Write::Checkpoint(checkpoint) => Some((i, checkpoint)),
             _ => None,
         })
         .collect();
-    if let Some(checkpoints) =
-        checkpoints.filter(|c| postgres && postgres::one_per_saga(c.iter().copied()))
-    {
-        results.extend(
-            postgres::apply_batch(&mut tx, &checkpoints)
-                .await?
-                .into_iter()
-                .map(Written::Checkpoint),
-        );
+    if postgres && postgres::one_per_saga(checkpoints.iter().map(|(_, c)| *c)) {
+        let applied = postgres::apply_batch(
+            &mut tx,
+            &checkpoints.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+        )
+        .await?;
+        for ((i, _), applied) in checkpoints.iter().zip(applied) {
+            batched[*i] = Some(Written::Checkpoint(applied));
+        }
     }
-    for write in writes.iter().skip(results.len()) {
+    let mut results = Vec::with_capacity(writes.len());
+    for (write, batched) in writes.iter().zip(batched) {
+        if let Some(written) = batched {
+            results.push(written);
+            continue;
+        }
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
             Write::Start(start) => Written::Start(start_on_pool(&mut tx, start, alone).await?),
