@@ -15,7 +15,8 @@
 //!   UNAVAILABLE and nothing of theirs was written; a retry with the same
 //!   `request_id` runs again.
 //! - A request that fails with something other than a definite answer is
-//!   rolled back to its savepoint, and its neighbours go on.
+//!   rolled back to its savepoint, and its neighbours go on. (The first
+//!   request of a batch needs no savepoint: it rolls back the transaction.)
 //! - A request dropped in the middle of its turn (its client left) leaves the
 //!   transaction in an unknown state: the batch is rolled back whole (its
 //!   connection closed), and its other requests get UNAVAILABLE.
@@ -196,28 +197,46 @@ async fn take_turn<T>(
     turn: &mut Turn,
     work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
 ) -> Result<TurnResult<Result<T, sqlx::Error>>, sqlx::Error> {
-    if turn.conn.is_none() {
-        let mut conn = pool.acquire().await?;
-        sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
-        turn.conn = Some(conn);
+    // Nothing of another request in the transaction yet: no savepoint is
+    // needed, a failure rolls the whole (so far empty) transaction back.
+    let alone = turn.members == 0;
+    let conn = match &mut turn.conn {
+        Some(conn) => conn,
+        None => {
+            // Held by the turn before BEGIN is sent: a request dropped with
+            // BEGIN in flight poisons the batch, which closes the connection
+            // (sqlx would hand it back to the pool inside the transaction).
+            let conn = turn.conn.insert(pool.acquire().await?);
+            sqlx::raw_sql("BEGIN").execute(&mut **conn).await?;
+            conn
+        }
+    };
+    if !alone {
+        sqlx::raw_sql("SAVEPOINT request")
+            .execute(&mut **conn)
+            .await?;
     }
-    let conn = turn.conn.as_mut().expect("opened above");
-    sqlx::raw_sql("SAVEPOINT request")
-        .execute(&mut **conn)
-        .await?;
     let outcome = match work(&mut **conn).await {
         Ok(TurnResult::Written(answer)) => {
-            sqlx::raw_sql("RELEASE SAVEPOINT request")
-                .execute(&mut **conn)
-                .await?;
+            if !alone {
+                sqlx::raw_sql("RELEASE SAVEPOINT request")
+                    .execute(&mut **conn)
+                    .await?;
+            }
             return Ok(TurnResult::Written(Ok(answer)));
         }
         Ok(TurnResult::Nothing(answer)) => Ok(answer),
         Err(err) => Err(err),
     };
-    sqlx::raw_sql("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
-        .execute(&mut **conn)
-        .await?;
+    if alone {
+        sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
+        // Ended: the connection goes back to the pool.
+        turn.conn = None;
+    } else {
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+            .execute(&mut **conn)
+            .await?;
+    }
     Ok(TurnResult::Nothing(outcome))
 }
 

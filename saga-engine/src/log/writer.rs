@@ -298,7 +298,12 @@ async fn commit_on_pool(
             _ => None,
         })
         .collect();
-    if postgres && postgres::one_per_saga(checkpoints.iter().map(|(_, c)| *c)) {
+    // One checkpoint alone goes statement by statement: the batch statement
+    // is planned at every execution, which costs more than it saves for one.
+    if postgres
+        && checkpoints.len() > 1
+        && postgres::one_per_saga(checkpoints.iter().map(|(_, c)| *c))
+    {
         let applied = postgres::apply_batch(
             &mut tx,
             &checkpoints.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
