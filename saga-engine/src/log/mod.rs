@@ -368,35 +368,65 @@ pub(crate) async fn apply(
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {
-        // Already terminal: this checkpoint was applied before (its COMMIT's
-        // reply was lost), or another driver ended the saga. Or still open,
-        // but another replica claimed it since. Nothing to write either way.
-        let status: String = sqlx::query_scalar(SAGA_STATUS)
-            .bind(&id)
-            .fetch_one(&mut *conn)
-            .await?;
-        let status = SagaStatus::parse(&status)
-            .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
-        return Ok(Applied::refused(status));
+        return not_moved(conn, &id).await;
     };
     for step in &checkpoint.steps {
         upsert_step(conn, checkpoint.saga_id, step, checkpoint.epoch).await?;
     }
-    let cancel_requested: i64 = row.try_get("cancel_requested")?;
-    let pivot_entered = checkpoint.enter_pivot && row.try_get::<i64, _>("pivot_passed")? == 1;
-    let completed = checkpoint.complete && row.try_get::<String, _>("status")? == "COMPLETED";
+    moved(conn, checkpoint, Moved::read(&row)?).await
+}
+
+/// What the fenced update of a saga's row returned.
+pub(crate) struct Moved {
+    pub status: String,
+    pub cancel_requested: bool,
+    pub pivot_passed: bool,
+}
+
+impl Moved {
+    pub(crate) fn read(row: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Moved {
+            status: row.try_get("status")?,
+            cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+            pivot_passed: row.try_get::<i64, _>("pivot_passed")? == 1,
+        })
+    }
+}
+
+/// The checkpoint's saga moved: its events go with it (unless a completion
+/// was refused), and the driver learns what was granted.
+pub(crate) async fn moved(
+    conn: &mut AnyConnection,
+    checkpoint: &Checkpoint,
+    row: Moved,
+) -> Result<Applied, sqlx::Error> {
+    let completed = checkpoint.complete && row.status == "COMPLETED";
     if checkpoint.announces(completed) {
         for event in &checkpoint.events {
             events::insert(conn, event).await?;
         }
     }
     Ok(Applied {
-        cancel_requested: cancel_requested != 0,
-        pivot_entered,
+        cancel_requested: row.cancel_requested,
+        pivot_entered: checkpoint.enter_pivot && row.pivot_passed,
         completed,
         closed: None,
         fenced: false,
     })
+}
+
+/// The fenced update matched no row: the saga is already terminal (this
+/// checkpoint was applied before and its COMMIT's reply was lost, or another
+/// driver ended it), or still open but claimed since by another replica.
+/// Nothing to write either way; its status says which.
+pub(crate) async fn not_moved(conn: &mut AnyConnection, id: &str) -> Result<Applied, sqlx::Error> {
+    let status: String = sqlx::query_scalar(SAGA_STATUS)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let status = SagaStatus::parse(&status)
+        .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
+    Ok(Applied::refused(status))
 }
 
 /// A saga that is not terminal, as recovery finds it.

@@ -16,8 +16,8 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Applied, Checkpoint, SAGA_STATUS, SagaStatus, decode_error};
-use crate::{events, now_ms};
+use super::{Applied, Checkpoint, Moved, moved, not_moved};
+use crate::now_ms;
 
 const APPLY_BATCH: &str = "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
@@ -64,40 +64,17 @@ pub(crate) async fn apply_batch(
         .bind(now_ms())
         .fetch_all(&mut *conn)
         .await?;
-    let mut moved = HashMap::with_capacity(rows.len());
+    let mut moved_rows = HashMap::with_capacity(rows.len());
     for row in rows {
         let saga_id: String = row.try_get("saga_id")?;
-        let status: String = row.try_get("status")?;
-        let cancel_requested: i64 = row.try_get("cancel_requested")?;
-        let pivot_passed: i64 = row.try_get("pivot_passed")?;
-        moved.insert(saga_id, (status, cancel_requested != 0, pivot_passed == 1));
+        moved_rows.insert(saga_id, Moved::read(&row)?);
     }
     let mut results = Vec::with_capacity(checkpoints.len());
     for checkpoint in checkpoints {
         let id = checkpoint.saga_id.to_string();
-        let Some((status, cancel_requested, pivot_passed)) = moved.remove(&id) else {
-            // Terminal, or held at another epoch: nothing was written.
-            let status: String = sqlx::query_scalar(SAGA_STATUS)
-                .bind(&id)
-                .fetch_one(&mut *conn)
-                .await?;
-            let status = SagaStatus::parse(&status)
-                .ok_or_else(|| decode_error(format!("saga status {status:?}")))?;
-            results.push(Applied::refused(status));
-            continue;
-        };
-        let completed = checkpoint.complete && status == "COMPLETED";
-        if checkpoint.announces(completed) {
-            for event in &checkpoint.events {
-                events::insert(conn, event).await?;
-            }
-        }
-        results.push(Applied {
-            cancel_requested,
-            pivot_entered: checkpoint.enter_pivot && pivot_passed,
-            completed,
-            closed: None,
-            fenced: false,
+        results.push(match moved_rows.remove(&id) {
+            Some(row) => moved(conn, checkpoint, row).await?,
+            None => not_moved(conn, &id).await?,
         });
     }
     Ok(results)
