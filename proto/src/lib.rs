@@ -7,6 +7,7 @@
 //! - [`stock::v1`], [`shipping::v1`], [`payment::v1`]: the domain services the saga drives.
 //! - [`client`]: [`client::OrderClient`], a thin typed client of `OrderService`
 //!   that sends the API key with every call.
+//! - [`codec`]: the protobuf codec they all use (prost's, with small buffers).
 //!
 //! [`FILE_DESCRIPTOR_SET`] is what the servers publish through gRPC reflection.
 
@@ -35,6 +36,7 @@ pub mod payment {
 }
 
 pub mod client;
+pub mod codec;
 
 /// The encoded descriptors of every proto package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordersaga_descriptor");
