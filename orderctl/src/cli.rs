@@ -60,6 +60,13 @@ pub enum Command {
     /// Print order events from RabbitMQ as they are published, one line each
     /// (times in UTC), until Ctrl-C. Needs no API key.
     Events(EventsArgs),
+    /// Print the completion script for a shell; needs no key. For example
+    /// `orderctl completions bash > /etc/bash_completion.d/orderctl`, or
+    /// `orderctl completions zsh > "${fpath[1]}/_orderctl"`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Cli {
@@ -82,6 +89,11 @@ impl Cli {
     }
 }
 
+/// Writes the completion script of `shell` for every subcommand and flag.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut impl std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "orderctl", out);
+}
+
 impl Command {
     /// Whether it acts on a saga as an operator, with the admin key.
     pub fn is_operator_action(&self) -> bool {
@@ -99,6 +111,7 @@ impl Command {
             Command::RetryCompensation(_) => "retry-compensation",
             Command::Resolve(_) => "resolve",
             Command::Events(_) => "events",
+            Command::Completions { .. } => "completions",
         }
     }
 }
@@ -291,6 +304,40 @@ fn parse_item(item: &str) -> Result<OrderItem, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_cover_every_subcommand_and_bash_reads_them() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut script = Vec::new();
+            write_completions(shell, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for subcommand in Cli::command()
+                .get_subcommands()
+                .map(|c| c.get_name().to_owned())
+            {
+                assert!(script.contains(&subcommand), "{shell}: no {subcommand}");
+            }
+            assert!(script.contains("admin-key"), "{shell}: no --admin-key");
+            if shell == clap_complete::Shell::Bash {
+                let checked = std::process::Command::new("bash")
+                    .args(["-n", "-c", &script])
+                    .output()
+                    .unwrap();
+                assert!(
+                    checked.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&checked.stderr)
+                );
+            }
+        }
+        let err = parse(&["completions", "tcsh"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue);
+        assert!(err.to_string().contains("bash"), "{err}");
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("orderctl").chain(args.iter().copied()))

@@ -46,8 +46,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Events(args) = cli.command {
-        return events::run(args).await;
+    match cli.command {
+        Command::Events(args) => return events::run(args).await,
+        Command::Completions { shell } => {
+            cli::write_completions(shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        _ => {}
     }
     // Checked before connecting, like the arguments clap checks.
     let api_key = cli.key().unwrap_or_else(|err| err.exit());
@@ -157,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let order = with_retry_hint(order, generated, &request_id)?;
             print!("{}", render::order(&order));
         }
-        Command::Events(_) => unreachable!("handled above"),
+        Command::Events(_) | Command::Completions { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
