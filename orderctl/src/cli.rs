@@ -34,8 +34,33 @@ pub struct Cli {
     #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
 
+    /// How results are printed; before or after the subcommand.
+    #[arg(
+        long,
+        short,
+        global = true,
+        value_enum,
+        default_value_t = Output::Text,
+        env = "ORDERCTL_OUTPUT"
+    )]
+    pub output: Output,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people: an order with its items and steps; `list` one line per
+    /// order; `watch` one line per change.
+    Text,
+    /// The proto3 JSON mapping, as grpcurl prints it: the order, or the whole
+    /// page for `list`; `watch` and `events` one object per line.
+    Json,
+    /// Columns under a header, one row per order (`get`, `list`, `create`, …)
+    /// or per change (`watch`).
+    Table,
 }
 
 #[derive(Debug, Subcommand)]
@@ -304,6 +329,24 @@ fn parse_item(item: &str) -> Result<OrderItem, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_goes_before_or_after_the_subcommand_and_defaults_to_text() {
+        if std::env::var("ORDERCTL_OUTPUT").is_err() {
+            assert_eq!(parse(&["get", "o1"]).unwrap().output, Output::Text);
+        }
+        assert_eq!(
+            parse(&["--output", "json", "get", "o1"]).unwrap().output,
+            Output::Json
+        );
+        assert_eq!(
+            parse(&["list", "-o", "table"]).unwrap().output,
+            Output::Table
+        );
+        let err = parse(&["get", "o1", "--output", "yaml"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue);
+        assert!(err.to_string().contains("json"), "{err}");
+    }
 
     #[test]
     fn completions_cover_every_subcommand_and_bash_reads_them() {

@@ -15,12 +15,12 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use ordersaga_proto::{
     client::OrderClient,
-    orders::v1::{CreateOrderRequest, ListOrdersRequest, OrderStatus, ShippingAddress},
+    orders::v1::{CreateOrderRequest, ListOrdersRequest, Order, OrderStatus, ShippingAddress},
 };
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, Output};
 
 /// How long `create --wait` lets the server wait for the saga to end. It then
 /// replies with the order as it stands, so the command never hangs for long.
@@ -47,7 +47,10 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Events(args) => return events::run(args).await,
+        Command::Events(mut args) => {
+            args.json |= cli.output == Output::Json;
+            return events::run(args).await;
+        }
         Command::Completions { shell } => {
             cli::write_completions(shell, &mut std::io::stdout());
             return Ok(());
@@ -66,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Status::unavailable(format!("cannot connect to {}: {cause:#}", cli.addr))
         })?;
 
+    let output = cli.output;
     match cli.command {
         Command::Create(args) => {
             let generated = args.request_id.is_none();
@@ -91,10 +95,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.create_order(request).await
             };
             let order = with_retry_hint(order, generated, &request_id)?;
-            print!("{}", render::order(&order));
+            print!("{}", show(&order, output));
         }
         Command::Get { order_id } => {
-            print!("{}", render::order(&client.get_order(order_id).await?));
+            print!("{}", show(&client.get_order(order_id).await?, output));
         }
         Command::List(args) => {
             let request = ListOrdersRequest {
@@ -107,21 +111,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 page_size: args.page_size.unwrap_or(0),
                 page_token: args.page_token.unwrap_or_default(),
             };
-            print!("{}", render::list_page(&client.list_orders(request).await?));
+            let page = client.list_orders(request).await?;
+            match output {
+                Output::Text => print!("{}", render::list_page(&page)),
+                Output::Json => print!("{}", render::json(&page)),
+                Output::Table => {
+                    print!("{}", render::orders_table(&page.orders));
+                    if !page.next_page_token.is_empty() {
+                        println!("next page token: {}", page.next_page_token);
+                    }
+                }
+            }
         }
         Command::Watch { order_id } => {
             let mut updates = client.watch_order(order_id).await?;
             let mut last = String::new();
+            let mut rows = 0;
             while let Some(update) = updates.message().await? {
                 let order = update
                     .order
                     .ok_or_else(|| Status::internal("reply without order"))?;
                 // The stream may repeat a state; print only what changed.
                 let line = render::progress(&order);
-                if line != last {
-                    println!("[{}] {line}", render::clock(order.updated_at.as_ref()));
-                    last = line;
+                if line == last {
+                    continue;
                 }
+                match output {
+                    Output::Text => {
+                        println!("[{}] {line}", render::clock(order.updated_at.as_ref()))
+                    }
+                    Output::Json => println!("{}", render::json_line(&order)),
+                    Output::Table => {
+                        // The header once, then a row per change.
+                        let table = render::orders_table(std::slice::from_ref(&order));
+                        let skip = if rows == 0 { 0 } else { 1 };
+                        table.lines().skip(skip).for_each(|l| println!("{l}"));
+                        rows += 1;
+                    }
+                }
+                last = line;
             }
         }
         Command::Cancel(args) => {
@@ -133,7 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .cancel_order(args.order_id, request_id.clone(), args.reason)
                 .await;
             let order = with_retry_hint(order, generated, &request_id)?;
-            print!("{}", render::order(&order));
+            print!("{}", show(&order, output));
         }
         Command::RetryCompensation(args) => {
             let generated = args.request_id.is_none();
@@ -144,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .retry_compensation(args.order_id, request_id.clone())
                 .await;
             let order = with_retry_hint(order, generated, &request_id)?;
-            print!("{}", render::order(&order));
+            print!("{}", show(&order, output));
         }
         Command::Resolve(args) => {
             let generated = args.request_id.is_none();
@@ -160,7 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .await;
             let order = with_retry_hint(order, generated, &request_id)?;
-            print!("{}", render::order(&order));
+            print!("{}", show(&order, output));
         }
         Command::Events(_) | Command::Completions { .. } => unreachable!("handled above"),
     }
@@ -201,5 +229,14 @@ fn with_retry_hint<T>(
             Err(status).context(RetryHint(request_id.to_owned()))
         }
         other => Ok(other?),
+    }
+}
+
+/// An order as `output` asks.
+fn show(order: &Order, output: Output) -> String {
+    match output {
+        Output::Text => render::order(order),
+        Output::Json => render::json(order),
+        Output::Table => render::orders_table(std::slice::from_ref(order)),
     }
 }

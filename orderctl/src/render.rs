@@ -1,15 +1,16 @@
-//! Human-readable output: pure functions from messages to text, so the layout
-//! lives in one place and `main` only decides what to print.
+//! Output: pure functions from messages to text (for people, as a table, or
+//! as JSON), so the layout lives in one place and `main` only decides what to
+//! print.
 
 use std::{
     fmt::Write as _,
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use ordersaga_proto::Timestamp;
 use ordersaga_proto::orders::v1::{
     ListOrdersResponse, Order, OrderStatus, Step, StepPhase, StepStatus,
 };
-use prost_types::Timestamp;
 use serde_json::Value;
 use tonic::{Code, Status};
 
@@ -69,6 +70,57 @@ pub fn order(order: &Order) -> String {
     out
 }
 
+/// A message in the proto3 JSON mapping (what grpcurl prints), indented.
+pub fn json(message: &impl serde::Serialize) -> String {
+    let mut out = serde_json::to_string_pretty(message).expect("messages serialize");
+    out.push('\n');
+    out
+}
+
+/// A message in the proto3 JSON mapping on one line (a stream's item).
+pub fn json_line(message: &impl serde::Serialize) -> String {
+    serde_json::to_string(message).expect("messages serialize")
+}
+
+const TABLE_HEADER: [&str; 7] = [
+    "ORDER", "STATUS", "CUSTOMER", "TOTAL", "CURRENCY", "STEPS", "UPDATED",
+];
+
+/// Orders as rows under a header, columns padded to their widest cell.
+pub fn orders_table(orders: &[Order]) -> String {
+    let rows: Vec<[String; 7]> = orders.iter().map(table_row).collect();
+    let mut widths = TABLE_HEADER.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header = TABLE_HEADER.map(str::to_owned);
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// An order's cells, in [`TABLE_HEADER`]'s order.
+fn table_row(order: &Order) -> [String; 7] {
+    [
+        order.order_id.clone(),
+        order_status(order.status),
+        order.customer_id.clone(),
+        money(order.total_cents),
+        order.currency.clone(),
+        finished_steps(order),
+        clock(order.updated_at.as_ref()),
+    ]
+}
+
 /// One line per order, as the first line of [`order`], so `list` and `get` agree.
 pub fn order_line(order: &Order) -> String {
     format!(
@@ -104,6 +156,22 @@ pub fn list_page(page: &ListOrdersResponse) -> String {
 /// Kept apart from the time so `watch` can skip updates that change nothing
 /// visible.
 pub fn progress(order: &Order) -> String {
+    let mut out = format!(
+        "{:<13} {} steps done",
+        order_status(order.status),
+        finished_steps(order)
+    );
+    if let Some(step) = latest_step(&order.steps) {
+        let _ = write!(out, " ({} {})", step.name, step_status(step.status));
+    }
+    if !order.failure_reason.is_empty() {
+        let _ = write!(out, "  failure: {}", order.failure_reason);
+    }
+    out
+}
+
+/// "finished/total": the steps settled out of those the saga has or will have.
+fn finished_steps(order: &Order) -> String {
     // Settled steps, whatever the outcome: a skipped step (the order was
     // cancelled first) will never run, so it counts as done too.
     let finished = order
@@ -133,19 +201,7 @@ pub fn progress(order: &Order) -> String {
     } else {
         0
     };
-    let total = order.steps.len() + to_come;
-
-    let mut out = format!(
-        "{:<13} {finished}/{total} steps done",
-        order_status(order.status)
-    );
-    if let Some(step) = latest_step(&order.steps) {
-        let _ = write!(out, " ({} {})", step.name, step_status(step.status));
-    }
-    if !order.failure_reason.is_empty() {
-        let _ = write!(out, "  failure: {}", order.failure_reason);
-    }
-    out
+    format!("{finished}/{}", order.steps.len() + to_come)
 }
 
 /// The step that moved last: the latest started or finished, and on a tie (or
@@ -306,9 +362,74 @@ fn enum_name(name: Option<&'static str>, prefix: &str, value: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use ordersaga_proto::{
+        Timestamp,
+        orders::v1::{ListOrdersResponse, Order, OrderStatus, Step, StepPhase, StepStatus},
+    };
     use serde_json::json;
 
-    use super::event;
+    use super::{event, json as to_json, orders_table};
+
+    fn compensated() -> Order {
+        Order {
+            order_id: "0190f1c2-0000-7000-8000-000000000001".into(),
+            customer_id: "alice".into(),
+            status: OrderStatus::Compensated as i32,
+            total_cents: 123_456,
+            currency: "EUR".into(),
+            updated_at: Some(Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            steps: vec![Step {
+                name: "reserve_stock".into(),
+                phase: StepPhase::Forward as i32,
+                status: StepStatus::Succeeded as i32,
+                attempts: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// The proto3 JSON mapping, as grpcurl prints it: camelCase names, enum
+    /// names, 64-bit integers as strings, RFC 3339 times.
+    #[test]
+    fn json_follows_the_proto3_mapping() {
+        let page = ListOrdersResponse {
+            orders: vec![compensated()],
+            next_page_token: "t2".into(),
+        };
+        let printed: serde_json::Value = serde_json::from_str(&to_json(&page)).unwrap();
+        let order = &printed["orders"][0];
+        assert_eq!(order["orderId"], "0190f1c2-0000-7000-8000-000000000001");
+        assert_eq!(order["status"], "ORDER_STATUS_COMPENSATED");
+        assert_eq!(order["totalCents"], "123456");
+        assert_eq!(order["updatedAt"], "2023-11-14T22:13:20+00:00");
+        assert_eq!(order["steps"][0]["status"], "STEP_STATUS_SUCCEEDED");
+        assert_eq!(printed["nextPageToken"], "t2");
+    }
+
+    #[test]
+    fn a_table_has_a_header_and_aligned_columns() {
+        let mut second = compensated();
+        second.order_id = "o2".into();
+        second.customer_id = "a-much-longer-customer".into();
+        let table = orders_table(&[compensated(), second]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[0].starts_with("ORDER"), "{table}");
+        let status_at = lines[0].find("STATUS").unwrap();
+        let customer_at = lines[0].find("CUSTOMER").unwrap();
+        for line in &lines[1..] {
+            assert_eq!(&line[status_at..status_at + 11], "COMPENSATED", "{table}");
+            assert!(line[customer_at..].starts_with('a'), "{table}");
+        }
+        assert!(
+            lines[1].contains("1234.56") && lines[1].contains("EUR"),
+            "{table}"
+        );
+    }
 
     #[test]
     fn event_line() {

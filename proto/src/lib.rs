@@ -14,26 +14,33 @@
 pub mod orders {
     pub mod v1 {
         tonic::include_proto!("orders.v1");
+        include!(concat!(env!("OUT_DIR"), "/orders.v1.serde.rs"));
     }
 }
 
 pub mod stock {
     pub mod v1 {
         tonic::include_proto!("stock.v1");
+        include!(concat!(env!("OUT_DIR"), "/stock.v1.serde.rs"));
     }
 }
 
 pub mod shipping {
     pub mod v1 {
         tonic::include_proto!("shipping.v1");
+        include!(concat!(env!("OUT_DIR"), "/shipping.v1.serde.rs"));
     }
 }
 
 pub mod payment {
     pub mod v1 {
         tonic::include_proto!("payment.v1");
+        include!(concat!(env!("OUT_DIR"), "/payment.v1.serde.rs"));
     }
 }
+
+/// The messages' timestamp type: prost's, with the proto3 JSON mapping.
+pub use pbjson_types::Timestamp;
 
 pub mod client;
 pub mod codec;

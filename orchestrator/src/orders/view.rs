@@ -1,7 +1,7 @@
 //! Renders the saga log as the public `Order` message.
 
+use ordersaga_proto::Timestamp;
 use ordersaga_proto::orders::v1::{self as pb, OrderStatus, StepPhase, StepStatus as PbStepStatus};
-use prost_types::Timestamp;
 
 use saga_engine::{Phase, SagaStatus, SagaView, StepStatus};
 
