@@ -134,8 +134,11 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
         fmt::layer().with_filter(log_filter).boxed()
     };
     // Our spans are at INFO; library internals (h2, hyper) stay out of traces.
+    // No thread attributes: a task moves between threads, so the thread a
+    // span began on says nothing, and its name cost an allocation per span.
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_threads(false)
         .with_filter(LevelFilter::INFO);
     let installed = tracing_subscriber::registry()
         .with(logs)
