@@ -535,6 +535,15 @@ pub(crate) const VIEW_SAGA: &str = "SELECT data, status, pivot_passed, cancel_re
 pub(crate) const VIEW_STEPS: &str = "SELECT name, phase, step_index, status, attempts, last_error, output, started_at_ms, finished_at_ms \
      FROM saga_steps WHERE saga_id = $1";
 
+/// [`VIEW_SAGA`] and [`VIEW_STEPS`] in one round trip (and one snapshot): a
+/// row per step, the saga's columns on each, one row with no step columns
+/// for a saga without steps.
+const VIEW_SAGA_WITH_STEPS: &str = "SELECT s.data, s.status AS saga_status, s.pivot_passed, s.cancel_requested, \
+       s.failure_reason, s.trace_context, s.created_at_ms, s.updated_at_ms, \
+       st.name, st.phase, st.step_index, st.status AS step_status, st.attempts, st.last_error, st.output, \
+       st.started_at_ms, st.finished_at_ms \
+     FROM sagas s LEFT JOIN saga_steps st ON st.saga_id = s.saga_id WHERE s.saga_id = $1";
+
 /// Forward steps first, then compensations in the order they ran.
 pub(crate) fn sort_steps(steps: &mut [StepView]) {
     steps.sort_by_key(|s| match s.phase {
@@ -547,39 +556,34 @@ pub async fn load_view(
     conn: &mut AnyConnection,
     saga_id: Uuid,
 ) -> Result<Option<SagaView>, sqlx::Error> {
-    let id = saga_id.to_string();
-    let Some(row) = sqlx::query(VIEW_SAGA)
-        .bind(&id)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
-        return Ok(None);
-    };
-    let status: String = row.try_get("status")?;
-    let step_rows = sqlx::query(VIEW_STEPS)
-        .bind(&id)
+    let rows = sqlx::query(VIEW_SAGA_WITH_STEPS)
+        .bind(saga_id.to_string())
         .fetch_all(&mut *conn)
         .await?;
-    let mut steps = step_rows
-        .iter()
-        .map(|r| {
-            let phase: String = r.try_get("phase")?;
-            let status: String = r.try_get("status")?;
-            Ok(StepView {
-                name: r.try_get("name")?,
-                phase: Phase::parse(&phase)
-                    .ok_or_else(|| decode_error(format!("phase {phase:?}")))?,
-                index: r.try_get("step_index")?,
-                status: StepStatus::parse(&status)
-                    .ok_or_else(|| decode_error(format!("step status {status:?}")))?,
-                attempts: r.try_get::<i64, _>("attempts")? as u32,
-                last_error: r.try_get("last_error")?,
-                output: r.try_get("output")?,
-                started_at_ms: r.try_get("started_at_ms")?,
-                finished_at_ms: r.try_get("finished_at_ms")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("saga_status")?;
+    let mut steps = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let Some(name) = r.try_get::<Option<String>, _>("name")? else {
+            continue;
+        };
+        let phase: String = r.try_get("phase")?;
+        let step_status: String = r.try_get("step_status")?;
+        steps.push(StepView {
+            name,
+            phase: Phase::parse(&phase).ok_or_else(|| decode_error(format!("phase {phase:?}")))?,
+            index: r.try_get("step_index")?,
+            status: StepStatus::parse(&step_status)
+                .ok_or_else(|| decode_error(format!("step status {step_status:?}")))?,
+            attempts: r.try_get::<i64, _>("attempts")? as u32,
+            last_error: r.try_get("last_error")?,
+            output: r.try_get("output")?,
+            started_at_ms: r.try_get("started_at_ms")?,
+            finished_at_ms: r.try_get("finished_at_ms")?,
+        });
+    }
     sort_steps(&mut steps);
     Ok(Some(SagaView {
         saga_id,
