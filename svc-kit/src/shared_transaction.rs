@@ -13,7 +13,9 @@
 //! - A request's reply (or stored refusal) is returned only after the commit
 //!   of its batch. If that commit fails, every request of the batch gets
 //!   UNAVAILABLE and nothing of theirs was written; a retry with the same
-//!   `request_id` runs again.
+//!   `request_id` runs again. A `COMMIT` that does not answer within its
+//!   timeout (10 s by default) also fails the batch, with UNAVAILABLE: its
+//!   outcome is unknown, and a retry replays the stored reply or runs again.
 //! - A request that fails with something other than a definite answer is
 //!   rolled back to its savepoint, and its neighbours go on. (The first
 //!   request of a batch needs no savepoint: it rolls back the transaction.)
@@ -24,9 +26,12 @@
 //!   requests that queued meanwhile form the next batch. One request alone
 //!   waits no timer.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use sqlx::{Any, AnyConnection, AnyPool, pool::PoolConnection};
@@ -47,6 +52,8 @@ pub struct SharedTransaction {
 
 struct Inner {
     pool: AnyPool,
+    /// How long a `COMMIT` may take before its batch is given up.
+    commit_timeout: Duration,
     /// Batches committed so far.
     commits: AtomicU64,
     turn: Mutex<Turn>,
@@ -117,10 +124,17 @@ pub enum TurnResult<T> {
     Nothing(T),
 }
 
+/// How long a `COMMIT` may take before its batch is given up (the default).
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl SharedTransaction {
-    pub fn new(pool: AnyPool) -> Self {
+    /// A `COMMIT` that has not answered after `commit_timeout` (a stalled
+    /// server, a cut link) fails its batch, whose outcome is then unknown:
+    /// it holds up every hot request of the service while it waits.
+    pub fn new(pool: AnyPool, commit_timeout: Duration) -> Self {
         let inner = Arc::new(Inner {
             pool,
+            commit_timeout,
             commits: AtomicU64::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
@@ -252,11 +266,16 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
         let Some(conn) = turn.conn.as_mut() else {
             continue;
         };
-        let result = sqlx::raw_sql("COMMIT")
-            .execute(&mut **conn)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string());
+        let commit = sqlx::raw_sql("COMMIT").execute(&mut **conn);
+        let result = match tokio::time::timeout(inner.commit_timeout, commit).await {
+            Ok(done) => done.map(drop).map_err(|e| e.to_string()),
+            // Cut off mid-COMMIT, the connection is closed (`end_batch`);
+            // whether the server committed is unknown.
+            Err(_) => Err(format!(
+                "COMMIT did not answer within {:?}; its outcome is unknown",
+                inner.commit_timeout
+            )),
+        };
         if result.is_ok() {
             inner.commits.fetch_add(1, Ordering::Relaxed);
         }

@@ -14,7 +14,7 @@ use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
 
 use crate::{
     batch_writer::{BatchWriter, WriteGate},
-    shared_transaction::SharedTransaction,
+    shared_transaction::{self, SharedTransaction},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +154,7 @@ impl Store {
             .map(|file| BatchWriter::open(&file, WriteGate::default()))
             .transpose()?;
         let shared = (backend == Backend::Postgres && batch_writer)
-            .then(|| SharedTransaction::new(pool.clone()));
+            .then(|| SharedTransaction::new(pool.clone(), shared_transaction::COMMIT_TIMEOUT));
         Ok(Store {
             pool,
             backend,

@@ -1,10 +1,14 @@
 //! PostgreSQL: the saga steps' requests share commits (the shared
-//! transaction), and each still counts exactly once.
+//! transaction), each still counts exactly once, and a stalled commit
+//! holds nothing up for long.
+
+use std::time::{Duration, Instant};
 
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::AnyConnection;
 use svc_kit::{
     idempotency::{RequestKey, run_once_batched},
+    shared_transaction::{SharedTransaction, TurnResult},
     store::Store,
 };
 
@@ -76,4 +80,57 @@ async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once()
         commits <= (REQUESTS / 2) as u64,
         "{REQUESTS} concurrent requests took {commits} commits: they did not share them"
     );
+}
+
+/// A `COMMIT` that does not answer (here a deferred trigger that sleeps at
+/// commit time, as a stalled server would) fails its batch after the
+/// timeout with UNAVAILABLE, and the requests after it are not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_after_it() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    for statement in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON products DEFERRABLE INITIALLY DEFERRED \
+         FOR EACH ROW WHEN (NEW.sku = 'SLOW') EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+    let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(2));
+    let insert = |sku: &'static str| {
+        let shared = &shared;
+        async move {
+            shared
+                .run(async |conn: &mut AnyConnection| {
+                    sqlx::query(
+                        "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+                         VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
+                    )
+                    .bind(sku)
+                    .execute(conn)
+                    .await?;
+                    Ok(TurnResult::Written(()))
+                })
+                .await
+        }
+    };
+    let started = Instant::now();
+    let slow = tokio::time::timeout(Duration::from_secs(10), insert("SLOW"))
+        .await
+        .expect("the stalled COMMIT held its request past 10 s");
+    let err = tonic::Status::from(slow.expect_err("a COMMIT that did not answer succeeded"));
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    // The next batch goes through on a connection of its own.
+    tokio::time::timeout(Duration::from_secs(5), insert("FAST"))
+        .await
+        .expect("a request after the stalled COMMIT was held up")
+        .unwrap();
 }
