@@ -72,12 +72,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let output = cli.output;
     match cli.command {
         Command::Create(args) => {
-            let generated = args.request_id.is_none();
-            let request_id = args
-                .request_id
-                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let request_id = RequestId::given_or_new(args.request_id);
             let request = CreateOrderRequest {
-                request_id: request_id.clone(),
+                request_id: request_id.id.clone(),
                 customer_id: args.customer,
                 items: args.items,
                 shipping_address: Some(ShippingAddress {
@@ -94,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 client.create_order(request).await
             };
-            let order = with_retry_hint(order, generated, &request_id)?;
+            let order = request_id.hint_on(order)?;
             print!("{}", show(&order, output));
         }
         Command::Get { order_id } => {
@@ -153,41 +150,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Cancel(args) => {
-            let generated = args.request_id.is_none();
-            let request_id = args
-                .request_id
-                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let request_id = RequestId::given_or_new(args.request_id);
             let order = client
-                .cancel_order(args.order_id, request_id.clone(), args.reason)
+                .cancel_order(args.order_id, request_id.id.clone(), args.reason)
                 .await;
-            let order = with_retry_hint(order, generated, &request_id)?;
+            let order = request_id.hint_on(order)?;
             print!("{}", show(&order, output));
         }
         Command::RetryCompensation(args) => {
-            let generated = args.request_id.is_none();
-            let request_id = args
-                .request_id
-                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let request_id = RequestId::given_or_new(args.request_id);
             let order = client
-                .retry_compensation(args.order_id, request_id.clone())
+                .retry_compensation(args.order_id, request_id.id.clone())
                 .await;
-            let order = with_retry_hint(order, generated, &request_id)?;
+            let order = request_id.hint_on(order)?;
             print!("{}", show(&order, output));
         }
         Command::Resolve(args) => {
-            let generated = args.request_id.is_none();
-            let request_id = args
-                .request_id
-                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let request_id = RequestId::given_or_new(args.request_id);
             let order = client
                 .resolve_compensation(
                     args.order_id,
-                    request_id.clone(),
+                    request_id.id.clone(),
                     args.operator,
                     args.reason,
                 )
                 .await;
-            let order = with_retry_hint(order, generated, &request_id)?;
+            let order = request_id.hint_on(order)?;
             print!("{}", show(&order, output));
         }
         Command::Events(_) | Command::Completions { .. } => unreachable!("handled above"),
@@ -210,25 +198,37 @@ impl fmt::Display for RetryHint {
     }
 }
 
-/// Attaches a [`RetryHint`] to a failure whose outcome is unknown, when the
-/// request ID was generated rather than given. Definite refusals (invalid
-/// argument, not found, …) need no hint: nothing happened.
-fn with_retry_hint<T>(
-    result: Result<T, Status>,
+/// The `request_id` of a mutating call: the one given with `--request-id`,
+/// or a new one.
+struct RequestId {
+    id: String,
     generated: bool,
-    request_id: &str,
-) -> anyhow::Result<T> {
-    let unknown_outcome = |status: &Status| {
-        matches!(
-            status.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
-        )
-    };
-    match result {
-        Err(status) if generated && unknown_outcome(&status) => {
-            Err(status).context(RetryHint(request_id.to_owned()))
+}
+
+impl RequestId {
+    fn given_or_new(given: Option<String>) -> Self {
+        RequestId {
+            generated: given.is_none(),
+            id: given.unwrap_or_else(|| Uuid::new_v4().to_string()),
         }
-        other => Ok(other?),
+    }
+
+    /// Attaches a [`RetryHint`] to a failure whose outcome is unknown, when
+    /// the ID was generated rather than given. Definite refusals (invalid
+    /// argument, not found, …) need no hint: nothing happened.
+    fn hint_on<T>(&self, result: Result<T, Status>) -> anyhow::Result<T> {
+        let unknown_outcome = |status: &Status| {
+            matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
+            )
+        };
+        match result {
+            Err(status) if self.generated && unknown_outcome(&status) => {
+                Err(status).context(RetryHint(self.id.clone()))
+            }
+            other => Ok(other?),
+        }
     }
 }
 
