@@ -134,11 +134,22 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
         fmt::layer().with_filter(log_filter).boxed()
     };
     // Our spans are at INFO; library internals (h2, hyper) stay out of traces.
-    // No thread attributes: a task moves between threads, so the thread a
-    // span began on says nothing, and its name cost an allocation per span.
+    // A saga keeps its span (and a call's span) open for its whole life, so
+    // each byte per span counts 10,000 times over with that many in flight:
+    // - no thread attributes: a task moves between threads, so the thread a
+    //   span began on says nothing, and its name cost an allocation per span;
+    // - no source location or target (four attributes that name our code,
+    //   not the order) and no busy/idle timings (an extension per span,
+    //   updated at every poll of an instrumented future);
+    // - no OpenTelemetry context activation at every poll: trace context is
+    //   read from the span itself (`OpenTelemetrySpanExt::context`).
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_filter(LevelFilter::INFO);
     let installed = tracing_subscriber::registry()
         .with(logs)
