@@ -67,6 +67,10 @@ struct Args {
     #[arg(long, value_name = "METRICS_PORT", default_value_t = orchestrator::DEFAULT_METRICS_PORT)]
     metrics_port: u16,
 
+    /// Port of the saga explorer (a web page) on the first orchestrator; 0: none.
+    #[arg(long, value_name = "PORT", default_value_t = 8080)]
+    explorer_port: u16,
+
     /// Orchestrator replicas to run; more than one needs a PostgreSQL URL. Replica
     /// 1 takes --port, replica i > 1 takes --port + 2 + i (after the services).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
@@ -136,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
         ];
         if args.replicas > 1 {
             env.push(("REPLICA_ID", format!("devstack-{}", i + 1)));
+        }
+        if i == 0 && args.explorer_port != 0 {
+            env.push(("EXPLORER_PORT", args.explorer_port.to_string()));
         }
         let child = spawn("orchestrator", &args, port, &orchestrator_db, &env)?;
         replicas.push((local(port), child.id().unwrap_or_default()));
@@ -279,12 +286,20 @@ Try it (grpcurl, with server reflection; no proto files needed):
 
   # Or with orderctl:
   cargo run -p orderctl -- --api-key {key} list
-
+{explorer}
 Ctrl-C stops everything; open sagas resume on the next start.
 "#,
         data = args.data_dir.display(),
         s = args.port + 1,
         sh = args.port + 2,
         p = args.port + 3,
+        explorer = match args.explorer_port {
+            0 => String::new(),
+            port => format!(
+                "\nSee the sagas in the saga explorer: http://{}:{port}/ (sign in with {key},\nor with the admin key {admin} to act on them)\n",
+                loopback(args.host),
+                admin = args.admin_key,
+            ),
+        },
     );
 }

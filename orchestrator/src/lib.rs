@@ -7,10 +7,12 @@
 //! - [`outbox`]: order events, written with the state change, relayed to RabbitMQ.
 //! - [`downstream`]: the clients of the domain services.
 //! - [`replica`]: how this process shares its store with other orchestrators.
+//! - [`explorer`]: the saga explorer, a web page to see sagas and act on them.
 //! - [`error`]: the OrderService's outcomes and their gRPC codes.
 
 pub mod downstream;
 pub mod error;
+pub mod explorer;
 pub mod order_saga;
 pub mod orders;
 pub mod outbox;
@@ -34,6 +36,7 @@ use svc_kit::{
 
 use crate::{
     downstream::{Downstream, DownstreamArgs},
+    explorer::{BoundExplorer, ExplorerArgs},
     order_saga::OrderData,
     orders::{
         OrderApi,
@@ -84,6 +87,9 @@ pub struct Settings {
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub explorer: ExplorerArgs,
 }
 
 /// How sagas are driven.
@@ -204,6 +210,7 @@ impl Settings {
             watch: WatchArgs::default(),
             downstream,
             broker: BrokerArgs::default(),
+            explorer: ExplorerArgs::default(),
         }
     }
 }
@@ -218,6 +225,7 @@ pub struct Orchestrator {
     relay: Relay,
     grace: Duration,
     resumed: usize,
+    explorer: Option<BoundExplorer>,
     /// On a SQLite file: held for the process's life.
     _sqlite_lock: Option<SqliteLock>,
 }
@@ -284,16 +292,31 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     if resumed > 0 {
         tracing::info!(resumed, "resuming open sagas from the log");
     }
-    let api = OrderApi::new(
+    let api = Arc::new(OrderApi::new(
         engine.clone(),
         catalogue,
         settings.server.request_timeout(),
         WatchLimits::new(&settings.watch),
         settings.engine.max_waiting_sagas as usize,
         &mut metrics.registry,
-    );
+    ));
+    let explorer = match settings.explorer.explorer_port {
+        Some(port) => Some(
+            BoundExplorer::bind(
+                settings.server.host,
+                port,
+                api.clone(),
+                engine.clone(),
+                keys.clone(),
+                settings.explorer.jaeger_ui_url.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let service = RequireKey::new(
-        OrderServiceServer::new(api).max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),
+        OrderServiceServer::from_arc(api)
+            .max_decoding_message_size(svc_kit::server::MAX_REQUEST_BYTES),
         keys,
     );
     let grace = Duration::from_millis(settings.engine.shutdown_grace_ms);
@@ -311,6 +334,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         relay,
         grace,
         resumed,
+        explorer,
         _sqlite_lock: sqlite_lock,
     })
 }
@@ -328,6 +352,11 @@ impl Orchestrator {
         self.server.metrics_addr()
     }
 
+    /// Where the saga explorer listens, when EXPLORER_PORT is set.
+    pub fn explorer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.explorer.as_ref().map(BoundExplorer::local_addr)
+    }
+
     /// How many open sagas were resumed from the log at start-up.
     pub fn resumed(&self) -> usize {
         self.resumed
@@ -341,6 +370,13 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let (stop_relay, relay_stopping) = tokio::sync::watch::channel(false);
         let relay = self.relay.spawn(relay_stopping);
+        let (stop_explorer, explorer_stopping) = tokio::sync::watch::channel(false);
+        let explorer = self.explorer.map(|explorer| {
+            let mut stopping = explorer_stopping;
+            tokio::spawn(explorer.serve(async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            }))
+        });
         // A replica whose ID another process took stops serving, as on SIGTERM.
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
         let engine = self.engine.clone();
@@ -351,6 +387,17 @@ impl Orchestrator {
             }
         };
         let result = self.server.run_until_stopped(stop).await;
+        // The explorer goes with the API. Its live views would hold a
+        // graceful stop open until their lifetime: they get a second.
+        stop_explorer.send_replace(true);
+        if let Some(mut explorer) = explorer {
+            if tokio::time::timeout(Duration::from_secs(1), &mut explorer)
+                .await
+                .is_err()
+            {
+                explorer.abort();
+            }
+        }
         self.engine.shutdown(self.grace).await;
         // Unsent events stay in the outbox for the next start.
         stop_relay.send_replace(true);

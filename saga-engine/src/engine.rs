@@ -257,6 +257,16 @@ where
         }
     }
 
+    /// The events a saga emitted and the operators' actions on it.
+    pub async fn history(&self, saga_id: Uuid) -> Result<log::history::SagaHistory, sqlx::Error> {
+        log::history::load_history(&self.inner.pool, saga_id).await
+    }
+
+    /// How many sagas rest in each status (every status, zeros included).
+    pub async fn count_by_status(&self) -> Result<Vec<(SagaStatus, i64)>, sqlx::Error> {
+        log::history::count_by_status(&self.inner.pool).await
+    }
+
     /// The writer every write to the log's tables goes through (the outbox
     /// relay marks what it published with it).
     pub fn log_writer(&self) -> LogWriter {

@@ -34,6 +34,7 @@ mod config;
 mod crash_points;
 mod edge;
 mod events;
+mod explorer;
 mod faults;
 mod fuzz;
 mod group_commit;

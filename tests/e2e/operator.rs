@@ -29,21 +29,34 @@ on_both_stores!(a_stuck_compensation_is_retried_or_resolved_by_an_operator);
 
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Setup {
-    services: DomainServices,
+/// The system, with an orchestrator process whose link to stock can be cut
+/// and whose compensations give up after a second (also used by the
+/// explorer's tests).
+pub(crate) struct Setup {
+    pub(crate) services: DomainServices,
     /// Between the orchestrator and stock: cut, stock's releases fail.
     link: TcpProxy,
-    orchestrator: ServiceProcess,
+    pub(crate) orchestrator: ServiceProcess,
     _db: TestDb,
     _dir: tempfile::TempDir,
 }
 
 impl Setup {
     async fn start(backend: Backend) -> Setup {
+        Setup::start_with(backend, 1_000, &[]).await
+    }
+
+    /// Every shipping call takes `shipping_latency_ms`; `env` goes to the
+    /// orchestrator on top.
+    pub(crate) async fn start_with(
+        backend: Backend,
+        shipping_latency_ms: u64,
+        env: &[(&str, String)],
+    ) -> Setup {
         // Shipping is slow, so the link to stock can be cut in between.
         let options = Options {
             shipping_faults: FaultSettings {
-                fault_latency_ms: 1_000,
+                fault_latency_ms: shipping_latency_ms,
                 ..Default::default()
             },
             ..Default::default()
@@ -59,9 +72,13 @@ impl Setup {
             &db.url,
             &services,
             &[
-                ("COMPENSATION_ATTENTION_AFTER_SECS", "1".to_owned()),
-                ("COMPENSATION_MAX_BACKOFF_MS", "50".to_owned()),
-            ],
+                &[
+                    ("COMPENSATION_ATTENTION_AFTER_SECS", "1".to_owned()),
+                    ("COMPENSATION_MAX_BACKOFF_MS", "50".to_owned()),
+                ],
+                env,
+            ]
+            .concat(),
         );
         orchestrator.start().await;
         Setup {
@@ -73,13 +90,13 @@ impl Setup {
         }
     }
 
-    async fn client(&self) -> OrderServiceClient<Channel> {
+    pub(crate) async fn client(&self) -> OrderServiceClient<Channel> {
         OrderServiceClient::connect(self.orchestrator.endpoint())
             .await
             .unwrap()
     }
 
-    async fn get(&self, order_id: &str) -> Order {
+    pub(crate) async fn get(&self, order_id: &str) -> Order {
         self.client()
             .await
             .get_order(authed(ordersaga_proto::orders::v1::GetOrderRequest {
@@ -92,7 +109,7 @@ impl Setup {
             .unwrap()
     }
 
-    async fn until(&self, order_id: &str, status: OrderStatus) -> Order {
+    pub(crate) async fn until(&self, order_id: &str, status: OrderStatus) -> Order {
         eventually(status.as_str_name(), WAIT, || async {
             let order = self.get(order_id).await;
             (order.status == status as i32).then_some(order)
@@ -116,7 +133,7 @@ impl Setup {
 
     /// An order (unshippable, so it compensates) whose release of the stock
     /// keeps failing past its budget: it rests NEEDS_ATTENTION.
-    async fn stuck_order(&self) -> Order {
+    pub(crate) async fn stuck_order(&self) -> Order {
         let placed = self
             .client()
             .await

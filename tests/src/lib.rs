@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod broker;
 pub mod collector;
 pub mod h2_proxy;
+pub mod http;
 pub mod pki;
 pub mod process;
 pub mod services;

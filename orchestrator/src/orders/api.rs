@@ -242,10 +242,14 @@ impl OrderService for OrderApi {
                 )
             })?),
         };
+        let (created_after_ms, created_before_ms) =
+            validate::created_window(req.created_after.as_ref(), req.created_before.as_ref())?;
         let filter = ListFilter {
             customer_id,
             statuses,
             after,
+            created_after_ms,
+            created_before_ms,
             limit,
         };
         let (ids, next) = store::list(self.engine.pool(), &filter).await?;

@@ -132,7 +132,8 @@ pub async fn load_one(
     render(order_id, &saga)
 }
 
-fn render(order_id: Uuid, saga: &SagaView) -> Result<(Order, SagaStatus), OrderError> {
+/// The order of a saga read from the log.
+pub fn render(order_id: Uuid, saga: &SagaView) -> Result<(Order, SagaStatus), OrderError> {
     let data: OrderData = serde_json::from_str(&saga.data_json)
         .map_err(|e| svc_kit::Error::Internal(format!("order {order_id} data: {e}")))?;
     Ok((view::order(&data, saga), saga.status))
@@ -165,6 +166,10 @@ pub struct ListFilter {
     /// Empty means any status.
     pub statuses: Vec<SagaStatus>,
     pub after: Option<PageToken>,
+    /// Created at or after this time (ms), when set.
+    pub created_after_ms: Option<i64>,
+    /// Created before this time (ms), when set.
+    pub created_before_ms: Option<i64>,
     pub limit: u32,
 }
 
@@ -176,7 +181,8 @@ pub async fn list(
     let mut sql = String::from(
         "SELECT o.order_id, o.created_at_ms FROM orders o JOIN sagas s ON s.saga_id = o.order_id \
          WHERE ($1 = '' OR o.customer_id = $1) \
-         AND (o.created_at_ms < $2 OR (o.created_at_ms = $2 AND o.order_id < $3))",
+         AND (o.created_at_ms < $2 OR (o.created_at_ms = $2 AND o.order_id < $3)) \
+         AND o.created_at_ms >= $5 AND o.created_at_ms < $6",
     );
     if !filter.statuses.is_empty() {
         // Only our own fixed status names are spliced in, never client text.
@@ -197,6 +203,8 @@ pub async fn list(
         .bind(after_ms)
         .bind(after_id)
         .bind(i64::from(filter.limit) + 1)
+        .bind(filter.created_after_ms.unwrap_or(i64::MIN))
+        .bind(filter.created_before_ms.unwrap_or(i64::MAX))
         .fetch_all(pool)
         .await?;
     let mut page = Vec::with_capacity(rows.len());

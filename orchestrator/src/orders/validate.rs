@@ -3,7 +3,10 @@
 
 use std::collections::HashSet;
 
-use ordersaga_proto::orders::v1::{CreateOrderRequest, OrderStatus};
+use ordersaga_proto::{
+    Timestamp,
+    orders::v1::{CreateOrderRequest, OrderStatus},
+};
 use svc_kit::{Error, validate};
 
 use saga_engine::SagaStatus;
@@ -85,6 +88,43 @@ pub fn status_filter(statuses: &[i32]) -> Result<Vec<SagaStatus>, Error> {
         }
     }
     Ok(out)
+}
+
+/// A `Timestamp` as milliseconds since the epoch; out-of-range nanos are refused.
+fn timestamp_ms(field: &str, at: &Timestamp) -> Result<i64, Error> {
+    if !(0..1_000_000_000).contains(&at.nanos) {
+        return Err(Error::invalid(
+            field,
+            format!("nanos must be 0 to 999,999,999, got {}", at.nanos),
+        ));
+    }
+    at.seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(at.nanos / 1_000_000)))
+        .ok_or_else(|| Error::invalid(field, format!("{} s is out of range", at.seconds)))
+}
+
+/// ListOrders' time window, `[created_after, created_before)` in ms; unset
+/// ends are open. A window that ends before it starts is refused.
+pub fn created_window(
+    after: Option<&Timestamp>,
+    before: Option<&Timestamp>,
+) -> Result<(Option<i64>, Option<i64>), Error> {
+    let after = after
+        .map(|t| timestamp_ms("created_after", t))
+        .transpose()?;
+    let before = before
+        .map(|t| timestamp_ms("created_before", t))
+        .transpose()?;
+    if let (Some(a), Some(b)) = (after, before)
+        && b < a
+    {
+        return Err(Error::invalid(
+            "created_before",
+            "is earlier than created_after",
+        ));
+    }
+    Ok((after, before))
 }
 
 #[cfg(test)]

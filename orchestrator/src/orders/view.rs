@@ -42,7 +42,7 @@ fn step_status(status: StepStatus) -> PbStepStatus {
     }
 }
 
-fn timestamp(ms: i64) -> Timestamp {
+pub fn timestamp(ms: i64) -> Timestamp {
     Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,

@@ -17,6 +17,7 @@ use crate::{
     now_ms,
 };
 
+pub mod history;
 mod postgres;
 mod sqlite;
 mod writer;
