@@ -266,7 +266,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let outbox_metrics = OutboxMetrics::register(&mut metrics.registry);
     let downstream = Downstream::connect_lazy(&settings.downstream, settings.server.api_key())?;
     let catalogue = Arc::new(Catalogue::new(
-        downstream.stock.clone(),
+        downstream.stock.client.clone(),
         settings.downstream.pricing_lookups(),
     ));
     let leader = match &ownership {

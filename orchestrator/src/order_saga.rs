@@ -19,13 +19,13 @@ use ordersaga_proto::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 use uuid::Uuid;
 
 use saga_engine::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step};
 
 use crate::{
-    downstream::{Downstream, PaymentClient, ShippingClient, StockClient},
+    downstream::{Downstream, Lane, PaymentClient, ShippingClient, StockClient},
     orders::pricing::Catalogue,
 };
 
@@ -146,15 +146,8 @@ fn saga_span(order_id: Uuid) -> tracing::Span {
     )
 }
 
-/// A request with the attempt's deadline, sent as `grpc-timeout`.
-fn request<T>(message: T, call: &Call) -> Request<T> {
-    let mut request = Request::new(message);
-    request.set_timeout(call.timeout);
-    request
-}
-
 struct ReserveStock {
-    stock: StockClient,
+    stock: Lane<StockClient>,
     catalogue: Arc<Catalogue>,
 }
 
@@ -184,11 +177,12 @@ impl Step<OrderData> for ReserveStock {
         };
         let reply = match self
             .stock
-            .clone()
-            .reserve_stock(request(message, call))
+            .call(message, call.timeout, |mut c, r| async move {
+                c.reserve_stock(r).await
+            })
             .await
         {
-            Ok(reply) => reply.into_inner(),
+            Ok(reply) => reply,
             Err(status) => {
                 if status.code() == Code::FailedPrecondition {
                     // Perhaps a price changed: the next order asks afresh.
@@ -208,10 +202,10 @@ impl Step<OrderData> for ReserveStock {
         };
         let reply = self
             .stock
-            .clone()
-            .release_stock(request(message, call))
-            .await?
-            .into_inner();
+            .call(message, call.timeout, |mut c, r| async move {
+                c.release_stock(r).await
+            })
+            .await?;
         Ok(if reply.released_reservation {
             "stock released"
         } else {
@@ -221,7 +215,7 @@ impl Step<OrderData> for ReserveStock {
     }
 }
 
-struct PrepareShipment(ShippingClient);
+struct PrepareShipment(Lane<ShippingClient>);
 
 #[async_trait]
 impl Step<OrderData> for PrepareShipment {
@@ -246,10 +240,10 @@ impl Step<OrderData> for PrepareShipment {
         };
         let reply = self
             .0
-            .clone()
-            .prepare_shipment(request(message, call))
-            .await?
-            .into_inner();
+            .call(message, call.timeout, |mut c, r| async move {
+                c.prepare_shipment(r).await
+            })
+            .await?;
         let tracking = reply.shipment.map(|s| s.tracking_id).unwrap_or_default();
         Ok(format!("tracking {tracking}"))
     }
@@ -261,10 +255,10 @@ impl Step<OrderData> for PrepareShipment {
         };
         let reply = self
             .0
-            .clone()
-            .cancel_shipment(request(message, call))
-            .await?
-            .into_inner();
+            .call(message, call.timeout, |mut c, r| async move {
+                c.cancel_shipment(r).await
+            })
+            .await?;
         Ok(if reply.cancelled_shipment {
             "shipment cancelled"
         } else {
@@ -274,7 +268,7 @@ impl Step<OrderData> for PrepareShipment {
     }
 }
 
-struct ChargePayment(PaymentClient);
+struct ChargePayment(Lane<PaymentClient>);
 
 #[async_trait]
 impl Step<OrderData> for ChargePayment {
@@ -292,10 +286,10 @@ impl Step<OrderData> for ChargePayment {
         };
         let reply = self
             .0
-            .clone()
-            .charge(request(message, call))
-            .await?
-            .into_inner();
+            .call(message, call.timeout, |mut c, r| async move {
+                c.charge(r).await
+            })
+            .await?;
         Ok(format!("payment {}", reply.payment_id))
     }
 
@@ -306,10 +300,10 @@ impl Step<OrderData> for ChargePayment {
         };
         let reply = self
             .0
-            .clone()
-            .refund(request(message, call))
-            .await?
-            .into_inner();
+            .call(message, call.timeout, |mut c, r| async move {
+                c.refund(r).await
+            })
+            .await?;
         Ok(if reply.refunded_charge {
             format!("refunded {} cents", reply.amount_cents)
         } else {

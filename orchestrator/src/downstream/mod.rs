@@ -2,8 +2,10 @@
 //! service, shared by every saga, each call carrying the orchestrator's API key.
 
 mod deadline_cap;
+mod lane;
 
-pub use deadline_cap::{DeadlineCap, MIN_BUDGET};
+pub use deadline_cap::{DeadlineCap, HeldSlot, MIN_BUDGET, Slots};
+pub use lane::Lane;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -162,9 +164,9 @@ pub type PaymentClient = PaymentServiceClient<Authed>;
 
 #[derive(Clone)]
 pub struct Downstream {
-    pub stock: StockClient,
-    pub shipping: ShippingClient,
-    pub payment: PaymentClient,
+    pub stock: Lane<StockClient>,
+    pub shipping: Lane<ShippingClient>,
+    pub payment: Lane<PaymentClient>,
 }
 
 impl Downstream {
@@ -185,7 +187,8 @@ impl Downstream {
             .context("SERVICES_API_KEY is not valid metadata")?;
         let auth = SendApiKey { key };
         let tls = args.tls()?;
-        let channel = |url: &str, name: &str| -> anyhow::Result<Authed> {
+        let limit = args.downstream_max_concurrent_calls as usize;
+        let channel = |url: &str, name: &str| -> anyhow::Result<(Authed, Slots)> {
             let mut endpoint = Endpoint::from_shared(url.to_owned())
                 .with_context(|| format!("{name} is not a valid URL: {url:?}"))?;
             match (url.starts_with("https://"), &tls) {
@@ -207,21 +210,20 @@ impl Downstream {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true);
-            Ok(InterceptedService::new(
-                DeadlineCap::new(
-                    endpoint.connect_lazy(),
-                    args.downstream_max_concurrent_calls as usize,
-                ),
+            let slots = Slots::new(limit);
+            let channel = InterceptedService::new(
+                DeadlineCap::new(endpoint.connect_lazy(), slots.clone()),
                 auth.clone(),
-            ))
+            );
+            Ok((channel, slots))
         };
+        let (stock, stock_slots) = channel(&args.stock_url, "STOCK_SERVICE_URL")?;
+        let (shipping, shipping_slots) = channel(&args.shipping_url, "SHIPPING_SERVICE_URL")?;
+        let (payment, payment_slots) = channel(&args.payment_url, "PAYMENT_SERVICE_URL")?;
         Ok(Downstream {
-            stock: StockServiceClient::new(channel(&args.stock_url, "STOCK_SERVICE_URL")?),
-            shipping: ShippingServiceClient::new(channel(
-                &args.shipping_url,
-                "SHIPPING_SERVICE_URL",
-            )?),
-            payment: PaymentServiceClient::new(channel(&args.payment_url, "PAYMENT_SERVICE_URL")?),
+            stock: Lane::new(StockServiceClient::new(stock), stock_slots),
+            shipping: Lane::new(ShippingServiceClient::new(shipping), shipping_slots),
+            payment: Lane::new(PaymentServiceClient::new(payment), payment_slots),
         })
     }
 }
