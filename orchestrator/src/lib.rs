@@ -390,13 +390,12 @@ impl Orchestrator {
         // The explorer goes with the API. Its live views would hold a
         // graceful stop open until their lifetime: they get a second.
         stop_explorer.send_replace(true);
-        if let Some(mut explorer) = explorer {
-            if tokio::time::timeout(Duration::from_secs(1), &mut explorer)
+        if let Some(mut explorer) = explorer
+            && tokio::time::timeout(Duration::from_secs(1), &mut explorer)
                 .await
                 .is_err()
-            {
-                explorer.abort();
-            }
+        {
+            explorer.abort();
         }
         self.engine.shutdown(self.grace).await;
         // Unsent events stay in the outbox for the next start.

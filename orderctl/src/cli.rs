@@ -4,7 +4,10 @@
 //! server's, which names the offending field.
 
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
-use ordersaga_proto::orders::v1::{OrderItem, OrderStatus};
+use ordersaga_proto::{
+    Timestamp,
+    orders::v1::{OrderItem, OrderStatus},
+};
 use tonic::transport::Uri;
 
 /// Create, inspect, watch and cancel orders of the order saga system, and follow
@@ -82,6 +85,11 @@ pub enum Command {
     /// compensation of a NEEDS_ATTENTION order by hand; the saga goes on
     /// undoing the steps before it and ends COMPENSATED.
     Resolve(ResolveArgs),
+    /// Operator work on every order a filter matches: the orders are listed
+    /// first (`--dry-run` stops there and prints them), then acted on a few
+    /// at a time, with a progress bar.
+    #[command(subcommand)]
+    Bulk(BulkAction),
     /// Print order events from RabbitMQ as they are published, one line each
     /// (times in UTC), until Ctrl-C. Needs no API key.
     Events(EventsArgs),
@@ -135,6 +143,8 @@ impl Command {
             Command::Cancel(_) => "cancel",
             Command::RetryCompensation(_) => "retry-compensation",
             Command::Resolve(_) => "resolve",
+            Command::Bulk(BulkAction::Retry(_)) => "bulk retry",
+            Command::Bulk(BulkAction::Cancel { .. }) => "bulk cancel",
             Command::Events(_) => "events",
             Command::Completions { .. } => "completions",
         }
@@ -199,6 +209,63 @@ pub struct ListArgs {
     /// The next-page token printed by the previous `list`.
     #[arg(long)]
     pub page_token: Option<String>,
+
+    /// Only orders created at or after this time (RFC 3339, e.g. 2026-12-04T10:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_after: Option<Timestamp>,
+
+    /// Only orders created before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_before: Option<Timestamp>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BulkAction {
+    /// Run the failed compensation of every matching order again (default:
+    /// the NEEDS_ATTENTION ones). Lists with the API key, acts with the
+    /// admin key: both are needed.
+    Retry(BulkFilter),
+    /// Cancel every matching order (default: the RUNNING ones); those past
+    /// their pivot are refused by the server and counted as skipped.
+    Cancel {
+        #[command(flatten)]
+        filter: BulkFilter,
+
+        /// Why, for the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// Which orders a bulk action takes, and how it runs.
+#[derive(Debug, Args)]
+pub struct BulkFilter {
+    /// Only this customer's orders.
+    #[arg(long)]
+    pub customer: Option<String>,
+
+    /// Only orders in this status; repeat for several. Default: the one the
+    /// action is for.
+    #[arg(long = "status", value_enum)]
+    pub statuses: Vec<StatusArg>,
+
+    /// Only orders created at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_after: Option<Timestamp>,
+
+    /// Only orders created before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_before: Option<Timestamp>,
+
+    /// Print the matching orders and their count, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Each order's request ID is `<batch>:<order_id>`: the same batch ID
+    /// again finishes an interrupted run, replaying what was done instead of
+    /// acting twice. Default: a new UUID (printed).
+    #[arg(long, value_name = "ID", value_parser = parse_batch_id)]
+    pub batch_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +376,21 @@ fn parse_addr(addr: &str) -> Result<String, String> {
         (Some("http" | "https"), Some(_)) => Ok(addr.to_owned()),
         _ => Err("expected a URL like http://127.0.0.1:50051".to_owned()),
     }
+}
+
+/// An RFC 3339 time, e.g. `2026-12-04T10:00:00Z`.
+fn parse_time(value: &str) -> Result<Timestamp, String> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned()))
+        .map_err(|_| format!("{value:?} is not an RFC 3339 time, e.g. 2026-12-04T10:00:00Z"))
+}
+
+/// A batch ID: up to 80 characters (the request IDs it makes are capped at
+/// 128), no colon (it separates the batch from the order).
+fn parse_batch_id(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > 80 || value.contains(':') || value.trim() != value {
+        return Err("expected 1 to 80 characters, without ':' or surrounding spaces".into());
+    }
+    Ok(value.to_owned())
 }
 
 /// Parses `SKU=QTY`. The quantity's range is left to the server.

@@ -150,6 +150,54 @@ pub fn list_page(page: &ListOrdersResponse) -> String {
     out
 }
 
+/// `bulk … --dry-run`: the orders the action would take, and how many.
+pub fn bulk_dry_run(verb: &str, orders: &[Order], output: crate::cli::Output) -> String {
+    use crate::cli::Output;
+    match output {
+        Output::Json => json(&serde_json::json!({
+            "action": verb,
+            "dryRun": true,
+            "matched": orders.len(),
+            "orders": orders.iter().map(|o| &o.order_id).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            let mut out = orders_table(orders);
+            let _ = writeln!(out, "dry run: would {verb} {} orders", orders.len());
+            out
+        }
+        Output::Text => {
+            let mut out = String::new();
+            for order in orders {
+                let _ = writeln!(out, "{}", order_line(order));
+            }
+            let _ = writeln!(out, "dry run: would {verb} {} orders", orders.len());
+            out
+        }
+    }
+}
+
+/// What a bulk action did: the counts, then each order skipped or failed.
+pub fn bulk_outcome(
+    verb: &str,
+    outcome: &crate::bulk::Outcome,
+    matched: usize,
+    batch_id: &str,
+) -> String {
+    let mut out = format!(
+        "{verb}: {} of {matched} orders done, {} skipped, {} failed (batch {batch_id})\n",
+        outcome.done.len(),
+        outcome.skipped.len(),
+        outcome.failed.len(),
+    );
+    for (order_id, reason) in &outcome.skipped {
+        let _ = writeln!(out, "skipped {order_id}: {reason}");
+    }
+    for (order_id, failure) in &outcome.failed {
+        let _ = writeln!(out, "failed  {order_id}: {}", status(failure));
+    }
+    out
+}
+
 /// `watch`'s line for one update, without the time: status, steps finished out
 /// of the total, and the step that moved last.
 ///

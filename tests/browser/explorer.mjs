@@ -3,7 +3,7 @@
 // makes the orders named in the environment, and answers on stdin when this
 // script asks for an order that is still running.
 //
-// EXPLORER_URL, BUSINESS_KEY, ADMIN_KEY, COMPENSATED_ORDER, ATTENTION_ORDER,
+// EXPLORER_URL, BUSINESS_KEY, ADMIN_KEY, COMPENSATED_ORDER, ATTENTION_ORDER, BULK_ORDER,
 // SCREENSHOTS (a directory), CHROMIUM (default /usr/bin/chromium).
 //
 // Exits 0 when every check holds; otherwise prints what failed and exits 1.
@@ -132,6 +132,7 @@ try {
     await row.waitFor();
     assert.match(await row.textContent(), /undo reserve_stock/);
     assert.ok(await row.locator("button[data-action=resolve]").isDisabled(), "resolve is open to the business key");
+    assert.ok(await page.locator("#retry-all").isDisabled(), "retry all is open to the business key");
     const status = await page.evaluate(async (id) => (await fetch(`/api/orders/${id}/retry`, {
       method: "POST",
       headers: { "x-api-key": sessionStorage.getItem("saga-explorer-key"), "content-type": "application/json" },
@@ -153,6 +154,20 @@ try {
     await page.waitForSelector("#saga-status:has-text('COMPENSATED')", { timeout: 30_000 });
     assert.match(await page.textContent("#history-body"), /resolved by hand by ops@example\.com/);
     await page.screenshot({ path: `${shots}/resolved.png`, fullPage: true });
+  });
+
+  await step("retry all: the other stuck saga is retried in bulk, with progress", async () => {
+    page.once("dialog", (dialog) => {
+      assert.match(dialog.message(), /1 saga/);
+      dialog.accept();
+    });
+    await page.goto(`${url}#/attention`);
+    await page.waitForSelector(`#attention-body tr[data-order="${env("BULK_ORDER")}"]`);
+    assert.equal(await page.textContent("#retry-all"), "Retry all (1)");
+    await page.click("#retry-all");
+    await page.waitForSelector("#bulk-progress:has-text('1 of 1: 1 retried, 0 skipped, 0 failed')");
+    await page.waitForSelector("#attention-body:has-text('Nothing needs a person.')", { timeout: 30_000 });
+    await page.screenshot({ path: `${shots}/bulk.png`, fullPage: true });
   });
 
   assert.deepEqual(problems, [], "the page logged errors");

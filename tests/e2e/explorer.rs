@@ -287,7 +287,8 @@ async fn in_a_browser_the_explorer_shows_sagas_live_and_resolves_a_stuck_one(bac
     // Shipping takes 2.5 s a call: long enough to see a saga run.
     let x = Explorer::start(backend, 2_500).await;
     let compensated = x.finished("poor", OrderStatus::Compensated).await;
-    let stuck = x.setup.stuck_order().await;
+    let mut stuck = x.setup.stuck_orders(2).await;
+    let (stuck, bulk) = (stuck.remove(0), stuck.remove(0));
 
     let browser_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
     assert!(
@@ -301,6 +302,7 @@ async fn in_a_browser_the_explorer_shows_sagas_live_and_resolves_a_stuck_one(bac
         .env("ADMIN_KEY", ADMIN_KEY)
         .env("COMPENSATED_ORDER", &compensated.order_id)
         .env("ATTENTION_ORDER", &stuck.order_id)
+        .env("BULK_ORDER", &bulk.order_id)
         .env("SCREENSHOTS", screenshots(backend))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -337,7 +339,17 @@ async fn in_a_browser_the_explorer_shows_sagas_live_and_resolves_a_stuck_one(bac
         screenshots(backend).display()
     );
 
-    // What the page did, seen from the API: resolved by hand, kept in its history.
+    // What the page did, seen from the API: retried (the release went
+    // through this time), and resolved by hand, kept in its history.
+    let retried = x
+        .setup
+        .until(&bulk.order_id, OrderStatus::Compensated)
+        .await;
+    assert!(
+        !retried.failure_reason.contains("resolved by hand"),
+        "{}",
+        retried.failure_reason
+    );
     let resolved = x
         .setup
         .until(&stuck.order_id, OrderStatus::Compensated)

@@ -25,7 +25,10 @@ use tonic::{Code, transport::Channel};
 
 use crate::{assertions::request_id, bins};
 
-on_both_stores!(a_stuck_compensation_is_retried_or_resolved_by_an_operator);
+on_both_stores!(
+    a_stuck_compensation_is_retried_or_resolved_by_an_operator,
+    orderctl_bulk_retries_and_cancels_every_matching_order_once,
+);
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -134,28 +137,40 @@ impl Setup {
     /// An order (unshippable, so it compensates) whose release of the stock
     /// keeps failing past its budget: it rests NEEDS_ATTENTION.
     pub(crate) async fn stuck_order(&self) -> Order {
-        let placed = self
-            .client()
-            .await
-            .create_order(authed(order(&request_id(), "alice", &[("BOOK", 1)], "AQ")))
-            .await
-            .unwrap()
-            .into_inner()
-            .order
-            .unwrap();
-        eventually("the reservation", WAIT, || async {
-            let order = self.get(&placed.order_id).await;
-            order
-                .steps
-                .iter()
-                .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
-                .then_some(())
-        })
-        .await;
-        self.link.cut();
-        let resting = self
-            .until(&placed.order_id, OrderStatus::NeedsAttention)
+        self.stuck_orders(1).await.remove(0)
+    }
+
+    /// `n` such orders at once.
+    pub(crate) async fn stuck_orders(&self, n: usize) -> Vec<Order> {
+        let mut placed = Vec::new();
+        for _ in 0..n {
+            let order = self
+                .client()
+                .await
+                .create_order(authed(order(&request_id(), "alice", &[("BOOK", 1)], "AQ")))
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap();
+            placed.push(order.order_id);
+        }
+        for order_id in &placed {
+            eventually("the reservation", WAIT, || async {
+                let order = self.get(order_id).await;
+                order
+                    .steps
+                    .iter()
+                    .any(|s| s.name == "reserve_stock" && s.status == StepStatus::Succeeded as i32)
+                    .then_some(())
+            })
             .await;
+        }
+        self.link.cut();
+        let mut resting = Vec::new();
+        for order_id in &placed {
+            resting.push(self.until(order_id, OrderStatus::NeedsAttention).await);
+        }
         self.link.restore();
         resting
     }
@@ -256,4 +271,177 @@ async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Bac
     assert_eq!(step.result, note);
     // The system itself released nothing: the person did, elsewhere.
     assert_eq!(setup.available_books().await, books - 1);
+}
+
+/// `orderctl` (the real command, built with the tests) against `setup`,
+/// with the business key and, when given, the admin key.
+async fn orderctl(setup: &Setup, admin_key: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(bins::ORDERCTL);
+    command
+        .args(args)
+        .env("ORDERCTL_ADDR", setup.orchestrator.endpoint())
+        .env("APPLICATION_API_KEY", ordersaga_tests::API_KEY)
+        .env_remove("ADMIN_API_KEY")
+        .env_remove("ORDERCTL_OUTPUT");
+    if let Some(key) = admin_key {
+        command.env("ADMIN_API_KEY", key);
+    }
+    command.output().await.expect("orderctl runs")
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn orderctl_bulk_retries_and_cancels_every_matching_order_once(backend: Backend) {
+    let setup = Setup::start(backend).await;
+    let books = setup.available_books().await;
+    let stuck = setup.stuck_orders(2).await;
+    let mut stuck_ids: Vec<&str> = stuck.iter().map(|o| o.order_id.as_str()).collect();
+    stuck_ids.sort();
+
+    // A dry run lists them, needs no admin key, and changes nothing.
+    let dry = orderctl(&setup, None, &["bulk", "retry", "--dry-run"]).await;
+    assert!(dry.status.success(), "{dry:?}");
+    let printed = stdout(&dry);
+    assert!(
+        printed.contains("dry run: would retry 2 orders"),
+        "{printed}"
+    );
+    assert!(stuck_ids.iter().all(|id| printed.contains(id)), "{printed}");
+    for order in &stuck {
+        assert_eq!(
+            setup.get(&order.order_id).await.status,
+            OrderStatus::NeedsAttention as i32
+        );
+    }
+
+    // Acting takes the admin key: a usage error before anything is listed.
+    let keyless = orderctl(&setup, None, &["bulk", "retry"]).await;
+    assert_eq!(keyless.status.code(), Some(2), "{keyless:?}");
+    assert!(
+        String::from_utf8_lossy(&keyless.stderr).contains("--admin-key"),
+        "{keyless:?}"
+    );
+
+    // Both retried, in one batch; each order ends COMPENSATED, the books released.
+    let batch = format!("ops-{}", uuid::Uuid::new_v4().simple());
+    let run = orderctl(
+        &setup,
+        Some(ADMIN_KEY),
+        &["-o", "json", "bulk", "retry", "--batch-id", &batch],
+    )
+    .await;
+    assert!(run.status.success(), "{run:?}");
+    let outcome: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let mut done: Vec<&str> = outcome["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    done.sort();
+    assert_eq!(done, stuck_ids, "{outcome}");
+    for order in &stuck {
+        setup.until(&order.order_id, OrderStatus::Compensated).await;
+    }
+    assert_eq!(
+        setup.available_books().await,
+        books,
+        "every book released once"
+    );
+
+    // The same batch again, over every compensated order: the two replay
+    // (their request IDs are the batch's), and nothing runs twice; an order
+    // the batch never touched is refused as not resting, and skipped.
+    let other = setup
+        .client()
+        .await
+        .create_order(authed(order(&request_id(), "poor", &[("BOOK", 1)], "DE")))
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap();
+    setup.until(&other.order_id, OrderStatus::Compensated).await;
+    let again = orderctl(
+        &setup,
+        Some(ADMIN_KEY),
+        &[
+            "bulk",
+            "retry",
+            "--status",
+            "compensated",
+            "--batch-id",
+            &batch,
+        ],
+    )
+    .await;
+    assert!(again.status.success(), "{again:?}");
+    let printed = stdout(&again);
+    assert!(
+        printed.contains("retry: 2 of 3 orders done, 1 skipped, 0 failed"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("skipped {}", other.order_id)),
+        "{printed}"
+    );
+    assert_eq!(
+        setup.available_books().await,
+        books,
+        "a replay released nothing more"
+    );
+
+    // Bulk cancel: the running orders of a time window; each ends CANCELLED.
+    let since = svc_kit::time::now_ms();
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let placed = setup
+            .client()
+            .await
+            .create_order(authed(order(&request_id(), "alice", &[("BOOK", 1)], "DE")))
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        running.push(placed.order_id);
+    }
+    let after = rfc3339(since - 1);
+    let cancel = orderctl(
+        &setup,
+        None,
+        &[
+            "bulk",
+            "cancel",
+            "--created-after",
+            &after,
+            "--reason",
+            "bulk test",
+        ],
+    )
+    .await;
+    assert!(cancel.status.success(), "{cancel:?}");
+    assert!(
+        stdout(&cancel).contains("cancel: 3 of 3 orders done"),
+        "{}",
+        stdout(&cancel)
+    );
+    for order_id in &running {
+        setup.until(order_id, OrderStatus::Cancelled).await;
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC), the form orderctl reads.
+fn rfc3339(ms: i64) -> String {
+    let timestamp = ordersaga_proto::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    };
+    serde_json::to_value(timestamp)
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

@@ -242,6 +242,44 @@ async function showAttention() {
     );
   }
   if (!(page.orders || []).length) body.append(el("tr", {}, el("td", { colspan: 6, text: "Nothing needs a person." })));
+  const all = $("retry-all");
+  const count = (page.orders || []).length;
+  all.textContent = `Retry all (${count}${page.nextPageToken ? "+" : ""})`;
+  all.disabled = state.scope !== "admin" || count === 0;
+  all.title = state.scope === "admin" ? "" : "Actions take the admin key";
+}
+
+// Retry in bulk: every saga that needs attention now, after a count and a
+// confirmation; one request each, with the batch's request IDs
+// (`<batch>:<order>`), and progress as they go.
+async function retryAll() {
+  const orders = [];
+  let token = "";
+  do {
+    const page = await api(`/api/orders?status=NEEDS_ATTENTION&page_size=500${token ? `&page_token=${encodeURIComponent(token)}` : ""}`);
+    orders.push(...(page.orders || []));
+    token = page.nextPageToken || "";
+  } while (token);
+  if (!orders.length || !confirm(`Retry the failed compensation of ${orders.length} saga(s) now?`)) return;
+  const batch = `explorer-${crypto.randomUUID()}`;
+  const progress = $("bulk-progress");
+  const tally = { done: 0, skipped: 0, failed: 0 };
+  const show = () => {
+    progress.textContent = `${tally.done + tally.skipped + tally.failed} of ${orders.length}: ` +
+      `${tally.done} retried, ${tally.skipped} skipped, ${tally.failed} failed`;
+  };
+  show();
+  for (const order of orders) {
+    try {
+      await post(`/api/orders/${order.orderId}/retry`, { request_id: `${batch}:${order.orderId}` });
+      tally.done++;
+    } catch (error) {
+      if (error.code === "FAILED_PRECONDITION") tally.skipped++;
+      else tally.failed++;
+    }
+    show();
+  }
+  await showAttention();
 }
 
 // The saga page: facts, actions, timeline, steps, history; live.
@@ -519,6 +557,7 @@ function boot() {
     state.pageTokens.push($("next-page").dataset.token);
     loadOrders().catch(showError);
   });
+  $("retry-all").addEventListener("click", () => retryAll().catch(showError));
   $("first-page").addEventListener("click", () => {
     state.pageTokens = [""];
     loadOrders().catch(showError);
