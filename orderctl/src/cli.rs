@@ -90,6 +90,11 @@ pub enum Command {
     /// at a time, with a progress bar.
     #[command(subcommand)]
     Bulk(BulkAction),
+    /// Reconcile the saga log with the services' own records: for every
+    /// order the filter matches, check through each service's read RPC that
+    /// its effects fit its outcome. Prints the mismatches; exit code 1 if
+    /// there are any.
+    Audit(AuditArgs),
     /// Print order events from RabbitMQ as they are published, one line each
     /// (times in UTC), until Ctrl-C. Needs no API key.
     Events(EventsArgs),
@@ -145,6 +150,7 @@ impl Command {
             Command::Resolve(_) => "resolve",
             Command::Bulk(BulkAction::Retry(_)) => "bulk retry",
             Command::Bulk(BulkAction::Cancel { .. }) => "bulk cancel",
+            Command::Audit(_) => "audit",
             Command::Events(_) => "events",
             Command::Completions { .. } => "completions",
         }
@@ -235,6 +241,42 @@ pub enum BulkAction {
         #[arg(long, default_value = "")]
         reason: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this customer's orders.
+    #[arg(long)]
+    pub customer: Option<String>,
+
+    /// Only orders in this status; repeat for several. Default: every status
+    /// (open orders are listed but not checked).
+    #[arg(long = "status", value_enum)]
+    pub statuses: Vec<StatusArg>,
+
+    /// Only orders created at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_after: Option<Timestamp>,
+
+    /// Only orders created before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub created_before: Option<Timestamp>,
+
+    /// URL of the stock service.
+    #[arg(long, env = "STOCK_SERVICE_URL", default_value = "http://127.0.0.1:50052", value_parser = parse_addr)]
+    pub stock_addr: String,
+
+    /// URL of the shipping service.
+    #[arg(long, env = "SHIPPING_SERVICE_URL", default_value = "http://127.0.0.1:50053", value_parser = parse_addr)]
+    pub shipping_addr: String,
+
+    /// URL of the payment service.
+    #[arg(long, env = "PAYMENT_SERVICE_URL", default_value = "http://127.0.0.1:50054", value_parser = parse_addr)]
+    pub payment_addr: String,
+
+    /// The services' API key. Default: --api-key.
+    #[arg(long, env = "SERVICES_API_KEY", hide_env_values = true)]
+    pub services_key: Option<String>,
 }
 
 /// Which orders a bulk action takes, and how it runs.

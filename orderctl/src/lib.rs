@@ -9,6 +9,7 @@
 //! A library with a thin `main`, so that the end-to-end tests build and run
 //! the very same command (tests/bin/orderctl.rs).
 
+mod audit;
 mod bulk;
 mod cli;
 mod events;
@@ -64,9 +65,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => {}
     }
     // Checked before connecting, like the arguments clap checks.
-    let api_key = cli.key().unwrap_or_else(|err| err.exit());
+    let api_key = cli.key().unwrap_or_else(|err| err.exit()).to_owned();
 
-    let client = connect(&cli.addr, api_key).await?;
+    let client = connect(&cli.addr, &api_key).await?;
 
     let output = cli.output;
     match cli.command {
@@ -243,6 +244,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "{} of {} orders failed; run again with --batch-id {batch_id} to retry them (the done ones replay, nothing is done twice)",
                     outcome.failed.len(),
                     orders.len()
+                );
+            }
+        }
+        Command::Audit(args) => {
+            let services = audit::Services::connect(
+                &args.stock_addr,
+                &args.shipping_addr,
+                &args.payment_addr,
+                args.services_key.as_deref().unwrap_or(&api_key),
+            )
+            .await?;
+            let request = ListOrdersRequest {
+                customer_id: args.customer.unwrap_or_default(),
+                statuses: args
+                    .statuses
+                    .into_iter()
+                    .map(|s| OrderStatus::from(s) as i32)
+                    .collect(),
+                created_after: args.created_after,
+                created_before: args.created_before,
+                ..Default::default()
+            };
+            let orders = bulk::select(&client, request).await?;
+            let report = audit::run(&services, &orders).await?;
+            match output {
+                Output::Json => print!("{}", render::json(&report.to_json())),
+                Output::Text | Output::Table => print!("{}", report.text()),
+            }
+            if !report.mismatches.is_empty() {
+                anyhow::bail!(
+                    "{} mismatches between the saga log and the services",
+                    report.mismatches.len()
                 );
             }
         }

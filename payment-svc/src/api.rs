@@ -5,7 +5,8 @@
 
 use ordersaga_proto::payment::v1::{
     ChargeRequest, ChargeResponse, DepositRequest, DepositResponse, GetAccountRequest,
-    GetAccountResponse, RefundRequest, RefundResponse, payment_service_server::PaymentService,
+    GetAccountResponse, GetPaymentRequest, GetPaymentResponse, RefundRequest, RefundResponse,
+    payment_service_server::PaymentService,
 };
 use svc_kit::{
     Error,
@@ -91,6 +92,22 @@ impl PaymentService for PaymentApi {
         let account = accounts::get(&mut conn, &req.customer_id).await?;
         Ok(Response::new(GetAccountResponse {
             account: Some(account),
+        }))
+    }
+
+    async fn get_payment(
+        &self,
+        request: Request<GetPaymentRequest>,
+    ) -> Result<Response<GetPaymentResponse>, Status> {
+        let req = request.into_inner();
+        validate::uuid("order_id", &req.order_id)?;
+        let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
+        let payment = charges::get(&mut conn, &req.order_id)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Status::not_found(format!("no payment for order {}", req.order_id)))?;
+        Ok(Response::new(GetPaymentResponse {
+            payment: Some(payment),
         }))
     }
 

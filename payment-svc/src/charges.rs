@@ -4,7 +4,7 @@
 //! order's one row; a refund that finds nothing leaves a 'refunded' tombstone
 //! that refuses a late charge.
 
-use ordersaga_proto::payment::v1::{ChargeResponse, RefundResponse};
+use ordersaga_proto::payment::v1::{ChargeResponse, Payment, PaymentStatus, RefundResponse};
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row};
 use svc_kit::time::now_ms;
@@ -257,4 +257,33 @@ pub fn refund_sqlite(
         refunded_charge: true,
         amount_cents,
     })
+}
+
+const PAYMENT: &str = "SELECT payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms \
+     FROM charges WHERE order_id = $1";
+
+/// An order's payment, for audits; `None` when the order never reached
+/// this service.
+pub async fn get(conn: &mut AnyConnection, order_id: &str) -> Result<Option<Payment>, sqlx::Error> {
+    let Some(row) = sqlx::query(PAYMENT)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status")?;
+    Ok(Some(Payment {
+        payment_id: row.try_get("payment_id")?,
+        order_id: order_id.to_owned(),
+        customer_id: row.try_get("customer_id")?,
+        amount_cents: row.try_get("amount_cents")?,
+        currency: row.try_get("currency")?,
+        status: match status.as_str() {
+            "charged" => PaymentStatus::Charged,
+            _ => PaymentStatus::Refunded,
+        } as i32,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    }))
 }

@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 
 use ordersaga_proto::stock::v1::{
-    GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse, OrderLine,
-    ReleaseStockRequest, ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse,
-    RestockRequest, RestockResponse, stock_service_server::StockService,
+    GetProductRequest, GetProductResponse, GetReservationRequest, GetReservationResponse,
+    ListProductsRequest, ListProductsResponse, OrderLine, ReleaseStockRequest,
+    ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse, RestockRequest,
+    RestockResponse, stock_service_server::StockService,
 };
 use svc_kit::{
     Error,
@@ -112,6 +113,24 @@ impl StockService for StockApi {
         let product = catalogue::get(&mut conn, &req.sku).await?;
         Ok(Response::new(GetProductResponse {
             product: Some(product),
+        }))
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<GetReservationRequest>,
+    ) -> Result<Response<GetReservationResponse>, Status> {
+        let req = request.into_inner();
+        validate::uuid("order_id", &req.order_id)?;
+        let mut conn = self.store.pool.acquire().await.map_err(Error::from)?;
+        let reservation = reservations::get(&mut conn, &req.order_id)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no reservation for order {}", req.order_id))
+            })?;
+        Ok(Response::new(GetReservationResponse {
+            reservation: Some(reservation),
         }))
     }
 

@@ -7,7 +7,9 @@
 //! insert waits on the primary key until the first commits, so the race where
 //! the compensation overtakes the action has one outcome.
 
-use ordersaga_proto::stock::v1::{ReleaseStockResponse, ReserveStockResponse, ReservedLine};
+use ordersaga_proto::stock::v1::{
+    ReleaseStockResponse, Reservation, ReservationStatus, ReserveStockResponse, ReservedLine,
+};
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row};
 use svc_kit::time::now_ms;
@@ -350,4 +352,52 @@ pub fn release_sqlite(
     Ok(ReleaseStockResponse {
         released_reservation: true,
     })
+}
+
+const RESERVATION: &str = "SELECT reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms \
+     FROM reservations WHERE order_id = $1";
+const RESERVATION_LINES: &str = "SELECT r.sku, r.quantity, r.unit_price_cents, p.currency \
+     FROM reservation_lines r JOIN products p ON p.sku = r.sku WHERE r.order_id = $1 ORDER BY r.sku";
+
+/// An order's reservation with its lines, for audits; `None` when the order
+/// never reached this service.
+pub async fn get(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<Reservation>, sqlx::Error> {
+    let Some(row) = sqlx::query(RESERVATION)
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status")?;
+    let lines = sqlx::query(RESERVATION_LINES)
+        .bind(order_id)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|line| {
+            Ok(ReservedLine {
+                sku: line.try_get("sku")?,
+                quantity: line.try_get("quantity")?,
+                unit_price_cents: line.try_get("unit_price_cents")?,
+                currency: line.try_get("currency")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok(Some(Reservation {
+        reservation_id: row.try_get("reservation_id")?,
+        order_id: order_id.to_owned(),
+        status: match status.as_str() {
+            "reserved" => ReservationStatus::Reserved,
+            _ => ReservationStatus::Released,
+        } as i32,
+        lines,
+        total_cents: row.try_get("total_cents")?,
+        currency: row.try_get("currency")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+    }))
 }

@@ -23,6 +23,7 @@ macro_rules! on_both_stores {
 }
 
 mod assertions;
+mod audit;
 mod auth;
 mod bench;
 mod bins;

@@ -45,7 +45,7 @@ pub(crate) struct Setup {
 }
 
 impl Setup {
-    async fn start(backend: Backend) -> Setup {
+    pub(crate) async fn start(backend: Backend) -> Setup {
         Setup::start_with(backend, 1_000, &[]).await
     }
 
@@ -275,7 +275,11 @@ async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Bac
 
 /// `orderctl` (the real command, built with the tests) against `setup`,
 /// with the business key and, when given, the admin key.
-async fn orderctl(setup: &Setup, admin_key: Option<&str>, args: &[&str]) -> std::process::Output {
+pub(crate) async fn orderctl(
+    setup: &Setup,
+    admin_key: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
     let mut command = tokio::process::Command::new(bins::ORDERCTL);
     command
         .args(args)
@@ -289,7 +293,7 @@ async fn orderctl(setup: &Setup, admin_key: Option<&str>, args: &[&str]) -> std:
     command.output().await.expect("orderctl runs")
 }
 
-fn stdout(output: &std::process::Output) -> String {
+pub(crate) fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
