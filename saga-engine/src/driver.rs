@@ -614,7 +614,18 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
     /// Commits a checkpoint, retrying until the store takes it: the saga never
     /// moves on without its record. A retry may apply a checkpoint whose first
     /// COMMIT succeeded but whose reply was lost; applying one twice is harmless.
-    async fn checkpoint(&self, checkpoint: Checkpoint) -> Result<Applied, Halt> {
+    ///
+    /// Boxed: a checkpoint and its commit are large and live a few
+    /// milliseconds, while a saga spends its life waiting for a step's
+    /// reply. Inline, every driver's task would be sized for the commit.
+    fn checkpoint(
+        &self,
+        checkpoint: Checkpoint,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Applied, Halt>> + Send + '_>> {
+        Box::pin(self.commit_until_taken(checkpoint))
+    }
+
+    async fn commit_until_taken(&self, checkpoint: Checkpoint) -> Result<Applied, Halt> {
         let mut failures = 0;
         loop {
             match self.inner.log.commit(checkpoint.clone()).await {
