@@ -24,7 +24,10 @@ use crate::{
     definition::{Call, Milestone, Phase, Step},
     engine::Inner,
     events::NewEvent,
-    log::{self, Applied, Checkpoint, SagaState, SagaStatus, StepRecord, StepStatus},
+    log::{
+        self, Applied, AttemptRecord, Checkpoint, MAX_RECORDED_ATTEMPTS, SagaState, SagaStatus,
+        StepRecord, StepStatus,
+    },
     now_ms,
     retry::{Answer, classify},
     trace_context,
@@ -98,6 +101,9 @@ pub(crate) struct Driver<'a, D> {
     /// Signalled when a cancel of this saga is accepted.
     cancelled: &'a Notify,
     state: Driving,
+    /// The attempts of the step under way, until its next checkpoint
+    /// takes them (see [`AttemptRecord`]).
+    tries: std::sync::Mutex<Vec<AttemptRecord>>,
 }
 
 impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
@@ -114,7 +120,13 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             data,
             cancelled,
             state,
+            tries: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The attempts made since the last call, for the next step record.
+    fn take_tries(&self) -> Vec<AttemptRecord> {
+        std::mem::take(&mut *self.tries.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub async fn run(mut self) -> Result<(), Stopped> {
@@ -198,6 +210,11 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         crash_points::reach(point::AFTER_STEP_REPLY).await;
         let mut record = StepRecord::started(Phase::Forward, index as i64, step.name(), started);
         record.finished_at_ms = Some(now_ms());
+        // Each attempt is kept only when there was more than one.
+        let tries = self.take_tries();
+        if tries.len() > 1 {
+            record.attempt_log = tries;
+        }
         match outcome {
             ForwardOutcome::Succeeded {
                 output,
@@ -387,6 +404,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 StepRecord::started(Phase::Compensation, index as i64, step.name(), started);
             record.attempts = attempt;
             record.last_error = last_error.clone();
+            record.attempt_log = self.take_tries();
             let stuck =
                 !announced_stuck && since.elapsed() >= self.inner.policy.compensation_stuck_after;
             let events = if stuck {
@@ -446,6 +464,11 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         record.last_error = last_error;
         record.output = output;
         record.finished_at_ms = Some(now_ms());
+        // The failed ones went with their own checkpoints.
+        let tries = self.take_tries();
+        if attempt > 1 {
+            record.attempt_log = tries;
+        }
         let next = index.checked_sub(1);
         self.compensate_next(next, vec![record]).await?;
         if next.is_some() {
@@ -525,6 +548,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         };
         let span = attempt_span(step.name(), phase, &call);
         let timer = Instant::now();
+        let started_at_ms = now_ms();
         let result = match phase {
             Phase::Forward => {
                 self.call_with_deadline(step.forward(self.data, &call))
@@ -542,6 +566,17 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             .attempt(step.name(), phase, timer.elapsed().as_secs_f64());
         if let Err(status) = &result {
             record_failure(&span, status);
+        }
+        if attempt <= MAX_RECORDED_ATTEMPTS {
+            self.tries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(AttemptRecord {
+                    attempt,
+                    started_at_ms,
+                    finished_at_ms: now_ms(),
+                    error: result.as_ref().err().map(describe).unwrap_or_default(),
+                });
         }
         result
     }

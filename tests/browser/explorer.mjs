@@ -114,7 +114,7 @@ try {
   await step("a running order updates without a reload", async () => {
     const orderId = await askForRunningOrder();
     await page.goto(`${url}#/orders/${orderId}`);
-    await page.waitForSelector("#saga:not([hidden]) #timeline .step-row");
+    await page.waitForSelector(`#saga:not([hidden]) #saga-id:has-text("${orderId}")`);
     await page.evaluate(() => { window.notReloaded = true; });
     const first = await page.textContent("#saga-status");
     assert.equal(first, "RUNNING", "the order was no longer running when the page opened");
@@ -146,7 +146,13 @@ try {
     await signIn(env("ADMIN_KEY"));
     await page.waitForSelector("#scope:has-text('admin')");
     await page.goto(`${url}#/orders/${env("ATTENTION_ORDER")}`);
-    await page.waitForSelector("#saga-status:has-text('NEEDS_ATTENTION')");
+    await page.waitForSelector(`#saga:not([hidden]) #saga-id:has-text("${env("ATTENTION_ORDER")}")`);
+    assert.equal(await page.textContent("#saga-status"), "NEEDS_ATTENTION");
+    // The release failed again and again: each attempt is a bar of its own.
+    const release = page.locator("#timeline .step-row[data-step=reserve_stock][data-phase=compensation]");
+    const failed = await release.locator(".attempt.failed").count();
+    assert.ok(failed >= 2, `the stuck release shows ${failed} failed attempt bars`);
+    await page.screenshot({ path: `${shots}/attempts.png`, fullPage: true });
     await page.click("#actions button[data-action=resolve]");
     await page.fill("#resolve-operator", "ops@example.com");
     await page.fill("#resolve-reason", "released the units by hand in the warehouse system");
@@ -162,8 +168,9 @@ try {
       dialog.accept();
     });
     await page.goto(`${url}#/attention`);
+    // Only the other one is left: the first was resolved.
+    await page.waitForSelector("#attention:not([hidden]) #retry-all:has-text('Retry all (1)')");
     await page.waitForSelector(`#attention-body tr[data-order="${env("BULK_ORDER")}"]`);
-    assert.equal(await page.textContent("#retry-all"), "Retry all (1)");
     await page.click("#retry-all");
     await page.waitForSelector("#bulk-progress:has-text('1 of 1: 1 retried, 0 skipped, 0 failed')");
     await page.waitForSelector("#attention-body:has-text('Nothing needs a person.')", { timeout: 30_000 });

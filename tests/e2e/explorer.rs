@@ -332,12 +332,15 @@ async fn in_a_browser_the_explorer_shows_sagas_live_and_resolves_a_stuck_one(bac
         .expect("the browser test ended within 3 minutes");
     let said = said.join("\n");
     let steps = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && said.contains("EXPLORER_OK"),
-        "the browser test failed ({}); screenshots in {}\n{said}\n{steps}",
-        output.status,
-        screenshots(backend).display()
-    );
+    if !(output.status.success() && said.contains("EXPLORER_OK")) {
+        // What the orders were, for the failure's message.
+        let orders = x.get("/api/orders", Some(API_KEY)).await.body;
+        panic!(
+            "the browser test failed ({}); screenshots in {}\n{said}\n{steps}\norders: {orders}",
+            output.status,
+            screenshots(backend).display()
+        );
+    }
 
     // What the page did, seen from the API: retried (the release went
     // through this time), and resolved by hand, kept in its history.

@@ -53,7 +53,13 @@ async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: 
         .unwrap()
         .pool;
     let orchestrator_pool = by_orchestrator.pool().await;
-    for table in ["sagas", "saga_steps", "outbox"] {
+    for table in [
+        "sagas",
+        "saga_steps",
+        "outbox",
+        "saga_actions",
+        "saga_attempts",
+    ] {
         let expected = columns(&engine_pool, backend, table).await;
         assert!(!expected.is_empty(), "{table} exists");
         assert_eq!(

@@ -6,7 +6,8 @@
 //! - `GET  /api/session`: the key's scope and the Jaeger URL.
 //! - `GET  /api/counts`: how many orders rest in each status.
 //! - `GET  /api/orders?status=&customer_id=&created_after=&created_before=&page_size=&page_token=`
-//! - `GET  /api/orders/{id}`: the order, and its saga's pivot, cancel, events and actions.
+//! - `GET  /api/orders/{id}`: the order, and its saga's pivot, cancel, events,
+//!   actions and the attempts of its retried steps.
 //! - `GET  /api/orders/{id}/live`: that, again at every change, as server-sent events.
 //! - `POST /api/orders/{id}/retry|resolve|cancel`: operator actions (admin key).
 
@@ -294,6 +295,7 @@ async fn detail(x: &Explorer, order_id: Uuid) -> Result<Value, Refusal> {
             "cancelRequested": saga.cancel_requested,
             "events": events(&history),
             "actions": actions(&history),
+            "attempts": attempts(x, &history),
         },
         "traceUrl": trace_url,
     }))
@@ -309,6 +311,30 @@ fn events(history: &SagaHistory) -> Vec<Value> {
                 "eventType": e.event_type,
                 "createdAt": rfc3339(e.created_at_ms),
                 "sentAt": e.sent_at_ms.map(rfc3339),
+            })
+        })
+        .collect()
+}
+
+/// Each attempt of a retried step, named as the order's steps are.
+fn attempts(x: &Explorer, history: &SagaHistory) -> Vec<Value> {
+    let steps = &x.engine.definition().steps;
+    history
+        .attempts
+        .iter()
+        .map(|a| {
+            let name = usize::try_from(a.step_index)
+                .ok()
+                .and_then(|i| steps.get(i))
+                .map(|s| s.name())
+                .unwrap_or("?");
+            json!({
+                "step": name,
+                "phase": a.phase.as_str(),
+                "attempt": a.attempt,
+                "startedAt": rfc3339(a.started_at_ms),
+                "finishedAt": rfc3339(a.finished_at_ms),
+                "error": a.error,
             })
         })
         .collect()

@@ -164,7 +164,24 @@ pub struct StepRecord {
     pub output: String,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// Attempts to record in `saga_attempts` with this record (only for a
+    /// step that took more than one; see [`AttemptRecord`]).
+    pub attempt_log: Vec<AttemptRecord>,
 }
+
+/// One attempt of a step, for the saga's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+    /// Why it did not settle the step; empty for the one that did.
+    pub error: String,
+}
+
+/// A step keeps at most this many attempts in `saga_attempts`: a
+/// compensation may retry for hours. Its record counts them all.
+pub const MAX_RECORDED_ATTEMPTS: u32 = 100;
 
 impl StepRecord {
     pub fn started(phase: Phase, index: i64, name: &'static str, at_ms: i64) -> Self {
@@ -178,6 +195,7 @@ impl StepRecord {
             output: String::new(),
             started_at_ms: Some(at_ms),
             finished_at_ms: None,
+            attempt_log: Vec::new(),
         }
     }
 }
@@ -328,6 +346,32 @@ pub(crate) const APPLY_STATE: &str = "UPDATE sagas SET \
 
 pub(crate) const SAGA_STATUS: &str = "SELECT status FROM sagas WHERE saga_id = $1";
 
+/// Written again (a retried checkpoint), it changes nothing.
+pub(crate) const INSERT_ATTEMPT: &str = "INSERT INTO saga_attempts (saga_id, phase, step_index, attempt, started_at_ms, finished_at_ms, error) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (saga_id, phase, step_index, attempt) DO NOTHING";
+
+/// The attempts a checkpoint's step records carry (rare: only retried steps).
+async fn insert_attempts(
+    conn: &mut AnyConnection,
+    checkpoint: &Checkpoint,
+) -> Result<(), sqlx::Error> {
+    for step in &checkpoint.steps {
+        for attempt in &step.attempt_log {
+            sqlx::query(INSERT_ATTEMPT)
+                .bind(checkpoint.saga_id.to_string())
+                .bind(step.phase.as_str())
+                .bind(step.index)
+                .bind(i64::from(attempt.attempt))
+                .bind(attempt.started_at_ms)
+                .bind(attempt.finished_at_ms)
+                .bind(&attempt.error)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn upsert_step(
     conn: &mut AnyConnection,
     saga_id: Uuid,
@@ -401,6 +445,7 @@ pub(crate) async fn moved(
     checkpoint: &Checkpoint,
     row: Moved,
 ) -> Result<Applied, sqlx::Error> {
+    insert_attempts(conn, checkpoint).await?;
     let completed = checkpoint.complete && row.status == "COMPLETED";
     if checkpoint.announces(completed) {
         for event in &checkpoint.events {

@@ -23,9 +23,9 @@ use uuid::Uuid;
 
 use super::{
     ACTION_SEEN, APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint,
-    FIRST_EPOCH, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION, REOPEN, RESOLVE_STEP,
-    RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView, StepRecord, StepStatus,
-    StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
+    FIRST_EPOCH, INSERT_ATTEMPT, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION,
+    REOPEN, RESOLVE_STEP, RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView,
+    StepRecord, StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
     writer::{Start, Write, Written},
 };
 use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
@@ -353,6 +353,17 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
     };
     for step in &checkpoint.steps {
         upsert_step(conn, &id, step, checkpoint.epoch)?;
+        for attempt in &step.attempt_log {
+            conn.prepare_cached(INSERT_ATTEMPT)?.execute(params![
+                id,
+                step.phase.as_str(),
+                step.index,
+                i64::from(attempt.attempt),
+                attempt.started_at_ms,
+                attempt.finished_at_ms,
+                attempt.error,
+            ])?;
+        }
     }
     let pivot_entered = checkpoint.enter_pivot && pivot_passed == 1;
     let completed = checkpoint.complete && new_status == "COMPLETED";

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use saga_engine::SagaStatus;
+use saga_engine::{Phase, SagaStatus};
 
 use crate::{
     scripted::{self, Cue, World, assert_consistent},
@@ -19,6 +19,7 @@ on_both_stores!(
     a_hung_call_counts_as_unknown_and_the_budget_is_kept,
     a_compensation_that_fails_is_retried_until_it_succeeds,
     many_sagas_at_once_each_end_by_their_own_script,
+    each_attempt_of_a_retried_step_is_kept_with_its_times_and_error,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -217,4 +218,52 @@ async fn many_sagas_at_once_each_end_by_their_own_script(backend: Backend) {
             .collect();
         assert_eq!(rows, steps, "saga {saga}'s step records");
     }
+}
+
+/// A step settled by its first attempt keeps no attempt records; a retried
+/// one keeps each attempt, in order, with its times and its error (none for
+/// the one that settled it), forward and compensation alike.
+async fn each_attempt_of_a_retried_step_is_kept_with_its_times_and_error(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| {
+            w.cue(saga, "b", &[Cue::Fail, Cue::Fail]);
+            w.cue(saga, "c", &[Cue::Refuse]);
+            w.cue_compensation(saga, "a", &[Cue::Fail; 3]);
+        },
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Compensated);
+    let history = engine.history(saga).await.unwrap();
+    let attempts: Vec<(Phase, i64, i64, bool)> = history
+        .attempts
+        .iter()
+        .map(|a| (a.phase, a.step_index, a.attempt, a.error.is_empty()))
+        .collect();
+    let mut expected = vec![
+        (Phase::Forward, 1, 1, false),
+        (Phase::Forward, 1, 2, false),
+        (Phase::Forward, 1, 3, true),
+    ];
+    expected.extend((1..=3).map(|n| (Phase::Compensation, 0, n, false)));
+    expected.push((Phase::Compensation, 0, 4, true));
+    assert_eq!(attempts, expected, "{history:?}");
+    for a in &history.attempts {
+        assert!(a.started_at_ms <= a.finished_at_ms, "{a:?}");
+    }
+    assert!(
+        history
+            .attempts
+            .windows(2)
+            .all(|w| w[0].started_at_ms <= w[1].started_at_ms),
+        "oldest first: {history:?}"
+    );
+    assert_consistent(&world, saga, status);
 }

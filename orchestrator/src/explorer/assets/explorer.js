@@ -205,9 +205,10 @@ async function loadOrders() {
   $("first-page").disabled = state.pageTokens.length === 1;
 }
 
+// Each view is fetched before it shows, so it never shows stale data.
 async function showList() {
-  show("list");
   await Promise.all([loadCounts(), loadOrders()]);
+  show("list");
   clearInterval(state.listTimer);
   // Live counts; the first page follows new orders, a later page stays put.
   state.listTimer = setInterval(() => {
@@ -224,8 +225,8 @@ function failedCompensation(order) {
 }
 
 async function showAttention() {
-  show("attention");
   const page = await api("/api/orders?status=NEEDS_ATTENTION&page_size=200");
+  show("attention");
   const body = $("attention-body");
   body.replaceChildren();
   for (const order of page.orders || []) {
@@ -355,12 +356,14 @@ function renderTimeline(order, saga) {
   const box = $("timeline");
   box.replaceChildren();
   const steps = order.steps || [];
-  const open = !["COMPLETED", "COMPENSATED", "CANCELLED", "FAILED"].includes(shortStatus(order.status));
+  // Only a saga being driven grows; one that rests (NEEDS_ATTENTION) does not.
+  const open = ["RUNNING", "COMPENSATING"].includes(shortStatus(order.status));
   const start = ms(order.createdAt);
   const times = [ms(order.updatedAt)];
   for (const step of steps) times.push(ms(step.startedAt), ms(step.finishedAt));
   for (const e of saga.events || []) times.push(ms(e.createdAt));
   for (const a of saga.actions || []) times.push(ms(a.at));
+  for (const a of saga.attempts || []) times.push(ms(a.finishedAt));
   let end = Math.max(start + 1, ...times.filter((t) => t !== null));
   if (open) end = Math.max(end, Date.now());
   const span = end - start;
@@ -379,15 +382,29 @@ function renderTimeline(order, saga) {
     const status = shortStatus(step.status).toLowerCase();
     const track = el("div", { class: "track" });
     const began = ms(step.startedAt);
+    const tries = (saga.attempts || []).filter((a) => a.step === step.name && a.phase === phase);
     if (began !== null) {
       const ended = ms(step.finishedAt) ?? (open ? Date.now() : ms(order.updatedAt));
       const bar = el("div", {
-        class: `bar ${phase} step-${status}`,
+        class: `bar ${phase} step-${status}${tries.length ? " retried" : ""}`,
         title: `${step.name} ${phase}: ${status}, ${step.attempts || 0} attempt(s), ${duration(ended - began)}` +
           (step.lastError ? `\nlast error: ${step.lastError}` : ""),
-      }, step.attempts > 1 ? `×${step.attempts}` : "");
+      }, step.attempts > 1 && !tries.length ? `×${step.attempts}` : "");
       bar.style.left = at(began);
       bar.style.width = `max(3px, calc(${at(ended)} - ${at(began)}))`;
+      track.append(bar);
+    }
+    // A retried step: each attempt as a bar of its own, over the step's.
+    for (const attempt of tries) {
+      const from = ms(attempt.startedAt);
+      const to = ms(attempt.finishedAt);
+      const bar = el("div", {
+        class: `attempt ${attempt.error ? "failed" : "settled"}`,
+        "data-attempt": attempt.attempt,
+        title: `attempt ${attempt.attempt}: ${duration(to - from)}` + (attempt.error ? `\n${attempt.error}` : ", settled the step"),
+      });
+      bar.style.left = at(from);
+      bar.style.width = `max(3px, calc(${at(to)} - ${at(from)}))`;
       track.append(bar);
     }
     const pivot = phase === "forward" && step.name === saga.pivotStep;
@@ -512,10 +529,14 @@ async function follow(orderId) {
 }
 
 async function showSaga(orderId) {
-  show("saga");
-  $("action-result").textContent = "";
+  if (state.live) {
+    state.live.abort();
+    state.live = null;
+  }
   const detail = await api(`/api/orders/${orderId}`);
+  $("action-result").textContent = "";
   renderSaga(detail);
+  show("saga");
   const status = shortStatus(detail.order.status);
   if (["RUNNING", "COMPENSATING"].includes(status)) follow(orderId);
   else $("saga-live").textContent = "";
