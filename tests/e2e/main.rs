@@ -32,6 +32,7 @@ mod cancelled_requests;
 mod chaos;
 mod compose;
 mod config;
+mod contract;
 mod crash_points;
 mod edge;
 mod events;
