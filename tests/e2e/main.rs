@@ -51,6 +51,7 @@ mod recovery;
 mod replicas;
 mod saga;
 mod schema;
+mod sdks;
 mod shipping;
 mod stock;
 mod tls;
