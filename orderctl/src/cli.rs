@@ -6,7 +6,7 @@
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum, error::ErrorKind};
 use ordersaga_proto::{
     Timestamp,
-    orders::v1::{OrderItem, OrderStatus},
+    orders::v1::{ListOrdersRequest, OrderItem, OrderStatus},
 };
 use tonic::transport::Uri;
 
@@ -198,8 +198,9 @@ pub struct CreateArgs {
     pub wait: bool,
 }
 
+/// Which orders: the filters `list`, `bulk` and `audit` share.
 #[derive(Debug, Args)]
-pub struct ListArgs {
+pub struct OrderFilter {
     /// Only this customer's orders.
     #[arg(long)]
     pub customer: Option<String>,
@@ -208,14 +209,6 @@ pub struct ListArgs {
     #[arg(long = "status", value_enum)]
     pub statuses: Vec<StatusArg>,
 
-    /// Orders per page, 1 to 500. Default: the server's (50).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=500))]
-    pub page_size: Option<i32>,
-
-    /// The next-page token printed by the previous `list`.
-    #[arg(long)]
-    pub page_token: Option<String>,
-
     /// Only orders created at or after this time (RFC 3339, e.g. 2026-12-04T10:00:00Z).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub created_after: Option<Timestamp>,
@@ -223,6 +216,42 @@ pub struct ListArgs {
     /// Only orders created before this time (RFC 3339).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub created_before: Option<Timestamp>,
+}
+
+impl OrderFilter {
+    /// The ListOrders request of this filter; `default_status` when no
+    /// `--status` was given.
+    pub fn request(&self, default_status: Option<OrderStatus>) -> ListOrdersRequest {
+        let mut statuses: Vec<i32> = self
+            .statuses
+            .iter()
+            .map(|s| OrderStatus::from(*s) as i32)
+            .collect();
+        if statuses.is_empty() {
+            statuses.extend(default_status.map(|s| s as i32));
+        }
+        ListOrdersRequest {
+            customer_id: self.customer.clone().unwrap_or_default(),
+            statuses,
+            created_after: self.created_after,
+            created_before: self.created_before,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub filter: OrderFilter,
+
+    /// Orders per page, 1 to 500. Default: the server's (50).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=500))]
+    pub page_size: Option<i32>,
+
+    /// The next-page token printed by the previous `list`.
+    #[arg(long)]
+    pub page_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,22 +274,9 @@ pub enum BulkAction {
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// Only this customer's orders.
-    #[arg(long)]
-    pub customer: Option<String>,
-
-    /// Only orders in this status; repeat for several. Default: every status
-    /// (open orders are listed but not checked).
-    #[arg(long = "status", value_enum)]
-    pub statuses: Vec<StatusArg>,
-
-    /// Only orders created at or after this time (RFC 3339).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub created_after: Option<Timestamp>,
-
-    /// Only orders created before this time (RFC 3339).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub created_before: Option<Timestamp>,
+    /// Default: every order (open ones are listed but not checked).
+    #[command(flatten)]
+    pub filter: OrderFilter,
 
     /// URL of the stock service.
     #[arg(long, env = "STOCK_SERVICE_URL", default_value = "http://127.0.0.1:50052", value_parser = parse_addr)]
@@ -279,25 +295,12 @@ pub struct AuditArgs {
     pub services_key: Option<String>,
 }
 
-/// Which orders a bulk action takes, and how it runs.
+/// Which orders a bulk action takes (default status: the one the action is
+/// for), and how it runs.
 #[derive(Debug, Args)]
 pub struct BulkFilter {
-    /// Only this customer's orders.
-    #[arg(long)]
-    pub customer: Option<String>,
-
-    /// Only orders in this status; repeat for several. Default: the one the
-    /// action is for.
-    #[arg(long = "status", value_enum)]
-    pub statuses: Vec<StatusArg>,
-
-    /// Only orders created at or after this time (RFC 3339).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub created_after: Option<Timestamp>,
-
-    /// Only orders created before this time (RFC 3339).
-    #[arg(long, value_name = "TIME", value_parser = parse_time)]
-    pub created_before: Option<Timestamp>,
+    #[command(flatten)]
+    pub orders: OrderFilter,
 
     /// Print the matching orders and their count, and change nothing.
     #[arg(long)]

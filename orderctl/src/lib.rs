@@ -99,16 +99,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::List(args) => {
             let request = ListOrdersRequest {
-                customer_id: args.customer.unwrap_or_default(),
-                statuses: args
-                    .statuses
-                    .into_iter()
-                    .map(|s| OrderStatus::from(s) as i32)
-                    .collect(),
                 page_size: args.page_size.unwrap_or(0),
                 page_token: args.page_token.unwrap_or_default(),
-                created_after: args.created_after,
-                created_before: args.created_before,
+                ..args.filter.request(None)
             };
             let page = client.list_orders(request).await?;
             match output {
@@ -205,21 +198,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => client.clone(),
             };
-            let mut statuses: Vec<i32> = filter
-                .statuses
-                .iter()
-                .map(|s| OrderStatus::from(*s) as i32)
-                .collect();
-            if statuses.is_empty() {
-                statuses.push(default_status as i32);
-            }
-            let request = ListOrdersRequest {
-                customer_id: filter.customer.clone().unwrap_or_default(),
-                statuses,
-                created_after: filter.created_after,
-                created_before: filter.created_before,
-                ..Default::default()
-            };
+            let request = filter.orders.request(Some(default_status));
             let orders = bulk::select(&client, request).await?;
             if filter.dry_run {
                 print!("{}", render::bulk_dry_run(action.verb(), &orders, output));
@@ -255,17 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 args.services_key.as_deref().unwrap_or(&api_key),
             )
             .await?;
-            let request = ListOrdersRequest {
-                customer_id: args.customer.unwrap_or_default(),
-                statuses: args
-                    .statuses
-                    .into_iter()
-                    .map(|s| OrderStatus::from(s) as i32)
-                    .collect(),
-                created_after: args.created_after,
-                created_before: args.created_before,
-                ..Default::default()
-            };
+            let request = args.filter.request(None);
             let orders = bulk::select(&client, request).await?;
             let report = audit::run(&services, &orders).await?;
             match output {

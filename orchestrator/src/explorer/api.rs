@@ -192,14 +192,12 @@ pub async fn retry(
     Path(order_id): Path<String>,
     body: Bytes,
 ) -> Answer {
-    access::require_admin(&x.keys, &headers)?;
-    let body = Body::parse(&body)?;
+    let body = Body::admin(&x, &headers, &body)?;
     let request = RetryCompensationRequest {
         request_id: body.text("request_id")?,
         order_id,
     };
-    let order = x.api.retry_compensation(Request::new(request)).await?;
-    Ok(reply::json(&to_json(order.get_ref())?))
+    replied(x.api.retry_compensation(Request::new(request)).await)
 }
 
 pub async fn resolve(
@@ -208,16 +206,14 @@ pub async fn resolve(
     Path(order_id): Path<String>,
     body: Bytes,
 ) -> Answer {
-    access::require_admin(&x.keys, &headers)?;
-    let body = Body::parse(&body)?;
+    let body = Body::admin(&x, &headers, &body)?;
     let request = ResolveCompensationRequest {
         request_id: body.text("request_id")?,
         order_id,
         operator: body.text("operator")?,
         reason: body.text("reason")?,
     };
-    let order = x.api.resolve_compensation(Request::new(request)).await?;
-    Ok(reply::json(&to_json(order.get_ref())?))
+    replied(x.api.resolve_compensation(Request::new(request)).await)
 }
 
 pub async fn cancel(
@@ -226,15 +222,13 @@ pub async fn cancel(
     Path(order_id): Path<String>,
     body: Bytes,
 ) -> Answer {
-    access::require_admin(&x.keys, &headers)?;
-    let body = Body::parse(&body)?;
+    let body = Body::admin(&x, &headers, &body)?;
     let request = CancelOrderRequest {
         request_id: body.text("request_id")?,
         order_id,
         reason: body.text("reason")?,
     };
-    let order = x.api.cancel_order(Request::new(request)).await?;
-    Ok(reply::json(&to_json(order.get_ref())?))
+    replied(x.api.cancel_order(Request::new(request)).await)
 }
 
 pub async fn not_found() -> Refusal {
@@ -244,7 +238,18 @@ pub async fn not_found() -> Refusal {
 /// An action's JSON body: an object of strings.
 struct Body(Map<String, Value>);
 
+/// An action's answer: the reply (the order) as JSON, or the refusal.
+fn replied<T: serde::Serialize>(reply: Result<tonic::Response<T>, tonic::Status>) -> Answer {
+    Ok(reply::json(&to_json(reply?.get_ref())?))
+}
+
 impl Body {
+    /// The body of an action, once the key is known to be the admin key.
+    fn admin(x: &Explorer, headers: &HeaderMap, bytes: &[u8]) -> Result<Body, Refusal> {
+        access::require_admin(&x.keys, headers)?;
+        Body::parse(bytes)
+    }
+
     fn parse(bytes: &[u8]) -> Result<Body, Refusal> {
         match serde_json::from_slice(bytes) {
             Ok(Value::Object(fields)) => Ok(Body(fields)),
