@@ -44,17 +44,38 @@ impl From<sqlx::Error> for OrderError {
 
 impl From<OrderError> for Status {
     fn from(err: OrderError) -> Self {
-        match err {
-            OrderError::UnknownSku { .. } | OrderError::NotFound(_) => {
-                Status::not_found(err.to_string())
+        use tonic::Code;
+        let (code, reason) = match &err {
+            OrderError::UnknownSku { field, .. } => {
+                // A field of the request: both a reason and the field's path.
+                let mut details = tonic_types::ErrorDetails::with_bad_request_violation(
+                    field.clone(),
+                    "unknown sku",
+                );
+                details.set_error_info("UNKNOWN_SKU", DOMAIN, std::collections::HashMap::new());
+                return <Status as tonic_types::StatusExt>::with_error_details(
+                    Code::NotFound,
+                    err.to_string(),
+                    details,
+                );
             }
-            OrderError::MixedCurrencies { .. }
-            | OrderError::NotCancellable { .. }
-            | OrderError::NotResting { .. } => Status::failed_precondition(err.to_string()),
-            OrderError::ActionRequestIdReused(_) => Status::already_exists(err.to_string()),
-            OrderError::PricingUnavailable(_) => Status::unavailable(err.to_string()),
-            OrderError::Backlogged { .. } => Status::resource_exhausted(err.to_string()),
-            OrderError::Kit(kit) => kit.into(),
-        }
+            OrderError::NotFound(_) => (Code::NotFound, "ORDER_NOT_FOUND"),
+            OrderError::MixedCurrencies { .. } => (Code::FailedPrecondition, "MIXED_CURRENCIES"),
+            OrderError::NotCancellable { .. } => (Code::FailedPrecondition, "NOT_CANCELLABLE"),
+            OrderError::NotResting { .. } => (Code::FailedPrecondition, "NOT_NEEDING_ATTENTION"),
+            OrderError::ActionRequestIdReused(_) => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
+            OrderError::PricingUnavailable(_) => (Code::Unavailable, "PRICING_UNAVAILABLE"),
+            OrderError::Backlogged { .. } => (Code::ResourceExhausted, "TOO_MANY_WAITING_SAGAS"),
+            OrderError::Kit(_) => {
+                let OrderError::Kit(kit) = err else {
+                    unreachable!()
+                };
+                return kit.into();
+            }
+        };
+        svc_kit::error::refusal(code, DOMAIN, reason, err.to_string())
     }
 }
+
+/// The `ErrorInfo` domain of the OrderService's refusals.
+pub const DOMAIN: &str = "orders.v1";

@@ -105,7 +105,14 @@ impl PaymentService for PaymentApi {
         let payment = charges::get(&mut conn, &req.order_id)
             .await
             .map_err(Error::from)?
-            .ok_or_else(|| Status::not_found(format!("no payment for order {}", req.order_id)))?;
+            .ok_or_else(|| {
+                svc_kit::error::refusal(
+                    tonic::Code::NotFound,
+                    crate::error::DOMAIN,
+                    "NO_PAYMENT",
+                    format!("no payment for order {}", req.order_id),
+                )
+            })?;
         Ok(Response::new(GetPaymentResponse {
             payment: Some(payment),
         }))

@@ -52,13 +52,27 @@ impl From<rusqlite::Error> for PaymentError {
 
 impl From<PaymentError> for Status {
     fn from(err: PaymentError) -> Self {
-        match err {
-            PaymentError::UnknownAccount { .. } => Status::not_found(err.to_string()),
-            PaymentError::InsufficientFunds { .. }
-            | PaymentError::CurrencyMismatch { .. }
-            | PaymentError::AlreadyRefunded { .. }
-            | PaymentError::AlreadyCharged { .. } => Status::failed_precondition(err.to_string()),
-            PaymentError::Kit(kit) => kit.into(),
-        }
+        use tonic::Code;
+        let (code, reason) = match &err {
+            PaymentError::UnknownAccount { .. } => (Code::NotFound, "UNKNOWN_ACCOUNT"),
+            PaymentError::InsufficientFunds { .. } => {
+                (Code::FailedPrecondition, "INSUFFICIENT_FUNDS")
+            }
+            PaymentError::CurrencyMismatch { .. } => {
+                (Code::FailedPrecondition, "CURRENCY_MISMATCH")
+            }
+            PaymentError::AlreadyRefunded { .. } => (Code::FailedPrecondition, "ALREADY_REFUNDED"),
+            PaymentError::AlreadyCharged { .. } => (Code::FailedPrecondition, "ALREADY_CHARGED"),
+            PaymentError::Kit(_) => {
+                let PaymentError::Kit(kit) = err else {
+                    unreachable!()
+                };
+                return kit.into();
+            }
+        };
+        svc_kit::error::refusal(code, DOMAIN, reason, err.to_string())
     }
 }
+
+/// The `ErrorInfo` domain of this service's refusals.
+pub const DOMAIN: &str = "payment.v1";

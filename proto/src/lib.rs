@@ -44,6 +44,7 @@ pub use pbjson_types::Timestamp;
 
 pub mod client;
 pub mod codec;
+pub mod errors;
 
 /// The encoded descriptors of every proto package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ordersaga_descriptor");

@@ -39,12 +39,26 @@ impl From<rusqlite::Error> for ShippingError {
 
 impl From<ShippingError> for Status {
     fn from(err: ShippingError) -> Self {
-        match err {
-            ShippingError::NoShipment { .. } => Status::not_found(err.to_string()),
-            ShippingError::CountryNotServed { .. }
-            | ShippingError::AlreadyCancelled { .. }
-            | ShippingError::AlreadyPrepared { .. } => Status::failed_precondition(err.to_string()),
-            ShippingError::Kit(kit) => kit.into(),
-        }
+        use tonic::Code;
+        let (code, reason) = match &err {
+            ShippingError::NoShipment { .. } => (Code::NotFound, "NO_SHIPMENT"),
+            ShippingError::CountryNotServed { .. } => {
+                (Code::FailedPrecondition, "COUNTRY_NOT_SERVED")
+            }
+            ShippingError::AlreadyCancelled { .. } => {
+                (Code::FailedPrecondition, "ALREADY_CANCELLED")
+            }
+            ShippingError::AlreadyPrepared { .. } => (Code::FailedPrecondition, "ALREADY_PREPARED"),
+            ShippingError::Kit(_) => {
+                let ShippingError::Kit(kit) = err else {
+                    unreachable!()
+                };
+                return kit.into();
+            }
+        };
+        svc_kit::error::refusal(code, DOMAIN, reason, err.to_string())
     }
 }
+
+/// The `ErrorInfo` domain of this service's refusals.
+pub const DOMAIN: &str = "shipping.v1";

@@ -127,7 +127,12 @@ impl StockService for StockApi {
             .await
             .map_err(Error::from)?
             .ok_or_else(|| {
-                Status::not_found(format!("no reservation for order {}", req.order_id))
+                svc_kit::error::refusal(
+                    tonic::Code::NotFound,
+                    crate::error::DOMAIN,
+                    "NO_RESERVATION",
+                    format!("no reservation for order {}", req.order_id),
+                )
             })?;
         Ok(Response::new(GetReservationResponse {
             reservation: Some(reservation),

@@ -58,16 +58,25 @@ impl From<rusqlite::Error> for StockError {
 
 impl From<StockError> for Status {
     fn from(err: StockError) -> Self {
-        match err {
-            StockError::UnknownSku { .. } | StockError::NewSkuIncomplete { .. } => {
-                Status::not_found(err.to_string())
+        use tonic::Code;
+        let (code, reason) = match &err {
+            StockError::UnknownSku { .. } => (Code::NotFound, "UNKNOWN_SKU"),
+            StockError::NewSkuIncomplete { .. } => (Code::NotFound, "NEW_SKU_INCOMPLETE"),
+            StockError::OutOfStock { .. } => (Code::FailedPrecondition, "OUT_OF_STOCK"),
+            StockError::PriceChanged { .. } => (Code::FailedPrecondition, "PRICE_CHANGED"),
+            StockError::MixedCurrencies { .. } => (Code::FailedPrecondition, "MIXED_CURRENCIES"),
+            StockError::AlreadyReleased { .. } => (Code::FailedPrecondition, "ALREADY_RELEASED"),
+            StockError::AlreadyReserved { .. } => (Code::FailedPrecondition, "ALREADY_RESERVED"),
+            StockError::Kit(_) => {
+                let StockError::Kit(kit) = err else {
+                    unreachable!()
+                };
+                return kit.into();
             }
-            StockError::OutOfStock { .. }
-            | StockError::PriceChanged { .. }
-            | StockError::MixedCurrencies { .. }
-            | StockError::AlreadyReleased { .. }
-            | StockError::AlreadyReserved { .. } => Status::failed_precondition(err.to_string()),
-            StockError::Kit(kit) => kit.into(),
-        }
+        };
+        svc_kit::error::refusal(code, DOMAIN, reason, err.to_string())
     }
 }
+
+/// The `ErrorInfo` domain of this service's refusals.
+pub const DOMAIN: &str = "stock.v1";

@@ -15,7 +15,9 @@ use std::{
 use futures::future::{Either, Ready, ready};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Status, server::NamedService};
+use tonic::{Code, Status, server::NamedService};
+
+use crate::error::{DOMAIN, refusal};
 use tower::Service;
 
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -87,7 +89,10 @@ impl Keys {
     /// What `key` may call `path` with: `Ok` or the refusal.
     fn check(&self, path: &str, key: Option<&[u8]>) -> Result<(), Status> {
         let Some(key) = key else {
-            return Err(Status::unauthenticated(
+            return Err(refusal(
+                Code::Unauthenticated,
+                DOMAIN,
+                "API_KEY_MISSING",
                 "missing x-api-key metadata: send the service's API key",
             ));
         };
@@ -95,16 +100,30 @@ impl Keys {
         let (is_business, is_admin) = (self.business.contains(key), self.admin.contains(key));
         match (admin_method, is_business, is_admin) {
             (false, true, _) | (true, _, true) => Ok(()),
-            (true, true, false) if self.admin.is_empty() => Err(Status::permission_denied(
+            (true, true, false) if self.admin.is_empty() => Err(refusal(
+                Code::PermissionDenied,
+                DOMAIN,
+                "ADMIN_RPCS_OFF",
                 "admin RPCs are off on this service: it has no admin key (set ADMIN_API_KEY)",
             )),
-            (true, true, false) => Err(Status::permission_denied(
+            (true, true, false) => Err(refusal(
+                Code::PermissionDenied,
+                DOMAIN,
+                "ADMIN_KEY_REQUIRED",
                 "x-api-key holds a business key; this RPC takes an admin key (ADMIN_API_KEY)",
             )),
-            (false, false, true) => Err(Status::permission_denied(
+            (false, false, true) => Err(refusal(
+                Code::PermissionDenied,
+                DOMAIN,
+                "BUSINESS_KEY_REQUIRED",
                 "x-api-key holds an admin key; business RPCs take a business key (APPLICATION_API_KEY)",
             )),
-            (_, false, false) => Err(Status::unauthenticated("x-api-key does not match")),
+            (_, false, false) => Err(refusal(
+                Code::Unauthenticated,
+                DOMAIN,
+                "API_KEY_INVALID",
+                "x-api-key does not match",
+            )),
         }
     }
 }

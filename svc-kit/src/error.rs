@@ -1,6 +1,28 @@
 //! The outcomes that the kit itself can produce, and how they reach a caller.
+//!
+//! Every refusal carries, besides its English message, the gRPC richer error
+//! model's details (`google.rpc.Status` details, read with `tonic-types`): a
+//! malformed field as a `BadRequest` field violation naming its path, and a
+//! definite refusal as an `ErrorInfo` with a stable reason (e.g.
+//! `INSUFFICIENT_FUNDS`) and its domain (the proto package, e.g. `payment.v1`),
+//! so that a client branches on the reason without parsing English.
+
+use std::collections::HashMap;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo` domain of the kit's own refusals (shared by every service).
+pub const DOMAIN: &str = "ordersaga";
+
+/// A refusal with a stable `reason` in `domain`, besides its message.
+pub fn refusal(code: Code, domain: &str, reason: &str, message: impl Into<String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, domain, HashMap::new()),
+    )
+}
 
 /// An error of the shared service machinery (store, idempotency, validation).
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +104,18 @@ impl From<rusqlite::Error> for Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match &err {
-            Error::InvalidArgument { .. } | Error::RequestIdReused { .. } => {
-                Status::invalid_argument(err.to_string())
+            Error::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                err.to_string(),
+                ErrorDetails::with_bad_request_violation(field.clone(), reason.clone()),
+            ),
+            Error::RequestIdReused { .. } => {
+                let mut details = ErrorDetails::with_bad_request_violation(
+                    "request_id",
+                    "already used for a different request",
+                );
+                details.set_error_info("REQUEST_ID_REUSED", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::InvalidArgument, err.to_string(), details)
             }
             Error::StoreUnavailable(source) => {
                 tracing::warn!(error = %source, "store unavailable");

@@ -37,7 +37,7 @@ const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, c
      VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING";
 const STORE_REPLY: &str =
     "UPDATE idempotency SET status_code = 0, reply = $1 WHERE request_id = $2";
-const STORED: &str = "SELECT method, fingerprint, status_code, status_message, reply FROM idempotency WHERE request_id = $1";
+const STORED: &str = "SELECT method, fingerprint, status_code, status_message, status_details, reply FROM idempotency WHERE request_id = $1";
 
 /// The identity of a mutating request.
 pub struct RequestKey<'a> {
@@ -198,17 +198,15 @@ fn run_on_sqlite<Resp: Message + Default>(
             conn.execute_batch("ROLLBACK TO effect; RELEASE effect")?;
             if DEFINITE_REFUSALS.contains(&status.code()) {
                 conn.prepare_cached(
-                    "UPDATE idempotency SET status_code = $1, status_message = $2 WHERE request_id = $3",
+                    "UPDATE idempotency SET status_code = $1, status_message = $2, status_details = $3 WHERE request_id = $4",
                 )?
                 .execute(rusqlite::params![
                     status.code() as i32 as i64,
                     status.message(),
+                    stored_details(&status),
                     key.request_id
                 ])?;
-                Ok(Outcome::Keep(Err(Status::new(
-                    status.code(),
-                    status.message(),
-                ))))
+                Ok(Outcome::Keep(Err(as_stored(&status))))
             } else {
                 // Not an answer: leave no trace, not even the claim.
                 Ok(Outcome::Undo(Err(status)))
@@ -229,7 +227,8 @@ fn replay_sqlite<Resp: Message + Default>(
                 fingerprint: r.get(1)?,
                 status_code: r.get(2)?,
                 status_message: r.get(3)?,
-                reply: r.get(4)?,
+                status_details: r.get(4)?,
+                reply: r.get(5)?,
             })
         })
         .optional()?;
@@ -326,8 +325,8 @@ async fn record_refusal<Resp: Message + Default>(
     status: &Status,
 ) -> Result<Result<Resp, Status>, sqlx::Error> {
     let stored = sqlx::query(
-        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (request_id) DO NOTHING",
+        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message, status_details) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(key.request_id)
     .bind(key.method)
@@ -335,12 +334,13 @@ async fn record_refusal<Resp: Message + Default>(
     .bind(now_ms())
     .bind(status.code() as i32 as i64)
     .bind(status.message())
+    .bind(stored_details(status))
     .execute(&mut *conn)
     .await?
     .rows_affected()
         == 1;
     if stored {
-        Ok(Err(Status::new(status.code(), status.message())))
+        Ok(Err(as_stored(status)))
     } else {
         replay(conn, key).await
     }
@@ -360,6 +360,7 @@ async fn replay<Resp: Message + Default>(
         fingerprint: row.try_get("fingerprint")?,
         status_code: row.try_get("status_code")?,
         status_message: row.try_get("status_message")?,
+        status_details: row.try_get("status_details")?,
         reply: row.try_get("reply")?,
     };
     Ok(stored.answer(key.method, key.request_id, &key.fingerprint))
@@ -371,7 +372,24 @@ struct Stored {
     fingerprint: Vec<u8>,
     status_code: Option<i64>,
     status_message: Option<String>,
+    /// The refusal's rich error details (`google.rpc.Status` details).
+    status_details: Option<Vec<u8>>,
     reply: Option<Vec<u8>>,
+}
+
+/// A refusal's details as stored: `None` when it has none.
+fn stored_details(status: &Status) -> Option<Vec<u8>> {
+    (!status.details().is_empty()).then(|| status.details().to_vec())
+}
+
+/// A refusal as a replay will answer it: code, message and details, and no
+/// metadata (which is not stored), so the first answer and every replay agree.
+fn as_stored(status: &Status) -> Status {
+    Status::with_details(
+        status.code(),
+        status.message(),
+        bytes::Bytes::copy_from_slice(status.details()),
+    )
 }
 
 impl Stored {
@@ -392,9 +410,10 @@ impl Stored {
         match (self.status_code, self.reply) {
             (Some(0), Some(reply)) => Resp::decode(reply.as_slice())
                 .map_err(|e| Error::Internal(format!("stored reply of {request_id}: {e}")).into()),
-            (Some(code), _) if code != 0 => Err(Status::new(
+            (Some(code), _) if code != 0 => Err(Status::with_details(
                 Code::from_i32(code as i32),
                 self.status_message.unwrap_or_default(),
+                self.status_details.unwrap_or_default().into(),
             )),
             _ => Err(Error::Internal(format!("request {request_id} has no stored reply")).into()),
         }

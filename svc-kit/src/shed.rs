@@ -13,7 +13,6 @@ use std::{
 };
 
 use tokio::sync::Semaphore;
-use tonic::Status;
 use tower::{Layer, Service};
 
 #[derive(Clone)]
@@ -75,9 +74,14 @@ where
         let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
             let limit = self.layer.limit;
             return Box::pin(async move {
-                Ok(Status::resource_exhausted(format!(
-                    "the server has {limit} calls in flight, its limit (MAX_CONCURRENT_CALLS); retry with backoff"
-                ))
+                Ok(crate::error::refusal(
+                    tonic::Code::ResourceExhausted,
+                    crate::error::DOMAIN,
+                    "OVERLOADED",
+                    format!(
+                        "the server has {limit} calls in flight, its limit (MAX_CONCURRENT_CALLS); retry with backoff"
+                    ),
+                )
                 .into_http())
             });
         };

@@ -49,6 +49,7 @@ mod payment;
 mod rapid_reset;
 mod recovery;
 mod replicas;
+mod rich_errors;
 mod saga;
 mod schema;
 mod sdks;

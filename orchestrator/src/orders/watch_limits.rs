@@ -91,7 +91,7 @@ impl WatchLimits {
     /// `None` when the transport does not tell), or RESOURCE_EXHAUSTED.
     pub fn open(&self, connection: Option<SocketAddr>) -> Result<WatchSlot, Status> {
         let total = self.total.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
+            too_many_watches(format!(
                 "{} WatchOrder streams are open on this server, the limit (MAX_WATCH_STREAMS); watch again later",
                 self.max_total
             ))
@@ -100,7 +100,7 @@ impl WatchLimits {
             let mut open = self.per_connection.lock().unwrap();
             let count = open.entry(connection).or_default();
             if *count >= self.max_per_connection {
-                return Err(Status::resource_exhausted(format!(
+                return Err(too_many_watches(format!(
                     "{} WatchOrder streams are open on this connection, the limit (MAX_WATCH_STREAMS_PER_CONNECTION)",
                     self.max_per_connection
                 )));
@@ -144,4 +144,13 @@ mod tests {
             .open(Some(c))
             .expect("a closed stream gives its place back");
     }
+}
+
+fn too_many_watches(message: String) -> Status {
+    svc_kit::error::refusal(
+        tonic::Code::ResourceExhausted,
+        crate::error::DOMAIN,
+        "TOO_MANY_WATCHES",
+        message,
+    )
 }
