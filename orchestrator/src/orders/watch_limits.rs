@@ -115,6 +115,15 @@ impl WatchLimits {
     }
 }
 
+fn too_many_watches(message: String) -> Status {
+    svc_kit::error::refusal(
+        tonic::Code::ResourceExhausted,
+        crate::error::DOMAIN,
+        "TOO_MANY_WATCHES",
+        message,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,13 +153,4 @@ mod tests {
             .open(Some(c))
             .expect("a closed stream gives its place back");
     }
-}
-
-fn too_many_watches(message: String) -> Status {
-    svc_kit::error::refusal(
-        tonic::Code::ResourceExhausted,
-        crate::error::DOMAIN,
-        "TOO_MANY_WATCHES",
-        message,
-    )
 }
