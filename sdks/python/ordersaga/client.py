@@ -9,6 +9,8 @@ import uuid
 from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from orders.v1 import orders_pb2, orders_pb2_grpc
 
@@ -27,16 +29,31 @@ _UNKNOWN_OUTCOME = {
 class OrderServiceError(Exception):
     """A call the server (or the network) refused.
 
-    ``code`` is the ``grpc.StatusCode``; ``message`` the server's text, which
-    names the offending field for INVALID_ARGUMENT. ``request_id`` is set for
-    a mutating call whose outcome is unknown: retrying with it is safe.
+    ``code`` is the ``grpc.StatusCode``; ``message`` the server's text.
+    ``reason`` and ``domain`` come from the refusal's ``google.rpc.ErrorInfo``
+    (e.g. ``INSUFFICIENT_FUNDS`` in ``payment.v1``): branch on them, not on
+    the text. ``field_violations`` lists ``(field, description)`` from its
+    ``google.rpc.BadRequest`` (e.g. ``shipping_address.country``).
+    ``request_id`` is set for a mutating call whose outcome is unknown:
+    retrying with it is safe.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: Optional[str] = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        request_id: Optional[str] = None,
+        reason: str = "",
+        domain: str = "",
+        field_violations: Sequence[Tuple[str, str]] = (),
+    ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.reason = reason
+        self.domain = domain
+        self.field_violations = list(field_violations)
 
     @property
     def outcome_unknown(self) -> bool:
@@ -47,7 +64,16 @@ def _error(err: grpc.RpcError, request_id: Optional[str] = None) -> OrderService
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     unknown = code in _UNKNOWN_OUTCOME
-    return OrderServiceError(code, details or "", request_id if unknown else None)
+    reason, domain, violations = "", "", []
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason, domain = info.reason, info.domain
+        elif detail.Unpack(bad):
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+    return OrderServiceError(code, details or "", request_id if unknown else None, reason, domain, violations)
 
 
 Item = Tuple[str, int]

@@ -60,7 +60,17 @@ try:
 except OrderServiceError as err:
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
     assert "shipping_address.country" in err.message, err
+    assert [f for f, _ in err.field_violations] == ["shipping_address.country"], err.field_violations
     assert err.request_id is None and not err.outcome_unknown, err
+
+# A rich refusal: the reason and its domain, without parsing the text.
+try:
+    client.create_order("alice", [("NOPE", 1)], address)
+    raise AssertionError("an unknown SKU was accepted")
+except OrderServiceError as err:
+    assert err.code == grpc.StatusCode.NOT_FOUND, err
+    assert (err.reason, err.domain) == ("UNKNOWN_SKU", "orders.v1"), (err.reason, err.domain)
+    assert [f for f, _ in err.field_violations] == ["items[0].sku"], err.field_violations
 
 # A wrong key is UNAUTHENTICATED.
 try:
@@ -68,5 +78,6 @@ try:
     raise AssertionError("a wrong key was accepted")
 except OrderServiceError as err:
     assert err.code == grpc.StatusCode.UNAUTHENTICATED, err
+    assert err.reason == "API_KEY_INVALID", err.reason
 
 print("PYTHON_SDK_OK")
