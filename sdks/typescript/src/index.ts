@@ -23,6 +23,8 @@ import {
   ShippingAddressSchema,
 } from "./gen/orders/v1/orders_pb.js";
 
+import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb.js";
+
 export * from "./gen/orders/v1/orders_pb.js";
 export { Code, ConnectError };
 
@@ -32,6 +34,23 @@ export const API_KEY_HEADER = "x-api-key";
 const UNKNOWN_OUTCOME = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Unknown, Code.Internal]);
 
 const REQUEST_ID = Symbol("requestId");
+
+/**
+ * Why a call was refused, from its `google.rpc.ErrorInfo`: a stable reason
+ * (e.g. "INSUFFICIENT_FUNDS") and its domain (the proto package, e.g.
+ * "payment.v1", or "ordersaga" for the shared ones). Branch on it, not on the text.
+ */
+export function refusalOf(err: unknown): { reason: string; domain: string } | undefined {
+  const [info] = ConnectError.from(err).findDetails(ErrorInfoSchema);
+  return info ? { reason: info.reason, domain: info.domain } : undefined;
+}
+
+/** The fields a malformed request got wrong (`google.rpc.BadRequest`): path and description. */
+export function fieldViolationsOf(err: unknown): { field: string; description: string }[] {
+  return ConnectError.from(err)
+    .findDetails(BadRequestSchema)
+    .flatMap((bad) => bad.fieldViolations.map((v) => ({ field: v.field, description: v.description })));
+}
 
 /** The request ID a retry of the failed call must reuse, when its outcome is unknown. */
 export function requestIdOf(err: unknown): string | undefined {

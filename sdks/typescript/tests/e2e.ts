@@ -4,7 +4,7 @@
 // Prints TYPESCRIPT_SDK_OK when every check holds.
 import assert from "node:assert/strict";
 
-import { Code, ConnectError, OrderClient, OrderStatus, requestIdOf } from "../src/index.js";
+import { Code, ConnectError, fieldViolationsOf, OrderClient, OrderStatus, refusalOf, requestIdOf } from "../src/index.js";
 
 const client = new OrderClient({ baseUrl: process.env.ORDERS_URL!, apiKey: process.env.API_KEY! });
 const address = { recipient: "Grace Hopper", line1: "1 Navy Yard", city: "Berlin", postalCode: "10115", country: "DE" };
@@ -40,13 +40,22 @@ await assert.rejects(
     assert.ok(err instanceof ConnectError);
     assert.equal(err.code, Code.InvalidArgument);
     assert.match(err.rawMessage, /shipping_address\.country/);
+    assert.deepEqual(fieldViolationsOf(err).map((v) => v.field), ["shipping_address.country"]);
     assert.equal(requestIdOf(err), undefined, "a definite refusal needs no retry");
     return true;
   },
 );
+// A rich refusal: the reason and its domain, without parsing the text.
+await assert.rejects(client.createOrder("alice", [["NOPE", 1]], address), (err: unknown) => {
+  assert.equal(ConnectError.from(err).code, Code.NotFound);
+  assert.deepEqual(refusalOf(err), { reason: "UNKNOWN_SKU", domain: "orders.v1" });
+  assert.deepEqual(fieldViolationsOf(err).map((v) => v.field), ["items[0].sku"]);
+  return true;
+});
 await assert.rejects(
   new OrderClient({ baseUrl: process.env.ORDERS_URL!, apiKey: "not-a-key" }).getOrder(done.orderId),
-  (err: unknown) => err instanceof ConnectError && err.code === Code.Unauthenticated,
+  (err: unknown) =>
+    err instanceof ConnectError && err.code === Code.Unauthenticated && refusalOf(err)?.reason === "API_KEY_INVALID",
 );
 
 console.log("TYPESCRIPT_SDK_OK");
