@@ -195,8 +195,17 @@ async fn a_rotated_key_set_takes_the_new_and_the_old_key_and_no_other(backend: B
         unit_price_cents: 100,
         currency: "EUR".into(),
     };
+    let off = client.restock(with_key(restock, Some(NEW))).await;
+    assert_eq!(
+        off.as_ref()
+            .err()
+            .and_then(ordersaga_proto::errors::refusal)
+            .map(|r| r.reason),
+        Some(ordersaga_proto::errors::Reason::AdminRpcsOff),
+        "{off:?}"
+    );
     assert_status(
-        client.restock(with_key(restock, Some(NEW))).await,
+        off,
         Code::PermissionDenied,
         &["admin RPCs are off", "ADMIN_API_KEY"],
     );

@@ -38,7 +38,7 @@ const WAIT: Duration = Duration::from_secs(60);
 pub(crate) struct Setup {
     pub(crate) services: DomainServices,
     /// Between the orchestrator and stock: cut, stock's releases fail.
-    link: TcpProxy,
+    pub(crate) link: TcpProxy,
     pub(crate) orchestrator: ServiceProcess,
     _db: TestDb,
     _dir: tempfile::TempDir,

@@ -3,6 +3,7 @@
 //! at once, naming the limit; the pricing of new orders cannot take the
 //! stock link from the sagas under way.
 
+use ordersaga_proto::errors::Reason;
 use std::time::{Duration, Instant};
 
 use ordersaga_proto::{
@@ -65,12 +66,22 @@ async fn watch_streams_are_bounded_per_connection_in_total_and_in_time() {
             .contains("MAX_WATCH_STREAMS_PER_CONNECTION"),
         "{refused:?}"
     );
+    assert_eq!(
+        reason_of(&refused),
+        Some(Reason::TooManyWatches),
+        "{refused:?}"
+    );
 
     let _third = connection(&endpoint).watch_order(&id).await.unwrap();
     let refused = connection(&endpoint).watch_order(&id).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("MAX_WATCH_STREAMS"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        reason_of(&refused),
+        Some(Reason::TooManyWatches),
         "{refused:?}"
     );
 
@@ -138,6 +149,11 @@ async fn calls_past_the_limit_are_refused_at_once() {
                     ordersaga_proto::stock::v1::GetProductRequest { sku: "NONE".into() },
                 ))
                 .await;
+            if let Err(status) = &answer
+                && status.code() == Code::ResourceExhausted
+            {
+                assert_eq!(reason_of(status), Some(Reason::Overloaded), "{status:?}");
+            }
             (answer.err().map(|s| s.code()), started.elapsed())
         }
     });
@@ -236,6 +252,11 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("MAX_WAITING_SAGAS"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        reason_of(&refused),
+        Some(Reason::TooManyWaitingSagas),
         "{refused:?}"
     );
     assert!(took < Duration::from_secs(1), "the refusal took {took:?}");
@@ -369,4 +390,9 @@ async fn many_watchers_of_one_order_share_one_reload_per_change() {
         reloads <= 12.0,
         "{WATCHERS} watchers of one order made {reloads} reloads of it"
     );
+}
+
+/// The refusal's ErrorInfo reason (see `rich_errors.rs`).
+fn reason_of(status: &tonic::Status) -> Option<Reason> {
+    ordersaga_proto::errors::refusal(status).map(|r| r.reason)
 }
