@@ -7,8 +7,8 @@
 use ordersaga_proto::{
     errors::{Reason, field_violations, refusal},
     orders::v1::{
-        CancelOrderRequest, GetOrderRequest, OrderStatus, RetryCompensationRequest,
-        order_service_client::OrderServiceClient,
+        CancelOrderRequest, GetOrderRequest, OrderStatus, ResolveCompensationRequest,
+        RetryCompensationRequest, order_service_client::OrderServiceClient,
     },
     payment::v1::{ChargeRequest, GetPaymentRequest, RefundRequest},
     shipping::v1::{Address, CancelShipmentRequest, GetShipmentRequest, PrepareShipmentRequest},
@@ -431,6 +431,52 @@ async fn every_refusal_carries_its_reason_and_a_replay_keeps_it(backend: Backend
         orders.retry_compensation(admin(retry)).await,
         Code::FailedPrecondition,
         Reason::NotNeedingAttention,
+        "orders.v1",
+    );
+    // A SKU not priced yet, with the stock service out of reach.
+    setup.link.cut();
+    let unpriced = orders
+        .create_order(authed(order(&request_id(), "alice", &[("PEN", 1)], "DE")))
+        .await;
+    setup.link.restore();
+    assert_reason(
+        unpriced,
+        Code::Unavailable,
+        Reason::PricingUnavailable,
+        "orders.v1",
+    );
+    let mixed = orders
+        .create_order(authed(order(
+            &request_id(),
+            "alice",
+            &[("BOOK", 1), ("USD-1", 1)],
+            "DE",
+        )))
+        .await;
+    assert_reason(
+        mixed,
+        Code::FailedPrecondition,
+        Reason::MixedCurrencies,
+        "orders.v1",
+    );
+    // An operator action's request_id, used again for another action.
+    let stuck = setup.stuck_order().await;
+    let action_id = request_id();
+    let retry = RetryCompensationRequest {
+        request_id: action_id.clone(),
+        order_id: stuck.order_id.clone(),
+    };
+    orders.retry_compensation(admin(retry)).await.unwrap();
+    let resolve = ResolveCompensationRequest {
+        request_id: action_id,
+        order_id: stuck.order_id.clone(),
+        operator: "ops@example.com".into(),
+        reason: "by hand".into(),
+    };
+    assert_reason(
+        orders.resolve_compensation(admin(resolve)).await,
+        Code::AlreadyExists,
+        Reason::RequestIdReused,
         "orders.v1",
     );
 }
