@@ -114,12 +114,9 @@ async fn the_explorer_api_answers_with_a_key_and_names_what_it_refuses(backend: 
 
     // No data without a key, nor with a wrong one.
     for path in ["/api/session", "/api/counts", "/api/orders"] {
-        assert_refused(
-            &x.get(path, None).await,
-            401,
-            "UNAUTHENTICATED",
-            "x-api-key",
-        );
+        let keyless = x.get(path, None).await;
+        assert_refused(&keyless, 401, "UNAUTHENTICATED", "x-api-key");
+        assert_eq!(keyless.json()["reason"], "API_KEY_MISSING", "{keyless:?}");
         assert_refused(
             &x.get(path, Some("not-a-key")).await,
             401,
@@ -255,11 +252,13 @@ async fn the_explorer_api_answers_with_a_key_and_names_what_it_refuses(backend: 
         "INVALID_ARGUMENT",
         "JSON object",
     );
-    assert_refused(
-        &x.post(&retry, ADMIN_KEY, &body).await,
-        409,
-        "FAILED_PRECONDITION",
-        "COMPENSATED",
+    let resting = x.post(&retry, ADMIN_KEY, &body).await;
+    assert_refused(&resting, 409, "FAILED_PRECONDITION", "COMPENSATED");
+    // The gRPC refusal's reason comes along (its ErrorInfo).
+    assert_eq!(
+        resting.json()["reason"],
+        "NOT_NEEDING_ATTENTION",
+        "{resting:?}"
     );
     let cancel = format!("/api/orders/{}/cancel", completed.order_id);
     assert_refused(

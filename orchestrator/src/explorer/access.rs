@@ -32,6 +32,7 @@ impl Scope {
 pub fn scope(keys: &Keys, headers: &HeaderMap) -> Result<Scope, Refusal> {
     let Some(key) = headers.get(API_KEY_HEADER) else {
         return Err(Refusal::unauthenticated(
+            "API_KEY_MISSING",
             "missing x-api-key header: sign in with the business key (APPLICATION_API_KEY) or the admin key (ADMIN_API_KEY)",
         ));
     };
@@ -44,7 +45,10 @@ pub fn scope(keys: &Keys, headers: &HeaderMap) -> Result<Scope, Refusal> {
     } else if business {
         Ok(Scope::Read)
     } else {
-        Err(Refusal::unauthenticated("x-api-key does not match"))
+        Err(Refusal::unauthenticated(
+            "API_KEY_INVALID",
+            "x-api-key does not match",
+        ))
     }
 }
 
@@ -53,9 +57,11 @@ pub fn require_admin(keys: &Keys, headers: &HeaderMap) -> Result<(), Refusal> {
     match scope(keys, headers)? {
         Scope::Admin => Ok(()),
         Scope::Read if keys.admin.is_empty() => Err(Refusal::forbidden(
+            "ADMIN_RPCS_OFF",
             "actions are off on this orchestrator: it has no admin key (set ADMIN_API_KEY)",
         )),
         Scope::Read => Err(Refusal::forbidden(
+            "ADMIN_KEY_REQUIRED",
             "x-api-key holds the business key, which only reads; actions take the admin key (ADMIN_API_KEY)",
         )),
     }

@@ -25,21 +25,30 @@ fn with_status(status: StatusCode, body: &Value) -> Response {
     response
 }
 
-/// A refused request: `{"code": "NOT_FOUND", "message": "…"}`.
+/// A refused request: `{"code": "NOT_FOUND", "message": "…"}`, with the
+/// stable `reason` of the refusal's ErrorInfo when it has one (as gRPC
+/// clients read it; see docs/sdks.md).
 #[derive(Debug)]
 pub struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
+    reason: Option<String>,
 }
 
 impl Refusal {
-    pub fn unauthenticated(message: &str) -> Self {
-        Refusal::new(Code::Unauthenticated, message)
+    pub fn unauthenticated(reason: &str, message: &str) -> Self {
+        Refusal::new(Code::Unauthenticated, message).because(reason)
     }
 
-    pub fn forbidden(message: &str) -> Self {
-        Refusal::new(Code::PermissionDenied, message)
+    pub fn forbidden(reason: &str, message: &str) -> Self {
+        Refusal::new(Code::PermissionDenied, message).because(reason)
+    }
+
+    /// With a stable reason, as the gRPC API gives it.
+    pub fn because(mut self, reason: &str) -> Self {
+        self.reason = Some(reason.to_owned());
+        self
     }
 
     /// A malformed request, naming what is wrong.
@@ -52,17 +61,25 @@ impl Refusal {
             status: http_status(code),
             code: code_name(code),
             message: message.into(),
+            reason: None,
         }
     }
 
     pub fn body(&self) -> Value {
-        json!({ "code": self.code, "message": self.message })
+        match &self.reason {
+            Some(reason) => json!({ "code": self.code, "message": self.message, "reason": reason }),
+            None => json!({ "code": self.code, "message": self.message }),
+        }
     }
 }
 
 impl From<Status> for Refusal {
     fn from(status: Status) -> Self {
-        Refusal::new(status.code(), status.message())
+        let refusal = Refusal::new(status.code(), status.message());
+        match tonic_types::StatusExt::get_details_error_info(&status) {
+            Some(info) => refusal.because(&info.reason),
+            None => refusal,
+        }
     }
 }
 
