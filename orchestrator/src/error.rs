@@ -48,15 +48,13 @@ impl From<OrderError> for Status {
         let (code, reason) = match &err {
             OrderError::UnknownSku { field, .. } => {
                 // A field of the request: both a reason and the field's path.
-                let mut details = tonic_types::ErrorDetails::with_bad_request_violation(
+                return svc_kit::error::refusal_of_field(
+                    Code::NotFound,
+                    DOMAIN,
+                    "UNKNOWN_SKU",
                     field.clone(),
                     "unknown sku",
-                );
-                details.set_error_info("UNKNOWN_SKU", DOMAIN, std::collections::HashMap::new());
-                return <Status as tonic_types::StatusExt>::with_error_details(
-                    Code::NotFound,
                     err.to_string(),
-                    details,
                 );
             }
             OrderError::NotFound(_) => (Code::NotFound, "ORDER_NOT_FOUND"),

@@ -9,23 +9,15 @@
 //! (it moved on since the listing) is refused by the server and counted as
 //! skipped, with the reason; any other refusal counts as failed.
 
-use std::time::Duration;
-
 use futures::{StreamExt as _, stream};
 use indicatif::{ProgressBar, ProgressStyle};
-use ordersaga_proto::{
-    client::OrderClient,
-    orders::v1::{ListOrdersRequest, Order},
-};
+use ordersaga_proto::{client::OrderClient, orders::v1::Order};
 use serde_json::json;
 use tonic::{Code, Status};
 
 /// Calls in flight at once: enough to be quick, few enough to leave the
 /// orchestrator to the orders.
 const IN_FLIGHT: usize = 8;
-
-/// Orders per listed page (the server's most).
-const PAGE_SIZE: i32 = 500;
 
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -42,28 +34,6 @@ impl Action {
             Action::Cancel { .. } => "cancel",
         }
     }
-}
-
-/// Every order `filter` matches, newest first, page after page.
-pub async fn select(
-    reader: &OrderClient,
-    mut filter: ListOrdersRequest,
-) -> Result<Vec<Order>, Status> {
-    let spinner = ProgressBar::new_spinner().with_message("listing the matching orders");
-    spinner.enable_steady_tick(Duration::from_millis(120));
-    filter.page_size = PAGE_SIZE;
-    let mut orders = Vec::new();
-    loop {
-        let page = reader.list_orders(filter.clone()).await?;
-        orders.extend(page.orders);
-        spinner.set_message(format!("{} orders match so far", orders.len()));
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        filter.page_token = page.next_page_token;
-    }
-    spinner.finish_and_clear();
-    Ok(orders)
 }
 
 /// What became of each order.

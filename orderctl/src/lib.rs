@@ -19,6 +19,7 @@ use std::{fmt, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use indicatif::ProgressBar;
 use ordersaga_proto::{
     client::OrderClient,
     orders::v1::{CreateOrderRequest, ListOrdersRequest, Order, OrderStatus, ShippingAddress},
@@ -199,7 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => client.clone(),
             };
             let request = filter.orders.request(Some(default_status));
-            let orders = bulk::select(&client, request).await?;
+            let orders = list_all(&client, request).await?;
             if filter.dry_run {
                 print!("{}", render::bulk_dry_run(action.verb(), &orders, output));
                 return Ok(());
@@ -235,7 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await?;
             let request = args.filter.request(None);
-            let orders = bulk::select(&client, request).await?;
+            let orders = list_all(&client, request).await?;
             let report = audit::run(&services, &orders).await?;
             match output {
                 Output::Json => print!("{}", render::json(&report.to_json())),
@@ -251,6 +252,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(_) | Command::Completions { .. } => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// Orders per listed page (the server's most).
+const PAGE_SIZE: i32 = 500;
+
+/// Every order `filter` matches, newest first, page after page (for `bulk`
+/// and `audit`), with a spinner.
+async fn list_all(
+    reader: &OrderClient,
+    mut filter: ListOrdersRequest,
+) -> Result<Vec<Order>, Status> {
+    let spinner = ProgressBar::new_spinner().with_message("listing the matching orders");
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    filter.page_size = PAGE_SIZE;
+    let mut orders = Vec::new();
+    loop {
+        let page = reader.list_orders(filter.clone()).await?;
+        orders.extend(page.orders);
+        spinner.set_message(format!("{} orders match so far", orders.len()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        filter.page_token = page.next_page_token;
+    }
+    spinner.finish_and_clear();
+    Ok(orders)
 }
 
 /// A client of the OrderService at `addr` with `key`. A connect failure is

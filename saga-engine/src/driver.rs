@@ -124,9 +124,18 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         }
     }
 
-    /// The attempts made since the last call, for the next step record.
-    fn take_tries(&self) -> Vec<AttemptRecord> {
-        std::mem::take(&mut *self.tries.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The attempts made since the last call, for the next step record;
+    /// none unless `keep` says so. Not kept, they are cleared in place: the
+    /// buffer's room is reused, so a saga whose steps settle at once
+    /// allocates it once.
+    fn take_tries(&self, keep: impl FnOnce(&[AttemptRecord]) -> bool) -> Vec<AttemptRecord> {
+        let mut tries = self.tries.lock().unwrap_or_else(|e| e.into_inner());
+        if keep(&tries) {
+            std::mem::take(&mut *tries)
+        } else {
+            tries.clear();
+            Vec::new()
+        }
     }
 
     pub async fn run(mut self) -> Result<(), Stopped> {
@@ -211,10 +220,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         let mut record = StepRecord::started(Phase::Forward, index as i64, step.name(), started);
         record.finished_at_ms = Some(now_ms());
         // Each attempt is kept only when there was more than one.
-        let tries = self.take_tries();
-        if tries.len() > 1 {
-            record.attempt_log = tries;
-        }
+        record.attempt_log = self.take_tries(|tries| tries.len() > 1);
         match outcome {
             ForwardOutcome::Succeeded {
                 output,
@@ -404,7 +410,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 StepRecord::started(Phase::Compensation, index as i64, step.name(), started);
             record.attempts = attempt;
             record.last_error = last_error.clone();
-            record.attempt_log = self.take_tries();
+            record.attempt_log = self.take_tries(|_| true);
             let stuck =
                 !announced_stuck && since.elapsed() >= self.inner.policy.compensation_stuck_after;
             let events = if stuck {
@@ -465,10 +471,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         record.output = output;
         record.finished_at_ms = Some(now_ms());
         // The failed ones went with their own checkpoints.
-        let tries = self.take_tries();
-        if attempt > 1 {
-            record.attempt_log = tries;
-        }
+        record.attempt_log = self.take_tries(|_| attempt > 1);
         let next = index.checked_sub(1);
         self.compensate_next(next, vec![record]).await?;
         if next.is_some() {

@@ -46,6 +46,21 @@ pub enum Error {
     Internal(String),
 }
 
+/// A refusal with a stable `reason` that one field of the request caused:
+/// its `ErrorInfo` and a `BadRequest` violation naming the field.
+pub fn refusal_of_field(
+    code: Code,
+    domain: &str,
+    reason: &str,
+    field: impl Into<String>,
+    description: impl Into<String>,
+    message: impl Into<String>,
+) -> Status {
+    let mut details = ErrorDetails::with_bad_request_violation(field, description);
+    details.set_error_info(reason, domain, HashMap::new());
+    Status::with_error_details(code, message, details)
+}
+
 impl Error {
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
@@ -109,14 +124,14 @@ impl From<Error> for Status {
                 err.to_string(),
                 ErrorDetails::with_bad_request_violation(field.clone(), reason.clone()),
             ),
-            Error::RequestIdReused { .. } => {
-                let mut details = ErrorDetails::with_bad_request_violation(
-                    "request_id",
-                    "already used for a different request",
-                );
-                details.set_error_info("REQUEST_ID_REUSED", DOMAIN, HashMap::new());
-                Status::with_error_details(Code::InvalidArgument, err.to_string(), details)
-            }
+            Error::RequestIdReused { .. } => refusal_of_field(
+                Code::InvalidArgument,
+                DOMAIN,
+                "REQUEST_ID_REUSED",
+                "request_id",
+                "already used for a different request",
+                err.to_string(),
+            ),
             Error::StoreUnavailable(source) => {
                 tracing::warn!(error = %source, "store unavailable");
                 Status::unavailable("store temporarily unavailable, retry")

@@ -76,8 +76,8 @@ impl Refusal {
 impl From<Status> for Refusal {
     fn from(status: Status) -> Self {
         let refusal = Refusal::new(status.code(), status.message());
-        match tonic_types::StatusExt::get_details_error_info(&status) {
-            Some(info) => refusal.because(&info.reason),
+        match ordersaga_proto::errors::refusal(&status) {
+            Some(found) => refusal.because(found.reason.as_str()),
             None => refusal,
         }
     }
