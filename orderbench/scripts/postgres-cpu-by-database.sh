@@ -10,6 +10,10 @@
 # server with ssl = on compare like with like. ORDERBENCH picks another
 # orderbench binary (default: the one in RELEASE_DIR). Drops and creates the
 # bench_* databases; needs ports 50051-50054 free.
+#
+# When the server preloads pg_stat_statements (shared_preload_libraries), it
+# also prints each database's statements per saga: calls and execution time
+# (the server's planning, parsing and network work is not in that time).
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [ORDERS] [CONCURRENCY]" >&2; exit 2; }
 R=$1; N=${2:-4000}; C=${3:-64}
@@ -37,6 +41,10 @@ PORT=50051 METRICS_PORT=0 DATABASE_URL=$PG/bench_orchestrator$Q STOCK_SERVICE_UR
 waitport 50051; sleep 1
 $ORDERBENCH -n 300 -c 16 --echo-calls 0 > /dev/null 2>&1   # opens the pools
 before=$(mktemp); after=$(mktemp)
+statements=$(psql -At -h 127.0.0.1 -U postgres -c "SHOW shared_preload_libraries" | grep -c pg_stat_statements)
+if [ "$statements" = 1 ]; then
+  psql -q -h 127.0.0.1 -U postgres -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
+fi
 cpu_by_database > "$before"
 $ORDERBENCH -n "$N" -c "$C" 2>/dev/null | grep -v '^\s*$'
 cpu_by_database > "$after"
@@ -44,4 +52,14 @@ echo "postgres CPU per saga, by database (ms):"
 join "$before" "$after" | awk -v n="$N" -v hz="$(getconf CLK_TCK)" \
   '{d=($3-$2)*1000/hz/n; if (d>0) printf "  %-20s %.3f\n", $1, d; t+=d} END {printf "  %-20s %.3f\n", "total", t}'
 rm -f "$before" "$after"
+if [ "$statements" = 1 ]; then
+  echo "statements per saga, by database (calls; execution µs per saga):"
+  psql -q -h 127.0.0.1 -U postgres -P pager=off -c "
+    SELECT d.datname AS db, round(s.calls::numeric / $N, 2) AS per_saga,
+           round((s.total_exec_time * 1000 / $N)::numeric, 1) AS exec_us_per_saga,
+           left(regexp_replace(s.query, '\s+', ' ', 'g'), 90) AS statement
+    FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+    WHERE d.datname LIKE 'bench_%' AND s.calls >= $N / 20
+    ORDER BY d.datname, s.calls DESC"
+fi
 kill $p1 $p2 $p3 $p4; wait 2>/dev/null

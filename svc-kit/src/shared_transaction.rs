@@ -70,6 +70,9 @@ struct Turn {
     batch: Arc<Ended>,
     /// A request was dropped mid-turn: the open transaction must not commit.
     poisoned: bool,
+    /// The savepoint of the last turn is still there: released by the next
+    /// turn in the same round trip as its own savepoint, or by `COMMIT`.
+    savepoint: bool,
 }
 
 impl Turn {
@@ -84,6 +87,7 @@ impl Turn {
         }
         self.members = 0;
         self.poisoned = false;
+        self.savepoint = false;
         let ended = std::mem::replace(&mut self.batch, Arc::new(watch::channel(None).0));
         ended.send_replace(Some(result));
     }
@@ -141,6 +145,7 @@ impl SharedTransaction {
                 members: 0,
                 batch: Arc::new(watch::channel(None).0),
                 poisoned: false,
+                savepoint: false,
             }),
             turns_ended: Notify::new(),
         });
@@ -226,19 +231,17 @@ async fn take_turn<T>(
         }
     };
     if !alone {
-        sqlx::raw_sql("SAVEPOINT request")
-            .execute(&mut **conn)
-            .await?;
+        // The last turn's savepoint is released here, in this turn's round
+        // trip, rather than in one of its own: a round trip fewer per request.
+        let sql = match turn.savepoint {
+            true => "RELEASE SAVEPOINT request; SAVEPOINT request",
+            false => "SAVEPOINT request",
+        };
+        sqlx::raw_sql(sql).execute(&mut **conn).await?;
+        turn.savepoint = true;
     }
     let outcome = match work(&mut **conn).await {
-        Ok(TurnResult::Written(answer)) => {
-            if !alone {
-                sqlx::raw_sql("RELEASE SAVEPOINT request")
-                    .execute(&mut **conn)
-                    .await?;
-            }
-            return Ok(TurnResult::Written(Ok(answer)));
-        }
+        Ok(TurnResult::Written(answer)) => return Ok(TurnResult::Written(Ok(answer))),
         Ok(TurnResult::Nothing(answer)) => Ok(answer),
         Err(err) => Err(err),
     };
@@ -247,7 +250,8 @@ async fn take_turn<T>(
         // Ended: the connection goes back to the pool.
         turn.conn = None;
     } else {
-        sqlx::raw_sql("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+        // The savepoint stays (empty) for the next turn to release.
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT request")
             .execute(&mut **conn)
             .await?;
     }

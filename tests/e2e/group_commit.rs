@@ -134,3 +134,118 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
         .expect("a request after the stalled COMMIT was held up")
         .unwrap();
 }
+
+/// One batch of turns that end every way a turn can: written, refused for
+/// good (the effect rolled back, the refusal stored), failed (the effect and
+/// the claim rolled back). Each turn's savepoint is released by the next
+/// turn, so this checks that a turn rolled back to its savepoint takes back
+/// its own writes and never a neighbour's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_their_own_effect() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+         VALUES ('HOT', 'x', 1, 'EUR', 0, 0, 0, 0)",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    // Every request adds 1, then ends as its number says.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Ends {
+        Written,
+        Refused,
+        Failed,
+    }
+    let ends = |i: usize| match i % 5 {
+        1 | 3 => Ends::Refused,
+        4 => Ends::Failed,
+        _ => Ends::Written,
+    };
+    let request = |i: usize, fail: bool| {
+        let store = &store;
+        async move {
+            let request_id = format!("mixed-{i}");
+            let key = RequestKey {
+                method: "Restock",
+                request_id: &request_id,
+                fingerprint: vec![2],
+            };
+            run_once_batched(
+                store,
+                key,
+                async |conn: &mut AnyConnection| {
+                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
+                        .execute(conn)
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    match ends(i) {
+                        Ends::Refused => Err(tonic::Status::failed_precondition(format!("no {i}"))),
+                        Ends::Failed if fail => {
+                            Err(tonic::Status::unavailable(format!("later {i}")))
+                        }
+                        _ => Ok(()),
+                    }
+                },
+                |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+            )
+            .await
+        }
+    };
+    let replies = futures::future::join_all((0..REQUESTS).map(|i| request(i, true))).await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        match (ends(i), reply) {
+            (Ends::Written, Ok(())) => {}
+            (Ends::Refused, Err(status)) => {
+                assert_eq!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition,
+                    "request {i}"
+                );
+                assert_eq!(status.message(), format!("no {i}"));
+            }
+            (Ends::Failed, Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable),
+            (end, reply) => panic!("request {i} should end {end:?}, got {reply:?}"),
+        }
+    }
+    let available = |pool: &sqlx::AnyPool| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT available FROM products WHERE sku = 'HOT'")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let written = (0..REQUESTS).filter(|&i| ends(i) == Ends::Written).count() as i64;
+    assert_eq!(
+        available(&store.pool).await,
+        written,
+        "only the written turns' effects"
+    );
+    let claims: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM idempotency")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    let failed = (0..REQUESTS).filter(|&i| ends(i) == Ends::Failed).count() as i64;
+    assert_eq!(
+        claims,
+        REQUESTS as i64 - failed,
+        "a failed turn leaves no claim"
+    );
+    // Again, the failed ones now succeeding: they run, the rest replay.
+    for (i, reply) in futures::future::join_all((0..REQUESTS).map(|i| request(i, false)))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match ends(i) {
+            Ends::Refused => assert_eq!(reply.unwrap_err().message(), format!("no {i}")),
+            _ => reply.unwrap_or_else(|e| panic!("request {i} on its retry: {e}")),
+        }
+    }
+    assert_eq!(available(&store.pool).await, written + failed);
+}

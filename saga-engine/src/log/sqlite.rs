@@ -479,12 +479,13 @@ fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
         };
     };
     let occurred_at_ms = now_ms();
+    let payload = events::Payload::new(event, &event_id, occurred_at_ms);
     conn.prepare_cached(events::INSERT)?.execute(params![
         event_id,
         aggregate_id,
         sequence,
         event.event_type,
-        events::payload(event, &event_id, sequence, occurred_at_ms),
+        payload.with_sequence(sequence),
         event.traceparent,
         occurred_at_ms,
         epoch,

@@ -13,7 +13,7 @@
 //!   are group-committed, the other writes run at once on the pool.
 
 use futures::future::BoxFuture;
-use sqlx::{AnyConnection, AnyPool, Connection};
+use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 
 use uuid::Uuid;
@@ -314,6 +314,7 @@ async fn commit_on_pool(
         }
     }
     let mut results = Vec::with_capacity(writes.len());
+    let mut savepoint = Savepoint::None;
     for (write, batched) in writes.iter().zip(batched) {
         if let Some(written) = batched {
             results.push(written);
@@ -321,7 +322,10 @@ async fn commit_on_pool(
         }
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
-            Write::Start(start) => Written::Start(start_on_pool(&mut tx, start, alone).await?),
+            Write::Start(start) if alone => Written::Start(write_start(&mut tx, start).await?),
+            Write::Start(start) => {
+                Written::Start(start_in_batch(&mut tx, start, &mut savepoint).await?)
+            }
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
             Write::Reopen(action, owner) => Written::Reopen(reopen(&mut tx, action, owner).await?),
             Write::EventsSent { ids, at_ms } if postgres => {
@@ -393,22 +397,35 @@ fn notices(writes: &[Write], results: &[Written]) -> Vec<Notice> {
         .collect()
 }
 
-/// A new saga and the caller's rows. Alone in its transaction, a refusal
-/// rolls the whole transaction back (see [`commit_on_pool`]); in a batch, a
-/// savepoint takes back this saga's rows and not its neighbours'.
-async fn start_on_pool(
+/// Whether a start's savepoint is left in the batch's transaction.
+#[derive(Clone, Copy, PartialEq)]
+enum Savepoint {
+    None,
+    Left,
+}
+
+/// A new saga and the caller's rows in a batch: a savepoint takes back this
+/// saga's rows, not its neighbours', if the caller refuses. (Alone in its
+/// transaction, a refusal rolls the whole transaction back instead; see
+/// [`commit_on_pool`].) The savepoint is not released after a start: the
+/// next start releases it in the same round trip as it takes its own, and
+/// `COMMIT` releases the last. A round trip fewer per saga.
+async fn start_in_batch(
     conn: &mut AnyConnection,
     start: &Start,
-    alone: bool,
+    savepoint: &mut Savepoint,
 ) -> Result<Admission, sqlx::Error> {
-    if alone {
-        return write_start(conn, start).await;
-    }
-    let mut savepoint = conn.begin().await?;
-    let admission = write_start(&mut savepoint, start).await?;
-    match admission {
-        Admission::Admit => savepoint.commit().await?,
-        Admission::Refuse => savepoint.rollback().await?,
+    let sql = match savepoint {
+        Savepoint::Left => "RELEASE SAVEPOINT start; SAVEPOINT start",
+        Savepoint::None => "SAVEPOINT start",
+    };
+    sqlx::raw_sql(sql).execute(&mut *conn).await?;
+    *savepoint = Savepoint::Left;
+    let admission = write_start(conn, start).await?;
+    if admission == Admission::Refuse {
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT start")
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(admission)
 }
