@@ -43,7 +43,7 @@ $ORDERBENCH -n 300 -c 16 --echo-calls 0 > /dev/null 2>&1   # opens the pools
 before=$(mktemp); after=$(mktemp)
 statements=$(psql -At -h 127.0.0.1 -U postgres -c "SHOW shared_preload_libraries" | grep -c pg_stat_statements)
 if [ "$statements" = 1 ]; then
-  psql -q -h 127.0.0.1 -U postgres -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
+  psql -q -h 127.0.0.1 -U postgres -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
 fi
 cpu_by_database > "$before"
 $ORDERBENCH -n "$N" -c "$C" 2>/dev/null | grep -v '^\s*$'

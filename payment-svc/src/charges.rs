@@ -27,6 +27,16 @@ const INSERT_CHARGE: &str = "INSERT INTO charges (order_id, payment_id, customer
 /// never overdraw the account.
 const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, updated_at_ms = $2 \
      WHERE customer_id = $3 AND currency = $4 AND balance_cents >= $1 RETURNING balance_cents";
+/// [`INSERT_CHARGE`] and [`DEBIT`] as one statement, for PostgreSQL (SQLite
+/// has no data-modifying `WITH`): the debit happens only if the charge was
+/// inserted, and a row comes back only if both happened. Otherwise the
+/// charge, if inserted, is rolled back with the refusal.
+const CHARGE_AND_DEBIT: &str = "WITH charge AS ( \
+       INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
+       VALUES ($1, $2, $3, $4, $5, 'charged', $6, $6) ON CONFLICT (order_id) DO NOTHING RETURNING order_id) \
+     UPDATE accounts SET balance_cents = balance_cents - $4, updated_at_ms = $6 \
+     WHERE customer_id = $3 AND currency = $5 AND balance_cents >= $4 AND EXISTS (SELECT 1 FROM charge) \
+     RETURNING balance_cents";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
@@ -41,6 +51,9 @@ pub async fn charge(
 ) -> Result<ChargeResponse, PaymentError> {
     let now = now_ms();
     let payment_id = Uuid::new_v4().to_string();
+    if conn.backend_name() == "PostgreSQL" {
+        return charge_in_one_statement(conn, new, payment_id, now).await;
+    }
     let inserted = sqlx::query(INSERT_CHARGE)
         .bind(&new.order_id)
         .bind(&payment_id)
@@ -70,6 +83,44 @@ pub async fn charge(
         currency: new.currency,
         balance_cents,
     })
+}
+
+/// [`charge`] on PostgreSQL: one round trip when the charge goes through;
+/// a refusal reads what stood in its way.
+async fn charge_in_one_statement(
+    conn: &mut AnyConnection,
+    new: NewCharge,
+    payment_id: String,
+    now: i64,
+) -> Result<ChargeResponse, PaymentError> {
+    let balance: Option<i64> = sqlx::query_scalar(CHARGE_AND_DEBIT)
+        .bind(&new.order_id)
+        .bind(&payment_id)
+        .bind(&new.customer_id)
+        .bind(new.amount_cents)
+        .bind(&new.currency)
+        .bind(now)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(balance_cents) = balance {
+        return Ok(ChargeResponse {
+            payment_id,
+            amount_cents: new.amount_cents,
+            currency: new.currency,
+            balance_cents,
+        });
+    }
+    // The order's charge is this one (the debit was refused) or an earlier
+    // one (the order was charged or refunded before).
+    let row = sqlx::query(EXISTING_CHARGE)
+        .bind(&new.order_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let existing: String = row.try_get("payment_id")?;
+    if existing == payment_id {
+        return Err(why_not_debited(conn, &new).await?);
+    }
+    Err(already(&new.order_id, existing, row.try_get("status")?))
 }
 
 async fn why_not_debited(

@@ -67,11 +67,26 @@ pub async fn prepare(
         .await?
         .rows_affected();
     if inserted == 1 {
-        return get(conn, &new.order_id).await;
+        // Built from what was inserted, not read back: a round trip fewer.
+        return Ok(prepared(new, shipment_id, tracking_id, now));
     }
     let existing = get(conn, &new.order_id).await?;
     let cancelled = existing.status == ShipmentStatus::Cancelled as i32;
     Err(already(new.order_id, existing.shipment_id, cancelled))
+}
+
+/// The shipment [`INSERT_SHIPMENT`] just wrote.
+fn prepared(new: NewShipment, shipment_id: String, tracking_id: String, now: i64) -> Shipment {
+    Shipment {
+        shipment_id,
+        order_id: new.order_id,
+        tracking_id,
+        status: ShipmentStatus::Prepared as i32,
+        address: Some(new.address),
+        service_level: new.service_level as i32,
+        created_at_ms: now,
+        updated_at_ms: now,
+    }
 }
 
 /// Cancels an order's shipment. With none prepared it records a tombstone and
@@ -171,16 +186,7 @@ pub fn prepare_sqlite(
             .query_row(params![new.order_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
         return Err(already(new.order_id, shipment_id, status == "cancelled"));
     }
-    Ok(Shipment {
-        shipment_id,
-        order_id: new.order_id,
-        tracking_id,
-        status: ShipmentStatus::Prepared as i32,
-        address: Some(new.address),
-        service_level: new.service_level as i32,
-        created_at_ms: now,
-        updated_at_ms: now,
-    })
+    Ok(prepared(new, shipment_id, tracking_id, now))
 }
 
 /// [`cancel`] on the store's batch writer (a SQLite file): the same statements.

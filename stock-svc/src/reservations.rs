@@ -45,8 +45,12 @@ impl Line {
     }
 }
 
+/// With the total and currency when the caller priced every line (the
+/// catalogue's prices are checked against them line by line), else 0 and ''
+/// until [`SET_TOTAL`]. (SQLite reads `$N` as a name and numbers the names
+/// in the order they first appear: they must appear in ascending order.)
 const INSERT_RESERVATION: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-     VALUES ($1, $2, 'reserved', 0, '', $3, $3) ON CONFLICT (order_id) DO NOTHING";
+     VALUES ($1, $2, 'reserved', $3, $4, $5, $5) ON CONFLICT (order_id) DO NOTHING";
 const INSERT_LINE: &str = "INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) VALUES ($1, $2, $3, $4)";
 const SET_TOTAL: &str =
     "UPDATE reservations SET total_cents = $1, currency = $2 WHERE order_id = $3";
@@ -54,6 +58,15 @@ const SET_TOTAL: &str =
 /// never oversell.
 const TAKE_STOCK: &str = "UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_ms = $2 \
      WHERE sku = $3 AND available >= $1 RETURNING unit_price_cents, currency";
+/// [`TAKE_STOCK`] and [`INSERT_LINE`] as one statement, for PostgreSQL (SQLite
+/// has no data-modifying `WITH`): the line is recorded only if its stock was
+/// taken, and a row comes back only then.
+const TAKE_STOCK_AND_RECORD_LINE: &str = "WITH taken AS ( \
+       UPDATE products SET available = available - $1, reserved = reserved + $1, updated_at_ms = $2 \
+       WHERE sku = $3 AND available >= $1 RETURNING unit_price_cents, currency) \
+     INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+     SELECT $4, $3, $1, unit_price_cents FROM taken \
+     RETURNING unit_price_cents, (SELECT currency FROM taken) AS currency";
 const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
 const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -72,9 +85,13 @@ pub async fn reserve(
 ) -> Result<ReserveStockResponse, StockError> {
     let now = now_ms();
     let reservation_id = Uuid::new_v4().to_string();
+    let priced = priced_total(&lines);
+    let (total_cents, currency) = priced.clone().unwrap_or((0, String::new()));
     let inserted = sqlx::query(INSERT_RESERVATION)
         .bind(order_id)
         .bind(&reservation_id)
+        .bind(total_cents)
+        .bind(currency)
         .bind(now)
         .execute(&mut *conn)
         .await?
@@ -87,17 +104,23 @@ pub async fn reserve(
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     let mut reserved = Vec::with_capacity(lines.len());
     let mut currency: Option<String> = None;
+    let postgres = conn.backend_name() == "PostgreSQL";
     for line in &lines {
-        let (unit_price_cents, line_currency) = take_stock(conn, line, now).await?;
+        let (unit_price_cents, line_currency) = match postgres {
+            true => take_stock_recording_line(conn, order_id, line, now).await?,
+            false => take_stock(conn, line, now).await?,
+        };
         line.check_price(unit_price_cents, &line_currency)?;
         same_currency(&mut currency, &line_currency)?;
-        sqlx::query(INSERT_LINE)
-            .bind(order_id)
-            .bind(&line.sku)
-            .bind(line.quantity)
-            .bind(unit_price_cents)
-            .execute(&mut *conn)
-            .await?;
+        if !postgres {
+            sqlx::query(INSERT_LINE)
+                .bind(order_id)
+                .bind(&line.sku)
+                .bind(line.quantity)
+                .bind(unit_price_cents)
+                .execute(&mut *conn)
+                .await?;
+        }
         reserved.push(ReservedLine {
             sku: line.sku.clone(),
             quantity: line.quantity,
@@ -107,12 +130,16 @@ pub async fn reserve(
     }
     let currency = currency.unwrap_or_default();
     let total_cents = total(&reserved);
-    sqlx::query(SET_TOTAL)
-        .bind(total_cents)
-        .bind(&currency)
-        .bind(order_id)
-        .execute(&mut *conn)
-        .await?;
+    // Priced lines all matched the catalogue, so the row already holds
+    // this total: a round trip fewer.
+    if priced != Some((total_cents, currency.clone())) {
+        sqlx::query(SET_TOTAL)
+            .bind(total_cents)
+            .bind(&currency)
+            .bind(order_id)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(ReserveStockResponse {
         reservation_id,
         lines: reserved,
@@ -133,6 +160,21 @@ fn same_currency(currency: &mut Option<String>, line_currency: &str) -> Result<(
             Ok(())
         }
     }
+}
+
+/// The order's total and currency as the caller priced it, if it priced
+/// every line in one currency.
+fn priced_total(lines: &[Line]) -> Option<(i64, String)> {
+    let mut total = 0;
+    let mut currency: Option<&str> = None;
+    for line in lines {
+        let (cents, line_currency) = line.expected_price.as_ref()?;
+        if *currency.get_or_insert(line_currency) != line_currency {
+            return None;
+        }
+        total += cents * line.quantity;
+    }
+    Some((total, currency?.to_owned()))
 }
 
 fn total(reserved: &[ReservedLine]) -> i64 {
@@ -182,6 +224,30 @@ async fn take_stock(
         .bind(line.quantity)
         .bind(now)
         .bind(&line.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = row {
+        return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
+    }
+    let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
+        .bind(&line.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(not_taken(line, available))
+}
+
+/// [`take_stock`] and the line's record in one round trip (PostgreSQL).
+async fn take_stock_recording_line(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    line: &Line,
+    now: i64,
+) -> Result<(i64, String), StockError> {
+    let row = sqlx::query(TAKE_STOCK_AND_RECORD_LINE)
+        .bind(line.quantity)
+        .bind(now)
+        .bind(&line.sku)
+        .bind(order_id)
         .fetch_optional(&mut *conn)
         .await?;
     if let Some(row) = row {
@@ -264,9 +330,13 @@ pub fn reserve_sqlite(
 ) -> Result<ReserveStockResponse, StockError> {
     let now = now_ms();
     let reservation_id = Uuid::new_v4().to_string();
-    let inserted =
-        conn.prepare_cached(INSERT_RESERVATION)?
-            .execute(params![order_id, reservation_id, now])?;
+    let inserted = conn.prepare_cached(INSERT_RESERVATION)?.execute(params![
+        order_id,
+        reservation_id,
+        0,
+        "",
+        now
+    ])?;
     if inserted == 0 {
         let (reservation_id, status): (String, String) = conn
             .prepare_cached(EXISTING)?

@@ -129,75 +129,7 @@ impl OrderService for OrderApi {
         }
         .encode_to_vec();
 
-        let mut just_started = false;
-        let (order_id, changes) =
-            match store::find_by_request_id(&self.engine, &new.request_id).await? {
-                Some((order_id, stored)) => {
-                    // Made before the saga is read, so a waiter misses no change.
-                    let changes = self.engine.watch(order_id);
-                    let order_id = self
-                        .seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                        .await?;
-                    (order_id, changes)
-                }
-                None => {
-                    // Checked before anything is priced or recorded: under
-                    // overload, a refusal at once beats a saga queued for
-                    // longer than its client waits.
-                    let waiting = self.engine.waiting();
-                    if waiting >= self.max_waiting_sagas {
-                        return Err(OrderError::Backlogged { waiting }.into());
-                    }
-                    let (items, total_cents, currency) =
-                        pricing::price(&self.catalogue, &new.items).await?;
-                    let order = OrderData {
-                        // Time-ordered (v7): a new saga's rows, and the services'
-                        // rows keyed by it, go to the last pages of each index, so
-                        // a batch of commits shares pages instead of writing one
-                        // random page per index per saga.
-                        order_id: Uuid::now_v7(),
-                        request_id: new.request_id.clone(),
-                        customer_id: new.customer_id,
-                        items,
-                        address: new.address,
-                        total_cents,
-                        currency,
-                    };
-                    let order_id = order.order_id;
-                    // Made before the saga can start, so a waiter misses no change.
-                    let changes = self.engine.watch(order_id);
-                    let admit = store::AdmitOrder::new(&order, fingerprint.clone());
-                    // The saga's span is a child of this call's span, so a client's
-                    // traceparent roots the whole saga.
-                    match self
-                        .engine
-                        .start(order_id, order, admit)
-                        .await
-                        .map_err(OrderError::from)?
-                    {
-                        Started::Started => {
-                            just_started = true;
-                            (order_id, changes)
-                        }
-                        Started::Refused => {
-                            // Another request with this request_id got there first.
-                            let (order_id, stored) =
-                                store::find_by_request_id(&self.engine, &new.request_id)
-                                    .await?
-                                    .ok_or_else(|| {
-                                        svc_kit::Error::Internal(
-                                            "order vanished after a request_id conflict".into(),
-                                        )
-                                    })?;
-                            let changes = self.engine.watch(order_id);
-                            let order_id = self
-                                .seen_before(&new.request_id, order_id, &stored, &fingerprint)
-                                .await?;
-                            (order_id, changes)
-                        }
-                    }
-                }
-            };
+        let (order_id, changes, just_started) = self.record_or_find(new, fingerprint).await?;
         let order = if req.wait {
             self.wait_for_terminal(order_id, deadline, changes, just_started)
                 .await?
@@ -471,6 +403,92 @@ impl OrderApi {
 }
 
 impl OrderApi {
+    /// Records a new order and starts its saga, or finds the order this
+    /// `request_id` made before. A new order is recorded without a lookup
+    /// first (the order's insert refuses a `request_id` seen before, in the
+    /// same transaction): a round trip fewer per order. The lookup comes only
+    /// when the insert was refused, or before a refusal of this call (past
+    /// `MAX_WAITING_SAGAS`, or an order that cannot be priced), so a replay
+    /// is answered whatever the load or the catalogue now say.
+    async fn record_or_find(
+        &self,
+        new: validate::NewOrder,
+        fingerprint: Vec<u8>,
+    ) -> Result<(Uuid, SagaWatch, bool), Status> {
+        // Checked before anything is priced or recorded: under overload, a
+        // refusal at once beats a saga queued for longer than its client waits.
+        let waiting = self.engine.waiting();
+        if waiting >= self.max_waiting_sagas {
+            return match self.find(&new.request_id, &fingerprint).await? {
+                Some((order_id, changes)) => Ok((order_id, changes, false)),
+                None => Err(OrderError::Backlogged { waiting }.into()),
+            };
+        }
+        let (items, total_cents, currency) = match pricing::price(&self.catalogue, &new.items).await
+        {
+            Ok(priced) => priced,
+            Err(refusal) => {
+                return match self.find(&new.request_id, &fingerprint).await? {
+                    Some((order_id, changes)) => Ok((order_id, changes, false)),
+                    None => Err(refusal.into()),
+                };
+            }
+        };
+        let order = OrderData {
+            // Time-ordered (v7): a new saga's rows, and the services' rows
+            // keyed by it, go to the last pages of each index, so a batch of
+            // commits shares pages instead of writing one random page per
+            // index per saga.
+            order_id: Uuid::now_v7(),
+            request_id: new.request_id.clone(),
+            customer_id: new.customer_id,
+            items,
+            address: new.address,
+            total_cents,
+            currency,
+        };
+        let order_id = order.order_id;
+        // Made before the saga can start, so a waiter misses no change.
+        let changes = self.engine.watch(order_id);
+        let admit = store::AdmitOrder::new(&order, fingerprint.clone());
+        // The saga's span is a child of this call's span, so a client's
+        // traceparent roots the whole saga.
+        match self
+            .engine
+            .start(order_id, order, admit)
+            .await
+            .map_err(OrderError::from)?
+        {
+            Started::Started => Ok((order_id, changes, true)),
+            // Another request with this request_id got there first.
+            Started::Refused => match self.find(&new.request_id, &fingerprint).await? {
+                Some((order_id, changes)) => Ok((order_id, changes, false)),
+                None => Err(svc_kit::Error::Internal(
+                    "order vanished after a request_id conflict".into(),
+                )
+                .into()),
+            },
+        }
+    }
+
+    /// The order a `request_id` made before, if any, with a watch of it
+    /// (made before its saga is read, so a waiter misses no change).
+    async fn find(
+        &self,
+        request_id: &str,
+        fingerprint: &[u8],
+    ) -> Result<Option<(Uuid, SagaWatch)>, Status> {
+        let Some((order_id, stored)) = store::find_by_request_id(&self.engine, request_id).await?
+        else {
+            return Ok(None);
+        };
+        let changes = self.engine.watch(order_id);
+        let order_id = self
+            .seen_before(request_id, order_id, &stored, fingerprint)
+            .await?;
+        Ok(Some((order_id, changes)))
+    }
+
     /// The order of a `request_id` seen before, if the request is the same
     /// one; a retry also makes sure the order's saga is being driven (its
     /// first request may have been dropped between its commit and its start).
