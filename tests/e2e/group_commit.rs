@@ -104,7 +104,7 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
         let shared = &shared;
         async move {
             shared
-                .run(async |conn: &mut AnyConnection| {
+                .run(async |conn: &mut AnyConnection, _: svc_kit::shared_transaction::Turns<'_>| {
                     sqlx::query(
                         "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
                          VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
@@ -248,4 +248,77 @@ async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_th
         }
     }
     assert_eq!(available(&store.pool).await, written + failed);
+}
+
+/// A request and its repeat sent at once often land in one batch, where the
+/// first one's reply is not stored yet (replies are stored with the batch,
+/// just before its `COMMIT`): the repeat gets the same reply all the same,
+/// and the effect happens once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+         VALUES ('HOT', 'x', 1, 'EUR', 0, 0, 0, 0)",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    const DISTINCT: usize = REQUESTS / 2;
+    let request = |i: usize| {
+        let store = &store;
+        async move {
+            let request_id = format!("twice-{i}");
+            let key = RequestKey {
+                method: "Restock",
+                request_id: &request_id,
+                fingerprint: vec![3],
+            };
+            run_once_batched(
+                store,
+                key,
+                // The reply: the count after this request's own increment.
+                async |conn: &mut AnyConnection| {
+                    sqlx::query_scalar::<_, i64>(
+                        "UPDATE products SET available = available + 1 WHERE sku = 'HOT' RETURNING available",
+                    )
+                    .fetch_one(conn)
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))
+                },
+                |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+            )
+            .await
+        }
+    };
+    // Each request next to its repeat.
+    let replies = futures::future::join_all((0..2 * DISTINCT).map(|n| request(n / 2))).await;
+    let mut counts = Vec::new();
+    for (i, pair) in replies.chunks(2).enumerate() {
+        let first = pair[0]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let repeat = pair[1]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("repeat of {i}: {e}"));
+        assert_eq!(first, repeat, "request {i} and its repeat");
+        counts.push(*first);
+    }
+    counts.sort();
+    assert_eq!(
+        counts,
+        (1..=DISTINCT as i64).collect::<Vec<_>>(),
+        "each effect once"
+    );
+    // And once committed, from the table.
+    for (i, reply) in futures::future::join_all((0..DISTINCT).map(request))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        reply.unwrap_or_else(|e| panic!("request {i} once more: {e}"));
+    }
 }
