@@ -60,6 +60,69 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
      INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
      SELECT $2, $1, events_sequence, $3, $4 || events_sequence::text || $5, $6, $7, epoch FROM taken";
 
+/// Many events, of any sagas, in one statement, for PostgreSQL: the same
+/// rules as [`INSERT_TAKING_SEQUENCE`], event by event in the order given.
+/// Each saga's counter is bumped once by the number of its new events, and
+/// they take the numbers in between. Returns how many events were new and
+/// how many were inserted: fewer inserted means a saga was missing.
+const INSERT_ALL_TAKING_SEQUENCES: &str = "WITH e AS ( \
+       SELECT * FROM jsonb_to_recordset($1::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
+         event_type text, head text, tail text, traceparent text, at_ms bigint)), \
+     fresh AS ( \
+       SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
+       WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.event_id)), \
+     counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id), \
+     taken AS ( \
+       UPDATE sagas s SET events_sequence = s.events_sequence + counts.n FROM counts \
+       WHERE s.saga_id = counts.aggregate_id \
+       RETURNING s.saga_id, s.events_sequence - counts.n AS base, s.epoch), \
+     inserted AS ( \
+       INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+       SELECT f.event_id, f.aggregate_id, t.base + f.n, f.event_type, f.head || (t.base + f.n)::text || f.tail, \
+              f.traceparent, f.at_ms, t.epoch \
+       FROM fresh f JOIN taken t ON t.saga_id = f.aggregate_id \
+       RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM fresh) AS fresh, (SELECT COUNT(*) FROM inserted) AS inserted";
+
+/// Writes `events` (any sagas; each saga's in the order given) inside the
+/// caller's transaction on PostgreSQL, in one statement, skipping those
+/// written before. Every event's saga row must exist.
+pub(crate) async fn insert_all_postgres(
+    conn: &mut AnyConnection,
+    events: &[&NewEvent],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let occurred_at_ms = now_ms();
+    let rows: Vec<Value> = events
+        .iter()
+        .enumerate()
+        .map(|(ord, event)| {
+            let event_id = event.event_id().to_string();
+            let payload = Payload::new(event, &event_id, occurred_at_ms);
+            serde_json::json!({
+                "ord": ord,
+                "event_id": event_id,
+                "aggregate_id": event.aggregate_id.to_string(),
+                "event_type": event.event_type,
+                "head": payload.head,
+                "tail": payload.tail,
+                "traceparent": event.traceparent,
+                "at_ms": occurred_at_ms,
+            })
+        })
+        .collect();
+    let (fresh, inserted): (i64, i64) = sqlx::query_as(INSERT_ALL_TAKING_SEQUENCES)
+        .bind(Value::from(rows).to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    match fresh == inserted {
+        true => Ok(()),
+        false => Err(sqlx::Error::RowNotFound),
+    }
+}
+
 /// The published body short of its sequence number, which the store
 /// assigns: the envelope fields and the event's own as one JSON object, its
 /// keys in order. The envelope's fields win over the event's of the same

@@ -469,12 +469,26 @@ pub(crate) async fn moved(
     checkpoint: &Checkpoint,
     row: Moved,
 ) -> Result<Applied, sqlx::Error> {
+    let mut announced = Vec::new();
+    let applied = moved_announcing(conn, checkpoint, row, &mut announced).await?;
+    for event in announced {
+        events::insert(conn, event).await?;
+    }
+    Ok(applied)
+}
+
+/// [`moved`], with the events to write added to `announced` for the caller
+/// to write (a batch's, all in one statement).
+pub(crate) async fn moved_announcing<'c>(
+    conn: &mut AnyConnection,
+    checkpoint: &'c Checkpoint,
+    row: Moved,
+    announced: &mut Vec<&'c NewEvent>,
+) -> Result<Applied, sqlx::Error> {
     insert_attempts(conn, checkpoint).await?;
     let completed = checkpoint.complete && row.status == "COMPLETED";
     if checkpoint.announces(completed) {
-        for event in &checkpoint.events {
-            events::insert(conn, event).await?;
-        }
+        announced.extend(&checkpoint.events);
     }
     Ok(Applied {
         cancel_requested: row.cancel_requested,

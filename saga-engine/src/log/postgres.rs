@@ -16,8 +16,8 @@ use std::collections::{HashMap, HashSet};
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 
-use super::{Applied, Checkpoint, Moved, moved, not_moved};
-use crate::now_ms;
+use super::{Applied, Checkpoint, Moved, moved_announcing, not_moved};
+use crate::{events::NewEvent, now_ms};
 
 const APPLY_BATCH: &str = "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
@@ -52,10 +52,13 @@ pub(crate) fn one_per_saga<'a>(checkpoints: impl Iterator<Item = &'a Checkpoint>
 }
 
 /// Applies `checkpoints` (each saga at most once) inside the caller's
-/// transaction; the results come in the same order.
-pub(crate) async fn apply_batch(
+/// transaction; the results come in the same order. The events the moved
+/// sagas announce are added to `announced`, for the caller to write with
+/// the rest of its transaction's events in one statement.
+pub(crate) async fn apply_batch<'c>(
     conn: &mut AnyConnection,
-    checkpoints: &[&Checkpoint],
+    checkpoints: &[&'c Checkpoint],
+    announced: &mut Vec<&'c NewEvent>,
 ) -> Result<Vec<Applied>, sqlx::Error> {
     let (sagas, steps) = parameters(checkpoints);
     let rows = sqlx::query(APPLY_BATCH)
@@ -73,7 +76,7 @@ pub(crate) async fn apply_batch(
     for checkpoint in checkpoints {
         let id = checkpoint.saga_id.to_string();
         results.push(match moved_rows.remove(&id) {
-            Some(row) => moved(conn, checkpoint, row).await?,
+            Some(row) => moved_announcing(conn, checkpoint, row, announced).await?,
             None => not_moved(conn, &id).await?,
         });
     }

@@ -12,6 +12,11 @@
 //! - PostgreSQL (and the in-memory benchmark store): through sqlx; checkpoints
 //!   are group-committed, the other writes run at once on the pool.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
@@ -103,6 +108,8 @@ pub struct LogWriter {
     /// In replica mode, the incarnation that signs the notices each commit
     /// sends to the other replicas (see [`crate::notifications`]).
     notify_as: Option<Uuid>,
+    /// Batches that failed and were committed one write at a time.
+    split_batches: Arc<AtomicU64>,
 }
 
 impl LogWriter {
@@ -115,12 +122,22 @@ impl LogWriter {
             None => (Backend::Pool(pool.clone(), notify_as), Some(pool)),
         };
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(write_batches(backend, rx));
+        let split_batches = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_batches(backend, rx, split_batches.clone()));
         Ok(LogWriter {
             queue,
             direct,
             notify_as,
+            split_batches,
         })
+    }
+
+    /// How many batches failed as a whole and were committed one write at a
+    /// time since the writer started. Each is also logged as a warning: a
+    /// batch fails when one of its writes does, or (a bug) when the batch's
+    /// own statements do, which the one-by-one retry would otherwise hide.
+    pub fn split_batches(&self) -> u64 {
+        self.split_batches.load(Ordering::Relaxed)
     }
 
     /// Returns once the checkpoint is committed.
@@ -203,7 +220,11 @@ impl LogWriter {
     }
 }
 
-async fn write_batches(backend: Backend, mut rx: mpsc::Receiver<(Write, Reply)>) {
+async fn write_batches(
+    backend: Backend,
+    mut rx: mpsc::Receiver<(Write, Reply)>,
+    split_batches: Arc<AtomicU64>,
+) {
     let mut writes = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     while let Some((first, reply)) = rx.recv().await {
@@ -245,6 +266,7 @@ async fn write_batches(backend: Backend, mut rx: mpsc::Receiver<(Write, Reply)>)
             // One bad write must not fail its neighbours: retry each alone.
             Err(err) if writes.len() > 1 => {
                 tracing::warn!(error = %err, size = writes.len(), "batched log commit failed; committing one by one");
+                split_batches.fetch_add(1, Ordering::Relaxed);
                 for (write, reply) in writes.drain(..).zip(replies.drain(..)) {
                     let (_, result) = backend.commit(vec![write]).await;
                     let _ = reply.send(result.map(|mut r| r.remove(0)));
@@ -298,6 +320,9 @@ async fn commit_on_pool(
             _ => None,
         })
         .collect();
+    // On PostgreSQL, in a batch, the events of the batched checkpoints and
+    // of the admitted starts are written at the end, all in one statement.
+    let mut announced: Vec<&NewEvent> = Vec::new();
     // One checkpoint alone goes statement by statement: the batch statement
     // is planned at every execution, which costs more than it saves for one.
     if postgres
@@ -307,6 +332,7 @@ async fn commit_on_pool(
         let applied = postgres::apply_batch(
             &mut tx,
             &checkpoints.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+            &mut announced,
         )
         .await?;
         for ((i, _), applied) in checkpoints.iter().zip(applied) {
@@ -322,9 +348,27 @@ async fn commit_on_pool(
         }
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
-            Write::Start(start) if alone => Written::Start(write_start(&mut tx, start).await?),
+            Write::Start(start) if alone => {
+                let admission = admit_start(&mut tx, start).await?;
+                if admission == Admission::Admit {
+                    for event in &start.events {
+                        events::insert(&mut tx, event).await?;
+                    }
+                }
+                Written::Start(admission)
+            }
             Write::Start(start) => {
-                Written::Start(start_in_batch(&mut tx, start, &mut savepoint).await?)
+                let admission = start_in_batch(&mut tx, start, &mut savepoint).await?;
+                if admission == Admission::Admit {
+                    if postgres {
+                        announced.extend(&start.events);
+                    } else {
+                        for event in &start.events {
+                            events::insert(&mut tx, event).await?;
+                        }
+                    }
+                }
+                Written::Start(admission)
             }
             Write::Cancel(saga_id) => Written::Cancel(request_cancel(&mut tx, *saga_id).await?),
             Write::Reopen(action, owner) => Written::Reopen(reopen(&mut tx, action, owner).await?),
@@ -355,6 +399,7 @@ async fn commit_on_pool(
         tx.rollback().await?;
         return Ok(results);
     }
+    events::insert_all_postgres(&mut tx, &announced).await?;
     if let Some(sender) = notify_as {
         notifications::notify(&mut tx, sender, &notices(writes, &results)).await?;
     }
@@ -421,7 +466,7 @@ async fn start_in_batch(
     };
     sqlx::raw_sql(sql).execute(&mut *conn).await?;
     *savepoint = Savepoint::Left;
-    let admission = write_start(conn, start).await?;
+    let admission = admit_start(conn, start).await?;
     if admission == Admission::Refuse {
         sqlx::raw_sql("ROLLBACK TO SAVEPOINT start")
             .execute(&mut *conn)
@@ -430,13 +475,9 @@ async fn start_in_batch(
     Ok(admission)
 }
 
-async fn write_start(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
+/// The new saga's rows and the caller's; its events are the caller's to
+/// write, once admitted.
+async fn admit_start(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
     insert_saga(conn, &start.saga).await?;
-    if start.admit.admit(conn).await? == Admission::Refuse {
-        return Ok(Admission::Refuse);
-    }
-    for event in &start.events {
-        events::insert(conn, event).await?;
-    }
-    Ok(Admission::Admit)
+    start.admit.admit(conn).await
 }

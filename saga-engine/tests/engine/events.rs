@@ -14,6 +14,7 @@ use crate::store::{self, Backend};
 on_both_stores!(
     a_checkpoint_applied_twice_writes_its_event_once,
     a_sagas_sequence_goes_on_after_its_events_are_pruned,
+    sagas_committed_together_each_number_their_own_events_in_order,
 );
 
 async fn new_saga(pool: &AnyPool) -> Uuid {
@@ -117,4 +118,79 @@ async fn a_sagas_sequence_goes_on_after_its_events_are_pruned(backend: Backend) 
     drop(conn);
     let rows = outbox(&store.pool, saga).await;
     assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3]);
+}
+
+/// Many sagas' checkpoints committed at once share batches, whose events
+/// are written together (on PostgreSQL, in one statement): each saga still
+/// numbers its own events 1, 2, 3 in the order they were announced, with
+/// the number in the published payload too, and a checkpoint sent again
+/// (here in the same batch as the next one) adds nothing.
+async fn sagas_committed_together_each_number_their_own_events_in_order(backend: Backend) {
+    const SAGAS: usize = 40;
+    let store = store::fresh(backend).await;
+    let mut sagas = Vec::new();
+    for _ in 0..SAGAS {
+        sagas.push(new_saga(&store.pool).await);
+    }
+    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let checkpoint = |saga: Uuid, keys: &[&str]| Checkpoint {
+        saga_id: saga,
+        epoch: log::FIRST_EPOCH,
+        steps: vec![],
+        state: None,
+        enter_pivot: false,
+        complete: false,
+        events: keys.iter().map(|key| event(saga, key)).collect(),
+    };
+    let first: Vec<Checkpoint> = sagas
+        .iter()
+        .map(|s| checkpoint(*s, &["one", "two"]))
+        .collect();
+    futures::future::join_all(first.iter().map(|c| writer.commit(c.clone())))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    let second: Vec<Checkpoint> = sagas
+        .iter()
+        .flat_map(|s| [checkpoint(*s, &["three"]), checkpoint(*s, &["one", "two"])])
+        .collect();
+    futures::future::join_all(second.iter().map(|c| writer.commit(c.clone())))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    // Not one batch failed (the writer would have retried its writes one by
+    // one, which would hide a fault of the batch's own statements).
+    assert_eq!(writer.split_batches(), 0);
+    for saga in sagas {
+        let rows: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT sequence, event_id, payload, epoch FROM outbox WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(saga.to_string())
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let ids: Vec<String> = ["one", "two", "three"]
+            .iter()
+            .map(|key| event(saga, key).event_id().to_string())
+            .collect();
+        assert_eq!(
+            rows.iter().map(|r| (r.0, r.1.clone())).collect::<Vec<_>>(),
+            vec![
+                (1, ids[0].clone()),
+                (2, ids[1].clone()),
+                (3, ids[2].clone())
+            ],
+            "saga {saga}"
+        );
+        for (sequence, event_id, payload, epoch) in rows {
+            let body: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            assert_eq!(body["sequence"], sequence, "saga {saga}: {payload}");
+            assert_eq!(body["event_id"], event_id.as_str());
+            assert_eq!(epoch, log::FIRST_EPOCH);
+        }
+    }
 }
