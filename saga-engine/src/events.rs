@@ -63,18 +63,21 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
 /// Many events, of any sagas, in one statement, for PostgreSQL: the same
 /// rules as [`INSERT_TAKING_SEQUENCE`], event by event in the order given.
 /// Each saga's counter is bumped once by the number of its new events, and
-/// they take the numbers in between. Returns how many events were new and
+/// they take the numbers in between. Rows are found through their keys'
+/// indexes (`= ANY` of an array; see `log::postgres` for why). Returns how many events were new and
 /// how many were inserted: fewer inserted means a saga was missing.
 const INSERT_ALL_TAKING_SEQUENCES: &str = "WITH e AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
          event_type text, head text, tail text, traceparent text, at_ms bigint)), \
+     written AS ( \
+       SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
      fresh AS ( \
        SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
-       WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.event_id)), \
+       WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \
      counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id), \
      taken AS ( \
        UPDATE sagas s SET events_sequence = s.events_sequence + counts.n FROM counts \
-       WHERE s.saga_id = counts.aggregate_id \
+       WHERE s.saga_id = counts.aggregate_id AND s.saga_id = ANY(ARRAY(SELECT aggregate_id FROM counts)) \
        RETURNING s.saga_id, s.events_sequence - counts.n AS base, s.epoch), \
      inserted AS ( \
        INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \

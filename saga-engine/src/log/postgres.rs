@@ -8,6 +8,12 @@
 //! exactly the sagas that update matched, with the epoch it matched. What it
 //! returns is what `APPLY_STATE` returns, one row per saga that moved.
 //!
+//! The sagas' rows are found through the key's index, by `= ANY` of an
+//! array of the batch's IDs: joined only with the JSON as a table (which
+//! the planner guesses at 100 rows), the rows were found by hashing against
+//! a scan of the whole table whenever the table was small enough for that
+//! to look cheaper, and a scan's cost grows with every saga ever run.
+//!
 //! A saga may appear once per batch (one `UPDATE … FROM` sets a row once);
 //! the writer sends a batch with a saga twice one checkpoint at a time.
 
@@ -30,7 +36,8 @@ const APPLY_BATCH: &str = "WITH c AS ( \
          failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = $3, \
          pivot_passed = CASE WHEN c.enter_pivot AND s.cancel_requested = 0 THEN 1 ELSE s.pivot_passed END \
        FROM c \
-       WHERE s.saga_id = c.saga_id AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
+       WHERE s.saga_id = c.saga_id AND s.saga_id = ANY(ARRAY(SELECT saga_id FROM c)) \
+         AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
        RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch), \
      steps AS ( \
        INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
