@@ -28,7 +28,7 @@ use crate::{
     Error,
     batch_writer::Outcome,
     error::DEFINITE_REFUSALS,
-    shared_transaction::{SharedTransaction, TurnResult, Turns},
+    shared_transaction::{SharedTransaction, TurnResult},
     store::Store,
     time::now_ms,
 };
@@ -119,7 +119,7 @@ where
     Resp: Message + Default,
 {
     let answer = shared
-        .run(async |conn: &mut AnyConnection, turns: Turns<'_>| {
+        .run(async |conn: &mut AnyConnection| {
             let claimed = sqlx::query(CLAIM)
                 .bind(key.request_id)
                 .bind(key.method)
@@ -130,23 +130,19 @@ where
                 .rows_affected()
                 == 1;
             if !claimed {
-                // Seen before, perhaps earlier in this very batch (then its
-                // reply is not stored yet): the answer holds only once the
-                // batch commits, like a written one.
-                let answer = match turns.pending_reply(key.request_id) {
-                    Some(reply) => stored_reply(&mut *conn, &key, reply).await?,
-                    None => replay(&mut *conn, &key).await?,
-                };
-                return Ok(TurnResult::Written(answer));
+                // Seen before, perhaps earlier in this very batch: the answer
+                // holds only once the batch commits, like a written one.
+                return Ok(TurnResult::Written(replay(&mut *conn, &key).await?));
             }
             Ok(match effect(&mut *conn).await {
-                // The reply is stored with the batch, in one statement for
-                // all its requests (a round trip fewer per request).
-                Ok(reply) => TurnResult::Replying {
-                    request_id: key.request_id.to_owned(),
-                    reply: reply.encode_to_vec(),
-                    answer: Ok(reply),
-                },
+                Ok(reply) => {
+                    sqlx::query(STORE_REPLY)
+                        .bind(reply.encode_to_vec())
+                        .bind(key.request_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    TurnResult::Written(Ok(reply))
+                }
                 // Rolled back, the claim with it.
                 Err(status) => TurnResult::Nothing(Err(status)),
             })
@@ -155,7 +151,7 @@ where
     match answer {
         Err(status) if DEFINITE_REFUSALS.contains(&status.code()) => {
             shared
-                .run(async |conn: &mut AnyConnection, _: Turns<'_>| {
+                .run(async |conn: &mut AnyConnection| {
                     Ok(TurnResult::Written(
                         record_refusal(&mut *conn, &key, &status).await?,
                     ))
@@ -366,28 +362,6 @@ async fn replay<Resp: Message + Default>(
         status_message: row.try_get("status_message")?,
         status_details: row.try_get("status_details")?,
         reply: row.try_get("reply")?,
-    };
-    Ok(stored.answer(key.method, key.request_id, &key.fingerprint))
-}
-
-/// The answer to a repeat of a request whose reply an earlier turn of the
-/// open batch left to be stored with it: the same checks as [`replay`].
-async fn stored_reply<Resp: Message + Default>(
-    conn: &mut AnyConnection,
-    key: &RequestKey<'_>,
-    reply: &[u8],
-) -> Result<Result<Resp, Status>, sqlx::Error> {
-    let row = sqlx::query(STORED)
-        .bind(key.request_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    let stored = Stored {
-        method: row.try_get("method")?,
-        fingerprint: row.try_get("fingerprint")?,
-        status_code: Some(0),
-        status_message: None,
-        status_details: None,
-        reply: Some(reply.to_vec()),
     };
     Ok(stored.answer(key.method, key.request_id, &key.fingerprint))
 }

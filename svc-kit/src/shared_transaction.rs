@@ -25,15 +25,8 @@
 //! - The committer commits as soon as a turn ends and it gets the lock: the
 //!   requests that queued meanwhile form the next batch. One request alone
 //!   waits no timer.
-//! - A turn may leave its reply to be stored with the batch
-//!   ([`TurnResult::Replying`]): the committer stores every such reply of
-//!   the batch in the `idempotency` table in one statement, just before
-//!   `COMMIT`, instead of one statement per request. Until then a repeat of
-//!   the request in the same batch finds it with [`Turns::pending_reply`].
 
 use std::{
-    collections::HashMap,
-    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -80,22 +73,6 @@ struct Turn {
     /// The savepoint of the last turn is still there: released by the next
     /// turn in the same round trip as its own savepoint, or by `COMMIT`.
     savepoint: bool,
-    /// Replies of the open batch's requests, by `request_id`, to be stored
-    /// just before its `COMMIT`.
-    replies: HashMap<String, Vec<u8>>,
-}
-
-/// What a turn's work can see of the open batch besides its connection.
-pub struct Turns<'a> {
-    replies: &'a HashMap<String, Vec<u8>>,
-}
-
-impl Turns<'_> {
-    /// The reply an earlier turn of the open batch left for `request_id`,
-    /// not yet stored in the table.
-    pub fn pending_reply(&self, request_id: &str) -> Option<&[u8]> {
-        self.replies.get(request_id).map(Vec::as_slice)
-    }
 }
 
 impl Turn {
@@ -111,7 +88,6 @@ impl Turn {
         self.members = 0;
         self.poisoned = false;
         self.savepoint = false;
-        self.replies.clear();
         let ended = std::mem::replace(&mut self.batch, Arc::new(watch::channel(None).0));
         ended.send_replace(Some(result));
     }
@@ -148,13 +124,6 @@ impl Drop for InTurn<'_> {
 pub enum TurnResult<T> {
     /// Written into the batch: the answer holds once the batch commits.
     Written(T),
-    /// Written, and `reply` is to be stored as the reply of `request_id`
-    /// (whose row in the `idempotency` table the turn wrote) with the batch.
-    Replying {
-        answer: T,
-        request_id: String,
-        reply: Vec<u8>,
-    },
     /// Nothing of it is in the batch (rolled back to its savepoint).
     Nothing(T),
 }
@@ -177,7 +146,6 @@ impl SharedTransaction {
                 batch: Arc::new(watch::channel(None).0),
                 poisoned: false,
                 savepoint: false,
-                replies: HashMap::new(),
             }),
             turns_ended: Notify::new(),
         });
@@ -200,7 +168,7 @@ impl SharedTransaction {
     /// its batch committed.
     pub async fn run<T>(
         &self,
-        work: impl AsyncFnOnce(&mut AnyConnection, Turns<'_>) -> Result<TurnResult<T>, sqlx::Error>,
+        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
     ) -> Result<T, Error> {
         let mut turn = InTurn {
             turn: self.inner.turn.lock().await,
@@ -210,23 +178,11 @@ impl SharedTransaction {
         turn.turn.clear_poison();
         let result = take_turn(&self.inner.pool, &mut turn.turn, work).await;
         turn.finished = true;
-        let result = match result {
-            Ok(TurnResult::Replying {
-                answer,
-                request_id,
-                reply,
-            }) => {
-                turn.turn.replies.insert(request_id, reply);
-                Ok(TurnResult::Written(answer))
-            }
-            result => result,
-        };
         let ended = match &result {
             Ok(TurnResult::Written(_)) => {
                 turn.turn.members += 1;
                 Some(turn.turn.batch.subscribe())
             }
-            Ok(TurnResult::Replying { .. }) => unreachable!("taken apart above"),
             Ok(TurnResult::Nothing(_)) => None,
             Err(err) => {
                 // The transaction's state is unknown: roll the batch back.
@@ -240,7 +196,6 @@ impl SharedTransaction {
         let (answer, ended) = match result.map_err(Error::from)? {
             TurnResult::Nothing(answer) => return answer.map_err(Error::from),
             TurnResult::Written(answer) => (answer, ended.expect("a written turn subscribed")),
-            TurnResult::Replying { .. } => unreachable!("taken apart above"),
         };
         let mut ended = ended;
         match ended.wait_for(Option::is_some).await.as_deref() {
@@ -259,7 +214,7 @@ impl SharedTransaction {
 async fn take_turn<T>(
     pool: &AnyPool,
     turn: &mut Turn,
-    work: impl AsyncFnOnce(&mut AnyConnection, Turns<'_>) -> Result<TurnResult<T>, sqlx::Error>,
+    work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
 ) -> Result<TurnResult<Result<T, sqlx::Error>>, sqlx::Error> {
     // Nothing of another request in the transaction yet: no savepoint is
     // needed, a failure rolls the whole (so far empty) transaction back.
@@ -285,22 +240,8 @@ async fn take_turn<T>(
         sqlx::raw_sql(sql).execute(&mut **conn).await?;
         turn.savepoint = true;
     }
-    let turns = Turns {
-        replies: &turn.replies,
-    };
-    let outcome = match work(&mut **conn, turns).await {
+    let outcome = match work(&mut **conn).await {
         Ok(TurnResult::Written(answer)) => return Ok(TurnResult::Written(Ok(answer))),
-        Ok(TurnResult::Replying {
-            answer,
-            request_id,
-            reply,
-        }) => {
-            return Ok(TurnResult::Replying {
-                answer: Ok(answer),
-                request_id,
-                reply,
-            });
-        }
         Ok(TurnResult::Nothing(answer)) => Ok(answer),
         Err(err) => Err(err),
     };
@@ -326,15 +267,10 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
         }
         let mut turn = inner.turn.lock().await;
         turn.clear_poison();
-        // Empty unless a batch is open.
-        let replies = std::mem::take(&mut turn.replies);
         let Some(conn) = turn.conn.as_mut() else {
             continue;
         };
-        let commit = async {
-            store_replies(&mut **conn, &replies).await?;
-            sqlx::raw_sql("COMMIT").execute(&mut **conn).await
-        };
+        let commit = sqlx::raw_sql("COMMIT").execute(&mut **conn);
         let result = match tokio::time::timeout(inner.commit_timeout, commit).await {
             Ok(done) => done.map(drop).map_err(|e| e.to_string()),
             // Cut off mid-COMMIT, the connection is closed (`end_batch`);
@@ -352,50 +288,4 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
         }
         turn.end_batch(result);
     }
-}
-
-/// Every reply the batch's turns left, in one statement: a JSON object of
-/// hex-encoded replies by `request_id`. The rows are found through the key's
-/// index (`= ANY` of an array): joined with the JSON as a table instead, the
-/// planner hashed it against a scan of the whole table, whose cost grows
-/// with every request ever answered.
-/// The JSON is parsed once (`r`): cast in place, a generic plan parsed it
-/// again for every row.
-const STORE_REPLIES: &str = "WITH r AS MATERIALIZED (SELECT $1::jsonb AS replies) \
-     UPDATE idempotency SET status_code = 0, reply = decode((SELECT replies FROM r) ->> request_id, 'hex') \
-     WHERE request_id = ANY(ARRAY(SELECT jsonb_object_keys(replies) FROM r))";
-
-async fn store_replies(
-    conn: &mut AnyConnection,
-    replies: &HashMap<String, Vec<u8>>,
-) -> Result<(), sqlx::Error> {
-    if replies.is_empty() {
-        return Ok(());
-    }
-    let by_request_id: serde_json::Map<String, serde_json::Value> = replies
-        .iter()
-        .map(|(request_id, reply)| (request_id.clone(), hex(reply).into()))
-        .collect();
-    let stored = sqlx::query(STORE_REPLIES)
-        .bind(serde_json::Value::Object(by_request_id).to_string())
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if stored != replies.len() as u64 {
-        // Each turn wrote its request's row: a reply without one is a bug,
-        // and the batch must not commit claims without their replies.
-        return Err(sqlx::Error::Protocol(format!(
-            "stored {stored} of the batch's {} replies",
-            replies.len()
-        )));
-    }
-    Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut text = String::with_capacity(2 * bytes.len());
-    for byte in bytes {
-        let _ = write!(text, "{byte:02x}");
-    }
-    text
 }

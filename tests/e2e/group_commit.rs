@@ -104,7 +104,7 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
         let shared = &shared;
         async move {
             shared
-                .run(async |conn: &mut AnyConnection, _: svc_kit::shared_transaction::Turns<'_>| {
+                .run(async |conn: &mut AnyConnection| {
                     sqlx::query(
                         "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
                          VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
@@ -251,9 +251,10 @@ async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_th
 }
 
 /// A request and its repeat sent at once often land in one batch, where the
-/// first one's reply is not stored yet (replies are stored with the batch,
-/// just before its `COMMIT`): the repeat gets the same reply all the same,
-/// and the effect happens once.
+/// first one is not committed yet: the repeat gets the same reply all the
+/// same (read inside the batch's transaction), and the effect happens once.
+/// (Seen failing when replies were stored with the batch, just before its
+/// `COMMIT`, and a repeat in the same batch found the claim without one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored() {
     let db = TestDb::new(Backend::Postgres).await;
