@@ -305,3 +305,53 @@ async fn order_events_reach_rabbitmq_over_tls_and_never_an_untrusted_broker() {
         "the events came through the TLS front"
     );
 }
+
+/// The container health check asks a TLS server over TLS, with the CA and
+/// (under mTLS) the client certificate it is given in its environment, so
+/// one compose health check line serves both; without them it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_check_asks_a_tls_server_over_tls_with_the_settings_it_is_given() {
+    let pki = Pki::new();
+    let stock = services::stock_configured(Backend::Sqlite, |s| s.tls = pki.server_mtls()).await;
+    let port = stock.addr.port().to_string();
+    let check = |env: &[(&str, String)]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-grpc-health-check"))
+            .args(["--service", "stock.v1.StockService"])
+            .env("PORT", &port)
+            .env_remove("HEALTHCHECK_TLS_CA")
+            .env_remove("HEALTHCHECK_TLS_CERT")
+            .env_remove("HEALTHCHECK_TLS_KEY")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let ca = (
+        "HEALTHCHECK_TLS_CA",
+        pki.path("ca.pem").display().to_string(),
+    );
+    let (served, said) = check(&[]);
+    assert!(!served, "plaintext was answered: {said}");
+    let (served, said) = check(std::slice::from_ref(&ca));
+    assert!(
+        !served,
+        "no client certificate, under mTLS, was answered: {said}"
+    );
+    let (served, said) = check(&[
+        ca,
+        (
+            "HEALTHCHECK_TLS_CERT",
+            pki.path("client.pem").display().to_string(),
+        ),
+        (
+            "HEALTHCHECK_TLS_KEY",
+            pki.path("client-key.pem").display().to_string(),
+        ),
+    ]);
+    assert!(served, "{said}");
+    assert!(said.contains("SERVING"), "{said}");
+}
