@@ -12,10 +12,22 @@
 //!
 //! Every service has an `idempotency` table of this shape (see its migrations).
 //!
+//! On PostgreSQL's shared transaction (the saga's steps) the order is the
+//! other way round: the effect first, then the claim written together with
+//! the reply, in one statement instead of two. A request seen before is
+//! then told by the claim's conflict, and its effect is rolled back to its
+//! savepoint. When the effect refused or failed instead (a repeat's effect
+//! may, because its first's rows are there), the stored answer is looked
+//! up before the refusal or failure is: a repeat always gets its first's.
+//! Every request in the shared transaction takes its turn, so a repeat can
+//! never run beside its first; a repeat on another connection (a second
+//! service process) meets the first's effect on the effect's own key (the
+//! order's reservation, charge or shipment) and waits for it there.
+//!
 //! Two ways to run a request:
 //! - [`run_once_batched`], for the saga's steps: on a SQLite file, on the
 //!   store's batch writer (one hand-over, group commit); on PostgreSQL,
-//!   through the pool. The effect is written twice, once per driver.
+//!   on the shared transaction. The effect is written twice, once per driver.
 //! - [`run_once`], for the rest (admin calls): through the pool; on a SQLite
 //!   file it waits its turn at the writer's gate.
 
@@ -35,6 +47,10 @@ use crate::{
 
 const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms) \
      VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING";
+/// The claim and the reply in one row, after the effect (the shared
+/// transaction's order; see the module's doc).
+const CLAIM_WITH_REPLY: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+     VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (request_id) DO NOTHING";
 const STORE_REPLY: &str =
     "UPDATE idempotency SET status_code = 0, reply = $1 WHERE request_id = $2";
 const STORED: &str = "SELECT method, fingerprint, status_code, status_message, status_details, reply FROM idempotency WHERE request_id = $1";
@@ -107,9 +123,20 @@ where
         .map_err(|e| Status::from(Error::StoreUnavailable(e)))?
 }
 
-/// The same steps as [`run_on_pool`], each request in its turn on the
-/// shared transaction ([`crate::shared_transaction`]). A definite refusal
-/// takes a second turn to be stored, after its effect was rolled back.
+/// How a request's first turn on the shared transaction ended.
+enum FirstTurn<Resp> {
+    /// Done, and its claim written with the reply.
+    Done(Resp),
+    /// Its effect ran, but the `request_id` was claimed before: rolled back.
+    SeenBefore,
+    /// Its effect refused or failed: rolled back.
+    Failed(Status),
+}
+
+/// A request on the shared transaction ([`crate::shared_transaction`]):
+/// the effect, then the claim with its reply, in one turn (see the module's
+/// doc for the order). A request seen before, or refused for good, takes a
+/// second turn to read the stored answer or to store its refusal.
 async fn run_on_shared<Resp>(
     shared: &SharedTransaction,
     key: RequestKey<'_>,
@@ -118,48 +145,59 @@ async fn run_on_shared<Resp>(
 where
     Resp: Message + Default,
 {
-    let answer = shared
+    let first = shared
         .run(async |conn: &mut AnyConnection| {
-            let claimed = sqlx::query(CLAIM)
+            let reply = match effect(&mut *conn).await {
+                Ok(reply) => reply,
+                Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
+            };
+            let claimed = sqlx::query(CLAIM_WITH_REPLY)
                 .bind(key.request_id)
                 .bind(key.method)
                 .bind(key.fingerprint.clone())
                 .bind(now_ms())
+                .bind(reply.encode_to_vec())
                 .execute(&mut *conn)
                 .await?
                 .rows_affected()
                 == 1;
-            if !claimed {
-                // Seen before, perhaps earlier in this very batch: the answer
-                // holds only once the batch commits, like a written one.
-                return Ok(TurnResult::Written(replay(&mut *conn, &key).await?));
-            }
-            Ok(match effect(&mut *conn).await {
-                Ok(reply) => {
-                    sqlx::query(STORE_REPLY)
-                        .bind(reply.encode_to_vec())
-                        .bind(key.request_id)
-                        .execute(&mut *conn)
-                        .await?;
-                    TurnResult::Written(Ok(reply))
-                }
-                // Rolled back, the claim with it.
-                Err(status) => TurnResult::Nothing(Err(status)),
+            Ok(match claimed {
+                true => TurnResult::Written(FirstTurn::Done(reply)),
+                // A repeat: its effect goes, the first one's answer stands.
+                false => TurnResult::Nothing(FirstTurn::SeenBefore),
             })
         })
         .await?;
-    match answer {
-        Err(status) if DEFINITE_REFUSALS.contains(&status.code()) => {
-            shared
+    let status = match first {
+        FirstTurn::Done(reply) => return Ok(reply),
+        FirstTurn::SeenBefore => {
+            // Perhaps claimed earlier in this very batch: the answer holds
+            // only once the batch commits, like a written one.
+            return shared
                 .run(async |conn: &mut AnyConnection| {
-                    Ok(TurnResult::Written(
-                        record_refusal(&mut *conn, &key, &status).await?,
-                    ))
+                    Ok(TurnResult::Written(replay(&mut *conn, &key).await?))
                 })
-                .await?
+                .await?;
         }
-        answer => answer,
-    }
+        FirstTurn::Failed(status) => status,
+    };
+    // A repeat's effect may fail because its first's is there (the order's
+    // row exists): the first's answer stands, whatever this one said.
+    shared
+        .run(async |conn: &mut AnyConnection| {
+            if DEFINITE_REFUSALS.contains(&status.code()) {
+                // Stored as the answer, unless the request was seen before.
+                return Ok(TurnResult::Written(
+                    record_refusal(&mut *conn, &key, &status).await?,
+                ));
+            }
+            Ok(match stored_answer(&mut *conn, &key).await? {
+                Some(answer) => TurnResult::Written(answer),
+                // Not an answer: nothing of it stays, not even a claim.
+                None => TurnResult::Nothing(Err(status.clone())),
+            })
+        })
+        .await?
 }
 
 struct OwnedKey {
@@ -351,10 +389,23 @@ async fn replay<Resp: Message + Default>(
     conn: &mut AnyConnection,
     key: &RequestKey<'_>,
 ) -> Result<Result<Resp, Status>, sqlx::Error> {
-    let row = sqlx::query(STORED)
+    stored_answer(conn, key)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The stored answer of `key`'s `request_id`, if it was seen before.
+async fn stored_answer<Resp: Message + Default>(
+    conn: &mut AnyConnection,
+    key: &RequestKey<'_>,
+) -> Result<Option<Result<Resp, Status>>, sqlx::Error> {
+    let Some(row) = sqlx::query(STORED)
         .bind(key.request_id)
-        .fetch_one(&mut *conn)
-        .await?;
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
     let stored = Stored {
         method: row.try_get("method")?,
         fingerprint: row.try_get("fingerprint")?,
@@ -363,7 +414,11 @@ async fn replay<Resp: Message + Default>(
         status_details: row.try_get("status_details")?,
         reply: row.try_get("reply")?,
     };
-    Ok(stored.answer(key.method, key.request_id, &key.fingerprint))
+    Ok(Some(stored.answer(
+        key.method,
+        key.request_id,
+        &key.fingerprint,
+    )))
 }
 
 /// A request's row in the `idempotency` table.
