@@ -56,6 +56,10 @@ pub struct AdmitOrder {
 
 const INSERT_ORDER: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING";
+/// [`INSERT_ORDER`] as the engine writes it with the saga, in one statement
+/// (PostgreSQL; see `Admit::insert_sql`).
+const INSERT_ORDER_RETURNING: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING RETURNING 1";
 
 impl AdmitOrder {
     pub fn new(order: &OrderData, fingerprint: Vec<u8>) -> Self {
@@ -93,6 +97,22 @@ impl Admit for AdmitOrder {
                 .rows_affected();
             Ok(admission(inserted))
         })
+    }
+
+    fn insert_sql(&self) -> Option<&'static str> {
+        Some(INSERT_ORDER_RETURNING)
+    }
+
+    fn bind_insert<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        query
+            .bind(&self.order_id)
+            .bind(&self.request_id)
+            .bind(&self.fingerprint)
+            .bind(&self.customer_id)
+            .bind(svc_kit::time::now_ms())
     }
 
     fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission> {

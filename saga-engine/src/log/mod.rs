@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::{
     definition::Phase,
+    engine::Admission,
     events::{self, NewEvent},
     now_ms,
 };
@@ -141,6 +142,84 @@ const INSERT_SAGA_AND_FIRST_STEP: &str = "WITH saga AS ( \
        VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1) RETURNING saga_id) \
      INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
      SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga";
+
+/// [`INSERT_SAGA_AND_FIRST_STEP`], written only if the caller's insert (the
+/// first CTE, its parameters renumbered after the saga's ten) wrote a row.
+fn saga_admitted_sql(admit_sql: &str) -> String {
+    let mut renumbered = String::with_capacity(admit_sql.len() + 16);
+    let mut rest = admit_sql;
+    while let Some(at) = rest.find('$') {
+        renumbered.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match rest[..digits].parse::<u32>() {
+            Ok(n) => renumbered.push_str(&(n + 10).to_string()),
+            Err(_) => renumbered.push_str(&rest[..digits]),
+        }
+        rest = &rest[digits..];
+    }
+    renumbered.push_str(rest);
+    format!(
+        "WITH admitted AS ({renumbered}), \
+         saga AS ( \
+           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
+           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1 WHERE EXISTS (SELECT 1 FROM admitted) RETURNING saga_id), \
+         step AS ( \
+           INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
+           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga) \
+         SELECT COUNT(*) FROM saga"
+    )
+}
+
+#[cfg(test)]
+mod saga_admitted_sql_tests {
+    #[test]
+    fn the_callers_parameters_are_numbered_after_the_sagas_ten() {
+        let sql = super::saga_admitted_sql(
+            "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
+        );
+        assert!(
+            sql.starts_with(
+                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($11, $12, $22) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with("SELECT COUNT(*) FROM saga"), "{sql}");
+    }
+}
+
+/// Records a new saga as [`insert_saga`] does, with the caller's rows in the
+/// same statement (PostgreSQL; see [`crate::Admit::insert_sql`]): both, or
+/// neither when the caller's insert wrote no row.
+pub(crate) async fn insert_saga_admitted(
+    conn: &mut AnyConnection,
+    saga: &NewSaga,
+    admit_sql: &str,
+    admit: &dyn crate::Admit,
+) -> Result<Admission, sqlx::Error> {
+    let now = now_ms();
+    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
+    let query = sqlx::query(sqlx::AssertSqlSafe(saga_admitted_sql(admit_sql)))
+        .bind(saga.saga_id.to_string())
+        .bind(saga.kind)
+        .bind(&saga.data_json)
+        .bind(&saga.trace_context)
+        .bind(now)
+        .bind(i64::from(saga.starts_at_pivot))
+        .bind(&saga.owner)
+        .bind(started.phase.as_str())
+        .bind(started.name)
+        .bind(started.status.as_str());
+    let written: i64 = admit
+        .bind_insert(query)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    Ok(match written {
+        1 => Admission::Admit,
+        _ => Admission::Refuse,
+    })
+}
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
 /// that the caller's own rows, e.g. the order, commit with it).

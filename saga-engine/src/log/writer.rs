@@ -25,7 +25,8 @@ use uuid::Uuid;
 
 use super::{
     Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, Reopen, ReopenOutcome,
-    SagaStatus, apply, insert_saga, postgres, reopen, request_cancel, sqlite::SqliteLog,
+    SagaStatus, apply, insert_saga, insert_saga_admitted, postgres, reopen, request_cancel,
+    sqlite::SqliteLog,
 };
 use crate::{
     crash_points::{self, point},
@@ -50,6 +51,27 @@ pub trait Admit: Send + Sync + 'static {
 
     /// On a SQLite file, inside the transaction that records the saga.
     fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission>;
+
+    /// On PostgreSQL, the caller's rows as one `INSERT … RETURNING 1` that
+    /// returns no row to refuse (e.g. `ON CONFLICT DO NOTHING`), its
+    /// parameters numbered from `$1` and bound by [`Admit::bind_insert`].
+    /// It goes into the statement that records the saga, which writes the
+    /// saga only if the insert wrote a row: one round trip, and a refusal
+    /// writes nothing, so a batch needs no savepoint for it. Its rows may
+    /// reference the saga's (constraints are checked at the statement's
+    /// end). `None` (the default): [`Admit::admit`] runs after the saga's
+    /// insert instead.
+    fn insert_sql(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Binds [`Admit::insert_sql`]'s parameters, in order.
+    fn bind_insert<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        query
+    }
 }
 
 /// A new saga, the caller's rows and its first events, written together.
@@ -349,7 +371,7 @@ async fn commit_on_pool(
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
             Write::Start(start) if alone => {
-                let admission = admit_start(&mut tx, start).await?;
+                let admission = admit_start(&mut tx, start, postgres).await?;
                 if admission == Admission::Admit {
                     for event in &start.events {
                         events::insert(&mut tx, event).await?;
@@ -358,7 +380,7 @@ async fn commit_on_pool(
                 Written::Start(admission)
             }
             Write::Start(start) => {
-                let admission = start_in_batch(&mut tx, start, &mut savepoint).await?;
+                let admission = start_in_batch(&mut tx, start, postgres, &mut savepoint).await?;
                 if admission == Admission::Admit {
                     if postgres {
                         announced.extend(&start.events);
@@ -458,15 +480,20 @@ enum Savepoint {
 async fn start_in_batch(
     conn: &mut AnyConnection,
     start: &Start,
+    postgres: bool,
     savepoint: &mut Savepoint,
 ) -> Result<Admission, sqlx::Error> {
+    if postgres && start.admit.insert_sql().is_some() {
+        // One statement that writes all or nothing: no savepoint needed.
+        return admit_start(conn, start, postgres).await;
+    }
     let sql = match savepoint {
         Savepoint::Left => "RELEASE SAVEPOINT start; SAVEPOINT start",
         Savepoint::None => "SAVEPOINT start",
     };
     sqlx::raw_sql(sql).execute(&mut *conn).await?;
     *savepoint = Savepoint::Left;
-    let admission = admit_start(conn, start).await?;
+    let admission = admit_start(conn, start, postgres).await?;
     if admission == Admission::Refuse {
         sqlx::raw_sql("ROLLBACK TO SAVEPOINT start")
             .execute(&mut *conn)
@@ -476,8 +503,16 @@ async fn start_in_batch(
 }
 
 /// The new saga's rows and the caller's; its events are the caller's to
-/// write, once admitted.
-async fn admit_start(conn: &mut AnyConnection, start: &Start) -> Result<Admission, sqlx::Error> {
+/// write, once admitted. On PostgreSQL, in one statement when the caller
+/// can give its rows as one insert ([`Admit::insert_sql`]).
+async fn admit_start(
+    conn: &mut AnyConnection,
+    start: &Start,
+    postgres: bool,
+) -> Result<Admission, sqlx::Error> {
+    if postgres && let Some(admit_sql) = start.admit.insert_sql() {
+        return insert_saga_admitted(conn, &start.saga, admit_sql, &*start.admit).await;
+    }
     insert_saga(conn, &start.saga).await?;
     start.admit.admit(conn).await
 }
