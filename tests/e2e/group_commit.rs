@@ -14,11 +14,9 @@ use svc_kit::{
 
 const REQUESTS: usize = 64;
 
-/// 64 requests at once on one hot row: every effect lands once, their
-/// replies come after a commit, and they needed far fewer commits than
-/// requests (each committed alone before the shared transaction).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once() {
+/// A stock database on PostgreSQL (kept while the `TestDb` lives) with one
+/// product, `HOT`, at 0 available: the row every test request updates.
+async fn hot_row_store() -> (TestDb, Store) {
     let db = TestDb::new(Backend::Postgres).await;
     let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
         .await
@@ -30,6 +28,15 @@ async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once()
     .execute(&store.pool)
     .await
     .unwrap();
+    (db, store)
+}
+
+/// 64 requests at once on one hot row: every effect lands once, their
+/// replies come after a commit, and they needed far fewer commits than
+/// requests (each committed alone before the shared transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once() {
+    let (_db, store) = hot_row_store().await;
     let shared = store
         .shared
         .clone()
@@ -142,17 +149,7 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
 /// its own writes and never a neighbour's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_their_own_effect() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
-         VALUES ('HOT', 'x', 1, 'EUR', 0, 0, 0, 0)",
-    )
-    .execute(&store.pool)
-    .await
-    .unwrap();
+    let (_db, store) = hot_row_store().await;
     // Every request adds 1, then ends as its number says.
     #[derive(Clone, Copy, PartialEq, Debug)]
     enum Ends {
@@ -257,17 +254,7 @@ async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_th
 /// `COMMIT`, and a repeat in the same batch found the claim without one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
-         VALUES ('HOT', 'x', 1, 'EUR', 0, 0, 0, 0)",
-    )
-    .execute(&store.pool)
-    .await
-    .unwrap();
+    let (_db, store) = hot_row_store().await;
     const DISTINCT: usize = REQUESTS / 2;
     let request = |i: usize| {
         let store = &store;

@@ -188,18 +188,16 @@ mod saga_admitted_sql_tests {
     }
 }
 
-/// Records a new saga as [`insert_saga`] does, with the caller's rows in the
-/// same statement (PostgreSQL; see [`crate::Admit::insert_sql`]): both, or
-/// neither when the caller's insert wrote no row.
-pub(crate) async fn insert_saga_admitted(
-    conn: &mut AnyConnection,
+/// The ten parameters of [`INSERT_SAGA_AND_FIRST_STEP`] (and of the
+/// statement that also admits the caller's rows): the saga's, then its
+/// first step record's.
+fn bind_new_saga<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     saga: &NewSaga,
-    admit_sql: &str,
-    admit: &dyn crate::Admit,
-) -> Result<Admission, sqlx::Error> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let now = now_ms();
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    let query = sqlx::query(sqlx::AssertSqlSafe(saga_admitted_sql(admit_sql)))
+    query
         .bind(saga.saga_id.to_string())
         .bind(saga.kind)
         .bind(&saga.data_json)
@@ -209,7 +207,22 @@ pub(crate) async fn insert_saga_admitted(
         .bind(&saga.owner)
         .bind(started.phase.as_str())
         .bind(started.name)
-        .bind(started.status.as_str());
+        .bind(started.status.as_str())
+}
+
+/// Records a new saga as [`insert_saga`] does, with the caller's rows in the
+/// same statement (PostgreSQL; see [`crate::Admit::insert_sql`]): both, or
+/// neither when the caller's insert wrote no row.
+pub(crate) async fn insert_saga_admitted(
+    conn: &mut AnyConnection,
+    saga: &NewSaga,
+    admit_sql: &str,
+    admit: &dyn crate::Admit,
+) -> Result<Admission, sqlx::Error> {
+    let query = bind_new_saga(
+        sqlx::query(sqlx::AssertSqlSafe(saga_admitted_sql(admit_sql))),
+        saga,
+    );
     let written: i64 = admit
         .bind_insert(query)
         .fetch_one(&mut *conn)
@@ -224,24 +237,14 @@ pub(crate) async fn insert_saga_admitted(
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
 /// that the caller's own rows, e.g. the order, commit with it).
 pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     if conn.backend_name() == "PostgreSQL" {
-        sqlx::query(INSERT_SAGA_AND_FIRST_STEP)
-            .bind(saga.saga_id.to_string())
-            .bind(saga.kind)
-            .bind(&saga.data_json)
-            .bind(&saga.trace_context)
-            .bind(now)
-            .bind(i64::from(saga.starts_at_pivot))
-            .bind(&saga.owner)
-            .bind(started.phase.as_str())
-            .bind(started.name)
-            .bind(started.status.as_str())
+        bind_new_saga(sqlx::query(INSERT_SAGA_AND_FIRST_STEP), saga)
             .execute(&mut *conn)
             .await?;
         return Ok(());
     }
+    let now = now_ms();
+    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     sqlx::query(INSERT_SAGA)
         .bind(saga.saga_id.to_string())
         .bind(saga.kind)
