@@ -188,6 +188,22 @@ mod saga_admitted_sql_tests {
     }
 }
 
+/// The seven parameters of [`INSERT_SAGA`]: the saga's row.
+fn bind_saga<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    saga: &NewSaga,
+    now: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    query
+        .bind(saga.saga_id.to_string())
+        .bind(saga.kind)
+        .bind(&saga.data_json)
+        .bind(&saga.trace_context)
+        .bind(now)
+        .bind(i64::from(saga.starts_at_pivot))
+        .bind(&saga.owner)
+}
+
 /// The ten parameters of [`INSERT_SAGA_AND_FIRST_STEP`] (and of the
 /// statement that also admits the caller's rows): the saga's, then its
 /// first step record's.
@@ -197,14 +213,7 @@ fn bind_new_saga<'q>(
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let now = now_ms();
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    query
-        .bind(saga.saga_id.to_string())
-        .bind(saga.kind)
-        .bind(&saga.data_json)
-        .bind(&saga.trace_context)
-        .bind(now)
-        .bind(i64::from(saga.starts_at_pivot))
-        .bind(&saga.owner)
+    bind_saga(query, saga, now)
         .bind(started.phase.as_str())
         .bind(started.name)
         .bind(started.status.as_str())
@@ -245,14 +254,7 @@ pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(),
     }
     let now = now_ms();
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    sqlx::query(INSERT_SAGA)
-        .bind(saga.saga_id.to_string())
-        .bind(saga.kind)
-        .bind(&saga.data_json)
-        .bind(&saga.trace_context)
-        .bind(now)
-        .bind(i64::from(saga.starts_at_pivot))
-        .bind(&saga.owner)
+    bind_saga(sqlx::query(INSERT_SAGA), saga, now)
         .execute(&mut *conn)
         .await?;
     upsert_step(conn, saga.saga_id, &started, FIRST_EPOCH).await
