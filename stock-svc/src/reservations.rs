@@ -67,24 +67,6 @@ const TAKE_STOCK_AND_RECORD_LINE: &str = "WITH taken AS ( \
      INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
      SELECT $4, $3, $1, unit_price_cents FROM taken \
      RETURNING unit_price_cents, (SELECT currency FROM taken) AS currency";
-/// [`INSERT_RESERVATION`] and [`TAKE_STOCK_AND_RECORD_LINE`] for an order of
-/// one line, in one statement (PostgreSQL): the stock is taken only if the
-/// reservation was inserted (so the reservation's key is locked before the
-/// product's row, as line by line). One row comes back: whether the
-/// reservation was inserted, and the line's price and currency if its
-/// stock was taken.
-const RESERVE_ONE_LINE: &str = "WITH reservation AS ( \
-       INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-       VALUES ($1, $2, 'reserved', $3, $4, $5, $5) ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
-     taken AS ( \
-       UPDATE products SET available = available - $6, reserved = reserved + $6, updated_at_ms = $5 \
-       WHERE sku = $7 AND available >= $6 AND EXISTS (SELECT 1 FROM reservation) \
-       RETURNING unit_price_cents, currency), \
-     line AS ( \
-       INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
-       SELECT $1, $7, $6, unit_price_cents FROM taken) \
-     SELECT (SELECT COUNT(*) FROM reservation) AS reserved, taken.unit_price_cents, taken.currency \
-     FROM (SELECT 1) AS one LEFT JOIN taken ON true";
 const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
 const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -105,55 +87,28 @@ pub async fn reserve(
     let reservation_id = Uuid::new_v4().to_string();
     let priced = priced_total(&lines);
     let (total_cents, currency) = priced.clone().unwrap_or((0, String::new()));
-    let postgres = conn.backend_name() == "PostgreSQL";
-    // One line on PostgreSQL (most orders): the reservation and its line in
-    // one statement; else the reservation first, then line by line.
-    let mut taken_with_reservation = None;
-    if let [line] = lines.as_slice()
-        && postgres
-    {
-        let row = sqlx::query(RESERVE_ONE_LINE)
-            .bind(order_id)
-            .bind(&reservation_id)
-            .bind(total_cents)
-            .bind(currency)
-            .bind(now)
-            .bind(line.quantity)
-            .bind(&line.sku)
-            .fetch_one(&mut *conn)
-            .await?;
-        if row.try_get::<i64, _>("reserved")? == 0 {
-            return Err(existing_reservation(conn, order_id).await?);
-        }
-        let price: Option<i64> = row.try_get("unit_price_cents")?;
-        let Some(price) = price else {
-            return Err(not_taken(line, available(conn, &line.sku).await?));
-        };
-        taken_with_reservation = Some((price, row.try_get("currency")?));
-    } else {
-        let inserted = sqlx::query(INSERT_RESERVATION)
-            .bind(order_id)
-            .bind(&reservation_id)
-            .bind(total_cents)
-            .bind(currency)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-        if inserted == 0 {
-            return Err(existing_reservation(conn, order_id).await?);
-        }
+    let inserted = sqlx::query(INSERT_RESERVATION)
+        .bind(order_id)
+        .bind(&reservation_id)
+        .bind(total_cents)
+        .bind(currency)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if inserted == 0 {
+        return Err(existing_reservation(conn, order_id).await?);
     }
 
     // A fixed lock order (by SKU) keeps two multi-line orders from deadlocking.
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     let mut reserved = Vec::with_capacity(lines.len());
     let mut currency: Option<String> = None;
+    let postgres = conn.backend_name() == "PostgreSQL";
     for line in &lines {
-        let (unit_price_cents, line_currency) = match (taken_with_reservation.take(), postgres) {
-            (Some(taken), _) => taken,
-            (None, true) => take_stock_recording_line(conn, order_id, line, now).await?,
-            (None, false) => take_stock(conn, line, now).await?,
+        let (unit_price_cents, line_currency) = match postgres {
+            true => take_stock_recording_line(conn, order_id, line, now).await?,
+            false => take_stock(conn, line, now).await?,
         };
         line.check_price(unit_price_cents, &line_currency)?;
         same_currency(&mut currency, &line_currency)?;
@@ -274,7 +229,11 @@ async fn take_stock(
     if let Some(row) = row {
         return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
     }
-    Err(not_taken(line, available(conn, &line.sku).await?))
+    let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
+        .bind(&line.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Err(not_taken(line, available))
 }
 
 /// [`take_stock`] and the line's record in one round trip (PostgreSQL).
@@ -294,15 +253,11 @@ async fn take_stock_recording_line(
     if let Some(row) = row {
         return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
     }
-    Err(not_taken(line, available(conn, &line.sku).await?))
-}
-
-/// The units of `sku` available (`None`: no such SKU).
-async fn available(conn: &mut AnyConnection, sku: &str) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(AVAILABLE)
-        .bind(sku)
+    let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
+        .bind(&line.sku)
         .fetch_optional(&mut *conn)
-        .await
+        .await?;
+    Err(not_taken(line, available))
 }
 
 /// Why a reservation row already exists for an order.
