@@ -419,19 +419,18 @@ impl OrderApi {
         // refusal at once beats a saga queued for longer than its client waits.
         let waiting = self.engine.waiting();
         if waiting >= self.max_waiting_sagas {
-            return match self.find(&new.request_id, &fingerprint).await? {
-                Some((order_id, changes)) => Ok((order_id, changes, false)),
-                None => Err(OrderError::Backlogged { waiting }.into()),
-            };
+            let backlogged = OrderError::Backlogged { waiting }.into();
+            return self
+                .found_or(&new.request_id, &fingerprint, backlogged)
+                .await;
         }
         let (items, total_cents, currency) = match pricing::price(&self.catalogue, &new.items).await
         {
             Ok(priced) => priced,
             Err(refusal) => {
-                return match self.find(&new.request_id, &fingerprint).await? {
-                    Some((order_id, changes)) => Ok((order_id, changes, false)),
-                    None => Err(refusal.into()),
-                };
+                return self
+                    .found_or(&new.request_id, &fingerprint, refusal.into())
+                    .await;
             }
         };
         let order = OrderData {
@@ -461,32 +460,33 @@ impl OrderApi {
         {
             Started::Started => Ok((order_id, changes, true)),
             // Another request with this request_id got there first.
-            Started::Refused => match self.find(&new.request_id, &fingerprint).await? {
-                Some((order_id, changes)) => Ok((order_id, changes, false)),
-                None => Err(svc_kit::Error::Internal(
-                    "order vanished after a request_id conflict".into(),
-                )
-                .into()),
-            },
+            Started::Refused => {
+                let vanished =
+                    svc_kit::Error::Internal("order vanished after a request_id conflict".into());
+                self.found_or(&new.request_id, &fingerprint, vanished.into())
+                    .await
+            }
         }
     }
 
-    /// The order a `request_id` made before, if any, with a watch of it
-    /// (made before its saga is read, so a waiter misses no change).
-    async fn find(
+    /// The order a `request_id` made before, with a watch of it (made
+    /// before its saga is read, so a waiter misses no change); `otherwise`
+    /// when there is none.
+    async fn found_or(
         &self,
         request_id: &str,
         fingerprint: &[u8],
-    ) -> Result<Option<(Uuid, SagaWatch)>, Status> {
+        otherwise: Status,
+    ) -> Result<(Uuid, SagaWatch, bool), Status> {
         let Some((order_id, stored)) = store::find_by_request_id(&self.engine, request_id).await?
         else {
-            return Ok(None);
+            return Err(otherwise);
         };
         let changes = self.engine.watch(order_id);
         let order_id = self
             .seen_before(request_id, order_id, &stored, fingerprint)
             .await?;
-        Ok(Some((order_id, changes)))
+        Ok((order_id, changes, false))
     }
 
     /// The order of a `request_id` seen before, if the request is the same

@@ -6,7 +6,11 @@
 //! transaction (group commit): under load, many sagas share one commit and one
 //! fsync. A driver moves on only after its checkpoint's commit.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex},
+    time::Duration,
+};
 
 use sqlx::{AnyConnection, AnyPool, Row};
 use uuid::Uuid;
@@ -145,7 +149,19 @@ const INSERT_SAGA_AND_FIRST_STEP: &str = "WITH saga AS ( \
 
 /// [`INSERT_SAGA_AND_FIRST_STEP`], written only if the caller's insert (the
 /// first CTE, its parameters renumbered after the saga's ten) wrote a row.
-fn saga_admitted_sql(admit_sql: &str) -> String {
+/// Built once per caller's statement, not at every start.
+fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
+    static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
+        LazyLock::new(Mutex::default);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    built
+        .entry(admit_sql)
+        .or_insert_with(|| Box::leak(build_saga_admitted_sql(admit_sql).into_boxed_str()))
+}
+
+fn build_saga_admitted_sql(admit_sql: &str) -> String {
     let mut renumbered = String::with_capacity(admit_sql.len() + 16);
     let mut rest = admit_sql;
     while let Some(at) = rest.find('$') {
@@ -175,7 +191,7 @@ fn saga_admitted_sql(admit_sql: &str) -> String {
 mod saga_admitted_sql_tests {
     #[test]
     fn the_callers_parameters_are_numbered_after_the_sagas_ten() {
-        let sql = super::saga_admitted_sql(
+        let sql = super::build_saga_admitted_sql(
             "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
         );
         assert!(
@@ -225,13 +241,10 @@ fn bind_new_saga<'q>(
 pub(crate) async fn insert_saga_admitted(
     conn: &mut AnyConnection,
     saga: &NewSaga,
-    admit_sql: &str,
+    admit_sql: &'static str,
     admit: &dyn crate::Admit,
 ) -> Result<Admission, sqlx::Error> {
-    let query = bind_new_saga(
-        sqlx::query(sqlx::AssertSqlSafe(saga_admitted_sql(admit_sql))),
-        saga,
-    );
+    let query = bind_new_saga(sqlx::query(saga_admitted_sql(admit_sql)), saga);
     let written: i64 = admit
         .bind_insert(query)
         .fetch_one(&mut *conn)

@@ -370,25 +370,19 @@ async fn commit_on_pool(
         }
         results.push(match write {
             Write::Checkpoint(checkpoint) => Written::Checkpoint(apply(&mut tx, checkpoint).await?),
-            Write::Start(start) if alone => {
-                let admission = admit_start(&mut tx, start, postgres).await?;
-                if admission == Admission::Admit {
-                    for event in &start.events {
-                        events::insert(&mut tx, event).await?;
-                    }
-                }
-                Written::Start(admission)
-            }
             Write::Start(start) => {
-                let admission = start_in_batch(&mut tx, start, postgres, &mut savepoint).await?;
-                if admission == Admission::Admit {
-                    if postgres {
-                        announced.extend(&start.events);
-                    } else {
+                let admission = match alone {
+                    true => admit_start(&mut tx, start, postgres).await?,
+                    false => start_in_batch(&mut tx, start, postgres, &mut savepoint).await?,
+                };
+                match admission {
+                    Admission::Admit if postgres && !alone => announced.extend(&start.events),
+                    Admission::Admit => {
                         for event in &start.events {
                             events::insert(&mut tx, event).await?;
                         }
                     }
+                    Admission::Refuse => {}
                 }
                 Written::Start(admission)
             }
