@@ -125,6 +125,10 @@ enum Command {
     Overload {
         #[arg(long, default_value_t = 10.0)]
         factor: f64,
+        /// Offer this many orders per second instead of FACTOR times the
+        /// normal rate: two builds compared at the same offered load.
+        #[arg(long, value_name = "ORDERS_PER_S")]
+        rate: Option<f64>,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
@@ -188,8 +192,16 @@ async fn main() -> anyhow::Result<()> {
             println!("created {created} orders without waiting");
             return Ok(());
         }
-        Some(Command::Overload { factor, seconds }) => {
-            let report = overload::run(&config, factor, seconds).await?;
+        Some(Command::Overload {
+            factor,
+            rate,
+            seconds,
+        }) => {
+            let offer = match rate {
+                Some(per_s) => overload::Offer::Rate(per_s),
+                None => overload::Offer::Factor(factor),
+            };
+            let report = overload::run(&config, offer, seconds).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -102,13 +102,25 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
 }
 
-/// The normal run, then `factor` × its rate for `seconds`.
+/// How much to offer after the normal run.
+#[derive(Debug, Clone, Copy)]
+pub enum Offer {
+    /// This many times the rate the normal run sustained.
+    Factor(f64),
+    /// This many orders per second, whatever the normal run sustained.
+    Rate(f64),
+}
+
+/// The normal run, then what `offer` says for `seconds`.
 pub async fn run(
     config: &BenchConfig,
-    factor: f64,
+    offer: Offer,
     seconds: u64,
 ) -> anyhow::Result<OverloadReport> {
-    anyhow::ensure!(factor > 0.0, "--factor must be above 0");
+    match offer {
+        Offer::Factor(factor) => anyhow::ensure!(factor > 0.0, "--factor must be above 0"),
+        Offer::Rate(rate) => anyhow::ensure!(rate > 0.0, "--rate must be above 0"),
+    }
     let world = setup::prepare(config).await?;
     let normal = run::orders(config, &world).await?;
     let finished: u64 = normal.outcomes.values().sum();
@@ -118,7 +130,10 @@ pub async fn run(
     );
     let sustained = finished as f64 / normal.elapsed.as_secs_f64();
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let offered_per_s = sustained * factor;
+    let offered_per_s = match offer {
+        Offer::Factor(factor) => sustained * factor,
+        Offer::Rate(rate) => rate,
+    };
     let offered = (offered_per_s * seconds as f64).ceil() as u64;
 
     // A world of its own, with stock and money for every order offered.

@@ -58,7 +58,9 @@ async fn orderbench_overload_admits_some_and_refuses_the_rest() {
         compensate_share: 0.0,
         progress: false,
     };
-    let report = orderbench::overload::run(&config, 10.0, 2).await.unwrap();
+    let report = orderbench::overload::run(&config, orderbench::overload::Offer::Factor(10.0), 2)
+        .await
+        .unwrap();
     report.print();
     assert!(report.admitted > 0, "{report:?}");
     assert!(report.refused > 0, "{report:?}");
