@@ -28,7 +28,7 @@ pub enum OrderError {
     ActionRequestIdReused(String),
 
     #[error(
-        "{waiting} orders wait for a free saga slot, the limit (MAX_WAITING_SAGAS); nothing was recorded, retry with backoff"
+        "{waiting} orders wait for a free saga slot, the limit (MAX_WAITING_SAGAS); this call recorded nothing: retry with backoff and the same request_id, which also answers with the order if an earlier call made it"
     )]
     Backlogged { waiting: usize },
 

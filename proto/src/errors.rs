@@ -86,7 +86,7 @@ reasons! {
     NotCancellable = "NOT_CANCELLABLE": "The order can no longer be cancelled (charged, or ended).",
     NotNeedingAttention = "NOT_NEEDING_ATTENTION": "An operator action on an order that does not rest NEEDS_ATTENTION.",
     PricingUnavailable = "PRICING_UNAVAILABLE": "The order could not be priced: the stock service is unavailable.",
-    TooManyWaitingSagas = "TOO_MANY_WAITING_SAGAS": "Too many orders wait for a saga slot (MAX_WAITING_SAGAS); retry with backoff.",
+    TooManyWaitingSagas = "TOO_MANY_WAITING_SAGAS": "Too many orders wait for a saga slot (MAX_WAITING_SAGAS); the call did nothing: retry with backoff and the same request_id.",
     TooManyWatches = "TOO_MANY_WATCHES": "Too many WatchOrder streams are open (MAX_WATCH_STREAMS…).",
 }
 

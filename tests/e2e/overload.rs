@@ -204,7 +204,9 @@ async fn calls_past_the_limit_are_refused_at_once() {
 
 /// With one saga driven at a time and room for one more to wait, a third
 /// order is refused at once, naming the limit, and nothing of it is
-/// recorded; a retry of an order already taken is still answered.
+/// recorded. The refusal comes before anything else is done: a retry of an
+/// order already taken is refused too (it is answered once the backlog is
+/// under the cap), and so is a malformed order, which is not even validated.
 #[tokio::test(flavor = "multi_thread")]
 async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() {
     let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
@@ -241,7 +243,7 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
     )
     .await;
     let second_request = order(&request_id(), "alice", &[("BOOK", 1)], "DE");
-    let second = client.create_order(second_request.clone()).await.unwrap();
+    client.create_order(second_request.clone()).await.unwrap();
 
     let since = Instant::now();
     let refused = client
@@ -267,9 +269,21 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
         .unwrap();
     assert_eq!(recorded, 2, "the refused order was recorded");
 
-    // The same request again is a replay, not new work: answered.
-    let replayed = client.create_order(second_request).await.unwrap();
-    assert_eq!(replayed.order_id, second.order_id);
+    // Past the cap nothing is looked up either: a retry of the second
+    // order is refused the same way, and says to retry with its request_id.
+    let replay = client.create_order(second_request).await.unwrap_err();
+    assert_eq!(replay.code(), Code::ResourceExhausted, "{replay:?}");
+    assert!(replay.message().contains("same request_id"), "{replay:?}");
+    let malformed = client
+        .create_order(order("", "", &[], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::ResourceExhausted, "{malformed:?}");
+    let recorded: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sagas")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 2, "a refused call recorded something");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -117,6 +117,10 @@ impl OrderService for OrderApi {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<CreateOrderResponse>, Status> {
+        // First of all, before the request is validated, encoded again or
+        // looked up: under overload, refusals must cost next to nothing, or
+        // they crowd out the sagas already taken.
+        self.refuse_if_backlogged()?;
         let deadline = self.wait_deadline(request.metadata());
         let req = request.into_inner();
         let new = validate::create(&req)?;
@@ -403,27 +407,31 @@ impl OrderApi {
 }
 
 impl OrderApi {
+    /// Past `MAX_WAITING_SAGAS`, RESOURCE_EXHAUSTED: checked before anything
+    /// is priced, recorded or looked up, since under overload a refusal at
+    /// once beats a saga queued for longer than its client waits. Not even a
+    /// replay of a known `request_id` is looked up: the refusal means "this
+    /// call did nothing", and the same request sent again later is answered
+    /// with the order it made, if it made one.
+    fn refuse_if_backlogged(&self) -> Result<(), Status> {
+        let waiting = self.engine.waiting();
+        match waiting >= self.max_waiting_sagas {
+            true => Err(OrderError::Backlogged { waiting }.into()),
+            false => Ok(()),
+        }
+    }
+
     /// Records a new order and starts its saga, or finds the order this
     /// `request_id` made before. A new order is recorded without a lookup
     /// first (the order's insert refuses a `request_id` seen before, in the
     /// same transaction): a round trip fewer per order. The lookup comes only
-    /// when the insert was refused, or before a refusal of this call (past
-    /// `MAX_WAITING_SAGAS`, or an order that cannot be priced), so a replay
-    /// is answered whatever the load or the catalogue now say.
+    /// when the insert was refused, or before refusing an order that cannot
+    /// be priced, so a replay is answered whatever the catalogue now says.
     async fn record_or_find(
         &self,
         new: validate::NewOrder,
         fingerprint: Vec<u8>,
     ) -> Result<(Uuid, SagaWatch, bool), Status> {
-        // Checked before anything is priced or recorded: under overload, a
-        // refusal at once beats a saga queued for longer than its client waits.
-        let waiting = self.engine.waiting();
-        if waiting >= self.max_waiting_sagas {
-            let backlogged = OrderError::Backlogged { waiting }.into();
-            return self
-                .found_or(&new.request_id, &fingerprint, backlogged)
-                .await;
-        }
         let (items, total_cents, currency) = match pricing::price(&self.catalogue, &new.items).await
         {
             Ok(priced) => priced,
