@@ -243,7 +243,7 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
     )
     .await;
     let second_request = order(&request_id(), "alice", &[("BOOK", 1)], "DE");
-    client.create_order(second_request.clone()).await.unwrap();
+    let second = client.create_order(second_request.clone()).await.unwrap();
 
     let since = Instant::now();
     let refused = client
@@ -271,7 +271,10 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
 
     // Past the cap nothing is looked up either: a retry of the second
     // order is refused the same way, and says to retry with its request_id.
-    let replay = client.create_order(second_request).await.unwrap_err();
+    let replay = client
+        .create_order(second_request.clone())
+        .await
+        .unwrap_err();
     assert_eq!(replay.code(), Code::ResourceExhausted, "{replay:?}");
     assert!(replay.message().contains("same request_id"), "{replay:?}");
     let malformed = client
@@ -284,6 +287,15 @@ async fn past_the_waiting_sagas_cap_an_order_is_refused_before_it_is_recorded() 
         .await
         .unwrap();
     assert_eq!(recorded, 2, "a refused call recorded something");
+
+    // Under the cap again (here: a restart with room for more), the same
+    // request is answered with the order it made.
+    orchestrator.kill().await;
+    orchestrator.set_env("MAX_WAITING_SAGAS", "10");
+    orchestrator.start().await;
+    let client = orchestrator.order_client().await;
+    let replayed = client.create_order(second_request).await.unwrap();
+    assert_eq!(replayed.order_id, second.order_id);
 }
 
 #[tokio::test(flavor = "multi_thread")]
