@@ -83,7 +83,9 @@ class OrderServiceServicer:
     def CreateOrder(self, request, context):
         """Records the order durably and starts its saga. Idempotent on `request_id`:
         the same `request_id` returns the same order; with a different payload it is
-        refused with INVALID_ARGUMENT.
+        refused with INVALID_ARGUMENT. Past the orchestrator's backlog cap every call
+        is refused RESOURCE_EXHAUSTED (TOO_MANY_WAITING_SAGAS) before anything else,
+        a repeat of an earlier request included: send the same request again later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

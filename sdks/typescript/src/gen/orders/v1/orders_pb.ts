@@ -751,7 +751,9 @@ export const OrderService: GenService<{
   /**
    * Records the order durably and starts its saga. Idempotent on `request_id`:
    * the same `request_id` returns the same order; with a different payload it is
-   * refused with INVALID_ARGUMENT.
+   * refused with INVALID_ARGUMENT. Past the orchestrator's backlog cap every call
+   * is refused RESOURCE_EXHAUSTED (TOO_MANY_WAITING_SAGAS) before anything else,
+   * a repeat of an earlier request included: send the same request again later.
    *
    * @generated from rpc orders.v1.OrderService.CreateOrder
    */
