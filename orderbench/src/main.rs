@@ -201,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(per_s) => overload::Offer::Rate(per_s),
                 None => overload::Offer::Factor(factor),
             };
-            let report = overload::run(&config, offer, seconds).await?;
+            let report = overload::run(&config, offer, seconds, &cpu_targets(&args)).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

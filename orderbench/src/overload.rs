@@ -19,7 +19,11 @@ use ordersaga_proto::client::OrderClient;
 use serde::Serialize;
 use tonic::Code;
 
-use crate::{BenchConfig, run, setup};
+use crate::{
+    BenchConfig,
+    cpu::{self, Target},
+    run, setup,
+};
 
 /// Connections per OrderService address: an HTTP/2 connection carries a
 /// bounded number of streams (the server's setting), and calls past it
@@ -53,6 +57,10 @@ pub struct OverloadReport {
     pub refusal_max_ms: f64,
     /// Any other failure, by gRPC code.
     pub errors: BTreeMap<String, u64>,
+    /// CPU each process used while the load was offered, in cores (CPU
+    /// seconds per second): what the load generator itself took from the
+    /// machine shows here, beside what the system did.
+    pub cpu_cores: BTreeMap<&'static str, f64>,
 }
 
 impl OverloadReport {
@@ -84,6 +92,14 @@ impl OverloadReport {
             self.refusal_p99_ms,
             self.refusal_max_ms
         );
+        if !self.cpu_cores.is_empty() {
+            let cores: Vec<String> = self
+                .cpu_cores
+                .iter()
+                .map(|(name, cores)| format!("{name} {cores:.2}"))
+                .collect();
+            println!("cpu (cores) while offered: {}", cores.join("  "));
+        }
         if !self.errors.is_empty() {
             println!("other errors: {:?}", self.errors);
         }
@@ -111,11 +127,13 @@ pub enum Offer {
     Rate(f64),
 }
 
-/// The normal run, then what `offer` says for `seconds`.
+/// The normal run, then what `offer` says for `seconds`. The CPU of
+/// `targets` is accounted over the offered load.
 pub async fn run(
     config: &BenchConfig,
     offer: Offer,
     seconds: u64,
+    targets: &[Target],
 ) -> anyhow::Result<OverloadReport> {
     match offer {
         Offer::Factor(factor) => anyhow::ensure!(factor > 0.0, "--factor must be above 0"),
@@ -152,6 +170,7 @@ pub async fn run(
         ..Tally::default()
     }));
     let period = Duration::from_secs_f64(1.0 / offered_per_s);
+    let cpu_before = cpu::sample(targets);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(offered as usize);
     for i in 0..offered {
@@ -186,6 +205,8 @@ pub async fn run(
     for task in tasks {
         task.await?;
     }
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let cpu_cores = cpu::per_unit(&cpu_before, &cpu::sample(targets), wall_ms);
     let tally = Arc::try_unwrap(tally)
         .map_err(|_| anyhow::anyhow!("a call outlived the run"))?
         .into_inner()
@@ -214,5 +235,6 @@ pub async fn run(
         refusal_p99_ms: ms(&refusals, 0.99),
         refusal_max_ms: refusals.max() as f64 / 1000.0,
         errors: tally.errors,
+        cpu_cores,
     })
 }

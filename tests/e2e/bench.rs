@@ -58,12 +58,25 @@ async fn orderbench_overload_admits_some_and_refuses_the_rest() {
         compensate_share: 0.0,
         progress: false,
     };
-    let report = orderbench::overload::run(&config, orderbench::overload::Offer::Factor(10.0), 2)
-        .await
-        .unwrap();
+    let report = orderbench::overload::run(
+        &config,
+        orderbench::overload::Offer::Factor(10.0),
+        2,
+        &[orderbench::cpu::Target::Own("(orderbench)")],
+    )
+    .await
+    .unwrap();
     report.print();
     assert!(report.admitted > 0, "{report:?}");
     assert!(report.refused > 0, "{report:?}");
     assert!(report.errors.is_empty(), "{report:?}");
+    // The generator's own CPU while it offered the load is accounted.
+    assert!(
+        report
+            .cpu_cores
+            .get("(orderbench)")
+            .is_some_and(|cores| *cores > 0.0),
+        "{report:?}"
+    );
     assert_eq!(report.admitted + report.refused, report.offered);
 }
