@@ -93,12 +93,8 @@ impl OverloadReport {
             self.refusal_max_ms
         );
         if !self.cpu_cores.is_empty() {
-            let cores: Vec<String> = self
-                .cpu_cores
-                .iter()
-                .map(|(name, cores)| format!("{name} {cores:.2}"))
-                .collect();
-            println!("cpu (cores) while offered: {}", cores.join("  "));
+            let cores = cpu::describe(&self.cpu_cores, "");
+            println!("cpu (cores) while offered: {cores}");
         }
         if !self.errors.is_empty() {
             println!("other errors: {:?}", self.errors);

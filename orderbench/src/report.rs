@@ -116,12 +116,8 @@ impl Report {
             );
         }
         if !self.cpu_ms_per_saga.is_empty() {
-            let cpu: Vec<String> = self
-                .cpu_ms_per_saga
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.2} ms"))
-                .collect();
-            println!("cpu/saga    {}", cpu.join("  "));
+            let cpu = crate::cpu::describe(&self.cpu_ms_per_saga, " ms");
+            println!("cpu/saga    {cpu}");
         }
         println!("conservation {}", self.conservation);
         for failure in &self.failures {
