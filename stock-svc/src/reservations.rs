@@ -11,7 +11,7 @@ use ordersaga_proto::stock::v1::{
     ReleaseStockResponse, Reservation, ReservationStatus, ReserveStockResponse, ReservedLine,
 };
 use rusqlite::{OptionalExtension, params};
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::time::now_ms;
 use uuid::Uuid;
 
@@ -226,7 +226,17 @@ async fn take_stock(
         .bind(&line.sku)
         .fetch_optional(&mut *conn)
         .await?;
-    if let Some(row) = row {
+    price_or_why_not(conn, line, row).await
+}
+
+/// The price of a line whose stock was taken (its row), or, when no row
+/// came back, why the stock could not be taken.
+async fn price_or_why_not(
+    conn: &mut AnyConnection,
+    line: &Line,
+    taken: Option<AnyRow>,
+) -> Result<(i64, String), StockError> {
+    if let Some(row) = taken {
         return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
     }
     let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
@@ -250,14 +260,7 @@ async fn take_stock_recording_line(
         .bind(order_id)
         .fetch_optional(&mut *conn)
         .await?;
-    if let Some(row) = row {
-        return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
-    }
-    let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
-        .bind(&line.sku)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Err(not_taken(line, available))
+    price_or_why_not(conn, line, row).await
 }
 
 /// Why a reservation row already exists for an order.

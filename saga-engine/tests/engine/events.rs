@@ -146,22 +146,12 @@ async fn sagas_committed_together_each_number_their_own_events_in_order(backend:
         .iter()
         .map(|s| checkpoint(*s, &["one", "two"]))
         .collect();
-    futures::future::join_all(first.iter().map(|c| writer.commit(c.clone())))
-        .await
-        .into_iter()
-        .for_each(|r| {
-            r.unwrap();
-        });
+    commit_all(&writer, &first).await;
     let second: Vec<Checkpoint> = sagas
         .iter()
         .flat_map(|s| [checkpoint(*s, &["three"]), checkpoint(*s, &["one", "two"])])
         .collect();
-    futures::future::join_all(second.iter().map(|c| writer.commit(c.clone())))
-        .await
-        .into_iter()
-        .for_each(|r| {
-            r.unwrap();
-        });
+    commit_all(&writer, &second).await;
     // Not one batch failed (the writer would have retried its writes one by
     // one, which would hide a fault of the batch's own statements).
     assert_eq!(writer.split_batches(), 0);
@@ -192,5 +182,14 @@ async fn sagas_committed_together_each_number_their_own_events_in_order(backend:
             assert_eq!(body["event_id"], event_id.as_str());
             assert_eq!(epoch, log::FIRST_EPOCH);
         }
+    }
+}
+
+/// Commits `checkpoints` at once, as concurrent sagas would; each must succeed.
+async fn commit_all(writer: &LogWriter, checkpoints: &[Checkpoint]) {
+    for written in
+        futures::future::join_all(checkpoints.iter().map(|c| writer.commit(c.clone()))).await
+    {
+        written.unwrap();
     }
 }
