@@ -101,20 +101,7 @@ pub(crate) async fn insert_all_postgres(
     let rows: Vec<Value> = events
         .iter()
         .enumerate()
-        .map(|(ord, event)| {
-            let event_id = event.event_id().to_string();
-            let payload = Payload::new(event, &event_id, occurred_at_ms);
-            serde_json::json!({
-                "ord": ord,
-                "event_id": event_id,
-                "aggregate_id": event.aggregate_id.to_string(),
-                "event_type": event.event_type,
-                "head": payload.head,
-                "tail": payload.tail,
-                "traceparent": event.traceparent,
-                "at_ms": occurred_at_ms,
-            })
-        })
+        .map(|(ord, event)| numbered_later(ord, event, occurred_at_ms))
         .collect();
     let (fresh, inserted): (i64, i64) = sqlx::query_as(INSERT_ALL_TAKING_SEQUENCES)
         .bind(Value::from(rows).to_string())
@@ -124,6 +111,46 @@ pub(crate) async fn insert_all_postgres(
         true => Ok(()),
         false => Err(sqlx::Error::RowNotFound),
     }
+}
+
+/// `event` as a row of a statement that numbers it (its body short of the
+/// sequence, which the store assigns), `ord` placing it among its saga's
+/// other events in the same statement.
+pub(crate) fn numbered_later(ord: usize, event: &NewEvent, occurred_at_ms: i64) -> Value {
+    let event_id = event.event_id().to_string();
+    let payload = Payload::new(event, &event_id, occurred_at_ms);
+    serde_json::json!({
+        "ord": ord,
+        "event_id": event_id,
+        "aggregate_id": event.aggregate_id.to_string(),
+        "event_type": event.event_type,
+        "head": payload.head,
+        "tail": payload.tail,
+        "traceparent": event.traceparent,
+        "at_ms": occurred_at_ms,
+    })
+}
+
+/// A new saga's first `events` as the JSON rows of the statement that
+/// records it: numbered 1, 2, 3… in order, their bodies whole.
+pub(crate) fn numbered_from_one(events: &[NewEvent], occurred_at_ms: i64) -> String {
+    let rows: Vec<Value> = events
+        .iter()
+        .zip(1_i64..)
+        .map(|(event, sequence)| {
+            let event_id = event.event_id().to_string();
+            let payload = Payload::new(event, &event_id, occurred_at_ms).with_sequence(sequence);
+            serde_json::json!({
+                "event_id": event_id,
+                "sequence": sequence,
+                "event_type": event.event_type,
+                "payload": payload,
+                "traceparent": event.traceparent,
+                "at_ms": occurred_at_ms,
+            })
+        })
+        .collect();
+    Value::from(rows).to_string()
 }
 
 /// The published body short of its sequence number, which the store

@@ -147,9 +147,10 @@ const INSERT_SAGA_AND_FIRST_STEP: &str = "WITH saga AS ( \
      INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
      SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga";
 
-/// [`INSERT_SAGA_AND_FIRST_STEP`], written only if the caller's insert (the
-/// first CTE, its parameters renumbered after the saga's ten) wrote a row.
-/// Built once per caller's statement, not at every start.
+/// [`INSERT_SAGA_AND_FIRST_STEP`] and the saga's first events, written only
+/// if the caller's insert (the first CTE, its parameters renumbered after
+/// the saga's eleven) wrote a row. Built once per caller's statement, not at
+/// every start.
 fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
@@ -161,6 +162,11 @@ fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
         .or_insert_with(|| Box::leak(build_saga_admitted_sql(admit_sql).into_boxed_str()))
 }
 
+/// The saga's own parameters in [`saga_admitted_sql`]: its row's seven, its
+/// first step record's three, and its first events (JSON, numbered 1, 2, 3…
+/// already: nothing of a new saga was written before).
+const SAGA_ADMITTED_PARAMETERS: u32 = 11;
+
 fn build_saga_admitted_sql(admit_sql: &str) -> String {
     let mut renumbered = String::with_capacity(admit_sql.len() + 16);
     let mut rest = admit_sql;
@@ -169,7 +175,7 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
         rest = &rest[at + 1..];
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         match rest[..digits].parse::<u32>() {
-            Ok(n) => renumbered.push_str(&(n + 10).to_string()),
+            Ok(n) => renumbered.push_str(&(n + SAGA_ADMITTED_PARAMETERS).to_string()),
             Err(_) => renumbered.push_str(&rest[..digits]),
         }
         rest = &rest[digits..];
@@ -178,11 +184,17 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
     format!(
         "WITH admitted AS ({renumbered}), \
          saga AS ( \
-           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
-           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1 WHERE EXISTS (SELECT 1 FROM admitted) RETURNING saga_id), \
+           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
+           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($11::jsonb) \
+           WHERE EXISTS (SELECT 1 FROM admitted) RETURNING saga_id), \
          step AS ( \
            INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
-           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga) \
+           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga), \
+         events AS ( \
+           INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+           SELECT e.event_id, saga.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
+           FROM saga, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
+             payload text, traceparent text, at_ms bigint)) \
          SELECT COUNT(*) FROM saga"
     )
 }
@@ -190,13 +202,13 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
 #[cfg(test)]
 mod saga_admitted_sql_tests {
     #[test]
-    fn the_callers_parameters_are_numbered_after_the_sagas_ten() {
+    fn the_callers_parameters_are_numbered_after_the_sagas_eleven() {
         let sql = super::build_saga_admitted_sql(
             "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
         );
         assert!(
             sql.starts_with(
-                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($11, $12, $22) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($12, $13, $23) ON CONFLICT (a) DO NOTHING RETURNING 1), "
             ),
             "{sql}"
         );
@@ -220,9 +232,9 @@ fn bind_saga<'q>(
         .bind(&saga.owner)
 }
 
-/// The ten parameters of [`INSERT_SAGA_AND_FIRST_STEP`] (and of the
-/// statement that also admits the caller's rows): the saga's, then its
-/// first step record's.
+/// The ten parameters of [`INSERT_SAGA_AND_FIRST_STEP`] (and the first ten
+/// of the statement that also admits the caller's rows): the saga's, then
+/// its first step record's.
 fn bind_new_saga<'q>(
     query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     saga: &NewSaga,
@@ -235,16 +247,19 @@ fn bind_new_saga<'q>(
         .bind(started.status.as_str())
 }
 
-/// Records a new saga as [`insert_saga`] does, with the caller's rows in the
-/// same statement (PostgreSQL; see [`crate::Admit::insert_sql`]): both, or
-/// neither when the caller's insert wrote no row.
+/// Records a new saga as [`insert_saga`] does, with the caller's rows and
+/// its first `events` (all of this saga) in the same statement (PostgreSQL;
+/// see [`crate::Admit::insert_sql`]): all, or nothing when the caller's
+/// insert wrote no row.
 pub(crate) async fn insert_saga_admitted(
     conn: &mut AnyConnection,
     saga: &NewSaga,
+    events: &[NewEvent],
     admit_sql: &'static str,
     admit: &dyn crate::Admit,
 ) -> Result<Admission, sqlx::Error> {
-    let query = bind_new_saga(sqlx::query(saga_admitted_sql(admit_sql)), saga);
+    let query = bind_new_saga(sqlx::query(saga_admitted_sql(admit_sql)), saga)
+        .bind(events::numbered_from_one(events, now_ms()));
     let written: i64 = admit
         .bind_insert(query)
         .fetch_one(&mut *conn)
@@ -566,31 +581,28 @@ pub(crate) async fn moved(
     checkpoint: &Checkpoint,
     row: Moved,
 ) -> Result<Applied, sqlx::Error> {
-    let mut announced = Vec::new();
-    let applied = moved_announcing(conn, checkpoint, row, &mut announced).await?;
-    for event in announced {
-        events::insert(conn, event).await?;
+    let applied = moved_apart_from_events(conn, checkpoint, row).await?;
+    if checkpoint.announces(applied.completed) {
+        for event in &checkpoint.events {
+            events::insert(conn, event).await?;
+        }
     }
     Ok(applied)
 }
 
-/// [`moved`], with the events to write added to `announced` for the caller
-/// to write (a batch's, all in one statement).
-pub(crate) async fn moved_announcing<'c>(
+/// [`moved`] for a checkpoint whose events the statement that moved its
+/// saga wrote (`log::postgres`): its attempts are recorded, and the driver
+/// learns what was granted.
+pub(crate) async fn moved_apart_from_events(
     conn: &mut AnyConnection,
-    checkpoint: &'c Checkpoint,
+    checkpoint: &Checkpoint,
     row: Moved,
-    announced: &mut Vec<&'c NewEvent>,
 ) -> Result<Applied, sqlx::Error> {
     insert_attempts(conn, checkpoint).await?;
-    let completed = checkpoint.complete && row.status == "COMPLETED";
-    if checkpoint.announces(completed) {
-        announced.extend(&checkpoint.events);
-    }
     Ok(Applied {
         cancel_requested: row.cancel_requested,
         pivot_entered: checkpoint.enter_pivot && row.pivot_passed,
-        completed,
+        completed: checkpoint.complete && row.status == "COMPLETED",
         closed: None,
         fenced: false,
     })

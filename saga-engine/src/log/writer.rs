@@ -342,8 +342,9 @@ async fn commit_on_pool(
             _ => None,
         })
         .collect();
-    // On PostgreSQL, in a batch, the events of the batched checkpoints and
-    // of the admitted starts are written at the end, all in one statement.
+    // On PostgreSQL, the events of the admitted starts that could not write
+    // them with their rows are written at the end of a batch, all in one
+    // statement. (A batch of checkpoints writes its own.)
     let mut announced: Vec<&NewEvent> = Vec::new();
     // One checkpoint alone goes statement by statement: the batch statement
     // is planned at every execution, which costs more than it saves for one.
@@ -354,7 +355,6 @@ async fn commit_on_pool(
         let applied = postgres::apply_batch(
             &mut tx,
             &checkpoints.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
-            &mut announced,
         )
         .await?;
         for ((i, _), applied) in checkpoints.iter().zip(applied) {
@@ -376,6 +376,7 @@ async fn commit_on_pool(
                     false => start_in_batch(&mut tx, start, postgres, &mut savepoint).await?,
                 };
                 match admission {
+                    Admission::Admit if events_in_admission(start, postgres) => {}
                     Admission::Admit if postgres && !alone => announced.extend(&start.events),
                     Admission::Admit => {
                         for event in &start.events {
@@ -496,8 +497,20 @@ async fn start_in_batch(
     Ok(admission)
 }
 
+/// Whether the statement that admits `start` writes its events too: on
+/// PostgreSQL, when the caller gives its rows as one insert and the events
+/// are all the new saga's (numbered from 1, nothing of it written before).
+fn events_in_admission(start: &Start, postgres: bool) -> bool {
+    postgres
+        && start.admit.insert_sql().is_some()
+        && start
+            .events
+            .iter()
+            .all(|e| e.aggregate_id == start.saga.saga_id)
+}
+
 /// The new saga's rows and the caller's; its events are the caller's to
-/// write, once admitted. On PostgreSQL, in one statement when the caller
+/// write once admitted, unless [`events_in_admission`]. On PostgreSQL, in one statement when the caller
 /// can give its rows as one insert ([`Admit::insert_sql`]).
 async fn admit_start(
     conn: &mut AnyConnection,
@@ -505,7 +518,11 @@ async fn admit_start(
     postgres: bool,
 ) -> Result<Admission, sqlx::Error> {
     if postgres && let Some(admit_sql) = start.admit.insert_sql() {
-        return insert_saga_admitted(conn, &start.saga, admit_sql, &*start.admit).await;
+        let events = match events_in_admission(start, postgres) {
+            true => &start.events[..],
+            false => &[],
+        };
+        return insert_saga_admitted(conn, &start.saga, events, admit_sql, &*start.admit).await;
     }
     insert_saga(conn, &start.saga).await?;
     start.admit.admit(conn).await

@@ -15,6 +15,7 @@ on_both_stores!(
     a_checkpoint_applied_twice_writes_its_event_once,
     a_sagas_sequence_goes_on_after_its_events_are_pruned,
     sagas_committed_together_each_number_their_own_events_in_order,
+    a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number,
 );
 
 async fn new_saga(pool: &AnyPool) -> Uuid {
@@ -182,6 +183,95 @@ async fn sagas_committed_together_each_number_their_own_events_in_order(backend:
             assert_eq!(body["event_id"], event_id.as_str());
             assert_eq!(epoch, log::FIRST_EPOCH);
         }
+    }
+}
+
+/// A batch of completions, some of sagas a client cancelled meanwhile: the
+/// refused completions write no event and take no number (on PostgreSQL the
+/// counter is bumped in the same statement that moves the row), so each
+/// cancelled saga's next event is its second, and the others' completion
+/// events are theirs.
+async fn a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number(backend: Backend) {
+    const SAGAS: usize = 40;
+    let store = store::fresh(backend).await;
+    let mut sagas = Vec::new();
+    for _ in 0..SAGAS {
+        sagas.push(new_saga(&store.pool).await);
+    }
+    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let checkpoint = |saga: Uuid, key: &str, complete: bool| Checkpoint {
+        saga_id: saga,
+        epoch: log::FIRST_EPOCH,
+        steps: vec![],
+        state: None,
+        enter_pivot: false,
+        complete,
+        events: vec![event(saga, key)],
+    };
+    let started: Vec<Checkpoint> = sagas
+        .iter()
+        .map(|s| checkpoint(*s, "started", false))
+        .collect();
+    commit_all(&writer, &started).await;
+    let cancelled: Vec<Uuid> = sagas.iter().copied().step_by(2).collect();
+    for saga in &cancelled {
+        // What an accepted CancelOrder leaves on the row.
+        sqlx::query("UPDATE sagas SET cancel_requested = 1 WHERE saga_id = $1")
+            .bind(saga.to_string())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+    let completions: Vec<Checkpoint> = sagas
+        .iter()
+        .map(|s| checkpoint(*s, "completed", true))
+        .collect();
+    let applied =
+        futures::future::join_all(completions.iter().map(|c| writer.commit(c.clone()))).await;
+    for (saga, applied) in sagas.iter().zip(applied) {
+        let applied = applied.unwrap();
+        assert_eq!(applied.completed, !cancelled.contains(saga), "saga {saga}");
+        assert_eq!(
+            applied.cancel_requested,
+            cancelled.contains(saga),
+            "saga {saga}"
+        );
+    }
+    let compensations: Vec<Checkpoint> = cancelled
+        .iter()
+        .map(|s| checkpoint(*s, "cancelled", false))
+        .collect();
+    commit_all(&writer, &compensations).await;
+    assert_eq!(writer.split_batches(), 0);
+    for saga in sagas {
+        let last = if cancelled.contains(&saga) {
+            "cancelled"
+        } else {
+            "completed"
+        };
+        let rows = outbox(&store.pool, saga).await;
+        let ids: Vec<String> = ["started", last]
+            .iter()
+            .map(|key| event(saga, key).event_id().to_string())
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(1, ids[0].clone()), (2, ids[1].clone())],
+            "saga {saga} ({last})"
+        );
+        let (counter, status): (i64, String) =
+            sqlx::query_as("SELECT events_sequence, status FROM sagas WHERE saga_id = $1")
+                .bind(saga.to_string())
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(counter, 2, "saga {saga} ({last})");
+        let expected = if cancelled.contains(&saga) {
+            "RUNNING"
+        } else {
+            "COMPLETED"
+        };
+        assert_eq!(status, expected);
     }
 }
 
