@@ -458,8 +458,11 @@ async fn sequences_keep_counting_after_the_outbox_is_pruned(backend: Backend) {
 }
 
 /// An event that no queue is bound for is kept in the durable queue
-/// `<exchange>.unrouted`, not confirmed into the void.
+/// `<exchange>.unrouted`, not confirmed into the void. Many orders' events,
+/// parked from the same relay batches: each is kept once, every order's in
+/// its order.
 async fn events_no_queue_is_bound_for_are_parked_not_lost(backend: Backend) {
+    const ORDERS: usize = 24;
     let exchange = unique_exchange();
     let options = Options {
         broker: Some(broker(rabbitmq_url(), &exchange)),
@@ -467,12 +470,20 @@ async fn events_no_queue_is_bound_for_are_parked_not_lost(backend: Backend) {
     };
     let system = System::start(backend, options).await;
     let client = system.client().await;
-    let mut request = order(&request_id(), "alice", &[("PEN", 1)], "DE");
-    request.wait = true;
-    let done = client.create_order(request).await.unwrap();
-    assert_eq!(done.status, OrderStatus::Completed as i32);
+    let created = futures::future::join_all((0..ORDERS).map(|_| {
+        let client = client.clone();
+        async move {
+            let mut request = order(&request_id(), "alice", &[("PEN", 1)], "DE");
+            request.wait = true;
+            client.create_order(request).await.unwrap()
+        }
+    }))
+    .await;
+    for done in &created {
+        assert_eq!(done.status, OrderStatus::Completed as i32);
+    }
     let pool = system.orchestrator.db.pool().await;
-    eventually("the relay to confirm both events", WAIT, || {
+    eventually("the relay to confirm every event", WAIT, || {
         let pool = pool.clone();
         async move {
             let unsent: i64 =
@@ -485,19 +496,23 @@ async fn events_no_queue_is_bound_for_are_parked_not_lost(backend: Backend) {
     })
     .await;
     let parked = ordersaga_tests::broker::drain_queue(&format!("{exchange}.unrouted")).await;
-    let types: Vec<String> = parked
-        .iter()
-        .filter(|e| e.field("order_id") == done.order_id.as_str())
-        .map(|e| {
-            e.field("event_type")
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(
-        types,
-        vec!["order.created".to_owned(), "order.completed".to_owned()],
-        "both events are parked, in order"
-    );
+    assert_eq!(parked.len(), 2 * ORDERS, "each event parked once");
+    for done in &created {
+        let types: Vec<String> = parked
+            .iter()
+            .filter(|e| e.field("order_id") == done.order_id.as_str())
+            .map(|e| {
+                e.field("event_type")
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            types,
+            vec!["order.created".to_owned(), "order.completed".to_owned()],
+            "order {}: both events are parked, in order",
+            done.order_id
+        );
+    }
 }

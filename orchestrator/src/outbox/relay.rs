@@ -21,11 +21,12 @@
 //!
 //! With no broker configured, the relay only measures the backlog.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use clap::Args;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
     },
@@ -438,11 +439,20 @@ impl Relay {
         crash_points::reach(point::AFTER_PUBLISH).await;
         let mut confirmed = Vec::with_capacity(pending.len());
         let total = pending.len();
+        // Events no queue was bound for come back with their confirms. Their
+        // parking is published as they come and confirmed together after,
+        // not one round trip to the broker each: when consumers bind only
+        // some event types, every event of the others is parked.
+        let mut parking = Vec::new();
+        let mut unrouted = BTreeMap::<String, usize>::new();
         for (id, confirm) in pending {
             match confirm.await? {
                 Confirmation::Ack(None) => confirmed.push(id),
                 Confirmation::Ack(Some(returned)) => {
-                    self.park(channel, returned.delivery).await?;
+                    *unrouted
+                        .entry(returned.delivery.routing_key.as_str().to_owned())
+                        .or_default() += 1;
+                    parking.push(self.park(channel, returned.delivery).await?);
                     confirmed.push(id);
                 }
                 other => {
@@ -451,21 +461,32 @@ impl Relay {
                 }
             }
         }
+        if !unrouted.is_empty() {
+            tracing::warn!(
+                ?unrouted,
+                "no queue is bound for some events; parking them in the unrouted queue"
+            );
+        }
+        // Marked sent only once every parked event is kept: if one is not,
+        // none of this batch is marked, and all of it is published again.
+        for parked in parking {
+            match parked.await? {
+                Confirmation::Ack(None) => {}
+                other => anyhow::bail!("the broker did not keep a parked event: {other:?}"),
+            }
+        }
         Ok((confirmed, total))
     }
 
-    /// Keeps an event no queue was bound for in `<exchange>.unrouted`, through
-    /// the default exchange, and waits for the broker to confirm it.
+    /// Publishes an event no queue was bound for to `<exchange>.unrouted`,
+    /// through the default exchange; the broker's confirm is returned to
+    /// await.
     async fn park(
         &self,
         channel: &Channel,
         returned: lapin::message::Delivery,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<PublisherConfirm> {
         let routing_key = returned.routing_key.as_str().to_owned();
-        tracing::warn!(
-            routing_key,
-            "no queue is bound for an event; parking it in the unrouted queue"
-        );
         let mut properties = returned.properties;
         let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(
@@ -473,7 +494,7 @@ impl Relay {
             AMQPValue::LongString(LongString::from(routing_key)),
         );
         properties = properties.with_headers(headers);
-        let confirm = channel
+        Ok(channel
             .basic_publish(
                 ShortString::from(""),
                 ShortString::from(unrouted_queue(&self.exchange)),
@@ -484,12 +505,7 @@ impl Relay {
                 &returned.data,
                 properties,
             )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            other => anyhow::bail!("the broker did not keep a parked event: {other:?}"),
-        }
+            .await?)
     }
 
     async fn mark_sent(&self, ids: &[i64]) -> anyhow::Result<()> {
