@@ -50,6 +50,10 @@ use super::leader::RelayLeader;
 const BATCH: i64 = 256;
 /// How often an idle relay looks for new events.
 const POLL: Duration = Duration::from_millis(50);
+/// How often, at most, the backlog's gauges are measured. Counting the
+/// unsent events costs as much as the backlog is long, and a relay draining
+/// a long backlog (the broker was away) counted it before every batch.
+const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// How often a relay that does not lead runs for the lead.
 const FOLLOW: Duration = Duration::from_secs(1);
 /// Longest wait for the broker on a live connection: the connection and its
@@ -274,6 +278,8 @@ pub struct Relay {
     exchange: String,
     retention: Duration,
     metrics: OutboxMetrics,
+    /// When the backlog was last measured.
+    measured: Option<tokio::time::Instant>,
     leader: RelayLeader,
 }
 
@@ -294,6 +300,7 @@ impl Relay {
             exchange: args.events_exchange.clone(),
             retention: Duration::from_secs(args.outbox_retention_secs),
             metrics,
+            measured: None,
         })
     }
 
@@ -529,7 +536,13 @@ impl Relay {
         }
     }
 
-    async fn measure(&self) {
+    /// Sets the backlog's gauges, unless they were set less than
+    /// [`MEASURE_EVERY`] ago.
+    async fn measure(&mut self) {
+        if self.measured.is_some_and(|at| at.elapsed() < MEASURE_EVERY) {
+            return;
+        }
+        self.measured = Some(tokio::time::Instant::now());
         let row = sqlx::query(
             "SELECT COUNT(*) AS backlog, CAST(COALESCE(MIN(created_at_ms), 0) AS BIGINT) AS oldest \
              FROM outbox WHERE sent_at_ms IS NULL",
