@@ -1,7 +1,8 @@
 //! The orchestrator creates the saga engine's tables through its own migration
 //! history (it predates the engine's crate). This checks that the two never
-//! drift: the same columns, with the same types, on both stores, and on
-//! PostgreSQL the same storage options (the log's fillfactor).
+//! drift: the same columns, with the same types, and the same indexes, on
+//! both stores, and on PostgreSQL the same storage options (the log's
+//! fillfactor).
 
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::AnyPool;
@@ -38,6 +39,25 @@ async fn columns(pool: &AnyPool, backend: Backend, table: &str) -> Vec<(String, 
     columns
 }
 
+/// (name, definition) of every index on `table` (SQLite's own, for keys
+/// and UNIQUE, have no definition), by name.
+async fn indexes(pool: &AnyPool, backend: Backend, table: &str) -> Vec<(String, String)> {
+    let sql = match backend {
+        Backend::Sqlite => format!(
+            "SELECT name, COALESCE(sql, '') FROM sqlite_master \
+             WHERE type = 'index' AND tbl_name = '{table}' ORDER BY name"
+        ),
+        Backend::Postgres => format!(
+            "SELECT indexname::TEXT, indexdef FROM pg_indexes \
+             WHERE tablename = '{table}' AND schemaname = 'public' ORDER BY indexname"
+        ),
+    };
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: Backend) {
     let by_orchestrator = TestDb::new(backend).await;
     svc_kit::store::Store::open(&by_orchestrator.url, &orchestrator::MIGRATIONS)
@@ -67,7 +87,13 @@ async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: 
             expected,
             "{table} differs between the orchestrator's and the engine's migrations"
         );
+        assert_eq!(
+            indexes(&orchestrator_pool, backend, table).await,
+            indexes(&engine_pool, backend, table).await,
+            "{table}'s indexes differ between the orchestrator's and the engine's migrations"
+        );
     }
+
     if backend == Backend::Postgres {
         // Updated in place at every checkpoint: room left on each page.
         for table in ["sagas", "saga_steps"] {
