@@ -11,6 +11,10 @@
 # orderbench binary (default: the one in RELEASE_DIR). Drops and creates the
 # bench_* databases; needs ports 50051-50054 free.
 #
+# It also prints the WAL the server wrote per saga (records and bytes, from
+# pg_stat_wal): it moves a few percent from run to run of the same build (how
+# sagas share commits varies), where CPU time moves ±20 % on this machine.
+#
 # When the server preloads pg_stat_statements (shared_preload_libraries), it
 # also prints each database's statements per saga: calls and execution time
 # (the server's planning, parsing and network work is not in that time).
@@ -45,13 +49,18 @@ statements=$(psql -At -h 127.0.0.1 -U postgres -c "SHOW shared_preload_libraries
 if [ "$statements" = 1 ]; then
   psql -q -h 127.0.0.1 -U postgres -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
 fi
+wal() { psql -At -h 127.0.0.1 -U postgres -c "SELECT wal_records || ' ' || wal_bytes FROM pg_stat_wal"; }
+wal_before=$(wal)
 cpu_by_database > "$before"
 $ORDERBENCH -n "$N" -c "$C" 2>/dev/null | grep -v '^\s*$'
 cpu_by_database > "$after"
+wal_after=$(wal)
 echo "postgres CPU per saga, by database (ms):"
 join "$before" "$after" | awk -v n="$N" -v hz="$(getconf CLK_TCK)" \
   '{d=($3-$2)*1000/hz/n; if (d>0) printf "  %-20s %.3f\n", $1, d; t+=d} END {printf "  %-20s %.3f\n", "total", t}'
 rm -f "$before" "$after"
+echo "$wal_before $wal_after" | awk -v n="$N" \
+  '{printf "postgres WAL per saga: %.1f records, %.0f bytes\n", ($3 - $1) / n, ($4 - $2) / n}'
 if [ "$statements" = 1 ]; then
   echo "statements per saga, by database (calls; execution µs per saga):"
   psql -q -h 127.0.0.1 -U postgres -P pager=off -c "
