@@ -163,9 +163,11 @@ fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
 }
 
 /// The saga's own parameters in [`saga_admitted_sql`]: its row's seven, its
-/// first step record's three, and its first events (JSON, numbered 1, 2, 3…
-/// already: nothing of a new saga was written before).
-const SAGA_ADMITTED_PARAMETERS: u32 = 11;
+/// first step record's three, its first events (JSON, numbered 1, 2, 3…
+/// already: nothing of a new saga was written before), then the channel and
+/// the sender of the notice to the other replicas (no notice when the
+/// sender is NULL: in a batch, one notice goes for the whole batch).
+const SAGA_ADMITTED_PARAMETERS: u32 = 13;
 
 fn build_saga_admitted_sql(admit_sql: &str) -> String {
     let mut renumbered = String::with_capacity(admit_sql.len() + 16);
@@ -194,25 +196,32 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
            INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
            SELECT e.event_id, saga.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
            FROM saga, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
-             payload text, traceparent text, at_ms bigint)) \
-         SELECT COUNT(*) FROM saga"
+             payload text, traceparent text, at_ms bigint)), \
+         told AS ( \
+           SELECT pg_notify($12, $13 || chr(10) || saga_id || ' RUNNING')::text FROM saga WHERE $13 IS NOT NULL) \
+         SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told"
     )
 }
 
 #[cfg(test)]
 mod saga_admitted_sql_tests {
     #[test]
-    fn the_callers_parameters_are_numbered_after_the_sagas_eleven() {
+    fn the_callers_parameters_are_numbered_after_the_sagas_thirteen() {
         let sql = super::build_saga_admitted_sql(
             "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
         );
         assert!(
             sql.starts_with(
-                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($12, $13, $23) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($14, $15, $25) ON CONFLICT (a) DO NOTHING RETURNING 1), "
             ),
             "{sql}"
         );
-        assert!(sql.ends_with("SELECT COUNT(*) FROM saga"), "{sql}");
+        assert!(
+            sql.ends_with(
+                "SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told"
+            ),
+            "{sql}"
+        );
     }
 }
 
@@ -250,16 +259,20 @@ fn bind_new_saga<'q>(
 /// Records a new saga as [`insert_saga`] does, with the caller's rows and
 /// its first `events` (all of this saga) in the same statement (PostgreSQL;
 /// see [`crate::Admit::insert_sql`]): all, or nothing when the caller's
-/// insert wrote no row.
+/// insert wrote no row. With `notify_as`, the statement also tells the other
+/// replicas of the new saga (for a statement that commits alone).
 pub(crate) async fn insert_saga_admitted(
     conn: &mut AnyConnection,
     saga: &NewSaga,
     events: &[NewEvent],
     admit_sql: &'static str,
     admit: &dyn crate::Admit,
+    notify_as: Option<Uuid>,
 ) -> Result<Admission, sqlx::Error> {
     let query = bind_new_saga(sqlx::query(saga_admitted_sql(admit_sql)), saga)
-        .bind(events::numbered_from_one(events, now_ms()));
+        .bind(events::numbered_from_one(events, now_ms()))
+        .bind(crate::notifications::CHANGES)
+        .bind(notify_as.map(|sender| sender.to_string()));
     let written: i64 = admit
         .bind_insert(query)
         .fetch_one(&mut *conn)

@@ -27,13 +27,17 @@
 //! A saga may appear once per batch (one `UPDATE … FROM` sets a row once);
 //! the writer sends a batch with a saga twice one checkpoint at a time.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::LazyLock,
+};
 
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
+use uuid::Uuid;
 
 use super::{Applied, Checkpoint, Moved, moved_apart_from_events, not_moved};
-use crate::{events, now_ms};
+use crate::{events, notifications, now_ms};
 
 const APPLY_BATCH: &str = "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
@@ -163,6 +167,121 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
         Value::Array(steps).to_string(),
         Value::Array(events).to_string(),
     )
+}
+
+/// A checkpoint that commits alone (nothing else waited for the log) as one
+/// statement, with no transaction around it: its saga's fenced update (the
+/// rules of [`super::APPLY_STATE`]), its step records, and the notice to the
+/// other replicas. Statement by statement in a transaction, it was `BEGIN`,
+/// the update, one upsert per record, `pg_notify` and `COMMIT`: six round
+/// trips, each on the path of a saga that runs alone. Checkpoints with
+/// events or retried attempts, rarer, still go that way.
+///
+/// The notice says what [`crate::notifications::encode`] would: the sender,
+/// then the saga and the status the checkpoint set (`-` for none, as for a
+/// completion refused because a cancel came first).
+fn alone_sql(steps: usize) -> String {
+    let values: Vec<String> = (0..steps)
+        .map(|i| {
+            let n = 11 + 9 * i;
+            format!(
+                "(${}::text, ${}::bigint, ${}::text, ${}::text, ${}::bigint, ${}::text, ${}::text, ${}::bigint, ${}::bigint)",
+                n,
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4,
+                n + 5,
+                n + 6,
+                n + 7,
+                n + 8
+            )
+        })
+        .collect();
+    let steps = match values.is_empty() {
+        true => String::new(),
+        false => format!(
+            "steps AS ( \
+               INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
+               SELECT m.saga_id, v.phase, v.step_index, v.name, v.status, v.attempts, v.last_error, v.output, \
+                      v.started_at_ms, v.finished_at_ms, m.epoch \
+               FROM moved m, (VALUES {}) AS v(phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms) \
+               ON CONFLICT (saga_id, phase, step_index) DO UPDATE SET \
+                 status = excluded.status, attempts = excluded.attempts, last_error = excluded.last_error, epoch = excluded.epoch, \
+                 output = excluded.output, finished_at_ms = excluded.finished_at_ms, \
+                 started_at_ms = COALESCE(saga_steps.started_at_ms, excluded.started_at_ms)), ",
+            values.join(", ")
+        ),
+    };
+    format!(
+        "WITH moved AS ( \
+           UPDATE sagas SET \
+             status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
+                      ELSE COALESCE($2, status) END, \
+             next_step = COALESCE($3, next_step), \
+             failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
+             pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
+           WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') AND epoch = $8 \
+           RETURNING saga_id, status, cancel_requested, pivot_passed, epoch), \
+         {steps}\
+         told AS ( \
+           SELECT pg_notify($9, $10 || chr(10) || m.saga_id || ' ' || \
+             CASE WHEN $1 = 1 THEN (CASE WHEN m.status = 'COMPLETED' THEN 'COMPLETED' ELSE '-' END) \
+                  ELSE COALESCE($2, '-') END)::text AS told \
+           FROM moved m WHERE $10 IS NOT NULL) \
+         SELECT m.saga_id, m.status, m.cancel_requested, m.pivot_passed, told.told FROM moved m LEFT JOIN told ON true"
+    )
+}
+
+/// Built once: [`alone_sql`] for a checkpoint of no, one and two step records.
+static ALONE: LazyLock<[String; 3]> = LazyLock::new(|| [alone_sql(0), alone_sql(1), alone_sql(2)]);
+
+/// Whether [`apply_alone`] can take `checkpoint`: no events, no retried
+/// attempts to record, at most two step records (a step's result and the
+/// next one's start).
+pub(crate) fn fits_alone(checkpoint: &Checkpoint) -> bool {
+    checkpoint.events.is_empty()
+        && checkpoint.steps.len() < ALONE.len()
+        && checkpoint.steps.iter().all(|s| s.attempt_log.is_empty())
+}
+
+/// Applies a checkpoint that [`fits_alone`] as one statement, outside any
+/// transaction: it commits with the statement. With `notify_as`, the other
+/// replicas hear of it in the same commit.
+pub(crate) async fn apply_alone(
+    conn: &mut AnyConnection,
+    checkpoint: &Checkpoint,
+    notify_as: Option<Uuid>,
+) -> Result<Applied, sqlx::Error> {
+    let id = checkpoint.saga_id.to_string();
+    let (status, next_step, failure_reason) = checkpoint.state_columns();
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(ALONE[checkpoint.steps.len()].as_str()))
+        .bind(i64::from(checkpoint.complete))
+        .bind(status)
+        .bind(next_step)
+        .bind(failure_reason)
+        .bind(now_ms())
+        .bind(i64::from(checkpoint.enter_pivot))
+        .bind(&id)
+        .bind(checkpoint.epoch)
+        .bind(notifications::CHANGES)
+        .bind(notify_as.map(|sender| sender.to_string()));
+    for step in &checkpoint.steps {
+        query = query
+            .bind(step.phase.as_str())
+            .bind(step.index)
+            .bind(step.name)
+            .bind(step.status.as_str())
+            .bind(i64::from(step.attempts))
+            .bind(&step.last_error)
+            .bind(&step.output)
+            .bind(step.started_at_ms)
+            .bind(step.finished_at_ms);
+    }
+    match query.fetch_optional(&mut *conn).await? {
+        Some(row) => moved_apart_from_events(conn, checkpoint, Moved::read(&row)?).await,
+        None => not_moved(conn, &id).await,
+    }
 }
 
 const MARK_SENT: &str = "UPDATE outbox SET sent_at_ms = $1 \

@@ -243,3 +243,126 @@ async fn a_cancel_on_one_replica_reaches_the_driver_on_another() {
     scripted::assert_consistent(&world, saga, SagaStatus::Cancelled);
     assert_eq!(owner_and_epoch(&store.pool, saga).await, ("a".into(), 1));
 }
+
+/// A checkpoint committed alone (one statement, no transaction around it)
+/// writes what the batch path writes, and tells the other replicas, in its
+/// commit, what it set: `RUNNING` for a step's result, `COMPLETED` for a
+/// granted completion, `-` for one refused because a cancel came first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_committed_alone_tells_the_other_replicas_what_it_set() {
+    use saga_engine::{
+        Phase, StepStatus,
+        log::{self, Checkpoint, LogWriter, SagaState, StepRecord},
+    };
+    use sqlx::postgres::PgListener;
+
+    let store = store::fresh(Backend::Postgres).await;
+    let url = store.pool.connect_options().database_url.to_string();
+    let mut listener = PgListener::connect(&url).await.unwrap();
+    listener.listen("saga_changes").await.unwrap();
+    let sender = Uuid::new_v4();
+    let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    let mut sagas = Vec::new();
+    for _ in 0..2 {
+        let saga = Uuid::new_v4();
+        let mut tx = store.pool.begin().await.unwrap();
+        log::insert_saga(
+            &mut tx,
+            &log::NewSaga {
+                saga_id: saga,
+                kind: "scripted",
+                data_json: "{}".into(),
+                trace_context: String::new(),
+                first_step: "a",
+                starts_at_pivot: false,
+                owner: "local".into(),
+            },
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        sagas.push(saga);
+    }
+    let mut heard = async || {
+        let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a notice within 10 s")
+            .unwrap();
+        notification.payload().to_owned()
+    };
+    for saga in &sagas {
+        let mut done = StepRecord::started(Phase::Forward, 0, "a", 1_000);
+        done.status = StepStatus::Succeeded;
+        done.attempts = 1;
+        done.output = "{\"a\":1}".into();
+        done.finished_at_ms = Some(1_010);
+        let applied = writer
+            .commit(Checkpoint::new(
+                *saga,
+                log::FIRST_EPOCH,
+                vec![done, StepRecord::started(Phase::Forward, 1, "b", 1_020)],
+                Some(SagaState {
+                    status: SagaStatus::Running,
+                    next_step: 1,
+                    failure_reason: String::new(),
+                }),
+                vec![],
+            ))
+            .await
+            .unwrap();
+        assert!(applied.closed.is_none() && !applied.fenced && !applied.completed);
+        assert_eq!(heard().await, format!("{sender}\n{saga} RUNNING"));
+    }
+    let steps: Vec<(String, i64, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT name, step_index, status, output, started_at_ms, epoch FROM saga_steps \
+         WHERE saga_id = $1 ORDER BY step_index",
+    )
+    .bind(sagas[0].to_string())
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        steps,
+        vec![
+            // Its first record's start stands, as with every upsert of a record.
+            (
+                "a".into(),
+                0,
+                "SUCCEEDED".into(),
+                "{\"a\":1}".into(),
+                steps[0].4,
+                1
+            ),
+            ("b".into(), 1, "RUNNING".into(), String::new(), 1_020, 1),
+        ]
+    );
+    // The second saga was cancelled meanwhile: its completion is refused.
+    sqlx::query("UPDATE sagas SET cancel_requested = 1 WHERE saga_id = $1")
+        .bind(sagas[1].to_string())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    for (saga, told) in [(sagas[0], "COMPLETED"), (sagas[1], "-")] {
+        let mut done = StepRecord::started(Phase::Forward, 1, "b", 1_020);
+        done.status = StepStatus::Succeeded;
+        done.finished_at_ms = Some(1_030);
+        let completion = Checkpoint {
+            complete: true,
+            ..Checkpoint::new(saga, log::FIRST_EPOCH, vec![done], None, vec![])
+        };
+        let applied = writer.commit(completion).await.unwrap();
+        assert_eq!(applied.completed, told == "COMPLETED");
+        assert_eq!(applied.cancel_requested, told == "-");
+        assert_eq!(heard().await, format!("{sender}\n{saga} {told}"));
+    }
+    // A checkpoint of a saga that is over writes nothing and tells nothing.
+    let late = Checkpoint::new(sagas[0], log::FIRST_EPOCH, vec![], None, vec![]);
+    let applied = writer.commit(late).await.unwrap();
+    assert_eq!(applied.closed, Some(SagaStatus::Completed));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "no notice for a checkpoint that wrote nothing"
+    );
+}
