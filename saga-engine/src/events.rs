@@ -60,21 +60,40 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
      INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
      SELECT $2, $1, events_sequence, $3, $4 || events_sequence::text || $5, $6, $7, epoch FROM taken";
 
+/// The head of the statements that number events in the store, for
+/// PostgreSQL: `e`, the events (rows of [`numbered_later`], in the JSON
+/// parameter given); `fresh`, those not written before, each with its place
+/// `n` among its saga's; `counts`, how many each saga has. Rows are found
+/// through their keys' indexes (`= ANY` of an array; see `log::postgres` for
+/// why). A macro, so that the statements stay `concat!`-ed literals.
+macro_rules! fresh_events_ctes {
+    ($events:literal) => {
+        concat!(
+            "e AS ( \
+               SELECT * FROM jsonb_to_recordset(",
+            $events,
+            "::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
+                 event_type text, head text, tail text, traceparent text, at_ms bigint)), \
+             written AS ( \
+               SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
+             fresh AS ( \
+               SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
+               WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \
+             counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id)"
+        )
+    };
+}
+pub(crate) use fresh_events_ctes;
+
 /// Many events, of any sagas, in one statement, for PostgreSQL: the same
 /// rules as [`INSERT_TAKING_SEQUENCE`], event by event in the order given.
 /// Each saga's counter is bumped once by the number of its new events, and
-/// they take the numbers in between. Rows are found through their keys'
-/// indexes (`= ANY` of an array; see `log::postgres` for why). Returns how many events were new and
+/// they take the numbers in between. Returns how many events were new and
 /// how many were inserted: fewer inserted means a saga was missing.
-const INSERT_ALL_TAKING_SEQUENCES: &str = "WITH e AS ( \
-       SELECT * FROM jsonb_to_recordset($1::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
-         event_type text, head text, tail text, traceparent text, at_ms bigint)), \
-     written AS ( \
-       SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
-     fresh AS ( \
-       SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
-       WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \
-     counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id), \
+const INSERT_ALL_TAKING_SEQUENCES: &str = concat!(
+    "WITH ",
+    fresh_events_ctes!("$1"),
+    ", \
      taken AS ( \
        UPDATE sagas s SET events_sequence = s.events_sequence + counts.n FROM counts \
        WHERE s.saga_id = counts.aggregate_id AND s.saga_id = ANY(ARRAY(SELECT aggregate_id FROM counts)) \
@@ -85,7 +104,8 @@ const INSERT_ALL_TAKING_SEQUENCES: &str = "WITH e AS ( \
               f.traceparent, f.at_ms, t.epoch \
        FROM fresh f JOIN taken t ON t.saga_id = f.aggregate_id \
        RETURNING 1) \
-     SELECT (SELECT COUNT(*) FROM fresh) AS fresh, (SELECT COUNT(*) FROM inserted) AS inserted";
+     SELECT (SELECT COUNT(*) FROM fresh) AS fresh, (SELECT COUNT(*) FROM inserted) AS inserted"
+);
 
 /// Writes `events` (any sagas; each saga's in the order given) inside the
 /// caller's transaction on PostgreSQL, in one statement, skipping those

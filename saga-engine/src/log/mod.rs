@@ -491,7 +491,7 @@ pub(crate) const APPLY_STATE: &str = "UPDATE sagas SET \
      failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
      pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
      WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') AND epoch = $8 \
-     RETURNING status, cancel_requested, pivot_passed";
+     RETURNING status, cancel_requested, pivot_passed, saga_id, epoch";
 
 pub(crate) const SAGA_STATUS: &str = "SELECT status FROM sagas WHERE saga_id = $1";
 
@@ -527,8 +527,20 @@ pub(crate) async fn upsert_step(
     step: &StepRecord,
     epoch: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(UPSERT_STEP)
-        .bind(saga_id.to_string())
+    bind_step(sqlx::query(UPSERT_STEP).bind(saga_id.to_string()), step)
+        .bind(epoch)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A step record's nine columns, from `phase` to `finished_at_ms`, in the
+/// order of [`UPSERT_STEP`] (and of a lone checkpoint's statement).
+pub(crate) fn bind_step<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    step: &'q StepRecord,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    query
         .bind(step.phase.as_str())
         .bind(step.index)
         .bind(step.name)
@@ -538,10 +550,26 @@ pub(crate) async fn upsert_step(
         .bind(&step.output)
         .bind(step.started_at_ms)
         .bind(step.finished_at_ms)
-        .bind(epoch)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+}
+
+/// The eight parameters of [`APPLY_STATE`], which the one-statement form of
+/// a lone checkpoint (`log::postgres`) takes first too: what the checkpoint
+/// sets, then the saga and the epoch its write is fenced on.
+pub(crate) fn bind_state<'q>(
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    checkpoint: &'q Checkpoint,
+    saga_id: &'q str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let (status, next_step, failure_reason) = checkpoint.state_columns();
+    query
+        .bind(i64::from(checkpoint.complete))
+        .bind(status)
+        .bind(next_step)
+        .bind(failure_reason)
+        .bind(now_ms())
+        .bind(i64::from(checkpoint.enter_pivot))
+        .bind(saga_id)
+        .bind(checkpoint.epoch)
 }
 
 pub(crate) async fn apply(
@@ -549,16 +577,7 @@ pub(crate) async fn apply(
     checkpoint: &Checkpoint,
 ) -> Result<Applied, sqlx::Error> {
     let id = checkpoint.saga_id.to_string();
-    let (status, next_step, failure_reason) = checkpoint.state_columns();
-    let row = sqlx::query(APPLY_STATE)
-        .bind(i64::from(checkpoint.complete))
-        .bind(status)
-        .bind(next_step)
-        .bind(failure_reason)
-        .bind(now_ms())
-        .bind(i64::from(checkpoint.enter_pivot))
-        .bind(&id)
-        .bind(checkpoint.epoch)
+    let row = bind_state(sqlx::query(APPLY_STATE), checkpoint, &id)
         .fetch_optional(&mut *conn)
         .await?;
     let Some(row) = row else {

@@ -36,21 +36,21 @@ use serde_json::{Value, json};
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
-use super::{Applied, Checkpoint, Moved, moved_apart_from_events, not_moved};
-use crate::{events, notifications, now_ms};
+use super::{
+    APPLY_STATE, Applied, Checkpoint, Moved, bind_state, bind_step, moved_apart_from_events,
+    not_moved,
+};
+use crate::{
+    events::{self, fresh_events_ctes},
+    notifications, now_ms,
+};
 
-const APPLY_BATCH: &str = "WITH c AS ( \
+const APPLY_BATCH: &str = concat!(
+    "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
-         enter_pivot boolean, status text, next_step bigint, failure_reason text)), \
-     e AS ( \
-       SELECT * FROM jsonb_to_recordset($4::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
-         event_type text, head text, tail text, traceparent text, at_ms bigint)), \
-     written AS ( \
-       SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
-     fresh AS ( \
-       SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
-       WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \
-     counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id), \
+         enter_pivot boolean, status text, next_step bigint, failure_reason text)), ",
+    fresh_events_ctes!("$4"),
+    ", \
      moved AS ( \
        UPDATE sagas s SET \
          status = CASE WHEN c.complete THEN (CASE WHEN s.cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
@@ -83,7 +83,8 @@ const APPLY_BATCH: &str = "WITH c AS ( \
               f.traceparent, f.at_ms, m.epoch \
        FROM fresh f JOIN moved m ON m.saga_id = f.aggregate_id \
        WHERE m.announces) \
-     SELECT saga_id, status, cancel_requested, pivot_passed FROM moved";
+     SELECT saga_id, status, cancel_requested, pivot_passed FROM moved"
+);
 
 /// Whether [`apply_batch`] can take these checkpoints: each saga once, and
 /// each announcing only events of its own saga (whose counter numbers them).
@@ -214,15 +215,7 @@ fn alone_sql(steps: usize) -> String {
         ),
     };
     format!(
-        "WITH moved AS ( \
-           UPDATE sagas SET \
-             status = CASE WHEN $1 = 1 THEN (CASE WHEN cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
-                      ELSE COALESCE($2, status) END, \
-             next_step = COALESCE($3, next_step), \
-             failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
-             pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
-           WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') AND epoch = $8 \
-           RETURNING saga_id, status, cancel_requested, pivot_passed, epoch), \
+        "WITH moved AS ({APPLY_STATE}), \
          {steps}\
          told AS ( \
            SELECT pg_notify($9, $10 || chr(10) || m.saga_id || ' ' || \
@@ -254,29 +247,12 @@ pub(crate) async fn apply_alone(
     notify_as: Option<Uuid>,
 ) -> Result<Applied, sqlx::Error> {
     let id = checkpoint.saga_id.to_string();
-    let (status, next_step, failure_reason) = checkpoint.state_columns();
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(ALONE[checkpoint.steps.len()].as_str()))
-        .bind(i64::from(checkpoint.complete))
-        .bind(status)
-        .bind(next_step)
-        .bind(failure_reason)
-        .bind(now_ms())
-        .bind(i64::from(checkpoint.enter_pivot))
-        .bind(&id)
-        .bind(checkpoint.epoch)
+    let sql = sqlx::AssertSqlSafe(ALONE[checkpoint.steps.len()].as_str());
+    let mut query = bind_state(sqlx::query(sql), checkpoint, &id)
         .bind(notifications::CHANGES)
         .bind(notify_as.map(|sender| sender.to_string()));
     for step in &checkpoint.steps {
-        query = query
-            .bind(step.phase.as_str())
-            .bind(step.index)
-            .bind(step.name)
-            .bind(step.status.as_str())
-            .bind(i64::from(step.attempts))
-            .bind(&step.last_error)
-            .bind(&step.output)
-            .bind(step.started_at_ms)
-            .bind(step.finished_at_ms);
+        query = bind_step(query, step);
     }
     match query.fetch_optional(&mut *conn).await? {
         Some(row) => moved_apart_from_events(conn, checkpoint, Moved::read(&row)?).await,

@@ -18,25 +18,18 @@ on_both_stores!(
     a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number,
 );
 
-async fn new_saga(pool: &AnyPool) -> Uuid {
-    let saga = Uuid::new_v4();
-    let mut tx = pool.begin().await.unwrap();
-    log::insert_saga(
-        &mut tx,
-        &log::NewSaga {
-            saga_id: saga,
-            kind: "scripted",
-            data_json: "{}".into(),
-            trace_context: String::new(),
-            first_step: "a",
-            starts_at_pivot: false,
-            owner: "local".into(),
-        },
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    saga
+/// A checkpoint that only announces the events of `keys` (and completes
+/// the saga if `complete`).
+fn announcing(saga: Uuid, keys: &[&str], complete: bool) -> Checkpoint {
+    Checkpoint {
+        saga_id: saga,
+        epoch: log::FIRST_EPOCH,
+        steps: vec![],
+        state: None,
+        enter_pivot: false,
+        complete,
+        events: keys.iter().map(|key| event(saga, key)).collect(),
+    }
 }
 
 fn event(saga: Uuid, key: &str) -> NewEvent {
@@ -61,7 +54,7 @@ async fn outbox(pool: &AnyPool, saga: Uuid) -> Vec<(i64, String)> {
 
 async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
     let store = store::fresh(backend).await;
-    let saga = new_saga(&store.pool).await;
+    let saga = store::new_saga(&store.pool).await;
     let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
     let finished = Checkpoint {
         saga_id: saga,
@@ -87,7 +80,7 @@ async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
 
 async fn a_sagas_sequence_goes_on_after_its_events_are_pruned(backend: Backend) {
     let store = store::fresh(backend).await;
-    let saga = new_saga(&store.pool).await;
+    let saga = store::new_saga(&store.pool).await;
     let mut conn = store.pool.acquire().await.unwrap();
     assert!(
         events::insert(&mut conn, &event(saga, "started"))
@@ -129,20 +122,9 @@ async fn a_sagas_sequence_goes_on_after_its_events_are_pruned(backend: Backend) 
 async fn sagas_committed_together_each_number_their_own_events_in_order(backend: Backend) {
     const SAGAS: usize = 40;
     let store = store::fresh(backend).await;
-    let mut sagas = Vec::new();
-    for _ in 0..SAGAS {
-        sagas.push(new_saga(&store.pool).await);
-    }
+    let sagas = store::new_sagas(&store.pool, SAGAS).await;
     let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
-    let checkpoint = |saga: Uuid, keys: &[&str]| Checkpoint {
-        saga_id: saga,
-        epoch: log::FIRST_EPOCH,
-        steps: vec![],
-        state: None,
-        enter_pivot: false,
-        complete: false,
-        events: keys.iter().map(|key| event(saga, key)).collect(),
-    };
+    let checkpoint = |saga: Uuid, keys: &[&str]| announcing(saga, keys, false);
     let first: Vec<Checkpoint> = sagas
         .iter()
         .map(|s| checkpoint(*s, &["one", "two"]))
@@ -194,20 +176,9 @@ async fn sagas_committed_together_each_number_their_own_events_in_order(backend:
 async fn a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number(backend: Backend) {
     const SAGAS: usize = 40;
     let store = store::fresh(backend).await;
-    let mut sagas = Vec::new();
-    for _ in 0..SAGAS {
-        sagas.push(new_saga(&store.pool).await);
-    }
+    let sagas = store::new_sagas(&store.pool, SAGAS).await;
     let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
-    let checkpoint = |saga: Uuid, key: &str, complete: bool| Checkpoint {
-        saga_id: saga,
-        epoch: log::FIRST_EPOCH,
-        steps: vec![],
-        state: None,
-        enter_pivot: false,
-        complete,
-        events: vec![event(saga, key)],
-    };
+    let checkpoint = |saga: Uuid, key: &str, complete: bool| announcing(saga, &[key], complete);
     let started: Vec<Checkpoint> = sagas
         .iter()
         .map(|s| checkpoint(*s, "started", false))

@@ -262,27 +262,10 @@ async fn a_checkpoint_committed_alone_tells_the_other_replicas_what_it_set() {
     listener.listen("saga_changes").await.unwrap();
     let sender = Uuid::new_v4();
     let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
-    let mut sagas = Vec::new();
-    for _ in 0..2 {
-        let saga = Uuid::new_v4();
-        let mut tx = store.pool.begin().await.unwrap();
-        log::insert_saga(
-            &mut tx,
-            &log::NewSaga {
-                saga_id: saga,
-                kind: "scripted",
-                data_json: "{}".into(),
-                trace_context: String::new(),
-                first_step: "a",
-                starts_at_pivot: false,
-                owner: "local".into(),
-            },
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        sagas.push(saga);
-    }
+    let sagas = [
+        store::new_saga(&store.pool).await,
+        store::new_saga(&store.pool).await,
+    ];
     let mut heard = async || {
         let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
             .await

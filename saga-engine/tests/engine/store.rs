@@ -119,3 +119,35 @@ pub async fn fresh(backend: Backend) -> TestStore {
         }
     }
 }
+
+/// A bare saga of kind `scripted`, RUNNING at step 0 under `local`, at the
+/// first epoch: for tests that write its log directly.
+pub async fn new_saga(pool: &AnyPool) -> uuid::Uuid {
+    let saga = uuid::Uuid::new_v4();
+    let mut tx = pool.begin().await.unwrap();
+    saga_engine::log::insert_saga(
+        &mut tx,
+        &saga_engine::log::NewSaga {
+            saga_id: saga,
+            kind: "scripted",
+            data_json: "{}".into(),
+            trace_context: String::new(),
+            first_step: "a",
+            starts_at_pivot: false,
+            owner: "local".into(),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    saga
+}
+
+/// `count` sagas as [`new_saga`] makes them.
+pub async fn new_sagas(pool: &AnyPool, count: usize) -> Vec<uuid::Uuid> {
+    let mut sagas = Vec::with_capacity(count);
+    for _ in 0..count {
+        sagas.push(new_saga(pool).await);
+    }
+    sagas
+}
