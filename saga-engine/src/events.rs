@@ -103,6 +103,7 @@ const INSERT_ALL_TAKING_SEQUENCES: &str = concat!(
        SELECT f.event_id, f.aggregate_id, t.base + f.n, f.event_type, f.head || (t.base + f.n)::text || f.tail, \
               f.traceparent, f.at_ms, t.epoch \
        FROM fresh f JOIN taken t ON t.saga_id = f.aggregate_id \
+       ORDER BY f.ord \
        RETURNING 1) \
      SELECT (SELECT COUNT(*) FROM fresh) AS fresh, (SELECT COUNT(*) FROM inserted) AS inserted"
 );

@@ -149,8 +149,8 @@ const INSERT_SAGA_AND_FIRST_STEP: &str = "WITH saga AS ( \
 
 /// [`INSERT_SAGA_AND_FIRST_STEP`] and the saga's first events, written only
 /// if the caller's insert (the first CTE, its parameters renumbered after
-/// the saga's eleven) wrote a row. Built once per caller's statement, not at
-/// every start.
+/// the saga's own [`SAGA_ADMITTED_PARAMETERS`]) wrote a row. Built once per
+/// caller's statement, not at every start.
 fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
@@ -196,7 +196,8 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
            INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
            SELECT e.event_id, saga.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
            FROM saga, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
-             payload text, traceparent text, at_ms bigint)), \
+             payload text, traceparent text, at_ms bigint) \
+           ORDER BY e.sequence), \
          told AS ( \
            SELECT pg_notify($12, $13 || chr(10) || saga_id || ' RUNNING')::text FROM saga WHERE $13 IS NOT NULL) \
          SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told"
@@ -622,9 +623,10 @@ pub(crate) async fn moved(
     Ok(applied)
 }
 
-/// [`moved`] for a checkpoint whose events the statement that moved its
-/// saga wrote (`log::postgres`): its attempts are recorded, and the driver
-/// learns what was granted.
+/// [`moved`] for a checkpoint whose events are written apart or were
+/// written by the statement that moved its saga (`log::postgres`), or that
+/// has none: its attempts are recorded, and the driver learns what was
+/// granted.
 pub(crate) async fn moved_apart_from_events(
     conn: &mut AnyConnection,
     checkpoint: &Checkpoint,

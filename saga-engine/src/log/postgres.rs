@@ -82,7 +82,8 @@ const APPLY_BATCH: &str = concat!(
        SELECT f.event_id, f.aggregate_id, m.events_base + f.n, f.event_type, f.head || (m.events_base + f.n)::text || f.tail, \
               f.traceparent, f.at_ms, m.epoch \
        FROM fresh f JOIN moved m ON m.saga_id = f.aggregate_id \
-       WHERE m.announces) \
+       WHERE m.announces \
+       ORDER BY f.ord) \
      SELECT saga_id, status, cancel_requested, pivot_passed FROM moved"
 );
 
@@ -174,8 +175,9 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
 /// statement, with no transaction around it: its saga's fenced update (the
 /// rules of [`super::APPLY_STATE`]), its step records, and the notice to the
 /// other replicas. Statement by statement in a transaction, it was `BEGIN`,
-/// the update, one upsert per record, `pg_notify` and `COMMIT`: six round
-/// trips, each on the path of a saga that runs alone. Checkpoints with
+/// the update, one upsert per record, `pg_notify` (with replicas) and
+/// `COMMIT`: up to six round trips, each on the path of a saga that runs
+/// alone. Checkpoints with
 /// events or retried attempts, rarer, still go that way.
 ///
 /// The notice says what [`crate::notifications::encode`] would: the sender,
@@ -246,6 +248,9 @@ pub(crate) async fn apply_alone(
     checkpoint: &Checkpoint,
     notify_as: Option<Uuid>,
 ) -> Result<Applied, sqlx::Error> {
+    // What it would leave for after the statement (attempts) must not be
+    // written outside the statement's commit.
+    debug_assert!(fits_alone(checkpoint));
     let id = checkpoint.saga_id.to_string();
     let sql = sqlx::AssertSqlSafe(ALONE[checkpoint.steps.len()].as_str());
     let mut query = bind_state(sqlx::query(sql), checkpoint, &id)

@@ -362,8 +362,9 @@ async fn commit_on_pool(
     // them with their rows are written at the end of a batch, all in one
     // statement. (A batch of checkpoints writes its own.)
     let mut announced: Vec<&NewEvent> = Vec::new();
-    // One checkpoint alone goes statement by statement: the batch statement
-    // is planned at every execution, which costs more than it saves for one.
+    // One checkpoint that did not fit the one-statement form above (or one
+    // in a batch with other writes) goes statement by statement: the batch
+    // statement costs more than it saves for one.
     if postgres
         && checkpoints.len() > 1
         && postgres::one_per_saga(checkpoints.iter().map(|(_, c)| *c))
@@ -515,14 +516,16 @@ async fn start_in_batch(
 
 /// Whether the statement that admits `start` writes its events too: on
 /// PostgreSQL, when the caller gives its rows as one insert and the events
-/// are all the new saga's (numbered from 1, nothing of it written before).
+/// are all the new saga's, each once (numbered from 1: nothing of a new
+/// saga was written before, so the statement looks nothing up).
 fn events_in_admission(start: &Start, postgres: bool) -> bool {
+    let mut keys = std::collections::HashSet::new();
     postgres
         && start.admit.insert_sql().is_some()
         && start
             .events
             .iter()
-            .all(|e| e.aggregate_id == start.saga.saga_id)
+            .all(|e| e.aggregate_id == start.saga.saga_id && keys.insert(e.key.as_str()))
 }
 
 /// The new saga's rows and the caller's; its events are the caller's to
