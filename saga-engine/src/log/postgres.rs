@@ -89,7 +89,7 @@ const APPLY_BATCH: &str = concat!(
 
 /// Whether [`apply_batch`] can take these checkpoints: each saga once, and
 /// each announcing only events of its own saga (whose counter numbers them).
-pub(crate) fn one_per_saga<'a>(checkpoints: impl Iterator<Item = &'a Checkpoint>) -> bool {
+pub(crate) fn fits_batch<'a>(checkpoints: impl Iterator<Item = &'a Checkpoint>) -> bool {
     let mut seen = HashSet::new();
     checkpoints
         .into_iter()

@@ -367,7 +367,7 @@ async fn commit_on_pool(
     // statement costs more than it saves for one.
     if postgres
         && checkpoints.len() > 1
-        && postgres::one_per_saga(checkpoints.iter().map(|(_, c)| *c))
+        && postgres::fits_batch(checkpoints.iter().map(|(_, c)| *c))
     {
         let applied = postgres::apply_batch(
             &mut tx,
