@@ -35,9 +35,12 @@ use std::{
 };
 
 use sqlx::{Any, AnyConnection, AnyPool, pool::PoolConnection};
-use tokio::sync::{Mutex, MutexGuard, Notify, mpsc, watch};
+use tokio::{
+    sync::{Mutex, MutexGuard, Notify, mpsc, watch},
+    time::Instant,
+};
 
-use crate::Error;
+use crate::{Error, store::PING_WHEN_IDLE_FOR};
 
 /// How one batch ended: `None` while it is open.
 type Ended = watch::Sender<Option<Result<(), String>>>;
@@ -64,6 +67,10 @@ struct Inner {
 struct Turn {
     /// The connection of the open transaction (`None`: none is open).
     conn: Option<PoolConnection<Any>>,
+    /// The connection of the last batch, kept for the next one, and since
+    /// when: taken from the pool and given back, it cost two more round
+    /// trips per batch (sqlx pings a connection on both).
+    kept: Option<(PoolConnection<Any>, Instant)>,
     /// Requests whose writes are in the open transaction.
     members: usize,
     /// Told how the open batch ended.
@@ -76,14 +83,15 @@ struct Turn {
 }
 
 impl Turn {
-    /// Ends the open batch: its members hear `result`; the connection goes
-    /// back to the pool only after a commit.
+    /// Ends the open batch: its members hear `result`; the connection is
+    /// kept for the next batch only after a commit.
     fn end_batch(&mut self, result: Result<(), String>) {
-        if let Some(mut conn) = self.conn.take()
-            && result.is_err()
-        {
-            // Closing the connection ends the transaction on the server.
-            conn.close_on_drop();
+        if let Some(mut conn) = self.conn.take() {
+            match &result {
+                Ok(()) => self.kept = Some((conn, Instant::now())),
+                // Closing the connection ends the transaction on the server.
+                Err(_) => conn.close_on_drop(),
+            }
         }
         self.members = 0;
         self.poisoned = false;
@@ -142,6 +150,7 @@ impl SharedTransaction {
             commits: AtomicU64::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
+                kept: None,
                 members: 0,
                 batch: Arc::new(watch::channel(None).0),
                 poisoned: false,
@@ -219,17 +228,10 @@ async fn take_turn<T>(
     // Nothing of another request in the transaction yet: no savepoint is
     // needed, a failure rolls the whole (so far empty) transaction back.
     let alone = turn.members == 0;
-    let conn = match &mut turn.conn {
-        Some(conn) => conn,
-        None => {
-            // Held by the turn before BEGIN is sent: a request dropped with
-            // BEGIN in flight poisons the batch, which closes the connection
-            // (sqlx would hand it back to the pool inside the transaction).
-            let conn = turn.conn.insert(pool.acquire().await?);
-            sqlx::raw_sql("BEGIN").execute(&mut **conn).await?;
-            conn
-        }
-    };
+    if turn.conn.is_none() {
+        open_batch(pool, turn).await?;
+    }
+    let conn = turn.conn.as_mut().expect("a batch is open");
     if !alone {
         // The last turn's savepoint is released here, in this turn's round
         // trip, rather than in one of its own: a round trip fewer per request.
@@ -247,8 +249,8 @@ async fn take_turn<T>(
     };
     if alone {
         sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
-        // Ended: the connection goes back to the pool.
-        turn.conn = None;
+        // Ended: the connection is kept for the next batch.
+        turn.kept = turn.conn.take().map(|conn| (conn, Instant::now()));
     } else {
         // The savepoint stays (empty) for the next turn to release.
         sqlx::raw_sql("ROLLBACK TO SAVEPOINT request")
@@ -256,6 +258,37 @@ async fn take_turn<T>(
             .await?;
     }
     Ok(TurnResult::Nothing(outcome))
+}
+
+/// Opens a batch: `BEGIN` on the connection the last batch left, or on one
+/// from the pool. The connection is held by the turn before `BEGIN` is sent:
+/// a request dropped with `BEGIN` in flight poisons the batch, which closes
+/// the connection (sqlx would hand it back to the pool inside the
+/// transaction).
+///
+/// A kept connection is not pinged (that round trip is what keeping it
+/// saves). If the server closed it meanwhile, `BEGIN` fails on it: it is
+/// closed and the batch opens on another, as `BEGIN` changed nothing. One
+/// kept for longer than [`PING_WHEN_IDLE_FOR`] goes back to the pool, which
+/// pings it.
+async fn open_batch(pool: &AnyPool, turn: &mut Turn) -> Result<(), sqlx::Error> {
+    if let Some((conn, since)) = turn.kept.take()
+        && since.elapsed() < PING_WHEN_IDLE_FOR
+    {
+        let conn = turn.conn.insert(conn);
+        match sqlx::raw_sql("BEGIN").execute(&mut **conn).await {
+            Ok(_) => return Ok(()),
+            Err(err) => {
+                tracing::info!(error = %err, "the kept connection failed at BEGIN; the batch opens on another");
+                if let Some(mut conn) = turn.conn.take() {
+                    conn.close_on_drop();
+                }
+            }
+        }
+    }
+    let conn = turn.conn.insert(pool.acquire().await?);
+    sqlx::raw_sql("BEGIN").execute(&mut **conn).await?;
+    Ok(())
 }
 
 /// Commits the open batch whenever a turn ended, until every handle is gone.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use sqlx::{AnyPool, any::AnyPoolOptions, migrate::Migrator};
+use sqlx::{AnyPool, Connection, any::AnyPoolOptions, migrate::Migrator};
 
 use crate::{
     batch_writer::{BatchWriter, WriteGate},
@@ -42,6 +42,9 @@ impl FromStr for Backend {
 
 /// How long PostgreSQL lets a session sit idle inside a transaction.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "SET idle_in_transaction_session_timeout = 3000";
+
+/// A pooled PostgreSQL connection idle for this long is pinged before use.
+pub const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// The migrations of a service, one folder per backend.
 pub struct Migrations {
@@ -120,14 +123,30 @@ impl Store {
             // stuck: paused, swapped out, partitioned. Its row locks would
             // block everyone else, a replica's successors included, for as
             // long as that lasts; PostgreSQL ends such a session instead.
-            Backend::Postgres => options.max_connections(16).after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
-                        .execute(conn)
-                        .await
-                        .map(|_| ())
+            Backend::Postgres => options
+                .max_connections(16)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
+                            .execute(conn)
+                            .await
+                            .map(|_| ())
+                    })
                 })
-            }),
+                // sqlx pings every connection it hands out (a round trip)
+                // by default. One given back a moment ago was pinged then
+                // (sqlx pings on every return) and is alive: only one that
+                // sat idle for a while, long enough for the server to have
+                // gone away, is pinged before use.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                }),
         };
         let pool = options
             .connect(&url)

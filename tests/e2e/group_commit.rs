@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ordersaga_tests::{Backend, TestDb};
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Connection};
 use svc_kit::{
     idempotency::{RequestKey, run_once_batched},
     shared_transaction::{SharedTransaction, TurnResult},
@@ -309,4 +309,67 @@ async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored()
     {
         reply.unwrap_or_else(|e| panic!("request {i} once more: {e}"));
     }
+}
+
+/// A batch opens on the connection the last batch committed on: taking one
+/// from the pool and giving it back cost two round trips per batch (sqlx
+/// pings a connection on both). A kept connection is not pinged, so one the
+/// server closed meanwhile must not fail the request that finds it: the
+/// batch opens on another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_keep_their_connection_and_replace_one_the_server_closed() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    // Several idle connections in the pool, which hands them out in turn.
+    let held: Vec<_> = futures::future::join_all((0..4).map(|_| store.pool.acquire()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    drop(held);
+    let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(10));
+    let backend = || {
+        let shared = &shared;
+        async move {
+            shared
+                .run(async |conn: &mut AnyConnection| {
+                    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                        .fetch_one(conn)
+                        .await?;
+                    Ok(TurnResult::Written(pid))
+                })
+                .await
+        }
+    };
+    let first = backend().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            backend().await.unwrap(),
+            first,
+            "a batch took another connection"
+        );
+    }
+    let mut admin = AnyConnection::connect(&db.url).await.unwrap();
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert!(ended);
+    // The server closes the session in its own time.
+    for _ in 0..100 {
+        let alive: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(first)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        if alive == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let next = backend()
+        .await
+        .expect("the request that found the closed connection failed");
+    assert_ne!(next, first);
 }

@@ -12,14 +12,20 @@
 //! - PostgreSQL (and the in-memory benchmark store): through sqlx; checkpoints
 //!   are group-committed, the other writes run at once on the pool.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use futures::future::BoxFuture;
-use sqlx::{AnyConnection, AnyPool};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, pool::PoolConnection};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 
 use uuid::Uuid;
 
@@ -110,8 +116,13 @@ pub(crate) enum Written {
 type Reply = oneshot::Sender<Result<Written, String>>;
 
 enum Backend {
-    /// With the replica's incarnation when its commits notify the others.
-    Pool(AnyPool, Option<Uuid>),
+    /// With the replica's incarnation when its commits notify the others,
+    /// and the connection kept from one commit to the next.
+    Pool {
+        pool: AnyPool,
+        notify_as: Option<Uuid>,
+        kept: Option<(PoolConnection<Any>, Instant)>,
+    },
     SqliteFile(SqliteLog),
 }
 
@@ -141,7 +152,14 @@ impl LogWriter {
     pub fn spawn(pool: AnyPool, notify_as: Option<Uuid>) -> anyhow::Result<Self> {
         let (backend, direct) = match SqliteLog::file_of(&pool) {
             Some(path) => (Backend::SqliteFile(SqliteLog::open(&path)?), None),
-            None => (Backend::Pool(pool.clone(), notify_as), Some(pool)),
+            None => (
+                Backend::Pool {
+                    pool: pool.clone(),
+                    notify_as,
+                    kept: None,
+                },
+                Some(pool),
+            ),
         };
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
         let split_batches = Arc::new(AtomicU64::new(0));
@@ -243,7 +261,7 @@ impl LogWriter {
 }
 
 async fn write_batches(
-    backend: Backend,
+    mut backend: Backend,
     mut rx: mpsc::Receiver<(Write, Reply)>,
     split_batches: Arc<AtomicU64>,
 ) {
@@ -306,11 +324,15 @@ async fn write_batches(
 
 impl Backend {
     /// Commits `writes` as one transaction; hands them back for a retry.
-    async fn commit(&self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
+    async fn commit(&mut self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
         match self {
             Backend::SqliteFile(log) => log.commit(writes).await,
-            Backend::Pool(pool, notify_as) => {
-                let result = commit_on_pool(pool, &writes, *notify_as)
+            Backend::Pool {
+                pool,
+                notify_as,
+                kept,
+            } => {
+                let result = commit_on_kept(pool, kept, &writes, *notify_as)
                     .await
                     .map_err(|e| e.to_string());
                 (writes, result)
@@ -319,35 +341,110 @@ impl Backend {
     }
 }
 
-/// On PostgreSQL, a batch of checkpoints (each saga once) is applied in one
-/// statement, and sent events are marked in one.
+/// How long the writer keeps an idle connection for its next commit. One
+/// idle longer goes back to the pool, which pings it (the server may have
+/// gone away meanwhile).
+const KEEP_IDLE_CONNECTION_FOR: Duration = Duration::from_secs(1);
+
+/// On PostgreSQL the writer keeps its connection from one commit to the
+/// next: taken from the pool and given back, it cost two more round trips
+/// per commit, as sqlx pings a connection on both. One whose commit failed
+/// is closed: the transaction's state on it is unknown. (Any other
+/// database's pool, SQLite in memory, has one connection, which the
+/// writer must not keep from everyone else.)
+///
+/// A kept connection is not pinged (that round trip is what keeping it
+/// saves). If the server closed it meanwhile, the commit fails on it at
+/// once and is made again on a connection from the pool. Making it again
+/// is what its sagas would do anyway: a write whose outcome is unknown is
+/// written again, and the log takes a write it already holds.
+async fn commit_on_kept(
+    pool: &AnyPool,
+    kept: &mut Option<(PoolConnection<Any>, Instant)>,
+    writes: &[Write],
+    notify_as: Option<Uuid>,
+) -> Result<Vec<Written>, sqlx::Error> {
+    let postgres = is_postgres(pool);
+    let (mut conn, was_kept) = match kept.take() {
+        Some((conn, since)) if since.elapsed() < KEEP_IDLE_CONNECTION_FOR => (conn, true),
+        idle => {
+            drop(idle);
+            (pool.acquire().await?, false)
+        }
+    };
+    let mut result = commit_on(&mut conn, postgres, writes, notify_as).await;
+    if was_kept
+        && let Err(err) = &result
+        && connection_lost(err)
+    {
+        tracing::info!(error = %err, "the log's kept connection was closed; committing on another");
+        conn.close_on_drop();
+        drop(conn);
+        conn = pool.acquire().await?;
+        result = commit_on(&mut conn, postgres, writes, notify_as).await;
+    }
+    match &result {
+        Ok(_) if postgres => *kept = Some((conn, Instant::now())),
+        Err(_) if postgres => conn.close_on_drop(),
+        _ => {}
+    }
+    result
+}
+
+/// Whether `err` says the connection is gone (closed by the server, or
+/// cut), rather than that a statement failed on a live one.
+fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // Class 08: connection exception; 57P: the server ended the session
+        // (an administrator's command, a shutdown, a crash of another backend).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
+fn is_postgres(pool: &AnyPool) -> bool {
+    pool.connect_options()
+        .database_url
+        .scheme()
+        .starts_with("postgres")
+}
+
+/// [`commit_on`] on a connection of the pool's.
 async fn commit_on_pool(
     pool: &AnyPool,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
-    let postgres = pool
-        .connect_options()
-        .database_url
-        .scheme()
-        .starts_with("postgres");
+    let mut conn = pool.acquire().await?;
+    commit_on(&mut conn, is_postgres(pool), writes, notify_as).await
+}
+
+/// On PostgreSQL, a batch of checkpoints (each saga once) is applied in one
+/// statement, and sent events are marked in one.
+async fn commit_on(
+    conn: &mut AnyConnection,
+    postgres: bool,
+    writes: &[Write],
+    notify_as: Option<Uuid>,
+) -> Result<Vec<Written>, sqlx::Error> {
     // A write alone that is one statement commits as one, with no
     // transaction around it: `BEGIN`, `pg_notify` and `COMMIT` were three
     // round trips more on the path of a saga that runs alone.
     match writes {
         [Write::Checkpoint(checkpoint)] if postgres && postgres::fits_alone(checkpoint) => {
-            let mut conn = pool.acquire().await?;
-            let applied = postgres::apply_alone(&mut conn, checkpoint, notify_as).await?;
+            let applied = postgres::apply_alone(conn, checkpoint, notify_as).await?;
             return Ok(vec![Written::Checkpoint(applied)]);
         }
         [Write::Start(start)] if events_in_admission(start, postgres) => {
-            let mut conn = pool.acquire().await?;
-            let admission = admit_start(&mut conn, start, postgres, notify_as).await?;
+            let admission = admit_start(conn, start, postgres, notify_as).await?;
             return Ok(vec![Written::Start(admission)]);
         }
         _ => {}
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let alone = writes.len() == 1;
     let mut batched: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
     let checkpoints: Vec<(usize, &Checkpoint)> = writes
@@ -486,7 +583,7 @@ enum Savepoint {
 /// A new saga and the caller's rows in a batch: a savepoint takes back this
 /// saga's rows, not its neighbours', if the caller refuses. (Alone in its
 /// transaction, a refusal rolls the whole transaction back instead; see
-/// [`commit_on_pool`].) The savepoint is not released after a start: the
+/// [`commit_on`].) The savepoint is not released after a start: the
 /// next start releases it in the same round trip as it takes its own, and
 /// `COMMIT` releases the last. A round trip fewer per saga.
 async fn start_in_batch(

@@ -29,3 +29,4 @@ mod recovery;
 mod replicas;
 mod scripted;
 mod store;
+mod writer;

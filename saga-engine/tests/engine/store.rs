@@ -39,6 +39,37 @@ impl TestStore {
         .unwrap()
         .get(0)
     }
+
+    /// Ends every session of this store's database but the caller's own, as
+    /// a restart of the server would, and waits until they are gone.
+    /// Returns how many there were. (PostgreSQL only.)
+    pub async fn end_sessions(&self) -> usize {
+        use sqlx::Connection;
+        let (name, admin_url) = self.database.as_ref().expect("a PostgreSQL store");
+        let mut admin = sqlx::AnyConnection::connect(admin_url).await.unwrap();
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        for _ in 0..250 {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity WHERE datname = $1",
+            )
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+            if left == 0 {
+                return ended.len();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the sessions of {name} did not end");
+    }
 }
 
 impl Drop for TestStore {

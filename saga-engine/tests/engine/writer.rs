@@ -1,0 +1,50 @@
+//! The log writer's connection on PostgreSQL: kept from one commit to the
+//! next (sqlx pings a connection each time it is taken from the pool and
+//! given back, two round trips per commit), and replaced when the server
+//! closed it meanwhile.
+
+use saga_engine::log::{self, Checkpoint, LogWriter, SagaState, SagaStatus};
+use uuid::Uuid;
+
+use crate::store::{self, Backend};
+
+/// Moves `saga` to step 1.
+fn step_done(saga: Uuid) -> Checkpoint {
+    Checkpoint {
+        saga_id: saga,
+        epoch: log::FIRST_EPOCH,
+        steps: vec![],
+        state: Some(SagaState {
+            status: SagaStatus::Running,
+            next_step: 1,
+            failure_reason: String::new(),
+        }),
+        enter_pivot: false,
+        complete: false,
+        events: vec![],
+    }
+}
+
+/// Every session of the database ended by the server (as a restart or a
+/// failover would) between two commits: the writer's kept connection is
+/// gone, and the next commit still succeeds at its first try, on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_the_server_closed_the_writers_connection_succeeds() {
+    let store = store::fresh(Backend::Postgres).await;
+    let sagas = store::new_sagas(&store.pool, 2).await;
+    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    writer.commit(step_done(sagas[0])).await.unwrap();
+    assert!(store.end_sessions().await >= 1, "no session was ended");
+    writer
+        .commit(step_done(sagas[1]))
+        .await
+        .expect("the commit after the server closed the connection failed");
+    for saga in sagas {
+        let next: i64 = sqlx::query_scalar("SELECT next_step FROM sagas WHERE saga_id = $1")
+            .bind(saga.to_string())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(next, 1, "saga {saga}");
+    }
+}
