@@ -33,6 +33,7 @@ use crate::{
     log::{
         self, Admit, CancelOutcome, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, Reopen,
         ReopenOutcome, SagaStatus, SagaView, SqliteLog, SqliteReader, Start,
+        kept::{Kept, on_kept},
     },
     metrics::EngineMetrics,
     notifications::{self, Heard},
@@ -54,6 +55,10 @@ pub enum Ownership {
 
 /// The owner recorded for sagas when the engine runs alone.
 const ALONE: &str = "local";
+
+/// Most connections kept for reading views (of the pool's; on PostgreSQL).
+/// Views are read once per waiting `CreateOrder`, as its saga ends.
+const KEPT_READERS: usize = 4;
 
 /// Most orphaned sagas claimed in one sweep.
 const CLAIM_BATCH: i64 = 1_000;
@@ -96,6 +101,9 @@ pub(crate) struct Inner<D> {
     pub(crate) log: LogWriter,
     /// On a SQLite file: reads on a thread with their own connection.
     reader: Option<SqliteReader>,
+    /// On PostgreSQL: the connections of the last views read, kept for the
+    /// next (see [`Kept`]).
+    readers: Kept,
     pub(crate) policy: RetryPolicy,
     /// Bounds the sagas driven at once; the rest wait for a permit.
     permits: Semaphore,
@@ -190,6 +198,7 @@ where
                 reader: SqliteLog::file_of(&pool)
                     .map(|file| SqliteReader::open(&file))
                     .transpose()?,
+                readers: Kept::new(pool.clone(), KEPT_READERS),
                 definition,
                 pool,
                 policy,
@@ -250,10 +259,7 @@ where
                 .run(move |conn| log::load_sqlite_view(conn, saga_id))
                 .await
                 .map_err(sqlx::Error::Protocol),
-            None => {
-                let mut conn = self.inner.pool.acquire().await?;
-                log::load_view(&mut conn, saga_id).await
-            }
+            None => on_kept!(&self.inner.readers, |conn| log::load_view(conn, saga_id)).await,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::{
 };
 
 pub mod history;
+pub(crate) mod kept;
 mod postgres;
 mod sqlite;
 mod writer;

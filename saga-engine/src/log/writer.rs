@@ -12,26 +12,22 @@
 //! - PostgreSQL (and the in-memory benchmark store): through sqlx; checkpoints
 //!   are group-committed, the other writes run at once on the pool.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use futures::future::BoxFuture;
-use sqlx::{Any, AnyConnection, AnyPool, Connection, pool::PoolConnection};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use sqlx::{AnyConnection, AnyPool, Connection};
+use tokio::sync::{mpsc, oneshot};
 
 use uuid::Uuid;
 
 use super::{
     Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, Reopen, ReopenOutcome,
-    SagaStatus, apply, insert_saga, insert_saga_admitted, postgres, reopen, request_cancel,
+    SagaStatus, apply, insert_saga, insert_saga_admitted,
+    kept::{Kept, is_postgres, on_kept},
+    postgres, reopen, request_cancel,
     sqlite::SqliteLog,
 };
 use crate::{
@@ -121,7 +117,7 @@ enum Backend {
     Pool {
         pool: AnyPool,
         notify_as: Option<Uuid>,
-        kept: Option<(PoolConnection<Any>, Instant)>,
+        kept: Kept,
     },
     SqliteFile(SqliteLog),
 }
@@ -156,7 +152,7 @@ impl LogWriter {
                 Backend::Pool {
                     pool: pool.clone(),
                     notify_as,
-                    kept: None,
+                    kept: Kept::new(pool.clone(), 1),
                 },
                 Some(pool),
             ),
@@ -261,7 +257,7 @@ impl LogWriter {
 }
 
 async fn write_batches(
-    mut backend: Backend,
+    backend: Backend,
     mut rx: mpsc::Receiver<(Write, Reply)>,
     split_batches: Arc<AtomicU64>,
 ) {
@@ -324,7 +320,7 @@ async fn write_batches(
 
 impl Backend {
     /// Commits `writes` as one transaction; hands them back for a retry.
-    async fn commit(&mut self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
+    async fn commit(&self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
         match self {
             Backend::SqliteFile(log) => log.commit(writes).await,
             Backend::Pool {
@@ -332,7 +328,7 @@ impl Backend {
                 notify_as,
                 kept,
             } => {
-                let result = commit_on_kept(pool, kept, &writes, *notify_as)
+                let result = commit_kept(pool, kept, &writes, *notify_as)
                     .await
                     .map_err(|e| e.to_string());
                 (writes, result)
@@ -341,75 +337,15 @@ impl Backend {
     }
 }
 
-/// How long the writer keeps an idle connection for its next commit. One
-/// idle longer goes back to the pool, which pings it (the server may have
-/// gone away meanwhile).
-const KEEP_IDLE_CONNECTION_FOR: Duration = Duration::from_secs(1);
-
-/// On PostgreSQL the writer keeps its connection from one commit to the
-/// next: taken from the pool and given back, it cost two more round trips
-/// per commit, as sqlx pings a connection on both. One whose commit failed
-/// is closed: the transaction's state on it is unknown. (Any other
-/// database's pool, SQLite in memory, has one connection, which the
-/// writer must not keep from everyone else.)
-///
-/// A kept connection is not pinged (that round trip is what keeping it
-/// saves). If the server closed it meanwhile, the commit fails on it at
-/// once and is made again on a connection from the pool. Making it again
-/// is what its sagas would do anyway: a write whose outcome is unknown is
-/// written again, and the log takes a write it already holds.
-async fn commit_on_kept(
+/// [`commit_on`] on the writer's kept connection (see [`Kept`]).
+async fn commit_kept(
     pool: &AnyPool,
-    kept: &mut Option<(PoolConnection<Any>, Instant)>,
+    kept: &Kept,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let postgres = is_postgres(pool);
-    let (mut conn, was_kept) = match kept.take() {
-        Some((conn, since)) if since.elapsed() < KEEP_IDLE_CONNECTION_FOR => (conn, true),
-        idle => {
-            drop(idle);
-            (pool.acquire().await?, false)
-        }
-    };
-    let mut result = commit_on(&mut conn, postgres, writes, notify_as).await;
-    if was_kept
-        && let Err(err) = &result
-        && connection_lost(err)
-    {
-        tracing::info!(error = %err, "the log's kept connection was closed; committing on another");
-        conn.close_on_drop();
-        drop(conn);
-        conn = pool.acquire().await?;
-        result = commit_on(&mut conn, postgres, writes, notify_as).await;
-    }
-    match &result {
-        Ok(_) if postgres => *kept = Some((conn, Instant::now())),
-        Err(_) if postgres => conn.close_on_drop(),
-        _ => {}
-    }
-    result
-}
-
-/// Whether `err` says the connection is gone (closed by the server, or
-/// cut), rather than that a statement failed on a live one.
-fn connection_lost(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        // Class 08: connection exception; 57P: the server ended the session
-        // (an administrator's command, a shutdown, a crash of another backend).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-        _ => false,
-    }
-}
-
-fn is_postgres(pool: &AnyPool) -> bool {
-    pool.connect_options()
-        .database_url
-        .scheme()
-        .starts_with("postgres")
+    on_kept!(kept, |conn| commit_on(conn, postgres, writes, notify_as)).await
 }
 
 /// [`commit_on`] on a connection of the pool's.
