@@ -34,7 +34,7 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{Any, AnyConnection, AnyPool, pool::PoolConnection};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, pool::PoolConnection};
 use tokio::{
     sync::{Mutex, MutexGuard, Notify, mpsc, watch},
     time::Instant,
@@ -283,12 +283,34 @@ async fn open_batch(pool: &AnyPool, turn: &mut Turn) -> Result<(), sqlx::Error> 
                 if let Some(mut conn) = turn.conn.take() {
                     conn.close_on_drop();
                 }
+                // The pool's may be closed too (the server restarted), and
+                // it hands out unpinged those used within the last second.
+                let conn = turn.conn.insert(answering(pool).await?);
+                sqlx::raw_sql("BEGIN").execute(&mut **conn).await?;
+                return Ok(());
             }
         }
     }
     let conn = turn.conn.insert(pool.acquire().await?);
     sqlx::raw_sql("BEGIN").execute(&mut **conn).await?;
     Ok(())
+}
+
+/// A connection from the pool that answers a ping (each that does not is
+/// closed), trying at most as many as the pool holds.
+async fn answering(pool: &AnyPool) -> Result<PoolConnection<Any>, sqlx::Error> {
+    let mut closed = 0;
+    loop {
+        let mut conn = pool.acquire().await?;
+        match conn.ping().await {
+            Ok(()) => return Ok(conn),
+            Err(err) if closed >= pool.options().get_max_connections() => return Err(err),
+            Err(_) => {
+                conn.close_on_drop();
+                closed += 1;
+            }
+        }
+    }
 }
 
 /// Commits the open batch whenever a turn ended, until every handle is gone.

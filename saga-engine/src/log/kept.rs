@@ -40,7 +40,7 @@ macro_rules! on_kept {
 }
 pub(crate) use on_kept;
 
-use sqlx::{Any, AnyPool, pool::PoolConnection};
+use sqlx::{Any, AnyPool, Connection, pool::PoolConnection};
 use tokio::time::Instant;
 
 /// How long a connection may sit kept before it goes back to the pool.
@@ -101,11 +101,29 @@ impl Kept {
             return Ok(false);
         }
         tracing::info!(error = %err, "a kept connection was closed; the work goes on another");
-        let fresh = self.pool.acquire().await?;
+        let fresh = self.answering().await?;
         let mut closed = std::mem::replace(&mut taken.conn, fresh);
         closed.close_on_drop();
         taken.kept = false;
         Ok(true)
+    }
+
+    /// A connection from the pool that answers a ping. After a kept one
+    /// turned out closed, the pool's may be too (the server restarted), and
+    /// the pool hands out unpinged those used within the last second.
+    async fn answering(&self) -> Result<PoolConnection<Any>, sqlx::Error> {
+        let mut closed = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            match conn.ping().await {
+                Ok(()) => return Ok(conn),
+                Err(err) if closed >= self.pool.options().get_max_connections() => return Err(err),
+                Err(_) => {
+                    conn.close_on_drop();
+                    closed += 1;
+                }
+            }
+        }
     }
 
     /// Keeps the connection after work that succeeded; closes it after work

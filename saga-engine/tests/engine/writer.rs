@@ -4,6 +4,7 @@
 //! closed it meanwhile.
 
 use saga_engine::log::{self, Checkpoint, LogWriter, SagaState, SagaStatus};
+use sqlx::any::AnyPoolOptions;
 use uuid::Uuid;
 
 use crate::store::{self, Backend};
@@ -27,12 +28,28 @@ fn step_done(saga: Uuid) -> Checkpoint {
 
 /// Every session of the database ended by the server (as a restart or a
 /// failover would) between two commits: the writer's kept connection is
-/// gone, and the next commit still succeeds at its first try, on another.
+/// gone, and so are the pool's, which the services' pools hand out unpinged
+/// within a second of their last use (as this one does: no ping at all).
+/// The next commit still succeeds at its first try, on a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_the_server_closed_the_writers_connection_succeeds() {
     let store = store::fresh(Backend::Postgres).await;
     let sagas = store::new_sagas(&store.pool, 2).await;
-    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let url = store.pool.connect_options().database_url.to_string();
+    let pool = AnyPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect(&url)
+        .await
+        .unwrap();
+    // Connections in the pool besides the writer's.
+    let held: Vec<_> = futures::future::join_all((0..3).map(|_| pool.acquire()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    drop(held);
+    let writer = LogWriter::spawn(pool, None).unwrap();
     writer.commit(step_done(sagas[0])).await.unwrap();
     assert!(store.end_sessions().await >= 1, "no session was ended");
     writer
