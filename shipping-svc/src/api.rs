@@ -12,7 +12,7 @@ use ordersaga_proto::shipping::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once_batched},
+    idempotency::{RequestKey, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -61,16 +61,20 @@ impl ShippingService for ShippingApi {
         });
         let sqlite_new = new.clone();
         let sqlite_not_served = not_served.clone();
-        let reply = run_once_batched(
+        let reply = run_once_batched_claiming(
             &self.store,
             key,
-            async |conn| {
+            async |conn, claim| {
                 if let Some(refusal) = not_served {
                     return Err(refusal);
                 }
-                Ok(PrepareShipmentResponse {
-                    shipment: Some(shipments::prepare(conn, new).await?),
-                })
+                let (shipment, claimed) = shipments::prepare(conn, new, claim).await?;
+                Ok((
+                    PrepareShipmentResponse {
+                        shipment: Some(shipment),
+                    },
+                    claimed,
+                ))
             },
             move |conn| {
                 if let Some(refusal) = sqlite_not_served {

@@ -5,11 +5,15 @@
 //! tombstone that refuses a late prepare.
 
 use ordersaga_proto::shipping::v1::{
-    Address, CancelShipmentResponse, ServiceLevel, Shipment, ShipmentStatus,
+    Address, CancelShipmentResponse, PrepareShipmentResponse, ServiceLevel, Shipment,
+    ShipmentStatus,
 };
 use rusqlite::params;
 use sqlx::{AnyConnection, Row, any::AnyRow};
-use svc_kit::time::now_ms;
+use svc_kit::{
+    idempotency::{Claim, Claimed, stored_reply},
+    time::now_ms,
+};
 use uuid::Uuid;
 
 use crate::error::ShippingError;
@@ -23,9 +27,28 @@ pub struct NewShipment {
     pub item_count: i64,
 }
 
-const INSERT_SHIPMENT: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
-     country, service_level, item_count, created_at_ms, updated_at_ms) \
-     VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING";
+/// The insert of a prepared shipment, parameters `$1` to `$11`: one text
+/// for [`INSERT_SHIPMENT`] and [`PREPARE_CLAIMING`].
+macro_rules! insert_shipment {
+    () => {
+        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+         country, service_level, item_count, created_at_ms, updated_at_ms) \
+         VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING"
+    };
+}
+const INSERT_SHIPMENT: &str = insert_shipment!();
+/// [`INSERT_SHIPMENT`] and the request's claim with its reply in one
+/// statement, on PostgreSQL's shared transaction: the claim only if the
+/// shipment was inserted.
+const PREPARE_CLAIMING: &str = concat!(
+    "WITH shipment AS (",
+    insert_shipment!(),
+    " RETURNING order_id), \
+     claim AS ( \
+       INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+       SELECT $12, $13, $14, $15, 0, $16 FROM shipment ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM shipment) AS inserted, (SELECT COUNT(*) FROM claim) AS claimed"
+);
 const TOMBSTONE: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
      country, service_level, item_count, created_at_ms, updated_at_ms) \
      VALUES ($1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2) ON CONFLICT (order_id) DO NOTHING";
@@ -44,35 +67,70 @@ fn already(order_id: String, shipment_id: String, cancelled: bool) -> ShippingEr
     }
 }
 
+/// Prepares an order's shipment; with a claim (on PostgreSQL's shared
+/// transaction), writes the request's claim with its reply in the same
+/// statement (the reply is known before: it is the row inserted).
 pub async fn prepare(
     conn: &mut AnyConnection,
     new: NewShipment,
-) -> Result<Shipment, ShippingError> {
+    claim: Option<&Claim<'_>>,
+) -> Result<(Shipment, Claimed), ShippingError> {
     let now = now_ms();
     let shipment_id = Uuid::new_v4().to_string();
     let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
-    let inserted = sqlx::query(INSERT_SHIPMENT)
-        .bind(&new.order_id)
-        .bind(&shipment_id)
-        .bind(&tracking_id)
-        .bind(&new.address.recipient)
-        .bind(&new.address.line1)
-        .bind(&new.address.city)
-        .bind(&new.address.postal_code)
-        .bind(&new.address.country)
-        .bind(new.service_level as i32 as i64)
-        .bind(new.item_count)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let item_count = new.item_count;
+    // Built from what is inserted, not read back: a round trip fewer.
+    let shipment = prepared(new, shipment_id, tracking_id, now);
+    let address = shipment
+        .address
+        .as_ref()
+        .expect("a prepared shipment has its address");
+    let claim = claim.filter(|_| conn.backend_name() == "PostgreSQL");
+    let insert = sqlx::query(match claim {
+        Some(_) => PREPARE_CLAIMING,
+        None => INSERT_SHIPMENT,
+    })
+    .bind(&shipment.order_id)
+    .bind(&shipment.shipment_id)
+    .bind(&shipment.tracking_id)
+    .bind(&address.recipient)
+    .bind(&address.line1)
+    .bind(&address.city)
+    .bind(&address.postal_code)
+    .bind(&address.country)
+    .bind(shipment.service_level as i64)
+    .bind(item_count)
+    .bind(now);
+    let (inserted, claimed) = match claim {
+        Some(claim) => {
+            let reply = PrepareShipmentResponse {
+                shipment: Some(shipment.clone()),
+            };
+            let row = insert
+                .bind(claim.request_id)
+                .bind(claim.method)
+                .bind(claim.fingerprint.to_vec())
+                .bind(claim.at_ms)
+                .bind(stored_reply(&reply))
+                .fetch_one(&mut *conn)
+                .await?;
+            let claimed = match row.try_get::<i64, _>("claimed")? {
+                1 => Claimed::Yes,
+                _ => Claimed::Before,
+            };
+            (row.try_get::<i64, _>("inserted")?, claimed)
+        }
+        None => (
+            insert.execute(&mut *conn).await?.rows_affected() as i64,
+            Claimed::No,
+        ),
+    };
     if inserted == 1 {
-        // Built from what was inserted, not read back: a round trip fewer.
-        return Ok(prepared(new, shipment_id, tracking_id, now));
+        return Ok((shipment, claimed));
     }
-    let existing = get(conn, &new.order_id).await?;
+    let existing = get(conn, &shipment.order_id).await?;
     let cancelled = existing.status == ShipmentStatus::Cancelled as i32;
-    Err(already(new.order_id, existing.shipment_id, cancelled))
+    Err(already(shipment.order_id, existing.shipment_id, cancelled))
 }
 
 /// The shipment [`INSERT_SHIPMENT`] just wrote.

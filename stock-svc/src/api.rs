@@ -13,7 +13,7 @@ use ordersaga_proto::stock::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once, run_once_batched},
+    idempotency::{RequestKey, run_once, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -68,10 +68,12 @@ impl StockService for StockApi {
         };
         let key = RequestKey::new("ReserveStock", &req.request_id, &identity);
         let (order_id, sqlite_lines) = (req.order_id.clone(), lines.clone());
-        let reply = run_once_batched(
+        let reply = run_once_batched_claiming(
             &self.store,
             key,
-            async |conn| Ok(reservations::reserve(conn, &req.order_id, lines).await?),
+            async |conn, claim| {
+                Ok(reservations::reserve_claiming(conn, &req.order_id, lines, claim).await?)
+            },
             move |conn| Ok(reservations::reserve_sqlite(conn, &order_id, sqlite_lines)?),
         )
         .await?;

@@ -12,7 +12,10 @@ use ordersaga_proto::stock::v1::{
 };
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row, any::AnyRow};
-use svc_kit::time::now_ms;
+use svc_kit::{
+    idempotency::{Claim, Claimed, stored_reply},
+    time::now_ms,
+};
 use uuid::Uuid;
 
 use crate::error::StockError;
@@ -67,6 +70,30 @@ const TAKE_STOCK_AND_RECORD_LINE: &str = "WITH taken AS ( \
      INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
      SELECT $4, $3, $1, unit_price_cents FROM taken \
      RETURNING unit_price_cents, (SELECT currency FROM taken) AS currency";
+/// A priced one-line order on PostgreSQL's shared transaction, in one
+/// statement: the reservation, the stock taken, the line recorded and the
+/// request's claim with its reply (known beforehand: the caller priced the
+/// line). Each part happens only if the one before it did, and the claim
+/// only at the price the caller expected. What did not happen tells why
+/// (no row inserted: the order has a reservation; no stock taken; a price
+/// that changed); the caller then rolls the statement's writes back.
+const RESERVE_PRICED_LINE_CLAIMING: &str = "WITH reservation AS ( \
+       INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+       VALUES ($1, $2, 'reserved', $3, $4, $5, $5) ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
+     taken AS ( \
+       UPDATE products SET available = available - $6, reserved = reserved + $6, updated_at_ms = $5 \
+       WHERE sku = $7 AND available >= $6 AND EXISTS (SELECT 1 FROM reservation) \
+       RETURNING unit_price_cents, currency), \
+     line AS ( \
+       INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+       SELECT $1, $7, $6, unit_price_cents FROM taken RETURNING 1), \
+     claim AS ( \
+       INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+       SELECT $8, $9, $10, $11, 0, $12 FROM taken WHERE unit_price_cents = $13 AND currency = $4 \
+       ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM reservation) AS inserted, \
+       (SELECT unit_price_cents FROM taken) AS unit_price_cents, (SELECT currency FROM taken) AS currency, \
+       (SELECT COUNT(*) FROM claim) AS claimed";
 const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
 const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -75,6 +102,92 @@ const MARK_RELEASED: &str = "UPDATE reservations SET status = 'released', update
 const RESERVED_LINES: &str =
     "SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku";
 const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserved = reserved - $1, updated_at_ms = $2 WHERE sku = $3";
+
+/// [`reserve`] given the request's claim (on PostgreSQL's shared
+/// transaction): a priced one-line order, the common one, writes the claim
+/// in its one statement; any other goes as [`reserve`] does and leaves the
+/// claim to its caller.
+pub async fn reserve_claiming(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    lines: Vec<Line>,
+    claim: Option<&Claim<'_>>,
+) -> Result<(ReserveStockResponse, Claimed), StockError> {
+    match (claim, lines.as_slice()) {
+        (Some(claim), [line]) if conn.backend_name() == "PostgreSQL" => {
+            if let Some((unit_price_cents, currency)) = line.expected_price.clone() {
+                return reserve_priced_line_claiming(
+                    conn,
+                    order_id,
+                    line,
+                    unit_price_cents,
+                    currency,
+                    claim,
+                )
+                .await;
+            }
+        }
+        _ => {}
+    }
+    Ok((reserve(conn, order_id, lines).await?, Claimed::No))
+}
+
+/// [`RESERVE_PRICED_LINE_CLAIMING`]: the reply is the one [`reserve`] would
+/// give, built before the statement so that the claim can carry it.
+async fn reserve_priced_line_claiming(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    line: &Line,
+    unit_price_cents: i64,
+    currency: String,
+    claim: &Claim<'_>,
+) -> Result<(ReserveStockResponse, Claimed), StockError> {
+    let now = now_ms();
+    let total_cents = unit_price_cents * line.quantity;
+    let reply = ReserveStockResponse {
+        reservation_id: Uuid::new_v4().to_string(),
+        lines: vec![ReservedLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents,
+            currency: currency.clone(),
+        }],
+        total_cents,
+        currency,
+    };
+    let row = sqlx::query(RESERVE_PRICED_LINE_CLAIMING)
+        .bind(order_id)
+        .bind(&reply.reservation_id)
+        .bind(total_cents)
+        .bind(&reply.currency)
+        .bind(now)
+        .bind(line.quantity)
+        .bind(&line.sku)
+        .bind(claim.request_id)
+        .bind(claim.method)
+        .bind(claim.fingerprint.to_vec())
+        .bind(claim.at_ms)
+        .bind(stored_reply(&reply))
+        .bind(unit_price_cents)
+        .fetch_one(&mut *conn)
+        .await?;
+    if row.try_get::<i64, _>("inserted")? == 0 {
+        return Err(existing_reservation(conn, order_id).await?);
+    }
+    let taken = match row.try_get::<Option<i64>, _>("unit_price_cents")? {
+        Some(actual_cents) => Some((actual_cents, row.try_get::<String, _>("currency")?)),
+        None => None,
+    };
+    let Some((actual_cents, actual_currency)) = taken else {
+        return Err(why_not_taken(conn, line).await?);
+    };
+    line.check_price(actual_cents, &actual_currency)?;
+    let claimed = match row.try_get::<i64, _>("claimed")? {
+        1 => Claimed::Yes,
+        _ => Claimed::Before,
+    };
+    Ok((reply, claimed))
+}
 
 /// Reserves every line or none: any refusal returns an error and the caller
 /// rolls the transaction back.
@@ -239,11 +352,16 @@ async fn price_or_why_not(
     if let Some(row) = taken {
         return Ok((row.try_get("unit_price_cents")?, row.try_get("currency")?));
     }
+    Err(why_not_taken(conn, line).await?)
+}
+
+/// Why the stock of `line` could not be taken: read after the fact.
+async fn why_not_taken(conn: &mut AnyConnection, line: &Line) -> Result<StockError, StockError> {
     let available: Option<i64> = sqlx::query_scalar(AVAILABLE)
         .bind(&line.sku)
         .fetch_optional(&mut *conn)
         .await?;
-    Err(not_taken(line, available))
+    Ok(not_taken(line, available))
 }
 
 /// [`take_stock`] and the line's record in one round trip (PostgreSQL).
