@@ -171,42 +171,139 @@ fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
 const SAGA_ADMITTED_PARAMETERS: u32 = 13;
 
 fn build_saga_admitted_sql(admit_sql: &str) -> String {
-    let mut renumbered = String::with_capacity(admit_sql.len() + 16);
-    let mut rest = admit_sql;
+    format!(
+        "WITH {} \
+         SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told",
+        admission_ctes(admit_sql, "")
+    )
+}
+
+/// The common table expressions that admit one new saga (named with
+/// `suffix`): the caller's insert, its parameters renumbered after the
+/// saga's own, then the saga's row, first step record and first events,
+/// and the notice, each only if the one before wrote a row.
+fn admission_ctes(admit_sql: &str, suffix: &str) -> String {
+    let renumbered = renumber(admit_sql, SAGA_ADMITTED_PARAMETERS);
+    format!(
+        "admitted{suffix} AS ({renumbered}), \
+         saga{suffix} AS ( \
+           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
+           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($11::jsonb) \
+           WHERE EXISTS (SELECT 1 FROM admitted{suffix}) RETURNING saga_id), \
+         step{suffix} AS ( \
+           INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
+           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga{suffix}), \
+         events{suffix} AS ( \
+           INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+           SELECT e.event_id, saga{suffix}.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
+           FROM saga{suffix}, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
+             payload text, traceparent text, at_ms bigint) \
+           ORDER BY e.sequence), \
+         told{suffix} AS ( \
+           SELECT pg_notify($12, $13 || chr(10) || saga_id || ' RUNNING')::text FROM saga{suffix} WHERE $13 IS NOT NULL)"
+    )
+}
+
+/// `sql` with every parameter `$n` renumbered `$(n + by)`.
+fn renumber(sql: &str, by: u32) -> String {
+    let mut renumbered = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
     while let Some(at) = rest.find('$') {
         renumbered.push_str(&rest[..=at]);
         rest = &rest[at + 1..];
         let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
         match rest[..digits].parse::<u32>() {
-            Ok(n) => renumbered.push_str(&(n + SAGA_ADMITTED_PARAMETERS).to_string()),
+            Ok(n) => renumbered.push_str(&(n + by).to_string()),
             Err(_) => renumbered.push_str(&rest[..digits]),
         }
         rest = &rest[digits..];
     }
     renumbered.push_str(rest);
-    format!(
-        "WITH admitted AS ({renumbered}), \
-         saga AS ( \
-           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
-           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($11::jsonb) \
-           WHERE EXISTS (SELECT 1 FROM admitted) RETURNING saga_id), \
-         step AS ( \
-           INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
-           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga), \
-         events AS ( \
-           INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
-           SELECT e.event_id, saga.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
-           FROM saga, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
-             payload text, traceparent text, at_ms bigint) \
-           ORDER BY e.sequence), \
-         told AS ( \
-           SELECT pg_notify($12, $13 || chr(10) || saga_id || ' RUNNING')::text FROM saga WHERE $13 IS NOT NULL) \
-         SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told"
-    )
+    renumbered
+}
+
+/// The highest parameter number in `sql` (0 with none).
+fn highest_parameter(sql: &str) -> u32 {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|after| {
+            let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            after[..digits].parse::<u32>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Most new sagas admitted by one statement: its text and its plan grow
+/// with each.
+pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 32;
+
+/// `count` new sagas admitted in one statement, each as
+/// [`saga_admitted_sql`] admits one, its parameters after the previous
+/// one's; one column per saga (`admitted_0`, …: 1 if admitted). Built once
+/// per caller's statement and count.
+fn sagas_admitted_sql(admit_sql: &'static str, count: usize) -> &'static str {
+    static BUILT: LazyLock<Mutex<HashMap<(&'static str, usize), &'static str>>> =
+        LazyLock::new(Mutex::default);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    built
+        .entry((admit_sql, count))
+        .or_insert_with(|| Box::leak(build_sagas_admitted_sql(admit_sql, count).into_boxed_str()))
+}
+
+fn build_sagas_admitted_sql(admit_sql: &str, count: usize) -> String {
+    let each = SAGA_ADMITTED_PARAMETERS + highest_parameter(admit_sql);
+    let ctes: Vec<String> = (0..count)
+        .map(|i| {
+            renumber(
+                &admission_ctes(admit_sql, &format!("_{i}")),
+                i as u32 * each,
+            )
+        })
+        .collect();
+    let columns: Vec<String> = (0..count)
+        .map(|i| format!("(SELECT COUNT(*) FROM saga_{i}) AS admitted_{i}"))
+        .collect();
+    format!("WITH {} SELECT {}", ctes.join(", "), columns.join(", "))
 }
 
 #[cfg(test)]
 mod saga_admitted_sql_tests {
+    #[test]
+    fn each_saga_a_statement_admits_has_its_own_parameters_after_the_ones_before() {
+        let sql = super::build_sagas_admitted_sql(
+            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO NOTHING RETURNING 1",
+            2,
+        );
+        // Each saga takes its thirteen and the caller's two: 15.
+        assert!(
+            sql.starts_with(
+                "WITH admitted_0 AS (INSERT INTO t (a, b) VALUES ($14, $15) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "admitted_1 AS (INSERT INTO t (a, b) VALUES ($29, $30) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("SELECT $16, $17, $18, 'RUNNING', 0, $19, $20, $20, $21, $22, 1, jsonb_array_length($26::jsonb)"), "{sql}");
+        assert!(
+            sql.contains("WHERE EXISTS (SELECT 1 FROM admitted_1) RETURNING saga_id"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with(
+                "SELECT (SELECT COUNT(*) FROM saga_0) AS admitted_0, (SELECT COUNT(*) FROM saga_1) AS admitted_1"
+            ),
+            "{sql}"
+        );
+        assert!(!sql.contains("$31"), "{sql}");
+    }
+
     #[test]
     fn the_callers_parameters_are_numbered_after_the_sagas_thirteen() {
         let sql = super::build_saga_admitted_sql(
@@ -284,6 +381,44 @@ pub(crate) async fn insert_saga_admitted(
         1 => Admission::Admit,
         _ => Admission::Refuse,
     })
+}
+
+/// A new saga to admit with [`insert_sagas_admitted`]: as
+/// [`insert_saga_admitted`] takes one.
+pub(crate) struct ToAdmit<'a> {
+    pub saga: &'a NewSaga,
+    pub events: &'a [NewEvent],
+    pub admit: &'a dyn crate::Admit,
+}
+
+/// Several new sagas, each recorded as [`insert_saga_admitted`] records one
+/// (without its notice: a batch tells the other replicas at its end), in
+/// one statement: one round trip for a batch's new sagas instead of one
+/// each. All of them share the caller's statement `admit_sql`. Two with one
+/// key (the same `request_id`): one is refused, as if they came one after
+/// the other.
+pub(crate) async fn insert_sagas_admitted(
+    conn: &mut AnyConnection,
+    admit_sql: &'static str,
+    sagas: &[ToAdmit<'_>],
+) -> Result<Vec<Admission>, sqlx::Error> {
+    let mut query = sqlx::query(sagas_admitted_sql(admit_sql, sagas.len()));
+    for one in sagas {
+        query = bind_new_saga(query, one.saga)
+            .bind(events::numbered_from_one(one.events, now_ms()))
+            .bind(crate::notifications::CHANGES)
+            .bind(None::<String>);
+        query = one.admit.bind_insert(query);
+    }
+    let row = query.fetch_one(&mut *conn).await?;
+    (0..sagas.len())
+        .map(|i| {
+            Ok(match row.try_get::<i64, _>(i)? {
+                1 => Admission::Admit,
+                _ => Admission::Refuse,
+            })
+        })
+        .collect()
 }
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so

@@ -24,8 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    Applied, CancelOutcome, Checkpoint, MARK_SENT, NewSaga, PRUNE_SENT, Reopen, ReopenOutcome,
-    SagaStatus, apply, insert_saga, insert_saga_admitted,
+    Applied, CancelOutcome, Checkpoint, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga, PRUNE_SENT,
+    Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply, insert_saga, insert_saga_admitted,
+    insert_sagas_admitted,
     kept::{Kept, is_postgres, on_kept},
     postgres, reopen, request_cancel,
     sqlite::SqliteLog,
@@ -411,6 +412,9 @@ async fn commit_on(
             batched[*i] = Some(Written::Checkpoint(applied));
         }
     }
+    if postgres && !alone {
+        admit_together(&mut tx, writes, &mut batched).await?;
+    }
     let mut results = Vec::with_capacity(writes.len());
     let mut savepoint = Savepoint::None;
     for (write, batched) in writes.iter().zip(batched) {
@@ -472,6 +476,56 @@ async fn commit_on(
     }
     tx.commit().await?;
     Ok(results)
+}
+
+/// On PostgreSQL, the new sagas of a batch that each admit in one statement
+/// (see [`events_in_admission`]) are admitted together, up to
+/// [`MOST_ADMITTED_AT_ONCE`] per statement: one round trip instead of one
+/// each. Their answers go into `batched`.
+async fn admit_together(
+    conn: &mut AnyConnection,
+    writes: &[Write],
+    batched: &mut [Option<Written>],
+) -> Result<(), sqlx::Error> {
+    let mut by_statement: Vec<(&'static str, Vec<usize>)> = vec![];
+    for (i, write) in writes.iter().enumerate() {
+        let Write::Start(start) = write else {
+            continue;
+        };
+        let Some(sql) = start.admit.insert_sql() else {
+            continue;
+        };
+        if !events_in_admission(start, true) {
+            continue;
+        }
+        match by_statement.iter_mut().find(|(other, _)| *other == sql) {
+            Some((_, same)) => same.push(i),
+            None => by_statement.push((sql, vec![i])),
+        }
+    }
+    for (sql, starts) in by_statement {
+        if starts.len() < 2 {
+            continue;
+        }
+        for chunk in starts.chunks(MOST_ADMITTED_AT_ONCE) {
+            let sagas: Vec<ToAdmit<'_>> = chunk
+                .iter()
+                .map(|&i| match &writes[i] {
+                    Write::Start(start) => ToAdmit {
+                        saga: &start.saga,
+                        events: &start.events,
+                        admit: &*start.admit,
+                    },
+                    _ => unreachable!("only starts were chosen"),
+                })
+                .collect();
+            let admissions = insert_sagas_admitted(conn, sql, &sagas).await?;
+            for (&i, admission) in chunk.iter().zip(admissions) {
+                batched[i] = Some(Written::Start(admission));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What the other replicas must hear of: each saga a write changed.
