@@ -6,20 +6,20 @@
 //! cost two round trips besides its own statements. A kept connection is
 //! used without a ping. If the server closed it meanwhile (a restart, an
 //! administrator), its first statement fails at once and the work is made
-//! again on a connection from the pool. One idle for longer than
-//! [`KEEP_IDLE_FOR`] goes back to the pool, which pings it.
-//!
-//! Only work that may be made twice goes through here: a read, or a log
-//! write (a write whose outcome is unknown is written again anyway, and
-//! the log takes a write it already holds).
+//! again on a connection that answers a ping ([`Kept::again`]): a read
+//! always, a log write only if it failed before anything that can write was
+//! sent (see `writer::commit_kept`). One kept for longer than
+//! [`KEEP_IDLE_FOR`] goes back to the pool when it is next taken (the pool
+//! pings it), and a pool keeps at most a quarter of its connections out.
 
 use std::{sync::Mutex, time::Duration};
 
-/// `$work`, an expression awaited with `$conn` bound to a
-/// `&mut AnyConnection`, on a connection of `$kept` (a [`Kept`]), and once
-/// more if that connection turned out closed: the steps of [`Kept::take`],
+/// `$work`, a read awaited with `$conn` bound to a `&mut AnyConnection`,
+/// on a connection of `$kept` (a [`Kept`]), and once more if that
+/// connection turned out closed: the steps of [`Kept::take`],
 /// [`Kept::again`] and [`Kept::give_back`] in one place. Evaluates to the
-/// work's `Result<_, sqlx::Error>`.
+/// work's `Result<_, sqlx::Error>`. (Not for writes: see
+/// `writer::commit_kept`.)
 macro_rules! on_kept {
     ($kept:expr, |$conn:ident| $work:expr) => {
         async {
@@ -64,7 +64,14 @@ pub(crate) struct Kept {
 
 impl Kept {
     pub(crate) fn new(pool: AnyPool, most: usize) -> Self {
-        let most = if is_postgres(&pool) { most } else { 0 };
+        // Kept from the others, a pool's last connections could leave
+        // nothing for them: a quarter at most.
+        let room = pool.options().get_max_connections() as usize / 4;
+        let most = if is_postgres(&pool) {
+            most.min(room)
+        } else {
+            0
+        };
         Kept {
             pool,
             most,

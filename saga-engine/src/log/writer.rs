@@ -27,7 +27,7 @@ use super::{
     Applied, CancelOutcome, Checkpoint, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga, PRUNE_SENT,
     Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply, insert_saga, insert_saga_admitted,
     insert_sagas_admitted,
-    kept::{Kept, is_postgres, on_kept},
+    kept::{Kept, is_postgres},
     postgres, reopen, request_cancel,
     sqlite::SqliteLog,
 };
@@ -338,7 +338,13 @@ impl Backend {
     }
 }
 
-/// [`commit_on`] on the writer's kept connection (see [`Kept`]).
+/// [`commit_on`] on the writer's kept connection (see [`Kept`]). Made
+/// again on another connection only if it failed before anything that can
+/// write was sent (at its `BEGIN`): a statement that went through may have
+/// committed before its connection was lost (a lone write's one statement,
+/// a `COMMIT`), and a write made again after it did could be answered
+/// otherwise (a new saga refused by its own row). Such a failure goes to
+/// the writes' callers, as any commit of unknown outcome does.
 async fn commit_kept(
     pool: &AnyPool,
     kept: &Kept,
@@ -346,7 +352,14 @@ async fn commit_kept(
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let postgres = is_postgres(pool);
-    on_kept!(kept, |conn| commit_on(conn, postgres, writes, notify_as)).await
+    let mut taken = kept.take().await?;
+    let mut sent = false;
+    let mut result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
+    if !sent && kept.again(&mut taken, &result).await? {
+        result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
+    }
+    kept.give_back(taken, result.is_ok());
+    result
 }
 
 /// [`commit_on`] on a connection of the pool's.
@@ -356,32 +369,37 @@ async fn commit_on_pool(
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    commit_on(&mut conn, is_postgres(pool), writes, notify_as).await
+    commit_on(&mut conn, is_postgres(pool), writes, notify_as, &mut false).await
 }
 
 /// On PostgreSQL, a batch of checkpoints (each saga once) is applied in one
-/// statement, and sent events are marked in one.
+/// statement, and sent events are marked in one. `sent` is set once
+/// anything that can write was sent.
 async fn commit_on(
     conn: &mut AnyConnection,
     postgres: bool,
     writes: &[Write],
     notify_as: Option<Uuid>,
+    sent: &mut bool,
 ) -> Result<Vec<Written>, sqlx::Error> {
     // A write alone that is one statement commits as one, with no
     // transaction around it: `BEGIN`, `pg_notify` and `COMMIT` were three
     // round trips more on the path of a saga that runs alone.
     match writes {
         [Write::Checkpoint(checkpoint)] if postgres && postgres::fits_alone(checkpoint) => {
+            *sent = true;
             let applied = postgres::apply_alone(conn, checkpoint, notify_as).await?;
             return Ok(vec![Written::Checkpoint(applied)]);
         }
         [Write::Start(start)] if events_in_admission(start, postgres) => {
+            *sent = true;
             let admission = admit_start(conn, start, postgres, notify_as).await?;
             return Ok(vec![Written::Start(admission)]);
         }
         _ => {}
     }
     let mut tx = conn.begin().await?;
+    *sent = true;
     let alone = writes.len() == 1;
     let mut batched: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
     let checkpoints: Vec<(usize, &Checkpoint)> = writes

@@ -3,13 +3,17 @@
 //! given back, two round trips per commit), and replaced when the server
 //! closed it meanwhile.
 
-use saga_engine::log::{self, Checkpoint, LogWriter, SagaState, SagaStatus};
+use saga_engine::{
+    events::NewEvent,
+    log::{self, Checkpoint, LogWriter, SagaState, SagaStatus},
+};
 use sqlx::any::AnyPoolOptions;
 use uuid::Uuid;
 
 use crate::store::{self, Backend};
 
-/// Moves `saga` to step 1.
+/// Moves `saga` to step 1, with an event: a checkpoint that commits in a
+/// transaction of its own (`BEGIN` first), even alone.
 fn step_done(saga: Uuid) -> Checkpoint {
     Checkpoint {
         saga_id: saga,
@@ -22,7 +26,13 @@ fn step_done(saga: Uuid) -> Checkpoint {
         }),
         enter_pivot: false,
         complete: false,
-        events: vec![],
+        events: vec![NewEvent {
+            aggregate_id: saga,
+            key: "step-done".into(),
+            event_type: "test.step-done".into(),
+            data: serde_json::Map::new(),
+            traceparent: String::new(),
+        }],
     }
 }
 
@@ -30,7 +40,10 @@ fn step_done(saga: Uuid) -> Checkpoint {
 /// failover would) between two commits: the writer's kept connection is
 /// gone, and so are the pool's, which the services' pools hand out unpinged
 /// within a second of their last use (as this one does: no ping at all).
-/// The next commit still succeeds at its first try, on a new connection.
+/// The next commit fails at its `BEGIN`, before anything was written, so it
+/// is made again, and succeeds at its first try, on a new connection. (A
+/// write that is one statement alone is not made again: it may have
+/// committed before the connection was lost. Its caller hears the error.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_the_server_closed_the_writers_connection_succeeds() {
     let store = store::fresh(Backend::Postgres).await;
