@@ -11,7 +11,7 @@ use ordersaga_proto::shipping::v1::{
 use rusqlite::params;
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::{
-    idempotency::{Claim, Claimed, stored_reply},
+    idempotency::{Claim, Claimed},
     time::now_ms,
 };
 use uuid::Uuid;
@@ -106,14 +106,7 @@ pub async fn prepare(
             let reply = PrepareShipmentResponse {
                 shipment: Some(shipment.clone()),
             };
-            let row = insert
-                .bind(claim.request_id)
-                .bind(claim.method)
-                .bind(claim.fingerprint.to_vec())
-                .bind(claim.at_ms)
-                .bind(stored_reply(&reply))
-                .fetch_one(&mut *conn)
-                .await?;
+            let row = claim.bind(insert, &reply).fetch_one(&mut *conn).await?;
             let claimed = match row.try_get::<i64, _>("claimed")? {
                 1 => Claimed::Yes,
                 _ => Claimed::Before,

@@ -13,7 +13,7 @@ use ordersaga_proto::stock::v1::{
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::{
-    idempotency::{Claim, Claimed, stored_reply},
+    idempotency::{Claim, Claimed},
     time::now_ms,
 };
 use uuid::Uuid;
@@ -155,19 +155,16 @@ async fn reserve_priced_line_claiming(
         total_cents,
         currency,
     };
-    let row = sqlx::query(RESERVE_PRICED_LINE_CLAIMING)
+    let query = sqlx::query(RESERVE_PRICED_LINE_CLAIMING)
         .bind(order_id)
         .bind(&reply.reservation_id)
         .bind(total_cents)
         .bind(&reply.currency)
         .bind(now)
         .bind(line.quantity)
-        .bind(&line.sku)
-        .bind(claim.request_id)
-        .bind(claim.method)
-        .bind(claim.fingerprint.to_vec())
-        .bind(claim.at_ms)
-        .bind(stored_reply(&reply))
+        .bind(&line.sku);
+    let row = claim
+        .bind(query, &reply)
         .bind(unit_price_cents)
         .fetch_one(&mut *conn)
         .await?;

@@ -79,16 +79,28 @@ impl<'a> RequestKey<'a> {
 /// [`run_once_batched_claiming`]): one round trip fewer per request. The
 /// row is the `idempotency` table's, as [`CLAIM_WITH_REPLY`] writes it.
 pub struct Claim<'a> {
-    pub request_id: &'a str,
-    pub method: &'static str,
-    pub fingerprint: &'a [u8],
-    pub at_ms: i64,
+    request_id: &'a str,
+    method: &'static str,
+    fingerprint: &'a [u8],
+    at_ms: i64,
 }
 
-/// The bytes a claim stores as its `reply`: what an effect that writes its
-/// [`Claim`] binds.
-pub fn stored_reply(reply: &impl Message) -> Vec<u8> {
-    reply.encode_to_vec()
+impl Claim<'_> {
+    /// Binds the claim's row with `reply`, five parameters after those
+    /// bound before: `request_id, method, fingerprint, created_at_ms,
+    /// reply`, the columns of [`CLAIM_WITH_REPLY`] but its status (0).
+    pub fn bind<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        reply: &impl Message,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        query
+            .bind(self.request_id.to_owned())
+            .bind(self.method)
+            .bind(self.fingerprint.to_vec())
+            .bind(self.at_ms)
+            .bind(reply.encode_to_vec())
+    }
 }
 
 /// What an effect given a [`Claim`] did with it.
