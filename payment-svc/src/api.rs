@@ -10,7 +10,7 @@ use ordersaga_proto::payment::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once, run_once_batched},
+    idempotency::{Refusal, RequestKey, run_once, run_once_batched},
     store::Store,
     validate,
 };
@@ -50,7 +50,10 @@ impl PaymentService for PaymentApi {
         let reply = run_once_batched(
             &self.store,
             key,
-            async |conn| Ok(charges::charge(conn, new).await?),
+            // On PostgreSQL a charge is one statement that writes all or
+            // nothing ([`charges::charge`]).
+            Refusal::WritesNothing,
+            async |conn| Ok(charges::charge(conn, new.clone()).await?),
             move |conn| Ok(charges::charge_sqlite(conn, sqlite_new)?),
         )
         .await?;
@@ -75,6 +78,7 @@ impl PaymentService for PaymentApi {
         let reply = run_once_batched(
             &self.store,
             key,
+            Refusal::MayWrite,
             async |conn| Ok(charges::refund(conn, &req.order_id).await?),
             move |conn| Ok(charges::refund_sqlite(conn, &order_id)?),
         )

@@ -28,15 +28,23 @@ const INSERT_CHARGE: &str = "INSERT INTO charges (order_id, payment_id, customer
 const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, updated_at_ms = $2 \
      WHERE customer_id = $3 AND currency = $4 AND balance_cents >= $1 RETURNING balance_cents";
 /// [`INSERT_CHARGE`] and [`DEBIT`] as one statement, for PostgreSQL (SQLite
-/// has no data-modifying `WITH`): the debit happens only if the charge was
-/// inserted, and a row comes back only if both happened. Otherwise the
-/// charge, if inserted, is rolled back with the refusal.
-const CHARGE_AND_DEBIT: &str = "WITH charge AS ( \
+/// has no data-modifying `WITH`). It writes both or nothing, so a refusal
+/// needs no savepoint to take back: the debit happens only with the funds
+/// there and no charge of the order yet, and the charge only with the
+/// debit. The debit's row comes back only if it happened.
+///
+/// The charge's insert fails only in a race with another connection: the
+/// order's charge inserted and committed by a second process meanwhile.
+/// The debit happened then, and the caller undoes it.
+const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
+       UPDATE accounts SET balance_cents = balance_cents - $4, updated_at_ms = $6 \
+       WHERE customer_id = $3 AND currency = $5 AND balance_cents >= $4 \
+         AND NOT EXISTS (SELECT 1 FROM charges WHERE order_id = $1) \
+       RETURNING balance_cents), \
+     charge AS ( \
        INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
-       VALUES ($1, $2, $3, $4, $5, 'charged', $6, $6) ON CONFLICT (order_id) DO NOTHING RETURNING order_id) \
-     UPDATE accounts SET balance_cents = balance_cents - $4, updated_at_ms = $6 \
-     WHERE customer_id = $3 AND currency = $5 AND balance_cents >= $4 AND EXISTS (SELECT 1 FROM charge) \
-     RETURNING balance_cents";
+       SELECT $1, $2, $3, $4, $5, 'charged', $6, $6 FROM debit ON CONFLICT (order_id) DO NOTHING RETURNING 1) \
+     SELECT (SELECT balance_cents FROM debit) AS balance_cents, (SELECT COUNT(*) FROM charge) AS inserted";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
@@ -93,34 +101,37 @@ async fn charge_in_one_statement(
     payment_id: String,
     now: i64,
 ) -> Result<ChargeResponse, PaymentError> {
-    let balance: Option<i64> = sqlx::query_scalar(CHARGE_AND_DEBIT)
+    let row = sqlx::query(CHARGE_AND_DEBIT)
         .bind(&new.order_id)
         .bind(&payment_id)
         .bind(&new.customer_id)
         .bind(new.amount_cents)
         .bind(&new.currency)
         .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if let Some(balance_cents) = balance {
-        return Ok(ChargeResponse {
-            payment_id,
-            amount_cents: new.amount_cents,
-            currency: new.currency,
-            balance_cents,
-        });
-    }
-    // The order's charge is this one (the debit was refused) or an earlier
-    // one (the order was charged or refunded before).
-    let row = sqlx::query(EXISTING_CHARGE)
-        .bind(&new.order_id)
         .fetch_one(&mut *conn)
         .await?;
-    let existing: String = row.try_get("payment_id")?;
-    if existing == payment_id {
-        return Err(why_not_debited(conn, &new).await?);
+    let Some(balance_cents) = row.try_get::<Option<i64>, _>("balance_cents")? else {
+        // Nothing was written: the order was charged or refunded before,
+        // or the account could not pay.
+        return Err(match existing_charge_if_any(conn, &new.order_id).await? {
+            Some(already) => already,
+            None => why_not_debited(conn, &new).await?,
+        });
+    };
+    if row.try_get::<i64, _>("inserted")? == 0 {
+        return Err(PaymentError::Kit(svc_kit::Error::StoreUnavailable(
+            format!(
+                "order {} was charged by another connection meanwhile; try again",
+                new.order_id
+            ),
+        )));
     }
-    Err(already(&new.order_id, existing, row.try_get("status")?))
+    Ok(ChargeResponse {
+        payment_id,
+        amount_cents: new.amount_cents,
+        currency: new.currency,
+        balance_cents,
+    })
 }
 
 async fn why_not_debited(
@@ -163,15 +174,29 @@ async fn existing_charge(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<PaymentError, PaymentError> {
-    let row = sqlx::query(EXISTING_CHARGE)
+    existing_charge_if_any(conn, order_id)
+        .await?
+        .ok_or_else(|| svc_kit::Error::Internal(format!("order {order_id} has no charge")).into())
+}
+
+/// Why a charge of `order_id` is refused, if the order has a charge (or
+/// a refund's tombstone).
+async fn existing_charge_if_any(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<PaymentError>, PaymentError> {
+    let Some(row) = sqlx::query(EXISTING_CHARGE)
         .bind(order_id)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(already(
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(already(
         order_id,
         row.try_get("payment_id")?,
         row.try_get("status")?,
-    ))
+    )))
 }
 
 /// Why a second charge of an order is refused.

@@ -12,7 +12,7 @@ use ordersaga_proto::shipping::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once_batched, run_once_batched_claiming},
+    idempotency::{Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -64,11 +64,14 @@ impl ShippingService for ShippingApi {
         let reply = run_once_batched_claiming(
             &self.store,
             key,
+            // A country not served writes nothing, and neither does a
+            // prepare refused: its one statement wrote nothing.
+            Refusal::WritesNothing,
             async |conn, claim| {
-                if let Some(refusal) = not_served {
-                    return Err(refusal);
+                if let Some(refusal) = &not_served {
+                    return Err(refusal.clone());
                 }
-                let (shipment, claimed) = shipments::prepare(conn, new, claim).await?;
+                let (shipment, claimed) = shipments::prepare(conn, new.clone(), claim).await?;
                 Ok((
                     PrepareShipmentResponse {
                         shipment: Some(shipment),
@@ -107,6 +110,7 @@ impl ShippingService for ShippingApi {
         let reply = run_once_batched(
             &self.store,
             key,
+            Refusal::MayWrite,
             async |conn| Ok(shipments::cancel(conn, &req.order_id).await?),
             move |conn| Ok(shipments::cancel_sqlite(conn, &order_id)?),
         )

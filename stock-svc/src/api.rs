@@ -13,7 +13,7 @@ use ordersaga_proto::stock::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{RequestKey, run_once, run_once_batched, run_once_batched_claiming},
+    idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -71,7 +71,9 @@ impl StockService for StockApi {
         let reply = run_once_batched_claiming(
             &self.store,
             key,
+            reservations::refusal(&lines),
             async |conn, claim| {
+                let lines = lines.clone();
                 Ok(reservations::reserve_claiming(conn, &req.order_id, lines, claim).await?)
             },
             move |conn| Ok(reservations::reserve_sqlite(conn, &order_id, sqlite_lines)?),
@@ -98,6 +100,7 @@ impl StockService for StockApi {
         let reply = run_once_batched(
             &self.store,
             key,
+            Refusal::MayWrite,
             async |conn| Ok(reservations::release(conn, &req.order_id).await?),
             move |conn| Ok(reservations::release_sqlite(conn, &order_id)?),
         )

@@ -13,7 +13,7 @@ use ordersaga_proto::stock::v1::{
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::{
-    idempotency::{Claim, Claimed},
+    idempotency::{Claim, Claimed, Refusal},
     time::now_ms,
 };
 use uuid::Uuid;
@@ -71,29 +71,38 @@ const TAKE_STOCK_AND_RECORD_LINE: &str = "WITH taken AS ( \
      SELECT $4, $3, $1, unit_price_cents FROM taken \
      RETURNING unit_price_cents, (SELECT currency FROM taken) AS currency";
 /// A priced one-line order on PostgreSQL's shared transaction, in one
-/// statement: the reservation, the stock taken, the line recorded and the
+/// statement: the stock taken, the reservation, the line recorded and the
 /// request's claim with its reply (known beforehand: the caller priced the
-/// line). Each part happens only if the one before it did, and the claim
-/// only at the price the caller expected. What did not happen tells why
-/// (no row inserted: the order has a reservation; no stock taken; a price
-/// that changed); the caller then rolls the statement's writes back.
-const RESERVE_PRICED_LINE_CLAIMING: &str = "WITH reservation AS ( \
-       INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-       VALUES ($1, $2, 'reserved', $3, $4, $5, $5) ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
-     taken AS ( \
+/// line). It writes all of them or nothing, so a refusal needs no savepoint
+/// to take back: the stock is taken only at the expected price, with
+/// enough available and no reservation of the order yet, and every part
+/// after it happens only if the one before it did. Then it reads (as they
+/// stood before it) what may have stood in the way, for the refusal.
+///
+/// A part after the stock taken fails only in a race with another
+/// connection: the order's reservation inserted and committed by a second
+/// process meanwhile. The stock was taken then, and the caller undoes it.
+const RESERVE_PRICED_LINE_CLAIMING: &str = "WITH taken AS ( \
        UPDATE products SET available = available - $6, reserved = reserved + $6, updated_at_ms = $5 \
-       WHERE sku = $7 AND available >= $6 AND EXISTS (SELECT 1 FROM reservation) \
-       RETURNING unit_price_cents, currency), \
+       WHERE sku = $7 AND available >= $6 AND unit_price_cents = $13 AND currency = $4 \
+         AND NOT EXISTS (SELECT 1 FROM reservations WHERE order_id = $1) \
+       RETURNING 1), \
+     reservation AS ( \
+       INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+       SELECT $1, $2, 'reserved', $3, $4, $5, $5 FROM taken ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
      line AS ( \
        INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
-       SELECT $1, $7, $6, unit_price_cents FROM taken RETURNING 1), \
+       SELECT order_id, $7, $6, $13 FROM reservation RETURNING 1), \
      claim AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
-       SELECT $8, $9, $10, $11, 0, $12 FROM taken WHERE unit_price_cents = $13 AND currency = $4 \
-       ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
-     SELECT (SELECT COUNT(*) FROM reservation) AS inserted, \
-       (SELECT unit_price_cents FROM taken) AS unit_price_cents, (SELECT currency FROM taken) AS currency, \
-       (SELECT COUNT(*) FROM claim) AS claimed";
+       SELECT $8, $9, $10, $11, 0, $12 FROM reservation ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM taken) AS taken, (SELECT COUNT(*) FROM reservation) AS inserted, \
+       (SELECT COUNT(*) FROM claim) AS claimed, \
+       (SELECT reservation_id FROM reservations WHERE order_id = $1) AS existing_id, \
+       (SELECT status FROM reservations WHERE order_id = $1) AS existing_status, \
+       (SELECT available FROM products WHERE sku = $7) AS available, \
+       (SELECT unit_price_cents FROM products WHERE sku = $7) AS unit_price_cents, \
+       (SELECT currency FROM products WHERE sku = $7) AS currency";
 const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
 const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
@@ -102,6 +111,16 @@ const MARK_RELEASED: &str = "UPDATE reservations SET status = 'released', update
 const RESERVED_LINES: &str =
     "SELECT sku, quantity FROM reservation_lines WHERE order_id = $1 ORDER BY sku";
 const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserved = reserved - $1, updated_at_ms = $2 WHERE sku = $3";
+
+/// What [`reserve_claiming`] leaves behind when it refuses on the shared
+/// transaction: a priced one-line order goes as one statement that writes
+/// all or nothing; any other may have written some of its lines.
+pub fn refusal(lines: &[Line]) -> Refusal {
+    match lines {
+        [line] if line.expected_price.is_some() => Refusal::WritesNothing,
+        _ => Refusal::MayWrite,
+    }
+}
 
 /// [`reserve`] given the request's claim (on PostgreSQL's shared
 /// transaction): a priced one-line order, the common one, writes the claim
@@ -168,22 +187,41 @@ async fn reserve_priced_line_claiming(
         .bind(unit_price_cents)
         .fetch_one(&mut *conn)
         .await?;
-    if row.try_get::<i64, _>("inserted")? == 0 {
-        return Err(existing_reservation(conn, order_id).await?);
+    if row.try_get::<i64, _>("taken")? == 0 {
+        // Nothing was written: say what stood in the way.
+        return Err(why_not_reserved(order_id, line, &row)?);
     }
-    let taken = match row.try_get::<Option<i64>, _>("unit_price_cents")? {
-        Some(actual_cents) => Some((actual_cents, row.try_get::<String, _>("currency")?)),
-        None => None,
-    };
-    let Some((actual_cents, actual_currency)) = taken else {
-        return Err(why_not_taken(conn, line).await?);
-    };
-    line.check_price(actual_cents, &actual_currency)?;
+    if row.try_get::<i64, _>("inserted")? == 0 {
+        return Err(StockError::Kit(svc_kit::Error::StoreUnavailable(format!(
+            "order {order_id} was reserved by another connection meanwhile; try again"
+        ))));
+    }
     let claimed = match row.try_get::<i64, _>("claimed")? {
         1 => Claimed::Yes,
         _ => Claimed::Before,
     };
     Ok((reply, claimed))
+}
+
+/// Why [`RESERVE_PRICED_LINE_CLAIMING`] took no stock, from what it read:
+/// the order's reservation (or tombstone), then the stock, then the price.
+fn why_not_reserved(order_id: &str, line: &Line, row: &AnyRow) -> Result<StockError, StockError> {
+    if let Some(status) = row.try_get::<Option<String>, _>("existing_status")? {
+        return Ok(already(order_id, row.try_get("existing_id")?, &status));
+    }
+    let available = row.try_get::<Option<i64>, _>("available")?;
+    if available.is_none_or(|available| available < line.quantity) {
+        return Ok(not_taken(line, available));
+    }
+    let unit_price_cents = row.try_get::<i64, _>("unit_price_cents")?;
+    let currency = row.try_get::<String, _>("currency")?;
+    line.check_price(unit_price_cents, &currency)?;
+    // All was as needed when read: the product changed between the two
+    // (another connection wrote it). Nothing was written; a retry decides.
+    Ok(StockError::Kit(svc_kit::Error::StoreUnavailable(format!(
+        "sku {:?} changed while order {order_id} was reserved; try again",
+        line.sku
+    ))))
 }
 
 /// Reserves every line or none: any refusal returns an error and the caller

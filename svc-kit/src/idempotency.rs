@@ -15,10 +15,11 @@
 //! On PostgreSQL's shared transaction (the saga's steps) the order is the
 //! other way round: the effect first, then the claim written together with
 //! the reply, in one statement instead of two. A request seen before is
-//! then told by the claim's conflict, and its effect is rolled back to its
-//! savepoint. When the effect refused or failed instead (a repeat's effect
-//! may, because its first's rows are there), the stored answer is looked
-//! up before the refusal or failure is: a repeat always gets its first's.
+//! then told by the claim's conflict, and its effect is taken back (see
+//! [`crate::shared_transaction::Guard`]). When the effect refused or failed
+//! instead (a repeat's effect may, because its first's rows are there), the
+//! stored answer is looked up before the refusal or failure is: a repeat
+//! always gets its first's.
 //! Every request in the shared transaction takes its turn, so a repeat can
 //! never run beside its first; a repeat on another connection (a second
 //! service process) meets the first's effect on the effect's own key (the
@@ -40,7 +41,7 @@ use crate::{
     Error,
     batch_writer::Outcome,
     error::DEFINITE_REFUSALS,
-    shared_transaction::{SharedTransaction, TurnResult},
+    shared_transaction::{Guard, SharedTransaction, TurnResult},
     store::Store,
     time::now_ms,
 };
@@ -114,6 +115,21 @@ pub enum Claimed {
     Before,
 }
 
+/// What an effect on the shared transaction leaves behind when it refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A definite refusal (see [`DEFINITE_REFUSALS`]) wrote nothing: the
+    /// effect checks before it writes, or writes in one statement that
+    /// writes all of its parts or none. Its turn then needs no savepoint:
+    /// a round trip and a subtransaction fewer per request. Any other
+    /// failure is taken back by rolling back its batch, whose other
+    /// requests run again.
+    WritesNothing,
+    /// It may have written before it refused: its turn runs inside a
+    /// savepoint.
+    MayWrite,
+}
+
 /// Runs `effect` once for `key`: inside one transaction with the claim, or not
 /// at all when the key was seen before (then the stored reply is returned).
 ///
@@ -136,11 +152,15 @@ where
 
 /// [`run_once`] for a hot path: `effect` on the shared transaction on
 /// PostgreSQL (through the pool without one), `sqlite_effect` on the batch
-/// writer on a SQLite file. The two must do the same thing.
+/// writer on a SQLite file. The two must do the same thing. `effect` may
+/// run more than once on the shared transaction, a clone of it each time
+/// (see [`crate::shared_transaction::Guard`]); only the run that commits
+/// counts.
 pub async fn run_once_batched<Resp>(
     store: &Store,
     key: RequestKey<'_>,
-    effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
+    refusal: Refusal,
+    effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status> + Clone,
     sqlite_effect: impl FnOnce(&rusqlite::Connection) -> Result<Resp, Status> + Send + 'static,
 ) -> Result<Resp, Status>
 where
@@ -149,7 +169,8 @@ where
     run_once_batched_claiming(
         store,
         key,
-        async |conn, _| Ok((effect(conn).await?, Claimed::No)),
+        refusal,
+        async move |conn, _| Ok((effect(conn).await?, Claimed::No)),
         sqlite_effect,
     )
     .await
@@ -162,14 +183,16 @@ where
 pub async fn run_once_batched_claiming<Resp>(
     store: &Store,
     key: RequestKey<'_>,
-    effect: impl AsyncFnOnce(&mut AnyConnection, Option<&Claim<'_>>) -> Result<(Resp, Claimed), Status>,
+    refusal: Refusal,
+    effect: impl AsyncFnOnce(&mut AnyConnection, Option<&Claim<'_>>) -> Result<(Resp, Claimed), Status>
+    + Clone,
     sqlite_effect: impl FnOnce(&rusqlite::Connection) -> Result<Resp, Status> + Send + 'static,
 ) -> Result<Resp, Status>
 where
     Resp: Message + Default + Send + 'static,
 {
     if let Some(shared) = &store.shared {
-        return run_on_shared(shared, key, effect).await;
+        return run_on_shared(shared, key, refusal, effect).await;
     }
     let Some(writer) = &store.writer else {
         return run_on_pool(&store.pool, key, async |conn| {
@@ -205,7 +228,9 @@ enum FirstTurn<Resp> {
 async fn run_on_shared<Resp>(
     shared: &SharedTransaction,
     key: RequestKey<'_>,
-    effect: impl AsyncFnOnce(&mut AnyConnection, Option<&Claim<'_>>) -> Result<(Resp, Claimed), Status>,
+    refusal: Refusal,
+    effect: impl AsyncFnOnce(&mut AnyConnection, Option<&Claim<'_>>) -> Result<(Resp, Claimed), Status>
+    + Clone,
 ) -> Result<Resp, Status>
 where
     Resp: Message + Default,
@@ -216,51 +241,79 @@ where
         fingerprint: &key.fingerprint,
         at_ms: now_ms(),
     };
-    let first = shared
-        .run(async |conn: &mut AnyConnection| {
-            let reply = match effect(&mut *conn, Some(&claim)).await {
-                Ok((reply, Claimed::No)) => reply,
-                Ok((reply, Claimed::Yes)) => {
-                    return Ok(TurnResult::Written(FirstTurn::Done(reply)));
-                }
-                // A repeat: its effect goes, the first one's answer stands.
-                Ok((_, Claimed::Before)) => return Ok(TurnResult::Nothing(FirstTurn::SeenBefore)),
-                Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
-            };
-            let claimed = sqlx::query(CLAIM_WITH_REPLY)
-                .bind(key.request_id)
-                .bind(key.method)
-                .bind(key.fingerprint.clone())
-                .bind(now_ms())
-                .bind(reply.encode_to_vec())
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
-                == 1;
-            Ok(match claimed {
-                true => TurnResult::Written(FirstTurn::Done(reply)),
-                // A repeat: its effect goes, the first one's answer stands.
-                false => TurnResult::Nothing(FirstTurn::SeenBefore),
-            })
-        })
-        .await?;
-    let status = match first {
-        FirstTurn::Done(reply) => return Ok(reply),
-        FirstTurn::SeenBefore => {
-            // Perhaps claimed earlier in this very batch: the answer holds
-            // only once the batch commits, like a written one.
-            return shared
-                .run(async |conn: &mut AnyConnection| {
-                    Ok(TurnResult::Written(replay(&mut *conn, &key).await?))
+    let guard = match refusal {
+        Refusal::WritesNothing => Guard::Redo,
+        Refusal::MayWrite => Guard::Savepoint,
+    };
+    // Moved into the turn's work, which is cloned for each run of it.
+    let (claim, key_ref) = (&claim, &key);
+    let status = loop {
+        let effect = effect.clone();
+        let first = shared
+            .run(guard, async move |conn: &mut AnyConnection| {
+                let key = key_ref;
+                let reply = match effect(&mut *conn, Some(claim)).await {
+                    Ok((reply, Claimed::No)) => reply,
+                    Ok((reply, Claimed::Yes)) => {
+                        return Ok(TurnResult::Written(FirstTurn::Done(reply)));
+                    }
+                    // A repeat: its effect goes, the first one's answer stands.
+                    Ok((_, Claimed::Before)) => {
+                        return Ok(TurnResult::Nothing(FirstTurn::SeenBefore));
+                    }
+                    Err(status)
+                        if refusal == Refusal::WritesNothing
+                            && DEFINITE_REFUSALS.contains(&status.code()) =>
+                    {
+                        return Ok(TurnResult::Untouched(FirstTurn::Failed(status)));
+                    }
+                    Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
+                };
+                let claimed = sqlx::query(CLAIM_WITH_REPLY)
+                    .bind(key.request_id)
+                    .bind(key.method)
+                    .bind(key.fingerprint.clone())
+                    .bind(now_ms())
+                    .bind(reply.encode_to_vec())
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                Ok(match claimed {
+                    true => TurnResult::Written(FirstTurn::Done(reply)),
+                    // A repeat: its effect goes, the first one's answer stands.
+                    false => TurnResult::Nothing(FirstTurn::SeenBefore),
                 })
-                .await?;
+            })
+            .await?;
+        match first {
+            FirstTurn::Done(reply) => return Ok(reply),
+            FirstTurn::Failed(status) => break status,
+            FirstTurn::SeenBefore => {}
         }
-        FirstTurn::Failed(status) => status,
+        // Perhaps claimed earlier in this very batch: the answer holds only
+        // once the batch commits, like a written one. A read: it needs no
+        // savepoint. Without a savepoint, this request's undo rolled back
+        // its batch, and with it a claim made there: then that request
+        // runs again, and so does this one (next to it, its turn takes a
+        // savepoint).
+        let stored = shared
+            .run(Guard::Redo, async |conn: &mut AnyConnection| {
+                Ok(match stored_answer(&mut *conn, &key).await? {
+                    Some(answer) => TurnResult::Written(Some(answer)),
+                    None => TurnResult::Untouched(None),
+                })
+            })
+            .await?;
+        if let Some(answer) = stored {
+            return answer;
+        }
     };
     // A repeat's effect may fail because its first's is there (the order's
-    // row exists): the first's answer stands, whatever this one said.
+    // row exists): the first's answer stands, whatever this one said. One
+    // statement, or a read: no savepoint is needed.
     shared
-        .run(async |conn: &mut AnyConnection| {
+        .run(Guard::Redo, async |conn: &mut AnyConnection| {
             if DEFINITE_REFUSALS.contains(&status.code()) {
                 // Stored as the answer, unless the request was seen before.
                 return Ok(TurnResult::Written(
@@ -270,7 +323,7 @@ where
             Ok(match stored_answer(&mut *conn, &key).await? {
                 Some(answer) => TurnResult::Written(answer),
                 // Not an answer: nothing of it stays, not even a claim.
-                None => TurnResult::Nothing(Err(status.clone())),
+                None => TurnResult::Untouched(Err(status.clone())),
             })
         })
         .await?

@@ -1,6 +1,6 @@
 //! Group commit on PostgreSQL: the saga steps' requests take turns on one
-//! open transaction, each inside its own savepoint, and one `COMMIT` makes a
-//! whole batch of them durable at once.
+//! open transaction, and one `COMMIT` makes a whole batch of them durable at
+//! once.
 //!
 //! Why: the steps of concurrent orders write the same hot rows (a popular
 //! SKU's stock, one customer's balance). In a transaction of its own, each
@@ -16,9 +16,22 @@
 //!   `request_id` runs again. A `COMMIT` that does not answer within its
 //!   timeout (10 s by default) also fails the batch, with UNAVAILABLE: its
 //!   outcome is unknown, and a retry replays the stored reply or runs again.
-//! - A request that fails with something other than a definite answer is
-//!   rolled back to its savepoint, and its neighbours go on. (The first
-//!   request of a batch needs no savepoint: it rolls back the transaction.)
+//! - A request whose writes must not stay (it failed, or its work says
+//!   so) takes them back without taking back its neighbours'. How depends
+//!   on its [`Guard`]:
+//!   - [`Guard::Savepoint`]: its turn runs inside a savepoint, and is
+//!     rolled back to it. A round trip per request, and a subtransaction.
+//!   - [`Guard::Redo`]: no savepoint. The work promises that it writes
+//!     nothing when it refuses ([`TurnResult::Untouched`]), the common way
+//!     a turn ends without writing. When it must be undone all the same
+//!     (a statement failed, which on PostgreSQL aborts the transaction),
+//!     the whole batch is rolled back and its other requests run their
+//!     work again, each inside a savepoint this time, in the next batch:
+//!     they never hear of it. A redone request is never redone twice: its
+//!     batch guards every turn after it.
+//!
+//!   The first request of a batch needs no savepoint either way: it rolls
+//!   back the transaction, still empty.
 //! - A request dropped in the middle of its turn (its client left) leaves the
 //!   transaction in an unknown state: the batch is rolled back whole (its
 //!   connection closed), and its other requests get UNAVAILABLE.
@@ -43,7 +56,28 @@ use tokio::{
 use crate::{Error, store::PING_WHEN_IDLE_FOR};
 
 /// How one batch ended: `None` while it is open.
-type Ended = watch::Sender<Option<Result<(), String>>>;
+type Ended = watch::Sender<Option<BatchEnd>>;
+
+/// How one batch ended.
+#[derive(Debug, Clone)]
+enum BatchEnd {
+    Committed,
+    /// Rolled back: nothing of its members was written.
+    Failed(String),
+    /// Rolled back for one member's sake: the others run again.
+    Redo,
+}
+
+/// How a turn's writes are taken back when they must not stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// A savepoint before the turn, rolled back to.
+    Savepoint,
+    /// No savepoint: the work writes nothing when it returns
+    /// [`TurnResult::Untouched`]; if it must be undone otherwise, the whole
+    /// batch is rolled back and its other requests run again.
+    Redo,
+}
 
 /// The open transaction that the hot requests share (PostgreSQL only).
 #[derive(Clone)]
@@ -59,6 +93,10 @@ struct Inner {
     commit_timeout: Duration,
     /// Batches committed so far.
     commits: AtomicU64,
+    /// Savepoints taken so far (each a round trip).
+    savepoints: AtomicU64,
+    /// Turns run again because a neighbour's undo rolled their batch back.
+    redone: AtomicU64,
     turn: Mutex<Turn>,
     /// Wakes the committer when a turn ended.
     turns_ended: Notify,
@@ -80,30 +118,35 @@ struct Turn {
     /// The savepoint of the last turn is still there: released by the next
     /// turn in the same round trip as its own savepoint, or by `COMMIT`.
     savepoint: bool,
+    /// A turn run again is in the open batch: every later turn of it takes
+    /// a savepoint, so that no turn is redone twice.
+    guard_all: bool,
 }
 
 impl Turn {
     /// Ends the open batch: its members hear `result`; the connection is
     /// kept for the next batch only after a commit.
-    fn end_batch(&mut self, result: Result<(), String>) {
+    fn end_batch(&mut self, end: BatchEnd) {
         if let Some(mut conn) = self.conn.take() {
-            match &result {
-                Ok(()) => self.kept = Some((conn, Instant::now())),
+            match &end {
+                // A redo's `ROLLBACK` was answered: the connection is clean.
+                BatchEnd::Committed | BatchEnd::Redo => self.kept = Some((conn, Instant::now())),
                 // Closing the connection ends the transaction on the server.
-                Err(_) => conn.close_on_drop(),
+                BatchEnd::Failed(_) => conn.close_on_drop(),
             }
         }
         self.members = 0;
         self.poisoned = false;
         self.savepoint = false;
+        self.guard_all = false;
         let ended = std::mem::replace(&mut self.batch, Arc::new(watch::channel(None).0));
-        ended.send_replace(Some(result));
+        ended.send_replace(Some(end));
     }
 
     /// Rolls the open batch back if a dropped request left it poisoned.
     fn clear_poison(&mut self) {
         if self.poisoned {
-            self.end_batch(Err(
+            self.end_batch(BatchEnd::Failed(
                 "a request was cancelled in the middle of the shared transaction".into(),
             ));
         }
@@ -132,7 +175,9 @@ impl Drop for InTurn<'_> {
 pub enum TurnResult<T> {
     /// Written into the batch: the answer holds once the batch commits.
     Written(T),
-    /// Nothing of it is in the batch (rolled back to its savepoint).
+    /// It wrote nothing: there is nothing to take back.
+    Untouched(T),
+    /// What it wrote must not stay: it is taken back (see [`Guard`]).
     Nothing(T),
 }
 
@@ -148,6 +193,8 @@ impl SharedTransaction {
             pool,
             commit_timeout,
             commits: AtomicU64::new(0),
+            savepoints: AtomicU64::new(0),
+            redone: AtomicU64::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
                 kept: None,
@@ -155,6 +202,7 @@ impl SharedTransaction {
                 batch: Arc::new(watch::channel(None).0),
                 poisoned: false,
                 savepoint: false,
+                guard_all: false,
             }),
             turns_ended: Notify::new(),
         });
@@ -171,68 +219,101 @@ impl SharedTransaction {
         self.inner.commits.load(Ordering::Relaxed)
     }
 
-    /// Runs `work` in its turn on the shared transaction, inside a savepoint
-    /// (rolled back if `work` returns [`TurnResult::Nothing`] or fails), and
-    /// returns its answer: at once if nothing of it was written, else once
-    /// its batch committed.
+    /// How many savepoints turns took so far.
+    pub fn savepoints(&self) -> u64 {
+        self.inner.savepoints.load(Ordering::Relaxed)
+    }
+
+    /// How many turns ran again so far, their batch rolled back for a
+    /// neighbour's undo ([`Guard::Redo`]).
+    pub fn redone(&self) -> u64 {
+        self.inner.redone.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` in its turn on the shared transaction and returns its
+    /// answer: at once if nothing of it was written, else once its batch
+    /// committed. What it wrote is taken back as `guard` says when it fails
+    /// or returns [`TurnResult::Nothing`]. `work` may be run again, a clone
+    /// of it (another request's undo rolled its batch back, see
+    /// [`Guard::Redo`]): only the answer of the run that committed is
+    /// returned.
     pub async fn run<T>(
         &self,
-        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
+        guard: Guard,
+        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error> + Clone,
     ) -> Result<T, Error> {
-        let mut turn = InTurn {
-            turn: self.inner.turn.lock().await,
-            finished: false,
-            committer: &self.inner.turns_ended,
-        };
-        turn.turn.clear_poison();
-        let result = take_turn(&self.inner.pool, &mut turn.turn, work).await;
-        turn.finished = true;
-        let ended = match &result {
-            Ok(TurnResult::Written(_)) => {
-                turn.turn.members += 1;
-                Some(turn.turn.batch.subscribe())
+        let mut redo = false;
+        loop {
+            let mut turn = InTurn {
+                turn: self.inner.turn.lock().await,
+                finished: false,
+                committer: &self.inner.turns_ended,
+            };
+            turn.turn.clear_poison();
+            if redo {
+                // Its batch guards every turn after it: never redone twice.
+                turn.turn.guard_all = true;
             }
-            Ok(TurnResult::Nothing(_)) => None,
-            Err(err) => {
-                // The transaction's state is unknown: roll the batch back.
-                let err = format!("a statement of the shared transaction failed: {err}");
-                turn.turn.end_batch(Err(err));
-                None
+            let guard = if redo { Guard::Savepoint } else { guard };
+            let result = take_turn(&self.inner, &mut turn.turn, guard, work.clone()).await;
+            turn.finished = true;
+            let ended = match &result {
+                Ok(TurnResult::Written(_)) => {
+                    turn.turn.members += 1;
+                    Some(turn.turn.batch.subscribe())
+                }
+                Ok(TurnResult::Untouched(_) | TurnResult::Nothing(_)) => None,
+                Err(err) => {
+                    // The transaction's state is unknown: roll the batch back.
+                    let err = format!("a statement of the shared transaction failed: {err}");
+                    turn.turn.end_batch(BatchEnd::Failed(err));
+                    None
+                }
+            };
+            drop(turn);
+            self.inner.turns_ended.notify_one();
+            let (answer, mut ended) = match result.map_err(Error::from)? {
+                TurnResult::Untouched(answer) | TurnResult::Nothing(answer) => {
+                    return answer.map_err(Error::from);
+                }
+                TurnResult::Written(answer) => (answer, ended.expect("a written turn subscribed")),
+            };
+            match ended.wait_for(Option::is_some).await.as_deref() {
+                Ok(Some(BatchEnd::Committed)) => return answer.map_err(Error::from),
+                Ok(Some(BatchEnd::Redo)) => {
+                    self.inner.redone.fetch_add(1, Ordering::Relaxed);
+                    redo = true;
+                }
+                Ok(Some(BatchEnd::Failed(err))) => {
+                    return Err(Error::StoreUnavailable(format!(
+                        "the batch of this request did not commit: {err}"
+                    )));
+                }
+                _ => return Err(Error::StoreUnavailable("the committer stopped".into())),
             }
-        };
-        drop(turn);
-        self.inner.turns_ended.notify_one();
-        let (answer, ended) = match result.map_err(Error::from)? {
-            TurnResult::Nothing(answer) => return answer.map_err(Error::from),
-            TurnResult::Written(answer) => (answer, ended.expect("a written turn subscribed")),
-        };
-        let mut ended = ended;
-        match ended.wait_for(Option::is_some).await.as_deref() {
-            Ok(Some(Ok(()))) => answer.map_err(Error::from),
-            Ok(Some(Err(err))) => Err(Error::StoreUnavailable(format!(
-                "the batch of this request did not commit: {err}"
-            ))),
-            _ => Err(Error::StoreUnavailable("the committer stopped".into())),
         }
     }
 }
 
-/// One turn: `work` inside its savepoint. The outer error is the shared
-/// transaction's own (its state is then unknown); `work`'s own failure is
-/// rolled back and returned as [`TurnResult::Nothing`].
+/// One turn: `work`, inside a savepoint if `guard` (or its batch) says so.
+/// The outer error is the shared transaction's own (its state is then
+/// unknown); `work`'s own failure is taken back and returned as
+/// [`TurnResult::Nothing`].
 async fn take_turn<T>(
-    pool: &AnyPool,
+    inner: &Inner,
     turn: &mut Turn,
+    guard: Guard,
     work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error>,
 ) -> Result<TurnResult<Result<T, sqlx::Error>>, sqlx::Error> {
     // Nothing of another request in the transaction yet: no savepoint is
     // needed, a failure rolls the whole (so far empty) transaction back.
     let alone = turn.members == 0;
     if turn.conn.is_none() {
-        open_batch(pool, turn).await?;
+        open_batch(&inner.pool, turn).await?;
     }
+    let guarded = !alone && (guard == Guard::Savepoint || turn.guard_all);
     let conn = turn.conn.as_mut().expect("a batch is open");
-    if !alone {
+    if guarded {
         // The last turn's savepoint is released here, in this turn's round
         // trip, rather than in one of its own: a round trip fewer per request.
         let sql = match turn.savepoint {
@@ -241,21 +322,35 @@ async fn take_turn<T>(
         };
         sqlx::raw_sql(sql).execute(&mut **conn).await?;
         turn.savepoint = true;
+        inner.savepoints.fetch_add(1, Ordering::Relaxed);
     }
-    let outcome = match work(&mut **conn).await {
+    let (outcome, undo) = match work(&mut **conn).await {
         Ok(TurnResult::Written(answer)) => return Ok(TurnResult::Written(Ok(answer))),
-        Ok(TurnResult::Nothing(answer)) => Ok(answer),
-        Err(err) => Err(err),
+        Ok(TurnResult::Untouched(answer)) => (Ok(answer), false),
+        Ok(TurnResult::Nothing(answer)) => (Ok(answer), true),
+        Err(err) => (Err(err), true),
     };
     if alone {
         sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
         // Ended: the connection is kept for the next batch.
         turn.kept = turn.conn.take().map(|conn| (conn, Instant::now()));
-    } else {
+    } else if !undo {
+        // Nothing to take back; a savepoint stays (empty) for the next
+        // turn to release.
+        return Ok(TurnResult::Untouched(outcome));
+    } else if guarded {
         // The savepoint stays (empty) for the next turn to release.
         sqlx::raw_sql("ROLLBACK TO SAVEPOINT request")
             .execute(&mut **conn)
             .await?;
+    } else {
+        // Unguarded: the batch goes back whole, and its others run again.
+        sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
+        tracing::debug!(
+            members = turn.members,
+            "a turn without a savepoint was undone: its batch runs again"
+        );
+        turn.end_batch(BatchEnd::Redo);
     }
     Ok(TurnResult::Nothing(outcome))
 }
@@ -326,21 +421,25 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
             continue;
         };
         let commit = sqlx::raw_sql("COMMIT").execute(&mut **conn);
-        let result = match tokio::time::timeout(inner.commit_timeout, commit).await {
-            Ok(done) => done.map(drop).map_err(|e| e.to_string()),
+        let end = match tokio::time::timeout(inner.commit_timeout, commit).await {
+            Ok(Ok(_)) => BatchEnd::Committed,
+            Ok(Err(err)) => BatchEnd::Failed(err.to_string()),
             // Cut off mid-COMMIT, the connection is closed (`end_batch`);
             // whether the server committed is unknown.
-            Err(_) => Err(format!(
+            Err(_) => BatchEnd::Failed(format!(
                 "COMMIT did not answer within {:?}; its outcome is unknown",
                 inner.commit_timeout
             )),
         };
-        if result.is_ok() {
-            inner.commits.fetch_add(1, Ordering::Relaxed);
+        match &end {
+            BatchEnd::Committed => {
+                inner.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            BatchEnd::Failed(err) => {
+                tracing::warn!(error = %err, members = turn.members, "the shared transaction did not commit");
+            }
+            BatchEnd::Redo => unreachable!("only a turn ends its batch for a redo"),
         }
-        if let Err(err) = &result {
-            tracing::warn!(error = %err, members = turn.members, "the shared transaction did not commit");
-        }
-        turn.end_batch(result);
+        turn.end_batch(end);
     }
 }

@@ -60,3 +60,34 @@ pub fn has_forward_step(
         s.name == name && s.phase == StepPhase::Forward as i32 && s.status == status as i32
     })
 }
+
+/// The backend process of a connection (a transaction a test holds open).
+pub async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Waits until a statement on the database behind `pool` waits on a lock
+/// that the backend `blocker` holds (a race set up by a test).
+pub async fn until_blocked_by(pool: &sqlx::AnyPool, blocker: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(blocker)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no statement came to wait on backend {blocker}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

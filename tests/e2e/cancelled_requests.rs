@@ -11,7 +11,7 @@ use std::time::Duration;
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection, Row};
 use svc_kit::{
-    idempotency::{RequestKey, run_once, run_once_batched},
+    idempotency::{Refusal, RequestKey, run_once, run_once_batched},
     store::Store,
 };
 
@@ -65,11 +65,17 @@ async fn dropped_at_any_await(backend: Backend, hot: bool) {
                 return run_once(store, key, effect).await;
             }
             let sku = request_id.clone();
-            run_once_batched(store, key, effect, move |conn: &rusqlite::Connection| {
-                conn.execute(INSERT_PRODUCT, [&sku])
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
-                Ok(())
-            })
+            run_once_batched(
+                store,
+                key,
+                Refusal::MayWrite,
+                effect,
+                move |conn: &rusqlite::Connection| {
+                    conn.execute(INSERT_PRODUCT, [&sku])
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    Ok(())
+                },
+            )
             .await
         }
     };

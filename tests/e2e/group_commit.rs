@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection};
 use svc_kit::{
-    idempotency::{RequestKey, run_once_batched},
-    shared_transaction::{SharedTransaction, TurnResult},
+    idempotency::{Refusal, RequestKey, run_once_batched},
+    shared_transaction::{Guard, SharedTransaction, TurnResult},
     store::Store,
 };
 
@@ -54,6 +54,7 @@ async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once()
             run_once_batched(
                 store,
                 key,
+                Refusal::MayWrite,
                 async |conn: &mut AnyConnection| {
                     sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
                         .execute(conn)
@@ -111,7 +112,7 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
         let shared = &shared;
         async move {
             shared
-                .run(async |conn: &mut AnyConnection| {
+                .run(Guard::Savepoint, async |conn: &mut AnyConnection| {
                     sqlx::query(
                         "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
                          VALUES ($1, 'x', 1, 'EUR', 1, 0, 0, 0)",
@@ -174,6 +175,7 @@ async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_th
             run_once_batched(
                 store,
                 key,
+                Refusal::MayWrite,
                 async |conn: &mut AnyConnection| {
                     sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
                         .execute(conn)
@@ -254,6 +256,18 @@ async fn turns_that_are_written_refused_or_failed_in_one_batch_each_keep_only_th
 /// `COMMIT`, and a repeat in the same batch found the claim without one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored() {
+    a_repeat_in_the_same_batch(Refusal::MayWrite).await;
+}
+
+/// The same without savepoints: a repeat's effect, undone when its claim
+/// is found, rolls back the batch its first is in, claim and all. The
+/// first runs again, and the repeat too, until one finds the other's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_in_the_same_batch_without_savepoints_gets_the_reply_of_its_first() {
+    a_repeat_in_the_same_batch(Refusal::WritesNothing).await;
+}
+
+async fn a_repeat_in_the_same_batch(refusal: Refusal) {
     let (_db, store) = hot_row_store().await;
     const DISTINCT: usize = REQUESTS / 2;
     let request = |i: usize| {
@@ -268,6 +282,7 @@ async fn a_repeat_in_the_same_batch_gets_the_reply_its_first_left_to_be_stored()
             run_once_batched(
                 store,
                 key,
+                refusal,
                 // The reply: the count after this request's own increment.
                 async |conn: &mut AnyConnection| {
                     sqlx::query_scalar::<_, i64>(
@@ -333,7 +348,7 @@ async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it(
         let shared = &shared;
         async move {
             shared
-                .run(async |conn: &mut AnyConnection| {
+                .run(Guard::Savepoint, async |conn: &mut AnyConnection| {
                     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                         .fetch_one(conn)
                         .await?;
@@ -382,4 +397,179 @@ async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it(
         .await
         .expect("the request that found the closed connections failed");
     assert_ne!(next, first);
+}
+
+/// Without savepoints (`Refusal::WritesNothing`), one batch of turns that
+/// end every way: written; refused for good, having written nothing (as
+/// the promise goes); failed after writing; a statement that fails (which
+/// aborts the whole transaction on PostgreSQL). The failed ones roll their
+/// batch back, its other requests run again, and each written effect
+/// counts once. A round where nothing fails takes no savepoint at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_without_savepoints_that_fail_make_their_batch_run_again_and_each_counts_once() {
+    let (_db, store) = hot_row_store().await;
+    let shared = store.shared.clone().expect("a shared transaction");
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Ends {
+        Written,
+        Refused,
+        Failed,
+        Broken,
+    }
+    let ends = |i: usize, round: &str| match (round, i % 7) {
+        ("mixed", 2) => Ends::Failed,
+        ("mixed", 5) => Ends::Broken,
+        (_, 1 | 4) => Ends::Refused,
+        _ => Ends::Written,
+    };
+    let request = |i: usize, round: &'static str| {
+        let store = &store;
+        async move {
+            let request_id = format!("{round}-{i}");
+            let key = RequestKey {
+                method: "Restock",
+                request_id: &request_id,
+                fingerprint: vec![4],
+            };
+            let end = ends(i, round);
+            run_once_batched(
+                store,
+                key,
+                Refusal::WritesNothing,
+                async |conn: &mut AnyConnection| {
+                    let internal = |e: sqlx::Error| tonic::Status::internal(e.to_string());
+                    if end == Ends::Refused {
+                        return Err(tonic::Status::failed_precondition(format!("no {i}")));
+                    }
+                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(internal)?;
+                    match end {
+                        Ends::Failed => Err(tonic::Status::unavailable(format!("later {i}"))),
+                        Ends::Broken => {
+                            sqlx::query("SELECT 1 / 0")
+                                .execute(&mut *conn)
+                                .await
+                                .map_err(internal)?;
+                            unreachable!("1 / 0 fails")
+                        }
+                        _ => Ok(()),
+                    }
+                },
+                |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+            )
+            .await
+        }
+    };
+    let count = |sql: &'static str| {
+        let pool = store.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let available = "SELECT available FROM products WHERE sku = 'HOT'";
+    let claims = "SELECT COUNT(*) FROM idempotency";
+
+    let redone = shared.redone();
+    let replies = futures::future::join_all((0..REQUESTS).map(|i| request(i, "mixed"))).await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        match (ends(i, "mixed"), reply) {
+            (Ends::Written, Ok(())) => {}
+            (Ends::Refused, Err(status)) => assert_eq!(status.message(), format!("no {i}")),
+            (Ends::Failed, Err(status)) => assert_eq!(status.code(), tonic::Code::Unavailable),
+            (Ends::Broken, Err(status)) => {
+                assert!(status.message().contains("division by zero"), "{status:?}")
+            }
+            (end, reply) => panic!("request {i} should end {end:?}, got {reply:?}"),
+        }
+    }
+    let of = |end: Ends| (0..REQUESTS).filter(|&i| ends(i, "mixed") == end).count() as i64;
+    assert_eq!(
+        count(available).await,
+        of(Ends::Written),
+        "each written effect once"
+    );
+    assert_eq!(
+        count(claims).await,
+        of(Ends::Written) + of(Ends::Refused),
+        "a failed turn leaves no claim"
+    );
+    assert!(
+        shared.redone() > redone,
+        "no batch was rolled back for a failed turn"
+    );
+
+    let savepoints = shared.savepoints();
+    let before = count(available).await;
+    let replies = futures::future::join_all((0..REQUESTS).map(|i| request(i, "clean"))).await;
+    let written = (0..REQUESTS)
+        .filter(|&i| ends(i, "clean") == Ends::Written)
+        .count() as i64;
+    assert_eq!(
+        replies.iter().filter(|reply| reply.is_ok()).count() as i64,
+        written
+    );
+    assert_eq!(count(available).await, before + written);
+    assert_eq!(shared.savepoints(), savepoints, "a savepoint was taken");
+}
+
+/// A turn without a savepoint that is undone in the middle of a batch: the
+/// batch goes back whole and the turns written before it run again, once,
+/// and count once; a turn that wrote nothing and refused is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batch_again() {
+    let (_db, store) = hot_row_store().await;
+    let shared = store.shared.clone().expect("a shared transaction");
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    // Adds 1 after `sleep` seconds (holding the turn), and ends as told.
+    let add = |sleep: f64, end: fn(()) -> TurnResult<()>| {
+        let (shared, runs) = (&shared, &runs);
+        async move {
+            shared
+                .run(Guard::Redo, async move |conn: &mut AnyConnection| {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sqlx::query("SELECT pg_sleep($1)")
+                        .bind(sleep)
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(end(()))
+                })
+                .await
+        }
+    };
+    let redone = shared.redone();
+    let staggered = |ms: u64, turn: _| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        turn.await
+    };
+    // The first holds the turn while the others queue behind it, in order.
+    let (first, second, undone) = tokio::join!(
+        add(0.4, TurnResult::Written),
+        staggered(100, add(0.0, TurnResult::Written)),
+        staggered(200, add(0.0, TurnResult::Nothing)),
+    );
+    first.unwrap();
+    second.unwrap();
+    undone.unwrap();
+    assert_eq!(
+        shared.redone() - redone,
+        2,
+        "the two turns before it ran again"
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 5);
+    let available: i64 = sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        available, 2,
+        "each written turn once, the undone one not at all"
+    );
 }

@@ -8,7 +8,7 @@ use ordersaga_proto::stock::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, order_id, request_id};
+use crate::assertions::{assert_status, backend_pid, order_id, request_id, until_blocked_by};
 
 on_both_stores!(
     a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
@@ -529,4 +529,68 @@ async fn products_are_listed_in_pages(backend: Backend) {
         token = page.next_page_token;
     }
     assert_eq!(seen, ["A1", "A2", "A3", "A4", "A5"]);
+}
+
+/// PostgreSQL: the order's reservation made and committed by another
+/// connection (a second stock process) while this one's statement took the
+/// stock. The statement writes all its parts or none, and a refusal takes
+/// back nothing, so this one case must not pass for a refusal: its request
+/// is answered UNAVAILABLE with the stock given back, and its retry hears
+/// the reservation that won. A request before it in its batch (held up by
+/// another lock until it has queued) counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_raced_by_another_connection_takes_no_stock() {
+    let svc = services::stock(Backend::Postgres).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 10, 99).await;
+    let order = order_id();
+    let pool = svc.db.pool().await;
+    // One holds PEAR's row, for the request before; one the order's
+    // reservation, not yet committed.
+    let mut pear = pool.begin().await.unwrap();
+    sqlx::query("SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE")
+        .execute(&mut *pear)
+        .await
+        .unwrap();
+    let mut theirs = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+         VALUES ($1, 'theirs', 'reserved', 0, 'EUR', 0, 0)",
+    )
+    .bind(&order)
+    .execute(&mut *theirs)
+    .await
+    .unwrap();
+    let before = tokio::spawn({
+        let mut client = client.clone();
+        let request = priced(&request_id(), &order_id(), "PEAR", 99, "EUR");
+        async move { client.reserve_stock(authed(request)).await }
+    });
+    until_blocked_by(&pool, backend_pid(&mut pear).await).await;
+    let request = priced(&request_id(), &order, "APPLE", 150, "EUR");
+    let reserving = tokio::spawn({
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.reserve_stock(authed(request)).await }
+    });
+    // Queued behind the request before, in its batch.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    pear.commit().await.unwrap();
+    until_blocked_by(&pool, backend_pid(&mut theirs).await).await;
+    theirs.commit().await.unwrap();
+    let raced = reserving.await.unwrap();
+    assert_eq!(
+        levels(&mut client, "APPLE").await,
+        (10, 0),
+        "stock was taken"
+    );
+    assert_status(raced, Code::Unavailable, &["unavailable, retry"]);
+    before.await.unwrap().expect("the request before");
+    assert_eq!(levels(&mut client, "PEAR").await, (9, 1));
+    assert_status(
+        client.reserve_stock(authed(request)).await,
+        Code::FailedPrecondition,
+        &["already holds reservation theirs"],
+    );
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
 }
