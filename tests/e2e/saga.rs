@@ -872,3 +872,58 @@ async fn a_compensation_failing_past_its_budget_leaves_the_order_needing_attenti
     let later = client.get_order(&created.order_id).await.unwrap();
     assert_eq!(later.steps, resting.steps, "the saga was still driven");
 }
+
+/// PostgreSQL: the log's statements find rows by key, however small their
+/// tables were when their plans were made. On a new database the plan of
+/// the log's check for events already written was made while the outbox
+/// was nearly empty and read it whole from then on, each batch, until
+/// autovacuum next analyzed it: a cost that grew with every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logs_statements_read_no_table_whole_as_it_grows() {
+    const ORDERS: usize = 120;
+    let mut system = System::start(Backend::Postgres, Options::default()).await;
+    let client = system.client().await;
+    let orders = (0..ORDERS).map(|i| {
+        let client = client.clone();
+        async move {
+            let customer = if i % 10 == 0 { "broke" } else { "alice" };
+            client
+                .create_order_and_wait(order(&request_id(), customer, &[("PEN", 1)], "DE"), WAIT)
+                .await
+                .unwrap()
+        }
+    });
+    for order in futures::future::join_all(orders).await {
+        assert!(
+            matches!(
+                status(&order),
+                OrderStatus::Completed | OrderStatus::Compensated
+            ),
+            "{order:?}"
+        );
+    }
+    // A session's statistics reach the server's views when it ends (or
+    // after it sat idle for a while).
+    system.orchestrator.halt().await;
+    let pool = system.orchestrator.db.pool().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (read_whole, inserted) = loop {
+        let (read_whole, inserted): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(seq_tup_read), 0)::bigint, \
+               COALESCE(SUM(n_tup_ins) FILTER (WHERE relname = 'outbox'), 0)::bigint \
+             FROM pg_stat_user_tables",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if inserted >= 2 * ORDERS as i64 || std::time::Instant::now() > deadline {
+            break (read_whole, inserted);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        inserted >= 2 * ORDERS as i64,
+        "only {inserted} events counted"
+    );
+    assert_eq!(read_whole, 0, "rows read by sequential scans");
+}
