@@ -7,6 +7,9 @@
 #   STORES=postgres orderbench/compare-builds.sh ...   (one store only)
 #   SSLMODE=disable orderbench/compare-builds.sh ...   (appended to every
 #   DATABASE_URL; unset, sqlx's default applies: TLS when the server has it)
+#   ROUNDS=5 orderbench/compare-builds.sh ...   (5 rounds, each build first in
+#   every other one, then the median of each figure: this machine's speed
+#   moves by a quarter from one run to the next, more than most changes)
 #
 # Each build dir must hold devstack, orchestrator, stock-svc, shipping-svc and
 # payment-svc (cargo build --release -p devstack -p orderbench -p orchestrator
@@ -40,10 +43,34 @@ pg_run() { # $1 label, $2 release dir
   echo "== $1 postgres C=64"; $ORDERBENCH -n 3000 -c 64 2>/dev/null | grep -v '^\s*$'
   kill $p1 $p2 $p3 $p4; wait 2>/dev/null; sleep 1
 }
-for store in ${STORES:-sqlite postgres}; do
-  case $store in
-    sqlite) sqlite_run before "$1"; sqlite_run after "$2" ;;
-    postgres) pg_run before "$1"; pg_run after "$2" ;;
-    *) echo "STORES: unknown store $store (sqlite, postgres)" >&2; exit 2 ;;
-  esac
-done
+ROUNDS=${ROUNDS:-1}
+out=$(mktemp)
+for round in $(seq 1 "$ROUNDS"); do
+  [ "$ROUNDS" -gt 1 ] && echo "#### round $round of $ROUNDS"
+  for store in ${STORES:-sqlite postgres}; do
+    case $store in
+      sqlite) run=sqlite_run ;;
+      postgres) run=pg_run ;;
+      *) echo "STORES: unknown store $store (sqlite, postgres)" >&2; exit 2 ;;
+    esac
+    # The order alternates, so that a machine that speeds up or slows down
+    # over the rounds favours neither build.
+    if [ $((round % 2)) = 1 ]; then $run before "$1"; $run after "$2"
+    else $run after "$2"; $run before "$1"; fi
+  done
+done | tee "$out"
+if [ "$ROUNDS" -gt 1 ]; then
+  # Per build, store and concurrency: the median sagas/s, p50 and CPU per
+  # saga of the four processes (orderbench's own apart) over the rounds.
+  echo "#### medians of $ROUNDS rounds (sagas/s, p50 ms, CPU per saga ms)"
+  awk '/^== /{key=$2" "$3" "$4}
+       /^throughput/{tp[key]=tp[key]" "$2}
+       /^latency/{p50[key]=p50[key]" "$3}
+       /^cpu\/saga/{c=0; for(i=4;i<=NF;i++) if ($i ~ /^[0-9.]+$/) c+=$i; cpu[key]=cpu[key]" "c}
+       function median(list,   n, a, i, j, t) {
+         n=split(list, a, " ");
+         for (i=1;i<=n;i++) for (j=i+1;j<=n;j++) if (a[j]+0 < a[i]+0) {t=a[i]; a[i]=a[j]; a[j]=t}
+         return n%2 ? a[(n+1)/2] : (a[n/2]+a[n/2+1])/2 }
+       END {for (k in tp) printf "%-24s %8.1f sagas/s  p50 %6.2f ms  cpu %5.2f ms   (sagas/s:%s)\n", k, median(tp[k]), median(p50[k]), median(cpu[k]), tp[k]}' "$out" | sort -k2,2 -k3,3 -k1,1
+fi
+rm -f "$out"
