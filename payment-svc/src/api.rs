@@ -10,7 +10,7 @@ use ordersaga_proto::payment::v1::{
 };
 use svc_kit::{
     Error,
-    idempotency::{Refusal, RequestKey, run_once, run_once_batched},
+    idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -47,13 +47,13 @@ impl PaymentService for PaymentApi {
         ]);
         let key = RequestKey::new("Charge", &req.request_id, &req);
         let sqlite_new = new.clone();
-        let reply = run_once_batched(
+        let reply = run_once_batched_claiming(
             &self.store,
             key,
             // On PostgreSQL a charge is one statement that writes all or
-            // nothing ([`charges::charge`]).
+            // nothing, its claim included ([`charges::charge`]).
             Refusal::WritesNothing,
-            async |conn| Ok(charges::charge(conn, new.clone()).await?),
+            async |conn, claim| Ok(charges::charge(conn, new.clone(), claim).await?),
             move |conn| Ok(charges::charge_sqlite(conn, sqlite_new)?),
         )
         .await?;

@@ -7,7 +7,10 @@
 use ordersaga_proto::payment::v1::{ChargeResponse, Payment, PaymentStatus, RefundResponse};
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row};
-use svc_kit::time::now_ms;
+use svc_kit::{
+    idempotency::{Claim, Claimed},
+    time::now_ms,
+};
 use uuid::Uuid;
 
 use crate::error::PaymentError;
@@ -28,14 +31,23 @@ const INSERT_CHARGE: &str = "INSERT INTO charges (order_id, payment_id, customer
 const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, updated_at_ms = $2 \
      WHERE customer_id = $3 AND currency = $4 AND balance_cents >= $1 RETURNING balance_cents";
 /// [`INSERT_CHARGE`] and [`DEBIT`] as one statement, for PostgreSQL (SQLite
-/// has no data-modifying `WITH`). It writes both or nothing, so a refusal
-/// needs no savepoint to take back: the debit happens only with the funds
-/// there and no charge of the order yet, and the charge only with the
-/// debit. The debit's row comes back only if it happened.
+/// has no data-modifying `WITH`), with the request's claim and its reply
+/// when given one. It writes all of them or nothing, so a refusal needs no
+/// savepoint to take back: the debit happens only with the funds there and
+/// no charge of the order yet, the charge only with the debit, and the
+/// claim only with the charge. The debit's row comes back only if it
+/// happened.
 ///
-/// The charge's insert fails only in a race with another connection: the
-/// order's charge inserted and committed by a second process meanwhile.
-/// The debit happened then, and the caller undoes it.
+/// The reply carries the balance after the debit, known only here: the
+/// caller encodes the rest of it (the balance at 0, which protobuf leaves
+/// out) and the statement appends the balance's field (number 4, a varint:
+/// tag byte 0x20) unless it is 0. Fields in order of their numbers are how
+/// prost encodes them, so the stored reply is the one returned, byte for
+/// byte.
+///
+/// The charge's insert finds the order charged only in a race with another
+/// connection: the order's charge inserted and committed by a second
+/// process meanwhile. The debit happened then, and the caller undoes it.
 const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
        UPDATE accounts SET balance_cents = balance_cents - $4, updated_at_ms = $6 \
        WHERE customer_id = $3 AND currency = $5 AND balance_cents >= $4 \
@@ -43,8 +55,14 @@ const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
        RETURNING balance_cents), \
      charge AS ( \
        INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
-       SELECT $1, $2, $3, $4, $5, 'charged', $6, $6 FROM debit ON CONFLICT (order_id) DO NOTHING RETURNING 1) \
-     SELECT (SELECT balance_cents FROM debit) AS balance_cents, (SELECT COUNT(*) FROM charge) AS inserted";
+       SELECT $1, $2, $3, $4, $5, 'charged', $6, $6 FROM debit ON CONFLICT (order_id) DO NOTHING RETURNING 1), \
+     claim AS ( \
+       INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+       SELECT $7, $8, $9, $10, 0, \
+         $11 || CASE WHEN d.balance_cents = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint(d.balance_cents) END \
+       FROM debit d, charge WHERE $7 IS NOT NULL ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
+     SELECT (SELECT balance_cents FROM debit) AS balance_cents, (SELECT COUNT(*) FROM charge) AS inserted, \
+       (SELECT COUNT(*) FROM claim) AS claimed";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
@@ -53,14 +71,17 @@ const MARK_REFUNDED: &str = "UPDATE charges SET status = 'refunded', updated_at_
      RETURNING customer_id, amount_cents";
 const CREDIT: &str = "UPDATE accounts SET balance_cents = balance_cents + $1, updated_at_ms = $2 WHERE customer_id = $3";
 
+/// Charges an order; with a claim (on PostgreSQL's shared transaction) the
+/// request's claim and reply are written in the charge's statement.
 pub async fn charge(
     conn: &mut AnyConnection,
     new: NewCharge,
-) -> Result<ChargeResponse, PaymentError> {
+    claim: Option<&Claim<'_>>,
+) -> Result<(ChargeResponse, Claimed), PaymentError> {
     let now = now_ms();
     let payment_id = Uuid::new_v4().to_string();
     if conn.backend_name() == "PostgreSQL" {
-        return charge_in_one_statement(conn, new, payment_id, now).await;
+        return charge_in_one_statement(conn, new, payment_id, now, claim).await;
     }
     let inserted = sqlx::query(INSERT_CHARGE)
         .bind(&new.order_id)
@@ -85,12 +106,13 @@ pub async fn charge(
     let Some(balance_cents) = balance else {
         return Err(why_not_debited(conn, &new).await?);
     };
-    Ok(ChargeResponse {
+    let reply = ChargeResponse {
         payment_id,
         amount_cents: new.amount_cents,
         currency: new.currency,
         balance_cents,
-    })
+    };
+    Ok((reply, Claimed::No))
 }
 
 /// [`charge`] on PostgreSQL: one round trip when the charge goes through;
@@ -100,14 +122,23 @@ async fn charge_in_one_statement(
     new: NewCharge,
     payment_id: String,
     now: i64,
-) -> Result<ChargeResponse, PaymentError> {
-    let row = sqlx::query(CHARGE_AND_DEBIT)
+    claim: Option<&Claim<'_>>,
+) -> Result<(ChargeResponse, Claimed), PaymentError> {
+    // The reply but its balance, which the statement appends.
+    let mut reply = ChargeResponse {
+        payment_id,
+        amount_cents: new.amount_cents,
+        currency: new.currency.clone(),
+        balance_cents: 0,
+    };
+    let query = sqlx::query(CHARGE_AND_DEBIT)
         .bind(&new.order_id)
-        .bind(&payment_id)
+        .bind(&reply.payment_id)
         .bind(&new.customer_id)
         .bind(new.amount_cents)
         .bind(&new.currency)
-        .bind(now)
+        .bind(now);
+    let row = Claim::bind_if_any(claim, query, &reply)
         .fetch_one(&mut *conn)
         .await?;
     let Some(balance_cents) = row.try_get::<Option<i64>, _>("balance_cents")? else {
@@ -126,12 +157,13 @@ async fn charge_in_one_statement(
             ),
         )));
     }
-    Ok(ChargeResponse {
-        payment_id,
-        amount_cents: new.amount_cents,
-        currency: new.currency,
-        balance_cents,
-    })
+    reply.balance_cents = balance_cents;
+    let claimed = match (claim, row.try_get::<i64, _>("claimed")?) {
+        (None, _) => Claimed::No,
+        (Some(_), 1) => Claimed::Yes,
+        (Some(_), _) => Claimed::Before,
+    };
+    Ok((reply, claimed))
 }
 
 async fn why_not_debited(

@@ -104,6 +104,27 @@ impl Claim<'_> {
     }
 }
 
+impl Claim<'_> {
+    /// [`Claim::bind`] for a statement that writes the claim only when its
+    /// `request_id` is not NULL: five NULLs of the same types when there is
+    /// no claim (the request runs through the pool, the claim first).
+    pub fn bind_if_any<'q>(
+        claim: Option<&Self>,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        reply: &impl Message,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+        match claim {
+            Some(claim) => claim.bind(query, reply),
+            None => query
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(None::<Vec<u8>>)
+                .bind(None::<i64>)
+                .bind(None::<Vec<u8>>),
+        }
+    }
+}
+
 /// What an effect given a [`Claim`] did with it.
 pub enum Claimed {
     /// Nothing: the claim is written after the effect, as for any effect.

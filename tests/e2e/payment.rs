@@ -370,3 +370,49 @@ async fn a_charge_raced_by_another_connection_debits_nothing() {
     );
     assert_eq!(balance(&mut client, "alice").await.0, 10_000);
 }
+
+/// PostgreSQL: a charge writes its request's reply in its own statement,
+/// appending the balance after the debit as protobuf would. The stored
+/// reply is the returned one byte for byte, at a balance of 0 (a field
+/// protobuf leaves out) and at balances whose varints take one byte or
+/// several; and the statement's encoding is prost's for any balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charges_stored_reply_is_the_reply_it_returned_byte_for_byte() {
+    use prost::Message;
+    let svc = services::payment(Backend::Postgres).await;
+    let mut client = svc.payment().await;
+    let pool = svc.db.pool().await;
+    for balance in [0_i64, 1, 127, 128, 300, 16_383, 16_384, 1 << 35, i64::MAX] {
+        let appended: Vec<u8> = sqlx::query_scalar(
+            "SELECT CASE WHEN $1 = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint($1) END",
+        )
+        .bind(balance)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let reply = ordersaga_proto::payment::v1::ChargeResponse {
+            balance_cents: balance,
+            ..Default::default()
+        };
+        assert_eq!(appended, reply.encode_to_vec(), "balance {balance}");
+    }
+    open(&mut client, "carol", 1_000 + 300 + 200).await;
+    for (cents, left) in [(1_000, 500), (300, 200), (200, 0)] {
+        let request = charge(&request_id(), &order_id(), "carol", cents);
+        let reply = client
+            .charge(authed(request.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.balance_cents, left);
+        let stored: Vec<u8> =
+            sqlx::query_scalar("SELECT reply FROM idempotency WHERE request_id = $1")
+                .bind(&request.request_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, reply.encode_to_vec(), "left {left}");
+        let again = client.charge(authed(request)).await.unwrap().into_inner();
+        assert_eq!(again, reply);
+    }
+}
