@@ -240,6 +240,9 @@ enum FirstTurn<Resp> {
     SeenBefore,
     /// Its effect refused or failed: rolled back.
     Failed(Status),
+    /// Its effect refused for good having written nothing, and the refusal
+    /// (or the answer of the request seen before) is the answer.
+    Answered(Result<Resp, Status>),
 }
 
 /// A request on the shared transaction ([`crate::shared_transaction`]):
@@ -282,11 +285,16 @@ where
                     Ok((_, Claimed::Before)) => {
                         return Ok(TurnResult::Nothing(FirstTurn::SeenBefore));
                     }
+                    // It wrote nothing, and its refusal is stored in this
+                    // turn, in the batch whose writes it saw: a refusal may
+                    // rest on a neighbour's (the last stock taken), and if
+                    // that is undone, so is the refusal, which runs again.
                     Err(status)
                         if refusal == Refusal::WritesNothing
                             && DEFINITE_REFUSALS.contains(&status.code()) =>
                     {
-                        return Ok(TurnResult::Untouched(FirstTurn::Failed(status)));
+                        let answer = record_refusal(&mut *conn, key, &status).await?;
+                        return Ok(TurnResult::Written(FirstTurn::Answered(answer)));
                     }
                     Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
                 };
@@ -309,6 +317,7 @@ where
             .await?;
         match first {
             FirstTurn::Done(reply) => return Ok(reply),
+            FirstTurn::Answered(answer) => return answer,
             FirstTurn::Failed(status) => break status,
             FirstTurn::SeenBefore => {}
         }

@@ -332,8 +332,10 @@ async fn take_turn<T>(
     };
     if alone {
         sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
-        // Ended: the connection is kept for the next batch.
+        // Ended: the connection is kept for the next batch, which a turn
+        // run again that ended here no longer guards.
         turn.kept = turn.conn.take().map(|conn| (conn, Instant::now()));
+        turn.guard_all = false;
     } else if !undo {
         // Nothing to take back; a savepoint stays (empty) for the next
         // turn to release.

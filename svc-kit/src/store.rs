@@ -40,19 +40,8 @@ impl FromStr for Backend {
     }
 }
 
-/// What every PostgreSQL session of these services sets first:
-/// - How long PostgreSQL lets it sit idle inside a transaction (see where
-///   the pool is made).
-/// - Never plan a sequential scan. Every statement here is a key lookup or
-///   an index-ordered page, on tables that start empty and grow fast. A
-///   prepared statement's plan is made once, after its first few runs, and
-///   kept until its tables are next analyzed: planned while a table was
-///   nearly empty (a new database), it read the table whole, and went on
-///   doing so as it grew, until autovacuum next came (a minute at the
-///   least). The log's check for events already written read the whole
-///   outbox this way, each batch, and its cost grew with every event.
-const SESSION_SETTINGS: &str =
-    "SET idle_in_transaction_session_timeout = 3000; SET enable_seqscan = off";
+/// How long PostgreSQL lets a session sit idle inside a transaction.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "SET idle_in_transaction_session_timeout = 3000";
 
 /// A pooled PostgreSQL connection idle for this long is pinged before use.
 pub const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
@@ -138,7 +127,7 @@ impl Store {
                 .max_connections(16)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
-                        sqlx::raw_sql(SESSION_SETTINGS)
+                        sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
                             .execute(conn)
                             .await
                             .map(|_| ())

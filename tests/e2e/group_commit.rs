@@ -573,3 +573,103 @@ async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batc
         "each written turn once, the undone one not at all"
     );
 }
+
+/// A refusal can rest on a neighbour's write in the same batch: the last
+/// unit taken by the request before it. When that batch is rolled back (a
+/// later turn without a savepoint was undone) and the neighbour does not
+/// run again (its client left), the refusal must not stand: it runs again
+/// too, and this time the unit is there. (Seen failing when a refusal was
+/// stored in a turn of its own after the one that refused: the request was
+/// answered "out of stock" with the unit still on the shelf.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_rested_on_an_undone_write_runs_again() {
+    let (_db, store) = hot_row_store().await;
+    sqlx::query("UPDATE products SET available = 1 WHERE sku = 'HOT'")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let shared = store.shared.clone().expect("a shared transaction");
+    // Takes the one unit, or is refused for good having written nothing.
+    let take = |request_id: &'static str| {
+        let store = &store;
+        async move {
+            let key = RequestKey {
+                method: "Take",
+                request_id,
+                fingerprint: vec![5],
+            };
+            run_once_batched(
+                store,
+                key,
+                Refusal::WritesNothing,
+                async |conn: &mut AnyConnection| {
+                    let taken = sqlx::query(
+                        "UPDATE products SET available = available - 1 WHERE sku = 'HOT' AND available >= 1",
+                    )
+                    .execute(conn)
+                    .await
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?
+                    .rows_affected();
+                    match taken {
+                        1 => Ok(()),
+                        _ => Err(tonic::Status::failed_precondition("out of stock")),
+                    }
+                },
+                |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+            )
+            .await
+        }
+    };
+    // Holds the turn while the others queue behind it, in order.
+    let hold = shared.run(Guard::Redo, async |conn: &mut AnyConnection| {
+        sqlx::query("SELECT pg_sleep(0.3)").execute(conn).await?;
+        Ok(TurnResult::Written(()))
+    });
+    // Written after a while, then undone: its batch is rolled back.
+    let undone = run_once_batched(
+        &store,
+        RequestKey {
+            method: "Take",
+            request_id: "undone",
+            fingerprint: vec![5],
+        },
+        Refusal::WritesNothing,
+        async |conn: &mut AnyConnection| {
+            sqlx::query("SELECT pg_sleep(0.4)")
+                .execute(conn)
+                .await
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            Err::<(), _>(tonic::Status::unavailable("undone"))
+        },
+        |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+    );
+    let later = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
+    let (held, first, refused, undone) = tokio::join!(
+        hold,
+        // Its client leaves while the undone turn sleeps: it is not run again.
+        async {
+            later(100).await;
+            tokio::time::timeout(Duration::from_millis(400), take("first")).await
+        },
+        async {
+            later(150).await;
+            take("second").await
+        },
+        async {
+            later(200).await;
+            undone.await
+        },
+    );
+    held.unwrap();
+    assert!(
+        first.is_err(),
+        "the first request's client did not leave in time"
+    );
+    assert_eq!(undone.unwrap_err().code(), tonic::Code::Unavailable);
+    refused.expect("the second request was refused for a unit that is there");
+    let available: i64 = sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(available, 0, "the second request took the unit");
+}

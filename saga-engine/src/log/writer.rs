@@ -38,6 +38,17 @@ use crate::{
     notifications::{self, Notice},
 };
 
+/// A batch's transaction on PostgreSQL plans no sequential scan. Its
+/// statements find rows by key, and a prepared statement keeps the plan it
+/// was given after its first few runs until its tables are next analyzed.
+/// On a new database that plan was made while the tables were nearly
+/// empty: the check for events already written (`fresh_events_ctes`) read
+/// the whole outbox, each batch, at a cost that grew with every event,
+/// until autovacuum came by (a minute at the least). `SET LOCAL` goes with
+/// `BEGIN`, in its round trip, and ends with the transaction: the other
+/// users of the pool plan as they will.
+const BEGIN_BY_KEY: &str = "BEGIN; SET LOCAL enable_seqscan = off";
+
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 512;
 
@@ -398,7 +409,10 @@ async fn commit_on(
         }
         _ => {}
     }
-    let mut tx = conn.begin().await?;
+    let mut tx = match postgres {
+        true => conn.begin_with(BEGIN_BY_KEY).await?,
+        false => conn.begin().await?,
+    };
     *sent = true;
     let alone = writes.len() == 1;
     let mut batched: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
