@@ -11,17 +11,28 @@ use std::{
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::log::SagaStatus;
+use crate::log::{SagaStatus, SagaView};
 
 /// A committed change of a saga, as told to waiters and watchers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SagaChange {
     pub saga_id: Uuid,
     /// The saga's status after the change, when the change set it.
     pub status: Option<SagaStatus>,
+    /// The whole saga as the change left it, when it ended the saga and its
+    /// driver knows it so (it recorded the saga and drove it from there):
+    /// its waiters need not read it from the log.
+    pub view: Option<Arc<SagaView>>,
 }
 
-type Watchers = Arc<Mutex<HashMap<Uuid, watch::Sender<Option<SagaStatus>>>>>;
+/// What the watchers of one saga were told last.
+#[derive(Debug, Clone, Default)]
+struct Told {
+    status: Option<SagaStatus>,
+    view: Option<Arc<SagaView>>,
+}
+
+type Watchers = Arc<Mutex<HashMap<Uuid, watch::Sender<Told>>>>;
 
 pub(crate) struct Changes {
     one: Watchers,
@@ -39,7 +50,7 @@ impl Changes {
         let receiver = match one.get(&saga_id) {
             Some(sender) => sender.subscribe(),
             None => {
-                let (sender, receiver) = watch::channel(None);
+                let (sender, receiver) = watch::channel(Told::default());
                 one.insert(saga_id, sender);
                 receiver
             }
@@ -54,13 +65,19 @@ impl Changes {
     /// Wakes every waiter to re-read its saga (changes may have been missed).
     pub(crate) fn publish_all(&self) {
         for sender in self.one.lock().unwrap().values() {
-            tell(sender, None);
+            tell(sender, Told::default());
         }
     }
 
     pub(crate) fn publish(&self, change: SagaChange) {
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
-            tell(sender, change.status);
+            tell(
+                sender,
+                Told {
+                    status: change.status,
+                    view: change.view,
+                },
+            );
         }
     }
 }
@@ -71,12 +88,12 @@ impl Changes {
 /// told after the driver on another replica already ended the saga) once
 /// replaced CANCELLED before a watcher read it, and the watcher waited
 /// forever.
-fn tell(sender: &watch::Sender<Option<SagaStatus>>, status: Option<SagaStatus>) {
+fn tell(sender: &watch::Sender<Told>, told: Told) {
     sender.send_if_modified(|current| {
-        if current.is_some_and(SagaStatus::is_terminal) {
+        if current.status.is_some_and(SagaStatus::is_terminal) {
             return false;
         }
-        *current = status;
+        *current = told;
         true
     });
 }
@@ -85,7 +102,7 @@ fn tell(sender: &watch::Sender<Option<SagaStatus>>, status: Option<SagaStatus>) 
 /// misses no change committed after that point.
 pub struct SagaWatch {
     saga_id: Uuid,
-    receiver: Option<watch::Receiver<Option<SagaStatus>>>,
+    receiver: Option<watch::Receiver<Told>>,
     watchers: Watchers,
 }
 
@@ -99,7 +116,18 @@ impl SagaWatch {
         // The sender lives as long as any receiver (it leaves the map only
         // when the last one drops), so this can't fail while we hold one.
         let _ = receiver.changed().await;
-        *receiver.borrow_and_update()
+        receiver.borrow_and_update().status
+    }
+
+    /// The saga as its end left it, once a change that ended it was told
+    /// with it (see [`SagaChange::view`]).
+    pub fn final_view(&self) -> Option<Arc<SagaView>> {
+        let receiver = self.receiver.as_ref().expect("present until dropped");
+        let told = receiver.borrow();
+        told.status
+            .is_some_and(SagaStatus::is_terminal)
+            .then(|| told.view.clone())
+            .flatten()
     }
 }
 
@@ -131,6 +159,7 @@ mod tests {
         changes.publish(SagaChange {
             saga_id: a,
             status: None,
+            view: None,
         });
         tokio::time::timeout(Duration::from_secs(1), watch_a.changed())
             .await
@@ -150,12 +179,14 @@ mod tests {
         let mut watch = changes.watch(saga);
         changes.publish(SagaChange {
             saga_id: saga,
+            view: None,
             status: Some(SagaStatus::Cancelled),
         });
         // Told before the watcher read the first: it must not hide it.
         changes.publish(SagaChange {
             saga_id: saga,
             status: None,
+            view: None,
         });
         changes.publish_all();
         assert_eq!(watch.changed().await, Some(SagaStatus::Cancelled));

@@ -10,7 +10,10 @@
 //!   driver about it in the same statement that moves the saga on, so no
 //!   change of state can slip between the cancel and the driver's decision.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::Notify;
 use tonic::Status;
@@ -26,7 +29,7 @@ use crate::{
     events::NewEvent,
     log::{
         self, Applied, AttemptRecord, Checkpoint, MAX_RECORDED_ATTEMPTS, SagaState, SagaStatus,
-        StepRecord, StepStatus,
+        SagaView, StepRecord, StepStatus,
     },
     now_ms,
     retry::{Answer, classify},
@@ -104,6 +107,10 @@ pub(crate) struct Driver<'a, D> {
     /// The attempts of the step under way, until its next checkpoint
     /// takes them (see [`AttemptRecord`]).
     tries: std::sync::Mutex<Vec<AttemptRecord>>,
+    /// The saga as the log holds it, kept by applying each checkpoint as
+    /// the log does, when this driver recorded it; told with its end, so
+    /// that its waiters need not read it.
+    view: std::sync::Mutex<Option<SagaView>>,
 }
 
 impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
@@ -113,6 +120,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         data: &'a D,
         cancelled: &'a Notify,
         state: Driving,
+        recorded: Option<SagaView>,
     ) -> Self {
         Driver {
             inner,
@@ -121,6 +129,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             cancelled,
             state,
             tries: std::sync::Mutex::new(Vec::new()),
+            view: std::sync::Mutex::new(recorded),
         }
     }
 
@@ -298,6 +307,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             } else {
                 vec![]
             },
+            at_ms: now_ms(),
         };
         let applied = self.checkpoint(checkpoint).await?;
         self.state.cancel_requested |= applied.cancel_requested;
@@ -324,6 +334,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             enter_pivot: false,
             complete: true,
             events: self.announce_finished(SagaStatus::Completed, ""),
+            at_ms: now_ms(),
         };
         let applied = self.checkpoint(checkpoint).await?;
         self.state.cancel_requested |= applied.cancel_requested;
@@ -683,13 +694,16 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                     self.inner.changes.publish(SagaChange {
                         saga_id: self.saga_id,
                         status: Some(status),
+                        view: None,
                     });
                     return Err(Halt::Closed(status));
                 }
                 Ok(applied) => {
+                    let status = checkpoint.status_after(&applied);
                     self.inner.changes.publish(SagaChange {
                         saga_id: self.saga_id,
-                        status: checkpoint.status_after(&applied),
+                        status,
+                        view: self.keep_view(&checkpoint, &applied, status),
                     });
                     return Ok(applied);
                 }
@@ -704,6 +718,22 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                 }
             }
         }
+    }
+
+    /// Applies a committed checkpoint to the kept view, if this driver
+    /// keeps one; returns it when the checkpoint ended the saga.
+    fn keep_view(
+        &self,
+        checkpoint: &Checkpoint,
+        applied: &Applied,
+        status: Option<SagaStatus>,
+    ) -> Option<Arc<SagaView>> {
+        let mut view = self.view.lock().unwrap();
+        let kept = view.as_mut()?;
+        kept.apply(checkpoint, applied);
+        status
+            .is_some_and(SagaStatus::is_terminal)
+            .then(|| Arc::new(kept.clone()))
     }
 
     async fn sleep_unless_stopping(&self, wait: Duration) -> Result<(), Halt> {

@@ -334,10 +334,14 @@ where
                 first_step: inner.definition.steps[0].name(),
                 starts_at_pivot: inner.definition.pivot_index() == Some(0),
                 owner: inner.owner().to_owned(),
+                at_ms: crate::now_ms(),
             },
             admit,
             events,
         };
+        // The saga as the log records it: the driver keeps it so, and tells
+        // its end with it (see `SagaChange::view`).
+        let mut recorded = Some(SagaView::recorded(&start.saga));
         match inner.log.start(start).await {
             Ok(Admission::Admit) => {}
             Ok(Admission::Refuse) => return Ok(Started::Refused),
@@ -349,6 +353,7 @@ where
                     return Err(sqlx::Error::Protocol(err));
                 }
                 tracing::warn!(%saga_id, error = %err, "the commit of a new saga reported an error, but it is stored; driving it");
+                recorded = None;
             }
         }
         crash_points::reach(point::AFTER_START_COMMIT).await;
@@ -357,6 +362,7 @@ where
         inner.changes.publish(SagaChange {
             saga_id,
             status: Some(SagaStatus::Running),
+            view: None,
         });
         let state = Driving::new(
             Cursor::Forward {
@@ -365,7 +371,7 @@ where
             },
             FIRST_EPOCH,
         );
-        self.spawn_driver(claim, Arc::new(data), state, span);
+        self.spawn_driver(claim, Arc::new(data), state, recorded, span);
         Ok(Started::Started)
     }
 
@@ -470,6 +476,7 @@ where
             self.inner.changes.publish(SagaChange {
                 saga_id,
                 status: None,
+                view: None,
             });
         }
         Ok(outcome)
@@ -500,6 +507,7 @@ where
             self.inner.changes.publish(SagaChange {
                 saga_id,
                 status: Some(SagaStatus::Compensating),
+                view: None,
             });
         }
         Ok(outcome)
@@ -609,7 +617,7 @@ where
         };
         // The resumed steps join the saga's original trace.
         let span = self.saga_span(saga.saga_id, Some(&saga.trace_context));
-        self.spawn_driver(claim, Arc::new(data), state, span);
+        self.spawn_driver(claim, Arc::new(data), state, None, span);
         Ok(())
     }
 
@@ -774,6 +782,7 @@ where
                     inner.changes.publish(SagaChange {
                         saga_id: notice.saga_id,
                         status: notice.status,
+                        view: None,
                     });
                 }
             }
@@ -782,7 +791,16 @@ where
         }
     }
 
-    fn spawn_driver(&self, claim: Claim, data: Arc<D>, state: Driving, span: tracing::Span) {
+    /// `recorded`: the saga as the log holds it, when this engine recorded
+    /// it (a saga resumed from the log has none).
+    fn spawn_driver(
+        &self,
+        claim: Claim,
+        data: Arc<D>,
+        state: Driving,
+        recorded: Option<SagaView>,
+        span: tracing::Span,
+    ) {
         let inner = self.inner.clone();
         self.inner.drivers.spawn(
             async move {
@@ -790,7 +808,14 @@ where
                     return;
                 };
                 let _in_flight = inner.metrics.in_flight();
-                let driver = Driver::new(&inner, claim.saga_id, &data, &claim.cancelled, state);
+                let driver = Driver::new(
+                    &inner,
+                    claim.saga_id,
+                    &data,
+                    &claim.cancelled,
+                    state,
+                    recorded,
+                );
                 match driver.run().await {
                     Ok(()) => {}
                     Err(Stopped::Interrupted) => {

@@ -681,6 +681,44 @@ mod survives_20_percent_failures_and_20_percent_dropped_replies {
     }
 }
 
+on_both_stores!(an_order_told_at_its_end_is_the_order_the_log_holds);
+
+/// A `CreateOrder` that waits is answered with the saga as its driver kept
+/// it, step by step, rather than read back from the log: it must be the
+/// order `GetOrder` reads, field for field, whichever way it ended, with
+/// steps tried more than once (calls failed or their replies lost).
+async fn an_order_told_at_its_end_is_the_order_the_log_holds(backend: Backend) {
+    let faults = FaultSettings {
+        fault_unavailable_rate: 0.2,
+        fault_drop_reply_rate: 0.2,
+        fault_latency_ms: 0,
+    };
+    let system = System::start(backend, Options::faults_everywhere(faults)).await;
+    let client = system.client().await;
+    let orders = (0..24).map(|i| {
+        let client = client.clone();
+        async move {
+            let request = match i % 4 {
+                0 => order(&request_id(), "alice", &[("BOOK", 1)], "DE"),
+                1 => order(&request_id(), "poor", &[("BOOK", 1)], "DE"),
+                2 => order(&request_id(), "alice", &[("RARE", 5)], "DE"),
+                _ => order(&request_id(), "alice", &[("BOOK", 1)], "AQ"),
+            };
+            client.create_order_and_wait(request, WAIT).await.unwrap()
+        }
+    });
+    let told = futures::future::join_all(orders).await;
+    let mut retried = 0;
+    for order in &told {
+        let fetched = client.get_order(&order.order_id).await.unwrap();
+        assert_eq!(&fetched, order);
+        retried += usize::from(order.steps.iter().any(|s| s.attempts > 1));
+    }
+    let statuses: std::collections::HashSet<_> = told.iter().map(status).collect();
+    assert!(statuses.len() >= 3, "too few ways to end: {statuses:?}");
+    assert!(retried > 0, "no step was tried twice");
+}
+
 on_both_stores!(a_compensation_that_keeps_failing_stays_visible_and_is_announced);
 
 /// The stock service goes away after the reservation, so its release keeps

@@ -77,6 +77,11 @@ impl OrderApi {
             return Ok(store::load_one(&self.engine, order_id).await?.0);
         }
         loop {
+            // Told its end with the saga as it ended (its driver recorded
+            // it and kept it as the log holds it): nothing to read.
+            if let Some(view) = changes.final_view() {
+                return Ok(store::render(order_id, &view)?.0);
+            }
             let (order, status) = store::load_one(&self.engine, order_id).await?;
             if status.is_terminal() || !wait_for_change(deadline, &mut changes).await {
                 return Ok(order);

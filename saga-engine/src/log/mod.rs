@@ -132,6 +132,10 @@ pub struct NewSaga {
     pub starts_at_pivot: bool,
     /// The replica that records it drives it, at epoch 1.
     pub owner: String,
+    /// When it is recorded: its created and updated times, and its first
+    /// step's start. Chosen by the engine, which knows its saga as written
+    /// (see [`SagaView::recorded`]).
+    pub at_ms: i64,
 }
 
 /// The epoch a new saga starts with, under the replica that records it.
@@ -347,7 +351,7 @@ fn bind_new_saga<'q>(
     query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     saga: &NewSaga,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    let now = now_ms();
+    let now = saga.at_ms;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     bind_saga(query, saga, now)
         .bind(started.phase.as_str())
@@ -430,7 +434,7 @@ pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(),
             .await?;
         return Ok(());
     }
-    let now = now_ms();
+    let now = saga.at_ms;
     let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
     bind_saga(sqlx::query(INSERT_SAGA), saga, now)
         .execute(&mut *conn)
@@ -510,6 +514,8 @@ pub struct Checkpoint {
     pub complete: bool,
     /// Outbox events that commit with this change.
     pub events: Vec<NewEvent>,
+    /// When its driver made it: the saga's updated time once it is applied.
+    pub at_ms: i64,
 }
 
 impl Checkpoint {
@@ -529,6 +535,7 @@ impl Checkpoint {
             enter_pivot: false,
             complete: false,
             events,
+            at_ms: now_ms(),
         }
     }
 }
@@ -703,7 +710,7 @@ pub(crate) fn bind_state<'q>(
         .bind(status)
         .bind(next_step)
         .bind(failure_reason)
-        .bind(now_ms())
+        .bind(checkpoint.at_ms)
         .bind(i64::from(checkpoint.enter_pivot))
         .bind(saga_id)
         .bind(checkpoint.epoch)
@@ -906,6 +913,83 @@ const VIEW_SAGA_WITH_STEPS: &str = "SELECT s.data, s.status AS saga_status, s.pi
        st.name, st.phase, st.step_index, st.status AS step_status, st.attempts, st.last_error, st.output, \
        st.started_at_ms, st.finished_at_ms \
      FROM sagas s LEFT JOIN saga_steps st ON st.saga_id = s.saga_id WHERE s.saga_id = $1";
+
+impl SagaView {
+    /// A saga as [`insert_saga`] (and every statement that admits one)
+    /// records it: RUNNING, its first step started.
+    pub(crate) fn recorded(saga: &NewSaga) -> SagaView {
+        let first = StepRecord::started(Phase::Forward, 0, saga.first_step, saga.at_ms);
+        SagaView {
+            saga_id: saga.saga_id,
+            data_json: saga.data_json.clone(),
+            status: SagaStatus::Running,
+            pivot_passed: saga.starts_at_pivot,
+            cancel_requested: false,
+            failure_reason: String::new(),
+            trace_context: saga.trace_context.clone(),
+            created_at_ms: saga.at_ms,
+            updated_at_ms: saga.at_ms,
+            steps: vec![StepView::recorded(&first)],
+        }
+    }
+
+    /// The saga once `checkpoint` is applied as `applied` says (it moved
+    /// the saga: not closed, not fenced), as the log's statements leave it
+    /// ([`APPLY_STATE`] and the upsert of each step record): a driver that
+    /// recorded its saga keeps it so, and its waiters need not read it.
+    pub(crate) fn apply(&mut self, checkpoint: &Checkpoint, applied: &Applied) {
+        if checkpoint.complete {
+            // Refused (a cancel came first), the saga stays RUNNING.
+            self.status = match applied.completed {
+                true => SagaStatus::Completed,
+                false => SagaStatus::Running,
+            };
+        } else if let Some(state) = &checkpoint.state {
+            self.status = state.status;
+        }
+        if let Some(state) = &checkpoint.state {
+            self.failure_reason.clone_from(&state.failure_reason);
+        }
+        self.cancel_requested = applied.cancel_requested;
+        self.pivot_passed |= applied.pivot_entered;
+        self.updated_at_ms = checkpoint.at_ms;
+        for record in &checkpoint.steps {
+            let stored = self
+                .steps
+                .iter_mut()
+                .find(|s| s.phase == record.phase && s.index == record.index);
+            match stored {
+                Some(step) => {
+                    step.status = record.status;
+                    step.attempts = record.attempts;
+                    step.last_error.clone_from(&record.last_error);
+                    step.output.clone_from(&record.output);
+                    step.finished_at_ms = record.finished_at_ms;
+                    step.started_at_ms = step.started_at_ms.or(record.started_at_ms);
+                }
+                None => self.steps.push(StepView::recorded(record)),
+            }
+        }
+        sort_steps(&mut self.steps);
+    }
+}
+
+impl StepView {
+    /// A step record as its first upsert stores it.
+    fn recorded(record: &StepRecord) -> StepView {
+        StepView {
+            name: record.name.to_owned(),
+            phase: record.phase,
+            index: record.index,
+            status: record.status,
+            attempts: record.attempts,
+            last_error: record.last_error.clone(),
+            output: record.output.clone(),
+            started_at_ms: record.started_at_ms,
+            finished_at_ms: record.finished_at_ms,
+        }
+    }
+}
 
 /// Forward steps first, then compensations in the order they ran.
 pub(crate) fn sort_steps(steps: &mut [StepView]) {

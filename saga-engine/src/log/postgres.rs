@@ -48,15 +48,15 @@ use crate::{
 const APPLY_BATCH: &str = concat!(
     "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
-         enter_pivot boolean, status text, next_step bigint, failure_reason text)), ",
-    fresh_events_ctes!("$4"),
+         enter_pivot boolean, status text, next_step bigint, failure_reason text, at_ms bigint)), ",
+    fresh_events_ctes!("$3"),
     ", \
      moved AS ( \
        UPDATE sagas s SET \
          status = CASE WHEN c.complete THEN (CASE WHEN s.cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
                   ELSE COALESCE(c.status, s.status) END, \
          next_step = COALESCE(c.next_step, s.next_step), \
-         failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = $3, \
+         failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = c.at_ms, \
          pivot_passed = CASE WHEN c.enter_pivot AND s.cancel_requested = 0 THEN 1 ELSE s.pivot_passed END, \
          events_sequence = s.events_sequence + \
            CASE WHEN c.complete AND s.cancel_requested <> 0 THEN 0 ELSE COALESCE(k.n, 0) END \
@@ -107,7 +107,6 @@ pub(crate) async fn apply_batch(
     let rows = sqlx::query(APPLY_BATCH)
         .bind(sagas)
         .bind(steps)
-        .bind(now_ms())
         .bind(events)
         .fetch_all(&mut *conn)
         .await?;
@@ -145,6 +144,7 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
             "status": status,
             "next_step": next_step,
             "failure_reason": failure_reason,
+            "at_ms": checkpoint.at_ms,
         }));
         for step in &checkpoint.steps {
             steps.push(json!({

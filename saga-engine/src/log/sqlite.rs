@@ -281,7 +281,7 @@ fn start_saga(tx: &mut rusqlite::Transaction<'_>, start: &Start) -> rusqlite::Re
 }
 
 fn insert_saga(conn: &Connection, saga: &NewSaga) -> rusqlite::Result<()> {
-    let now = now_ms();
+    let now = saga.at_ms;
     conn.prepare_cached(INSERT_SAGA)?.execute(params![
         saga.saga_id.to_string(),
         saga.kind,
@@ -328,7 +328,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
                 status,
                 next_step,
                 failure_reason,
-                now_ms(),
+                checkpoint.at_ms,
                 i64::from(checkpoint.enter_pivot),
                 id,
                 checkpoint.epoch,

@@ -78,6 +78,10 @@ async fn leave_as_crashed(pool: &AnyPool, world: &World, position: Position) -> 
             first_step: STEPS[0],
             starts_at_pivot: false,
             owner: "local".into(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
         },
     )
     .await

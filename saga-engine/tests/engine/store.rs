@@ -166,6 +166,10 @@ pub async fn new_saga(pool: &AnyPool) -> uuid::Uuid {
             first_step: "a",
             starts_at_pivot: false,
             owner: "local".into(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
         },
     )
     .await
