@@ -61,8 +61,51 @@ pub fn has_forward_step(
     })
 }
 
+/// PostgreSQL: sends `raced` in a race with another connection, in a batch
+/// of the shared transaction after `before`, and returns both answers:
+/// - one transaction holds a lock `before` needs (`hold`, a statement), and
+///   another has written, not yet committed, the row `raced` will write
+///   too (`theirs`, a statement whose `$1` is `order_id`);
+/// - `before` is sent and waits on the lock, and `raced` queues behind it;
+/// - the lock is let go: `raced` runs next in the same batch, comes to wait
+///   on the other's row, which then commits.
+pub async fn race_in_a_batch<B, R>(
+    pool: &sqlx::AnyPool,
+    hold: &'static str,
+    theirs: &'static str,
+    order_id: &str,
+    before: impl Future<Output = B> + Send + 'static,
+    raced: impl Future<Output = R> + Send + 'static,
+) -> (B, R)
+where
+    B: Send + 'static,
+    R: Send + 'static,
+{
+    let mut holding = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(hold))
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    let mut writing = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(theirs))
+        .bind(order_id)
+        .execute(&mut *writing)
+        .await
+        .unwrap();
+    let before = tokio::spawn(before);
+    until_blocked_by(pool, backend_pid(&mut holding).await).await;
+    let raced = tokio::spawn(raced);
+    // Queued behind the request before, in its batch.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holding.commit().await.unwrap();
+    until_blocked_by(pool, backend_pid(&mut writing).await).await;
+    writing.commit().await.unwrap();
+    let raced = raced.await.unwrap();
+    (before.await.unwrap(), raced)
+}
+
 /// The backend process of a connection (a transaction a test holds open).
-pub async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
+async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(conn)
         .await
@@ -71,7 +114,7 @@ pub async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
 
 /// Waits until a statement on the database behind `pool` waits on a lock
 /// that the backend `blocker` holds (a race set up by a test).
-pub async fn until_blocked_by(pool: &sqlx::AnyPool, blocker: i32) {
+async fn until_blocked_by(pool: &sqlx::AnyPool, blocker: i32) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let waiting: i64 = sqlx::query_scalar(

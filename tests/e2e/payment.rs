@@ -8,7 +8,7 @@ use ordersaga_proto::payment::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, backend_pid, order_id, request_id, until_blocked_by};
+use crate::assertions::{assert_status, order_id, race_in_a_batch, request_id};
 
 on_both_stores!(
     repeated_charge_returns_the_same_reply_and_debits_once,
@@ -322,46 +322,28 @@ async fn a_charge_raced_by_another_connection_debits_nothing() {
     open(&mut client, "bob", 10_000).await;
     let order = order_id();
     let pool = svc.db.pool().await;
-    // One holds bob's account, for the request before; one the order's
-    // charge, not yet committed.
-    let mut bobs = pool.begin().await.unwrap();
-    sqlx::query("SELECT customer_id FROM accounts WHERE customer_id = 'bob' FOR UPDATE")
-        .execute(&mut *bobs)
-        .await
-        .unwrap();
-    let mut theirs = pool.begin().await.unwrap();
-    sqlx::query(
+    let request = charge(&request_id(), &order, "alice", 2_500);
+    let send = |request: ChargeRequest| {
+        let mut client = client.clone();
+        async move { client.charge(authed(request)).await }
+    };
+    let (before, raced) = race_in_a_batch(
+        &pool,
+        "SELECT customer_id FROM accounts WHERE customer_id = 'bob' FOR UPDATE",
         "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
          VALUES ($1, 'theirs', 'alice', 2500, 'EUR', 'charged', 0, 0)",
+        &order,
+        send(charge(&request_id(), &order_id(), "bob", 1_000)),
+        send(request.clone()),
     )
-    .bind(&order)
-    .execute(&mut *theirs)
-    .await
-    .unwrap();
-    let before = tokio::spawn({
-        let mut client = client.clone();
-        let request = charge(&request_id(), &order_id(), "bob", 1_000);
-        async move { client.charge(authed(request)).await }
-    });
-    until_blocked_by(&pool, backend_pid(&mut bobs).await).await;
-    let request = charge(&request_id(), &order, "alice", 2_500);
-    let charging = tokio::spawn({
-        let (mut client, request) = (client.clone(), request.clone());
-        async move { client.charge(authed(request)).await }
-    });
-    // Queued behind the request before, in its batch.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    bobs.commit().await.unwrap();
-    until_blocked_by(&pool, backend_pid(&mut theirs).await).await;
-    theirs.commit().await.unwrap();
-    let raced = charging.await.unwrap();
+    .await;
     assert_eq!(
         balance(&mut client, "alice").await.0,
         10_000,
         "alice was debited"
     );
     assert_status(raced, Code::Unavailable, &["unavailable, retry"]);
-    before.await.unwrap().expect("the request before");
+    before.expect("the request before");
     assert_eq!(balance(&mut client, "bob").await.0, 9_000);
     assert_status(
         client.charge(authed(request)).await,

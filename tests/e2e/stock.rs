@@ -8,7 +8,7 @@ use ordersaga_proto::stock::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, backend_pid, order_id, request_id, until_blocked_by};
+use crate::assertions::{assert_status, order_id, race_in_a_batch, request_id};
 
 on_both_stores!(
     a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
@@ -546,46 +546,28 @@ async fn a_reservation_raced_by_another_connection_takes_no_stock() {
     seed(&mut client, "PEAR", 10, 99).await;
     let order = order_id();
     let pool = svc.db.pool().await;
-    // One holds PEAR's row, for the request before; one the order's
-    // reservation, not yet committed.
-    let mut pear = pool.begin().await.unwrap();
-    sqlx::query("SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE")
-        .execute(&mut *pear)
-        .await
-        .unwrap();
-    let mut theirs = pool.begin().await.unwrap();
-    sqlx::query(
+    let request = priced(&request_id(), &order, "APPLE", 150, "EUR");
+    let send = |request: ReserveStockRequest| {
+        let mut client = client.clone();
+        async move { client.reserve_stock(authed(request)).await }
+    };
+    let (before, raced) = race_in_a_batch(
+        &pool,
+        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
         "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
          VALUES ($1, 'theirs', 'reserved', 0, 'EUR', 0, 0)",
+        &order,
+        send(priced(&request_id(), &order_id(), "PEAR", 99, "EUR")),
+        send(request.clone()),
     )
-    .bind(&order)
-    .execute(&mut *theirs)
-    .await
-    .unwrap();
-    let before = tokio::spawn({
-        let mut client = client.clone();
-        let request = priced(&request_id(), &order_id(), "PEAR", 99, "EUR");
-        async move { client.reserve_stock(authed(request)).await }
-    });
-    until_blocked_by(&pool, backend_pid(&mut pear).await).await;
-    let request = priced(&request_id(), &order, "APPLE", 150, "EUR");
-    let reserving = tokio::spawn({
-        let (mut client, request) = (client.clone(), request.clone());
-        async move { client.reserve_stock(authed(request)).await }
-    });
-    // Queued behind the request before, in its batch.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    pear.commit().await.unwrap();
-    until_blocked_by(&pool, backend_pid(&mut theirs).await).await;
-    theirs.commit().await.unwrap();
-    let raced = reserving.await.unwrap();
+    .await;
     assert_eq!(
         levels(&mut client, "APPLE").await,
         (10, 0),
         "stock was taken"
     );
     assert_status(raced, Code::Unavailable, &["unavailable, retry"]);
-    before.await.unwrap().expect("the request before");
+    before.expect("the request before");
     assert_eq!(levels(&mut client, "PEAR").await, (9, 1));
     assert_status(
         client.reserve_stock(authed(request)).await,
