@@ -69,6 +69,18 @@ impl Changes {
         }
     }
 
+    /// A saga that had ended runs again (an operator reopened it): unlike
+    /// any other word, this one replaces the end its watchers were told,
+    /// and the saga as it ended with it.
+    pub(crate) fn reopened(&self, saga_id: Uuid, status: SagaStatus) {
+        if let Some(sender) = self.one.lock().unwrap().get(&saga_id) {
+            sender.send_replace(Told {
+                status: Some(status),
+                view: None,
+            });
+        }
+    }
+
     pub(crate) fn publish(&self, change: SagaChange) {
         if let Some(sender) = self.one.lock().unwrap().get(&change.saga_id) {
             tell(
@@ -190,6 +202,35 @@ mod tests {
         });
         changes.publish_all();
         assert_eq!(watch.changed().await, Some(SagaStatus::Cancelled));
+    }
+
+    #[tokio::test]
+    async fn a_reopened_saga_replaces_the_end_its_watchers_were_told() {
+        let changes = Changes::new();
+        let saga = Uuid::new_v4();
+        let mut watch = changes.watch(saga);
+        let ended = SagaView {
+            saga_id: saga,
+            data_json: "{}".into(),
+            status: SagaStatus::NeedsAttention,
+            pivot_passed: false,
+            cancel_requested: false,
+            failure_reason: "stuck".into(),
+            trace_context: String::new(),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            steps: vec![],
+        };
+        changes.publish(SagaChange {
+            saga_id: saga,
+            status: Some(SagaStatus::NeedsAttention),
+            view: Some(Arc::new(ended)),
+        });
+        assert_eq!(watch.changed().await, Some(SagaStatus::NeedsAttention));
+        assert!(watch.final_view().is_some());
+        changes.reopened(saga, SagaStatus::Compensating);
+        assert_eq!(watch.changed().await, Some(SagaStatus::Compensating));
+        assert!(watch.final_view().is_none(), "the end before the reopen");
     }
 
     #[tokio::test]

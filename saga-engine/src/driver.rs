@@ -307,7 +307,6 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             } else {
                 vec![]
             },
-            at_ms: now_ms(),
         };
         let applied = self.checkpoint(checkpoint).await?;
         self.state.cancel_requested |= applied.cancel_requested;
@@ -334,7 +333,6 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
             enter_pivot: false,
             complete: true,
             events: self.announce_finished(SagaStatus::Completed, ""),
-            at_ms: now_ms(),
         };
         let applied = self.checkpoint(checkpoint).await?;
         self.state.cancel_requested |= applied.cancel_requested;
@@ -729,11 +727,12 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         status: Option<SagaStatus>,
     ) -> Option<Arc<SagaView>> {
         let mut view = self.view.lock().unwrap();
-        let kept = view.as_mut()?;
-        kept.apply(checkpoint, applied);
-        status
-            .is_some_and(SagaStatus::is_terminal)
-            .then(|| Arc::new(kept.clone()))
+        view.as_mut()?.apply(checkpoint, applied);
+        // The saga's end: its driver stops here, and no longer needs it.
+        match status.is_some_and(SagaStatus::is_terminal) {
+            true => view.take().map(Arc::new),
+            false => None,
+        }
     }
 
     async fn sleep_unless_stopping(&self, wait: Duration) -> Result<(), Halt> {

@@ -501,14 +501,14 @@ where
             .await
             .map_err(sqlx::Error::Protocol)?;
         if outcome == ReopenOutcome::Reopened {
+            // Told before its driver starts, which may end it again at once:
+            // the end it tells then comes after.
+            self.inner
+                .changes
+                .reopened(saga_id, SagaStatus::Compensating);
             if let Err(err) = self.ensure_driven(saga_id).await {
                 tracing::warn!(%saga_id, error = %err, "cannot drive a reopened saga now; it resumes at the next start");
             }
-            self.inner.changes.publish(SagaChange {
-                saga_id,
-                status: Some(SagaStatus::Compensating),
-                view: None,
-            });
         }
         Ok(outcome)
     }

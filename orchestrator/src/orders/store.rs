@@ -84,6 +84,7 @@ impl Admit for AdmitOrder {
     fn admit<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
+        at_ms: i64,
     ) -> BoxFuture<'c, Result<Admission, sqlx::Error>> {
         Box::pin(async move {
             let inserted = sqlx::query(INSERT_ORDER)
@@ -91,7 +92,7 @@ impl Admit for AdmitOrder {
                 .bind(&self.request_id)
                 .bind(&self.fingerprint)
                 .bind(&self.customer_id)
-                .bind(svc_kit::time::now_ms())
+                .bind(at_ms)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
@@ -106,16 +107,17 @@ impl Admit for AdmitOrder {
     fn bind_insert<'q>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        at_ms: i64,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
         query
             .bind(&self.order_id)
             .bind(&self.request_id)
             .bind(&self.fingerprint)
             .bind(&self.customer_id)
-            .bind(svc_kit::time::now_ms())
+            .bind(at_ms)
     }
 
-    fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission> {
+    fn admit_sqlite(&self, conn: &rusqlite::Connection, at_ms: i64) -> rusqlite::Result<Admission> {
         let inserted = conn
             .prepare_cached(INSERT_ORDER)?
             .execute(rusqlite::params![
@@ -123,7 +125,7 @@ impl Admit for AdmitOrder {
                 self.request_id,
                 self.fingerprint,
                 self.customer_id,
-                svc_kit::time::now_ms(),
+                at_ms,
             ])?;
         Ok(admission(inserted as u64))
     }

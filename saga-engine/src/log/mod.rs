@@ -377,7 +377,7 @@ pub(crate) async fn insert_saga_admitted(
         .bind(crate::notifications::CHANGES)
         .bind(notify_as.map(|sender| sender.to_string()));
     let written: i64 = admit
-        .bind_insert(query)
+        .bind_insert(query, saga.at_ms)
         .fetch_one(&mut *conn)
         .await?
         .try_get(0)?;
@@ -412,7 +412,7 @@ pub(crate) async fn insert_sagas_admitted(
             .bind(events::numbered_from_one(one.events, now_ms()))
             .bind(crate::notifications::CHANGES)
             .bind(None::<String>);
-        query = one.admit.bind_insert(query);
+        query = one.admit.bind_insert(query, one.saga.at_ms);
     }
     let row = query.fetch_one(&mut *conn).await?;
     (0..sagas.len())
@@ -514,8 +514,6 @@ pub struct Checkpoint {
     pub complete: bool,
     /// Outbox events that commit with this change.
     pub events: Vec<NewEvent>,
-    /// When its driver made it: the saga's updated time once it is applied.
-    pub at_ms: i64,
 }
 
 impl Checkpoint {
@@ -535,7 +533,6 @@ impl Checkpoint {
             enter_pivot: false,
             complete: false,
             events,
-            at_ms: now_ms(),
         }
     }
 }
@@ -584,6 +581,8 @@ pub struct Applied {
     /// The saga is open but at another epoch: another replica claimed it
     /// since this driver did, so nothing was written.
     pub fenced: bool,
+    /// The saga's updated time as written (0 when nothing was).
+    pub updated_at_ms: i64,
 }
 
 impl Applied {
@@ -594,6 +593,7 @@ impl Applied {
             completed: false,
             closed: Some(status),
             fenced: false,
+            updated_at_ms: 0,
         }
     }
 
@@ -635,7 +635,7 @@ pub(crate) const APPLY_STATE: &str = "UPDATE sagas SET \
      failure_reason = COALESCE($4, failure_reason), updated_at_ms = $5, \
      pivot_passed = CASE WHEN $6 = 1 AND cancel_requested = 0 THEN 1 ELSE pivot_passed END \
      WHERE saga_id = $7 AND status IN ('RUNNING', 'COMPENSATING') AND epoch = $8 \
-     RETURNING status, cancel_requested, pivot_passed, saga_id, epoch";
+     RETURNING status, cancel_requested, pivot_passed, saga_id, epoch, updated_at_ms";
 
 pub(crate) const SAGA_STATUS: &str = "SELECT status FROM sagas WHERE saga_id = $1";
 
@@ -710,7 +710,7 @@ pub(crate) fn bind_state<'q>(
         .bind(status)
         .bind(next_step)
         .bind(failure_reason)
-        .bind(checkpoint.at_ms)
+        .bind(now_ms())
         .bind(i64::from(checkpoint.enter_pivot))
         .bind(saga_id)
         .bind(checkpoint.epoch)
@@ -738,6 +738,7 @@ pub(crate) struct Moved {
     pub status: String,
     pub cancel_requested: bool,
     pub pivot_passed: bool,
+    pub updated_at_ms: i64,
 }
 
 impl Moved {
@@ -746,6 +747,7 @@ impl Moved {
             status: row.try_get("status")?,
             cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
             pivot_passed: row.try_get::<i64, _>("pivot_passed")? == 1,
+            updated_at_ms: row.try_get("updated_at_ms")?,
         })
     }
 }
@@ -782,6 +784,7 @@ pub(crate) async fn moved_apart_from_events(
         completed: checkpoint.complete && row.status == "COMPLETED",
         closed: None,
         fenced: false,
+        updated_at_ms: row.updated_at_ms,
     })
 }
 
@@ -952,7 +955,8 @@ impl SagaView {
         }
         self.cancel_requested = applied.cancel_requested;
         self.pivot_passed |= applied.pivot_entered;
-        self.updated_at_ms = checkpoint.at_ms;
+        // As written (the writer stamps it when it binds the statement).
+        self.updated_at_ms = applied.updated_at_ms;
         for record in &checkpoint.steps {
             let stored = self
                 .steps

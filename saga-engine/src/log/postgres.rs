@@ -48,22 +48,22 @@ use crate::{
 const APPLY_BATCH: &str = concat!(
     "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
-         enter_pivot boolean, status text, next_step bigint, failure_reason text, at_ms bigint)), ",
-    fresh_events_ctes!("$3"),
+         enter_pivot boolean, status text, next_step bigint, failure_reason text)), ",
+    fresh_events_ctes!("$4"),
     ", \
      moved AS ( \
        UPDATE sagas s SET \
          status = CASE WHEN c.complete THEN (CASE WHEN s.cancel_requested = 0 THEN 'COMPLETED' ELSE 'RUNNING' END) \
                   ELSE COALESCE(c.status, s.status) END, \
          next_step = COALESCE(c.next_step, s.next_step), \
-         failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = c.at_ms, \
+         failure_reason = COALESCE(c.failure_reason, s.failure_reason), updated_at_ms = $3, \
          pivot_passed = CASE WHEN c.enter_pivot AND s.cancel_requested = 0 THEN 1 ELSE s.pivot_passed END, \
          events_sequence = s.events_sequence + \
            CASE WHEN c.complete AND s.cancel_requested <> 0 THEN 0 ELSE COALESCE(k.n, 0) END \
        FROM c LEFT JOIN counts k ON k.aggregate_id = c.saga_id \
        WHERE s.saga_id = c.saga_id AND s.saga_id = ANY(ARRAY(SELECT saga_id FROM c)) \
          AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
-       RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch, \
+       RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch, s.updated_at_ms, \
          s.events_sequence - COALESCE(k.n, 0) AS events_base, \
          (NOT c.complete OR s.cancel_requested = 0) AS announces), \
      steps AS ( \
@@ -84,7 +84,7 @@ const APPLY_BATCH: &str = concat!(
        FROM fresh f JOIN moved m ON m.saga_id = f.aggregate_id \
        WHERE m.announces \
        ORDER BY f.ord) \
-     SELECT saga_id, status, cancel_requested, pivot_passed FROM moved"
+     SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms FROM moved"
 );
 
 /// Whether [`apply_batch`] can take these checkpoints: each saga once, and
@@ -107,6 +107,7 @@ pub(crate) async fn apply_batch(
     let rows = sqlx::query(APPLY_BATCH)
         .bind(sagas)
         .bind(steps)
+        .bind(now_ms())
         .bind(events)
         .fetch_all(&mut *conn)
         .await?;
@@ -144,7 +145,6 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
             "status": status,
             "next_step": next_step,
             "failure_reason": failure_reason,
-            "at_ms": checkpoint.at_ms,
         }));
         for step in &checkpoint.steps {
             steps.push(json!({
@@ -224,7 +224,8 @@ fn alone_sql(steps: usize) -> String {
              CASE WHEN $1 = 1 THEN (CASE WHEN m.status = 'COMPLETED' THEN 'COMPLETED' ELSE '-' END) \
                   ELSE COALESCE($2, '-') END)::text AS told \
            FROM moved m WHERE $10 IS NOT NULL) \
-         SELECT m.saga_id, m.status, m.cancel_requested, m.pivot_passed, told.told FROM moved m LEFT JOIN told ON true"
+         SELECT m.saga_id, m.status, m.cancel_requested, m.pivot_passed, m.updated_at_ms, told.told \
+         FROM moved m LEFT JOIN told ON true"
     )
 }
 

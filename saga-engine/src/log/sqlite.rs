@@ -270,7 +270,7 @@ fn start_saga(tx: &mut rusqlite::Transaction<'_>, start: &Start) -> rusqlite::Re
     // neighbours' in the batch. Dropped without commit, it rolls back.
     let savepoint = tx.savepoint()?;
     insert_saga(&savepoint, &start.saga)?;
-    if start.admit.admit_sqlite(&savepoint)? == Admission::Refuse {
+    if start.admit.admit_sqlite(&savepoint, start.saga.at_ms)? == Admission::Refuse {
         return Ok(Admission::Refuse);
     }
     for event in &start.events {
@@ -328,7 +328,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
                 status,
                 next_step,
                 failure_reason,
-                checkpoint.at_ms,
+                now_ms(),
                 i64::from(checkpoint.enter_pivot),
                 id,
                 checkpoint.epoch,
@@ -338,11 +338,12 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
+                    r.get::<_, i64>("updated_at_ms")?,
                 ))
             },
         )
         .optional()?;
-    let Some((new_status, cancel_requested, pivot_passed)) = row else {
+    let Some((new_status, cancel_requested, pivot_passed, updated_at_ms)) = row else {
         // Already terminal: applied before (its COMMIT's reply was lost), or
         // another driver ended the saga; or another replica holds it now.
         // Nothing to write.
@@ -378,6 +379,7 @@ fn apply(conn: &Connection, checkpoint: &Checkpoint) -> rusqlite::Result<Applied
         completed,
         closed: None,
         fenced: false,
+        updated_at_ms,
     })
 }
 

@@ -56,15 +56,19 @@ const MAX_BATCH: usize = 512;
 /// idempotency key). Written once per kind of store: through sqlx, and on the
 /// SQLite log writer's own connection. Either may refuse; then nothing of the
 /// saga is written.
+///
+/// Each method is given `at_ms`, the time the saga is recorded at (its
+/// created time), for rows of the caller's that keep one: the two agree.
 pub trait Admit: Send + Sync + 'static {
     /// Through sqlx, inside the transaction that records the saga.
     fn admit<'c>(
         &'c self,
         conn: &'c mut AnyConnection,
+        at_ms: i64,
     ) -> BoxFuture<'c, Result<Admission, sqlx::Error>>;
 
     /// On a SQLite file, inside the transaction that records the saga.
-    fn admit_sqlite(&self, conn: &rusqlite::Connection) -> rusqlite::Result<Admission>;
+    fn admit_sqlite(&self, conn: &rusqlite::Connection, at_ms: i64) -> rusqlite::Result<Admission>;
 
     /// On PostgreSQL, the caller's rows as one `INSERT … RETURNING 1` that
     /// returns no row to refuse (e.g. `ON CONFLICT DO NOTHING`), its
@@ -83,6 +87,7 @@ pub trait Admit: Send + Sync + 'static {
     fn bind_insert<'q>(
         &self,
         query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        _at_ms: i64,
     ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
         query
     }
@@ -676,5 +681,5 @@ async fn admit_start(
         .await;
     }
     insert_saga(conn, &start.saga).await?;
-    start.admit.admit(conn).await
+    start.admit.admit(conn, start.saga.at_ms).await
 }

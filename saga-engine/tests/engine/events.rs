@@ -29,7 +29,6 @@ fn announcing(saga: Uuid, keys: &[&str], complete: bool) -> Checkpoint {
         enter_pivot: false,
         complete,
         events: keys.iter().map(|key| event(saga, key)).collect(),
-        at_ms: 1_000,
     }
 }
 
@@ -69,7 +68,6 @@ async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
         enter_pivot: false,
         complete: false,
         events: vec![event(saga, "finished")],
-        at_ms: 1_000,
     };
     // The second commit is what the driver sends after a lost reply to the first.
     writer.commit(finished.clone()).await.unwrap();

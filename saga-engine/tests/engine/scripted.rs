@@ -371,11 +371,12 @@ impl Admit for AdmitAll {
     fn admit<'c>(
         &'c self,
         _: &'c mut sqlx::AnyConnection,
+        _: i64,
     ) -> futures::future::BoxFuture<'c, Result<Admission, sqlx::Error>> {
         Box::pin(async { Ok(Admission::Admit) })
     }
 
-    fn admit_sqlite(&self, _: &rusqlite::Connection) -> rusqlite::Result<Admission> {
+    fn admit_sqlite(&self, _: &rusqlite::Connection, _: i64) -> rusqlite::Result<Admission> {
         Ok(Admission::Admit)
     }
 }

@@ -33,7 +33,6 @@ fn step_done(saga: Uuid) -> Checkpoint {
             data: serde_json::Map::new(),
             traceparent: String::new(),
         }],
-        at_ms: 1_000,
     }
 }
 
