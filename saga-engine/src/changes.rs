@@ -62,6 +62,11 @@ impl Changes {
         }
     }
 
+    /// Whether anyone waits on this saga's changes now.
+    pub(crate) fn is_watched(&self, saga_id: Uuid) -> bool {
+        self.one.lock().unwrap().contains_key(&saga_id)
+    }
+
     /// Wakes every waiter to re-read its saga (changes may have been missed).
     pub(crate) fn publish_all(&self) {
         for sender in self.one.lock().unwrap().values() {

@@ -727,6 +727,11 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         status: Option<SagaStatus>,
     ) -> Option<Arc<SagaView>> {
         let mut view = self.view.lock().unwrap();
+        if view.is_some() && !self.inner.changes.is_watched(self.saga_id) {
+            // Nobody waits any more (a `CreateOrder` that did not wait has
+            // answered): a later watcher reads the log.
+            *view = None;
+        }
         view.as_mut()?.apply(checkpoint, applied);
         // The saga's end: its driver stops here, and no longer needs it.
         match status.is_some_and(SagaStatus::is_terminal) {

@@ -340,8 +340,14 @@ where
             events,
         };
         // The saga as the log records it: the driver keeps it so, and tells
-        // its end with it (see `SagaChange::view`).
-        let mut recorded = Some(SagaView::recorded(&start.saga));
+        // its end with it (see `SagaChange::view`), while someone waits for
+        // it from the start (a `CreateOrder` that waits). Kept for every
+        // saga, it cost 1.4 KB each (10,000 in flight: 122 → 136 MB); one
+        // watched later reads the log.
+        let mut recorded = inner
+            .changes
+            .is_watched(saga_id)
+            .then(|| SagaView::recorded(&start.saga));
         match inner.log.start(start).await {
             Ok(Admission::Admit) => {}
             Ok(Admission::Refuse) => return Ok(Started::Refused),

@@ -298,12 +298,8 @@ where
                     }
                     Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
                 };
-                let claimed = sqlx::query(CLAIM_WITH_REPLY)
-                    .bind(key.request_id)
-                    .bind(key.method)
-                    .bind(key.fingerprint.clone())
-                    .bind(now_ms())
-                    .bind(reply.encode_to_vec())
+                let claimed = claim
+                    .bind(sqlx::query(CLAIM_WITH_REPLY), &reply)
                     .execute(&mut *conn)
                     .await?
                     .rows_affected()
