@@ -45,7 +45,14 @@ use crate::{
     notifications, now_ms,
 };
 
-const APPLY_BATCH: &str = concat!(
+/// The batch's work, shared by [`APPLY_BATCH`] and [`APPLY_BATCH_TOLD`]: a
+/// macro, so that both stay `concat!`-ed literals. `moved` also returns
+/// what each moved saga's notice says (see [`super::writer`]'s `notices`):
+/// the status the checkpoint set, `COMPLETED` for a completion that took,
+/// `-` for one refused because a cancel came first, or for none.
+macro_rules! apply_batch_ctes {
+    () => {
+        concat!(
     "WITH c AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
          enter_pivot boolean, status text, next_step bigint, failure_reason text)), ",
@@ -65,7 +72,9 @@ const APPLY_BATCH: &str = concat!(
          AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
        RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch, s.updated_at_ms, \
          s.events_sequence - COALESCE(k.n, 0) AS events_base, \
-         (NOT c.complete OR s.cancel_requested = 0) AS announces), \
+         (NOT c.complete OR s.cancel_requested = 0) AS announces, \
+         CASE WHEN c.complete THEN (CASE WHEN s.status = 'COMPLETED' THEN 'COMPLETED' ELSE '-' END) \
+              ELSE COALESCE(c.status, '-') END AS told_status), \
      steps AS ( \
        INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
        SELECT st.saga_id, st.phase, st.step_index, st.name, st.status, st.attempts, st.last_error, st.output, \
@@ -83,8 +92,32 @@ const APPLY_BATCH: &str = concat!(
               f.traceparent, f.at_ms, m.epoch \
        FROM fresh f JOIN moved m ON m.saga_id = f.aggregate_id \
        WHERE m.announces \
-       ORDER BY f.ord) \
-     SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms FROM moved"
+       ORDER BY f.ord)"
+        )
+    };
+}
+
+const APPLY_BATCH: &str = concat!(
+    apply_batch_ctes!(),
+    " SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms FROM moved"
+);
+
+/// [`APPLY_BATCH`] as a statement that commits alone, telling the other
+/// replicas in it (`$5`, the channel; `$6`, the sender, or `NULL` for no
+/// notice): a notice per moved saga, in payloads of at most 120 lines
+/// (about 6,000 bytes, under PostgreSQL's 8,000; see
+/// [`notifications::encode`]). The notices go out only if the statement
+/// commits, as they would with a transaction's.
+const APPLY_BATCH_TOLD: &str = concat!(
+    apply_batch_ctes!(),
+    ", \
+     told AS ( \
+       SELECT pg_notify($5, $6 || string_agg(chr(10) || p.saga_id || ' ' || p.told_status, '' ORDER BY p.i)) \
+       FROM (SELECT saga_id, told_status, row_number() OVER () - 1 AS i FROM moved) p \
+       WHERE $6 IS NOT NULL GROUP BY p.i / 120) \
+     SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, \
+       (SELECT count(*) FROM told) AS told \
+     FROM moved"
 );
 
 /// Whether [`apply_batch`] can take these checkpoints: each saga once, and
@@ -103,14 +136,57 @@ pub(crate) async fn apply_batch(
     conn: &mut AnyConnection,
     checkpoints: &[&Checkpoint],
 ) -> Result<Vec<Applied>, sqlx::Error> {
+    run_batch(conn, checkpoints, None).await
+}
+
+/// Whether [`apply_batch_alone`] can take these checkpoints: they
+/// [`fits_batch`], and none leaves anything to write after the statement
+/// (retried attempts), which would commit apart from it.
+pub(crate) fn fits_batch_alone<'a>(
+    checkpoints: impl Iterator<Item = &'a Checkpoint> + Clone,
+) -> bool {
+    fits_batch(checkpoints.clone())
+        && checkpoints
+            .flat_map(|c| &c.steps)
+            .all(|s| s.attempt_log.is_empty())
+}
+
+/// Applies checkpoints that [`fits_batch_alone`] as one statement outside
+/// any transaction: it commits with the statement, and with `notify_as` the
+/// other replicas hear of it in the same commit. In a transaction the batch
+/// cost three round trips more (`BEGIN`, `pg_notify`, `COMMIT`), each on the
+/// path of every saga in it.
+pub(crate) async fn apply_batch_alone(
+    conn: &mut AnyConnection,
+    checkpoints: &[&Checkpoint],
+    notify_as: Option<Uuid>,
+) -> Result<Vec<Applied>, sqlx::Error> {
+    debug_assert!(fits_batch_alone(checkpoints.iter().copied()));
+    run_batch(conn, checkpoints, Some(notify_as)).await
+}
+
+/// [`APPLY_BATCH`], or with `told` (the sender, if any) [`APPLY_BATCH_TOLD`].
+async fn run_batch(
+    conn: &mut AnyConnection,
+    checkpoints: &[&Checkpoint],
+    told: Option<Option<Uuid>>,
+) -> Result<Vec<Applied>, sqlx::Error> {
     let (sagas, steps, events) = parameters(checkpoints);
-    let rows = sqlx::query(APPLY_BATCH)
+    let sql = match told {
+        Some(_) => APPLY_BATCH_TOLD,
+        None => APPLY_BATCH,
+    };
+    let mut query = sqlx::query(sql)
         .bind(sagas)
         .bind(steps)
         .bind(now_ms())
-        .bind(events)
-        .fetch_all(&mut *conn)
-        .await?;
+        .bind(events);
+    if let Some(sender) = told {
+        query = query
+            .bind(notifications::CHANGES)
+            .bind(sender.map(|sender| sender.to_string()));
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut moved_rows = HashMap::with_capacity(rows.len());
     for row in rows {
         let saga_id: String = row.try_get("saga_id")?;

@@ -414,6 +414,16 @@ async fn commit_on(
         }
         _ => {}
     }
+    // So does a batch made only of checkpoints, on PostgreSQL: one
+    // statement that commits alone, its notices in it.
+    if postgres
+        && let Some(checkpoints) = only_checkpoints(writes)
+        && postgres::fits_batch_alone(checkpoints.iter().copied())
+    {
+        *sent = true;
+        let applied = postgres::apply_batch_alone(conn, &checkpoints, notify_as).await?;
+        return Ok(applied.into_iter().map(Written::Checkpoint).collect());
+    }
     let mut tx = match postgres {
         true => conn.begin_with(BEGIN_BY_KEY).await?,
         false => conn.begin().await?,
@@ -563,6 +573,17 @@ async fn admit_together(
         }
     }
     Ok(())
+}
+
+/// The checkpoints, if `writes` holds nothing else.
+fn only_checkpoints(writes: &[Write]) -> Option<Vec<&Checkpoint>> {
+    writes
+        .iter()
+        .map(|write| match write {
+            Write::Checkpoint(checkpoint) => Some(checkpoint),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What the other replicas must hear of: each saga a write changed.

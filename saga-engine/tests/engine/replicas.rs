@@ -349,3 +349,156 @@ async fn a_checkpoint_committed_alone_tells_the_other_replicas_what_it_set() {
         "no notice for a checkpoint that wrote nothing"
     );
 }
+
+/// A batch of checkpoints commits as one statement, its notices in it: each
+/// saga it moved is told once, with what the checkpoint set, in payloads of
+/// at most 120 lines; a saga it could not move (over already) is not told;
+/// the events are written and numbered. The batch is made by holding the
+/// writer on a saga's row (locked by another transaction) while 130 more
+/// checkpoints queue up behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
+    use std::collections::BTreeMap;
+
+    use saga_engine::{
+        Phase, StepStatus,
+        events::NewEvent,
+        log::{self, Checkpoint, LogWriter, SagaState, StepRecord},
+    };
+    use sqlx::postgres::PgListener;
+
+    let store = store::fresh(Backend::Postgres).await;
+    let url = store.pool.connect_options().database_url.to_string();
+    let mut listener = PgListener::connect(&url).await.unwrap();
+    listener.listen("saga_changes").await.unwrap();
+    let sender = Uuid::new_v4();
+    let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    let blocker = store::new_saga(&store.pool).await;
+    let moving = store::new_sagas(&store.pool, 130).await;
+    let [cancelled, over] = [
+        store::new_saga(&store.pool).await,
+        store::new_saga(&store.pool).await,
+    ];
+    for (saga, set) in [
+        (cancelled, "cancel_requested = 1"),
+        (over, "status = 'COMPLETED'"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sagas SET {set} WHERE saga_id = $1"
+        )))
+        .bind(saga.to_string())
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    }
+    let step_done = |saga: Uuid, events: Vec<NewEvent>| {
+        let mut done = StepRecord::started(Phase::Forward, 0, "a", 1_000);
+        done.status = StepStatus::Succeeded;
+        done.attempts = 1;
+        done.finished_at_ms = Some(1_010);
+        Checkpoint::new(
+            saga,
+            log::FIRST_EPOCH,
+            vec![done, StepRecord::started(Phase::Forward, 1, "b", 1_020)],
+            Some(SagaState {
+                status: SagaStatus::Running,
+                next_step: 1,
+                failure_reason: String::new(),
+            }),
+            events,
+        )
+    };
+    let event = |saga: Uuid| NewEvent {
+        aggregate_id: saga,
+        key: "a-done".into(),
+        event_type: "test.a-done".into(),
+        data: serde_json::Map::new(),
+        traceparent: String::new(),
+    };
+
+    let mut lock = store.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sagas WHERE saga_id = $1 FOR UPDATE")
+        .bind(blocker.to_string())
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let held = tokio::spawn({
+        let writer = writer.clone();
+        let checkpoint = step_done(blocker, vec![]);
+        async move { writer.commit(checkpoint).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut queued = vec![];
+    for &saga in &moving {
+        let writer = writer.clone();
+        let checkpoint = step_done(saga, vec![event(saga)]);
+        queued.push(tokio::spawn(async move { writer.commit(checkpoint).await }));
+    }
+    let completion = Checkpoint {
+        complete: true,
+        ..Checkpoint::new(cancelled, log::FIRST_EPOCH, vec![], None, vec![])
+    };
+    for checkpoint in [completion, step_done(over, vec![])] {
+        let writer = writer.clone();
+        queued.push(tokio::spawn(async move { writer.commit(checkpoint).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.rollback().await.unwrap();
+    held.await.unwrap().unwrap();
+    let applied: Vec<_> = futures::future::join_all(queued)
+        .await
+        .into_iter()
+        .map(|joined| joined.unwrap().unwrap())
+        .collect();
+    assert_eq!(applied[130].cancel_requested, true, "the cancelled saga");
+    assert!(!applied[130].completed, "the cancelled saga's completion");
+    assert_eq!(
+        applied[131].closed,
+        Some(SagaStatus::Completed),
+        "the saga that was over"
+    );
+
+    // Every line told, by payload: the blocker's alone, then the batch's.
+    let mut told: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
+    let mut largest = 0;
+    while told.len() < 132 {
+        let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("a notice within 10 s")
+            .unwrap();
+        let mut lines = notification.payload().lines();
+        assert_eq!(lines.next(), Some(sender.to_string().as_str()));
+        let lines: Vec<&str> = lines.collect();
+        largest = largest.max(lines.len());
+        for line in lines {
+            let (saga, status) = line.split_once(' ').unwrap();
+            told.entry(saga.parse().unwrap())
+                .or_default()
+                .push(status.to_owned());
+        }
+    }
+    assert_eq!(largest, 120, "the batch's notices, 120 lines a payload");
+    assert_eq!(told.remove(&cancelled), Some(vec!["-".to_owned()]));
+    for saga in moving.iter().chain([&blocker]) {
+        assert_eq!(
+            told.remove(saga),
+            Some(vec!["RUNNING".to_owned()]),
+            "{saga}"
+        );
+    }
+    assert!(told.is_empty(), "told of sagas it did not move: {told:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.recv())
+            .await
+            .is_err(),
+        "no notice for the saga that was over"
+    );
+    let events: Vec<(String, i64)> =
+        sqlx::query_as("SELECT aggregate_id, sequence FROM outbox ORDER BY aggregate_id")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+    let mut expected: Vec<(String, i64)> = moving.iter().map(|s| (s.to_string(), 1)).collect();
+    expected.sort();
+    assert_eq!(events, expected);
+}

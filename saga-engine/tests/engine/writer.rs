@@ -4,21 +4,38 @@
 //! closed it meanwhile.
 
 use saga_engine::{
+    definition::Phase,
     events::NewEvent,
-    log::{self, Checkpoint, LogWriter, SagaState, SagaStatus},
+    log::{
+        self, AttemptRecord, Checkpoint, LogWriter, SagaState, SagaStatus, StepRecord, StepStatus,
+    },
 };
 use sqlx::any::AnyPoolOptions;
 use uuid::Uuid;
 
 use crate::store::{self, Backend};
 
-/// Moves `saga` to step 1, with an event: a checkpoint that commits in a
-/// transaction of its own (`BEGIN` first), even alone.
+/// Moves `saga` to step 1, its step 0 done at its second attempt: a
+/// checkpoint that commits in a transaction of its own (`BEGIN` first), even
+/// alone, because the attempts are written after the saga's row. (One
+/// without attempts commits as one statement, with no `BEGIN`.)
 fn step_done(saga: Uuid) -> Checkpoint {
+    let attempt = |attempt, error: &str| AttemptRecord {
+        attempt,
+        started_at_ms: 1,
+        finished_at_ms: 2,
+        error: error.into(),
+    };
     Checkpoint {
         saga_id: saga,
         epoch: log::FIRST_EPOCH,
-        steps: vec![],
+        steps: vec![StepRecord {
+            status: StepStatus::Succeeded,
+            attempts: 2,
+            finished_at_ms: Some(2),
+            attempt_log: vec![attempt(1, "unavailable"), attempt(2, "")],
+            ..StepRecord::started(Phase::Forward, 0, "first", 1)
+        }],
         state: Some(SagaState {
             status: SagaStatus::Running,
             next_step: 1,
