@@ -9,6 +9,7 @@
 //! - Its `sequence` comes from a counter on the saga's own row, not from the
 //!   outbox rows that remain, so pruning sent events never restarts it.
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::AnyConnection;
 use uuid::Uuid;
@@ -122,13 +123,13 @@ pub(crate) async fn insert_all_postgres(
         return Ok(());
     }
     let occurred_at_ms = now_ms();
-    let rows: Vec<Value> = events
+    let rows: Vec<NumberedLater<'_>> = events
         .iter()
         .enumerate()
         .map(|(ord, event)| numbered_later(ord, event, occurred_at_ms))
         .collect();
     let (fresh, inserted): (i64, i64) = sqlx::query_as(INSERT_ALL_TAKING_SEQUENCES)
-        .bind(Value::from(rows).to_string())
+        .bind(serde_json::to_string(&rows).expect("events serialize"))
         .fetch_one(&mut *conn)
         .await?;
     match fresh == inserted {
@@ -139,42 +140,70 @@ pub(crate) async fn insert_all_postgres(
 
 /// `event` as a row of a statement that numbers it (its body short of the
 /// sequence, which the store assigns), `ord` placing it among its saga's
-/// other events in the same statement.
-pub(crate) fn numbered_later(ord: usize, event: &NewEvent, occurred_at_ms: i64) -> Value {
+/// other events in the same statement. Serialized straight to the
+/// statement's JSON parameter (no `Value` made on the way).
+pub(crate) fn numbered_later(
+    ord: usize,
+    event: &NewEvent,
+    occurred_at_ms: i64,
+) -> NumberedLater<'_> {
     let event_id = event.event_id().to_string();
     let payload = Payload::new(event, &event_id, occurred_at_ms);
-    serde_json::json!({
-        "ord": ord,
-        "event_id": event_id,
-        "aggregate_id": event.aggregate_id.to_string(),
-        "event_type": event.event_type,
-        "head": payload.head,
-        "tail": payload.tail,
-        "traceparent": event.traceparent,
-        "at_ms": occurred_at_ms,
-    })
+    NumberedLater {
+        ord,
+        event_id,
+        aggregate_id: event.aggregate_id,
+        event_type: &event.event_type,
+        head: payload.head,
+        tail: payload.tail,
+        traceparent: &event.traceparent,
+        at_ms: occurred_at_ms,
+    }
+}
+
+/// A row of [`numbered_later`]; its fields are the columns the statements
+/// read (`fresh_events_ctes`).
+#[derive(Serialize)]
+pub(crate) struct NumberedLater<'a> {
+    ord: usize,
+    event_id: String,
+    aggregate_id: Uuid,
+    event_type: &'a str,
+    head: String,
+    tail: String,
+    traceparent: &'a str,
+    at_ms: i64,
 }
 
 /// A new saga's first `events` as the JSON rows of the statement that
 /// records it: numbered 1, 2, 3… in order, their bodies whole.
 pub(crate) fn numbered_from_one(events: &[NewEvent], occurred_at_ms: i64) -> String {
-    let rows: Vec<Value> = events
+    #[derive(Serialize)]
+    struct Row<'a> {
+        event_id: String,
+        sequence: i64,
+        event_type: &'a str,
+        payload: String,
+        traceparent: &'a str,
+        at_ms: i64,
+    }
+    let rows: Vec<Row<'_>> = events
         .iter()
         .zip(1_i64..)
         .map(|(event, sequence)| {
             let event_id = event.event_id().to_string();
             let payload = Payload::new(event, &event_id, occurred_at_ms).with_sequence(sequence);
-            serde_json::json!({
-                "event_id": event_id,
-                "sequence": sequence,
-                "event_type": event.event_type,
-                "payload": payload,
-                "traceparent": event.traceparent,
-                "at_ms": occurred_at_ms,
-            })
+            Row {
+                event_id,
+                sequence,
+                event_type: &event.event_type,
+                payload,
+                traceparent: &event.traceparent,
+                at_ms: occurred_at_ms,
+            }
         })
         .collect();
-    Value::from(rows).to_string()
+    serde_json::to_string(&rows).expect("events serialize")
 }
 
 /// The published body short of its sequence number, which the store
@@ -188,29 +217,60 @@ pub(crate) struct Payload {
     tail: String,
 }
 
+/// A field's value in [`Payload`].
+#[derive(Serialize)]
+#[serde(untagged)]
+enum FieldValue<'a> {
+    Text(&'a str),
+    Number(i64),
+    Json(&'a Value),
+}
+
+/// The fields every event carries besides its own, in key order.
+const ENVELOPE: [&str; 4] = ["event_id", "event_type", "occurred_at_ms", "traceparent"];
+
 impl Payload {
     pub(crate) fn new(event: &NewEvent, event_id: &str, occurred_at_ms: i64) -> Self {
-        let mut body: Map<String, Value> = event.data.clone();
-        body.insert("event_id".into(), event_id.into());
-        body.insert("event_type".into(), event.event_type.clone().into());
-        body.insert("occurred_at_ms".into(), occurred_at_ms.into());
-        body.insert("traceparent".into(), event.traceparent.clone().into());
-        body.remove("sequence");
-        let mut head = String::from("{");
-        let mut tail = String::new();
-        for (key, value) in &body {
-            let field = format!("{}:{value}", Value::from(key.as_str()));
-            if key.as_str() < "sequence" {
-                head.push_str(&field);
-                head.push(',');
-            } else {
-                tail.push(',');
-                tail.push_str(&field);
+        // The event's own fields are in key order already (a `Map` without
+        // `preserve_order` is sorted); the envelope's are merged in.
+        let envelope = [
+            FieldValue::Text(event_id),
+            FieldValue::Text(&event.event_type),
+            FieldValue::Number(occurred_at_ms),
+            FieldValue::Text(&event.traceparent),
+        ];
+        let mut fields: Vec<(&str, FieldValue<'_>)> = event
+            .data
+            .iter()
+            .filter(|(key, _)| key.as_str() != "sequence" && !ENVELOPE.contains(&key.as_str()))
+            .map(|(key, value)| (key.as_str(), FieldValue::Json(value)))
+            .chain(ENVELOPE.into_iter().zip(envelope))
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        let (mut head, mut tail) = (Vec::with_capacity(256), Vec::with_capacity(64));
+        head.push(b'{');
+        for (key, value) in &fields {
+            let out = match *key < "sequence" {
+                true => &mut head,
+                false => {
+                    tail.push(b',');
+                    &mut tail
+                }
+            };
+            serde_json::to_writer(&mut *out, key).expect("a key serializes");
+            out.push(b':');
+            serde_json::to_writer(&mut *out, value).expect("a value serializes");
+            if *key < "sequence" {
+                out.push(b',');
             }
         }
-        head.push_str("\"sequence\":");
-        tail.push('}');
-        Payload { head, tail }
+        head.extend_from_slice(b"\"sequence\":");
+        tail.push(b'}');
+        let text = |bytes| String::from_utf8(bytes).expect("serde_json writes UTF-8");
+        Payload {
+            head: text(head),
+            tail: text(tail),
+        }
     }
 
     pub(crate) fn with_sequence(&self, sequence: i64) -> String {

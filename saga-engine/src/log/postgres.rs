@@ -32,7 +32,8 @@ use std::{
     sync::LazyLock,
 };
 
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
@@ -204,46 +205,72 @@ async fn run_batch(
 }
 
 /// The batch as the statement's three JSON arrays: the sagas' new state,
-/// every step record, and every event.
+/// every step record, and every event. Serialized straight from these rows:
+/// built as `serde_json::Value`s first, they cost the orchestrator about 7 %
+/// of its CPU under load (a map and a string per field).
 fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
+    #[derive(Serialize)]
+    struct SagaRow<'a> {
+        saga_id: &'a str,
+        epoch: i64,
+        complete: bool,
+        enter_pivot: bool,
+        status: Option<&'a str>,
+        next_step: Option<i64>,
+        failure_reason: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct StepRow<'a> {
+        saga_id: &'a str,
+        phase: &'a str,
+        step_index: i64,
+        name: &'a str,
+        status: &'a str,
+        attempts: u32,
+        last_error: &'a str,
+        output: &'a str,
+        started_at_ms: Option<i64>,
+        finished_at_ms: Option<i64>,
+    }
+    let ids: Vec<String> = checkpoints.iter().map(|c| c.saga_id.to_string()).collect();
     let mut sagas = Vec::with_capacity(checkpoints.len());
-    let mut steps = Vec::with_capacity(checkpoints.len());
+    let mut steps = Vec::with_capacity(checkpoints.len() * 2);
     let mut events = Vec::new();
     let at_ms = now_ms();
-    for checkpoint in checkpoints {
-        let saga_id = checkpoint.saga_id.to_string();
+    for (checkpoint, saga_id) in checkpoints.iter().zip(&ids) {
         let (status, next_step, failure_reason) = checkpoint.state_columns();
-        sagas.push(json!({
-            "saga_id": saga_id,
-            "epoch": checkpoint.epoch,
-            "complete": checkpoint.complete,
-            "enter_pivot": checkpoint.enter_pivot,
-            "status": status,
-            "next_step": next_step,
-            "failure_reason": failure_reason,
-        }));
+        sagas.push(SagaRow {
+            saga_id,
+            epoch: checkpoint.epoch,
+            complete: checkpoint.complete,
+            enter_pivot: checkpoint.enter_pivot,
+            status,
+            next_step,
+            failure_reason,
+        });
         for step in &checkpoint.steps {
-            steps.push(json!({
-                "saga_id": saga_id,
-                "phase": step.phase.as_str(),
-                "step_index": step.index,
-                "name": step.name,
-                "status": step.status.as_str(),
-                "attempts": step.attempts,
-                "last_error": step.last_error,
-                "output": step.output,
-                "started_at_ms": step.started_at_ms,
-                "finished_at_ms": step.finished_at_ms,
-            }));
+            steps.push(StepRow {
+                saga_id,
+                phase: step.phase.as_str(),
+                step_index: step.index,
+                name: step.name,
+                status: step.status.as_str(),
+                attempts: step.attempts,
+                last_error: &step.last_error,
+                output: &step.output,
+                started_at_ms: step.started_at_ms,
+                finished_at_ms: step.finished_at_ms,
+            });
         }
         for event in &checkpoint.events {
             events.push(events::numbered_later(events.len(), event, at_ms));
         }
     }
+    let serialized = "the batch's rows serialize";
     (
-        Value::Array(sagas).to_string(),
-        Value::Array(steps).to_string(),
-        Value::Array(events).to_string(),
+        serde_json::to_string(&sagas).expect(serialized),
+        serde_json::to_string(&steps).expect(serialized),
+        serde_json::to_string(&events).expect(serialized),
     )
 }
 
