@@ -49,7 +49,8 @@ pub use retry::RetryPolicy;
 
 /// The engine's tables on SQLite, for users that do not create them themselves.
 pub static MIGRATIONS_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-/// The engine's tables on PostgreSQL.
+/// The engine's tables on PostgreSQL, and the function its statements call
+/// (`saga_events_written`).
 pub static MIGRATIONS_POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Wall-clock time as stored: Unix epoch milliseconds.

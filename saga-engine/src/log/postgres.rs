@@ -280,8 +280,9 @@ fn parameters(checkpoints: &[&Checkpoint]) -> (String, String, String) {
 /// other replicas. Statement by statement in a transaction, it was `BEGIN`,
 /// the update, one upsert per record, `pg_notify` (with replicas) and
 /// `COMMIT`: up to six round trips, each on the path of a saga that runs
-/// alone. Checkpoints with
-/// events or retried attempts, rarer, still go that way.
+/// alone. A lone checkpoint with events goes as a batch of one
+/// ([`apply_batch_alone`]); one with retried attempts to record, rarer,
+/// still goes statement by statement.
 ///
 /// The notice says what [`crate::notifications::encode`] would: the sender,
 /// then the saga and the status the checkpoint set (`-` for none, as for a

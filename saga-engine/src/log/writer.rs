@@ -44,9 +44,11 @@ use crate::{
 /// On a new database that plan was made while the tables were nearly
 /// empty: the check for events already written (`fresh_events_ctes`) read
 /// the whole outbox, each batch, at a cost that grew with every event,
-/// until autovacuum came by (a minute at the least). `SET LOCAL` goes with
-/// `BEGIN`, in its round trip, and ends with the transaction: the other
-/// users of the pool plan as they will.
+/// until autovacuum came by (a minute at the least). That check now plans
+/// under its own function's setting (it also runs in batches with no
+/// transaction); this keeps the rest of a transaction's statements by key
+/// too. `SET LOCAL` goes with `BEGIN`, in its round trip, and ends with the
+/// transaction: the other users of the pool plan as they will.
 const BEGIN_BY_KEY: &str = "BEGIN; SET LOCAL enable_seqscan = off";
 
 /// The most writes one commit carries.
@@ -443,8 +445,8 @@ async fn commit_on(
     // them with their rows are written at the end of a batch, all in one
     // statement. (A batch of checkpoints writes its own.)
     let mut announced: Vec<&NewEvent> = Vec::new();
-    // One checkpoint that did not fit the one-statement form above (or one
-    // in a batch with other writes) goes statement by statement: the batch
+    // A checkpoint in a batch with other writes (or one alone with retried
+    // attempts) goes statement by statement: in a transaction the batch
     // statement costs more than it saves for one.
     if postgres
         && checkpoints.len() > 1

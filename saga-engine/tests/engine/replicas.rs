@@ -351,9 +351,11 @@ async fn a_checkpoint_committed_alone_tells_the_other_replicas_what_it_set() {
 }
 
 /// A batch of checkpoints commits as one statement, its notices in it: each
-/// saga it moved is told once, with what the checkpoint set, in payloads of
-/// at most 120 lines; a saga it could not move (over already) is not told;
-/// the events are written and numbered. The batch is made by holding the
+/// saga it moved is told once, with what the checkpoint set (`RUNNING`,
+/// `COMPLETED` for a completion that took, `-` for one refused because a
+/// cancel came first), in payloads of at most 120 lines; a saga it could
+/// not move (over already, or held at another epoch) is not told; the
+/// events are written and numbered. The batch is made by holding the
 /// writer on a saga's row (locked by another transaction) while 130 more
 /// checkpoints queue up behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,13 +377,16 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
     let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
     let blocker = store::new_saga(&store.pool).await;
     let moving = store::new_sagas(&store.pool, 130).await;
-    let [cancelled, over] = [
+    let [cancelled, over, completing, fenced] = [
+        store::new_saga(&store.pool).await,
+        store::new_saga(&store.pool).await,
         store::new_saga(&store.pool).await,
         store::new_saga(&store.pool).await,
     ];
     for (saga, set) in [
         (cancelled, "cancel_requested = 1"),
         (over, "status = 'COMPLETED'"),
+        (fenced, "epoch = epoch + 1"),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE sagas SET {set} WHERE saga_id = $1"
@@ -434,11 +439,16 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
         let checkpoint = step_done(saga, vec![event(saga)]);
         queued.push(tokio::spawn(async move { writer.commit(checkpoint).await }));
     }
-    let completion = Checkpoint {
+    let completion = |saga| Checkpoint {
         complete: true,
-        ..Checkpoint::new(cancelled, log::FIRST_EPOCH, vec![], None, vec![])
+        ..Checkpoint::new(saga, log::FIRST_EPOCH, vec![], None, vec![])
     };
-    for checkpoint in [completion, step_done(over, vec![])] {
+    for checkpoint in [
+        completion(cancelled),
+        step_done(over, vec![]),
+        completion(completing),
+        step_done(fenced, vec![]),
+    ] {
         let writer = writer.clone();
         queued.push(tokio::spawn(async move { writer.commit(checkpoint).await }));
     }
@@ -450,18 +460,20 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
         .into_iter()
         .map(|joined| joined.unwrap().unwrap())
         .collect();
-    assert_eq!(applied[130].cancel_requested, true, "the cancelled saga");
+    assert!(applied[130].cancel_requested, "the cancelled saga");
     assert!(!applied[130].completed, "the cancelled saga's completion");
     assert_eq!(
         applied[131].closed,
         Some(SagaStatus::Completed),
         "the saga that was over"
     );
+    assert!(applied[132].completed, "the completion that took");
+    assert!(applied[133].fenced, "the saga held at another epoch");
 
     // Every line told, by payload: the blocker's alone, then the batch's.
     let mut told: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
     let mut largest = 0;
-    while told.len() < 132 {
+    while told.len() < 133 {
         let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
             .await
             .expect("a notice within 10 s")
@@ -479,6 +491,7 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
     }
     assert_eq!(largest, 120, "the batch's notices, 120 lines a payload");
     assert_eq!(told.remove(&cancelled), Some(vec!["-".to_owned()]));
+    assert_eq!(told.remove(&completing), Some(vec!["COMPLETED".to_owned()]));
     for saga in moving.iter().chain([&blocker]) {
         assert_eq!(
             told.remove(saga),
@@ -491,7 +504,7 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
         tokio::time::timeout(Duration::from_millis(300), listener.recv())
             .await
             .is_err(),
-        "no notice for the saga that was over"
+        "no notice for the sagas it did not move"
     );
     let events: Vec<(String, i64)> =
         sqlx::query_as("SELECT aggregate_id, sequence FROM outbox ORDER BY aggregate_id")
