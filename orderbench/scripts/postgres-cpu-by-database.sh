@@ -17,7 +17,8 @@
 #
 # When the server preloads pg_stat_statements (shared_preload_libraries), it
 # also prints each database's statements per saga: calls and execution time
-# (the server's planning, parsing and network work is not in that time).
+# (the server's parsing and network work is not in that time), and plans
+# made and their time (zero unless pg_stat_statements.track_planning = on).
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [ORDERS] [CONCURRENCY]" >&2; exit 2; }
 R=$1; N=${2:-4000}; C=${3:-64}
