@@ -66,9 +66,9 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
 /// parameter given); `fresh`, those not written before, each with its place
 /// `n` among its saga's; `counts`, how many each saga has. Rows are found
 /// through their keys' indexes (`= ANY` of an array; see `log::postgres` for
-/// why), the outbox's by the function `saga_events_written`, which plans
-/// with sequential scans off (see its migration). A macro, so that the
-/// statements stay `concat!`-ed literals.
+/// why; the log writer's connections plan by key, see
+/// `writer::planning_by_key`). A macro, so that the statements stay
+/// `concat!`-ed literals.
 macro_rules! fresh_events_ctes {
     ($events:literal) => {
         concat!(
@@ -78,8 +78,7 @@ macro_rules! fresh_events_ctes {
             "::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
                  event_type text, head text, tail text, traceparent text, at_ms bigint)), \
              written AS ( \
-               SELECT saga_events_written AS event_id \
-               FROM saga_events_written(ARRAY(SELECT event_id FROM e))), \
+               SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
              fresh AS ( \
                SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
                WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \

@@ -49,8 +49,7 @@ pub use retry::RetryPolicy;
 
 /// The engine's tables on SQLite, for users that do not create them themselves.
 pub static MIGRATIONS_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-/// The engine's tables on PostgreSQL, and the function its statements call
-/// (`saga_events_written`).
+/// The engine's tables on PostgreSQL.
 pub static MIGRATIONS_POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Wall-clock time as stored: Unix epoch milliseconds.

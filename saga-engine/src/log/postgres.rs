@@ -22,7 +22,12 @@
 //! the planner guesses at 100 rows), the rows were found by hashing against
 //! a scan of the whole table whenever the table was small enough for that
 //! to look cheaper, and a scan's cost grows with every saga ever run. The
-//! events written before are found the same way.
+//! events written before are found the same way. The writer's connections
+//! plan with no sequential or bitmap scans (`writer::planning_by_key`), and
+//! the open statuses come from `c` (`open_statuses`), not as constants:
+//! given `status IN ('RUNNING', 'COMPENSATING')`, the planner read the
+//! partial index of open sagas whole (its entries stay until vacuum) and
+//! filtered it by ID.
 //!
 //! A saga may appear once per batch (one `UPDATE … FROM` sets a row once);
 //! the writer sends a batch with a saga twice one checkpoint at a time.
@@ -55,7 +60,8 @@ macro_rules! apply_batch_ctes {
     () => {
         concat!(
     "WITH c AS ( \
-       SELECT * FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
+       SELECT c.*, '{RUNNING,COMPENSATING}'::text[] AS open_statuses \
+       FROM jsonb_to_recordset($1::jsonb) AS c(saga_id text, epoch bigint, complete boolean, \
          enter_pivot boolean, status text, next_step bigint, failure_reason text)), ",
     fresh_events_ctes!("$4"),
     ", \
@@ -70,7 +76,7 @@ macro_rules! apply_batch_ctes {
            CASE WHEN c.complete AND s.cancel_requested <> 0 THEN 0 ELSE COALESCE(k.n, 0) END \
        FROM c LEFT JOIN counts k ON k.aggregate_id = c.saga_id \
        WHERE s.saga_id = c.saga_id AND s.saga_id = ANY(ARRAY(SELECT saga_id FROM c)) \
-         AND s.status IN ('RUNNING', 'COMPENSATING') AND s.epoch = c.epoch \
+         AND s.status = ANY(c.open_statuses) AND s.epoch = c.epoch \
        RETURNING s.saga_id, s.status, s.cancel_requested, s.pivot_passed, s.epoch, s.updated_at_ms, \
          s.events_sequence - COALESCE(k.n, 0) AS events_base, \
          (NOT c.complete OR s.cancel_requested = 0) AS announces, \

@@ -18,7 +18,7 @@ use std::sync::{
 };
 
 use futures::future::BoxFuture;
-use sqlx::{AnyConnection, AnyPool, Connection};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, any::AnyConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use uuid::Uuid;
@@ -38,18 +38,6 @@ use crate::{
     notifications::{self, Notice},
 };
 
-/// A batch's transaction on PostgreSQL plans no sequential scan. Its
-/// statements find rows by key, and a prepared statement keeps the plan it
-/// was given after its first few runs until its tables are next analyzed.
-/// On a new database that plan was made while the tables were nearly
-/// empty: the check for events already written (`fresh_events_ctes`) read
-/// the whole outbox, each batch, at a cost that grew with every event,
-/// until autovacuum came by (a minute at the least). That check now plans
-/// under its own function's setting (it also runs in batches with no
-/// transaction); this keeps the rest of a transaction's statements by key
-/// too. `SET LOCAL` goes with `BEGIN`, in its round trip, and ends with the
-/// transaction: the other users of the pool plan as they will.
-const BEGIN_BY_KEY: &str = "BEGIN; SET LOCAL enable_seqscan = off";
 
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 512;
@@ -167,14 +155,20 @@ impl LogWriter {
     pub fn spawn(pool: AnyPool, notify_as: Option<Uuid>) -> anyhow::Result<Self> {
         let (backend, direct) = match SqliteLog::file_of(&pool) {
             Some(path) => (Backend::SqliteFile(SqliteLog::open(&path)?), None),
-            None => (
-                Backend::Pool {
-                    pool: pool.clone(),
-                    notify_as,
-                    kept: Kept::new(pool.clone(), 1),
-                },
-                Some(pool),
-            ),
+            None => {
+                let own = match is_postgres(&pool) {
+                    true => planning_by_key(&pool)?,
+                    false => pool.clone(),
+                };
+                (
+                    Backend::Pool {
+                        kept: Kept::new(own.clone(), 1),
+                        pool: own,
+                        notify_as,
+                    },
+                    Some(pool),
+                )
+            }
         };
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
         let split_batches = Arc::new(AtomicU64::new(0));
@@ -273,6 +267,37 @@ impl LogWriter {
         done.await
             .map_err(|_| "the log writer dropped the write".to_owned())?
     }
+}
+
+/// The writer's own connections on PostgreSQL, made as the pool's are (its
+/// URL, its hooks) but planning every statement by key: sequential and
+/// bitmap scans off for the session.
+///
+/// Why: a prepared statement keeps the plan it was given after its first
+/// few runs until its tables are next analyzed, and on a new database that
+/// plan was made while the tables were nearly empty. Measured so: the check
+/// for events already written read the whole outbox at every batch; a
+/// batch statement found its sagas by a bitmap scan of the partial index
+/// of open sagas, whose entries stay until vacuum (130-160 of them read per
+/// saga at C=64); written so that the partial index could not serve it, it
+/// scanned `sagas` whole instead. On these connections only the keys'
+/// indexes are left to the planner, and a batch that commits as its one
+/// statement (no transaction to `SET LOCAL` in) plans by key too. The
+/// pool's other users plan as they will.
+fn planning_by_key(pool: &AnyPool) -> anyhow::Result<AnyPool> {
+    let mut url = pool.connect_options().database_url.clone();
+    url.query_pairs_mut()
+        .append_pair("options[enable_seqscan]", "off")
+        .append_pair("options[enable_bitmapscan]", "off");
+    let options = AnyConnectOptions::from_url(&url)?;
+    // One in use at a time, one kept (`Kept` keeps at most a quarter), and
+    // room to replace a connection the server closed.
+    Ok(pool
+        .options()
+        .clone()
+        .min_connections(0)
+        .max_connections(4)
+        .connect_lazy_with(options))
 }
 
 async fn write_batches(
@@ -426,10 +451,7 @@ async fn commit_on(
         let applied = postgres::apply_batch_alone(conn, &checkpoints, notify_as).await?;
         return Ok(applied.into_iter().map(Written::Checkpoint).collect());
     }
-    let mut tx = match postgres {
-        true => conn.begin_with(BEGIN_BY_KEY).await?,
-        false => conn.begin().await?,
-    };
+    let mut tx = conn.begin().await?;
     *sent = true;
     let alone = writes.len() == 1;
     let mut batched: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
