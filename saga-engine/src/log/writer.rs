@@ -38,7 +38,6 @@ use crate::{
     notifications::{self, Notice},
 };
 
-
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 512;
 
