@@ -244,6 +244,30 @@ async fn a_cancel_on_one_replica_reaches_the_driver_on_another() {
     assert_eq!(owner_and_epoch(&store.pool, saga).await, ("a".into(), 1));
 }
 
+/// A log writer on a new PostgreSQL database that tells the other replicas
+/// of its commits, signed `sender`, and a listener that hears them.
+struct Telling {
+    store: store::TestStore,
+    listener: sqlx::postgres::PgListener,
+    sender: Uuid,
+    writer: saga_engine::log::LogWriter,
+}
+
+async fn telling() -> Telling {
+    let store = store::fresh(Backend::Postgres).await;
+    let url = store.pool.connect_options().database_url.to_string();
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    listener.listen("saga_changes").await.unwrap();
+    let sender = Uuid::new_v4();
+    let writer = saga_engine::log::LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    Telling {
+        store,
+        listener,
+        sender,
+        writer,
+    }
+}
+
 /// A checkpoint committed alone (one statement, no transaction around it)
 /// writes what the batch path writes, and tells the other replicas, in its
 /// commit, what it set: `RUNNING` for a step's result, `COMPLETED` for a
@@ -252,16 +276,15 @@ async fn a_cancel_on_one_replica_reaches_the_driver_on_another() {
 async fn a_checkpoint_committed_alone_tells_the_other_replicas_what_it_set() {
     use saga_engine::{
         Phase, StepStatus,
-        log::{self, Checkpoint, LogWriter, SagaState, StepRecord},
+        log::{self, Checkpoint, SagaState, StepRecord},
     };
-    use sqlx::postgres::PgListener;
 
-    let store = store::fresh(Backend::Postgres).await;
-    let url = store.pool.connect_options().database_url.to_string();
-    let mut listener = PgListener::connect(&url).await.unwrap();
-    listener.listen("saga_changes").await.unwrap();
-    let sender = Uuid::new_v4();
-    let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    let Telling {
+        store,
+        mut listener,
+        sender,
+        writer,
+    } = telling().await;
     let sagas = [
         store::new_saga(&store.pool).await,
         store::new_saga(&store.pool).await,
@@ -365,16 +388,15 @@ async fn a_batch_of_checkpoints_tells_each_saga_it_moved_once() {
     use saga_engine::{
         Phase, StepStatus,
         events::NewEvent,
-        log::{self, Checkpoint, LogWriter, SagaState, StepRecord},
+        log::{self, Checkpoint, SagaState, StepRecord},
     };
-    use sqlx::postgres::PgListener;
 
-    let store = store::fresh(Backend::Postgres).await;
-    let url = store.pool.connect_options().database_url.to_string();
-    let mut listener = PgListener::connect(&url).await.unwrap();
-    listener.listen("saga_changes").await.unwrap();
-    let sender = Uuid::new_v4();
-    let writer = LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    let Telling {
+        store,
+        mut listener,
+        sender,
+        writer,
+    } = telling().await;
     let blocker = store::new_saga(&store.pool).await;
     let moving = store::new_sagas(&store.pool, 130).await;
     let [cancelled, over, completing, fenced] = [
