@@ -248,19 +248,18 @@ impl Payload {
         fields.sort_by(|a, b| a.0.cmp(b.0));
         let (mut head, mut tail) = (Vec::with_capacity(256), Vec::with_capacity(64));
         head.push(b'{');
-        for (key, value) in &fields {
-            let out = match *key < "sequence" {
-                true => &mut head,
-                false => {
-                    tail.push(b',');
-                    &mut tail
-                }
-            };
+        let field = |out: &mut Vec<u8>, key: &str, value: &FieldValue<'_>| {
             serde_json::to_writer(&mut *out, key).expect("a key serializes");
             out.push(b':');
             serde_json::to_writer(&mut *out, value).expect("a value serializes");
+        };
+        for (key, value) in &fields {
             if *key < "sequence" {
-                out.push(b',');
+                field(&mut head, key, value);
+                head.push(b',');
+            } else {
+                tail.push(b',');
+                field(&mut tail, key, value);
             }
         }
         head.extend_from_slice(b"\"sequence\":");
