@@ -52,7 +52,7 @@ impl PaymentService for PaymentApi {
             key,
             // On PostgreSQL a charge is one statement that writes all or
             // nothing, its claim included ([`charges::charge`]).
-            Refusal::WritesNothing,
+            Refusal::OneStatement,
             async |conn, claim| Ok(charges::charge(conn, new.clone(), claim).await?),
             move |conn| Ok(charges::charge_sqlite(conn, sqlite_new)?),
         )

@@ -33,10 +33,11 @@ const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, upd
 /// [`INSERT_CHARGE`] and [`DEBIT`] as one statement, for PostgreSQL (SQLite
 /// has no data-modifying `WITH`), with the request's claim and its reply
 /// when given one. It writes all of them or nothing, so a refusal needs no
-/// savepoint to take back: the debit happens only with the funds there and
-/// no charge of the order yet, the charge only with the debit, and the
-/// claim only with the charge. The debit's row comes back only if it
-/// happened.
+/// savepoint to take back, and a request alone commits with it
+/// ([`svc_kit::idempotency::Refusal::OneStatement`]): the debit happens
+/// only with the funds there, no charge of the order and no claim of the
+/// request yet, the charge only with the debit, and the claim only with
+/// the charge. The debit's row comes back only if it happened.
 ///
 /// The reply carries the balance after the debit, known only here: the
 /// caller encodes the rest of it (the balance at 0, which protobuf leaves
@@ -45,24 +46,26 @@ const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, upd
 /// prost encodes them, so the stored reply is the one returned, byte for
 /// byte.
 ///
-/// The charge's insert finds the order charged only in a race with another
-/// connection: the order's charge inserted and committed by a second
-/// process meanwhile. The debit happened then, and the caller undoes it.
+/// The charge's or the claim's insert finds its key taken only in a race
+/// with another connection: the order's charge, or the request's claim,
+/// inserted and committed by a second process meanwhile. The inserts then
+/// fail the statement whole (no `ON CONFLICT`): had they done nothing
+/// instead, the debit would stay wherever no rollback follows.
 const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
        UPDATE accounts SET balance_cents = balance_cents - $4, updated_at_ms = $6 \
        WHERE customer_id = $3 AND currency = $5 AND balance_cents >= $4 \
          AND NOT EXISTS (SELECT 1 FROM charges WHERE order_id = $1) \
+         AND NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $7) \
        RETURNING balance_cents), \
      charge AS ( \
        INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
-       SELECT $1, $2, $3, $4, $5, 'charged', $6, $6 FROM debit ON CONFLICT (order_id) DO NOTHING RETURNING 1), \
+       SELECT $1, $2, $3, $4, $5, 'charged', $6, $6 FROM debit RETURNING 1), \
      claim AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
        SELECT $7, $8, $9, $10, 0, \
          $11 || CASE WHEN d.balance_cents = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint(d.balance_cents) END \
-       FROM debit d, charge WHERE $7 IS NOT NULL ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
-     SELECT (SELECT balance_cents FROM debit) AS balance_cents, (SELECT COUNT(*) FROM charge) AS inserted, \
-       (SELECT COUNT(*) FROM claim) AS claimed";
+       FROM debit d, charge WHERE $7 IS NOT NULL RETURNING 1) \
+     SELECT (SELECT balance_cents FROM debit) AS balance_cents";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
@@ -140,7 +143,15 @@ async fn charge_in_one_statement(
         .bind(now);
     let row = Claim::bind_if_any(claim, query, &reply)
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+        .map_err(|err| {
+            svc_kit::Error::unless_raced(err, || {
+                format!(
+                    "order {} was charged by another connection meanwhile; try again",
+                    new.order_id
+                )
+            })
+        })?;
     let Some(balance_cents) = row.try_get::<Option<i64>, _>("balance_cents")? else {
         // Nothing was written: the order was charged or refunded before,
         // or the account could not pay.
@@ -149,19 +160,10 @@ async fn charge_in_one_statement(
             None => why_not_debited(conn, &new).await?,
         });
     };
-    if row.try_get::<i64, _>("inserted")? == 0 {
-        return Err(PaymentError::Kit(svc_kit::Error::StoreUnavailable(
-            format!(
-                "order {} was charged by another connection meanwhile; try again",
-                new.order_id
-            ),
-        )));
-    }
     reply.balance_cents = balance_cents;
-    let claimed = match (claim, row.try_get::<i64, _>("claimed")?) {
-        (None, _) => Claimed::No,
-        (Some(_), 1) => Claimed::Yes,
-        (Some(_), _) => Claimed::Before,
+    let claimed = match claim {
+        None => Claimed::No,
+        Some(_) => Claimed::Yes,
     };
     Ok((reply, claimed))
 }

@@ -65,8 +65,10 @@ impl ShippingService for ShippingApi {
             &self.store,
             key,
             // A country not served writes nothing, and neither does a
-            // prepare refused: its one statement wrote nothing.
-            Refusal::WritesNothing,
+            // prepare refused: its one statement wrote nothing. On
+            // PostgreSQL it is one statement, its claim included
+            // ([`shipments::prepare`]).
+            Refusal::OneStatement,
             async |conn, claim| {
                 if let Some(refusal) = &not_served {
                     return Err(refusal.clone());

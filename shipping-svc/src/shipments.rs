@@ -27,27 +27,42 @@ pub struct NewShipment {
     pub item_count: i64,
 }
 
-/// The insert of a prepared shipment, parameters `$1` to `$11`: one text
-/// for [`INSERT_SHIPMENT`] and [`PREPARE_CLAIMING`].
+/// The insert of a prepared shipment, parameters `$1` to `$11`, its row
+/// between `open` and `close` (`VALUES (…)`, or a `SELECT` with a
+/// condition): one text for [`INSERT_SHIPMENT`] and [`PREPARE_CLAIMING`].
 macro_rules! insert_shipment {
-    () => {
-        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
-         country, service_level, item_count, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11) ON CONFLICT (order_id) DO NOTHING"
+    ($open:literal, $close:literal) => {
+        concat!(
+            "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+             country, service_level, item_count, created_at_ms, updated_at_ms) ",
+            $open,
+            "$1, $2, $3, 'prepared', $4, $5, $6, $7, $8, $9, $10, $11, $11",
+            $close,
+            " ON CONFLICT (order_id) DO NOTHING"
+        )
     };
 }
-const INSERT_SHIPMENT: &str = insert_shipment!();
+const INSERT_SHIPMENT: &str = insert_shipment!("VALUES (", ")");
 /// [`INSERT_SHIPMENT`] and the request's claim with its reply in one
-/// statement, on PostgreSQL's shared transaction: the claim only if the
-/// shipment was inserted.
+/// statement, on PostgreSQL's shared transaction: the shipment only if the
+/// request was not claimed yet, the claim only if the shipment was
+/// inserted. It writes both or nothing, so a request alone commits with it
+/// ([`svc_kit::idempotency::Refusal::OneStatement`]). The claim's insert
+/// finds its key taken only in a race with another connection (the same
+/// request claimed and committed by a second process meanwhile): it then
+/// fails the statement whole (no `ON CONFLICT`), where doing nothing would
+/// leave a shipment that no request's reply tells of.
 const PREPARE_CLAIMING: &str = concat!(
     "WITH shipment AS (",
-    insert_shipment!(),
+    insert_shipment!(
+        "SELECT ",
+        " WHERE NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $12)"
+    ),
     " RETURNING order_id), \
      claim AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
-       SELECT $12, $13, $14, $15, 0, $16 FROM shipment ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
-     SELECT (SELECT COUNT(*) FROM shipment) AS inserted, (SELECT COUNT(*) FROM claim) AS claimed"
+       SELECT $12, $13, $14, $15, 0, $16 FROM shipment RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM shipment) AS inserted"
 );
 const TOMBSTONE: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
      country, service_level, item_count, created_at_ms, updated_at_ms) \
@@ -106,12 +121,19 @@ pub async fn prepare(
             let reply = PrepareShipmentResponse {
                 shipment: Some(shipment.clone()),
             };
-            let row = claim.bind(insert, &reply).fetch_one(&mut *conn).await?;
-            let claimed = match row.try_get::<i64, _>("claimed")? {
-                1 => Claimed::Yes,
-                _ => Claimed::Before,
-            };
-            (row.try_get::<i64, _>("inserted")?, claimed)
+            let row = claim
+                .bind(insert, &reply)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|err| {
+                    svc_kit::Error::unless_raced(err, || {
+                        format!(
+                            "request {} was claimed by another connection meanwhile; try again",
+                            claim.request_id()
+                        )
+                    })
+                })?;
+            (row.try_get::<i64, _>("inserted")?, Claimed::Yes)
         }
         None => (
             insert.execute(&mut *conn).await?.rows_affected() as i64,

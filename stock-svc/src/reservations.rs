@@ -74,30 +74,34 @@ const TAKE_STOCK_AND_RECORD_LINE: &str = "WITH taken AS ( \
 /// statement: the stock taken, the reservation, the line recorded and the
 /// request's claim with its reply (known beforehand: the caller priced the
 /// line). It writes all of them or nothing, so a refusal needs no savepoint
-/// to take back: the stock is taken only at the expected price, with
-/// enough available and no reservation of the order yet, and every part
-/// after it happens only if the one before it did. Then it reads (as they
-/// stood before it) what may have stood in the way, for the refusal.
+/// to take back, and a request alone commits with it
+/// ([`svc_kit::idempotency::Refusal::OneStatement`]): the stock is taken
+/// only at the expected price, with enough available, no reservation of
+/// the order and no claim of the request yet, and every part after it
+/// happens only if the one before it did. Then it reads (as they stood
+/// before it) what may have stood in the way, for the refusal.
 ///
 /// A part after the stock taken fails only in a race with another
-/// connection: the order's reservation inserted and committed by a second
-/// process meanwhile. The stock was taken then, and the caller undoes it.
+/// connection: the order's reservation, or the request's claim, inserted
+/// and committed by a second process meanwhile. The inserts then fail the
+/// statement whole (no `ON CONFLICT`): had they done nothing instead, the
+/// stock would stay taken wherever no rollback follows.
 const RESERVE_PRICED_LINE_CLAIMING: &str = "WITH taken AS ( \
        UPDATE products SET available = available - $6, reserved = reserved + $6, updated_at_ms = $5 \
        WHERE sku = $7 AND available >= $6 AND unit_price_cents = $13 AND currency = $4 \
          AND NOT EXISTS (SELECT 1 FROM reservations WHERE order_id = $1) \
+         AND NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $8) \
        RETURNING 1), \
      reservation AS ( \
        INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-       SELECT $1, $2, 'reserved', $3, $4, $5, $5 FROM taken ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
+       SELECT $1, $2, 'reserved', $3, $4, $5, $5 FROM taken RETURNING order_id), \
      line AS ( \
        INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
        SELECT order_id, $7, $6, $13 FROM reservation RETURNING 1), \
      claim AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
-       SELECT $8, $9, $10, $11, 0, $12 FROM reservation ON CONFLICT (request_id) DO NOTHING RETURNING 1) \
-     SELECT (SELECT COUNT(*) FROM taken) AS taken, (SELECT COUNT(*) FROM reservation) AS inserted, \
-       (SELECT COUNT(*) FROM claim) AS claimed, \
+       SELECT $8, $9, $10, $11, 0, $12 FROM reservation RETURNING 1) \
+     SELECT (SELECT COUNT(*) FROM taken) AS taken, \
        (SELECT reservation_id FROM reservations WHERE order_id = $1) AS existing_id, \
        (SELECT status FROM reservations WHERE order_id = $1) AS existing_status, \
        (SELECT available FROM products WHERE sku = $7) AS available, \
@@ -117,7 +121,7 @@ const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserve
 /// all or nothing; any other may have written some of its lines.
 pub fn refusal(lines: &[Line]) -> Refusal {
     match lines {
-        [line] if line.expected_price.is_some() => Refusal::WritesNothing,
+        [line] if line.expected_price.is_some() => Refusal::OneStatement,
         _ => Refusal::MayWrite,
     }
 }
@@ -186,21 +190,17 @@ async fn reserve_priced_line_claiming(
         .bind(query, &reply)
         .bind(unit_price_cents)
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+        .map_err(|err| {
+            svc_kit::Error::unless_raced(err, || {
+                format!("order {order_id} was reserved by another connection meanwhile; try again")
+            })
+        })?;
     if row.try_get::<i64, _>("taken")? == 0 {
         // Nothing was written: say what stood in the way.
         return Err(why_not_reserved(order_id, line, &row)?);
     }
-    if row.try_get::<i64, _>("inserted")? == 0 {
-        return Err(StockError::Kit(svc_kit::Error::StoreUnavailable(format!(
-            "order {order_id} was reserved by another connection meanwhile; try again"
-        ))));
-    }
-    let claimed = match row.try_get::<i64, _>("claimed")? {
-        1 => Claimed::Yes,
-        _ => Claimed::Before,
-    };
-    Ok((reply, claimed))
+    Ok((reply, Claimed::Yes))
 }
 
 /// Why [`RESERVE_PRICED_LINE_CLAIMING`] took no stock, from what it read:

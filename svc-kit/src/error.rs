@@ -80,6 +80,21 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+impl Error {
+    /// `err`, or UNAVAILABLE with `raced` when it is a unique key's
+    /// violation: a statement that fails whole in a race with another
+    /// connection (which wrote the same key first), rather than leave a
+    /// part of itself out. A retry hears what won.
+    pub fn unless_raced(err: sqlx::Error, raced: impl FnOnce() -> String) -> Self {
+        match &err {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                Error::StoreUnavailable(raced())
+            }
+            _ => Error::from(err),
+        }
+    }
+}
+
 /// Store errors that a retry can cure: a busy or locked database, a serialization
 /// conflict or deadlock, a lost or exhausted connection.
 fn is_transient(err: &sqlx::Error) -> bool {

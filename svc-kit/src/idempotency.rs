@@ -87,6 +87,11 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
+    /// The claimed request's ID.
+    pub fn request_id(&self) -> &str {
+        self.request_id
+    }
+
     /// Binds the claim's row with `reply`, five parameters after those
     /// bound before: `request_id, method, fingerprint, created_at_ms,
     /// reply`, the columns of [`CLAIM_WITH_REPLY`] but its status (0).
@@ -149,6 +154,14 @@ pub enum Refusal {
     /// It may have written before it refused: its turn runs inside a
     /// savepoint.
     MayWrite,
+    /// As [`Refusal::WritesNothing`], and given the request's [`Claim`] the
+    /// effect is one statement that writes all of its parts, the claim
+    /// among them, or nothing, whatever happens: it writes nothing when the
+    /// request was claimed before, and a race with another connection's
+    /// write fails it whole (an error, not a part left out). Alone in its
+    /// service, such a request commits with its statement, outside the
+    /// shared transaction ([`SharedTransaction::run_alone`]).
+    OneStatement,
 }
 
 /// Runs `effect` once for `key`: inside one transaction with the claim, or not
@@ -266,54 +279,85 @@ where
         at_ms: now_ms(),
     };
     let guard = match refusal {
-        Refusal::WritesNothing => Guard::Redo,
+        Refusal::WritesNothing | Refusal::OneStatement => Guard::Redo,
         Refusal::MayWrite => Guard::Savepoint,
     };
+    let writes_nothing = refusal != Refusal::MayWrite;
+    // Tried first when the effect allows it; a lone run that failed (a race
+    // with another connection, a connection lost) runs again in a batch: a
+    // lone run that committed makes the next write nothing (its claim).
+    let mut alone = refusal == Refusal::OneStatement;
     // Moved into the turn's work, which is cloned for each run of it.
     let (claim, key_ref) = (&claim, &key);
     let status = loop {
         let effect = effect.clone();
-        let first = shared
-            .run(guard, async move |conn: &mut AnyConnection| {
-                let key = key_ref;
-                let reply = match effect(&mut *conn, Some(claim)).await {
-                    Ok((reply, Claimed::No)) => reply,
-                    Ok((reply, Claimed::Yes)) => {
-                        return Ok(TurnResult::Written(FirstTurn::Done(reply)));
-                    }
-                    // A repeat: its effect goes, the first one's answer stands.
-                    Ok((_, Claimed::Before)) => {
-                        return Ok(TurnResult::Nothing(FirstTurn::SeenBefore));
-                    }
-                    // It wrote nothing, and its refusal is stored in this
-                    // turn, in the batch whose writes it saw: a refusal may
-                    // rest on a neighbour's (the last stock taken), and if
-                    // that is undone, so is the refusal, which runs again.
-                    Err(status)
-                        if refusal == Refusal::WritesNothing
-                            && DEFINITE_REFUSALS.contains(&status.code()) =>
-                    {
-                        let answer = record_refusal(&mut *conn, key, &status).await?;
-                        return Ok(TurnResult::Written(FirstTurn::Answered(answer)));
-                    }
-                    Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
-                };
-                let claimed = claim
-                    .bind(sqlx::query(CLAIM_WITH_REPLY), &reply)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                Ok(match claimed {
-                    true => TurnResult::Written(FirstTurn::Done(reply)),
-                    // A repeat: its effect goes, the first one's answer stands.
-                    false => TurnResult::Nothing(FirstTurn::SeenBefore),
-                })
+        let work = async move |conn: &mut AnyConnection| {
+            let key = key_ref;
+            let reply = match effect(&mut *conn, Some(claim)).await {
+                Ok((reply, Claimed::No)) => reply,
+                Ok((reply, Claimed::Yes)) => {
+                    return Ok(TurnResult::Written(FirstTurn::Done(reply)));
+                }
+                // A repeat: its effect goes, the first one's answer stands.
+                Ok((_, Claimed::Before)) => {
+                    return Ok(TurnResult::Nothing(FirstTurn::SeenBefore));
+                }
+                // It wrote nothing, and its refusal is stored in this
+                // turn, in the batch whose writes it saw: a refusal may
+                // rest on a neighbour's (the last stock taken), and if
+                // that is undone, so is the refusal, which runs again.
+                Err(status) if writes_nothing && DEFINITE_REFUSALS.contains(&status.code()) => {
+                    let answer = record_refusal(&mut *conn, key, &status).await?;
+                    return Ok(TurnResult::Written(FirstTurn::Answered(answer)));
+                }
+                Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
+            };
+            let claimed = claim
+                .bind(sqlx::query(CLAIM_WITH_REPLY), &reply)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected()
+                == 1;
+            Ok(match claimed {
+                true => TurnResult::Written(FirstTurn::Done(reply)),
+                // A repeat: its effect goes, the first one's answer stands.
+                false => TurnResult::Nothing(FirstTurn::SeenBefore),
             })
-            .await?;
+        };
+        let lone = match alone {
+            true => {
+                let work = work.clone();
+                shared
+                    .run_alone(async move |conn: &mut AnyConnection| {
+                        Ok(work(conn).await?.into_answer())
+                    })
+                    .await
+            }
+            false => None,
+        };
+        let ran_alone = lone.is_some();
+        alone = false;
+        let first = match lone {
+            Some(first) => first?,
+            None => shared.run(guard, work).await?,
+        };
         match first {
             FirstTurn::Done(reply) => return Ok(reply),
             FirstTurn::Answered(answer) => return answer,
+            // It wrote nothing. A repeat's, most often: its first's answer
+            // is read alone too. Else, in a batch, it may go through, or
+            // find what stood in its way and say so.
+            FirstTurn::Failed(_) if ran_alone => {
+                let stored = shared
+                    .run_alone(async |conn: &mut AnyConnection| {
+                        stored_answer(&mut *conn, key_ref).await
+                    })
+                    .await;
+                if let Some(Ok(Some(answer))) = stored {
+                    return answer;
+                }
+                continue;
+            }
             FirstTurn::Failed(status) => break status,
             FirstTurn::SeenBefore => {}
         }

@@ -38,11 +38,16 @@
 //! - The committer commits as soon as a turn ends and it gets the lock: the
 //!   requests that queued meanwhile form the next batch. One request alone
 //!   waits no timer.
+//! - A request alone (no other in flight, no batch open) whose work is one
+//!   statement that writes all of its parts or none, whatever happens,
+//!   may skip the transaction ([`SharedTransaction::run_alone`]): its
+//!   statement commits by itself. `BEGIN` and `COMMIT` were two of its
+//!   three round trips, each on the path of the saga step that waits.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -97,6 +102,11 @@ struct Inner {
     savepoints: AtomicU64,
     /// Turns run again because a neighbour's undo rolled their batch back.
     redone: AtomicU64,
+    /// Requests that ran alone, outside the shared transaction.
+    alone: AtomicU64,
+    /// Requests in [`SharedTransaction::run`] or
+    /// [`SharedTransaction::run_alone`] now.
+    in_flight: AtomicUsize,
     turn: Mutex<Turn>,
     /// Wakes the committer when a turn ended.
     turns_ended: Notify,
@@ -181,6 +191,17 @@ pub enum TurnResult<T> {
     Nothing(T),
 }
 
+impl<T> TurnResult<T> {
+    /// The answer, however the turn ended.
+    pub fn into_answer(self) -> T {
+        match self {
+            TurnResult::Written(answer)
+            | TurnResult::Untouched(answer)
+            | TurnResult::Nothing(answer) => answer,
+        }
+    }
+}
+
 /// How long a `COMMIT` may take before its batch is given up (the default).
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -195,6 +216,8 @@ impl SharedTransaction {
             commits: AtomicU64::new(0),
             savepoints: AtomicU64::new(0),
             redone: AtomicU64::new(0),
+            alone: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
                 kept: None,
@@ -230,6 +253,45 @@ impl SharedTransaction {
         self.inner.redone.load(Ordering::Relaxed)
     }
 
+    /// How many requests ran alone so far ([`Self::run_alone`]).
+    pub fn alone(&self) -> u64 {
+        self.inner.alone.load(Ordering::Relaxed)
+    }
+
+    /// Runs `work` outside the shared transaction, its one statement
+    /// committing by itself, when this request is the only one in flight
+    /// and no batch is open; `None` otherwise, and the caller takes its
+    /// turn with [`Self::run`]. Under load requests still share their
+    /// commits (and a hot row's lock is never held through a flush apiece).
+    ///
+    /// What `work` promises, since nothing can roll it back: it is one
+    /// statement that writes all of its parts or nothing, in every outcome.
+    /// A race with another connection must fail it whole (an error, not a
+    /// part left out), and run again it must write nothing more (its
+    /// request's claim is one of its parts): a connection that fails under
+    /// it leaves its outcome unknown, and it runs again on another.
+    pub async fn run_alone<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error> + Clone,
+    ) -> Option<Result<T, Error>> {
+        let _in_flight = InFlight::enter(&self.inner);
+        if self.inner.in_flight.load(Ordering::SeqCst) > 1 {
+            return None;
+        }
+        let mut turn = self.inner.turn.lock().await;
+        turn.clear_poison();
+        // Whoever came meanwhile waits on the lock held here, and opens the
+        // next batch after this request's statement.
+        if turn.conn.is_some() || self.inner.in_flight.load(Ordering::SeqCst) > 1 {
+            return None;
+        }
+        let result = run_lone_statement(&self.inner.pool, &mut turn, work).await;
+        if result.is_ok() {
+            self.inner.alone.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(result.map_err(Error::from))
+    }
+
     /// Runs `work` in its turn on the shared transaction and returns its
     /// answer: at once if nothing of it was written, else once its batch
     /// committed. What it wrote is taken back as `guard` says when it fails
@@ -242,6 +304,7 @@ impl SharedTransaction {
         guard: Guard,
         work: impl AsyncFnOnce(&mut AnyConnection) -> Result<TurnResult<T>, sqlx::Error> + Clone,
     ) -> Result<T, Error> {
+        let _in_flight = InFlight::enter(&self.inner);
         let mut redo = false;
         loop {
             let mut turn = InTurn {
@@ -293,6 +356,68 @@ impl SharedTransaction {
             }
         }
     }
+}
+
+/// A request counted in flight while it lives.
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connection of a lone statement: dropped before the statement ended
+/// (its request's client left), it is closed, not handed back to the pool
+/// in the middle of an exchange.
+struct LoneConnection(Option<PoolConnection<Any>>);
+
+impl Drop for LoneConnection {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// [`SharedTransaction::run_alone`]'s statement, on the connection the last
+/// batch left (unpinged, as [`open_batch`] takes it) or one from the pool.
+/// A connection that fails under it (the server closed it) is closed, and
+/// the statement runs again on one that answers: its first run's outcome is
+/// unknown, and a second writes nothing more (`work`'s promise).
+async fn run_lone_statement<T>(
+    pool: &AnyPool,
+    turn: &mut Turn,
+    work: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error> + Clone,
+) -> Result<T, sqlx::Error> {
+    let kept = match turn.kept.take() {
+        Some((conn, since)) if since.elapsed() < PING_WHEN_IDLE_FOR => Some(conn),
+        _ => None,
+    };
+    let mut conn = LoneConnection(Some(match kept {
+        Some(conn) => conn,
+        None => pool.acquire().await?,
+    }));
+    let mut result = work.clone()(conn.0.as_mut().expect("a connection")).await;
+    if matches!(&result, Err(err) if !matches!(err, sqlx::Error::Database(_))) {
+        tracing::info!(error = ?result.as_ref().err(), "a lone statement's connection failed; it runs again on another");
+        drop(conn);
+        conn = LoneConnection(Some(answering(pool).await?));
+        result = work(conn.0.as_mut().expect("a connection")).await;
+    }
+    // A statement that failed in the database left the connection ready
+    // for the next; any other failure leaves it closed.
+    if matches!(&result, Ok(_) | Err(sqlx::Error::Database(_))) {
+        turn.kept = conn.0.take().map(|conn| (conn, Instant::now()));
+    }
+    result
 }
 
 /// One turn: `work`, inside a savepoint if `guard` (or its batch) says so.

@@ -104,6 +104,32 @@ where
     (before.await.unwrap(), raced)
 }
 
+/// PostgreSQL: sends `raced` alone (no other request in flight, so that it
+/// may commit with its one statement, outside the shared transaction) in a
+/// race with another connection, which has written, not yet committed, a
+/// row `raced` will write too (`theirs`, a statement whose `$1` is `key`).
+/// `raced` comes to wait on that row, which then commits.
+pub async fn race_alone<R>(
+    pool: &sqlx::AnyPool,
+    theirs: &str,
+    key: &str,
+    raced: impl Future<Output = R> + Send + 'static,
+) -> R
+where
+    R: Send + 'static,
+{
+    let mut writing = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(theirs.to_owned()))
+        .bind(key)
+        .execute(&mut *writing)
+        .await
+        .unwrap();
+    let raced = tokio::spawn(raced);
+    until_blocked_by(pool, backend_pid(&mut writing).await).await;
+    writing.commit().await.unwrap();
+    raced.await.unwrap()
+}
+
 /// The backend process of a connection (a transaction a test holds open).
 async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")

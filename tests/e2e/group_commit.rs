@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection};
 use svc_kit::{
-    idempotency::{Refusal, RequestKey, run_once_batched},
+    idempotency::{
+        Claim, Claimed, Refusal, RequestKey, run_once_batched, run_once_batched_claiming,
+    },
     shared_transaction::{Guard, SharedTransaction, TurnResult},
     store::Store,
 };
@@ -87,6 +89,92 @@ async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once()
     assert!(
         commits <= (REQUESTS / 2) as u64,
         "{REQUESTS} concurrent requests took {commits} commits: they did not share them"
+    );
+}
+
+/// A request alone in the service, whose effect is one statement that
+/// writes all of its parts and its claim or nothing
+/// (`Refusal::OneStatement`), commits with that statement: no `BEGIN`, no
+/// `COMMIT`, no batch. Its repeat writes nothing and gets its reply.
+/// Requests that come together still share their commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_alone_commits_with_its_statement_and_requests_together_share_commits() {
+    let (_db, store) = hot_row_store().await;
+    let shared = store
+        .shared
+        .clone()
+        .expect("PostgreSQL has a shared transaction");
+    let request = |i: usize| {
+        let store = &store;
+        async move {
+            let request_id = format!("one-{i}");
+            let key = RequestKey {
+                method: "Restock",
+                request_id: &request_id,
+                fingerprint: vec![1],
+            };
+            run_once_batched_claiming(
+                store,
+                key,
+                Refusal::OneStatement,
+                async |conn: &mut AnyConnection, claim: Option<&Claim<'_>>| {
+                    let claim = claim.expect("on the shared transaction, a claim");
+                    let query = sqlx::query(
+                        "WITH taken AS ( \
+                           UPDATE products SET available = available + 1 WHERE sku = 'HOT' \
+                             AND NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $1) RETURNING 1), \
+                         claim AS ( \
+                           INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+                           SELECT $1, $2, $3, $4, 0, $5 FROM taken RETURNING 1) \
+                         SELECT COUNT(*) FROM taken",
+                    );
+                    let taken: i64 = claim
+                        .bind(query, &())
+                        .fetch_one(conn)
+                        .await
+                        .and_then(|row| sqlx::Row::try_get(&row, 0))
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    match taken {
+                        1 => Ok(((), Claimed::Yes)),
+                        // Claimed before: the stored reply is the answer.
+                        _ => Err(tonic::Status::unavailable("claimed before")),
+                    }
+                },
+                |_: &rusqlite::Connection| unreachable!("PostgreSQL"),
+            )
+            .await
+        }
+    };
+    let available = async || -> i64 {
+        sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+    };
+    let (commits, alone) = (shared.commits(), shared.alone());
+    for round in 0..2 {
+        for i in 0..10 {
+            request(i)
+                .await
+                .unwrap_or_else(|e| panic!("request {i}, round {round}: {e}"));
+        }
+    }
+    assert_eq!(available().await, 10, "each effect once, repeats none");
+    // Each repeat reads its reply alone too.
+    assert_eq!(shared.alone() - alone, 30, "a request did not run alone");
+    assert_eq!(shared.commits(), commits, "a lone request opened a batch");
+
+    let (commits, alone) = (shared.commits(), shared.alone());
+    let replies = futures::future::join_all((10..10 + REQUESTS).map(request)).await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        reply.unwrap_or_else(|e| panic!("request {i}: {e}"));
+    }
+    assert_eq!(available().await, 10 + REQUESTS as i64);
+    let (commits, alone) = (shared.commits() - commits, shared.alone() - alone);
+    assert!(
+        alone + commits <= (REQUESTS / 2) as u64,
+        "{REQUESTS} requests together ran alone {alone} times and took {commits} commits: \
+         they did not share them"
     );
 }
 

@@ -8,7 +8,7 @@ use ordersaga_proto::payment::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, order_id, race_in_a_batch, request_id};
+use crate::assertions::{assert_status, order_id, race_alone, race_in_a_batch, request_id};
 
 on_both_stores!(
     repeated_charge_returns_the_same_reply_and_debits_once,
@@ -397,4 +397,80 @@ async fn a_charges_stored_reply_is_the_reply_it_returned_byte_for_byte() {
         let again = client.charge(authed(request)).await.unwrap().into_inner();
         assert_eq!(again, reply);
     }
+}
+
+/// PostgreSQL: a request alone in the service commits with its one
+/// statement, outside the shared transaction, so nothing can roll back a
+/// part of it. The order's charge made and committed by another connection
+/// while this statement debited the account must fail the statement whole:
+/// nothing is debited, and the request hears the charge that won. (Seen
+/// failing while the charge's insert did nothing on a conflict: alice was
+/// left debited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_charge_raced_by_another_connection_debits_nothing() {
+    let svc = services::payment(Backend::Postgres).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let order = order_id();
+    let pool = svc.db.pool().await;
+    let request = charge(&request_id(), &order, "alice", 2_500);
+    let mut sending = client.clone();
+    let raced = race_alone(
+        &pool,
+        "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
+         VALUES ($1, 'theirs', 'alice', 2500, 'EUR', 'charged', 0, 0)",
+        &order,
+        async move { sending.charge(authed(request)).await },
+    )
+    .await;
+    assert_eq!(
+        balance(&mut client, "alice").await.0,
+        10_000,
+        "alice was debited"
+    );
+    assert_status(
+        raced,
+        Code::FailedPrecondition,
+        &["already charged by payment theirs"],
+    );
+}
+
+/// PostgreSQL: the same request's claim written and committed by another
+/// connection (the request sent twice, to two payment processes; the other
+/// refused it) while a lone one's statement debited the account: the
+/// statement fails whole, and the request hears the answer that won.
+/// (Seen failing while the claim's insert did nothing on a conflict: alice
+/// was left debited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_charge_whose_claim_is_raced_debits_nothing() {
+    let svc = services::payment(Backend::Postgres).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let pool = svc.db.pool().await;
+    let id = request_id();
+    let request = charge(&id, &order_id(), "alice", 2_500);
+    let theirs = format!(
+        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
+         VALUES ($1, 'Charge', decode('{}', 'hex'), 0, 9, 'refused by the other process')",
+        hex(&prost::Message::encode_to_vec(&request))
+    );
+    let mut sending = client.clone();
+    let raced = race_alone(&pool, &theirs, &id, async move {
+        sending.charge(authed(request)).await
+    })
+    .await;
+    assert_eq!(
+        balance(&mut client, "alice").await.0,
+        10_000,
+        "alice was debited"
+    );
+    assert_status(
+        raced,
+        Code::FailedPrecondition,
+        &["refused by the other process"],
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -8,7 +8,7 @@ use ordersaga_proto::shipping::v1::{
 use ordersaga_tests::{Backend, authed, services};
 use tonic::Code;
 
-use crate::assertions::{assert_status, order_id, request_id};
+use crate::assertions::{assert_status, order_id, race_alone, request_id};
 
 on_both_stores!(
     repeated_prepare_returns_the_same_shipment_once,
@@ -279,4 +279,40 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
         .prepare_shipment(authed(good))
         .await
         .expect("the corrected request goes through");
+}
+
+/// PostgreSQL: a request alone in the service commits with its one
+/// statement, outside the shared transaction, so nothing can roll back a
+/// part of it. The same request's claim written and committed by another
+/// connection (the request sent twice, to two shipping processes; the
+/// other refused it) while this statement inserted the shipment must fail
+/// the statement whole: no shipment, and the request hears the answer that
+/// won. (Seen failing while the claim's insert did nothing on a conflict:
+/// the shipment stayed, prepared, with no request's reply to tell of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_prepare_whose_claim_is_raced_writes_no_shipment() {
+    let svc = services::shipping(Backend::Postgres).await;
+    let client = svc.shipping().await;
+    let pool = svc.db.pool().await;
+    let id = request_id();
+    let request = prepare(&id, &order_id(), "DE");
+    let theirs = format!(
+        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
+         VALUES ($1, 'PrepareShipment', decode('{}', 'hex'), 0, 9, 'refused by the other process')",
+        prost::Message::encode_to_vec(&request)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let mut sending = client.clone();
+    let raced = race_alone(&pool, &theirs, &id, async move {
+        sending.prepare_shipment(authed(request)).await
+    })
+    .await;
+    assert_eq!(shipment_rows(&svc).await, 0, "a shipment was written");
+    assert_status(
+        raced,
+        Code::FailedPrecondition,
+        &["refused by the other process"],
+    );
 }

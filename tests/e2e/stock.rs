@@ -8,7 +8,7 @@ use ordersaga_proto::stock::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, order_id, race_in_a_batch, request_id};
+use crate::assertions::{assert_status, order_id, race_alone, race_in_a_batch, request_id};
 
 on_both_stores!(
     a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
@@ -575,4 +575,43 @@ async fn a_reservation_raced_by_another_connection_takes_no_stock() {
         &["already holds reservation theirs"],
     );
     assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+}
+
+/// PostgreSQL: a request alone in the service commits with its one
+/// statement, outside the shared transaction, so nothing can roll back a
+/// part of it. The order's reservation made and committed by another
+/// connection while this statement took the stock must fail the statement
+/// whole: no stock is taken, and the request hears the reservation that
+/// won. (Seen failing while the reservation's insert did nothing on a
+/// conflict: the stock stayed taken, (9, 1).)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_reservation_raced_by_another_connection_takes_no_stock() {
+    let svc = services::stock(Backend::Postgres).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let order = order_id();
+    let pool = svc.db.pool().await;
+    let request = priced(&request_id(), &order, "APPLE", 150, "EUR");
+    let mut sending = client.clone();
+    let raced = race_alone(
+        &pool,
+        "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+         VALUES ($1, 'theirs', 'reserved', 0, 'EUR', 0, 0)",
+        &order,
+        {
+            let request = request.clone();
+            async move { sending.reserve_stock(authed(request)).await }
+        },
+    )
+    .await;
+    assert_eq!(
+        levels(&mut client, "APPLE").await,
+        (10, 0),
+        "stock was taken"
+    );
+    assert_status(
+        raced,
+        Code::FailedPrecondition,
+        &["already holds reservation theirs"],
+    );
 }
