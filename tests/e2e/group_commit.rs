@@ -99,7 +99,7 @@ async fn concurrent_requests_on_one_hot_row_share_commits_and_each_counts_once()
 /// Requests that come together still share their commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_alone_commits_with_its_statement_and_requests_together_share_commits() {
-    let (_db, store) = hot_row_store().await;
+    let (db, store) = hot_row_store().await;
     let shared = store
         .shared
         .clone()
@@ -164,12 +164,22 @@ async fn a_request_alone_commits_with_its_statement_and_requests_together_share_
     assert_eq!(shared.alone() - alone, 30, "a request did not run alone");
     assert_eq!(shared.commits(), commits, "a lone request opened a batch");
 
+    // The connection kept from the last request, closed by the server (as
+    // a restart would): a lone request that finds it does not fail, and its
+    // effect counts once, as does its repeat's.
+    assert!(close_every_connection(&db).await >= 1);
+    request(10)
+        .await
+        .expect("the request that found the closed connection");
+    request(10).await.expect("its repeat");
+    assert_eq!(available().await, 11, "each effect once, repeats none");
+
     let (commits, alone) = (shared.commits(), shared.alone());
-    let replies = futures::future::join_all((10..10 + REQUESTS).map(request)).await;
+    let replies = futures::future::join_all((11..11 + REQUESTS).map(request)).await;
     for (i, reply) in replies.into_iter().enumerate() {
         reply.unwrap_or_else(|e| panic!("request {i}: {e}"));
     }
-    assert_eq!(available().await, 10 + REQUESTS as i64);
+    assert_eq!(available().await, 11 + REQUESTS as i64);
     let (commits, alone) = (shared.commits() - commits, shared.alone() - alone);
     assert!(
         alone + commits <= (REQUESTS / 2) as u64,
@@ -453,6 +463,17 @@ async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it(
             "a batch took another connection"
         );
     }
+    let ended = close_every_connection(&db).await;
+    assert!(ended >= 2, "{ended} connections closed");
+    let next = backend()
+        .await
+        .expect("the request that found the closed connections failed");
+    assert_ne!(next, first);
+}
+
+/// Has the server close every connection to `db`'s database (as a restart
+/// would), and waits until it did; how many there were.
+async fn close_every_connection(db: &TestDb) -> usize {
     let mut admin = AnyConnection::connect(&db.url).await.unwrap();
     let database: String = sqlx::query_scalar("SELECT CAST(current_database() AS TEXT)")
         .fetch_one(&mut admin)
@@ -466,7 +487,6 @@ async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it(
     .fetch_all(&mut admin)
     .await
     .unwrap();
-    assert!(ended.len() >= 2, "{ended:?}");
     // The server closes the sessions in its own time.
     for _ in 0..250 {
         let alive: i64 = sqlx::query_scalar(
@@ -481,10 +501,7 @@ async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let next = backend()
-        .await
-        .expect("the request that found the closed connections failed");
-    assert_ne!(next, first);
+    ended.len()
 }
 
 /// Without savepoints (`Refusal::WritesNothing`), one batch of turns that
