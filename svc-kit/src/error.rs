@@ -95,6 +95,23 @@ impl Error {
     }
 }
 
+/// Whether `err` says the connection is gone (closed by the server, cut,
+/// or its session ended by an administrator): what ran on it may or may
+/// not have committed, and the connection is of no further use.
+pub(crate) fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08") || code.starts_with("57P0")
+        }
+        _ => false,
+    }
+}
+
 /// Store errors that a retry can cure: a busy or locked database, a serialization
 /// conflict or deadlock, a lost or exhausted connection.
 fn is_transient(err: &sqlx::Error) -> bool {

@@ -14,12 +14,15 @@
 //!
 //! On PostgreSQL's shared transaction (the saga's steps) the order is the
 //! other way round: the effect first, then the claim written together with
-//! the reply, in one statement instead of two. A request seen before is
-//! then told by the claim's conflict, and its effect is taken back (see
-//! [`crate::shared_transaction::Guard`]). When the effect refused or failed
+//! the reply, in one statement instead of two, or in the effect's own
+//! statement. A request seen before is then told by the claim's conflict,
+//! and its effect is taken back (see [`crate::shared_transaction::Guard`]);
+//! an effect that writes its claim itself writes nothing when the claim is
+//! there ([`Refusal::OneStatement`]). When the effect refused or failed
 //! instead (a repeat's effect may, because its first's rows are there), the
 //! stored answer is looked up before the refusal or failure is: a repeat
-//! always gets its first's.
+//! always gets its first's. A request alone whose effect is one statement
+//! runs outside the shared transaction, committing with its statement.
 //! Every request in the shared transaction takes its turn, so a repeat can
 //! never run beside its first; a repeat on another connection (a second
 //! service process) meets the first's effect on the effect's own key (the
@@ -41,7 +44,7 @@ use crate::{
     Error,
     batch_writer::Outcome,
     error::DEFINITE_REFUSALS,
-    shared_transaction::{Guard, SharedTransaction, TurnResult},
+    shared_transaction::{Guard, Lone, SharedTransaction, TurnResult},
     store::Store,
     time::now_ms,
 };
@@ -136,9 +139,6 @@ pub enum Claimed {
     No,
     /// Written, with the effect's reply, in the effect's own statement.
     Yes,
-    /// Not written: the `request_id` was claimed before (a repeat). The
-    /// effect is rolled back and the first's answer stands.
-    Before,
 }
 
 /// What an effect on the shared transaction leaves behind when it refuses.
@@ -245,6 +245,45 @@ where
         .map_err(|e| Status::from(Error::StoreUnavailable(e)))?
 }
 
+/// A request's effect alone, its one statement committing by itself
+/// ([`SharedTransaction::run_alone`]; the effect is
+/// [`Refusal::OneStatement`]). It wrote all of its parts and its claim
+/// (`Done`), or nothing: a definite refusal is then stored, in a statement
+/// of its own (nothing of the effect's to rest on but committed rows), and
+/// any other failure is reported as the connection's possible loss.
+async fn run_alone_once<Resp>(
+    conn: &mut AnyConnection,
+    key: &RequestKey<'_>,
+    claim: &Claim<'_>,
+    effect: impl AsyncFnOnce(&mut AnyConnection, Option<&Claim<'_>>) -> Result<(Resp, Claimed), Status>,
+) -> Result<Lone<FirstTurn<Resp>>, sqlx::Error>
+where
+    Resp: Message + Default,
+{
+    Ok(match effect(&mut *conn, Some(claim)).await {
+        Ok((reply, Claimed::Yes)) => Lone::Ended(FirstTurn::Done(reply)),
+        Ok((_, Claimed::No)) => {
+            // It committed without its claim: not an effect that may run
+            // alone, whatever its refusal said. A bug: said loudly.
+            debug_assert!(false, "{}: an effect run alone wrote no claim", key.method);
+            tracing::error!(
+                method = key.method,
+                request_id = key.request_id,
+                "an effect run alone wrote no claim"
+            );
+            Lone::Ended(FirstTurn::Answered(Err(Error::Internal(format!(
+                "{} ran alone without writing its claim",
+                key.method
+            ))
+            .into())))
+        }
+        Err(status) if DEFINITE_REFUSALS.contains(&status.code()) => Lone::Ended(
+            FirstTurn::Answered(record_refusal(&mut *conn, key, &status).await?),
+        ),
+        Err(status) => Lone::Failed(FirstTurn::Failed(status)),
+    })
+}
+
 /// How a request's first turn on the shared transaction ended.
 enum FirstTurn<Resp> {
     /// Done, and its claim written with the reply.
@@ -291,73 +330,65 @@ where
     let (claim, key_ref) = (&claim, &key);
     let status = loop {
         let effect = effect.clone();
-        let work = async move |conn: &mut AnyConnection| {
-            let key = key_ref;
-            let reply = match effect(&mut *conn, Some(claim)).await {
-                Ok((reply, Claimed::No)) => reply,
-                Ok((reply, Claimed::Yes)) => {
-                    return Ok(TurnResult::Written(FirstTurn::Done(reply)));
+        if std::mem::take(&mut alone) {
+            let lone = shared
+                .run_alone(async |conn: &mut AnyConnection| {
+                    run_alone_once(conn, key_ref, claim, effect.clone()).await
+                })
+                .await;
+            match lone {
+                None => {}
+                Some(Ok(FirstTurn::Done(reply))) => return Ok(reply),
+                Some(Ok(FirstTurn::Answered(answer))) => return answer,
+                // It wrote nothing. A repeat's, most often: its first's
+                // answer is read alone too. Else, in a batch, it may go
+                // through, or find what stood in its way and say so.
+                Some(_) => {
+                    let stored = shared
+                        .run_alone(async |conn: &mut AnyConnection| {
+                            Ok(Lone::Ended(stored_answer(&mut *conn, key_ref).await?))
+                        })
+                        .await;
+                    if let Some(Ok(Some(answer))) = stored {
+                        return answer;
+                    }
                 }
-                // A repeat: its effect goes, the first one's answer stands.
-                Ok((_, Claimed::Before)) => {
-                    return Ok(TurnResult::Nothing(FirstTurn::SeenBefore));
-                }
-                // It wrote nothing, and its refusal is stored in this
-                // turn, in the batch whose writes it saw: a refusal may
-                // rest on a neighbour's (the last stock taken), and if
-                // that is undone, so is the refusal, which runs again.
-                Err(status) if writes_nothing && DEFINITE_REFUSALS.contains(&status.code()) => {
-                    let answer = record_refusal(&mut *conn, key, &status).await?;
-                    return Ok(TurnResult::Written(FirstTurn::Answered(answer)));
-                }
-                Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
-            };
-            let claimed = claim
-                .bind(sqlx::query(CLAIM_WITH_REPLY), &reply)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
-                == 1;
-            Ok(match claimed {
-                true => TurnResult::Written(FirstTurn::Done(reply)),
-                // A repeat: its effect goes, the first one's answer stands.
-                false => TurnResult::Nothing(FirstTurn::SeenBefore),
-            })
-        };
-        let lone = match alone {
-            true => {
-                let work = work.clone();
-                shared
-                    .run_alone(async move |conn: &mut AnyConnection| {
-                        Ok(work(conn).await?.into_answer())
-                    })
-                    .await
             }
-            false => None,
-        };
-        let ran_alone = lone.is_some();
-        alone = false;
-        let first = match lone {
-            Some(first) => first?,
-            None => shared.run(guard, work).await?,
-        };
+        }
+        let first = shared
+            .run(guard, async move |conn: &mut AnyConnection| {
+                let key = key_ref;
+                let reply = match effect(&mut *conn, Some(claim)).await {
+                    Ok((reply, Claimed::No)) => reply,
+                    Ok((reply, Claimed::Yes)) => {
+                        return Ok(TurnResult::Written(FirstTurn::Done(reply)));
+                    }
+                    // It wrote nothing, and its refusal is stored in this
+                    // turn, in the batch whose writes it saw: a refusal may
+                    // rest on a neighbour's (the last stock taken), and if
+                    // that is undone, so is the refusal, which runs again.
+                    Err(status) if writes_nothing && DEFINITE_REFUSALS.contains(&status.code()) => {
+                        let answer = record_refusal(&mut *conn, key, &status).await?;
+                        return Ok(TurnResult::Written(FirstTurn::Answered(answer)));
+                    }
+                    Err(status) => return Ok(TurnResult::Nothing(FirstTurn::Failed(status))),
+                };
+                let claimed = claim
+                    .bind(sqlx::query(CLAIM_WITH_REPLY), &reply)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                Ok(match claimed {
+                    true => TurnResult::Written(FirstTurn::Done(reply)),
+                    // A repeat: its effect goes, the first one's answer stands.
+                    false => TurnResult::Nothing(FirstTurn::SeenBefore),
+                })
+            })
+            .await?;
         match first {
             FirstTurn::Done(reply) => return Ok(reply),
             FirstTurn::Answered(answer) => return answer,
-            // It wrote nothing. A repeat's, most often: its first's answer
-            // is read alone too. Else, in a batch, it may go through, or
-            // find what stood in its way and say so.
-            FirstTurn::Failed(_) if ran_alone => {
-                let stored = shared
-                    .run_alone(async |conn: &mut AnyConnection| {
-                        stored_answer(&mut *conn, key_ref).await
-                    })
-                    .await;
-                if let Some(Ok(Some(answer))) = stored {
-                    return answer;
-                }
-                continue;
-            }
             FirstTurn::Failed(status) => break status,
             FirstTurn::SeenBefore => {}
         }

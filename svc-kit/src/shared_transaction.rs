@@ -58,7 +58,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{Error, store::PING_WHEN_IDLE_FOR};
+use crate::{Error, error::connection_lost, store::PING_WHEN_IDLE_FOR};
 
 /// How one batch ended: `None` while it is open.
 type Ended = watch::Sender<Option<BatchEnd>>;
@@ -191,13 +191,20 @@ pub enum TurnResult<T> {
     Nothing(T),
 }
 
-impl<T> TurnResult<T> {
-    /// The answer, however the turn ended.
-    pub fn into_answer(self) -> T {
+/// How a lone statement ended ([`SharedTransaction::run_alone`]).
+pub enum Lone<T> {
+    /// As statements end: it wrote, or refused having written nothing. Its
+    /// connection is kept for the next.
+    Ended(T),
+    /// It failed, perhaps because its connection was lost: that connection
+    /// is closed rather than kept.
+    Failed(T),
+}
+
+impl<T> Lone<T> {
+    fn into_answer(self) -> T {
         match self {
-            TurnResult::Written(answer)
-            | TurnResult::Untouched(answer)
-            | TurnResult::Nothing(answer) => answer,
+            Lone::Ended(answer) | Lone::Failed(answer) => answer,
         }
     }
 }
@@ -268,11 +275,11 @@ impl SharedTransaction {
     /// statement that writes all of its parts or nothing, in every outcome.
     /// A race with another connection must fail it whole (an error, not a
     /// part left out), and run again it must write nothing more (its
-    /// request's claim is one of its parts): a connection that fails under
-    /// it leaves its outcome unknown, and it runs again on another.
+    /// request's claim is one of its parts): a connection lost under it
+    /// leaves its outcome unknown, and it runs again on another.
     pub async fn run_alone<T>(
         &self,
-        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error> + Clone,
+        work: impl AsyncFnOnce(&mut AnyConnection) -> Result<Lone<T>, sqlx::Error> + Clone,
     ) -> Option<Result<T, Error>> {
         let _in_flight = InFlight::enter(&self.inner);
         if self.inner.in_flight.load(Ordering::SeqCst) > 1 {
@@ -286,10 +293,10 @@ impl SharedTransaction {
             return None;
         }
         let result = run_lone_statement(&self.inner.pool, &mut turn, work).await;
-        if result.is_ok() {
+        if let Ok(Lone::Ended(_)) = &result {
             self.inner.alone.fetch_add(1, Ordering::Relaxed);
         }
-        Some(result.map_err(Error::from))
+        Some(result.map(Lone::into_answer).map_err(Error::from))
     }
 
     /// Runs `work` in its turn on the shared transaction and returns its
@@ -389,14 +396,16 @@ impl Drop for LoneConnection {
 
 /// [`SharedTransaction::run_alone`]'s statement, on the connection the last
 /// batch left (unpinged, as [`open_batch`] takes it) or one from the pool.
-/// A connection that fails under it (the server closed it) is closed, and
-/// the statement runs again on one that answers: its first run's outcome is
-/// unknown, and a second writes nothing more (`work`'s promise).
+/// A connection lost under it (the server closed it) is closed, and the
+/// statement runs again on one that answers: its first run's outcome is
+/// unknown, and a second writes nothing more (`work`'s promise). The
+/// connection is kept for the next batch unless it was lost, or `work`
+/// failed in a way that may have been its loss ([`Lone::Failed`]).
 async fn run_lone_statement<T>(
     pool: &AnyPool,
     turn: &mut Turn,
-    work: impl AsyncFnOnce(&mut AnyConnection) -> Result<T, sqlx::Error> + Clone,
-) -> Result<T, sqlx::Error> {
+    work: impl AsyncFnOnce(&mut AnyConnection) -> Result<Lone<T>, sqlx::Error> + Clone,
+) -> Result<Lone<T>, sqlx::Error> {
     let kept = match turn.kept.take() {
         Some((conn, since)) if since.elapsed() < PING_WHEN_IDLE_FOR => Some(conn),
         _ => None,
@@ -406,15 +415,20 @@ async fn run_lone_statement<T>(
         None => pool.acquire().await?,
     }));
     let mut result = work.clone()(conn.0.as_mut().expect("a connection")).await;
-    if matches!(&result, Err(err) if !matches!(err, sqlx::Error::Database(_))) {
-        tracing::info!(error = ?result.as_ref().err(), "a lone statement's connection failed; it runs again on another");
+    if let Err(err) = &result
+        && connection_lost(err)
+    {
+        tracing::info!(error = %err, "a lone statement's connection was lost; it runs again on another");
         drop(conn);
         conn = LoneConnection(Some(answering(pool).await?));
         result = work(conn.0.as_mut().expect("a connection")).await;
     }
-    // A statement that failed in the database left the connection ready
-    // for the next; any other failure leaves it closed.
-    if matches!(&result, Ok(_) | Err(sqlx::Error::Database(_))) {
+    let keep = match &result {
+        Ok(Lone::Ended(_)) => true,
+        Ok(Lone::Failed(_)) => false,
+        Err(err) => !connection_lost(err),
+    };
+    if keep {
         turn.kept = conn.0.take().map(|conn| (conn, Instant::now()));
     }
     result

@@ -62,7 +62,9 @@ pub fn has_forward_step(
 }
 
 /// PostgreSQL: sends `raced` in a race with another connection, in a batch
-/// of the shared transaction after `before`, and returns both answers:
+/// of the shared transaction after `before` (a request that cannot run
+/// alone: one whose effect may write before it refuses), and returns both
+/// answers:
 /// - one transaction holds a lock `before` needs (`hold`, a statement), and
 ///   another has written, not yet committed, the row `raced` will write
 ///   too (`theirs`, a statement whose `$1` is `order_id`);

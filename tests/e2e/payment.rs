@@ -313,28 +313,43 @@ async fn each_invalid_field_is_named_and_nothing_is_written(backend: Backend) {
 /// nothing, so this one case must not pass for a refusal: its request is
 /// answered UNAVAILABLE with the money given back, and its retry hears the
 /// charge that won. A request before it in its batch (held up by another
-/// lock until it has queued) counts once.
+/// lock until it has queued; a refund, which may write before it refuses,
+/// so that it takes its turn in a batch rather than run alone) runs again,
+/// and counts once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_raced_by_another_connection_debits_nothing() {
     let svc = services::payment(Backend::Postgres).await;
     let mut client = svc.payment().await;
     open(&mut client, "alice", 10_000).await;
     open(&mut client, "bob", 10_000).await;
+    let bobs = order_id();
+    client
+        .charge(authed(charge(&request_id(), &bobs, "bob", 1_000)))
+        .await
+        .unwrap();
     let order = order_id();
     let pool = svc.db.pool().await;
     let request = charge(&request_id(), &order, "alice", 2_500);
-    let send = |request: ChargeRequest| {
-        let mut client = client.clone();
-        async move { client.charge(authed(request)).await }
-    };
+    let mut refunding = client.clone();
+    let mut sending = client.clone();
     let (before, raced) = race_in_a_batch(
         &pool,
         "SELECT customer_id FROM accounts WHERE customer_id = 'bob' FOR UPDATE",
         "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
          VALUES ($1, 'theirs', 'alice', 2500, 'EUR', 'charged', 0, 0)",
         &order,
-        send(charge(&request_id(), &order_id(), "bob", 1_000)),
-        send(request.clone()),
+        async move {
+            refunding
+                .refund(authed(RefundRequest {
+                    request_id: request_id(),
+                    order_id: bobs,
+                }))
+                .await
+        },
+        {
+            let request = request.clone();
+            async move { sending.charge(authed(request)).await }
+        },
     )
     .await;
     assert_eq!(
@@ -343,8 +358,13 @@ async fn a_charge_raced_by_another_connection_debits_nothing() {
         "alice was debited"
     );
     assert_status(raced, Code::Unavailable, &["unavailable, retry"]);
-    before.expect("the request before");
-    assert_eq!(balance(&mut client, "bob").await.0, 9_000);
+    assert!(
+        before
+            .expect("the request before")
+            .into_inner()
+            .refunded_charge
+    );
+    assert_eq!(balance(&mut client, "bob").await.0, 10_000, "bob's refund");
     assert_status(
         client.charge(authed(request)).await,
         Code::FailedPrecondition,
