@@ -132,6 +132,22 @@ where
     raced.await.unwrap()
 }
 
+/// A statement that stores `request`'s refusal under its `request_id` (its
+/// `$1`), as another process of the service would have: FAILED_PRECONDITION
+/// with `message`, for `method`.
+pub fn stored_refusal(method: &str, request: &impl prost::Message, message: &str) -> String {
+    let fingerprint: String = request
+        .encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(
+        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
+         VALUES ($1, '{method}', decode('{fingerprint}', 'hex'), 0, {}, '{message}')",
+        tonic::Code::FailedPrecondition as i32
+    )
+}
+
 /// The backend process of a connection (a transaction a test holds open).
 async fn backend_pid(conn: &mut sqlx::AnyConnection) -> i32 {
     sqlx::query_scalar("SELECT pg_backend_pid()")

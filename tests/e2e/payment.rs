@@ -8,7 +8,9 @@ use ordersaga_proto::payment::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, order_id, race_alone, race_in_a_batch, request_id};
+use crate::assertions::{
+    assert_status, order_id, race_alone, race_in_a_batch, request_id, stored_refusal,
+};
 
 on_both_stores!(
     repeated_charge_returns_the_same_reply_and_debits_once,
@@ -469,11 +471,7 @@ async fn a_lone_charge_whose_claim_is_raced_debits_nothing() {
     let pool = svc.db.pool().await;
     let id = request_id();
     let request = charge(&id, &order_id(), "alice", 2_500);
-    let theirs = format!(
-        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
-         VALUES ($1, 'Charge', decode('{}', 'hex'), 0, 9, 'refused by the other process')",
-        hex(&prost::Message::encode_to_vec(&request))
-    );
+    let theirs = stored_refusal("Charge", &request, "refused by the other process");
     let mut sending = client.clone();
     let raced = race_alone(&pool, &theirs, &id, async move {
         sending.charge(authed(request)).await
@@ -489,8 +487,4 @@ async fn a_lone_charge_whose_claim_is_raced_debits_nothing() {
         Code::FailedPrecondition,
         &["refused by the other process"],
     );
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -8,7 +8,7 @@ use ordersaga_proto::shipping::v1::{
 use ordersaga_tests::{Backend, authed, services};
 use tonic::Code;
 
-use crate::assertions::{assert_status, order_id, race_alone, request_id};
+use crate::assertions::{assert_status, order_id, race_alone, request_id, stored_refusal};
 
 on_both_stores!(
     repeated_prepare_returns_the_same_shipment_once,
@@ -296,14 +296,7 @@ async fn a_lone_prepare_whose_claim_is_raced_writes_no_shipment() {
     let pool = svc.db.pool().await;
     let id = request_id();
     let request = prepare(&id, &order_id(), "DE");
-    let theirs = format!(
-        "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message) \
-         VALUES ($1, 'PrepareShipment', decode('{}', 'hex'), 0, 9, 'refused by the other process')",
-        prost::Message::encode_to_vec(&request)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    let theirs = stored_refusal("PrepareShipment", &request, "refused by the other process");
     let mut sending = client.clone();
     let raced = race_alone(&pool, &theirs, &id, async move {
         sending.prepare_shipment(authed(request)).await
