@@ -79,6 +79,8 @@ try {
     await page.waitForSelector("#counts button[data-status=COMPENSATED]");
     assert.equal(await page.textContent("#scope"), "read only");
     await page.click("#counts button[data-status=COMPENSATED]");
+    // The unfiltered page shows the order too: wait for the filtered one.
+    await page.waitForSelector("#orders-body[data-shown-status=COMPENSATED]");
     const link = page.locator(`#orders-body tr[data-order="${env("COMPENSATED_ORDER")}"] a`);
     await link.waitFor();
     await page.screenshot({ path: `${shots}/list.png` });

@@ -200,6 +200,8 @@ async function loadOrders() {
     );
   }
   if (!(page.orders || []).length) body.append(el("tr", {}, el("td", { colspan: 6, text: "No orders match." })));
+  // Which filter the rows shown answer (a click's page replaces the last one's).
+  body.dataset.shownStatus = query.get("status") || "";
   $("next-page").disabled = !page.nextPageToken;
   $("next-page").dataset.token = page.nextPageToken || "";
   $("first-page").disabled = state.pageTokens.length === 1;
