@@ -31,6 +31,14 @@ use crate::{
 
 pub const KIND: &str = "order";
 
+/// The order saga's steps, in the order they run: [`definition`]'s names,
+/// for rendering an order without the definition at hand (the step an order
+/// runs now is no record in the log; see `SagaView::running_step`).
+pub const STEP_NAMES: [&str; 3] = [RESERVE_STOCK, PREPARE_SHIPMENT, CHARGE_PAYMENT];
+const RESERVE_STOCK: &str = "reserve_stock";
+const PREPARE_SHIPMENT: &str = "prepare_shipment";
+const CHARGE_PAYMENT: &str = "charge_payment";
+
 /// The order, as the saga carries it. Immutable once recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderData {
@@ -62,7 +70,7 @@ pub struct ShippingAddress {
 /// The order saga. `catalogue` is the price cache the orders were priced
 /// from: the reserve step drops the prices the stock service refuses.
 pub fn definition(downstream: Downstream, catalogue: Arc<Catalogue>) -> SagaDefinition<OrderData> {
-    SagaDefinition {
+    let definition = SagaDefinition {
         kind: KIND,
         steps: vec![
             Arc::new(ReserveStock {
@@ -73,10 +81,16 @@ pub fn definition(downstream: Downstream, catalogue: Arc<Catalogue>) -> SagaDefi
             Arc::new(ChargePayment(downstream.payment)),
         ],
         // Once the charge has begun, the order can no longer be cancelled.
-        pivot: Some("charge_payment"),
+        pivot: Some(CHARGE_PAYMENT),
         span: saga_span,
         announce,
-    }
+    };
+    assert_eq!(
+        definition.step_names(),
+        STEP_NAMES,
+        "the order saga's steps"
+    );
+    definition
 }
 
 /// The order's part of every order event (see docs/events.md).
@@ -154,7 +168,7 @@ struct ReserveStock {
 #[async_trait]
 impl Step<OrderData> for ReserveStock {
     fn name(&self) -> &'static str {
-        "reserve_stock"
+        RESERVE_STOCK
     }
 
     async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
@@ -220,7 +234,7 @@ struct PrepareShipment(Lane<ShippingClient>);
 #[async_trait]
 impl Step<OrderData> for PrepareShipment {
     fn name(&self) -> &'static str {
-        "prepare_shipment"
+        PREPARE_SHIPMENT
     }
 
     async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {
@@ -273,7 +287,7 @@ struct ChargePayment(Lane<PaymentClient>);
 #[async_trait]
 impl Step<OrderData> for ChargePayment {
     fn name(&self) -> &'static str {
-        "charge_payment"
+        CHARGE_PAYMENT
     }
 
     async fn forward(&self, order: &OrderData, call: &Call) -> Result<String, Status> {

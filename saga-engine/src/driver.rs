@@ -275,21 +275,14 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         Ok(())
     }
 
-    /// Records a step's success with the start of the next step; after the
-    /// last step, the same checkpoint completes the saga, unless a cancel
-    /// came first.
+    /// Records a step's success and moves the saga to the next step (whose
+    /// start is no record: see `SagaView::running_step`); after the last
+    /// step, the same checkpoint completes the saga, unless a cancel came
+    /// first.
     async fn step_succeeded(&mut self, index: usize, record: StepRecord) -> Result<(), Halt> {
         let next = index + 1;
-        let mut steps = vec![record];
+        let steps = vec![record];
         let last = next == self.inner.definition.steps.len();
-        if let Some(next_step) = self.inner.definition.steps.get(next) {
-            steps.push(StepRecord::started(
-                Phase::Forward,
-                next as i64,
-                next_step.name(),
-                now_ms(),
-            ));
-        }
         let state = SagaState {
             status: SagaStatus::Running,
             next_step: next as i64,

@@ -252,15 +252,18 @@ where
         self.inner.reader.as_ref()
     }
 
-    /// A saga with its step history, as shown to users.
+    /// A saga with its step history, as shown to users: the step it runs
+    /// now among them (see [`SagaView::running_step`]).
     pub async fn view(&self, saga_id: Uuid) -> Result<Option<SagaView>, sqlx::Error> {
-        match &self.inner.reader {
+        let view = match &self.inner.reader {
             Some(reader) => reader
                 .run(move |conn| log::load_sqlite_view(conn, saga_id))
                 .await
-                .map_err(sqlx::Error::Protocol),
-            None => on_kept!(&self.inner.readers, |conn| log::load_view(conn, saga_id)).await,
-        }
+                .map_err(sqlx::Error::Protocol)?,
+            None => on_kept!(&self.inner.readers, |conn| log::load_view(conn, saga_id)).await?,
+        };
+        let names = self.inner.definition.step_names();
+        Ok(view.map(|view| view.with_running_step(&names)))
     }
 
     /// The events a saga emitted and the operators' actions on it.
@@ -331,7 +334,6 @@ where
                 kind: inner.definition.kind,
                 data_json,
                 trace_context: traceparent,
-                first_step: inner.definition.steps[0].name(),
                 starts_at_pivot: inner.definition.pivot_index() == Some(0),
                 owner: inner.owner().to_owned(),
                 at_ms: crate::now_ms(),

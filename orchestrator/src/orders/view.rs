@@ -5,7 +5,7 @@ use ordersaga_proto::orders::v1::{self as pb, OrderStatus, StepPhase, StepStatus
 
 use saga_engine::{Phase, SagaStatus, SagaView, StepStatus};
 
-use crate::order_saga::OrderData;
+use crate::order_saga::{OrderData, STEP_NAMES};
 
 pub fn order_status(status: SagaStatus) -> OrderStatus {
     match status {
@@ -83,6 +83,7 @@ pub fn order(order: &OrderData, saga: &SagaView) -> pb::Order {
         steps: saga
             .steps
             .iter()
+            .chain(saga.running_step(&STEP_NAMES).as_ref())
             .map(|s| pb::Step {
                 name: s.name.clone(),
                 phase: match s.phase {

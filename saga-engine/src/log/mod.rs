@@ -126,8 +126,6 @@ pub struct NewSaga {
     pub kind: &'static str,
     pub data_json: String,
     pub trace_context: String,
-    /// Name of step 0, recorded as started in the same write.
-    pub first_step: &'static str,
     /// Step 0 is the pivot: the saga can't be cancelled once started.
     pub starts_at_pivot: bool,
     /// The replica that records it drives it, at epoch 1.
@@ -144,16 +142,8 @@ pub const FIRST_EPOCH: i64 = 1;
 pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
      VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1)";
 
-/// [`INSERT_SAGA`] and its first step's record as one statement, for
-/// PostgreSQL (SQLite has no data-modifying `WITH`): one round trip fewer.
-const INSERT_SAGA_AND_FIRST_STEP: &str = "WITH saga AS ( \
-       INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
-       VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1) RETURNING saga_id) \
-     INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
-     SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga";
-
-/// [`INSERT_SAGA_AND_FIRST_STEP`] and the saga's first events, written only
-/// if the caller's insert (the first CTE, its parameters renumbered after
+/// [`INSERT_SAGA`] and the saga's first events, written only if the
+/// caller's insert (the first CTE, its parameters renumbered after
 /// the saga's own [`SAGA_ADMITTED_PARAMETERS`]) wrote a row. Built once per
 /// caller's statement, not at every start.
 fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
@@ -168,11 +158,11 @@ fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
 }
 
 /// The saga's own parameters in [`saga_admitted_sql`]: its row's seven, its
-/// first step record's three, its first events (JSON, numbered 1, 2, 3…
-/// already: nothing of a new saga was written before), then the channel and
+/// first events (JSON, numbered 1, 2, 3… already: nothing of a new saga was
+/// written before), then the channel and
 /// the sender of the notice to the other replicas (no notice when the
 /// sender is NULL: in a batch, one notice goes for the whole batch).
-const SAGA_ADMITTED_PARAMETERS: u32 = 13;
+const SAGA_ADMITTED_PARAMETERS: u32 = 10;
 
 fn build_saga_admitted_sql(admit_sql: &str) -> String {
     format!(
@@ -184,27 +174,25 @@ fn build_saga_admitted_sql(admit_sql: &str) -> String {
 
 /// The common table expressions that admit one new saga (named with
 /// `suffix`): the caller's insert, its parameters renumbered after the
-/// saga's own, then the saga's row, first step record and first events,
-/// and the notice, each only if the one before wrote a row.
+/// saga's own, then the saga's row and first events, and the notice, each
+/// only if the one before wrote a row. Its first step's start is no record
+/// (see [`SagaView::running_step`]).
 fn admission_ctes(admit_sql: &str, suffix: &str) -> String {
     let renumbered = renumber(admit_sql, SAGA_ADMITTED_PARAMETERS);
     format!(
         "admitted{suffix} AS ({renumbered}), \
          saga{suffix} AS ( \
            INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
-           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($11::jsonb) \
+           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($8::jsonb) \
            WHERE EXISTS (SELECT 1 FROM admitted{suffix}) RETURNING saga_id), \
-         step{suffix} AS ( \
-           INSERT INTO saga_steps (saga_id, phase, step_index, name, status, attempts, last_error, output, started_at_ms, finished_at_ms, epoch) \
-           SELECT saga_id, $8, 0, $9, $10, 0, '', '', $5, NULL, 1 FROM saga{suffix}), \
          events{suffix} AS ( \
            INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
            SELECT e.event_id, saga{suffix}.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
-           FROM saga{suffix}, jsonb_to_recordset($11::jsonb) AS e(event_id text, sequence bigint, event_type text, \
+           FROM saga{suffix}, jsonb_to_recordset($8::jsonb) AS e(event_id text, sequence bigint, event_type text, \
              payload text, traceparent text, at_ms bigint) \
            ORDER BY e.sequence), \
          told{suffix} AS ( \
-           SELECT pg_notify($12, $13 || chr(10) || saga_id || ' RUNNING')::text FROM saga{suffix} WHERE $13 IS NOT NULL)"
+           SELECT pg_notify($9, $10 || chr(10) || saga_id || ' RUNNING')::text FROM saga{suffix} WHERE $10 IS NOT NULL)"
     )
 }
 
@@ -281,20 +269,20 @@ mod saga_admitted_sql_tests {
             "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO NOTHING RETURNING 1",
             2,
         );
-        // Each saga takes its thirteen and the caller's two: 15.
+        // Each saga takes its ten and the caller's two: 12.
         assert!(
             sql.starts_with(
-                "WITH admitted_0 AS (INSERT INTO t (a, b) VALUES ($14, $15) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "WITH admitted_0 AS (INSERT INTO t (a, b) VALUES ($11, $12) ON CONFLICT (a) DO NOTHING RETURNING 1), "
             ),
             "{sql}"
         );
         assert!(
             sql.contains(
-                "admitted_1 AS (INSERT INTO t (a, b) VALUES ($29, $30) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "admitted_1 AS (INSERT INTO t (a, b) VALUES ($23, $24) ON CONFLICT (a) DO NOTHING RETURNING 1), "
             ),
             "{sql}"
         );
-        assert!(sql.contains("SELECT $16, $17, $18, 'RUNNING', 0, $19, $20, $20, $21, $22, 1, jsonb_array_length($26::jsonb)"), "{sql}");
+        assert!(sql.contains("SELECT $13, $14, $15, 'RUNNING', 0, $16, $17, $17, $18, $19, 1, jsonb_array_length($20::jsonb)"), "{sql}");
         assert!(
             sql.contains("WHERE EXISTS (SELECT 1 FROM admitted_1) RETURNING saga_id"),
             "{sql}"
@@ -305,17 +293,17 @@ mod saga_admitted_sql_tests {
             ),
             "{sql}"
         );
-        assert!(!sql.contains("$31"), "{sql}");
+        assert!(!sql.contains("$25"), "{sql}");
     }
 
     #[test]
-    fn the_callers_parameters_are_numbered_after_the_sagas_thirteen() {
+    fn the_callers_parameters_are_numbered_after_the_sagas_ten() {
         let sql = super::build_saga_admitted_sql(
             "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
         );
         assert!(
             sql.starts_with(
-                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($14, $15, $25) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($11, $12, $22) ON CONFLICT (a) DO NOTHING RETURNING 1), "
             ),
             "{sql}"
         );
@@ -344,19 +332,13 @@ fn bind_saga<'q>(
         .bind(&saga.owner)
 }
 
-/// The ten parameters of [`INSERT_SAGA_AND_FIRST_STEP`] (and the first ten
-/// of the statement that also admits the caller's rows): the saga's, then
-/// its first step record's.
+/// [`bind_saga`] at the saga's own time: the first seven parameters of
+/// every statement that admits one.
 fn bind_new_saga<'q>(
     query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     saga: &NewSaga,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    let now = saga.at_ms;
-    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    bind_saga(query, saga, now)
-        .bind(started.phase.as_str())
-        .bind(started.name)
-        .bind(started.status.as_str())
+    bind_saga(query, saga, saga.at_ms)
 }
 
 /// Records a new saga as [`insert_saga`] does, with the caller's rows and
@@ -428,18 +410,10 @@ pub(crate) async fn insert_sagas_admitted(
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so
 /// that the caller's own rows, e.g. the order, commit with it).
 pub async fn insert_saga(conn: &mut AnyConnection, saga: &NewSaga) -> Result<(), sqlx::Error> {
-    if conn.backend_name() == "PostgreSQL" {
-        bind_new_saga(sqlx::query(INSERT_SAGA_AND_FIRST_STEP), saga)
-            .execute(&mut *conn)
-            .await?;
-        return Ok(());
-    }
-    let now = saga.at_ms;
-    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    bind_saga(sqlx::query(INSERT_SAGA), saga, now)
+    bind_new_saga(sqlx::query(INSERT_SAGA), saga)
         .execute(&mut *conn)
         .await?;
-    upsert_step(conn, saga.saga_id, &started, FIRST_EPOCH).await
+    Ok(())
 }
 
 /// One step's record in the log.
@@ -888,7 +862,10 @@ pub struct StepView {
 }
 
 /// A saga as shown to users: its state and its step history, forward steps
-/// first, then compensations in the order they ran.
+/// first, then compensations in the order they ran. `steps` are the log's
+/// records: the forward step a RUNNING saga runs now is none of them until
+/// it ends. `Engine::view` adds it (see [`SagaView::running_step`]); a view
+/// handed over with a change (`SagaChange::view`) leaves that to its reader.
 #[derive(Debug, Clone)]
 pub struct SagaView {
     pub saga_id: Uuid,
@@ -919,9 +896,8 @@ const VIEW_SAGA_WITH_STEPS: &str = "SELECT s.data, s.status AS saga_status, s.pi
 
 impl SagaView {
     /// A saga as [`insert_saga`] (and every statement that admits one)
-    /// records it: RUNNING, its first step started.
+    /// records it: RUNNING at its first step, with no step record yet.
     pub(crate) fn recorded(saga: &NewSaga) -> SagaView {
-        let first = StepRecord::started(Phase::Forward, 0, saga.first_step, saga.at_ms);
         SagaView {
             saga_id: saga.saga_id,
             data_json: saga.data_json.clone(),
@@ -932,8 +908,49 @@ impl SagaView {
             trace_context: saga.trace_context.clone(),
             created_at_ms: saga.at_ms,
             updated_at_ms: saga.at_ms,
-            steps: vec![StepView::recorded(&first)],
+            steps: vec![],
         }
+    }
+
+    /// The forward step a RUNNING saga runs now, shown as RUNNING since the
+    /// saga's last write; `step_names` are its definition's, in order.
+    ///
+    /// It is no record in the log: a step is written once, when it ends,
+    /// and the saga's row (RUNNING, moved past the steps before) already
+    /// says which step runs. Writing its start too cost a row version and
+    /// an index probe per step on the hot path. `None` when the saga does
+    /// not run forward, when every step is done, or when the log holds the
+    /// step's own record (one written as started by an older version).
+    pub fn running_step(&self, step_names: &[&str]) -> Option<StepView> {
+        if self.status != SagaStatus::Running {
+            return None;
+        }
+        let forward = || self.steps.iter().filter(|s| s.phase == Phase::Forward);
+        if forward().any(|s| s.status == StepStatus::Running) {
+            return None;
+        }
+        let index = forward().map(|s| s.index + 1).max().unwrap_or(0);
+        let name = step_names.get(usize::try_from(index).ok()?)?;
+        Some(StepView {
+            name: (*name).to_owned(),
+            phase: Phase::Forward,
+            index,
+            status: StepStatus::Running,
+            attempts: 0,
+            last_error: String::new(),
+            output: String::new(),
+            started_at_ms: Some(self.updated_at_ms),
+            finished_at_ms: None,
+        })
+    }
+
+    /// This view with [`SagaView::running_step`] among its steps.
+    pub fn with_running_step(mut self, step_names: &[&str]) -> SagaView {
+        if let Some(step) = self.running_step(step_names) {
+            self.steps.push(step);
+            sort_steps(&mut self.steps);
+        }
+        self
     }
 
     /// The saga once `checkpoint` is applied as `applied` says (it moved

@@ -23,9 +23,9 @@ use uuid::Uuid;
 
 use super::{
     ACTION_SEEN, APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint,
-    FIRST_EPOCH, INSERT_ATTEMPT, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION,
-    REOPEN, RESOLVE_STEP, RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView,
-    StepRecord, StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
+    INSERT_ATTEMPT, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION, REOPEN,
+    RESOLVE_STEP, RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView, StepRecord,
+    StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
     writer::{Start, Write, Written},
 };
 use crate::{definition::Phase, engine::Admission, events, events::NewEvent, now_ms};
@@ -291,8 +291,7 @@ fn insert_saga(conn: &Connection, saga: &NewSaga) -> rusqlite::Result<()> {
         i64::from(saga.starts_at_pivot),
         saga.owner,
     ])?;
-    let started = StepRecord::started(Phase::Forward, 0, saga.first_step, now);
-    upsert_step(conn, &saga.saga_id.to_string(), &started, FIRST_EPOCH)
+    Ok(())
 }
 
 fn upsert_step(

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use saga_engine::{Phase, SagaStatus};
+use saga_engine::{Phase, SagaStatus, StepStatus};
 
 use crate::{
     scripted::{self, Cue, World, assert_consistent},
@@ -20,6 +20,7 @@ on_both_stores!(
     a_compensation_that_fails_is_retried_until_it_succeeds,
     many_sagas_at_once_each_end_by_their_own_script,
     each_attempt_of_a_retried_step_is_kept_with_its_times_and_error,
+    a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_the_saga,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -29,6 +30,76 @@ async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
     let saga = scripted::start(&engine).await;
     let status = scripted::terminal(&store.pool, saga).await;
     assert_eq!(status, SagaStatus::Completed);
+    assert_consistent(&world, saga, status);
+}
+
+/// The log writes a step when it ends, never when it starts: the saga's row
+/// says which step runs, and the view shows that step RUNNING from it.
+async fn a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_the_saga(
+    backend: Backend,
+) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::Gated(0)]),
+        &world,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while world.forward_calls(saga, "b") == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "b never called");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let records = || async {
+        sqlx::query_as::<_, (String, i64, String)>(
+            "SELECT name, step_index, status FROM saga_steps WHERE saga_id = $1 ORDER BY step_index",
+        )
+        .bind(saga.to_string())
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        records().await,
+        vec![("a".to_owned(), 0, "SUCCEEDED".to_owned())],
+        "b runs: only a, which ended, has a record"
+    );
+    let view = engine.view(saga).await.unwrap().expect("the saga's view");
+    let shown: Vec<_> = view
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.index, s.status, s.started_at_ms))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            ("a", 0, StepStatus::Succeeded, view.steps[0].started_at_ms),
+            ("b", 1, StepStatus::Running, Some(view.updated_at_ms)),
+        ],
+        "the view shows b running since the saga's last write"
+    );
+
+    world.open_gate(0);
+    let status = scripted::terminal(&store.pool, saga).await;
+    assert_eq!(status, SagaStatus::Completed);
+    assert_eq!(
+        records().await,
+        scripted::STEPS
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), i as i64, "SUCCEEDED".to_owned()))
+            .collect::<Vec<_>>()
+    );
+    let view = engine.view(saga).await.unwrap().expect("the saga's view");
+    assert!(
+        view.steps.iter().all(|s| s.status == StepStatus::Succeeded),
+        "a completed saga shows no running step: {:?}",
+        view.steps
+    );
     assert_consistent(&world, saga, status);
 }
 

@@ -75,7 +75,6 @@ async fn leave_as_crashed(pool: &AnyPool, world: &World, position: Position) -> 
             kind: "scripted",
             data_json: r#"{"label":"crashed"}"#.into(),
             trace_context: String::new(),
-            first_step: STEPS[0],
             starts_at_pivot: false,
             owner: "local".into(),
             at_ms: std::time::SystemTime::now()

@@ -163,7 +163,6 @@ pub async fn new_saga(pool: &AnyPool) -> uuid::Uuid {
             kind: "scripted",
             data_json: "{}".into(),
             trace_context: String::new(),
-            first_step: "a",
             starts_at_pivot: false,
             owner: "local".into(),
             at_ms: std::time::SystemTime::now()
