@@ -13,6 +13,11 @@
 
 mod seed;
 
+// The services' allocator (see their own `main.rs`): devstack's children run
+// this binary.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::{net::IpAddr, path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};

@@ -1,5 +1,10 @@
 use clap::Parser;
 
+// jemalloc, not glibc's malloc: less CPU per call under load, the same
+// memory (see the workspace's Cargo.toml and docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     orchestrator::run(orchestrator::Settings::parse()).await
