@@ -102,11 +102,11 @@ const RESERVE_PRICED_LINE_CLAIMING: &str = "WITH taken AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
        SELECT $8, $9, $10, $11, 0, $12 FROM reservation RETURNING 1) \
      SELECT (SELECT COUNT(*) FROM taken) AS taken, \
-       (SELECT reservation_id FROM reservations WHERE order_id = $1) AS existing_id, \
-       (SELECT status FROM reservations WHERE order_id = $1) AS existing_status, \
-       (SELECT available FROM products WHERE sku = $7) AS available, \
-       (SELECT unit_price_cents FROM products WHERE sku = $7) AS unit_price_cents, \
-       (SELECT currency FROM products WHERE sku = $7) AS currency";
+       r.reservation_id AS existing_id, r.status AS existing_status, \
+       p.available, p.unit_price_cents, p.currency \
+     FROM (SELECT 1) AS one \
+       LEFT JOIN reservations r ON r.order_id = $1 \
+       LEFT JOIN products p ON p.sku = $7";
 const AVAILABLE: &str = "SELECT available FROM products WHERE sku = $1";
 const EXISTING: &str = "SELECT reservation_id, status FROM reservations WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
