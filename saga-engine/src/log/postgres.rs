@@ -343,8 +343,8 @@ fn alone_sql(steps: usize) -> String {
 static ALONE: LazyLock<[String; 3]> = LazyLock::new(|| [alone_sql(0), alone_sql(1), alone_sql(2)]);
 
 /// Whether [`apply_alone`] can take `checkpoint`: no events, no retried
-/// attempts to record, at most two step records (a step's result and the
-/// next one's start).
+/// attempts to record, at most two step records (a step's result, and the
+/// start of the compensation after it).
 pub(crate) fn fits_alone(checkpoint: &Checkpoint) -> bool {
     checkpoint.events.is_empty()
         && checkpoint.steps.len() < ALONE.len()
