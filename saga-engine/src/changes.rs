@@ -216,6 +216,7 @@ mod tests {
         let mut watch = changes.watch(saga);
         let ended = SagaView {
             saga_id: saga,
+            kind: "test".into(),
             data_json: "{}".into(),
             status: SagaStatus::NeedsAttention,
             pivot_passed: false,

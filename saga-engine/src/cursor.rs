@@ -12,8 +12,8 @@ pub enum Cursor {
         step: usize,
         /// Whether the step's call may already have been sent. A driver that
         /// resumes a saga from the log can't know, so a cancel then
-        /// compensates the step too; a driver that just recorded the step as
-        /// started knows it was not.
+        /// compensates the step too; a driver that just moved the cursor to
+        /// the step (and committed that) knows it was not.
         maybe_sent: bool,
     },
     /// Compensating; `step` is the next step to undo, `None` when none is left.

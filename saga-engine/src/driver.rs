@@ -1,5 +1,5 @@
-//! Drives one saga: runs the step at its cursor, records the result (and the
-//! start of the next step) in one checkpoint, waits for that commit, moves on.
+//! Drives one saga: runs the step at its cursor, records the result and the
+//! cursor moved past it in one checkpoint, waits for that commit, moves on.
 //!
 //! - A definite "no" (see [`crate::retry`]) compensates the steps before it.
 //! - A step whose outcome stays unknown after its retry budget is compensated

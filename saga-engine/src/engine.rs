@@ -253,7 +253,8 @@ where
     }
 
     /// A saga with its step history, as shown to users: the step it runs
-    /// now among them (see [`SagaView::running_step`]).
+    /// now among them (see [`SagaView::running_step`]) when it is of this
+    /// engine's kind.
     pub async fn view(&self, saga_id: Uuid) -> Result<Option<SagaView>, sqlx::Error> {
         let view = match &self.inner.reader {
             Some(reader) => reader
@@ -262,8 +263,12 @@ where
                 .map_err(sqlx::Error::Protocol)?,
             None => on_kept!(&self.inner.readers, |conn| log::load_view(conn, saga_id)).await?,
         };
-        let names = self.inner.definition.step_names();
-        Ok(view.map(|view| view.with_running_step(&names)))
+        let definition = &self.inner.definition;
+        Ok(view.map(|view| match view.kind == definition.kind {
+            true => view.with_running_step(&definition.step_names()),
+            // Another kind's saga in the same store: its steps are not ours.
+            false => view,
+        }))
     }
 
     /// The events a saga emitted and the operators' actions on it.

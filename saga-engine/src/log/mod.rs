@@ -130,9 +130,8 @@ pub struct NewSaga {
     pub starts_at_pivot: bool,
     /// The replica that records it drives it, at epoch 1.
     pub owner: String,
-    /// When it is recorded: its created and updated times, and its first
-    /// step's start. Chosen by the engine, which knows its saga as written
-    /// (see [`SagaView::recorded`]).
+    /// When it is recorded: its created and updated times. Chosen by the
+    /// engine, which knows its saga as written (see [`SagaView::recorded`]).
     pub at_ms: i64,
 }
 
@@ -869,6 +868,8 @@ pub struct StepView {
 #[derive(Debug, Clone)]
 pub struct SagaView {
     pub saga_id: Uuid,
+    /// Its definition's kind: whose step names [`SagaView::running_step`] takes.
+    pub kind: String,
     pub data_json: String,
     pub status: SagaStatus,
     pub pivot_passed: bool,
@@ -880,7 +881,7 @@ pub struct SagaView {
     pub steps: Vec<StepView>,
 }
 
-pub(crate) const VIEW_SAGA: &str = "SELECT data, status, pivot_passed, cancel_requested, failure_reason, trace_context, created_at_ms, updated_at_ms \
+pub(crate) const VIEW_SAGA: &str = "SELECT data, status, pivot_passed, cancel_requested, failure_reason, trace_context, created_at_ms, updated_at_ms, kind \
      FROM sagas WHERE saga_id = $1";
 pub(crate) const VIEW_STEPS: &str = "SELECT name, phase, step_index, status, attempts, last_error, output, started_at_ms, finished_at_ms \
      FROM saga_steps WHERE saga_id = $1";
@@ -889,7 +890,7 @@ pub(crate) const VIEW_STEPS: &str = "SELECT name, phase, step_index, status, att
 /// row per step, the saga's columns on each, one row with no step columns
 /// for a saga without steps.
 const VIEW_SAGA_WITH_STEPS: &str = "SELECT s.data, s.status AS saga_status, s.pivot_passed, s.cancel_requested, \
-       s.failure_reason, s.trace_context, s.created_at_ms, s.updated_at_ms, \
+       s.failure_reason, s.trace_context, s.created_at_ms, s.updated_at_ms, s.kind, \
        st.name, st.phase, st.step_index, st.status AS step_status, st.attempts, st.last_error, st.output, \
        st.started_at_ms, st.finished_at_ms \
      FROM sagas s LEFT JOIN saga_steps st ON st.saga_id = s.saga_id WHERE s.saga_id = $1";
@@ -900,6 +901,7 @@ impl SagaView {
     pub(crate) fn recorded(saga: &NewSaga) -> SagaView {
         SagaView {
             saga_id: saga.saga_id,
+            kind: saga.kind.to_owned(),
             data_json: saga.data_json.clone(),
             status: SagaStatus::Running,
             pivot_passed: saga.starts_at_pivot,
@@ -913,7 +915,8 @@ impl SagaView {
     }
 
     /// The forward step a RUNNING saga runs now, shown as RUNNING since the
-    /// saga's last write; `step_names` are its definition's, in order.
+    /// step before it ended (since the saga was created, for its first);
+    /// `step_names` are its definition's, in order.
     ///
     /// It is no record in the log: a step is written once, when it ends,
     /// and the saga's row (RUNNING, moved past the steps before) already
@@ -929,8 +932,11 @@ impl SagaView {
         if forward().any(|s| s.status == StepStatus::Running) {
             return None;
         }
-        let index = forward().map(|s| s.index + 1).max().unwrap_or(0);
+        let before = forward().max_by_key(|s| s.index);
+        let index = before.map_or(0, |s| s.index + 1);
         let name = step_names.get(usize::try_from(index).ok()?)?;
+        // Not the row's `updated_at_ms`: an accepted cancel moves that.
+        let since = before.map_or(Some(self.created_at_ms), |s| s.finished_at_ms);
         Some(StepView {
             name: (*name).to_owned(),
             phase: Phase::Forward,
@@ -939,7 +945,7 @@ impl SagaView {
             attempts: 0,
             last_error: String::new(),
             output: String::new(),
-            started_at_ms: Some(self.updated_at_ms),
+            started_at_ms: since,
             finished_at_ms: None,
         })
     }
@@ -1055,6 +1061,7 @@ pub async fn load_view(
     sort_steps(&mut steps);
     Ok(Some(SagaView {
         saga_id,
+        kind: row.try_get("kind")?,
         data_json: row.try_get("data")?,
         status: SagaStatus::parse(&status)
             .ok_or_else(|| decode_error(format!("saga status {status:?}")))?,

@@ -176,11 +176,21 @@ pub fn load_view(conn: &Connection, saga_id: Uuid) -> rusqlite::Result<Option<Sa
                 r.get::<_, String>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
+                r.get::<_, String>(8)?,
             ))
         })
         .optional()?;
-    let Some((data_json, status, pivot, cancel, failure_reason, trace_context, created, updated)) =
-        row
+    let Some((
+        data_json,
+        status,
+        pivot,
+        cancel,
+        failure_reason,
+        trace_context,
+        created,
+        updated,
+        kind,
+    )) = row
     else {
         return Ok(None);
     };
@@ -206,6 +216,7 @@ pub fn load_view(conn: &Connection, saga_id: Uuid) -> rusqlite::Result<Option<Sa
     sort_steps(&mut steps);
     Ok(Some(SagaView {
         saga_id,
+        kind,
         data_json,
         status: parse_status(&status)?,
         pivot_passed: pivot != 0,
