@@ -158,9 +158,9 @@ fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
 
 /// The saga's own parameters in [`saga_admitted_sql`]: its row's seven, its
 /// first events (JSON, numbered 1, 2, 3… already: nothing of a new saga was
-/// written before), then the channel and
-/// the sender of the notice to the other replicas (no notice when the
-/// sender is NULL: in a batch, one notice goes for the whole batch).
+/// written before), then the channel and the sender of the notice to the
+/// other replicas (no notice when the sender is NULL: in a batch, one notice
+/// goes for the whole batch).
 const SAGA_ADMITTED_PARAMETERS: u32 = 10;
 
 fn build_saga_admitted_sql(admit_sql: &str) -> String {
@@ -315,29 +315,20 @@ mod saga_admitted_sql_tests {
     }
 }
 
-/// The seven parameters of [`INSERT_SAGA`]: the saga's row.
-fn bind_saga<'q>(
+/// The seven parameters of [`INSERT_SAGA`], the saga's row, at its own
+/// time: the first seven of every statement that admits a saga.
+fn bind_new_saga<'q>(
     query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     saga: &NewSaga,
-    now: i64,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     query
         .bind(saga.saga_id.to_string())
         .bind(saga.kind)
         .bind(&saga.data_json)
         .bind(&saga.trace_context)
-        .bind(now)
+        .bind(saga.at_ms)
         .bind(i64::from(saga.starts_at_pivot))
         .bind(&saga.owner)
-}
-
-/// [`bind_saga`] at the saga's own time: the first seven parameters of
-/// every statement that admits one.
-fn bind_new_saga<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    saga: &NewSaga,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    bind_saga(query, saga, saga.at_ms)
 }
 
 /// Records a new saga as [`insert_saga`] does, with the caller's rows and
