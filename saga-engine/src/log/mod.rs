@@ -854,8 +854,9 @@ pub struct StepView {
 /// A saga as shown to users: its state and its step history, forward steps
 /// first, then compensations in the order they ran. `steps` are the log's
 /// records: the forward step a RUNNING saga runs now is none of them until
-/// it ends. `Engine::view` adds it (see [`SagaView::running_step`]); a view
-/// handed over with a change (`SagaChange::view`) leaves that to its reader.
+/// it ends. `Engine::view` adds it (see [`SagaView::running_step`]). A view
+/// handed over with a change (`SagaChange::view`) needs none: it is only
+/// ever the saga at its end, when no step runs.
 #[derive(Debug, Clone)]
 pub struct SagaView {
     pub saga_id: Uuid,
