@@ -34,6 +34,10 @@ pub enum Outcome<T> {
     Keep(T),
     /// Undo them (back to the job's savepoint); the batch goes on.
     Undo(T),
+    /// Undo them, then write what the function writes in their place, in
+    /// the job's savepoint still: a refusal stored without the half of an
+    /// effect that came before it, with no savepoint of the job's own.
+    UndoThen(T, Box<dyn FnOnce(&Connection) -> rusqlite::Result<()>>),
 }
 
 /// Called after the commit, with its result: sends the job's result.
@@ -140,6 +144,20 @@ fn in_savepoint<T>(
             Ok(value)
         }
         Ok(Outcome::Undo(value)) => undo(conn).map(|()| value),
+        Ok(Outcome::UndoThen(value, instead)) => {
+            conn.execute_batch("ROLLBACK TO job")
+                .map_err(|e| e.to_string())?;
+            match instead(conn) {
+                Ok(()) => conn
+                    .execute_batch("RELEASE job")
+                    .map(|()| value)
+                    .map_err(|e| e.to_string()),
+                Err(err) => {
+                    undo(conn)?;
+                    Err(err.to_string())
+                }
+            }
+        }
         Err(err) => {
             undo(conn)?;
             Err(err.to_string())
@@ -233,7 +251,7 @@ mod tests {
         let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
         // Sent together, so most land in one batch: an undone job and a failed
         // one must not take their neighbours' writes with them.
-        let (kept, undone, failed, also_kept) = tokio::join!(
+        let (kept, undone, failed, also_kept, replaced) = tokio::join!(
             writer.run(insert("a", Outcome::Keep)),
             writer.run(insert("b", Outcome::Undo)),
             writer.run(|conn| {
@@ -243,11 +261,21 @@ mod tests {
                 Ok(Outcome::Keep(()))
             }),
             writer.run(insert("d", Outcome::Keep)),
+            // Its own write undone, another made in its place.
+            writer.run(insert("e", |()| Outcome::UndoThen(
+                (),
+                Box::new(|conn| conn
+                    .execute("INSERT INTO t (k, v) VALUES ('f', 2)", [])
+                    .map(drop)),
+            ))),
         );
-        assert!(kept.is_ok() && undone.is_ok() && also_kept.is_ok());
+        assert!(kept.is_ok() && undone.is_ok() && also_kept.is_ok() && replaced.is_ok());
         let failed = failed.expect_err("a job whose statement fails reports it");
         assert!(failed.contains("UNIQUE"), "{failed}");
-        assert_eq!(rows(&path), vec![("a".into(), 1), ("d".into(), 1)]);
+        assert_eq!(
+            rows(&path),
+            vec![("a".into(), 1), ("d".into(), 1), ("f".into(), 2)]
+        );
     }
 
     /// SQLite may end the whole transaction on an error (a full disk, an I/O

@@ -5,10 +5,12 @@
 //! the same `request_id` with a different payload is refused. Definite refusals
 //! (out of stock, unknown SKU, …) are stored too, so a retry sees the same answer.
 //!
-//! The claim is an insert-if-absent that opens the transaction, so it is also
-//! the first write: on SQLite it takes the write lock at once, and on PostgreSQL
-//! a concurrent duplicate waits on the unique key until the first one commits,
-//! then reads its reply.
+//! Through the pool ([`run_once`]), the claim is an insert-if-absent that
+//! opens the transaction, so it is also the first write: on SQLite it takes
+//! the write lock at once, and on PostgreSQL a concurrent duplicate waits on
+//! the unique key until the first one commits, then reads its reply. On a
+//! SQLite file's batch writer, the only writer, a read tells a repeat and
+//! the claim is written after the effect, with its answer ([`run_on_sqlite`]).
 //!
 //! Every service has an `idempotency` table of this shape (see its migrations).
 //!
@@ -55,6 +57,10 @@ const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, c
 /// transaction's order; see the module's doc).
 const CLAIM_WITH_REPLY: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
      VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (request_id) DO NOTHING";
+/// The claim and a definite refusal in one row (SQLite's batch writer; see
+/// [`run_on_sqlite`]).
+const CLAIM_WITH_REFUSAL: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message, status_details) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
 const STORE_REPLY: &str =
     "UPDATE idempotency SET status_code = 0, reply = $1 WHERE request_id = $2";
 const STORED: &str = "SELECT method, fingerprint, status_code, status_message, status_details, reply FROM idempotency WHERE request_id = $1";
@@ -437,56 +443,65 @@ struct OwnedKey {
 }
 
 /// The same steps as [`run_on_pool`], inside the batch writer's savepoint
-/// for this request. Nothing else writes the file meanwhile, so a refusal
-/// is stored on the claim's own row.
+/// for this request. Nothing else writes the file meanwhile (the batch
+/// holds the writer's gate), so a read tells a repeat, and the claim is
+/// written once, with its answer, after the effect: one write of the row
+/// instead of a claim and then its reply. A definite refusal is stored in
+/// place of whatever the effect wrote before it refused (the batch writer
+/// undoes the job's writes first), which spares every request a savepoint
+/// of its own around the effect: two statements, and a copy of each page
+/// the effect changed into SQLite's statement journal (docs/benchmarks.md).
 fn run_on_sqlite<Resp: Message + Default>(
     conn: &rusqlite::Connection,
     key: &OwnedKey,
     effect: impl FnOnce(&rusqlite::Connection) -> Result<Resp, Status>,
 ) -> rusqlite::Result<Outcome<Result<Resp, Status>>> {
-    let claimed = conn.prepare_cached(CLAIM)?.execute(rusqlite::params![
-        key.request_id,
-        key.method,
-        key.fingerprint,
-        now_ms(),
-    ])? == 1;
-    if !claimed {
-        return Ok(Outcome::Keep(replay_sqlite(conn, key)?));
+    if let Some(stored) = stored_sqlite(conn, key)? {
+        return Ok(Outcome::Keep(stored));
     }
-    conn.execute_batch("SAVEPOINT effect")?;
     match effect(conn) {
         Ok(reply) => {
-            conn.execute_batch("RELEASE effect")?;
-            conn.prepare_cached(STORE_REPLY)?
-                .execute(rusqlite::params![reply.encode_to_vec(), key.request_id])?;
+            conn.prepare_cached(CLAIM_WITH_REPLY)?
+                .execute(rusqlite::params![
+                    key.request_id,
+                    key.method,
+                    key.fingerprint,
+                    now_ms(),
+                    reply.encode_to_vec(),
+                ])?;
             Ok(Outcome::Keep(Ok(reply)))
         }
-        Err(status) => {
-            // Undo any partial effect first; the claim stays for now.
-            conn.execute_batch("ROLLBACK TO effect; RELEASE effect")?;
-            if DEFINITE_REFUSALS.contains(&status.code()) {
-                conn.prepare_cached(
-                    "UPDATE idempotency SET status_code = $1, status_message = $2, status_details = $3 WHERE request_id = $4",
-                )?
-                .execute(rusqlite::params![
-                    status.code() as i32 as i64,
-                    status.message(),
-                    stored_details(&status),
-                    key.request_id
-                ])?;
-                Ok(Outcome::Keep(Err(as_stored(&status))))
-            } else {
-                // Not an answer: leave no trace, not even the claim.
-                Ok(Outcome::Undo(Err(status)))
-            }
+        Err(status) if DEFINITE_REFUSALS.contains(&status.code()) => {
+            let (request_id, method, fingerprint) =
+                (key.request_id.clone(), key.method, key.fingerprint.clone());
+            let stored = as_stored(&status);
+            Ok(Outcome::UndoThen(
+                Err(stored),
+                Box::new(move |conn| {
+                    conn.prepare_cached(CLAIM_WITH_REFUSAL)?
+                        .execute(rusqlite::params![
+                            request_id,
+                            method,
+                            fingerprint,
+                            now_ms(),
+                            status.code() as i32 as i64,
+                            status.message(),
+                            stored_details(&status),
+                        ])?;
+                    Ok(())
+                }),
+            ))
         }
+        // Not an answer: leave no trace.
+        Err(status) => Ok(Outcome::Undo(Err(status))),
     }
 }
 
-fn replay_sqlite<Resp: Message + Default>(
+/// The answer stored for this request, if it was seen before.
+fn stored_sqlite<Resp: Message + Default>(
     conn: &rusqlite::Connection,
     key: &OwnedKey,
-) -> rusqlite::Result<Result<Resp, Status>> {
+) -> rusqlite::Result<Option<Result<Resp, Status>>> {
     let stored = conn
         .prepare_cached(STORED)?
         .query_row(rusqlite::params![key.request_id], |r| {
@@ -500,10 +515,7 @@ fn replay_sqlite<Resp: Message + Default>(
             })
         })
         .optional()?;
-    Ok(match stored {
-        Some(stored) => stored.answer(key.method, &key.request_id, &key.fingerprint),
-        None => Err(Error::Internal(format!("request {} has no claim", key.request_id)).into()),
-    })
+    Ok(stored.map(|stored| stored.answer(key.method, &key.request_id, &key.fingerprint)))
 }
 
 async fn run_on_pool<Resp>(

@@ -18,6 +18,7 @@ on_both_stores!(
     release_before_reserve_refuses_the_late_reserve,
     release_returns_stock_once,
     reservation_is_all_or_nothing,
+    a_refusal_after_part_of_the_effect_is_stored_without_it,
     business_refusals_have_precise_codes_and_are_replayed,
     no_oversell_under_64_concurrent_callers,
     each_invalid_field_is_named_and_nothing_is_written,
@@ -305,6 +306,49 @@ async fn reservation_is_all_or_nothing(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(rows, 0);
+}
+
+/// A refusal that comes after the effect wrote part of its rows (the first
+/// line taken, then the second short) is stored as the request's answer
+/// without those rows: a retry after a restock gets the same refusal, and
+/// still takes nothing.
+async fn a_refusal_after_part_of_the_effect_is_stored_without_it(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 1, 99).await;
+    let refused = reserve(&request_id(), &order_id(), &[("APPLE", 5), ("PEAR", 2)]);
+    let out_of_stock = ["out of stock", "PEAR", "1 available", "2 requested"];
+
+    let first = client.reserve_stock(authed(refused.clone())).await;
+    assert_status(first, Code::FailedPrecondition, &out_of_stock);
+    seed(&mut client, "PEAR", 5, 99).await;
+    let retried = client.reserve_stock(authed(refused.clone())).await;
+    assert_status(retried, Code::FailedPrecondition, &out_of_stock);
+
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+    assert_eq!(levels(&mut client, "PEAR").await, (6, 0));
+    let pool = svc.db.pool().await;
+    let stored: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT method, CAST(status_code AS BIGINT) FROM idempotency WHERE request_id = $1",
+    )
+    .bind(&refused.request_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        vec![(
+            "ReserveStock".to_owned(),
+            Some(Code::FailedPrecondition as i64)
+        )],
+        "one row: the claim with its refusal"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "no reservation row left by the refused effect");
 }
 
 async fn business_refusals_have_precise_codes_and_are_replayed(backend: Backend) {
