@@ -126,11 +126,10 @@ fn in_savepoint<T>(
     job: impl FnOnce(&Connection) -> rusqlite::Result<Outcome<T>>,
 ) -> Result<T, String> {
     let undo = |conn: &Connection| {
-        conn.execute_batch("ROLLBACK TO job; RELEASE job")
-            .map_err(|e| e.to_string())
+        execute(conn, "ROLLBACK TO job")?;
+        execute(conn, "RELEASE job")
     };
-    conn.execute_batch("SAVEPOINT job")
-        .map_err(|e| e.to_string())?;
+    execute(conn, "SAVEPOINT job")?;
     // A job that panics (a bug) fails alone: its writes are undone, and the
     // thread goes on serving every other request of the store.
     let Ok(ran) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
@@ -138,20 +137,12 @@ fn in_savepoint<T>(
         return Err("the request's job panicked; its writes were undone".into());
     };
     match ran {
-        Ok(Outcome::Keep(value)) => {
-            conn.execute_batch("RELEASE job")
-                .map_err(|e| e.to_string())?;
-            Ok(value)
-        }
+        Ok(Outcome::Keep(value)) => execute(conn, "RELEASE job").map(|()| value),
         Ok(Outcome::Undo(value)) => undo(conn).map(|()| value),
         Ok(Outcome::UndoThen(value, instead)) => {
-            conn.execute_batch("ROLLBACK TO job")
-                .map_err(|e| e.to_string())?;
+            execute(conn, "ROLLBACK TO job")?;
             match instead(conn) {
-                Ok(()) => conn
-                    .execute_batch("RELEASE job")
-                    .map(|()| value)
-                    .map_err(|e| e.to_string()),
+                Ok(()) => execute(conn, "RELEASE job").map(|()| value),
                 Err(err) => {
                     undo(conn)?;
                     Err(err.to_string())
@@ -163,6 +154,15 @@ fn in_savepoint<T>(
             Err(err.to_string())
         }
     }
+}
+
+/// One statement of the job's savepoint, prepared once: through
+/// `execute_batch`, SQLite parsed its text again at every request.
+fn execute(conn: &Connection, sql: &str) -> Result<(), String> {
+    conn.prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>, gate: WriteGate) {
