@@ -37,8 +37,11 @@ pub enum Outcome<T> {
     /// Undo them, then write what the function writes in their place, in
     /// the job's savepoint still: a refusal stored without the half of an
     /// effect that came before it, with no savepoint of the job's own.
-    UndoThen(T, Box<dyn FnOnce(&Connection) -> rusqlite::Result<()>>),
+    UndoThen(T, Instead),
 }
+
+/// What a job writes in place of its own undone writes.
+pub type Instead = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()>>;
 
 /// Called after the commit, with its result: sends the job's result.
 type Deliver = Box<dyn FnOnce(Result<(), String>) + Send>;
