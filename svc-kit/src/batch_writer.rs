@@ -36,7 +36,8 @@ pub enum Outcome<T> {
     Undo(T),
     /// Undo them, then write what the function writes in their place, in
     /// the job's savepoint still: a refusal stored without the half of an
-    /// effect that came before it, with no savepoint of the job's own.
+    /// effect that came before it, with no second savepoint inside the
+    /// job's. If the function fails, nothing of the job stays.
     UndoThen(T, Instead),
 }
 
@@ -144,11 +145,17 @@ fn in_savepoint<T>(
         Ok(Outcome::Undo(value)) => undo(conn).map(|()| value),
         Ok(Outcome::UndoThen(value, instead)) => {
             execute(conn, "ROLLBACK TO job")?;
-            match instead(conn) {
-                Ok(()) => execute(conn, "RELEASE job").map(|()| value),
-                Err(err) => {
+            // Caught as the job is: a panic here must not end the thread.
+            let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instead(conn)));
+            match wrote {
+                Ok(Ok(())) => execute(conn, "RELEASE job").map(|()| value),
+                Ok(Err(err)) => {
                     undo(conn)?;
                     Err(err.to_string())
+                }
+                Err(_) => {
+                    undo(conn)?;
+                    Err("the request's job panicked; its writes were undone".into())
                 }
             }
         }
@@ -273,6 +280,33 @@ mod tests {
             ))),
         );
         assert!(kept.is_ok() && undone.is_ok() && also_kept.is_ok() && replaced.is_ok());
+        // A replacement that fails, then one that panics: neither its own
+        // write nor the replacement's stays, and the writer goes on.
+        let failed_instead = writer
+            .run(insert("g", |()| {
+                Outcome::UndoThen(
+                    (),
+                    Box::new(|conn| {
+                        conn.execute("INSERT INTO t (k, v) VALUES ('h', 1)", [])?;
+                        conn.execute("INSERT INTO t (k, v) VALUES ('h', 2)", [])
+                            .map(drop)
+                    }),
+                )
+            }))
+            .await;
+        assert!(failed_instead.expect_err("reported").contains("UNIQUE"));
+        let panicked_instead = writer
+            .run(insert("i", |()| {
+                Outcome::UndoThen(
+                    (),
+                    Box::new(|conn| {
+                        conn.execute("INSERT INTO t (k, v) VALUES ('j', 1)", [])?;
+                        panic!("a bug in a replacement")
+                    }),
+                )
+            }))
+            .await;
+        assert!(panicked_instead.expect_err("reported").contains("panicked"));
         let failed = failed.expect_err("a job whose statement fails reports it");
         assert!(failed.contains("UNIQUE"), "{failed}");
         assert_eq!(

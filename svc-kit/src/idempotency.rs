@@ -57,6 +57,12 @@ const CLAIM: &str = "INSERT INTO idempotency (request_id, method, fingerprint, c
 /// transaction's order; see the module's doc).
 const CLAIM_WITH_REPLY: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
      VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT (request_id) DO NOTHING";
+/// The claim and the reply in one row where no other writer can have
+/// claimed the request first (SQLite's batch writer; see [`run_on_sqlite`]):
+/// a conflict would be a bug, so it fails the request (its effect undone)
+/// rather than go unnoticed.
+const CLAIM_WITH_REPLY_ALONE: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+     VALUES ($1, $2, $3, $4, 0, $5)";
 /// The claim and a definite refusal in one row (SQLite's batch writer; see
 /// [`run_on_sqlite`]).
 const CLAIM_WITH_REFUSAL: &str = "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, status_message, status_details) \
@@ -443,8 +449,9 @@ struct OwnedKey {
 }
 
 /// The same steps as [`run_on_pool`], inside the batch writer's savepoint
-/// for this request. Nothing else writes the file meanwhile (the batch
-/// holds the writer's gate), so a read tells a repeat, and the claim is
+/// for this request. Nothing else writes the file meanwhile (the batch's
+/// transaction began IMMEDIATE: it holds SQLite's write lock), so a read
+/// tells a repeat, and the claim is
 /// written once, with its answer, after the effect: one write of the row
 /// instead of a claim and then its reply. A definite refusal is stored in
 /// place of whatever the effect wrote before it refused (the batch writer
@@ -461,7 +468,7 @@ fn run_on_sqlite<Resp: Message + Default>(
     }
     match effect(conn) {
         Ok(reply) => {
-            conn.prepare_cached(CLAIM_WITH_REPLY)?
+            conn.prepare_cached(CLAIM_WITH_REPLY_ALONE)?
                 .execute(rusqlite::params![
                     key.request_id,
                     key.method,
@@ -714,5 +721,119 @@ impl Stored {
             )),
             _ => Err(Error::Internal(format!("request {request_id} has no stored reply")).into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+    use crate::batch_writer::{BatchWriter, WriteGate};
+
+    fn store_file() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE idempotency (request_id TEXT PRIMARY KEY, method TEXT NOT NULL, \
+                   fingerprint BLOB NOT NULL, created_at_ms INTEGER NOT NULL, status_code INTEGER, \
+                   status_message TEXT, reply BLOB, status_details BLOB); \
+                 CREATE TABLE effects (request_id TEXT NOT NULL)",
+            )
+            .unwrap();
+        (dir, path)
+    }
+
+    fn key(request_id: &str) -> OwnedKey {
+        OwnedKey {
+            method: "Test",
+            request_id: request_id.to_owned(),
+            fingerprint: vec![1, 2, 3],
+        }
+    }
+
+    /// The request's effect: one row, then `answer`.
+    fn run(
+        writer: &BatchWriter,
+        request_id: &'static str,
+        answer: Result<(), Status>,
+    ) -> impl Future<Output = Result<Result<(), Status>, String>> + use<> {
+        let writer = writer.clone();
+        async move {
+            writer
+                .run(move |conn| {
+                    run_on_sqlite(conn, &key(request_id), |conn| {
+                        conn.execute("INSERT INTO effects VALUES ($1)", [request_id])
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                        answer
+                    })
+                })
+                .await
+        }
+    }
+
+    /// A repeat in the same batch as its first, read where the first wrote
+    /// its claim in the batch's open transaction: after a reply and after a
+    /// refusal (whose effect was undone before its claim was written in its
+    /// place), it gets the first's answer and its effect never runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_repeat_in_its_firsts_batch_gets_the_firsts_answer() {
+        let (_dir, path) = store_file();
+        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        // Hold the writer's thread, so that the four requests share a batch.
+        let (hold, held) = mpsc::channel::<()>();
+        let holding = tokio::spawn({
+            let writer = writer.clone();
+            async move {
+                writer
+                    .run(move |_| {
+                        held.recv().unwrap();
+                        Ok(Outcome::Keep(()))
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = || Err(Status::failed_precondition("out of stock"));
+        let first_ok = tokio::spawn(run(&writer, "ok", Ok(())));
+        let first_refused = tokio::spawn(run(&writer, "no", refused()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Their effects would succeed: only a replay answers them as the first.
+        let repeat_ok = tokio::spawn(run(&writer, "ok", refused()));
+        let repeat_refused = tokio::spawn(run(&writer, "no", Ok(())));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hold.send(()).unwrap();
+        holding.await.unwrap().unwrap();
+        for (request, expect_ok) in [
+            (first_ok, true),
+            (first_refused, false),
+            (repeat_ok, true),
+            (repeat_refused, false),
+        ] {
+            let answer = request.await.unwrap().expect("the batch commits");
+            match expect_ok {
+                true => answer.expect("the first's reply"),
+                false => assert_eq!(answer.unwrap_err().code(), Code::FailedPrecondition),
+            }
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let effects: Vec<String> = conn
+            .prepare("SELECT request_id FROM effects")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            effects,
+            vec!["ok"],
+            "one effect, the first's; the refused one undone"
+        );
+        let claims: i64 = conn
+            .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(claims, 2, "one claim per request_id");
     }
 }
