@@ -125,6 +125,28 @@ impl BatchWriter {
     }
 }
 
+/// Holds the writer's thread with a job that waits until the sender sends
+/// (or is dropped): the jobs sent meanwhile share the next batch.
+#[cfg(test)]
+pub(crate) fn hold_writer(
+    writer: &BatchWriter,
+) -> (
+    mpsc::Sender<()>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (hold, held) = mpsc::channel::<()>();
+    let writer = writer.clone();
+    let holding = tokio::spawn(async move {
+        writer
+            .run(move |_| {
+                let _ = held.recv();
+                Ok(Outcome::Keep(()))
+            })
+            .await
+    });
+    (hold, holding)
+}
+
 fn in_savepoint<T>(
     conn: &Connection,
     job: impl FnOnce(&Connection) -> rusqlite::Result<Outcome<T>>,
@@ -323,18 +345,7 @@ mod tests {
         let (_dir, path) = file_with_table();
         let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
         // Hold the writer's thread so that the next two jobs share a batch.
-        let (hold, held) = std::sync::mpsc::channel::<()>();
-        let holding = tokio::spawn({
-            let writer = writer.clone();
-            async move {
-                writer
-                    .run(move |_| {
-                        held.recv().unwrap();
-                        Ok(Outcome::Keep(()))
-                    })
-                    .await
-            }
-        });
+        let (hold, holding) = hold_writer(&writer);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let ends_it = tokio::spawn({
             let writer = writer.clone();

@@ -726,10 +726,10 @@ impl Stored {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::mpsc, time::Duration};
+    use std::time::Duration;
 
     use super::*;
-    use crate::batch_writer::{BatchWriter, WriteGate};
+    use crate::batch_writer::{BatchWriter, WriteGate, hold_writer};
 
     fn store_file() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -783,18 +783,7 @@ mod tests {
         let (_dir, path) = store_file();
         let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
         // Hold the writer's thread, so that the four requests share a batch.
-        let (hold, held) = mpsc::channel::<()>();
-        let holding = tokio::spawn({
-            let writer = writer.clone();
-            async move {
-                writer
-                    .run(move |_| {
-                        held.recv().unwrap();
-                        Ok(Outcome::Keep(()))
-                    })
-                    .await
-            }
-        });
+        let (hold, holding) = hold_writer(&writer);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let refused = || Err(Status::failed_precondition("out of stock"));
         let first_ok = tokio::spawn(run(&writer, "ok", Ok(())));
