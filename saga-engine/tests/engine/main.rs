@@ -21,6 +21,7 @@ macro_rules! on_both_stores {
     };
 }
 
+mod admission;
 mod cancel;
 mod compensation;
 mod events;
