@@ -147,6 +147,9 @@ pub(crate) fn hold_writer(
     (hold, holding)
 }
 
+/// A job's answer when it panicked (a bug).
+const PANICKED: &str = "the request's job panicked; its writes were undone";
+
 fn in_savepoint<T>(
     conn: &Connection,
     job: impl FnOnce(&Connection) -> rusqlite::Result<Outcome<T>>,
@@ -160,7 +163,7 @@ fn in_savepoint<T>(
     // thread goes on serving every other request of the store.
     let Ok(ran) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) else {
         undo(conn)?;
-        return Err("the request's job panicked; its writes were undone".into());
+        return Err(PANICKED.into());
     };
     match ran {
         Ok(Outcome::Keep(value)) => execute(conn, "RELEASE job").map(|()| value),
@@ -168,16 +171,16 @@ fn in_savepoint<T>(
         Ok(Outcome::UndoThen(value, instead)) => {
             execute(conn, "ROLLBACK TO job")?;
             // Caught as the job is: a panic here must not end the thread.
-            let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instead(conn)));
+            let wrote =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instead(conn))) {
+                    Ok(wrote) => wrote.map_err(|e| e.to_string()),
+                    Err(_) => Err(PANICKED.to_owned()),
+                };
             match wrote {
-                Ok(Ok(())) => execute(conn, "RELEASE job").map(|()| value),
-                Ok(Err(err)) => {
+                Ok(()) => execute(conn, "RELEASE job").map(|()| value),
+                Err(err) => {
                     undo(conn)?;
-                    Err(err.to_string())
-                }
-                Err(_) => {
-                    undo(conn)?;
-                    Err("the request's job panicked; its writes were undone".into())
+                    Err(err)
                 }
             }
         }

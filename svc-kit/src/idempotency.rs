@@ -9,8 +9,9 @@
 //! opens the transaction, so it is also the first write: on SQLite it takes
 //! the write lock at once, and on PostgreSQL a concurrent duplicate waits on
 //! the unique key until the first one commits, then reads its reply. On a
-//! SQLite file's batch writer, the only writer, a read tells a repeat and
-//! the claim is written after the effect, with its answer ([`run_on_sqlite`]).
+//! SQLite file's batch writer, whose transaction holds the write lock, a
+//! read tells a repeat and the claim is written after the effect, with its
+//! answer ([`run_on_sqlite`]).
 //!
 //! Every service has an `idempotency` table of this shape (see its migrations).
 //!
@@ -451,9 +452,9 @@ struct OwnedKey {
 /// The same steps as [`run_on_pool`], inside the batch writer's savepoint
 /// for this request. Nothing else writes the file meanwhile (the batch's
 /// transaction began IMMEDIATE: it holds SQLite's write lock), so a read
-/// tells a repeat, and the claim is
-/// written once, with its answer, after the effect: one write of the row
-/// instead of a claim and then its reply. A definite refusal is stored in
+/// tells a repeat, and the claim is written once, with its answer, after
+/// the effect: one write of the row instead of a claim and then its
+/// reply. A definite refusal is stored in
 /// place of whatever the effect wrote before it refused (the batch writer
 /// undoes the job's writes first), which spares every request a savepoint
 /// of its own around the effect: two statements, and a copy of each page
