@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use chaos::{Binaries, Plant, Profile, RunConfig, StoreKind};
 use clap::{Parser, ValueEnum};
+use svc_kit::durability::Durability;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Store {
@@ -64,6 +65,12 @@ struct Args {
     /// measure recovery from a crash with nothing else in the way).
     #[arg(long)]
     kills_only: bool,
+
+    /// What every process's commits wait for: `full` (the disk) or
+    /// `relaxed`. A relaxed run never kills PostgreSQL: relaxed commits
+    /// promise nothing when the database server crashes.
+    #[arg(long, value_enum, default_value_t = Durability::Full)]
+    durability: Durability,
 
     /// Orchestrator replicas on the run's PostgreSQL (the multi-replica
     /// profile): each kill of the orchestrator strikes one replica, in turn,
@@ -143,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
             spread: args.spread_secs.map(Duration::from_secs),
             builtin_faults: !args.no_builtin_faults,
             kills_only: args.kills_only,
+            durability: args.durability,
             plant: args.plant,
             binaries: Binaries::beside(&bin_dir),
             amqp_url: args.amqp_url.clone(),
@@ -151,6 +159,11 @@ async fn main() -> anyhow::Result<()> {
             replicas: args.replicas as usize,
         };
         let schedule = config.schedule();
+        if config.durability == Durability::Relaxed && store == StoreKind::Postgres {
+            println!(
+                "relaxed durability: PostgreSQL is never killed (relaxed commits promise nothing when it crashes)"
+            );
+        }
         println!(
             "chaos on {store}, seed {seed}: {} faults over {:.0} s",
             schedule.faults.len(),

@@ -5,6 +5,7 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use svc_kit::durability::Durability;
 use tokio::time::Instant;
 
 use crate::{
@@ -32,6 +33,9 @@ pub struct RunConfig {
     pub builtin_faults: bool,
     /// Only the schedule's kills (no network fault, no broker cut).
     pub kills_only: bool,
+    /// What the processes' commits wait for. Relaxed promises nothing when
+    /// the database server crashes, so PostgreSQL is then never killed.
+    pub durability: Durability,
     pub plant: Option<Plant>,
     pub binaries: Binaries,
     pub amqp_url: String,
@@ -57,6 +61,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
             pg_bin_dir: config.pg_bin_dir.clone(),
             dir: dir.path().to_owned(),
             replicas: config.replicas,
+            durability: config.durability,
         })
         .await?,
     );
@@ -85,7 +90,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
 
 impl RunConfig {
     pub fn schedule(&self) -> Schedule {
-        let schedule = Schedule::new(self.profile, self.seed, self.store == StoreKind::Postgres);
+        let kill_postgres =
+            self.store == StoreKind::Postgres && self.durability == Durability::Full;
+        let schedule = Schedule::new(self.profile, self.seed, kill_postgres);
         if self.kills_only {
             schedule.kills_only()
         } else {

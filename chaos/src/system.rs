@@ -13,6 +13,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use clap::ValueEnum;
+use svc_kit::durability::Durability;
 use tokio::sync::Mutex;
 
 use crate::{
@@ -57,6 +59,17 @@ pub struct SystemConfig {
     pub dir: PathBuf,
     /// Orchestrator replicas (more than one needs PostgreSQL).
     pub replicas: usize,
+    /// What every process's commits wait for.
+    pub durability: Durability,
+}
+
+/// The `DURABILITY` value the processes read.
+fn durability_name(durability: Durability) -> String {
+    durability
+        .to_possible_value()
+        .expect("every durability has a name")
+        .get_name()
+        .to_owned()
 }
 
 /// The replicas' lease in a run: short, so that a killed replica's sagas
@@ -136,6 +149,7 @@ impl System {
                 ("DATABASE_URL".to_owned(), url.clone()),
                 ("APPLICATION_API_KEY".to_owned(), API_KEY.to_owned()),
                 ("ADMIN_API_KEY".to_owned(), ADMIN_KEY.to_owned()),
+                ("DURABILITY".to_owned(), durability_name(config.durability)),
             ];
             if config.builtin_faults {
                 env.push(("ALLOW_UNSAFE_SETTINGS".into(), "true".into()));
@@ -164,6 +178,7 @@ impl System {
                 with_addr(&config.amqp_url, broker.addr)?,
             ),
             ("EVENTS_EXCHANGE".to_owned(), exchange.clone()),
+            ("DURABILITY".to_owned(), durability_name(config.durability)),
         ];
         let mut orchestrators = vec![];
         for i in 0..config.replicas.max(1) {

@@ -21,7 +21,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::{net::IpAddr, path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use svc_kit::durability::Durability;
 use tokio::process::{Child, Command};
 
 /// Set in a child process to the service it runs.
@@ -59,6 +60,18 @@ struct Args {
         default_value = "dev-admin-key"
     )]
     admin_key: String,
+
+    /// What every service's commits wait for: `full` (the disk) or `relaxed`,
+    /// which can lose the last commits when the machine crashes (see
+    /// docs/durability.md).
+    #[arg(
+        long,
+        env = "DURABILITY",
+        value_name = "DURABILITY",
+        value_enum,
+        default_value_t = Durability::Full
+    )]
+    durability: Durability,
 
     /// Address the four servers listen on.
     #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
@@ -218,6 +231,13 @@ fn spawn(
         .env("HOST", args.host.to_string())
         .env("PORT", port.to_string())
         .env("DATABASE_URL", database_url)
+        .env(
+            "DURABILITY",
+            args.durability
+                .to_possible_value()
+                .expect("every durability has a name")
+                .get_name(),
+        )
         .stdin(Stdio::null())
         .kill_on_drop(true);
     for (key, value) in extra {

@@ -28,6 +28,7 @@ use ordersaga_proto::orders::v1::order_service_server::OrderServiceServer;
 use saga_engine::{Engine, Ownership, RetryPolicy, metrics::EngineMetrics};
 use svc_kit::{
     auth::RequireKey,
+    durability::Durability,
     metrics::MetricsRegistry,
     server::App,
     settings::ServerArgs,
@@ -230,6 +231,14 @@ pub struct Orchestrator {
     _sqlite_lock: Option<SqliteLock>,
 }
 
+/// The service setting, as the saga engine (a crate of its own) names it.
+fn engine_durability(durability: Durability) -> saga_engine::log::Durability {
+    match durability {
+        Durability::Full => saga_engine::log::Durability::Full,
+        Durability::Relaxed => saga_engine::log::Durability::Relaxed,
+    }
+}
+
 pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
     let url = settings
         .server
@@ -244,12 +253,13 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         &[]
     };
     settings.server.check_unsafe(in_memory)?;
+    settings.server.durability.announce();
     let keys = settings.server.keys()?;
     settings.server.tls.server_config()?;
     let store = if settings.engine.bench_only_in_memory_store {
         Store::open_in_memory_for_benchmarks(&MIGRATIONS).await?
     } else {
-        Store::open(&url, &MIGRATIONS).await?
+        Store::open(&url, &MIGRATIONS, settings.server.durability).await?
     };
     // A second orchestrator on one SQLite file would drive the same sagas.
     let sqlite_lock = saga_engine::log::sqlite_file(&store.pool)
@@ -280,6 +290,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Orchestrator> {
         settings.engine.max_inflight_sagas as usize,
         engine_metrics,
         ownership,
+        engine_durability(settings.server.durability),
     )?;
     let relay = Relay::new(
         engine.pool().clone(),

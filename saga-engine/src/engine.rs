@@ -31,7 +31,7 @@ use crate::{
     driver::{Driver, Driving, Stopped},
     events::NewEvent,
     log::{
-        self, Admit, CancelOutcome, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, Reopen,
+        self, Admit, CancelOutcome, Durability, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, Reopen,
         ReopenOutcome, SagaStatus, SagaView, SqliteLog, SqliteReader, Start,
         kept::{Kept, on_kept},
     },
@@ -162,11 +162,12 @@ where
             max_in_flight,
             metrics,
             Ownership::Alone,
+            Durability::Full,
         )
     }
 
     /// An engine that runs alone or as one replica of several; replicas need
-    /// PostgreSQL.
+    /// PostgreSQL. The log's commits wait for the disk as `durability` says.
     pub fn with_ownership(
         definition: SagaDefinition<D>,
         pool: AnyPool,
@@ -174,6 +175,7 @@ where
         max_in_flight: usize,
         metrics: EngineMetrics,
         ownership: Ownership,
+        durability: Durability,
     ) -> anyhow::Result<Self> {
         definition.validate().map_err(anyhow::Error::msg)?;
         let replica = match ownership {
@@ -194,7 +196,11 @@ where
         let incarnation = Uuid::new_v4();
         Ok(Engine {
             inner: Arc::new(Inner {
-                log: LogWriter::spawn(pool.clone(), replica.as_ref().map(|_| incarnation))?,
+                log: LogWriter::spawn(
+                    pool.clone(),
+                    replica.as_ref().map(|_| incarnation),
+                    durability,
+                )?,
                 reader: SqliteLog::file_of(&pool)
                     .map(|file| SqliteReader::open(&file))
                     .transpose()?,

@@ -25,6 +25,8 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
+use crate::durability::Durability;
+
 /// The most requests one commit carries.
 const MAX_BATCH: usize = 256;
 
@@ -69,7 +71,8 @@ pub struct BatchWriter {
 
 impl BatchWriter {
     /// Opens the (existing, migrated) file and starts the writer thread.
-    pub fn open(path: &Path, gate: WriteGate) -> anyhow::Result<Self> {
+    /// Its commits wait for the disk as `durability` says.
+    pub fn open(path: &Path, gate: WriteGate, durability: Durability) -> anyhow::Result<Self> {
         // No CREATE flag: a path that is not the pool's file is an error, not
         // a second, empty database.
         let conn = Connection::open_with_flags(
@@ -78,9 +81,9 @@ impl BatchWriter {
         )
         .with_context(|| format!("cannot open the store at {}", path.display()))?;
         // The pool's settings: WAL, each commit on disk before it is
-        // acknowledged, foreign keys enforced.
+        // acknowledged unless durability is relaxed, foreign keys enforced.
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "synchronous", durability.sqlite_synchronous())?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // A batch's savepoints need a statement journal: in memory, not a
@@ -280,10 +283,27 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_writer_waits_for_the_disk_unless_durability_is_relaxed() {
+        let (_dir, path) = file_with_table();
+        // SQLite's levels: 1 NORMAL, 2 FULL.
+        for (durability, level) in [(Durability::Full, 2), (Durability::Relaxed, 1)] {
+            let writer = BatchWriter::open(&path, WriteGate::default(), durability).unwrap();
+            let synchronous = writer
+                .run(|conn| {
+                    let level: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                    Ok(Outcome::Keep(level))
+                })
+                .await
+                .unwrap();
+            assert_eq!(synchronous, level, "{durability:?}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn each_job_keeps_or_undoes_only_its_own_writes() {
         let (_dir, path) = file_with_table();
-        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        let writer = BatchWriter::open(&path, WriteGate::default(), Durability::Full).unwrap();
         // Sent together, so most land in one batch: an undone job and a failed
         // one must not take their neighbours' writes with them.
         let (kept, undone, failed, also_kept, replaced) = tokio::join!(
@@ -346,7 +366,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_job_runs_after_the_transaction_is_gone() {
         let (_dir, path) = file_with_table();
-        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        let writer = BatchWriter::open(&path, WriteGate::default(), Durability::Full).unwrap();
         // Hold the writer's thread so that the next two jobs share a batch.
         let (hold, holding) = hold_writer(&writer);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -383,7 +403,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_that_panics_fails_alone_and_the_writer_goes_on() {
         let (_dir, path) = file_with_table();
-        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        let writer = BatchWriter::open(&path, WriteGate::default(), Durability::Full).unwrap();
         let panicked = writer
             .run(|conn| -> rusqlite::Result<Outcome<()>> {
                 conn.execute("INSERT INTO t (k, v) VALUES ('p', 1)", [])?;
@@ -402,7 +422,7 @@ mod tests {
     async fn a_gated_writer_on_another_connection_is_not_starved() {
         let (_dir, path) = file_with_table();
         let gate = WriteGate::default();
-        let writer = BatchWriter::open(&path, gate.clone()).unwrap();
+        let writer = BatchWriter::open(&path, gate.clone(), Durability::Full).unwrap();
         // Keep the batch writer busy while another connection writes through
         // the gate, with no busy wait to rescue it.
         let busy = tokio::spawn({

@@ -782,7 +782,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_repeat_in_its_firsts_batch_gets_the_firsts_answer() {
         let (_dir, path) = store_file();
-        let writer = BatchWriter::open(&path, WriteGate::default()).unwrap();
+        let writer = BatchWriter::open(
+            &path,
+            WriteGate::default(),
+            crate::durability::Durability::Full,
+        )
+        .unwrap();
         // Hold the writer's thread, so that the four requests share a batch.
         let (hold, holding) = hold_writer(&writer);
         tokio::time::sleep(Duration::from_millis(100)).await;

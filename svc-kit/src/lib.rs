@@ -4,6 +4,7 @@
 //!
 //! - [`settings`]: the flags and env every service takes (address, store, API key, faults).
 //! - [`store`]: one SQLite-or-PostgreSQL pool with migrations run at start-up.
+//! - [`durability`]: what a commit waits for (the disk, by default).
 //! - [`batch_writer`]: on a SQLite file, the hot writes in batches on one thread.
 //! - [`idempotency`]: runs a mutating request once per `request_id`, replaying its stored reply.
 //! - [`validate`]: field checks that answer INVALID_ARGUMENT naming the field.
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod batch_writer;
+pub mod durability;
 pub mod error;
 pub mod fault;
 pub mod grpc_timeout;

@@ -232,7 +232,8 @@ where
         .database_url
         .clone()
         .unwrap_or_else(|| defaults.database_url.to_owned());
-    let store = Store::open_with_batch_writer(&url, migrations).await?;
+    args.durability.announce();
+    let store = Store::open_with_batch_writer(&url, migrations, args.durability).await?;
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
     let service = RequireKey::new(make_service(store), keys);

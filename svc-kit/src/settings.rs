@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     auth::{DEV_KEYS, KeySet, Keys, MIN_KEY_LEN},
+    durability::Durability,
     fault::FaultSettings,
     tls::TlsArgs,
 };
@@ -32,6 +33,19 @@ pub struct ServerArgs {
     /// Store URL: `sqlite://PATH` (the default, a file under ./data) or `postgres://…`.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL")]
     pub database_url: Option<String>,
+
+    /// What a commit waits for before the call is answered: `full` (the
+    /// disk) or `relaxed` (the operating system, or the PostgreSQL server),
+    /// which can lose the last commits when the machine crashes; see
+    /// docs/durability.md.
+    #[arg(
+        long,
+        env = "DURABILITY",
+        value_name = "DURABILITY",
+        value_enum,
+        default_value_t = Durability::Full
+    )]
+    pub durability: Durability,
 
     /// Keys a business call may carry in its `x-api-key` metadata, separated
     /// by commas: during a rotation both the new key (first) and the old one.
@@ -100,6 +114,7 @@ impl ServerArgs {
             port: Some(0),
             metrics_port: Some(0),
             database_url: Some(database_url.into()),
+            durability: Durability::Full,
             api_key: SecretString::from(api_key),
             admin_api_key: None,
             request_timeout_secs: 30,

@@ -14,6 +14,7 @@ use sqlx::{AnyPool, Connection, any::AnyPoolOptions, migrate::Migrator};
 
 use crate::{
     batch_writer::{BatchWriter, WriteGate},
+    durability::Durability,
     shared_transaction::{self, SharedTransaction},
 };
 
@@ -78,8 +79,13 @@ impl Store {
     /// Connects, creating a SQLite file (and its folder) when missing, and runs
     /// the service's migrations. No batch writer: for a store whose writes go
     /// elsewhere (the orchestrator's, written by the saga engine's own writer).
-    pub async fn open(url: &str, migrations: &Migrations) -> anyhow::Result<Store> {
-        Self::connect(url, migrations, false).await
+    /// Its commits wait for the disk as `durability` says.
+    pub async fn open(
+        url: &str,
+        migrations: &Migrations,
+        durability: Durability,
+    ) -> anyhow::Result<Store> {
+        Self::connect(url, migrations, durability, false).await
     }
 
     /// [`Store::open`], and on a SQLite file the batch writer that runs the
@@ -87,13 +93,15 @@ impl Store {
     pub async fn open_with_batch_writer(
         url: &str,
         migrations: &Migrations,
+        durability: Durability,
     ) -> anyhow::Result<Store> {
-        Self::connect(url, migrations, true).await
+        Self::connect(url, migrations, durability, true).await
     }
 
     async fn connect(
         url: &str,
         migrations: &Migrations,
+        durability: Durability,
         batch_writer: bool,
     ) -> anyhow::Result<Store> {
         sqlx::any::install_default_drivers();
@@ -117,7 +125,18 @@ impl Store {
             // One connection: SQLite allows one writer at a time anyway, and a pool
             // queue is fair where SQLite's busy handler sleeps and polls (and can
             // fail with SQLITE_BUSY under load). No transaction is held across an RPC.
-            Backend::Sqlite => options.max_connections(1),
+            // `synchronous` is a setting of the connection, not of the file:
+            // set on each one the pool opens.
+            Backend::Sqlite => options.max_connections(1).after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let pragma =
+                        format!("PRAGMA synchronous = {}", durability.sqlite_synchronous());
+                    sqlx::query(sqlx::AssertSqlSafe(pragma))
+                        .execute(conn)
+                        .await
+                        .map(|_| ())
+                })
+            }),
             // A transaction is never left open across anything slow (no RPC
             // inside one), so one idle in the middle means its process is
             // stuck: paused, swapped out, partitioned. Its row locks would
@@ -125,12 +144,15 @@ impl Store {
             // long as that lasts; PostgreSQL ends such a session instead.
             Backend::Postgres => options
                 .max_connections(16)
-                .after_connect(|conn, _| {
+                .after_connect(move |conn, _| {
                     Box::pin(async move {
                         sqlx::query(IDLE_IN_TRANSACTION_TIMEOUT)
-                            .execute(conn)
-                            .await
-                            .map(|_| ())
+                            .execute(&mut *conn)
+                            .await?;
+                        if let Some(setting) = durability.postgres_session_setting() {
+                            sqlx::query(setting).execute(&mut *conn).await?;
+                        }
+                        Ok(())
                     })
                 })
                 // sqlx pings every connection it hands out (a round trip)
@@ -153,8 +175,9 @@ impl Store {
             .await
             .with_context(|| format!("cannot open the store at {}", redact(&url)))?;
         if backend == Backend::Sqlite {
-            // WAL lets readers run beside the writer; `synchronous` stays at its FULL
-            // default, so a commit is on disk before its reply is sent.
+            // WAL lets readers run beside the writer; with `synchronous=FULL`
+            // (the default durability) a commit is on disk before its reply
+            // is sent.
             sqlx::query("PRAGMA journal_mode = WAL")
                 .execute(&pool)
                 .await
@@ -170,7 +193,7 @@ impl Store {
             .with_context(|| format!("cannot migrate the store at {}", redact(&url)))?;
         let writer = file
             .filter(|_| batch_writer)
-            .map(|file| BatchWriter::open(&file, WriteGate::default()))
+            .map(|file| BatchWriter::open(&file, WriteGate::default(), durability))
             .transpose()?;
         let shared = (backend == Backend::Postgres && batch_writer)
             .then(|| SharedTransaction::new(pool.clone(), shared_transaction::COMMIT_TIMEOUT));

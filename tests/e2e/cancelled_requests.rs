@@ -39,9 +39,9 @@ async fn a_hot_request_dropped_at_any_await_leaves_no_transaction_open(backend: 
 async fn dropped_at_any_await(backend: Backend, hot: bool) {
     let db = TestDb::new(backend).await;
     let store = if hot {
-        Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS).await
+        Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS, Default::default()).await
     } else {
-        Store::open(&db.url, &stock_svc::MIGRATIONS).await
+        Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default()).await
     }
     .unwrap();
     let request = |i: usize| {

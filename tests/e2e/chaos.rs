@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use ::chaos::{Binaries, Plant, Profile, Report, RunConfig, StoreKind};
 use ordersaga_tests::{Backend, broker::rabbitmq_url};
+use svc_kit::durability::Durability;
 
 use crate::bins;
 
 on_both_stores!(
     the_short_profile_loses_doubles_and_strands_nothing,
     an_effect_applied_twice_fails_the_audit,
+    relaxed_commits_lose_nothing_when_each_process_is_killed,
 );
 
 fn config(backend: Backend, profile: Profile, orders: u64) -> RunConfig {
@@ -35,6 +37,7 @@ fn config(backend: Backend, profile: Profile, orders: u64) -> RunConfig {
         spread: None,
         builtin_faults: true,
         kills_only: false,
+        durability: Durability::Full,
         plant: None,
         binaries: Binaries {
             orchestrator: bins::ORCHESTRATOR.into(),
@@ -83,6 +86,39 @@ async fn the_short_profile_loses_doubles_and_strands_nothing(backend: Backend) {
     assert_eq!(report.orders, 1_000);
     let kinds = if backend == Backend::Postgres { 10 } else { 9 };
     assert_eq!(report.injected.len(), kinds, "one fault of every kind");
+    assert!(
+        report.orders_crossing_a_crash() > 0,
+        "no order was in flight at a crash: the run proves little"
+    );
+}
+
+/// `DURABILITY=relaxed` everywhere: a commit is written but not flushed
+/// before it is acknowledged. What docs/durability.md promises of it: a
+/// `kill -9` of any of the four processes loses nothing (what was written
+/// is in the operating system's hands). Only a crash of the machine, or of
+/// the PostgreSQL server, may lose the last commits, and neither is struck.
+async fn relaxed_commits_lose_nothing_when_each_process_is_killed(backend: Backend) {
+    let mut config = config(backend, Profile::Short, 400);
+    config.kills_only = true;
+    config.durability = Durability::Relaxed;
+    let report = run(&config).await;
+    assert_clean(&config, &report);
+    let killed: Vec<_> = report
+        .injected
+        .iter()
+        .map(|i| i.fault.to_string())
+        .collect();
+    assert_eq!(
+        killed.len(),
+        4,
+        "each of the four processes, once: {killed:?}"
+    );
+    assert!(
+        killed
+            .iter()
+            .all(|k| k.starts_with("kill -9") && !k.contains("postgres")),
+        "{killed:?}"
+    );
     assert!(
         report.orders_crossing_a_crash() > 0,
         "no order was in flight at a crash: the run proves little"

@@ -109,6 +109,17 @@ fn bad_settings_exit_non_zero_naming_the_setting() {
             ],
             "ship-to-countries",
         ),
+        // A durability that is not one of the two: named, with the choices.
+        (
+            STOCK,
+            &[("APPLICATION_API_KEY", "dev-key"), ("DURABILITY", "fast")],
+            "invalid value 'fast' for '--durability <DURABILITY>'",
+        ),
+        (
+            ORCHESTRATOR,
+            &[("APPLICATION_API_KEY", "dev-key"), ("DURABILITY", "off")],
+            "[possible values: full, relaxed]",
+        ),
         // Settings that break a service on purpose need an explicit opt-in.
         (
             SHIPPING,

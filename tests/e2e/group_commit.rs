@@ -20,7 +20,7 @@ const REQUESTS: usize = 64;
 /// product, `HOT`, at 0 available: the row every test request updates.
 async fn hot_row_store() -> (TestDb, Store) {
     let db = TestDb::new(Backend::Postgres).await;
-    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS)
+    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS, Default::default())
         .await
         .unwrap();
     sqlx::query(
@@ -195,7 +195,9 @@ async fn a_request_alone_commits_with_its_statement_and_requests_together_share_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_after_it() {
     let db = TestDb::new(Backend::Postgres).await;
-    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
+        .await
+        .unwrap();
     for statement in [
         "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql",
         "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON products DEFERRABLE INITIALLY DEFERRED \
@@ -434,7 +436,9 @@ async fn a_repeat_in_the_same_batch(refusal: Refusal) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_keep_their_connection_and_replace_it_when_the_server_closed_it() {
     let db = TestDb::new(Backend::Postgres).await;
-    let store = Store::open(&db.url, &stock_svc::MIGRATIONS).await.unwrap();
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
+        .await
+        .unwrap();
     // Several idle connections in the pool, which hands them out in turn.
     let held: Vec<_> = futures::future::join_all((0..4).map(|_| store.pool.acquire()))
         .await

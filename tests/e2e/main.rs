@@ -34,6 +34,7 @@ mod compose;
 mod config;
 mod contract;
 mod crash_points;
+mod durability;
 mod edge;
 mod events;
 mod explorer;

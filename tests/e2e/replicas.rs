@@ -597,7 +597,7 @@ async fn every_replica_serves_the_sagas_another_drives() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_transaction_left_open_by_a_stuck_process_releases_its_locks() {
     let db = TestDb::new(Backend::Postgres).await;
-    let store = svc_kit::store::Store::open(&db.url, &orchestrator::MIGRATIONS)
+    let store = svc_kit::store::Store::open(&db.url, &orchestrator::MIGRATIONS, Default::default())
         .await
         .unwrap();
     let pool = &store.pool;

@@ -60,18 +60,23 @@ async fn indexes(pool: &AnyPool, backend: Backend, table: &str) -> Vec<(String, 
 
 async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: Backend) {
     let by_orchestrator = TestDb::new(backend).await;
-    svc_kit::store::Store::open(&by_orchestrator.url, &orchestrator::MIGRATIONS)
-        .await
-        .unwrap();
+    svc_kit::store::Store::open(
+        &by_orchestrator.url,
+        &orchestrator::MIGRATIONS,
+        Default::default(),
+    )
+    .await
+    .unwrap();
     let by_engine = TestDb::new(backend).await;
     let engine_migrations = svc_kit::store::Migrations {
         sqlite: &saga_engine::MIGRATIONS_SQLITE,
         postgres: &saga_engine::MIGRATIONS_POSTGRES,
     };
-    let engine_pool = svc_kit::store::Store::open(&by_engine.url, &engine_migrations)
-        .await
-        .unwrap()
-        .pool;
+    let engine_pool =
+        svc_kit::store::Store::open(&by_engine.url, &engine_migrations, Default::default())
+            .await
+            .unwrap()
+            .pool;
     let orchestrator_pool = by_orchestrator.pool().await;
     for table in [
         "sagas",

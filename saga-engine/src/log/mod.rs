@@ -22,12 +22,14 @@ use crate::{
     now_ms,
 };
 
+mod durability;
 pub mod history;
 pub(crate) mod kept;
 mod postgres;
 mod sqlite;
 mod writer;
 
+pub use durability::Durability;
 pub(crate) use sqlite::SqliteLog;
 pub use sqlite::{SqliteReader, load_view as load_sqlite_view};
 

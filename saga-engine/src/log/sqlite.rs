@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::{
     ACTION_SEEN, APPLY_STATE, Applied, CANCEL, CANCEL_REFUSED_BECAUSE, CancelOutcome, Checkpoint,
-    INSERT_ATTEMPT, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION, REOPEN,
+    Durability, INSERT_ATTEMPT, INSERT_SAGA, MARK_SENT, NewSaga, PRUNE_SENT, RECORD_ACTION, REOPEN,
     RESOLVE_STEP, RESTING, Reopen, ReopenOutcome, SAGA_STATUS, SagaStatus, SagaView, StepRecord,
     StepStatus, StepView, UPSERT_STEP, VIEW_SAGA, VIEW_STEPS, plan_reopen, sort_steps,
     writer::{Start, Write, Written},
@@ -47,7 +47,7 @@ impl SqliteLog {
     }
 
     /// Opens the (existing, migrated) file and starts the writer thread.
-    pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+    pub(crate) fn open(path: &std::path::Path, durability: Durability) -> anyhow::Result<Self> {
         // No CREATE flag: a path that does not name the pool's file is an error,
         // not a second, empty database.
         let conn = Connection::open_with_flags(
@@ -55,19 +55,7 @@ impl SqliteLog {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .with_context(|| format!("cannot open the saga log at {}", path.display()))?;
-        // The same settings as the pool's connection: WAL, every commit on
-        // disk before it is acknowledged, foreign keys enforced.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        // Checkpoint the WAL every ~32 MiB rather than every 4 MiB: a page
-        // changed by many commits in between is copied to the file once.
-        conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
-        // A batch's savepoints need a statement journal: in memory, not a
-        // temporary file opened, written and unlinked at each commit.
-        conn.pragma_update(None, "temp_store", "MEMORY")?;
-        conn.set_prepared_statement_cache_capacity(32);
+        configure(&conn, durability)?;
         conn.query_row("SELECT COUNT(*) FROM sagas WHERE 0", [], |_| Ok(()))
             .with_context(|| format!("{} holds no saga log", path.display()))?;
         let (jobs, rx) = mpsc::channel::<Job>();
@@ -98,6 +86,23 @@ impl SqliteLog {
             )
         })
     }
+}
+
+/// The writer connection's settings: WAL, foreign keys enforced, and each
+/// commit on disk before it is acknowledged unless `durability` is relaxed.
+fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", durability.sqlite_synchronous())?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Checkpoint the WAL every ~32 MiB rather than every 4 MiB: a page
+    // changed by many commits in between is copied to the file once.
+    conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+    // A batch's savepoints need a statement journal: in memory, not a
+    // temporary file opened, written and unlinked at each commit.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(())
 }
 
 /// The file named by a SQLite URL, as sqlx reads it.
@@ -510,6 +515,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_writer_waits_for_the_disk_unless_durability_is_relaxed() {
+        let synchronous = |durability| {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = Connection::open(dir.path().join("log.db")).unwrap();
+            configure(&conn, durability).unwrap();
+            conn.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0))
+                .unwrap()
+        };
+        // SQLite's levels: 1 NORMAL, 2 FULL.
+        assert_eq!(synchronous(Durability::Full), 2);
+        assert_eq!(synchronous(Durability::Relaxed), 1);
+    }
+
+    #[test]
     fn finds_the_file_of_a_sqlite_url_and_none_in_memory() {
         assert_eq!(
             file_of_url("sqlite://data/orders.db?mode=rwc"),
@@ -531,7 +550,7 @@ mod tests {
     fn refuses_a_file_that_is_not_a_migrated_saga_log() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.db");
-        let err = SqliteLog::open(&missing)
+        let err = SqliteLog::open(&missing, Durability::Full)
             .err()
             .expect("a missing file is refused");
         assert!(
@@ -544,7 +563,7 @@ mod tests {
         );
         let empty = dir.path().join("empty.db");
         Connection::open(&empty).unwrap();
-        let err = SqliteLog::open(&empty)
+        let err = SqliteLog::open(&empty, Durability::Full)
             .err()
             .expect("a file without the tables is refused");
         assert!(format!("{err:#}").contains("holds no saga log"), "{err:#}");

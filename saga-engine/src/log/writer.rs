@@ -24,9 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    Applied, CancelOutcome, Checkpoint, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga, PRUNE_SENT,
-    Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply, insert_saga, insert_saga_admitted,
-    insert_sagas_admitted,
+    Applied, CancelOutcome, Checkpoint, Durability, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga,
+    PRUNE_SENT, Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply, insert_saga,
+    insert_saga_admitted, insert_sagas_admitted,
     kept::{Kept, is_postgres},
     postgres, reopen, request_cancel,
     sqlite::SqliteLog,
@@ -150,13 +150,22 @@ pub struct LogWriter {
 impl LogWriter {
     /// On a SQLite file the writer opens its own connection to the pool's
     /// file (which must exist and be migrated). With `notify_as`, every
-    /// commit through the pool tells the other replicas what changed.
-    pub fn spawn(pool: AnyPool, notify_as: Option<Uuid>) -> anyhow::Result<Self> {
+    /// commit through the pool tells the other replicas what changed. The
+    /// writer's commits wait for the disk as `durability` says; the pool's
+    /// other users commit as the pool was set up.
+    pub fn spawn(
+        pool: AnyPool,
+        notify_as: Option<Uuid>,
+        durability: Durability,
+    ) -> anyhow::Result<Self> {
         let (backend, direct) = match SqliteLog::file_of(&pool) {
-            Some(path) => (Backend::SqliteFile(SqliteLog::open(&path)?), None),
+            Some(path) => (
+                Backend::SqliteFile(SqliteLog::open(&path, durability)?),
+                None,
+            ),
             None => {
                 let own = match is_postgres(&pool) {
-                    true => planning_by_key(&pool)?,
+                    true => planning_by_key(&pool, durability)?,
                     false => pool.clone(),
                 };
                 (
@@ -283,11 +292,22 @@ impl LogWriter {
 /// indexes are left to the planner, and a batch that commits as its one
 /// statement (no transaction to `SET LOCAL` in) plans by key too. The
 /// pool's other users plan as they will.
-fn planning_by_key(pool: &AnyPool) -> anyhow::Result<AnyPool> {
+///
+/// With [`Durability::Relaxed`], the session's commits do not wait for the
+/// WAL's flush (`synchronous_commit=off`). With `Full` the server's own
+/// setting stands: `on` by default, and an operator's `remote_apply` for a
+/// synchronous standby is not weakened.
+fn planning_by_key(pool: &AnyPool, durability: Durability) -> anyhow::Result<AnyPool> {
     let mut url = pool.connect_options().database_url.clone();
     url.query_pairs_mut()
         .append_pair("options[enable_seqscan]", "off")
         .append_pair("options[enable_bitmapscan]", "off");
+    if durability == Durability::Relaxed {
+        url.query_pairs_mut().append_pair(
+            "options[synchronous_commit]",
+            durability.postgres_synchronous_commit(),
+        );
+    }
     let options = AnyConnectOptions::from_url(&url)?;
     // One in use at a time, one kept (`Kept` keeps at most a quarter), and
     // room to replace a connection the server closed.
@@ -726,4 +746,40 @@ async fn admit_start(
     }
     insert_saga(conn, &start.saga).await?;
     start.admit.admit(conn, start.saga.at_ms).await
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::any::AnyPoolOptions;
+
+    use super::*;
+
+    /// The writer's own sessions on PostgreSQL: commits that skip the WAL's
+    /// flush only when durability is relaxed, the server's setting otherwise.
+    #[tokio::test]
+    async fn the_writers_sessions_skip_the_flush_only_when_durability_is_relaxed() {
+        sqlx::any::install_default_drivers();
+        let url = std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let pool = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
+        let server_default: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        for (durability, expected) in [
+            (Durability::Full, server_default.as_str()),
+            (Durability::Relaxed, "off"),
+        ] {
+            let own = planning_by_key(&pool, durability).unwrap();
+            let setting: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&own)
+                .await
+                .unwrap();
+            assert_eq!(setting, expected, "{durability:?}");
+        }
+    }
 }

@@ -55,7 +55,7 @@ async fn outbox(pool: &AnyPool, saga: Uuid) -> Vec<(i64, String)> {
 async fn a_checkpoint_applied_twice_writes_its_event_once(backend: Backend) {
     let store = store::fresh(backend).await;
     let saga = store::new_saga(&store.pool).await;
-    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let writer = LogWriter::spawn(store.pool.clone(), None, Default::default()).unwrap();
     let finished = Checkpoint {
         saga_id: saga,
         epoch: log::FIRST_EPOCH,
@@ -123,7 +123,7 @@ async fn sagas_committed_together_each_number_their_own_events_in_order(backend:
     const SAGAS: usize = 40;
     let store = store::fresh(backend).await;
     let sagas = store::new_sagas(&store.pool, SAGAS).await;
-    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let writer = LogWriter::spawn(store.pool.clone(), None, Default::default()).unwrap();
     let checkpoint = |saga: Uuid, keys: &[&str]| announcing(saga, keys, false);
     let first: Vec<Checkpoint> = sagas
         .iter()
@@ -177,7 +177,7 @@ async fn a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number(b
     const SAGAS: usize = 40;
     let store = store::fresh(backend).await;
     let sagas = store::new_sagas(&store.pool, SAGAS).await;
-    let writer = LogWriter::spawn(store.pool.clone(), None).unwrap();
+    let writer = LogWriter::spawn(store.pool.clone(), None, Default::default()).unwrap();
     let checkpoint = |saga: Uuid, key: &str, complete: bool| announcing(saga, &[key], complete);
     let started: Vec<Checkpoint> = sagas
         .iter()

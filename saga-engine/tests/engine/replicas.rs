@@ -263,7 +263,9 @@ async fn telling() -> Telling {
     let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
     listener.listen("saga_changes").await.unwrap();
     let sender = Uuid::new_v4();
-    let writer = saga_engine::log::LogWriter::spawn(store.pool.clone(), Some(sender)).unwrap();
+    let writer =
+        saga_engine::log::LogWriter::spawn(store.pool.clone(), Some(sender), Default::default())
+            .unwrap();
     Telling {
         store,
         listener,

@@ -325,6 +325,7 @@ pub async fn replica(
             lease,
             database_url: pool.connect_options().database_url.to_string(),
         }),
+        saga_engine::log::Durability::Full,
     )
     .unwrap();
     engine.recover().await.unwrap();

@@ -79,7 +79,7 @@ async fn a_commit_after_the_server_closed_the_writers_connection_succeeds() {
         .map(Result::unwrap)
         .collect();
     drop(held);
-    let writer = LogWriter::spawn(pool, None).unwrap();
+    let writer = LogWriter::spawn(pool, None, Default::default()).unwrap();
     writer.commit(step_done(sagas[0])).await.unwrap();
     assert!(store.end_sessions().await >= 1, "no session was ended");
     writer
