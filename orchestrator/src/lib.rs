@@ -388,7 +388,9 @@ impl Orchestrator {
                 let _ = stopping.wait_for(|stop| *stop).await;
             }))
         });
-        // A replica whose ID another process took stops serving, as on SIGTERM.
+        // An engine that lost its footing (a replica whose ID another process
+        // took; relaxed commits on a PostgreSQL server that restarted) stops
+        // serving, as on SIGTERM, and the process exits with the reason.
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
         let engine = self.engine.clone();
         let stop = async move {

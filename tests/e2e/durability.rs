@@ -1,11 +1,21 @@
 //! `DURABILITY`: what a service's commits wait for. `full` (the default)
 //! waits for the disk; `relaxed` only for the operating system or the
 //! PostgreSQL server. Checked on each connection a service's store commits
-//! through: the pool's and, on SQLite, the batch writer's. (What relaxed
-//! commits survive is tested by the chaos runner, `chaos.rs`.)
+//! through: the pool's and, on SQLite, the batch writer's. And what the
+//! orchestrator does when PostgreSQL restarts under relaxed commits. (What
+//! relaxed commits survive is tested by the chaos runner, `chaos.rs`.)
 
-use ordersaga_tests::{Backend, TestDb};
+use std::time::Duration;
+
+use ordersaga_proto::{client::OrderClient, orders::v1::OrderStatus};
+use ordersaga_tests::{
+    Backend, TestDb,
+    process::orchestrator_process,
+    system::{DomainServices, Options, order},
+};
 use svc_kit::{batch_writer::Outcome, durability::Durability, store::Store};
+
+use crate::{assertions::request_id, bins};
 
 on_both_stores!(each_connection_of_a_store_commits_as_its_durability_says);
 
@@ -58,4 +68,93 @@ async fn each_connection_of_a_store_commits_as_its_durability_says(backend: Back
         Backend::Postgres => [("on".to_owned(), None), ("off".to_owned(), None)],
     };
     assert_eq!(seen, expected);
+}
+
+/// An order that completes, placed and awaited.
+async fn completes(client: &OrderClient) {
+    let placed = client
+        .create_order_and_wait(
+            order(&request_id(), "alice", &[("BOOK", 1)], "DE"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the order is placed");
+    assert_eq!(
+        OrderStatus::try_from(placed.status),
+        Ok(OrderStatus::Completed),
+        "{placed:?}"
+    );
+}
+
+/// PostgreSQL crashes (`kill -9` of every server process) and comes back,
+/// with two orchestrators on it: one relaxed, one not. With
+/// `synchronous_commit=off` the crash may have taken back commits the
+/// relaxed one's drivers went on from, so at its next write it stops, with
+/// an error, for its next start to recover from the database. The one on
+/// full durability lost nothing and goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relaxed_orchestrator_stops_when_postgresql_restarts_and_a_full_one_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let mut postgres = chaos::postgres::Postgres::create(root.path(), None)
+        .await
+        .expect("a PostgreSQL server of the test's own");
+    let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut relaxed = orchestrator_process(
+        bins::ORCHESTRATOR,
+        dir.path(),
+        &postgres.create_database("orders_relaxed").await.unwrap(),
+        &services,
+        &[("DURABILITY", "relaxed".to_owned())],
+    );
+    let mut full = orchestrator_process(
+        bins::ORCHESTRATOR,
+        dir.path(),
+        &postgres.create_database("orders_full").await.unwrap(),
+        &services,
+        &[],
+    );
+    relaxed.start().await;
+    full.start().await;
+    let (relaxed_client, full_client) = (relaxed.order_client().await, full.order_client().await);
+    completes(&relaxed_client).await;
+    completes(&full_client).await;
+
+    postgres.kill9().await.unwrap();
+    postgres.start().await.unwrap();
+
+    // Orders keep coming to the relaxed one until it stops.
+    let placing = tokio::spawn(async move {
+        loop {
+            let _ = relaxed_client
+                .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let status = relaxed.wait_for_exit(Duration::from_secs(60)).await;
+    placing.abort();
+    assert!(
+        !status.success(),
+        "the relaxed orchestrator ended without an error: {status}"
+    );
+    // The other one reconnects and goes on.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let placed = full_client
+                .create_order_and_wait(
+                    order(&request_id(), "alice", &[("BOOK", 1)], "DE"),
+                    Duration::from_secs(10),
+                )
+                .await;
+            if placed.is_ok_and(|o| o.status == OrderStatus::Completed as i32) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the full-durability orchestrator completes orders after the restart");
+    full.kill().await;
+    postgres.stop().await;
 }

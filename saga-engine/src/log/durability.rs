@@ -12,13 +12,15 @@
 /// What a commit of the log waits for before it counts as done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// Flushed to the disk (SQLite `synchronous=FULL`; PostgreSQL
-    /// `synchronous_commit=on`, the server's default).
+    /// Flushed to the disk (SQLite `synchronous=FULL`; on PostgreSQL the
+    /// server's own `synchronous_commit`, `on` by default).
     #[default]
     Full,
     /// Written, not flushed (SQLite `synchronous=NORMAL` in WAL mode;
     /// PostgreSQL `synchronous_commit=off`): survives the crash of the process
     /// that committed, not that of the machine or of the PostgreSQL server.
+    /// On PostgreSQL, the writer halts when the server restarts (see
+    /// `server_restart.rs`).
     Relaxed,
 }
 
@@ -32,11 +34,13 @@ impl Durability {
         }
     }
 
-    /// PostgreSQL's `synchronous_commit` for this durability.
-    pub fn postgres_synchronous_commit(self) -> &'static str {
+    /// The `synchronous_commit` the log writer's PostgreSQL sessions set;
+    /// `None` leaves the server's own (`on` by default; an operator's
+    /// `remote_apply` for a synchronous standby is not weakened).
+    pub fn postgres_synchronous_commit(self) -> Option<&'static str> {
         match self {
-            Durability::Full => "on",
-            Durability::Relaxed => "off",
+            Durability::Full => None,
+            Durability::Relaxed => Some("off"),
         }
     }
 }

@@ -50,7 +50,7 @@ const KEEP_IDLE_FOR: Duration = Duration::from_secs(1);
 pub(crate) struct Taken {
     pub(crate) conn: PoolConnection<Any>,
     /// Kept since an earlier use (so not pinged), rather than from the pool.
-    kept: bool,
+    pub(crate) kept: bool,
 }
 
 pub(crate) struct Kept {

@@ -26,6 +26,7 @@ mod durability;
 pub mod history;
 pub(crate) mod kept;
 mod postgres;
+mod server_restart;
 mod sqlite;
 mod writer;
 

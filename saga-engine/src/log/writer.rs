@@ -19,7 +19,7 @@ use std::sync::{
 
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, any::AnyConnectOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use uuid::Uuid;
 
@@ -29,6 +29,7 @@ use super::{
     insert_saga_admitted, insert_sagas_admitted,
     kept::{Kept, is_postgres},
     postgres, reopen, request_cancel,
+    server_restart::ServerRestartGuard,
     sqlite::SqliteLog,
 };
 use crate::{
@@ -124,6 +125,9 @@ enum Backend {
         pool: AnyPool,
         notify_as: Option<Uuid>,
         kept: Kept,
+        /// On PostgreSQL with relaxed commits: halts the writer when the
+        /// server restarted (see [`ServerRestartGuard`]).
+        restart_guard: Option<ServerRestartGuard>,
     },
     SqliteFile(SqliteLog),
 }
@@ -145,6 +149,8 @@ pub struct LogWriter {
     notify_as: Option<Uuid>,
     /// Batches that failed and were committed one write at a time.
     split_batches: Arc<AtomicU64>,
+    /// Why the writer stopped writing for good, once it has.
+    halted: Arc<watch::Sender<Option<String>>>,
 }
 
 impl LogWriter {
@@ -158,21 +164,26 @@ impl LogWriter {
         notify_as: Option<Uuid>,
         durability: Durability,
     ) -> anyhow::Result<Self> {
+        let halted = Arc::new(watch::channel(None).0);
         let (backend, direct) = match SqliteLog::file_of(&pool) {
             Some(path) => (
                 Backend::SqliteFile(SqliteLog::open(&path, durability)?),
                 None,
             ),
             None => {
-                let own = match is_postgres(&pool) {
+                let postgres = is_postgres(&pool);
+                let own = match postgres {
                     true => planning_by_key(&pool, durability)?,
                     false => pool.clone(),
                 };
+                let restart_guard = (postgres && durability == Durability::Relaxed)
+                    .then(|| ServerRestartGuard::new(halted.clone()));
                 (
                     Backend::Pool {
                         kept: Kept::new(own.clone(), 1),
                         pool: own,
                         notify_as,
+                        restart_guard,
                     },
                     Some(pool),
                 )
@@ -186,7 +197,24 @@ impl LogWriter {
             direct,
             notify_as,
             split_batches,
+            halted,
         })
+    }
+
+    /// Resolves, with the reason, once the writer has stopped writing for
+    /// good: relaxed commits on a PostgreSQL server that restarted (see
+    /// [`ServerRestartGuard`]). Never resolves otherwise.
+    pub async fn halted(&self) -> String {
+        let mut halted = self.halted.subscribe();
+        let reason = match halted.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => reason,
+            // The writer is gone with its sender: it never halts now.
+            None => std::future::pending().await,
+        }
     }
 
     /// How many batches failed as a whole and were committed one write at a
@@ -302,11 +330,9 @@ fn planning_by_key(pool: &AnyPool, durability: Durability) -> anyhow::Result<Any
     url.query_pairs_mut()
         .append_pair("options[enable_seqscan]", "off")
         .append_pair("options[enable_bitmapscan]", "off");
-    if durability == Durability::Relaxed {
-        url.query_pairs_mut().append_pair(
-            "options[synchronous_commit]",
-            durability.postgres_synchronous_commit(),
-        );
+    if let Some(setting) = durability.postgres_synchronous_commit() {
+        url.query_pairs_mut()
+            .append_pair("options[synchronous_commit]", setting);
     }
     let options = AnyConnectOptions::from_url(&url)?;
     // One in use at a time, one kept (`Kept` keeps at most a quarter), and
@@ -390,10 +416,19 @@ impl Backend {
                 pool,
                 notify_as,
                 kept,
+                restart_guard,
             } => {
-                let result = commit_kept(pool, kept, &writes, *notify_as)
+                if let Some(reason) = restart_guard.as_ref().and_then(|g| g.halted()) {
+                    return (writes, Err(reason));
+                }
+                let result = commit_kept(pool, kept, restart_guard.as_ref(), &writes, *notify_as)
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| {
+                        restart_guard
+                            .as_ref()
+                            .and_then(|g| g.halted())
+                            .unwrap_or_else(|| e.to_string())
+                    });
                 (writes, result)
             }
         }
@@ -410,14 +445,24 @@ impl Backend {
 async fn commit_kept(
     pool: &AnyPool,
     kept: &Kept,
+    restart_guard: Option<&ServerRestartGuard>,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let postgres = is_postgres(pool);
     let mut taken = kept.take().await?;
+    // A connection not kept may be new: the server may have restarted.
+    if let Some(guard) = restart_guard
+        && !taken.kept
+    {
+        guard.check(&mut taken.conn).await?;
+    }
     let mut sent = false;
     let mut result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
     if !sent && kept.again(&mut taken, &result).await? {
+        if let Some(guard) = restart_guard {
+            guard.check(&mut taken.conn).await?;
+        }
         result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
     }
     kept.give_back(taken, result.is_ok());
