@@ -31,6 +31,9 @@ pub struct Report {
     pub audit: Audit,
     /// Where the logs and stores of a failed run were kept.
     pub kept: Option<PathBuf>,
+    /// The processes whose log says they ran with relaxed commits
+    /// (`DURABILITY=relaxed`), by log name: what a relaxed run tested.
+    pub relaxed: Vec<String>,
 }
 
 /// The orders that were in flight when one kind of crash struck.

@@ -168,7 +168,27 @@ async fn drive(
         clients,
         audit,
         kept: None,
+        relaxed: announced_relaxed(system.dir()),
     })
+}
+
+/// The processes whose log (`<name>.log` in `dir`) holds the warning a
+/// process gives at its start when its commits are relaxed.
+fn announced_relaxed(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut relaxed: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "log"))
+        .filter(|path| {
+            std::fs::read_to_string(path).is_ok_and(|log| log.contains("DURABILITY=relaxed"))
+        })
+        .filter_map(|path| Some(path.file_stem()?.to_string_lossy().into_owned()))
+        .collect();
+    relaxed.sort();
+    relaxed
 }
 
 /// Waits until every terminal order's terminal event has been delivered,

@@ -109,6 +109,11 @@ async fn relaxed_commits_lose_nothing_when_each_process_is_killed(backend: Backe
         .map(|i| i.fault.to_string())
         .collect();
     assert_eq!(
+        report.relaxed,
+        ["orchestrator", "payment-svc", "shipping-svc", "stock-svc"],
+        "every process ran with relaxed commits"
+    );
+    assert_eq!(
         killed.len(),
         4,
         "each of the four processes, once: {killed:?}"
