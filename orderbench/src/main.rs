@@ -232,6 +232,8 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report::new(&config, &load, &verdict);
     let finished: u64 = load.outcomes.values().sum();
     report.cpu_ms_per_saga = cpu::per_unit(&cpu_before, &cpu_after, finished as f64);
+    report.cpu_ms_per_saga_by_thread =
+        cpu::per_unit_by_thread(&cpu_before, &cpu_after, finished as f64);
     if let Some((c1, at_c)) = &ceiling {
         report.ceiling = Some(Ceiling::new(c1, at_c, report.sagas_per_s, report.p50_ms));
     }

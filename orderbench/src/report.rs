@@ -50,6 +50,9 @@ pub struct Report {
     pub ceiling: Option<Ceiling>,
     /// CPU milliseconds per saga, by process (orderbench's own listed apart).
     pub cpu_ms_per_saga: BTreeMap<&'static str, f64>,
+    /// The same, for each service split by thread name (its tokio workers,
+    /// its store's writer thread, the saga log's).
+    pub cpu_ms_per_saga_by_thread: BTreeMap<&'static str, BTreeMap<String, f64>>,
 }
 
 impl Report {
@@ -71,6 +74,7 @@ impl Report {
             failures: verdict.failures.clone(),
             ceiling: None,
             cpu_ms_per_saga: BTreeMap::new(),
+            cpu_ms_per_saga_by_thread: BTreeMap::new(),
         }
     }
 
@@ -118,6 +122,10 @@ impl Report {
         if !self.cpu_ms_per_saga.is_empty() {
             let cpu = crate::cpu::describe(&self.cpu_ms_per_saga, " ms");
             println!("cpu/saga    {cpu}");
+        }
+        if !self.cpu_ms_per_saga_by_thread.is_empty() {
+            let threads = crate::cpu::describe_by_thread(&self.cpu_ms_per_saga_by_thread);
+            println!("cpu/thread  {threads}");
         }
         println!("conservation {}", self.conservation);
         for failure in &self.failures {
