@@ -389,17 +389,38 @@ impl Orchestrator {
             }))
         });
         // An engine that lost its footing (a replica whose ID another process
-        // took; relaxed commits on a PostgreSQL server that restarted) stops
-        // serving, as on SIGTERM, and the process exits with the reason.
+        // took; relaxed commits on a PostgreSQL server that recovered from a
+        // crash) stops serving, as on SIGTERM, and the process exits with the
+        // reason.
         let (lost_tx, lost_rx) = tokio::sync::oneshot::channel();
+        let lost_seen = Arc::new(tokio::sync::Notify::new());
         let engine = self.engine.clone();
+        let seen = lost_seen.clone();
         let stop = async move {
             tokio::select! {
                 () = shutdown => {}
-                reason = engine.lost() => { let _ = lost_tx.send(reason); }
+                reason = engine.lost() => {
+                    seen.notify_one();
+                    let _ = lost_tx.send(reason);
+                }
             }
         };
-        let result = self.server.run_until_stopped(stop).await;
+        // A lost engine must not keep the process up for as long as its open
+        // streams last (a WatchOrder may, for an hour): past the grace period
+        // and a little more, what is left of the drain is dropped.
+        let drain_limit = self.grace + LOST_DRAIN_LIMIT;
+        let serving = self.server.run_until_stopped(stop);
+        tokio::pin!(serving);
+        let result = tokio::select! {
+            result = &mut serving => result,
+            () = async {
+                lost_seen.notified().await;
+                tokio::time::sleep(drain_limit).await;
+            } => {
+                tracing::warn!(?drain_limit, "the drain after the engine was lost took too long; dropping it");
+                Ok(())
+            }
+        };
         // The explorer goes with the API. Its live views would hold a
         // graceful stop open until their lifetime: they get a second.
         stop_explorer.send_replace(true);
@@ -420,6 +441,9 @@ impl Orchestrator {
         result
     }
 }
+
+/// How long past its grace period a lost engine's drain may take.
+const LOST_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The binary's whole life: logs, build (and resume open sagas), serve until
 /// SIGTERM or SIGINT, drain.

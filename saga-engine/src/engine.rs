@@ -232,7 +232,7 @@ where
 
     /// Resolves if this engine must stop: as a replica, another process
     /// registered under its ID; with relaxed commits on PostgreSQL, the
-    /// server restarted and may have lost commits the drivers went on from
+    /// server recovered from a crash and may have lost commits the drivers went on from
     /// (the log's writer halted). Its process should exit and start again,
     /// to recover from the database. Never resolves otherwise.
     pub async fn lost(&self) -> String {
@@ -376,6 +376,11 @@ where
             Err(err) => {
                 // The reply to COMMIT may be lost after the commit is durable:
                 // then the saga exists and must be driven like any other.
+                if inner.log.is_halted() {
+                    // Nothing was written; the process is about to stop, and
+                    // the caller may try again once it is back (UNAVAILABLE).
+                    return Err(sqlx::Error::Io(std::io::Error::other(err)));
+                }
                 let stored = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await;
                 if !matches!(stored, Ok(Some(_))) {
                     return Err(sqlx::Error::Protocol(err));

@@ -86,24 +86,35 @@ async fn completes(client: &OrderClient) {
     );
 }
 
-/// PostgreSQL crashes (`kill -9` of every server process) and comes back,
-/// with two orchestrators on it: one relaxed, one not. With
-/// `synchronous_commit=off` the crash may have taken back commits the
-/// relaxed one's drivers went on from, so at its next write it stops, with
-/// an error, for its next start to recover from the database. The one on
-/// full durability lost nothing and goes on serving.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_relaxed_orchestrator_stops_when_postgresql_restarts_and_a_full_one_goes_on() {
+/// How PostgreSQL goes down.
+#[derive(Debug, Clone, Copy)]
+enum Crash {
+    /// `kill -9` of every server process, then a start: a crash recovery.
+    WholeServer,
+    /// `kill -9` of one backend of the relaxed orchestrator's: the server
+    /// ends every session and recovers from its WAL, its main process (and
+    /// its start time) the same.
+    OneBackend,
+}
+
+/// PostgreSQL crashes and comes back, with two orchestrators on it: one
+/// relaxed, one not. With `synchronous_commit=off` the crash recovery may
+/// have taken back commits the relaxed one's drivers went on from, so at
+/// its next write it stops, with an error, for its next start to recover
+/// from the database. The one on full durability lost nothing and goes on
+/// serving.
+async fn a_relaxed_orchestrator_stops_after_a_crash_recovery_and_a_full_one_goes_on(crash: Crash) {
     let root = tempfile::tempdir().unwrap();
     let mut postgres = chaos::postgres::Postgres::create(root.path(), None)
         .await
         .expect("a PostgreSQL server of the test's own");
     let services = DomainServices::start(Backend::Sqlite, &Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
+    let relaxed_url = postgres.create_database("orders_relaxed").await.unwrap();
     let mut relaxed = orchestrator_process(
         bins::ORCHESTRATOR,
         dir.path(),
-        &postgres.create_database("orders_relaxed").await.unwrap(),
+        &relaxed_url,
         &services,
         &[("DURABILITY", "relaxed".to_owned())],
     );
@@ -120,8 +131,32 @@ async fn a_relaxed_orchestrator_stops_when_postgresql_restarts_and_a_full_one_go
     completes(&relaxed_client).await;
     completes(&full_client).await;
 
-    postgres.kill9().await.unwrap();
-    postgres.start().await.unwrap();
+    match crash {
+        Crash::WholeServer => {
+            postgres.kill9().await.unwrap();
+            postgres.start().await.unwrap();
+        }
+        Crash::OneBackend => {
+            let pool = sqlx::any::AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&relaxed_url)
+                .await
+                .unwrap();
+            let backend: i32 = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() LIMIT 1",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("a session of the relaxed orchestrator's");
+            drop(pool);
+            let killed = std::process::Command::new("kill")
+                .args(["-9", &backend.to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+        }
+    }
 
     // Orders keep coming to the relaxed one until it stops.
     let placing = tokio::spawn(async move {
@@ -154,7 +189,19 @@ async fn a_relaxed_orchestrator_stops_when_postgresql_restarts_and_a_full_one_go
         }
     })
     .await
-    .expect("the full-durability orchestrator completes orders after the restart");
+    .expect("the full-durability orchestrator completes orders after the crash");
     full.kill().await;
     postgres.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relaxed_orchestrator_stops_when_postgresql_crashes_and_a_full_one_goes_on() {
+    a_relaxed_orchestrator_stops_after_a_crash_recovery_and_a_full_one_goes_on(Crash::WholeServer)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relaxed_orchestrator_stops_when_one_backend_crashes_and_a_full_one_goes_on() {
+    a_relaxed_orchestrator_stops_after_a_crash_recovery_and_a_full_one_goes_on(Crash::OneBackend)
+        .await;
 }

@@ -109,5 +109,23 @@ async fn the_orchestrator_and_the_engine_create_the_same_engine_tables(backend: 
                 "{table}'s storage options"
             );
         }
+        // The relaxed log writer's marks: the same table in both, unlogged
+        // (emptied by a crash recovery, which is the point).
+        let table = "saga_log_marks";
+        let expected = columns(&engine_pool, backend, table).await;
+        assert_eq!(columns(&orchestrator_pool, backend, table).await, expected);
+        assert_eq!(
+            indexes(&orchestrator_pool, backend, table).await,
+            indexes(&engine_pool, backend, table).await
+        );
+        for pool in [&orchestrator_pool, &engine_pool] {
+            let persistence: String = sqlx::query_scalar(
+                "SELECT relpersistence::TEXT FROM pg_class WHERE relname = 'saga_log_marks'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(persistence, "u", "saga_log_marks is unlogged");
+        }
     }
 }

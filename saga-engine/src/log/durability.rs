@@ -19,8 +19,8 @@ pub enum Durability {
     /// Written, not flushed (SQLite `synchronous=NORMAL` in WAL mode;
     /// PostgreSQL `synchronous_commit=off`): survives the crash of the process
     /// that committed, not that of the machine or of the PostgreSQL server.
-    /// On PostgreSQL, the writer halts when the server restarts (see
-    /// `server_restart.rs`).
+    /// On PostgreSQL, the writer halts when the server recovers from a crash
+    /// (see `crash_recovery.rs`).
     Relaxed,
 }
 

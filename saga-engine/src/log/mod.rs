@@ -22,11 +22,11 @@ use crate::{
     now_ms,
 };
 
+mod crash_recovery;
 mod durability;
 pub mod history;
 pub(crate) mod kept;
 mod postgres;
-mod server_restart;
 mod sqlite;
 mod writer;
 

@@ -25,11 +25,11 @@ use uuid::Uuid;
 
 use super::{
     Applied, CancelOutcome, Checkpoint, Durability, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga,
-    PRUNE_SENT, Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply, insert_saga,
-    insert_saga_admitted, insert_sagas_admitted,
+    PRUNE_SENT, Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply,
+    crash_recovery::CrashRecoveryGuard,
+    insert_saga, insert_saga_admitted, insert_sagas_admitted,
     kept::{Kept, is_postgres},
     postgres, reopen, request_cancel,
-    server_restart::ServerRestartGuard,
     sqlite::SqliteLog,
 };
 use crate::{
@@ -126,8 +126,8 @@ enum Backend {
         notify_as: Option<Uuid>,
         kept: Kept,
         /// On PostgreSQL with relaxed commits: halts the writer when the
-        /// server restarted (see [`ServerRestartGuard`]).
-        restart_guard: Option<ServerRestartGuard>,
+        /// server recovered from a crash (see [`CrashRecoveryGuard`]).
+        crash_guard: Option<CrashRecoveryGuard>,
     },
     SqliteFile(SqliteLog),
 }
@@ -176,14 +176,14 @@ impl LogWriter {
                     true => planning_by_key(&pool, durability)?,
                     false => pool.clone(),
                 };
-                let restart_guard = (postgres && durability == Durability::Relaxed)
-                    .then(|| ServerRestartGuard::new(halted.clone()));
+                let crash_guard = (postgres && durability == Durability::Relaxed)
+                    .then(|| CrashRecoveryGuard::new(halted.clone()));
                 (
                     Backend::Pool {
                         kept: Kept::new(own.clone(), 1),
                         pool: own,
                         notify_as,
-                        restart_guard,
+                        crash_guard,
                     },
                     Some(pool),
                 )
@@ -201,9 +201,14 @@ impl LogWriter {
         })
     }
 
+    /// Whether the writer has stopped writing for good (see [`LogWriter::halted`]).
+    pub fn is_halted(&self) -> bool {
+        self.halted.borrow().is_some()
+    }
+
     /// Resolves, with the reason, once the writer has stopped writing for
-    /// good: relaxed commits on a PostgreSQL server that restarted (see
-    /// [`ServerRestartGuard`]). Never resolves otherwise.
+    /// good: relaxed commits on a PostgreSQL server that recovered from a
+    /// crash (see [`CrashRecoveryGuard`]). Never resolves otherwise.
     pub async fn halted(&self) -> String {
         let mut halted = self.halted.subscribe();
         let reason = match halted.wait_for(Option::is_some).await {
@@ -388,8 +393,9 @@ async fn write_batches(
                     let _ = reply.send(Ok(written));
                 }
             }
-            // One bad write must not fail its neighbours: retry each alone.
-            Err(err) if writes.len() > 1 => {
+            // One bad write must not fail its neighbours: retry each alone
+            // (not once the writer halted: each would be refused as well).
+            Err(err) if writes.len() > 1 && !backend.halted() => {
                 tracing::warn!(error = %err, size = writes.len(), "batched log commit failed; committing one by one");
                 split_batches.fetch_add(1, Ordering::Relaxed);
                 for (write, reply) in writes.drain(..).zip(replies.drain(..)) {
@@ -408,6 +414,12 @@ async fn write_batches(
 }
 
 impl Backend {
+    /// Whether the writer refuses every write for good (see
+    /// [`CrashRecoveryGuard`]).
+    fn halted(&self) -> bool {
+        matches!(self, Backend::Pool { crash_guard: Some(guard), .. } if guard.halted().is_some())
+    }
+
     /// Commits `writes` as one transaction; hands them back for a retry.
     async fn commit(&self, writes: Vec<Write>) -> (Vec<Write>, Result<Vec<Written>, String>) {
         match self {
@@ -416,15 +428,15 @@ impl Backend {
                 pool,
                 notify_as,
                 kept,
-                restart_guard,
+                crash_guard,
             } => {
-                if let Some(reason) = restart_guard.as_ref().and_then(|g| g.halted()) {
+                if let Some(reason) = crash_guard.as_ref().and_then(|g| g.halted()) {
                     return (writes, Err(reason));
                 }
-                let result = commit_kept(pool, kept, restart_guard.as_ref(), &writes, *notify_as)
+                let result = commit_kept(pool, kept, crash_guard.as_ref(), &writes, *notify_as)
                     .await
                     .map_err(|e| {
-                        restart_guard
+                        crash_guard
                             .as_ref()
                             .and_then(|g| g.halted())
                             .unwrap_or_else(|| e.to_string())
@@ -445,14 +457,15 @@ impl Backend {
 async fn commit_kept(
     pool: &AnyPool,
     kept: &Kept,
-    restart_guard: Option<&ServerRestartGuard>,
+    crash_guard: Option<&CrashRecoveryGuard>,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
     let postgres = is_postgres(pool);
     let mut taken = kept.take().await?;
-    // A connection not kept may be new: the server may have restarted.
-    if let Some(guard) = restart_guard
+    // A connection not kept may be new: the server may have recovered
+    // from a crash meanwhile.
+    if let Some(guard) = crash_guard
         && !taken.kept
     {
         guard.check(&mut taken.conn).await?;
@@ -460,7 +473,7 @@ async fn commit_kept(
     let mut sent = false;
     let mut result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
     if !sent && kept.again(&mut taken, &result).await? {
-        if let Some(guard) = restart_guard {
+        if let Some(guard) = crash_guard {
             guard.check(&mut taken.conn).await?;
         }
         result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
