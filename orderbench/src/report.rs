@@ -32,6 +32,13 @@ impl Ceiling {
     }
 }
 
+/// The latency of the orders that ended one way.
+#[derive(Debug, Serialize)]
+pub struct OutcomeLatency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub orders: u64,
@@ -43,6 +50,8 @@ pub struct Report {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// p50 and p99 of the orders of each terminal status, in ms.
+    pub latency_by_outcome: BTreeMap<String, OutcomeLatency>,
     pub errors: std::collections::BTreeMap<String, u64>,
     pub conservation: &'static str,
     pub failures: Vec<String>,
@@ -69,6 +78,20 @@ impl Report {
             p99_ms: ms(0.99),
             max_ms: load.latency.max() as f64 / 1000.0,
             outcomes: load.outcomes.clone(),
+            latency_by_outcome: load
+                .latency_by_outcome
+                .iter()
+                .map(|(status, latency)| {
+                    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+                    (
+                        status.clone(),
+                        OutcomeLatency {
+                            p50_ms: ms(0.50),
+                            p99_ms: ms(0.99),
+                        },
+                    )
+                })
+                .collect(),
             errors: load.errors.clone(),
             conservation: if verdict.passed() { "PASS" } else { "FAIL" },
             failures: verdict.failures.clone(),
@@ -97,6 +120,12 @@ impl Report {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!("outcomes    {}", outcomes.join("  "));
+        let by_outcome: Vec<String> = self
+            .latency_by_outcome
+            .iter()
+            .map(|(k, l)| format!("{k} p50 {:.2} ms p99 {:.2} ms", l.p50_ms, l.p99_ms))
+            .collect();
+        println!("by outcome  {}", by_outcome.join("  "));
         if self.errors.is_empty() {
             println!("errors      none");
         } else {

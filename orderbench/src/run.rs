@@ -23,6 +23,10 @@ pub struct LoadResult {
     pub latency: Histogram<u64>,
     /// Terminal statuses, e.g. "COMPLETED" -> 1800.
     pub outcomes: BTreeMap<String, u64>,
+    /// Latency of the orders of each terminal status, microseconds: a
+    /// compensated saga makes more calls than a completed one, and the
+    /// tail of the whole is mostly theirs.
+    pub latency_by_outcome: BTreeMap<String, Histogram<u64>>,
     /// Failed calls by gRPC code.
     pub errors: BTreeMap<String, u64>,
     /// Orders placed by the customer who can't pay.
@@ -42,7 +46,7 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
         600_000_000,
         3,
     )?));
-    let outcomes = Arc::new(Mutex::new(BTreeMap::new()));
+    let outcomes = Arc::new(Mutex::new(BTreeMap::<String, (u64, Histogram<u64>)>::new()));
     let errors = Arc::new(Mutex::new(BTreeMap::new()));
     let progress = if config.progress {
         indicatif::ProgressBar::new(config.orders)
@@ -86,7 +90,16 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
                                 .to_owned()
                         })
                         .unwrap_or_else(|_| "UNKNOWN".into());
-                    *outcomes.lock().await.entry(status).or_insert(0) += 1;
+                    let mut outcomes = outcomes.lock().await;
+                    let (count, latency) = outcomes.entry(status).or_insert_with(|| {
+                        (
+                            0,
+                            Histogram::new_with_bounds(1, 600_000_000, 3)
+                                .expect("histogram bounds"),
+                        )
+                    });
+                    *count += 1;
+                    let _ = latency.record(micros.max(1));
                 }
                 Err(status) => {
                     *errors
@@ -105,12 +118,18 @@ pub async fn orders(config: &BenchConfig, world: &World) -> anyhow::Result<LoadR
     let elapsed = started.elapsed();
     progress.finish_and_clear();
     let latency = latency.lock().await.clone();
-    let outcomes = outcomes.lock().await.clone();
+    let by_status = outcomes.lock().await.clone();
+    let outcomes = by_status
+        .iter()
+        .map(|(s, (n, _))| (s.clone(), *n))
+        .collect();
+    let latency_by_outcome = by_status.into_iter().map(|(s, (_, h))| (s, h)).collect();
     let errors = errors.lock().await.clone();
     Ok(LoadResult {
         elapsed,
         latency,
         outcomes,
+        latency_by_outcome,
         errors,
         expected_compensated,
     })

@@ -2,6 +2,8 @@
 //! stock and money and end as their customers dictate. It asserts no time:
 //! speed is the benchmark's business (docs/benchmarks.md).
 
+use std::collections::BTreeMap;
+
 use orderbench::{BenchConfig, check, run, setup};
 use ordersaga_tests::{
     ADMIN_KEY, API_KEY, Backend,
@@ -29,6 +31,16 @@ async fn orderbench_smoke_conserves_stock_and_money(backend: Backend) {
     assert!(verdict.passed(), "{:?}\n{load:?}", verdict.failures);
     assert_eq!(load.outcomes.get("COMPLETED"), Some(&180));
     assert_eq!(load.outcomes.get("COMPENSATED"), Some(&20));
+    // Each outcome's latencies are its own orders'.
+    let counted: BTreeMap<&str, u64> = load
+        .latency_by_outcome
+        .iter()
+        .map(|(status, latency)| (status.as_str(), latency.len()))
+        .collect();
+    assert_eq!(
+        counted,
+        BTreeMap::from([("COMPENSATED", 20), ("COMPLETED", 180)])
+    );
     assert!(load.errors.is_empty(), "{:?}", load.errors);
 }
 
