@@ -38,11 +38,12 @@ impl Target {
 
 /// CPU seconds used so far, by target name; targets not found are absent.
 /// For the targets found by port, also by thread: (target, thread name) →
-/// thread ID → seconds.
+/// (thread ID, its start time: an ID the kernel gave again is another
+/// thread) → seconds.
 #[derive(Debug, Clone, Default)]
 pub struct Sample(
     BTreeMap<&'static str, BTreeMap<u32, f64>>,
-    BTreeMap<(&'static str, String), BTreeMap<u32, f64>>,
+    BTreeMap<(&'static str, String), BTreeMap<(u32, u64), f64>>,
 );
 
 pub fn sample(targets: &[Target]) -> Sample {
@@ -150,8 +151,9 @@ pub fn describe(figures: &BTreeMap<&'static str, f64>, unit: &str) -> String {
     parts.join("  ")
 }
 
-/// Each thread of `pid`: its ID, its name and its CPU seconds so far.
-fn threads(pid: u32) -> Vec<(u32, String, f64)> {
+/// Each thread of `pid`: its ID and start time, its name and its CPU
+/// seconds so far.
+fn threads(pid: u32) -> Vec<((u32, u64), String, f64)> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![];
     };
@@ -159,22 +161,30 @@ fn threads(pid: u32) -> Vec<(u32, String, f64)> {
         .filter_map(|entry| {
             let tid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
             let name = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
-            let seconds = cpu_seconds(&format!("/proc/{pid}/task/{tid}/stat"))?;
-            Some((tid, name.trim().to_owned(), seconds))
+            let (seconds, started) = cpu_and_start(&format!("/proc/{pid}/task/{tid}/stat"))?;
+            Some(((tid, started), name.trim().to_owned(), seconds))
         })
         .collect()
 }
 
 /// utime + stime of a `stat` file of `/proc` (a process's or a thread's).
 fn cpu_seconds(stat_path: &str) -> Option<f64> {
+    cpu_and_start(stat_path).map(|(seconds, _)| seconds)
+}
+
+/// utime + stime of a `stat` file of `/proc`, and its start time (in ticks
+/// since boot).
+fn cpu_and_start(stat_path: &str) -> Option<(f64, u64)> {
     let stat = fs::read_to_string(stat_path).ok()?;
     // The command name may hold spaces; the fields after its ')' are fixed.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after
+    // ')'; starttime is field 22, 19 after it.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
+    let started: u64 = fields.get(19)?.parse().ok()?;
+    Some(((utime + stime) / TICKS_PER_SECOND, started))
 }
 
 fn pids_named(comm: &str) -> Vec<u32> {
