@@ -43,8 +43,11 @@ impl Target {
 #[derive(Debug, Clone, Default)]
 pub struct Sample(
     BTreeMap<&'static str, BTreeMap<u32, f64>>,
-    BTreeMap<(&'static str, String), BTreeMap<(u32, u64), f64>>,
+    BTreeMap<(&'static str, String), ThreadTimes>,
 );
+
+/// CPU seconds by (thread ID, start time).
+type ThreadTimes = BTreeMap<(u32, u64), f64>;
 
 pub fn sample(targets: &[Target]) -> Sample {
     let mut sample = Sample::default();
