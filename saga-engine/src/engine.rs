@@ -147,7 +147,8 @@ where
     D: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     /// An engine for `definition` on `pool`, whose tables must exist, that
-    /// runs [`Ownership::Alone`]. Fails if the definition is malformed.
+    /// runs [`Ownership::Alone`], its log's commits waiting for the disk
+    /// ([`Durability::Full`]). Fails if the definition is malformed.
     pub fn new(
         definition: SagaDefinition<D>,
         pool: AnyPool,
