@@ -378,8 +378,10 @@ where
                 // The reply to COMMIT may be lost after the commit is durable:
                 // then the saga exists and must be driven like any other.
                 if inner.log.is_halted() {
-                    // Nothing was written; the process is about to stop, and
-                    // the caller may try again once it is back (UNAVAILABLE).
+                    // The process is about to stop: the caller may try again
+                    // once it is back (UNAVAILABLE). Had this commit landed
+                    // before the crash, the restart recovers the saga and the
+                    // retry, under the same request ID, finds it.
                     return Err(sqlx::Error::Io(std::io::Error::other(err)));
                 }
                 let stored = log::load_one_open(&inner.pool, inner.definition.kind, saga_id).await;
@@ -443,6 +445,7 @@ where
     /// owner's lease ran out. Returns how many it resumed.
     pub async fn recover(&self) -> anyhow::Result<usize> {
         let inner = &self.inner;
+        inner.log.arm().await?;
         let Some(replica) = &inner.replica else {
             let open = log::load_open(&inner.pool, inner.definition.kind).await?;
             let mut resumed = 0;

@@ -16,9 +16,9 @@
 //! (`saga_log_marks`): PostgreSQL empties unlogged tables whenever it
 //! recovers from a crash, and they are empty on a standby promoted after a
 //! failover, while a clean restart (which flushes the WAL first, losing
-//! nothing) keeps them. The writer writes its mark on the first connection
-//! it writes on, and looks for it on every later connection it takes from
-//! its pool, before writing on it. A connection kept from one commit to the
+//! nothing) keeps them. The writer leaves its mark before the engine reads
+//! the log at start-up (`LogWriter::arm`), and looks for it on every later
+//! connection it takes from its pool, before writing on it. A connection kept from one commit to the
 //! next was checked when it was taken, and one that outlived a crash
 //! recovery fails at its first statement, before anything is written. (A
 //! pooler in transaction mode, which would hand the writer one server
@@ -62,11 +62,16 @@ impl CrashRecoveryGuard {
             return Err(sqlx::Error::Protocol(reason));
         }
         if !self.written.load(Ordering::Acquire) {
-            sqlx::query("INSERT INTO saga_log_marks (mark, written_at_ms) VALUES ($1, $2)")
-                .bind(&self.mark)
-                .bind(now_ms())
-                .execute(&mut *conn)
-                .await?;
+            // A first insert whose reply was lost may have committed: the
+            // second finds its own mark, which is as good.
+            sqlx::query(
+                "INSERT INTO saga_log_marks (mark, written_at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (mark) DO NOTHING",
+            )
+            .bind(&self.mark)
+            .bind(now_ms())
+            .execute(&mut *conn)
+            .await?;
             self.written.store(true, Ordering::Release);
             return Ok(());
         }

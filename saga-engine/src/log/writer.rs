@@ -127,7 +127,7 @@ enum Backend {
         kept: Kept,
         /// On PostgreSQL with relaxed commits: halts the writer when the
         /// server recovered from a crash (see [`CrashRecoveryGuard`]).
-        crash_guard: Option<CrashRecoveryGuard>,
+        crash_guard: Option<Arc<CrashRecoveryGuard>>,
     },
     SqliteFile(SqliteLog),
 }
@@ -151,6 +151,9 @@ pub struct LogWriter {
     split_batches: Arc<AtomicU64>,
     /// Why the writer stopped writing for good, once it has.
     halted: Arc<watch::Sender<Option<String>>>,
+    /// With relaxed commits on PostgreSQL: the writer's crash guard and its
+    /// pool, for [`LogWriter::arm`].
+    armed: Option<(Arc<CrashRecoveryGuard>, AnyPool)>,
 }
 
 impl LogWriter {
@@ -165,6 +168,7 @@ impl LogWriter {
         durability: Durability,
     ) -> anyhow::Result<Self> {
         let halted = Arc::new(watch::channel(None).0);
+        let mut armed = None;
         let (backend, direct) = match SqliteLog::file_of(&pool) {
             Some(path) => (
                 Backend::SqliteFile(SqliteLog::open(&path, durability)?),
@@ -177,7 +181,8 @@ impl LogWriter {
                     false => pool.clone(),
                 };
                 let crash_guard = (postgres && durability == Durability::Relaxed)
-                    .then(|| CrashRecoveryGuard::new(halted.clone()));
+                    .then(|| Arc::new(CrashRecoveryGuard::new(halted.clone())));
+                armed = crash_guard.clone().map(|guard| (guard, own.clone()));
                 (
                     Backend::Pool {
                         kept: Kept::new(own.clone(), 1),
@@ -198,7 +203,21 @@ impl LogWriter {
             notify_as,
             split_batches,
             halted,
+            armed,
         })
+    }
+
+    /// With relaxed commits on PostgreSQL, leaves the writer's mark now (see
+    /// [`CrashRecoveryGuard`]), before anything is read from the log: a
+    /// state read before a crash recovery may hold relaxed commits the
+    /// recovery takes back, and only a mark left before the crash tells.
+    /// Does nothing otherwise.
+    pub async fn arm(&self) -> Result<(), sqlx::Error> {
+        let Some((guard, pool)) = &self.armed else {
+            return Ok(());
+        };
+        let mut conn = pool.acquire().await?;
+        guard.check(&mut conn).await
     }
 
     /// Whether the writer has stopped writing for good (see [`LogWriter::halted`]).
@@ -457,7 +476,7 @@ impl Backend {
 async fn commit_kept(
     pool: &AnyPool,
     kept: &Kept,
-    crash_guard: Option<&CrashRecoveryGuard>,
+    crash_guard: Option<&Arc<CrashRecoveryGuard>>,
     writes: &[Write],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Written>, sqlx::Error> {
@@ -467,14 +486,19 @@ async fn commit_kept(
     // from a crash meanwhile.
     if let Some(guard) = crash_guard
         && !taken.kept
+        && let Err(err) = guard.check(&mut taken.conn).await
     {
-        guard.check(&mut taken.conn).await?;
+        taken.conn.close_on_drop();
+        return Err(err);
     }
     let mut sent = false;
     let mut result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
     if !sent && kept.again(&mut taken, &result).await? {
-        if let Some(guard) = crash_guard {
-            guard.check(&mut taken.conn).await?;
+        if let Some(guard) = crash_guard
+            && let Err(err) = guard.check(&mut taken.conn).await
+        {
+            taken.conn.close_on_drop();
+            return Err(err);
         }
         result = commit_on(&mut taken.conn, postgres, writes, notify_as, &mut sent).await;
     }
