@@ -233,23 +233,12 @@ where
 
     /// Resolves if this engine must stop: as a replica, another process
     /// registered under its ID; with relaxed commits on PostgreSQL, the
-    /// server recovered from a crash and may have lost commits the drivers went on from
-    /// (the log's writer halted). Its process should exit and start again,
+    /// server recovered from a crash and may have lost commits the drivers
+    /// went on from (the log's writer halted). Its process should exit and start again,
     /// to recover from the database. Never resolves otherwise.
     pub async fn lost(&self) -> String {
-        let replaced = async {
-            let mut lost = self.inner.lost.subscribe();
-            let reason = match lost.wait_for(Option::is_some).await {
-                Ok(reason) => reason.clone(),
-                Err(_) => None,
-            };
-            match reason {
-                Some(reason) => reason,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            reason = replaced => reason,
+            reason = log::once_set(self.inner.lost.subscribe()) => reason,
             reason = self.inner.log.halted() => reason,
         }
     }

@@ -40,6 +40,7 @@ pub fn sqlite_file(pool: &AnyPool) -> Option<std::path::PathBuf> {
     SqliteLog::file_of(pool)
 }
 pub(crate) use writer::Start;
+pub(crate) use writer::once_set;
 pub use writer::{Admit, LogWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -229,16 +229,7 @@ impl LogWriter {
     /// good: relaxed commits on a PostgreSQL server that recovered from a
     /// crash (see [`CrashRecoveryGuard`]). Never resolves otherwise.
     pub async fn halted(&self) -> String {
-        let mut halted = self.halted.subscribe();
-        let reason = match halted.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone(),
-            Err(_) => None,
-        };
-        match reason {
-            Some(reason) => reason,
-            // The writer is gone with its sender: it never halts now.
-            None => std::future::pending().await,
-        }
+        once_set(self.halted.subscribe()).await
     }
 
     /// How many batches failed as a whole and were committed one write at a
@@ -367,6 +358,20 @@ fn planning_by_key(pool: &AnyPool, durability: Durability) -> anyhow::Result<Any
         .min_connections(0)
         .max_connections(4)
         .connect_lazy_with(options))
+}
+
+/// The reason `rx` is set to, once it is; never resolves if its sender goes
+/// without setting one.
+pub(crate) async fn once_set(mut rx: watch::Receiver<Option<String>>) -> String {
+    // The borrowed value is let go before the wait below.
+    let reason = match rx.wait_for(Option::is_some).await {
+        Ok(reason) => reason.clone(),
+        Err(_) => None,
+    };
+    match reason {
+        Some(reason) => reason,
+        None => std::future::pending().await,
+    }
 }
 
 async fn write_batches(
