@@ -175,13 +175,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                     self.run_compensation_step(step).await?
                 }
                 Cursor::Compensating { step: None } => {
-                    let end = if self.state.cancel_requested {
-                        SagaStatus::Cancelled
-                    } else if self.state.undid_any {
-                        SagaStatus::Compensated
-                    } else {
-                        SagaStatus::Failed
-                    };
+                    let end = self.end_after_compensation();
                     self.finish(end).await?
                 }
                 Cursor::Finished(_) => return Ok(()),
@@ -474,12 +468,33 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
         record.finished_at_ms = Some(now_ms());
         // The failed ones went with their own checkpoints.
         record.attempt_log = self.take_tries(|_| attempt > 1);
-        let next = index.checked_sub(1);
-        self.compensate_next(next, vec![record]).await?;
-        if next.is_some() {
-            crash_points::reach(point::BETWEEN_COMPENSATIONS).await;
+        match index.checked_sub(1) {
+            Some(next) => {
+                self.compensate_next(Some(next), vec![record]).await?;
+                crash_points::reach(point::BETWEEN_COMPENSATIONS).await;
+            }
+            None => {
+                // The last undo commits with the saga's end: the move to
+                // "nothing left to undo" would be one more commit on the
+                // path of every compensated saga. No cancel can be accepted
+                // any more (the saga is not RUNNING), so the end is known.
+                self.state.cursor = Cursor::Compensating { step: None };
+                let end = self.end_after_compensation();
+                self.finish_with(end, vec![record]).await?;
+            }
         }
         Ok(())
+    }
+
+    /// How a saga ends once nothing is left to undo.
+    fn end_after_compensation(&self) -> SagaStatus {
+        if self.state.cancel_requested {
+            SagaStatus::Cancelled
+        } else if self.state.undid_any {
+            SagaStatus::Compensated
+        } else {
+            SagaStatus::Failed
+        }
     }
 
     /// Forward attempts until a success, a definite "no", or the end of the
@@ -690,6 +705,7 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
                     return Err(Halt::Closed(status));
                 }
                 Ok(applied) => {
+                    self.inner.metrics.checkpoint();
                     let status = checkpoint.status_after(&applied);
                     self.inner.changes.publish(SagaChange {
                         saga_id: self.saga_id,

@@ -41,6 +41,7 @@ pub struct EngineMetrics {
     in_flight: Gauge,
     taken_over: Counter,
     fenced: Counter,
+    checkpoints: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -63,6 +64,7 @@ impl EngineMetrics {
             in_flight: Gauge::default(),
             taken_over: Counter::default(),
             fenced: Counter::default(),
+            checkpoints: Counter::default(),
         };
         registry.register("saga_started", "Sagas started", metrics.started.clone());
         registry.register(
@@ -95,7 +97,22 @@ impl EngineMetrics {
             "Drivers stopped because another replica had taken their saga over",
             metrics.fenced.clone(),
         );
+        registry.register(
+            "saga_checkpoints",
+            "Checkpoints the drivers committed to the log: each a saga's step results and its move past them",
+            metrics.checkpoints.clone(),
+        );
         metrics
+    }
+
+    /// Checkpoints committed so far: with `saga_finished`, the log commits a
+    /// saga costs.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.get()
+    }
+
+    pub(crate) fn checkpoint(&self) {
+        self.checkpoints.inc();
     }
 
     pub(crate) fn taken_over(&self, sagas: u64) {

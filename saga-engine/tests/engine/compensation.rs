@@ -21,6 +21,7 @@ on_both_stores!(
     many_sagas_at_once_each_end_by_their_own_script,
     each_attempt_of_a_retried_step_is_kept_with_its_times_and_error,
     a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_the_saga,
+    a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -103,6 +104,65 @@ async fn a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_t
         view.steps
     );
     assert_consistent(&world, saga, status);
+}
+
+/// Every checkpoint is a commit on a saga's path: a completed saga makes one
+/// per step, its last with its end; a compensated one one per step it ran and
+/// one per undo, its last undo with its end (no commit of its own for
+/// "nothing left to undo").
+async fn a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let metrics = saga_engine::metrics::EngineMetrics::default();
+    let engine =
+        scripted::engine_with_metrics(&world, &store.pool, scripted::policy(), metrics.clone());
+
+    let completed = scripted::start(&engine).await;
+    assert_eq!(
+        scripted::terminal(&store.pool, completed).await,
+        SagaStatus::Completed
+    );
+    assert_eq!(metrics.checkpoints(), 3, "a, b, and c with the saga's end");
+
+    let compensated = uuid::Uuid::new_v4();
+    scripted::start_with(
+        &engine,
+        compensated,
+        |w| w.cue(compensated, "c", &[Cue::Refuse]),
+        &world,
+    )
+    .await;
+    let status = scripted::terminal(&store.pool, compensated).await;
+    assert_eq!(status, SagaStatus::Compensated);
+    assert_eq!(
+        metrics.checkpoints() - 3,
+        5,
+        "a, b, c refused, b undone, a undone with the saga's end"
+    );
+    assert_consistent(&world, compensated, status);
+
+    // The end leaves nothing to undo, as the move to it did before.
+    let (next_step,): (i64,) = sqlx::query_as("SELECT next_step FROM sagas WHERE saga_id = $1")
+        .bind(compensated.to_string())
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(next_step, -1);
+    let view = engine
+        .view(compensated)
+        .await
+        .unwrap()
+        .expect("the saga's view");
+    let undone: Vec<_> = view
+        .steps
+        .iter()
+        .filter(|s| s.phase == saga_engine::Phase::Compensation)
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        undone,
+        vec![("b", StepStatus::Succeeded), ("a", StepStatus::Succeeded)]
+    );
 }
 
 async fn a_refusal_compensates_the_steps_before_it_in_reverse_order(backend: Backend) {

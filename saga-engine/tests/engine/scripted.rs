@@ -295,14 +295,17 @@ pub fn policy() -> RetryPolicy {
 }
 
 pub fn engine(world: &Arc<World>, pool: &AnyPool, policy: RetryPolicy) -> Engine<Script> {
-    Engine::new(
-        definition(world),
-        pool.clone(),
-        policy,
-        1_000,
-        EngineMetrics::default(),
-    )
-    .unwrap()
+    engine_with_metrics(world, pool, policy, EngineMetrics::default())
+}
+
+/// An engine that counts into `metrics` (a clone reads the same counters).
+pub fn engine_with_metrics(
+    world: &Arc<World>,
+    pool: &AnyPool,
+    policy: RetryPolicy,
+    metrics: EngineMetrics,
+) -> Engine<Script> {
+    Engine::new(definition(world), pool.clone(), policy, 1_000, metrics).unwrap()
 }
 
 /// An engine as one replica, `id`, with `lease`, on the PostgreSQL `pool`.
