@@ -66,6 +66,14 @@ async fn counters_match_a_known_mix_of_orders() {
         .map(|s| s.attempts - 1)
         .sum();
     assert!(shipping_retries > 0, "dropped replies should force retries");
+    // A failed compensation attempt is recorded at once (a forward one
+    // with its step's end).
+    let compensation_retries: i32 = orders
+        .iter()
+        .flat_map(|o| &o.steps)
+        .filter(|s| s.phase == StepPhase::Compensation as i32)
+        .map(|s| s.attempts - 1)
+        .sum();
 
     let page = system.orchestrator.scrape().await;
     assert_eq!(sample(&page, "saga_started_total"), 20.0, "{page}");
@@ -82,6 +90,14 @@ async fn counters_match_a_known_mix_of_orders() {
         2.0
     );
     assert_eq!(sample(&page, "sagas_in_flight"), 0.0);
+    // Log commits: a completed saga 3 (one per step, the last with its end),
+    // a compensated one 5 (3 steps, 2 undos, the last with its end), one
+    // refused at its first step 2 (the refusal, then its end).
+    assert_eq!(
+        sample(&page, "saga_checkpoints_total"),
+        f64::from(16 * 3 + 2 * 5 + 2 * 2 + compensation_retries),
+        "{page}"
+    );
     assert_eq!(
         sample(
             &page,
