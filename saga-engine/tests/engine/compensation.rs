@@ -122,7 +122,11 @@ async fn a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end(back
         scripted::terminal(&store.pool, completed).await,
         SagaStatus::Completed
     );
-    assert_eq!(metrics.checkpoints(), 3, "a, b, and c with the saga's end");
+    assert_eq!(
+        settled_count(&metrics, 3).await,
+        3,
+        "a, b, and c with the saga's end"
+    );
 
     let compensated = uuid::Uuid::new_v4();
     scripted::start_with(
@@ -135,7 +139,7 @@ async fn a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end(back
     let status = scripted::terminal(&store.pool, compensated).await;
     assert_eq!(status, SagaStatus::Compensated);
     assert_eq!(
-        metrics.checkpoints() - 3,
+        settled_count(&metrics, 3 + 5).await - 3,
         5,
         "a, b, c refused, b undone, a undone with the saga's end"
     );
@@ -163,6 +167,19 @@ async fn a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end(back
         undone,
         vec![("b", StepStatus::Succeeded), ("a", StepStatus::Succeeded)]
     );
+}
+
+/// The checkpoints counted once `expected` are (or 10 s went by), and a
+/// moment after: a driver counts its commit when the writer's reply reaches
+/// it, which may be after the saga's end is visible in the log.
+async fn settled_count(metrics: &saga_engine::metrics::EngineMetrics, expected: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metrics.checkpoints() < expected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    // Nothing may follow a saga's end: one more count would show here.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    metrics.checkpoints()
 }
 
 async fn a_refusal_compensates_the_steps_before_it_in_reverse_order(backend: Backend) {
