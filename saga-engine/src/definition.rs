@@ -114,10 +114,20 @@ impl Milestone<'_> {
     /// What makes this milestone unique within its saga: an event announcing
     /// it has an ID derived from the saga and this key, so that writing it
     /// again (a checkpoint applied twice) changes nothing.
-    pub fn key(&self) -> String {
+    ///
+    /// `epoch` is the one the saga is held at when the milestone is reached.
+    /// A saga ends once per epoch: an operator's reopen of a saga that rests
+    /// NEEDS_ATTENTION moves it to a new epoch, and its next end (COMPENSATED,
+    /// or NEEDS_ATTENTION again) is a new milestone, with an event of its own.
+    /// With one key for every end, that event was taken for the first one
+    /// written again and dropped: consumers never heard how the saga ended.
+    /// The first epoch keeps the plain key, so an end reached there has the ID
+    /// it always had.
+    pub fn key(&self, epoch: i64) -> String {
         match self {
             Milestone::Started => "started".into(),
-            Milestone::Finished { .. } => "finished".into(),
+            Milestone::Finished { .. } if epoch == crate::log::FIRST_EPOCH => "finished".into(),
+            Milestone::Finished { .. } => format!("finished@{epoch}"),
             Milestone::CompensationStuck { step, .. } => format!("compensation_stuck:{step}"),
         }
     }

@@ -662,8 +662,13 @@ impl<'a, D: Send + Sync + 'static> Driver<'a, D> {
 
     fn announce(&self, milestone: &Milestone<'_>) -> Vec<NewEvent> {
         let traceparent = trace_context::traceparent(&tracing::Span::current());
-        self.inner
-            .announce(self.saga_id, self.data, milestone, &traceparent)
+        self.inner.announce(
+            self.saga_id,
+            self.state.epoch,
+            self.data,
+            milestone,
+            &traceparent,
+        )
     }
 
     /// Commits a checkpoint, retrying until the store takes it: the saga never

@@ -337,7 +337,13 @@ where
         let traceparent = trace_context::traceparent(&span);
         let data_json =
             serde_json::to_string(&data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        let events = inner.announce(saga_id, &data, &Milestone::Started, &traceparent);
+        let events = inner.announce(
+            saga_id,
+            log::FIRST_EPOCH,
+            &data,
+            &Milestone::Started,
+            &traceparent,
+        );
         let start = Start {
             saga: NewSaga {
                 saga_id,
@@ -870,6 +876,7 @@ impl<D> Inner<D> {
     pub(crate) fn announce(
         &self,
         saga_id: Uuid,
+        epoch: i64,
         data: &D,
         milestone: &Milestone<'_>,
         traceparent: &str,
@@ -877,7 +884,7 @@ impl<D> Inner<D> {
         (self.definition.announce)(data, milestone)
             .map(|a| NewEvent {
                 aggregate_id: saga_id,
-                key: milestone.key(),
+                key: milestone.key(epoch),
                 event_type: a.event_type,
                 data: a.data,
                 traceparent: traceparent.to_owned(),

@@ -40,7 +40,7 @@ pub(crate) struct Setup {
     /// Between the orchestrator and stock: cut, stock's releases fail.
     pub(crate) link: TcpProxy,
     pub(crate) orchestrator: ServiceProcess,
-    _db: TestDb,
+    db: TestDb,
     _dir: tempfile::TempDir,
 }
 
@@ -88,7 +88,7 @@ impl Setup {
             services,
             link,
             orchestrator,
-            _db: db,
+            db,
             _dir: dir,
         }
     }
@@ -118,6 +118,18 @@ impl Setup {
             (order.status == status as i32).then_some(order)
         })
         .await
+    }
+
+    /// The types of the events the orchestrator's outbox holds for an
+    /// order, in their order.
+    async fn events(&self, order_id: &str) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT event_type FROM outbox WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(order_id)
+        .fetch_all(&self.db.pool().await)
+        .await
+        .unwrap()
     }
 
     async fn available_books(&self) -> i64 {
@@ -211,6 +223,15 @@ async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Bac
         .expect("an operator retries the compensation");
     let retried = setup.until(&stuck.order_id, OrderStatus::Compensated).await;
     assert_eq!(release(&retried).status, StepStatus::Succeeded as i32);
+    // Consumers hear both ends: the rest, then the end the retry reached.
+    assert_eq!(
+        setup.events(&stuck.order_id).await,
+        [
+            "order.created",
+            "order.needs_attention",
+            "order.compensated"
+        ]
+    );
     assert_eq!(
         setup.available_books().await,
         books,
@@ -257,6 +278,14 @@ async fn a_stuck_compensation_is_retried_or_resolved_by_an_operator(backend: Bac
         .await
         .expect("an operator resolves it");
     let resolved = setup.until(&stuck.order_id, OrderStatus::Compensated).await;
+    assert_eq!(
+        setup.events(&stuck.order_id).await,
+        [
+            "order.created",
+            "order.needs_attention",
+            "order.compensated"
+        ]
+    );
     let note = "resolved by hand by ops@example.com: released 1 BOOK in the warehouse system";
     assert!(
         resolved

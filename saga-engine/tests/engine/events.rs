@@ -16,6 +16,7 @@ on_both_stores!(
     a_sagas_sequence_goes_on_after_its_events_are_pruned,
     sagas_committed_together_each_number_their_own_events_in_order,
     a_completion_refused_for_a_cancel_writes_no_event_and_takes_no_number,
+    a_saga_reopened_by_an_operator_announces_each_end_it_reaches,
 );
 
 /// A checkpoint that only announces the events of `keys` (and completes
@@ -252,5 +253,110 @@ async fn commit_all(writer: &LogWriter, checkpoints: &[Checkpoint]) {
         futures::future::join_all(checkpoints.iter().map(|c| writer.commit(c.clone()))).await
     {
         written.unwrap();
+    }
+}
+
+/// A saga that rests NEEDS_ATTENTION and is reopened by an operator
+/// announces the end it reaches then, and again each time it comes to rest:
+/// consumers hear every end, each under an ID of its own.
+async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: Backend) {
+    use std::{sync::Arc, time::Duration};
+
+    use crate::scripted::{self, Cue, World};
+    use saga_engine::{Reopen, ReopenOutcome};
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(Duration::from_millis(60)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = Uuid::new_v4();
+    // c is refused; undoing b keeps failing, past the attention budget.
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| {
+            w.cue(saga, "c", &[Cue::Refuse]);
+            w.cue_compensation(saga, "b", &[Cue::Fail; 10_000]);
+        },
+        &world,
+    )
+    .await;
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::NeedsAttention
+    );
+    let types = || async {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT sequence, event_type FROM outbox WHERE aggregate_id = $1 ORDER BY sequence",
+        )
+        .bind(saga.to_string())
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(types().await, ["test.started", "test.needs_attention"]);
+
+    // Retried while undoing b still fails: it comes to rest again.
+    let reopen = |request_id: &str| Reopen {
+        saga_id: saga,
+        request_id: request_id.into(),
+        resolved_by_hand: None,
+    };
+    assert_eq!(
+        engine.reopen(reopen("retry-1")).await.unwrap(),
+        ReopenOutcome::Reopened
+    );
+    let rests_again = until_events(&types, 3).await;
+    assert_eq!(
+        rests_again,
+        [
+            "test.started",
+            "test.needs_attention",
+            "test.needs_attention"
+        ]
+    );
+
+    // The cause fixed, retried again: b and a are undone.
+    world.clear_compensation_cues(saga, "b");
+    assert_eq!(
+        engine.reopen(reopen("retry-2")).await.unwrap(),
+        ReopenOutcome::Reopened
+    );
+    let ended = until_events(&types, 4).await;
+    assert_eq!(
+        ended,
+        [
+            "test.started",
+            "test.needs_attention",
+            "test.needs_attention",
+            "test.compensated"
+        ]
+    );
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::Compensated
+    );
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
+}
+
+/// The outbox's event types once it holds `count` (or after 30 s).
+async fn until_events<F, Fut>(types: &F, count: usize) -> Vec<String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let seen = types().await;
+        if seen.len() >= count || tokio::time::Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

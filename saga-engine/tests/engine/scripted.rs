@@ -103,6 +103,12 @@ impl World {
             .extend(cues);
     }
 
+    /// Drops the compensation cues of `step` of `saga` not yet used: its
+    /// next attempts succeed (the cause of a stuck compensation was fixed).
+    pub fn clear_compensation_cues(&self, saga: Uuid, step: &'static str) {
+        self.compensation.lock().unwrap().remove(&(saga, step));
+    }
+
     /// Steps of `saga` whose effect is in place.
     pub fn net_effects(&self, saga: Uuid) -> Vec<&'static str> {
         let ledger = self.ledger.lock().unwrap();
