@@ -53,12 +53,15 @@ fn positions() -> Vec<Position> {
             if next_step < 0 && cursor_step_done {
                 continue;
             }
-            all.push(Position {
-                status: SagaStatus::Compensating,
-                next_step,
-                cancel_requested: false,
-                cursor_step_done,
-            });
+            // Compensating after a cancel accepted while it ran, or not.
+            for cancel_requested in [false, true] {
+                all.push(Position {
+                    status: SagaStatus::Compensating,
+                    next_step,
+                    cancel_requested,
+                    cursor_step_done,
+                });
+            }
         }
     }
     all
@@ -113,6 +116,9 @@ fn expected(position: Position) -> SagaStatus {
     match position.status {
         SagaStatus::Running if position.cancel_requested => SagaStatus::Cancelled,
         SagaStatus::Running => SagaStatus::Completed,
+        // An accepted cancel ends it CANCELLED, whatever was left to undo
+        // (the last undo commits with that end).
+        _ if position.cancel_requested => SagaStatus::Cancelled,
         // Nothing was left to undo and no compensation record was found.
         _ if position.next_step < 0 => SagaStatus::Failed,
         _ => SagaStatus::Compensated,
