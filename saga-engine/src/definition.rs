@@ -118,17 +118,22 @@ impl Milestone<'_> {
     /// `epoch` is the one the saga is held at when the milestone is reached.
     /// A saga ends once per epoch: an operator's reopen of a saga that rests
     /// NEEDS_ATTENTION moves it to a new epoch, and its next end (COMPENSATED,
-    /// or NEEDS_ATTENTION again) is a new milestone, with an event of its own.
-    /// With one key for every end, that event was taken for the first one
-    /// written again and dropped: consumers never heard how the saga ended.
-    /// The first epoch keeps the plain key, so an end reached there has the ID
-    /// it always had.
+    /// or NEEDS_ATTENTION again) is a new milestone, with an event of its own;
+    /// so is a compensation stuck again. With one key for each kind, such an
+    /// event was taken for the first one written again and dropped: consumers
+    /// never heard how the saga ended. (A replica that takes a saga over also
+    /// moves it to a new epoch, so its driver warns of a stuck compensation
+    /// once more.) The first epoch keeps the plain keys, so what is reached
+    /// there has the ID it always had.
     pub fn key(&self, epoch: i64) -> String {
-        match self {
-            Milestone::Started => "started".into(),
-            Milestone::Finished { .. } if epoch == crate::log::FIRST_EPOCH => "finished".into(),
-            Milestone::Finished { .. } => format!("finished@{epoch}"),
+        let key = match self {
+            Milestone::Started => return "started".into(),
+            Milestone::Finished { .. } => "finished".to_owned(),
             Milestone::CompensationStuck { step, .. } => format!("compensation_stuck:{step}"),
+        };
+        match epoch {
+            crate::log::FIRST_EPOCH => key,
+            later => format!("{key}@{later}"),
         }
     }
 }
@@ -176,5 +181,32 @@ impl<D> SagaDefinition<D> {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys at the first epoch are the ones every earlier build wrote (event
+    /// IDs derive from them); a later epoch's differ from every other.
+    #[test]
+    fn a_milestone_at_a_later_epoch_has_a_key_of_its_own() {
+        let end = Milestone::Finished {
+            status: SagaStatus::NeedsAttention,
+            failure_reason: "",
+        };
+        let stuck = Milestone::CompensationStuck {
+            step: "a",
+            attempts: 3,
+            last_error: "",
+        };
+        assert_eq!(Milestone::Started.key(1), "started");
+        assert_eq!(Milestone::Started.key(7), "started", "a saga starts once");
+        assert_eq!(end.key(1), "finished");
+        assert_eq!(stuck.key(1), "compensation_stuck:a");
+        assert_eq!(end.key(2), "finished@2");
+        assert_eq!(stuck.key(3), "compensation_stuck:a@3");
+        assert_ne!(end.key(2), end.key(3));
     }
 }

@@ -257,8 +257,9 @@ async fn commit_all(writer: &LogWriter, checkpoints: &[Checkpoint]) {
 }
 
 /// A saga that rests NEEDS_ATTENTION and is reopened by an operator
-/// announces the end it reaches then, and again each time it comes to rest:
-/// consumers hear every end, each under an ID of its own.
+/// announces the end it reaches then, and again each time it comes to rest,
+/// and a compensation stuck again: consumers hear every end and every
+/// warning, each under an ID of its own.
 async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: Backend) {
     use std::{sync::Arc, time::Duration};
 
@@ -268,6 +269,7 @@ async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: B
     let store = store::fresh(backend).await;
     let world = Arc::new(World::default());
     let policy = saga_engine::RetryPolicy {
+        compensation_stuck_after: Duration::from_millis(20),
         compensation_attention_after: Some(Duration::from_millis(60)),
         ..scripted::policy()
     };
@@ -300,7 +302,14 @@ async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: B
         .map(|(_, t)| t)
         .collect::<Vec<_>>()
     };
-    assert_eq!(types().await, ["test.started", "test.needs_attention"]);
+    assert_eq!(
+        types().await,
+        [
+            "test.started",
+            "test.compensation_stuck",
+            "test.needs_attention"
+        ]
+    );
 
     // Retried while undoing b still fails: it comes to rest again.
     let reopen = |request_id: &str| Reopen {
@@ -312,12 +321,14 @@ async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: B
         engine.reopen(reopen("retry-1")).await.unwrap(),
         ReopenOutcome::Reopened
     );
-    let rests_again = until_events(&types, 3).await;
+    let rests_again = until_events(&types, 5).await;
     assert_eq!(
         rests_again,
         [
             "test.started",
+            "test.compensation_stuck",
             "test.needs_attention",
+            "test.compensation_stuck",
             "test.needs_attention"
         ]
     );
@@ -328,12 +339,14 @@ async fn a_saga_reopened_by_an_operator_announces_each_end_it_reaches(backend: B
         engine.reopen(reopen("retry-2")).await.unwrap(),
         ReopenOutcome::Reopened
     );
-    let ended = until_events(&types, 4).await;
+    let ended = until_events(&types, 6).await;
     assert_eq!(
         ended,
         [
             "test.started",
+            "test.compensation_stuck",
             "test.needs_attention",
+            "test.compensation_stuck",
             "test.needs_attention",
             "test.compensated"
         ]
