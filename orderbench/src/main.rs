@@ -5,7 +5,7 @@ use orderbench::{
     BenchConfig, check,
     cpu::{self, Target},
     echo, overload,
-    report::{Ceiling, Report},
+    report::{Ceiling, EchoPair, Report},
     run, setup,
 };
 
@@ -67,8 +67,8 @@ struct Args {
     #[arg(long, default_value = "http://127.0.0.1:50053")]
     shipping_addr: String,
 
-    /// Calls of the RPC ceiling measured before the run, at the run's
-    /// concurrency (a quarter of them at C=1); 0 skips it.
+    /// Calls of the RPC ceiling measured before the run and again after it,
+    /// at the run's concurrency (a quarter of them at C=1); 0 skips it.
     #[arg(long, default_value_t = 20_000)]
     echo_calls: u64,
 
@@ -216,12 +216,16 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let ceiling = if args.echo_calls > 0 {
-        let c1 = echo::ceiling((args.echo_calls / 4).max(1_000), 1).await?;
-        let at_c = echo::ceiling(args.echo_calls, config.concurrency).await?;
-        Some((c1, at_c))
-    } else {
-        None
+    // The ceiling is measured before the run and again after it.
+    let echo_pair = || async {
+        anyhow::Ok(EchoPair {
+            c1: echo::ceiling((args.echo_calls / 4).max(1_000), 1).await?,
+            at_c: echo::ceiling(args.echo_calls, config.concurrency).await?,
+        })
+    };
+    let ceiling_before = match args.echo_calls {
+        0 => None,
+        _ => Some(echo_pair().await?),
     };
     let world = setup::prepare(&config).await?;
     let targets = cpu_targets(&args);
@@ -234,8 +238,14 @@ async fn main() -> anyhow::Result<()> {
     report.cpu_ms_per_saga = cpu::per_unit(&cpu_before, &cpu_after, finished as f64);
     report.cpu_ms_per_saga_by_thread =
         cpu::per_unit_by_thread(&cpu_before, &cpu_after, finished as f64);
-    if let Some((c1, at_c)) = &ceiling {
-        report.ceiling = Some(Ceiling::new(c1, at_c, report.sagas_per_s, report.p50_ms));
+    if let Some(before) = &ceiling_before {
+        let after = echo_pair().await?;
+        report.ceiling = Some(Ceiling::new(
+            before,
+            &after,
+            report.sagas_per_s,
+            report.p50_ms,
+        ));
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

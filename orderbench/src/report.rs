@@ -11,23 +11,42 @@ use crate::{BenchConfig, check::Verdict, echo::EchoReport, run::LoadResult};
 /// absolute figures vary threefold from day to day on shared machines).
 #[derive(Debug, Serialize)]
 pub struct Ceiling {
-    /// Echo p50 at C=1.
+    /// Echo p50 at C=1: the mean of the measurements before and after the run.
     pub echo_p50_ms_c1: f64,
-    /// Echo calls/s at the run's concurrency.
+    /// Echo calls/s at the run's concurrency: the mean of the two.
     pub echo_calls_per_s: f64,
+    /// Each measurement apart, before the run and after it: how far this
+    /// machine's speed moved while the run went on.
+    pub echo_p50_ms_c1_before_after: [f64; 2],
+    pub echo_calls_per_s_before_after: [f64; 2],
     /// Echo calls/s ÷ sagas/s (goal: ≤ 16, aim ≤ 8).
     pub throughput_ratio: f64,
     /// Saga p50 ÷ echo p50 at C=1 (goal at C=1: ≤ 15).
     pub latency_ratio: f64,
 }
 
+/// The echo ceiling at C=1 and at the run's concurrency, measured once.
+pub struct EchoPair {
+    pub c1: EchoReport,
+    pub at_c: EchoReport,
+}
+
 impl Ceiling {
-    pub fn new(c1: &EchoReport, at_c: &EchoReport, sagas_per_s: f64, p50_ms: f64) -> Ceiling {
+    /// The ratios to the mean of the ceilings measured `before` and `after`
+    /// the run: on a machine whose speed drifts by a third within minutes,
+    /// one measurement before a long run can be far from the run's own.
+    pub fn new(before: &EchoPair, after: &EchoPair, sagas_per_s: f64, p50_ms: f64) -> Ceiling {
+        let p50 = [before.c1.p50_ms, after.c1.p50_ms];
+        let calls = [before.at_c.calls_per_s, after.at_c.calls_per_s];
+        let echo_p50_ms_c1 = (p50[0] + p50[1]) / 2.0;
+        let echo_calls_per_s = (calls[0] + calls[1]) / 2.0;
         Ceiling {
-            echo_p50_ms_c1: c1.p50_ms,
-            echo_calls_per_s: at_c.calls_per_s,
-            throughput_ratio: at_c.calls_per_s / sagas_per_s.max(f64::MIN_POSITIVE),
-            latency_ratio: p50_ms / c1.p50_ms.max(f64::MIN_POSITIVE),
+            echo_p50_ms_c1,
+            echo_calls_per_s,
+            echo_p50_ms_c1_before_after: p50,
+            echo_calls_per_s_before_after: calls,
+            throughput_ratio: echo_calls_per_s / sagas_per_s.max(f64::MIN_POSITIVE),
+            latency_ratio: p50_ms / echo_p50_ms_c1.max(f64::MIN_POSITIVE),
         }
     }
 }
@@ -137,8 +156,11 @@ impl Report {
             println!("errors      {}", errors.join("  "));
         }
         if let Some(c) = &self.ceiling {
+            let [p50_before, p50_after] = c.echo_p50_ms_c1_before_after;
+            let [calls_before, calls_after] = c.echo_calls_per_s_before_after;
             println!(
-                "ceiling     echo p50 at C=1 {:.3} ms; echo at C={} {:.0} calls/s",
+                "ceiling     echo p50 at C=1 {:.3} ms ({p50_before:.3} before the run, {p50_after:.3} after); \
+                 echo at C={} {:.0} calls/s ({calls_before:.0} before, {calls_after:.0} after)",
                 c.echo_p50_ms_c1, self.concurrency, c.echo_calls_per_s
             );
             println!(
@@ -160,5 +182,41 @@ impl Report {
         for failure in &self.failures {
             println!("  - {failure}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn echo(concurrency: usize, calls_per_s: f64, p50_ms: f64) -> EchoReport {
+        EchoReport {
+            calls: 1_000,
+            concurrency,
+            calls_per_s,
+            p50_ms,
+            p99_ms: p50_ms * 2.0,
+        }
+    }
+
+    /// The ratios are to the mean of the ceiling before and after the run,
+    /// and both measurements are kept.
+    #[test]
+    fn the_ratios_are_to_the_ceilings_mean_before_and_after_the_run() {
+        let before = EchoPair {
+            c1: echo(1, 9_000.0, 0.1),
+            at_c: echo(64, 20_000.0, 1.0),
+        };
+        let after = EchoPair {
+            c1: echo(1, 3_000.0, 0.3),
+            at_c: echo(64, 10_000.0, 3.0),
+        };
+        let ceiling = Ceiling::new(&before, &after, 1_000.0, 3.0);
+        assert_eq!(ceiling.echo_p50_ms_c1_before_after, [0.1, 0.3]);
+        assert_eq!(ceiling.echo_calls_per_s_before_after, [20_000.0, 10_000.0]);
+        assert!((ceiling.echo_p50_ms_c1 - 0.2).abs() < 1e-9);
+        assert!((ceiling.echo_calls_per_s - 15_000.0).abs() < 1e-9);
+        assert!((ceiling.throughput_ratio - 15.0).abs() < 1e-9);
+        assert!((ceiling.latency_ratio - 15.0).abs() < 1e-9);
     }
 }
