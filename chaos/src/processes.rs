@@ -15,11 +15,34 @@ use tokio::{
     time::Instant,
 };
 
-/// A free loopback port (bound, then released).
+/// Where [`free_port`] picks from: below Linux's ephemeral range
+/// (32768-60999 by default), whose ports the kernel hands to client sockets.
+/// A port taken from that range (bind to port 0, then release) can be given
+/// to another test's client socket before the process that was to listen on
+/// it binds it: seen in CI, an orchestrator whose METRICS_PORT was taken so
+/// could not start.
+const PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// The next candidate in [`PORTS`], as an offset; `u32::MAX` until seeded.
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// A free loopback port for a process to listen on: outside the kernel's
+/// ephemeral range, checked free by binding it, and handed out once per
+/// test process (each process starts at its own place in the range, so two
+/// at once rarely meet).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::Ordering::Relaxed;
+    let span = u32::from(PORTS.end - PORTS.start);
+    let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+    let _ = NEXT_PORT.compare_exchange(u32::MAX, seed, Relaxed, Relaxed);
+    for _ in 0..span {
+        let offset = NEXT_PORT.fetch_add(1, Relaxed) % span;
+        let port = PORTS.start + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {PORTS:?}")
 }
 
 /// Where the service binaries are.
@@ -193,4 +216,26 @@ pub fn signal(pid: u32, signal: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No port handed out lies in the kernel's ephemeral range (where a
+    /// client socket may take it before its process binds it), and none is
+    /// handed out twice.
+    #[test]
+    fn free_ports_lie_outside_the_ephemeral_range_and_are_handed_out_once() {
+        let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..500).map(|_| free_port().unwrap()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for port in &ports {
+            assert!(*port < ephemeral_from, "{port} is an ephemeral port");
+            assert!(seen.insert(*port), "{port} handed out twice");
+        }
+    }
 }

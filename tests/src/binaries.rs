@@ -1,9 +1,8 @@
 //! Helpers for tests that run services as real processes.
 
-/// A free loopback port (bound then released), for a process that needs a fixed one.
+/// A free loopback port, for a process that needs a fixed one: outside the
+/// kernel's ephemeral range and never handed out twice (see
+/// `chaos::processes::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    chaos::processes::free_port().expect("free port")
 }
