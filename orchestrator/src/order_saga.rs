@@ -7,6 +7,9 @@
 //! | 1 | `prepare_shipment` | `ShippingService/PrepareShipment` | `ShippingService/CancelShipment` |
 //! | 2 | `charge_payment` (pivot) | `PaymentService/Charge` | `PaymentService/Refund` |
 //!
+//! The forward calls go in batches with the other sagas' (`downstream::batch`),
+//! each still answered as its own call.
+//!
 //! Adding a step means one more `Step` impl and one more line in [`definition`].
 
 use std::sync::Arc;
@@ -25,7 +28,9 @@ use uuid::Uuid;
 use saga_engine::{Announcement, Call, Milestone, SagaDefinition, SagaStatus, Step};
 
 use crate::{
-    downstream::{Downstream, Lane, PaymentClient, ShippingClient, StockClient},
+    downstream::{
+        Batcher, Downstream, Lane, PaymentClient, ShippingClient, StockClient, batch_methods,
+    },
     orders::pricing::Catalogue,
 };
 
@@ -74,11 +79,18 @@ pub fn definition(downstream: Downstream, catalogue: Arc<Catalogue>) -> SagaDefi
         kind: KIND,
         steps: vec![
             Arc::new(ReserveStock {
+                reserve: downstream.reserve_stock,
                 stock: downstream.stock,
                 catalogue,
             }),
-            Arc::new(PrepareShipment(downstream.shipping)),
-            Arc::new(ChargePayment(downstream.payment)),
+            Arc::new(PrepareShipment {
+                prepare: downstream.prepare_shipment,
+                shipping: downstream.shipping,
+            }),
+            Arc::new(ChargePayment {
+                charge: downstream.charge,
+                payment: downstream.payment,
+            }),
         ],
         // Once the charge has begun, the order can no longer be cancelled.
         pivot: Some(CHARGE_PAYMENT),
@@ -161,6 +173,9 @@ fn saga_span(order_id: Uuid) -> tracing::Span {
 }
 
 struct ReserveStock {
+    /// The reservations, batched.
+    reserve: Batcher<batch_methods::ReserveStock>,
+    /// The releases, one by one.
     stock: Lane<StockClient>,
     catalogue: Arc<Catalogue>,
 }
@@ -189,13 +204,7 @@ impl Step<OrderData> for ReserveStock {
             order_id: order.order_id.to_string(),
             lines,
         };
-        let reply = match self
-            .stock
-            .call(message, call.timeout, |mut c, r| async move {
-                c.reserve_stock(r).await
-            })
-            .await
-        {
+        let reply = match self.reserve.call(message, call.timeout).await {
             Ok(reply) => reply,
             Err(status) => {
                 if status.code() == Code::FailedPrecondition {
@@ -229,7 +238,12 @@ impl Step<OrderData> for ReserveStock {
     }
 }
 
-struct PrepareShipment(Lane<ShippingClient>);
+struct PrepareShipment {
+    /// The preparations, batched.
+    prepare: Batcher<batch_methods::PrepareShipment>,
+    /// The cancellations, one by one.
+    shipping: Lane<ShippingClient>,
+}
 
 #[async_trait]
 impl Step<OrderData> for PrepareShipment {
@@ -252,12 +266,7 @@ impl Step<OrderData> for PrepareShipment {
             service_level: ServiceLevel::Standard as i32,
             item_count: order.items.iter().map(|i| i.quantity).sum(),
         };
-        let reply = self
-            .0
-            .call(message, call.timeout, |mut c, r| async move {
-                c.prepare_shipment(r).await
-            })
-            .await?;
+        let reply = self.prepare.call(message, call.timeout).await?;
         let tracking = reply.shipment.map(|s| s.tracking_id).unwrap_or_default();
         Ok(format!("tracking {tracking}"))
     }
@@ -268,7 +277,7 @@ impl Step<OrderData> for PrepareShipment {
             order_id: order.order_id.to_string(),
         };
         let reply = self
-            .0
+            .shipping
             .call(message, call.timeout, |mut c, r| async move {
                 c.cancel_shipment(r).await
             })
@@ -282,7 +291,12 @@ impl Step<OrderData> for PrepareShipment {
     }
 }
 
-struct ChargePayment(Lane<PaymentClient>);
+struct ChargePayment {
+    /// The charges, batched.
+    charge: Batcher<batch_methods::Charge>,
+    /// The refunds, one by one.
+    payment: Lane<PaymentClient>,
+}
 
 #[async_trait]
 impl Step<OrderData> for ChargePayment {
@@ -298,12 +312,7 @@ impl Step<OrderData> for ChargePayment {
             amount_cents: order.total_cents,
             currency: order.currency.clone(),
         };
-        let reply = self
-            .0
-            .call(message, call.timeout, |mut c, r| async move {
-                c.charge(r).await
-            })
-            .await?;
+        let reply = self.charge.call(message, call.timeout).await?;
         Ok(format!("payment {}", reply.payment_id))
     }
 
@@ -313,7 +322,7 @@ impl Step<OrderData> for ChargePayment {
             order_id: order.order_id.to_string(),
         };
         let reply = self
-            .0
+            .payment
             .call(message, call.timeout, |mut c, r| async move {
                 c.refund(r).await
             })

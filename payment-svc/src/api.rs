@@ -4,12 +4,13 @@
 //! nothing is written), then runs its mutation once per `request_id`.
 
 use ordersaga_proto::payment::v1::{
-    ChargeRequest, ChargeResponse, DepositRequest, DepositResponse, GetAccountRequest,
-    GetAccountResponse, GetPaymentRequest, GetPaymentResponse, RefundRequest, RefundResponse,
+    ChargeBatchRequest, ChargeBatchResponse, ChargeBatchResult, ChargeRequest, ChargeResponse,
+    DepositRequest, DepositResponse, GetAccountRequest, GetAccountResponse, GetPaymentRequest,
+    GetPaymentResponse, RefundRequest, RefundResponse, charge_batch_result,
     payment_service_server::PaymentService,
 };
 use svc_kit::{
-    Error,
+    Error, batch,
     idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
@@ -31,14 +32,10 @@ impl PaymentApi {
     }
 }
 
-#[tonic::async_trait]
-impl PaymentService for PaymentApi {
-    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
-    async fn charge(
-        &self,
-        request: Request<ChargeRequest>,
-    ) -> Result<Response<ChargeResponse>, Status> {
-        let req = request.into_inner();
+impl PaymentApi {
+    /// One Charge, alone or as an item of a batch.
+    #[tracing::instrument(name = "charge", skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
+    async fn charge_one(&self, req: ChargeRequest) -> Result<ChargeResponse, Status> {
         let new = validate_charge(&req)?;
         // Only now, valid, do the fields go into the span.
         svc_kit::propagation::record_fields(&[
@@ -57,7 +54,48 @@ impl PaymentService for PaymentApi {
             move |conn| Ok(charges::charge_sqlite(conn, sqlite_new)?),
         )
         .await?;
-        Ok(Response::new(reply))
+        Ok(reply)
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentService for PaymentApi {
+    async fn charge(
+        &self,
+        request: Request<ChargeRequest>,
+    ) -> Result<Response<ChargeResponse>, Status> {
+        self.charge_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn charge_batch(
+        &self,
+        request: Request<ChargeBatchRequest>,
+    ) -> Result<Response<ChargeBatchResponse>, Status> {
+        let (_, extensions, batch) = request.into_parts();
+        let items = batch.items.into_iter().map(|item| batch::Item {
+            request: item.request,
+            traceparent: item.traceparent,
+            tracestate: item.tracestate,
+        });
+        let results = batch::run(
+            &extensions,
+            "payment.v1.PaymentService/Charge",
+            items.collect(),
+            |req| self.charge_one(req),
+        )
+        .await?;
+        let results = results
+            .into_iter()
+            .map(|result| ChargeBatchResult {
+                outcome: Some(match result {
+                    Ok(reply) => charge_batch_result::Outcome::Reply(reply),
+                    Err(status) => charge_batch_result::Outcome::Error((&status).into()),
+                }),
+            })
+            .collect();
+        Ok(Response::new(ChargeBatchResponse { results }))
     }
 
     #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]

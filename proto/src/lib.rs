@@ -42,6 +42,7 @@ pub mod payment {
 /// The messages' timestamp type: prost's, with the proto3 JSON mapping.
 pub use pbjson_types::Timestamp;
 
+pub mod batch;
 pub mod client;
 pub mod codec;
 pub mod errors;

@@ -7,11 +7,12 @@ use std::collections::BTreeSet;
 
 use ordersaga_proto::shipping::v1::{
     CancelShipmentRequest, CancelShipmentResponse, GetShipmentRequest, GetShipmentResponse,
-    PrepareShipmentRequest, PrepareShipmentResponse, ServiceLevel,
+    PrepareShipmentBatchRequest, PrepareShipmentBatchResponse, PrepareShipmentBatchResult,
+    PrepareShipmentRequest, PrepareShipmentResponse, ServiceLevel, prepare_shipment_batch_result,
     shipping_service_server::ShippingService,
 };
 use svc_kit::{
-    Error,
+    Error, batch,
     idempotency::{Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
@@ -37,14 +38,13 @@ impl ShippingApi {
     }
 }
 
-#[tonic::async_trait]
-impl ShippingService for ShippingApi {
-    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
-    async fn prepare_shipment(
+impl ShippingApi {
+    /// One PrepareShipment, alone or as an item of a batch.
+    #[tracing::instrument(name = "prepare_shipment", skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
+    async fn prepare(
         &self,
-        request: Request<PrepareShipmentRequest>,
-    ) -> Result<Response<PrepareShipmentResponse>, Status> {
-        let req = request.into_inner();
+        req: PrepareShipmentRequest,
+    ) -> Result<PrepareShipmentResponse, Status> {
         let new = validate_prepare(&req)?;
         // Only now, valid, do the fields go into the span.
         svc_kit::propagation::record_fields(&[
@@ -91,7 +91,46 @@ impl ShippingService for ShippingApi {
             },
         )
         .await?;
-        Ok(Response::new(reply))
+        Ok(reply)
+    }
+}
+
+#[tonic::async_trait]
+impl ShippingService for ShippingApi {
+    async fn prepare_shipment(
+        &self,
+        request: Request<PrepareShipmentRequest>,
+    ) -> Result<Response<PrepareShipmentResponse>, Status> {
+        self.prepare(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn prepare_shipment_batch(
+        &self,
+        request: Request<PrepareShipmentBatchRequest>,
+    ) -> Result<Response<PrepareShipmentBatchResponse>, Status> {
+        let (_, extensions, batch) = request.into_parts();
+        let items = batch.items.into_iter().map(|item| batch::Item {
+            request: item.request,
+            traceparent: item.traceparent,
+            tracestate: item.tracestate,
+        });
+        let results = batch::run(
+            &extensions,
+            "shipping.v1.ShippingService/PrepareShipment",
+            items.collect(),
+            |req| self.prepare(req),
+        )
+        .await?;
+        let results = results
+            .into_iter()
+            .map(|result| PrepareShipmentBatchResult {
+                outcome: Some(match result {
+                    Ok(reply) => prepare_shipment_batch_result::Outcome::Reply(reply),
+                    Err(status) => prepare_shipment_batch_result::Outcome::Error((&status).into()),
+                }),
+            })
+            .collect();
+        Ok(Response::new(PrepareShipmentBatchResponse { results }))
     }
 
     #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]

@@ -8,11 +8,12 @@ use std::collections::HashSet;
 use ordersaga_proto::stock::v1::{
     GetProductRequest, GetProductResponse, GetReservationRequest, GetReservationResponse,
     ListProductsRequest, ListProductsResponse, OrderLine, ReleaseStockRequest,
-    ReleaseStockResponse, ReserveStockRequest, ReserveStockResponse, RestockRequest,
-    RestockResponse, stock_service_server::StockService,
+    ReleaseStockResponse, ReserveStockBatchRequest, ReserveStockBatchResponse,
+    ReserveStockBatchResult, ReserveStockRequest, ReserveStockResponse, RestockRequest,
+    RestockResponse, reserve_stock_batch_result, stock_service_server::StockService,
 };
 use svc_kit::{
-    Error,
+    Error, batch,
     idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
     store::Store,
     validate,
@@ -37,14 +38,10 @@ impl StockApi {
     }
 }
 
-#[tonic::async_trait]
-impl StockService for StockApi {
-    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
-    async fn reserve_stock(
-        &self,
-        request: Request<ReserveStockRequest>,
-    ) -> Result<Response<ReserveStockResponse>, Status> {
-        let req = request.into_inner();
+impl StockApi {
+    /// One ReserveStock, alone or as an item of a batch.
+    #[tracing::instrument(name = "reserve_stock", skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]
+    async fn reserve(&self, req: ReserveStockRequest) -> Result<ReserveStockResponse, Status> {
         let lines = validate_reserve(&req)?;
         // Only now, valid, do the fields go into the span.
         svc_kit::propagation::record_fields(&[
@@ -79,7 +76,46 @@ impl StockService for StockApi {
             move |conn| Ok(reservations::reserve_sqlite(conn, &order_id, sqlite_lines)?),
         )
         .await?;
-        Ok(Response::new(reply))
+        Ok(reply)
+    }
+}
+
+#[tonic::async_trait]
+impl StockService for StockApi {
+    async fn reserve_stock(
+        &self,
+        request: Request<ReserveStockRequest>,
+    ) -> Result<Response<ReserveStockResponse>, Status> {
+        self.reserve(request.into_inner()).await.map(Response::new)
+    }
+
+    async fn reserve_stock_batch(
+        &self,
+        request: Request<ReserveStockBatchRequest>,
+    ) -> Result<Response<ReserveStockBatchResponse>, Status> {
+        let (_, extensions, batch) = request.into_parts();
+        let items = batch.items.into_iter().map(|item| batch::Item {
+            request: item.request,
+            traceparent: item.traceparent,
+            tracestate: item.tracestate,
+        });
+        let results = batch::run(
+            &extensions,
+            "stock.v1.StockService/ReserveStock",
+            items.collect(),
+            |req| self.reserve(req),
+        )
+        .await?;
+        let results = results
+            .into_iter()
+            .map(|result| ReserveStockBatchResult {
+                outcome: Some(match result {
+                    Ok(reply) => reserve_stock_batch_result::Outcome::Reply(reply),
+                    Err(status) => reserve_stock_batch_result::Outcome::Error((&status).into()),
+                }),
+            })
+            .collect();
+        Ok(Response::new(ReserveStockBatchResponse { results }))
     }
 
     #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, request_id = tracing::field::Empty))]

@@ -7,7 +7,9 @@
 //! - add latency before each call.
 //!
 //! It is a tower layer on the whole server, so handlers know nothing of it.
-//! Health and reflection (`/grpc.*`) are never faulted.
+//! Health and reflection (`/grpc.*`) are never faulted. A batch call
+//! (`crate::batch`) takes the latency once, and the two rates per item: each
+//! item is a call, and its neighbours fare as theirs would.
 
 use std::{
     pin::Pin,
@@ -43,6 +45,31 @@ impl FaultSettings {
         self.fault_unavailable_rate > 0.0
             || self.fault_drop_reply_rate > 0.0
             || self.fault_latency_ms > 0
+    }
+}
+
+impl FaultSettings {
+    /// `work` (one batch item of `method`) under the two rates: failed before
+    /// it runs, or run with its reply dropped.
+    pub(crate) async fn around_item<R>(
+        &self,
+        method: &str,
+        work: impl Future<Output = Result<R, Status>>,
+    ) -> Result<R, Status> {
+        if rand::rng().random_bool(self.fault_unavailable_rate) {
+            tracing::debug!(method, "fault injected: failing batch item before work");
+            return Err(Status::unavailable(
+                "injected fault: call failed before any work",
+            ));
+        }
+        let result = work.await;
+        if rand::rng().random_bool(self.fault_drop_reply_rate) {
+            tracing::debug!(method, "fault injected: batch item done, reply dropped");
+            return Err(Status::unavailable(
+                "injected fault: work done but reply dropped",
+            ));
+        }
+        result
     }
 }
 
@@ -93,18 +120,29 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         // The clone is not ready; keep the ready one for this call (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let settings = self.settings.clone();
         let exempt = request.uri().path().starts_with("/grpc.");
+        let batch = crate::methods::is_batch(request.uri().path());
+        if batch && settings.is_active() {
+            request
+                .extensions_mut()
+                .get_or_insert_default::<crate::batch::ItemHooks>()
+                .faults = Some(settings.clone());
+        }
         Box::pin(async move {
             if exempt || !settings.is_active() {
                 return inner.call(request).await;
             }
             if settings.fault_latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(settings.fault_latency_ms)).await;
+            }
+            if batch {
+                // Its items take the rates one by one (`crate::batch`).
+                return inner.call(request).await;
             }
             if rand::rng().random_bool(settings.fault_unavailable_rate) {
                 tracing::debug!(

@@ -6,6 +6,7 @@
 //! - [`store`]: one SQLite-or-PostgreSQL pool with migrations run at start-up.
 //! - [`durability`]: what a commit waits for (the disk, by default).
 //! - [`batch_writer`]: on a SQLite file, the hot writes in batches on one thread.
+//! - [`batch`]: batch RPCs, each item run and answered as its own call.
 //! - [`idempotency`]: runs a mutating request once per `request_id`, replaying its stored reply.
 //! - [`validate`]: field checks that answer INVALID_ARGUMENT naming the field.
 //! - [`auth`]: the `x-api-key` check on business RPCs.
@@ -15,6 +16,7 @@
 //! - [`telemetry`]: logs and OpenTelemetry traces; [`propagation`]: W3C trace context across calls.
 
 pub mod auth;
+pub mod batch;
 pub mod batch_writer;
 pub mod durability;
 pub mod error;

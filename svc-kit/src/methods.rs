@@ -29,6 +29,12 @@ pub fn label(path: &str) -> &str {
     }
 }
 
+/// Whether `path` is a batch method of the contract (`.../ReserveStockBatch`):
+/// its items get what a call gets (see `crate::batch`).
+pub fn is_batch(path: &str) -> bool {
+    path.ends_with("Batch") && is_known(path)
+}
+
 fn known() -> &'static HashSet<String> {
     static KNOWN: OnceLock<HashSet<String>> = OnceLock::new();
     KNOWN.get_or_init(|| {
@@ -58,6 +64,9 @@ mod tests {
         assert!(is_known("/stock.v1.StockService/ReserveStock"));
         assert!(is_known("/orders.v1.OrderService/CreateOrder"));
         assert!(is_known("/payment.v1.PaymentService/Refund"));
+        assert!(is_batch("/stock.v1.StockService/ReserveStockBatch"));
+        assert!(!is_batch("/stock.v1.StockService/ReserveStock"));
+        assert!(!is_batch("/stock.v1.StockService/NopeBatch"));
         assert!(!is_known("/stock.v1.StockService/Nope"));
         assert!(!is_known("/x"));
         assert_eq!(

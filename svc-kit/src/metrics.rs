@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -124,9 +124,26 @@ struct MethodCodeLabels {
     code: String,
 }
 
-struct GrpcMetrics {
+pub(crate) struct GrpcMetrics {
     handled: Family<MethodCodeLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+}
+
+impl GrpcMetrics {
+    /// One call (or batch item) of `method` answered with `code` after `elapsed`.
+    pub(crate) fn record(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.latency
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.handled
+            .get_or_create(&MethodCodeLabels {
+                method: method.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
 }
 
 /// Records latency and status code of every business call.
@@ -169,7 +186,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
@@ -178,6 +195,13 @@ where
         let path = request.uri().path();
         let health = path.starts_with("/grpc.");
         let method = crate::methods::label(path).to_owned();
+        if crate::methods::is_batch(path) {
+            // Each item is counted under its own method, as its call would be.
+            request
+                .extensions_mut()
+                .get_or_insert_default::<crate::batch::ItemHooks>()
+                .metrics = Some(metrics.clone());
+        }
         Box::pin(async move {
             let started = Instant::now();
             let response = inner.call(request).await?;
@@ -189,18 +213,9 @@ where
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
-                    .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
-                    .unwrap_or_else(|| "Ok".to_owned());
-                metrics
-                    .latency
-                    .get_or_create(&MethodLabels {
-                        method: method.clone(),
-                    })
-                    .observe(started.elapsed().as_secs_f64());
-                metrics
-                    .handled
-                    .get_or_create(&MethodCodeLabels { method, code })
-                    .inc();
+                    .map(tonic::Code::from_i32)
+                    .unwrap_or(tonic::Code::Ok);
+                metrics.record(&method, code, started.elapsed());
             }
             Ok(response)
         })

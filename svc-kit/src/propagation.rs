@@ -55,15 +55,36 @@ pub fn trace_id(span: &Span) -> String {
 
 /// The server span of one gRPC call, child of the caller's span when the call
 /// carries a `traceparent`. Health and reflection calls get none, to keep
-/// traces about business.
+/// traces about business; so does a batch call, whose items each get the
+/// span their own call would have ([`item_span`]).
 pub fn server_span(request: &http::Request<()>) -> Span {
     let path = request.uri().path();
     // Health, reflection, and any path that is not a method of the contract
     // (anyone may send those, before any key check): no span.
-    if !crate::methods::is_known(path) {
+    if !crate::methods::is_known(path) || crate::methods::is_batch(path) {
         return Span::none();
     }
-    let method = path.trim_start_matches('/');
+    method_span(
+        path.trim_start_matches('/'),
+        &HeaderExtractor(request.headers()),
+    )
+}
+
+/// The server span of one item of a batch of `method` (the item's own
+/// method, e.g. `stock.v1.StockService/ReserveStock`), child of the item's
+/// trace context: what [`server_span`] gives the item's call when it comes
+/// alone.
+pub fn item_span(method: &'static str, traceparent: &str, tracestate: &str) -> Span {
+    method_span(
+        method,
+        &ItemContext {
+            traceparent,
+            tracestate,
+        },
+    )
+}
+
+fn method_span(method: &str, carrier: &dyn Extractor) -> Span {
     let span = tracing::info_span!(
         "grpc.server",
         otel.name = method,
@@ -72,13 +93,58 @@ pub fn server_span(request: &http::Request<()>) -> Span {
         rpc.method = method,
         trace_id = tracing::field::Empty,
     );
-    let parent =
-        global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let parent = global::get_text_map_propagator(|p| p.extract(carrier));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
     span.record("trace_id", trace_id(&span));
     span
+}
+
+/// A batch item's trace context, as a carrier.
+struct ItemContext<'a> {
+    traceparent: &'a str,
+    tracestate: &'a str,
+}
+
+impl Extractor for ItemContext<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" if !self.traceparent.is_empty() => Some(self.traceparent),
+            "tracestate" if !self.tracestate.is_empty() => Some(self.tracestate),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// The current span's context as W3C `traceparent` and `tracestate` (each
+/// empty when there is none): what a batch item carries in place of its
+/// call's metadata.
+pub fn current_context() -> (String, String) {
+    let cx = Span::current().context();
+    let mut carrier = ContextStrings::default();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    (carrier.traceparent, carrier.tracestate)
+}
+
+#[derive(Default)]
+struct ContextStrings {
+    traceparent: String,
+    tracestate: String,
+}
+
+impl Injector for ContextStrings {
+    fn set(&mut self, key: &str, value: String) {
+        match key {
+            "traceparent" => self.traceparent = value,
+            "tracestate" => self.tracestate = value,
+            _ => {}
+        }
+    }
 }
 
 /// Records request fields on the current span (declared `Empty` in the

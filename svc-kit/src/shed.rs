@@ -12,7 +12,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 #[derive(Clone)]
@@ -28,6 +28,24 @@ impl ShedLayer {
             permits: Arc::new(Semaphore::new(limit)),
             limit,
         }
+    }
+}
+
+impl ShedLayer {
+    /// A slot for one call (or batch item), or the refusal that says the
+    /// server is at its limit.
+    pub(crate) fn try_take(&self) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            crate::error::refusal(
+                tonic::Code::ResourceExhausted,
+                crate::error::DOMAIN,
+                "OVERLOADED",
+                format!(
+                    "the server has {} calls in flight, its limit (MAX_CONCURRENT_CALLS); retry with backoff",
+                    self.limit
+                ),
+            )
+        })
     }
 }
 
@@ -65,25 +83,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         if request.uri().path().starts_with("/grpc.") {
             return Box::pin(inner.call(request));
         }
-        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
-            let limit = self.layer.limit;
-            return Box::pin(async move {
-                Ok(crate::error::refusal(
-                    tonic::Code::ResourceExhausted,
-                    crate::error::DOMAIN,
-                    "OVERLOADED",
-                    format!(
-                        "the server has {limit} calls in flight, its limit (MAX_CONCURRENT_CALLS); retry with backoff"
-                    ),
-                )
-                .into_http())
-            });
+        if crate::methods::is_batch(request.uri().path()) {
+            // The batch's slot is its first item's; its other items take
+            // theirs as they start (see `crate::batch`).
+            request
+                .extensions_mut()
+                .get_or_insert_default::<crate::batch::ItemHooks>()
+                .shed = Some(self.layer.clone());
+        }
+        let permit = match self.layer.try_take() {
+            Ok(permit) => permit,
+            Err(refusal) => return Box::pin(async move { Ok(refusal.into_http()) }),
         };
         Box::pin(async move {
             // Held until the reply's headers: a unary call's whole life.

@@ -41,7 +41,8 @@ async fn a_cancel_then_sigterm_in_a_retry_backoff_compensates_the_step_in_flight
     cancel_then_stop(backend, Stop::Sigterm).await
 }
 
-/// Shipping does the work and loses every reply, so PrepareShipment retries;
+/// Shipping does the work and loses every reply (each a batch of one), so
+/// PrepareShipment retries;
 /// the order is cancelled meanwhile, the orchestrator is stopped, shipping
 /// heals, and the orchestrator restarts. The shipment that was prepared while
 /// its reply was lost must be cancelled, not left PREPARED forever.
@@ -50,7 +51,7 @@ async fn cancel_then_stop(backend: Backend, stop: Stop) {
     let proxy = H2Proxy::start(
         services.shipping.addr,
         Rule::ResetAfterReply {
-            path_suffix: "/PrepareShipment".into(),
+            path_suffix: "/PrepareShipmentBatch".into(),
             reason: Reason::CANCEL,
         },
     )

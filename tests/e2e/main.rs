@@ -25,6 +25,7 @@ macro_rules! on_both_stores {
 mod assertions;
 mod audit;
 mod auth;
+mod batches;
 mod bench;
 mod bins;
 mod cancellation;

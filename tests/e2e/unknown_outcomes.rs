@@ -23,12 +23,12 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn a_charge_whose_stream_is_reset_after_it_committed_is_refunded(backend: Backend) {
     let mut services = DomainServices::start(backend, &Options::default()).await;
-    // Every Charge commits, then its stream is reset with INTERNAL_ERROR, which
+    // Every Charge (a batch of one) commits, then its stream is reset with INTERNAL_ERROR, which
     // tonic reports as INTERNAL: not a "no", an unknown.
     let proxy = H2Proxy::start(
         services.payment.addr,
         Rule::ResetAfterReply {
-            path_suffix: "/Charge".into(),
+            path_suffix: "/ChargeBatch".into(),
             reason: Reason::INTERNAL_ERROR,
         },
     )

@@ -1,9 +1,13 @@
 //! Clients of the domain services: one lazily connected HTTP/2 channel per
 //! service, shared by every saga, each call carrying the orchestrator's API key.
+//! The saga's forward calls go in batches ([`batch`]).
 
+pub mod batch;
+pub mod batch_methods;
 mod deadline_cap;
 mod lane;
 
+pub use batch::Batcher;
 pub use deadline_cap::{DeadlineCap, HeldSlot, MIN_BUDGET, Slots};
 pub use lane::Lane;
 
@@ -167,6 +171,10 @@ pub struct Downstream {
     pub stock: Lane<StockClient>,
     pub shipping: Lane<ShippingClient>,
     pub payment: Lane<PaymentClient>,
+    /// The forward calls, batched, on the lanes above.
+    pub reserve_stock: Batcher<batch_methods::ReserveStock>,
+    pub prepare_shipment: Batcher<batch_methods::PrepareShipment>,
+    pub charge: Batcher<batch_methods::Charge>,
 }
 
 impl Downstream {
@@ -220,10 +228,16 @@ impl Downstream {
         let (stock, stock_slots) = channel(&args.stock_url, "STOCK_SERVICE_URL")?;
         let (shipping, shipping_slots) = channel(&args.shipping_url, "SHIPPING_SERVICE_URL")?;
         let (payment, payment_slots) = channel(&args.payment_url, "PAYMENT_SERVICE_URL")?;
+        let stock = Lane::new(StockServiceClient::new(stock), stock_slots);
+        let shipping = Lane::new(ShippingServiceClient::new(shipping), shipping_slots);
+        let payment = Lane::new(PaymentServiceClient::new(payment), payment_slots);
         Ok(Downstream {
-            stock: Lane::new(StockServiceClient::new(stock), stock_slots),
-            shipping: Lane::new(ShippingServiceClient::new(shipping), shipping_slots),
-            payment: Lane::new(PaymentServiceClient::new(payment), payment_slots),
+            reserve_stock: Batcher::new(batch_methods::ReserveStock(stock.clone())),
+            prepare_shipment: Batcher::new(batch_methods::PrepareShipment(shipping.clone())),
+            charge: Batcher::new(batch_methods::Charge(payment.clone())),
+            stock,
+            shipping,
+            payment,
         })
     }
 }

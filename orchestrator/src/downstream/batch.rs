@@ -1,0 +1,288 @@
+//! A saga step's calls of one method, sent to the service in batches.
+//!
+//! Every saga calls its steps on its own task. One by one, each call cost
+//! an HTTP/2 stream, its headers, the layers and a task on both sides: with
+//! the service's own work, about a fifth of a saga's CPU (docs/benchmarks.md).
+//! Here a call joins its method's queue, and the queue goes out as one batch
+//! RPC (`ReserveStockBatch`, ...) whenever one of [`BATCHES_IN_FLIGHT`]
+//! sends is free. A call that finds a send free goes at once, alone: at low
+//! load nothing waits for company. Under load the calls that came while both
+//! sends were out go together, so a batch's size follows the load, with no
+//! timer.
+//!
+//! Each call keeps what it had alone:
+//! - its own deadline: it ends DEADLINE_EXCEEDED when that passes, whatever
+//!   its batch does; a batch's deadline is the latest of its items', and an
+//!   item with less than [`MIN_BUDGET`] left is not sent;
+//! - its trace context, which the service's span of the item continues;
+//! - its answer, the service's status with its details included.
+//!
+//! A batch that fails as a whole (the connection broke, the reply was lost)
+//! fails each of its calls with its status: an unknown outcome for the
+//! step, retried with the same `request_id`. A service that does not know
+//! the batch method (an older version, during a rolling upgrade) is called
+//! one by one for a minute, then asked again.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{FutureExt, future::BoxFuture};
+use tokio::{sync::oneshot, time::Instant};
+use tonic::{Code, Status};
+
+use super::MIN_BUDGET;
+
+/// Batches of one method out at once. With two, one batch is on its way
+/// while the service works on the other.
+pub const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Most calls in one batch (the services take up to 256).
+pub const MAX_ITEMS: usize = 128;
+
+/// How long a service that answered UNIMPLEMENTED to a batch is called one
+/// by one before it is asked again.
+const UNARY_FOR: Duration = Duration::from_secs(60);
+
+/// One call as its batch carries it.
+pub struct Outgoing<T> {
+    pub request: T,
+    /// The caller's W3C trace context.
+    pub traceparent: String,
+    pub tracestate: String,
+}
+
+/// How one method is called: in a batch, or alone.
+pub trait Method: Send + Sync + 'static {
+    type Request: Send + 'static;
+    type Reply: Send + 'static;
+
+    /// The batch RPC with `items`, within `budget`: one result per item, in
+    /// their order, or the status of the whole batch.
+    fn send_batch(
+        &self,
+        items: Vec<Outgoing<Self::Request>>,
+        budget: Duration,
+    ) -> BoxFuture<'static, Result<Vec<Result<Self::Reply, Status>>, Status>>;
+
+    /// The unary RPC, for a service without the batch method.
+    fn send_one(
+        &self,
+        request: Self::Request,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Self::Reply, Status>>;
+}
+
+/// The calls of one method, batched.
+pub struct Batcher<M: Method> {
+    shared: Arc<Shared<M>>,
+}
+
+impl<M: Method> Clone for Batcher<M> {
+    fn clone(&self) -> Self {
+        Batcher {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<M: Method> {
+    method: M,
+    state: Mutex<State<M>>,
+}
+
+struct State<M: Method> {
+    /// Calls waiting for a send, oldest first.
+    waiting: Vec<Waiting<M>>,
+    /// Sends out now, at most [`BATCHES_IN_FLIGHT`].
+    sending: usize,
+    /// Until when calls go one by one (the service has no batch method).
+    unary_until: Option<Instant>,
+}
+
+struct Waiting<M: Method> {
+    call: Outgoing<M::Request>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<M::Reply, Status>>,
+}
+
+impl<M: Method> Batcher<M> {
+    pub fn new(method: M) -> Self {
+        Batcher {
+            shared: Arc::new(Shared {
+                method,
+                state: Mutex::new(State {
+                    waiting: Vec::new(),
+                    sending: 0,
+                    unary_until: None,
+                }),
+            }),
+        }
+    }
+
+    /// Calls the method with `request`, within `timeout`, in the next batch.
+    pub async fn call(&self, request: M::Request, timeout: Duration) -> Result<M::Reply, Status> {
+        let deadline = Instant::now() + timeout;
+        let (traceparent, tracestate) = svc_kit::propagation::current_context();
+        let (reply, answer) = oneshot::channel();
+        let call = Outgoing {
+            request,
+            traceparent,
+            tracestate,
+        };
+        let unary = {
+            let state = self.shared.state.lock().expect("batcher state");
+            state
+                .unary_until
+                .is_some_and(|until| Instant::now() < until)
+        };
+        if unary {
+            return self.shared.method.send_one(call.request, timeout).await;
+        }
+        let start_send = {
+            let mut state = self.shared.state.lock().expect("batcher state");
+            state.waiting.push(Waiting {
+                call,
+                deadline,
+                reply,
+            });
+            let free = state.sending < BATCHES_IN_FLIGHT;
+            if free {
+                state.sending += 1;
+            }
+            free
+        };
+        if start_send {
+            tokio::spawn(self.shared.clone().send_while_waiting());
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Status::unavailable(
+                "the batch that carried the call was lost before its answer",
+            )),
+            Err(_) => Err(Status::deadline_exceeded(
+                "no answer within the call's deadline",
+            )),
+        }
+    }
+}
+
+impl<M: Method> State<M> {
+    fn take_batch(&mut self) -> Vec<Waiting<M>> {
+        let n = self.waiting.len().min(MAX_ITEMS);
+        self.waiting.drain(..n).collect()
+    }
+}
+
+impl<M: Method> Shared<M> {
+    /// One of the [`BATCHES_IN_FLIGHT`] sends: sends what waits, batch after
+    /// batch, until nothing does.
+    async fn send_while_waiting(self: Arc<Self>) {
+        // The sagas a commit of the log wakes together make their calls
+        // within a moment of each other: to the back of the queue once, so
+        // that those woken with the caller join its batch.
+        tokio::task::yield_now().await;
+        loop {
+            let batch = {
+                let mut state = self.state.lock().expect("batcher state");
+                if state.waiting.is_empty() {
+                    state.sending -= 1;
+                    return;
+                }
+                state.take_batch()
+            };
+            // A panic while sending loses that batch's answers (its calls
+            // hear UNAVAILABLE), never this send: the next batch goes out.
+            let _ = AssertUnwindSafe(self.send(batch)).catch_unwind().await;
+        }
+    }
+
+    async fn send(&self, batch: Vec<Waiting<M>>) {
+        let now = Instant::now();
+        let mut calls = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut latest = now;
+        for waiting in batch {
+            if waiting.reply.is_closed() {
+                // Its caller gave up (its deadline, or its saga stopped).
+                continue;
+            }
+            if waiting.deadline.saturating_duration_since(now) < MIN_BUDGET {
+                // As a call alone (`DeadlineCap`): a stream it would reset.
+                let _ = waiting.reply.send(Err(Status::deadline_exceeded(
+                    "too little of the call's deadline was left to send it",
+                )));
+                continue;
+            }
+            latest = latest.max(waiting.deadline);
+            calls.push(waiting.call);
+            replies.push((waiting.reply, waiting.deadline));
+        }
+        if calls.is_empty() {
+            return;
+        }
+        let count = calls.len();
+        match self.method.send_batch(calls, latest - now).await {
+            Ok(results) if results.len() == count => {
+                for ((reply, _), result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Ok(results) => {
+                let status = Status::internal(format!(
+                    "the service answered a batch of {count} calls with {} results",
+                    results.len()
+                ));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                tracing::warn!(
+                    "the service has no batch method ({}); calling it one by one for {} s",
+                    status.message(),
+                    UNARY_FOR.as_secs()
+                );
+                self.state.lock().expect("batcher state").unary_until =
+                    Some(Instant::now() + UNARY_FOR);
+                // The batch's calls were never run. Their requests went into
+                // the batch (kept, each would cost a copy on every call), so
+                // they fail UNAVAILABLE and their steps retry, alone now,
+                // with the same request IDs.
+                let status = Status::unavailable(format!(
+                    "the service has no batch method; the call is retried alone ({})",
+                    status.message()
+                ));
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+            Err(status) => {
+                let status = batch_failure(status);
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// What a call hears when its whole batch failed. A refusal of the batch's
+/// shape (INVALID_ARGUMENT: too many items) says nothing of the call
+/// itself, so it must not reach the step as a definite refusal: it becomes
+/// INTERNAL, an unknown outcome, retried. Other codes are the call's own as
+/// they would be alone (the connection, the key, the deadline, overload).
+fn batch_failure(status: Status) -> Status {
+    match status.code() {
+        Code::InvalidArgument | Code::OutOfRange => Status::internal(format!(
+            "the service refused the batch that carried the call: {}",
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
+#[cfg(test)]
+mod tests;
