@@ -18,9 +18,9 @@
 //! The layers hand what they keep to the batch through the call's extensions
 //! ([`ItemHooks`]); a batch served without them (in a test) runs bare.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Instant};
 
-use futures::future::join_all;
+use futures::{FutureExt, future::join_all};
 use tonic::{Extensions, Status};
 use tracing::Instrument;
 
@@ -100,10 +100,23 @@ where
             let result = match (slot, item.request) {
                 (Err(shed), _) => Err(shed),
                 (Ok(_), None) => Err(Error::invalid("request", "is required").into()),
-                (Ok(_slot), Some(request)) => match &hooks.faults {
-                    Some(faults) => faults.around_item(method, run_one(request)).await,
-                    None => run_one(request).await,
-                },
+                (Ok(_slot), Some(request)) => {
+                    let work = async {
+                        match &hooks.faults {
+                            Some(faults) => faults.around_item(method, run_one(request)).await,
+                            None => run_one(request).await,
+                        }
+                    };
+                    // A panic fails its own item, as it would its own call,
+                    // not its neighbours midway.
+                    AssertUnwindSafe(work)
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!(method, "a batch item's handler panicked");
+                            Err(Status::internal("the call's handler failed"))
+                        })
+                }
             };
             if let Some(metrics) = &hooks.metrics {
                 let code = match &result {

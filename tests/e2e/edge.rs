@@ -282,6 +282,7 @@ async fn ten_thousand_malformed_requests_to_each_service_write_nothing() {
             &system.services.stock,
             &[
                 "stock.v1.StockService/ReserveStock",
+                "stock.v1.StockService/ReserveStockBatch",
                 "stock.v1.StockService/ReleaseStock",
                 "stock.v1.StockService/GetProduct",
                 "stock.v1.StockService/ListProducts",
@@ -292,6 +293,7 @@ async fn ten_thousand_malformed_requests_to_each_service_write_nothing() {
             &system.services.shipping,
             &[
                 "shipping.v1.ShippingService/PrepareShipment",
+                "shipping.v1.ShippingService/PrepareShipmentBatch",
                 "shipping.v1.ShippingService/CancelShipment",
                 "shipping.v1.ShippingService/GetShipment",
             ],
@@ -300,6 +302,7 @@ async fn ten_thousand_malformed_requests_to_each_service_write_nothing() {
             &system.services.payment,
             &[
                 "payment.v1.PaymentService/Charge",
+                "payment.v1.PaymentService/ChargeBatch",
                 "payment.v1.PaymentService/Refund",
                 "payment.v1.PaymentService/GetAccount",
                 "payment.v1.PaymentService/Deposit",

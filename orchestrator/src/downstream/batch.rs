@@ -5,10 +5,12 @@
 //! the service's own work, about a fifth of a saga's CPU (docs/benchmarks.md).
 //! Here a call joins its method's queue, and the queue goes out as one batch
 //! RPC (`ReserveStockBatch`, ...) whenever one of [`BATCHES_IN_FLIGHT`]
-//! sends is free. A call that finds a send free goes at once, alone: at low
-//! load nothing waits for company. Under load the calls that came while both
-//! sends were out go together, so a batch's size follows the load, with no
-//! timer.
+//! sends is free. A call that finds a send free starts it, and the send
+//! takes the queue after one turn at the back of the scheduler's queue: the
+//! sagas that one commit of the log woke make their calls in that turn, and
+//! go together. At low load a call goes at once, alone. Under load the calls
+//! that came while both sends were out go together, so a batch's size
+//! follows the load, with no timer.
 //!
 //! Each call keeps what it had alone:
 //! - its own deadline: it ends DEADLINE_EXCEEDED when that passes, whatever
@@ -42,6 +44,16 @@ pub const BATCHES_IN_FLIGHT: usize = 2;
 /// Most calls in one batch (the services take up to 256).
 pub const MAX_ITEMS: usize = 128;
 
+/// Most bytes of calls in one batch: the services refuse a request of more
+/// than `svc_kit::server::MAX_REQUEST_BYTES` (64 KiB) whole, so a batch of
+/// large orders stops short of it, with room for its framing. A call too
+/// large for it goes alone, and fares as it would without batches.
+pub const MAX_BATCH_BYTES: usize = svc_kit::server::MAX_REQUEST_BYTES * 3 / 4;
+
+/// What a batch item adds to its request's bytes: its tags, lengths and
+/// trace context's (the trace context's own bytes are counted apart).
+const ITEM_OVERHEAD: usize = 16;
+
 /// How long a service that answered UNIMPLEMENTED to a batch is called one
 /// by one before it is asked again.
 const UNARY_FOR: Duration = Duration::from_secs(60);
@@ -54,18 +66,24 @@ pub struct Outgoing<T> {
     pub tracestate: String,
 }
 
+/// A batch's answer: one result per item, in their order, or the status of
+/// the whole batch.
+pub type Answers<R> = Result<Vec<Result<R, Status>>, Status>;
+
 /// How one method is called: in a batch, or alone.
 pub trait Method: Send + Sync + 'static {
     type Request: Send + 'static;
     type Reply: Send + 'static;
 
-    /// The batch RPC with `items`, within `budget`: one result per item, in
-    /// their order, or the status of the whole batch.
+    /// The bytes `request` takes encoded.
+    fn size(&self, request: &Self::Request) -> usize;
+
+    /// The batch RPC with `items`, within `budget`.
     fn send_batch(
         &self,
         items: Vec<Outgoing<Self::Request>>,
         budget: Duration,
-    ) -> BoxFuture<'static, Result<Vec<Result<Self::Reply, Status>>, Status>>;
+    ) -> BoxFuture<'static, Answers<Self::Reply>>;
 
     /// The unary RPC, for a service without the batch method.
     fn send_one(
@@ -104,6 +122,8 @@ struct State<M: Method> {
 
 struct Waiting<M: Method> {
     call: Outgoing<M::Request>,
+    /// Its bytes in a batch.
+    size: usize,
     deadline: Instant,
     reply: oneshot::Sender<Result<M::Reply, Status>>,
 }
@@ -142,9 +162,14 @@ impl<M: Method> Batcher<M> {
             return self.shared.method.send_one(call.request, timeout).await;
         }
         let start_send = {
+            let size = self.shared.method.size(&call.request)
+                + call.traceparent.len()
+                + call.tracestate.len()
+                + ITEM_OVERHEAD;
             let mut state = self.shared.state.lock().expect("batcher state");
             state.waiting.push(Waiting {
                 call,
+                size,
                 deadline,
                 reply,
             });
@@ -170,9 +195,21 @@ impl<M: Method> Batcher<M> {
 }
 
 impl<M: Method> State<M> {
+    /// The oldest waiting calls, as many as fit in a batch: at most
+    /// [`MAX_ITEMS`] and [`MAX_BATCH_BYTES`], and at least one.
     fn take_batch(&mut self) -> Vec<Waiting<M>> {
-        let n = self.waiting.len().min(MAX_ITEMS);
-        self.waiting.drain(..n).collect()
+        let mut bytes = 0;
+        let n = self
+            .waiting
+            .iter()
+            .take(MAX_ITEMS)
+            .take_while(|waiting| {
+                bytes += waiting.size;
+                bytes <= MAX_BATCH_BYTES
+            })
+            .count()
+            .max(1);
+        self.waiting.drain(..n.min(self.waiting.len())).collect()
     }
 }
 

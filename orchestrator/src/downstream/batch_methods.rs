@@ -23,7 +23,7 @@ use tonic::Status;
 
 use super::{
     Lane, PaymentClient, ShippingClient, StockClient,
-    batch::{Method, Outgoing},
+    batch::{Answers, Method, Outgoing},
 };
 
 /// An item of a batch answer without its outcome: a service that sent it is
@@ -45,11 +45,15 @@ macro_rules! batch_method {
             type Request = $request;
             type Reply = $reply;
 
+            fn size(&self, request: &$request) -> usize {
+                prost::Message::encoded_len(request)
+            }
+
             fn send_batch(
                 &self,
                 items: Vec<Outgoing<$request>>,
                 budget: Duration,
-            ) -> BoxFuture<'static, Result<Vec<Result<$reply, Status>>, Status>> {
+            ) -> BoxFuture<'static, Answers<$reply>> {
                 let lane = self.0.clone();
                 let message = $batch_request {
                     items: items

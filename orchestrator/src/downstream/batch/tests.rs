@@ -8,6 +8,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use super::*;
 
+/// How the scripted service answers a batch of these items.
+type Answer = dyn Fn(&[u32]) -> Answers<u32> + Send + Sync;
+
 /// A method whose batches wait for the test's go-ahead, one permit each,
 /// and answer each item `n` with `n * 10`, or with what `answer` says.
 #[derive(Clone)]
@@ -21,13 +24,11 @@ struct ScriptedInner {
     batches: StdMutex<Vec<Vec<u32>>>,
     /// Calls sent one by one.
     alone: StdMutex<Vec<u32>>,
-    answer: Box<dyn Fn(&[u32]) -> Result<Vec<Result<u32, Status>>, Status> + Send + Sync>,
+    answer: Box<Answer>,
 }
 
 impl Scripted {
-    fn new(
-        answer: impl Fn(&[u32]) -> Result<Vec<Result<u32, Status>>, Status> + Send + Sync + 'static,
-    ) -> Self {
+    fn new(answer: impl Fn(&[u32]) -> Answers<u32> + Send + Sync + 'static) -> Self {
         Scripted {
             inner: Arc::new(ScriptedInner {
                 gate: Semaphore::new(0),
@@ -55,11 +56,21 @@ impl Method for Scripted {
     type Request = u32;
     type Reply = u32;
 
+    /// A request of 1,000 or more is that many bytes (a large order); any
+    /// other, 8.
+    fn size(&self, request: &u32) -> usize {
+        if *request >= 1_000 {
+            *request as usize
+        } else {
+            8
+        }
+    }
+
     fn send_batch(
         &self,
         items: Vec<Outgoing<u32>>,
         _budget: Duration,
-    ) -> BoxFuture<'static, Result<Vec<Result<u32, Status>>, Status>> {
+    ) -> BoxFuture<'static, Answers<u32>> {
         let inner = self.inner.clone();
         let items: Vec<u32> = items.into_iter().map(|o| o.request).collect();
         inner.batches.lock().unwrap().push(items.clone());
@@ -196,7 +207,7 @@ async fn each_call_hears_its_own_refusal_with_its_details() {
 }
 
 #[tokio::test]
-async fn a_batch_that_fails_whole_fails_each_call_as_an_unknown_outcome() {
+async fn a_batch_that_fails_whole_fails_each_call_with_what_it_says_of_the_call() {
     for (batch_code, call_code) in [
         (Code::Unavailable, Code::Unavailable),
         (Code::DeadlineExceeded, Code::DeadlineExceeded),
@@ -256,8 +267,15 @@ async fn a_call_ends_at_its_own_deadline_whatever_its_batch_does() {
         waited >= Duration::from_millis(300) && waited < Duration::from_millis(310),
         "{waited:?}"
     );
-    // The batch is still out; the send is taken again once it answers.
+    // The batch is still out; once it answers, its send is free again.
     method.open(10);
+    for _ in 0..1000 {
+        if batcher.shared.state.lock().unwrap().sending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(batcher.shared.state.lock().unwrap().sending, 0);
     assert_eq!(batcher.call(2, LONG).await.unwrap(), 20);
 }
 
@@ -295,21 +313,72 @@ async fn a_call_with_too_little_of_its_deadline_left_is_not_sent() {
     assert_eq!(method.batches(), vec![vec![1], vec![2]]);
 }
 
-#[tokio::test]
+// On a worker of the multi-threaded runtime, as in the orchestrator: a task
+// spawned there runs next, before the callers already queued, unless it
+// steps back first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn calls_made_in_the_same_moment_go_in_one_batch() {
     // As sagas woken by one commit of the log: each makes its call before
     // any send has run.
     let method = Scripted::times_ten();
     method.open(10);
     let batcher = Batcher::new(method.clone());
-    let calls: Vec<_> = (0..5)
-        .map(|n| {
-            let batcher = batcher.clone();
-            tokio::spawn(async move { batcher.call(n, LONG).await })
-        })
-        .collect();
+    // Spawned from a worker, as a commit of the log wakes its sagas.
+    let calls = tokio::spawn({
+        let batcher = batcher.clone();
+        async move {
+            (0..5)
+                .map(|n| {
+                    let batcher = batcher.clone();
+                    tokio::spawn(async move { batcher.call(n, LONG).await })
+                })
+                .collect::<Vec<_>>()
+        }
+    })
+    .await
+    .unwrap();
     for (n, call) in calls.into_iter().enumerate() {
         assert_eq!(call.await.unwrap().unwrap(), n as u32 * 10);
     }
-    assert_eq!(method.batches(), vec![vec![0, 1, 2, 3, 4]]);
+    let mut batches = method.batches();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    batches[0].sort();
+    assert_eq!(batches[0], [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_batch_stops_short_of_the_services_request_limit() {
+    let method = Scripted::times_ten();
+    let batcher = Batcher::new(method.clone());
+    let mut calls = Vec::new();
+    // Two small calls take both sends; then five large orders of 20,000
+    // bytes and one of 100,000 wait.
+    for n in [0, 1, 20_000, 20_001, 20_002, 20_003, 20_004, 100_000] {
+        let batcher = batcher.clone();
+        calls.push(tokio::spawn(async move { batcher.call(n, LONG).await }));
+        if n < 2 {
+            until_sent(&method, n as usize + 1).await;
+        }
+    }
+    until_waiting(&batcher, 6).await;
+    method.open(10);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let batches = method.batches();
+    assert_eq!(
+        batches[2..],
+        [
+            vec![20_000, 20_001],
+            vec![20_002, 20_003],
+            vec![20_004],
+            // Too large for any batch: alone, as it would go without them.
+            vec![100_000],
+        ],
+        "{batches:?}"
+    );
+    for batch in &batches {
+        let bytes: usize = batch.iter().map(|n| method.size(n) + ITEM_OVERHEAD).sum();
+        assert!(bytes <= MAX_BATCH_BYTES || batch.len() == 1, "{batch:?}");
+    }
 }
