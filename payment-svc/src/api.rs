@@ -4,10 +4,9 @@
 //! nothing is written), then runs its mutation once per `request_id`.
 
 use ordersaga_proto::payment::v1::{
-    ChargeBatchRequest, ChargeBatchResponse, ChargeBatchResult, ChargeRequest, ChargeResponse,
-    DepositRequest, DepositResponse, GetAccountRequest, GetAccountResponse, GetPaymentRequest,
-    GetPaymentResponse, RefundRequest, RefundResponse, charge_batch_result,
-    payment_service_server::PaymentService,
+    ChargeBatchRequest, ChargeBatchResponse, ChargeRequest, ChargeResponse, DepositRequest,
+    DepositResponse, GetAccountRequest, GetAccountResponse, GetPaymentRequest, GetPaymentResponse,
+    RefundRequest, RefundResponse, payment_service_server::PaymentService,
 };
 use svc_kit::{
     Error, batch,
@@ -74,27 +73,13 @@ impl PaymentService for PaymentApi {
         request: Request<ChargeBatchRequest>,
     ) -> Result<Response<ChargeBatchResponse>, Status> {
         let (_, extensions, batch) = request.into_parts();
-        let items = batch.items.into_iter().map(|item| batch::Item {
-            request: item.request,
-            traceparent: item.traceparent,
-            tracestate: item.tracestate,
-        });
         let results = batch::run(
             &extensions,
             "payment.v1.PaymentService/Charge",
-            items.collect(),
+            batch.items,
             |req| self.charge_one(req),
         )
         .await?;
-        let results = results
-            .into_iter()
-            .map(|result| ChargeBatchResult {
-                outcome: Some(match result {
-                    Ok(reply) => charge_batch_result::Outcome::Reply(reply),
-                    Err(status) => charge_batch_result::Outcome::Error((&status).into()),
-                }),
-            })
-            .collect();
         Ok(Response::new(ChargeBatchResponse { results }))
     }
 

@@ -7,9 +7,8 @@ use std::collections::BTreeSet;
 
 use ordersaga_proto::shipping::v1::{
     CancelShipmentRequest, CancelShipmentResponse, GetShipmentRequest, GetShipmentResponse,
-    PrepareShipmentBatchRequest, PrepareShipmentBatchResponse, PrepareShipmentBatchResult,
-    PrepareShipmentRequest, PrepareShipmentResponse, ServiceLevel, prepare_shipment_batch_result,
-    shipping_service_server::ShippingService,
+    PrepareShipmentBatchRequest, PrepareShipmentBatchResponse, PrepareShipmentRequest,
+    PrepareShipmentResponse, ServiceLevel, shipping_service_server::ShippingService,
 };
 use svc_kit::{
     Error, batch,
@@ -109,27 +108,13 @@ impl ShippingService for ShippingApi {
         request: Request<PrepareShipmentBatchRequest>,
     ) -> Result<Response<PrepareShipmentBatchResponse>, Status> {
         let (_, extensions, batch) = request.into_parts();
-        let items = batch.items.into_iter().map(|item| batch::Item {
-            request: item.request,
-            traceparent: item.traceparent,
-            tracestate: item.tracestate,
-        });
         let results = batch::run(
             &extensions,
             "shipping.v1.ShippingService/PrepareShipment",
-            items.collect(),
+            batch.items,
             |req| self.prepare(req),
         )
         .await?;
-        let results = results
-            .into_iter()
-            .map(|result| PrepareShipmentBatchResult {
-                outcome: Some(match result {
-                    Ok(reply) => prepare_shipment_batch_result::Outcome::Reply(reply),
-                    Err(status) => prepare_shipment_batch_result::Outcome::Error((&status).into()),
-                }),
-            })
-            .collect();
         Ok(Response::new(PrepareShipmentBatchResponse { results }))
     }
 

@@ -8,9 +8,8 @@ use std::collections::HashSet;
 use ordersaga_proto::stock::v1::{
     GetProductRequest, GetProductResponse, GetReservationRequest, GetReservationResponse,
     ListProductsRequest, ListProductsResponse, OrderLine, ReleaseStockRequest,
-    ReleaseStockResponse, ReserveStockBatchRequest, ReserveStockBatchResponse,
-    ReserveStockBatchResult, ReserveStockRequest, ReserveStockResponse, RestockRequest,
-    RestockResponse, reserve_stock_batch_result, stock_service_server::StockService,
+    ReleaseStockResponse, ReserveStockBatchRequest, ReserveStockBatchResponse, ReserveStockRequest,
+    ReserveStockResponse, RestockRequest, RestockResponse, stock_service_server::StockService,
 };
 use svc_kit::{
     Error, batch,
@@ -94,27 +93,13 @@ impl StockService for StockApi {
         request: Request<ReserveStockBatchRequest>,
     ) -> Result<Response<ReserveStockBatchResponse>, Status> {
         let (_, extensions, batch) = request.into_parts();
-        let items = batch.items.into_iter().map(|item| batch::Item {
-            request: item.request,
-            traceparent: item.traceparent,
-            tracestate: item.tracestate,
-        });
         let results = batch::run(
             &extensions,
             "stock.v1.StockService/ReserveStock",
-            items.collect(),
+            batch.items,
             |req| self.reserve(req),
         )
         .await?;
-        let results = results
-            .into_iter()
-            .map(|result| ReserveStockBatchResult {
-                outcome: Some(match result {
-                    Ok(reply) => reserve_stock_batch_result::Outcome::Reply(reply),
-                    Err(status) => reserve_stock_batch_result::Outcome::Error((&status).into()),
-                }),
-            })
-            .collect();
         Ok(Response::new(ReserveStockBatchResponse { results }))
     }
 

@@ -30,14 +30,7 @@ use crate::{Error, fault::FaultSettings, metrics::GrpcMetrics, shed::ShedLayer};
 /// once, and its deadline is theirs.
 pub const MAX_ITEMS: usize = 256;
 
-/// One item as the batch carries it.
-pub struct Item<T> {
-    /// `None`: the item came without its request.
-    pub request: Option<T>,
-    /// Its W3C trace context; empty for none.
-    pub traceparent: String,
-    pub tracestate: String,
-}
+pub use ordersaga_proto::batch::Item;
 
 /// What the server's layers give a batch for its items; each is inserted
 /// into the extensions of batch calls only.
@@ -57,15 +50,17 @@ impl ItemHooks {
 
 /// Runs each item of a batch of `method` (its unary method, as
 /// `stock.v1.StockService/ReserveStock`) with `run_one`, and returns their
-/// results in order. INVALID_ARGUMENT, nothing run, when the batch has no
-/// item or more than [`MAX_ITEMS`].
-pub async fn run<T, R, F, Fut>(
+/// results in order, each as the batch answers it. INVALID_ARGUMENT,
+/// nothing run, when the batch has no item or more than [`MAX_ITEMS`].
+pub async fn run<I, T, R, O, F, Fut>(
     extensions: &Extensions,
     method: &'static str,
-    items: Vec<Item<T>>,
+    items: Vec<I>,
     run_one: F,
-) -> Result<Vec<Result<R, Status>>, Status>
+) -> Result<Vec<O>, Status>
 where
+    I: Into<Item<T>>,
+    O: From<Result<R, Status>>,
     F: Fn(T) -> Fut,
     Fut: Future<Output = Result<R, Status>>,
 {
@@ -87,6 +82,7 @@ where
     let hooks = ItemHooks::of(extensions);
     let run_one = &run_one;
     let runs = items.into_iter().enumerate().map(|(i, item)| {
+        let item: Item<T> = item.into();
         let span = crate::propagation::item_span(method, &item.traceparent, &item.tracestate);
         // The batch's own slot is its first item's; each other item takes
         // one now, in order, or is shed.
@@ -125,7 +121,7 @@ where
                 };
                 metrics.record(method, code, started.elapsed());
             }
-            result
+            O::from(result)
         }
         .instrument(span)
     });

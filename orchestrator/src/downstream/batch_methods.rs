@@ -7,16 +7,14 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use ordersaga_proto::{
-    payment::v1::{
-        ChargeBatchItem, ChargeBatchRequest, ChargeRequest, ChargeResponse, charge_batch_result,
-    },
+    batch::Item,
+    payment::v1::{ChargeBatchItem, ChargeBatchRequest, ChargeRequest, ChargeResponse},
     shipping::v1::{
         PrepareShipmentBatchItem, PrepareShipmentBatchRequest, PrepareShipmentRequest,
-        PrepareShipmentResponse, prepare_shipment_batch_result,
+        PrepareShipmentResponse,
     },
     stock::v1::{
         ReserveStockBatchItem, ReserveStockBatchRequest, ReserveStockRequest, ReserveStockResponse,
-        reserve_stock_batch_result,
     },
 };
 use tonic::Status;
@@ -26,17 +24,11 @@ use super::{
     batch::{Answers, Method, Outgoing},
 };
 
-/// An item of a batch answer without its outcome: a service that sent it is
-/// broken, and the call's outcome unknown.
-fn no_outcome() -> Status {
-    Status::internal("the service's batch answer has an item without its outcome")
-}
-
 /// Defines one batch method: its lane, its messages, and its two RPCs.
 macro_rules! batch_method {
     (
         $name:ident, $client:ty, $request:ty, $reply:ty,
-        $batch_request:ident, $batch_item:ident, $outcome:path,
+        $batch_request:ident, $batch_item:ident,
         $unary:ident, $batched:ident
     ) => {
         pub struct $name(pub Lane<$client>);
@@ -58,10 +50,12 @@ macro_rules! batch_method {
                 let message = $batch_request {
                     items: items
                         .into_iter()
-                        .map(|item| $batch_item {
-                            request: Some(item.request),
-                            traceparent: item.traceparent,
-                            tracestate: item.tracestate,
+                        .map(|item| {
+                            $batch_item::from(Item {
+                                request: Some(item.request),
+                                traceparent: item.traceparent,
+                                tracestate: item.tracestate,
+                            })
                         })
                         .collect(),
                 };
@@ -73,18 +67,7 @@ macro_rules! batch_method {
                             |mut c, r| async move { c.$batched(r).await },
                         )
                         .await?;
-                    Ok(answer
-                        .results
-                        .into_iter()
-                        .map(|result| {
-                            use $outcome as Outcome;
-                            match result.outcome {
-                                Some(Outcome::Reply(reply)) => Ok(reply),
-                                Some(Outcome::Error(error)) => Err(error.into()),
-                                None => Err(no_outcome()),
-                            }
-                        })
-                        .collect())
+                    Ok(answer.results.into_iter().map(Result::from).collect())
                 })
             }
 
@@ -114,7 +97,6 @@ batch_method!(
     ReserveStockResponse,
     ReserveStockBatchRequest,
     ReserveStockBatchItem,
-    reserve_stock_batch_result::Outcome,
     reserve_stock,
     reserve_stock_batch
 );
@@ -126,7 +108,6 @@ batch_method!(
     PrepareShipmentResponse,
     PrepareShipmentBatchRequest,
     PrepareShipmentBatchItem,
-    prepare_shipment_batch_result::Outcome,
     prepare_shipment,
     prepare_shipment_batch
 );
@@ -138,7 +119,6 @@ batch_method!(
     ChargeResponse,
     ChargeBatchRequest,
     ChargeBatchItem,
-    charge_batch_result::Outcome,
     charge,
     charge_batch
 );
