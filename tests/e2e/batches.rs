@@ -25,7 +25,7 @@ use svc_kit::fault::FaultSettings;
 use tonic::{Code, Status};
 
 use crate::{
-    assertions::{assert_status, order_id, request_id},
+    assertions::{assert_status, order_id, request_id, terminal_order},
     stock::{levels, seed},
 };
 
@@ -34,6 +34,7 @@ on_both_stores!(
     shipping_and_payment_batches_answer_each_item,
     a_batch_item_past_the_call_limit_is_shed_alone,
     a_dropped_reply_is_dropped_per_item_after_its_work,
+    orders_too_large_to_share_one_request_all_complete,
 );
 
 fn reserve(request_id: &str, sku: &str, quantity: i64) -> ReserveStockRequest {
@@ -417,4 +418,56 @@ async fn a_dropped_reply_is_dropped_per_item_after_its_work(backend: Backend) {
             .await
             .unwrap();
     assert_eq!(levels, (7, 3), "each item's work was done");
+}
+
+/// Forty orders of 100 lines with 64-byte SKUs, at once: each reservation
+/// is about 8 KiB, so forty of them in one batch would be five times the
+/// services' 64 KiB request limit, and a batch over it is refused whole.
+/// The orchestrator's batches stop short of it, and every order completes.
+async fn orders_too_large_to_share_one_request_all_complete(backend: Backend) {
+    let system = ordersaga_tests::system::System::start(backend, Default::default()).await;
+    let mut stock = system.services.stock.stock().await;
+    let skus: Vec<String> = (0..100)
+        .map(|i| format!("{:-<64}", format!("LARGE-{i:03}-")))
+        .collect();
+    for sku in &skus {
+        seed(&mut stock, sku, 40, 1).await;
+    }
+    let client = system.client().await;
+    let lines: Vec<(&str, i64)> = skus.iter().map(|sku| (sku.as_str(), 1)).collect();
+    let created = futures::future::join_all((0..40).map(|_| {
+        let client = client.clone();
+        let request = ordersaga_tests::system::order(&request_id(), "alice", &lines, "DE");
+        async move {
+            client
+                .create_order(request)
+                .await
+                .expect("an order of 100 lines")
+        }
+    }))
+    .await;
+    for order in created {
+        let order =
+            terminal_order(&client, &order.order_id, std::time::Duration::from_secs(60)).await;
+        assert_eq!(
+            order.status,
+            ordersaga_proto::orders::v1::OrderStatus::Completed as i32,
+            "{:?} {:?}",
+            order.failure_reason,
+            order.steps
+        );
+        // Not completed after all by a retry in a smaller batch: no batch
+        // was ever refused.
+        assert!(
+            order.steps.iter().all(|s| s.attempts == 1),
+            "{:?}",
+            order.steps
+        );
+    }
+    assert_eq!(levels(&mut stock, &skus[0]).await, (0, 40));
+    let metrics = system.services.stock.scrape().await;
+    assert!(
+        !metrics.contains(r#"method="stock.v1.StockService/ReserveStockBatch",code="OutOfRange""#),
+        "{metrics}"
+    );
 }
