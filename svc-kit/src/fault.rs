@@ -49,27 +49,42 @@ impl FaultSettings {
 }
 
 impl FaultSettings {
-    /// `work` (one batch item of `method`) under the two rates: failed before
-    /// it runs, or run with its reply dropped.
+    /// Drawn once per call (or batch item): the failure it gets before any
+    /// work, if any.
+    fn fails_before(&self, what: &str) -> Option<Status> {
+        rand::rng()
+            .random_bool(self.fault_unavailable_rate)
+            .then(|| {
+                tracing::debug!(what, "fault injected: failing before work");
+                Status::unavailable("injected fault: call failed before any work")
+            })
+    }
+
+    /// Drawn once per call (or batch item) after its work: the failure that
+    /// replaces its reply, if any.
+    fn drops_reply(&self, what: &str) -> Option<Status> {
+        rand::rng()
+            .random_bool(self.fault_drop_reply_rate)
+            .then(|| {
+                tracing::debug!(what, "fault injected: work done, reply dropped");
+                Status::unavailable("injected fault: work done but reply dropped")
+            })
+    }
+
+    /// `work` (one batch item of `method`) under the two rates, as a call.
     pub(crate) async fn around_item<R>(
         &self,
         method: &str,
         work: impl Future<Output = Result<R, Status>>,
     ) -> Result<R, Status> {
-        if rand::rng().random_bool(self.fault_unavailable_rate) {
-            tracing::debug!(method, "fault injected: failing batch item before work");
-            return Err(Status::unavailable(
-                "injected fault: call failed before any work",
-            ));
+        if let Some(failure) = self.fails_before(method) {
+            return Err(failure);
         }
         let result = work.await;
-        if rand::rng().random_bool(self.fault_drop_reply_rate) {
-            tracing::debug!(method, "fault injected: batch item done, reply dropped");
-            return Err(Status::unavailable(
-                "injected fault: work done but reply dropped",
-            ));
+        match self.drops_reply(method) {
+            Some(failure) => Err(failure),
+            None => result,
         }
-        result
     }
 }
 
@@ -144,22 +159,13 @@ where
                 // Its items take the rates one by one (`crate::batch`).
                 return inner.call(request).await;
             }
-            if rand::rng().random_bool(settings.fault_unavailable_rate) {
-                tracing::debug!(
-                    path = request.uri().path(),
-                    "fault injected: failing before work"
-                );
-                return Ok(
-                    Status::unavailable("injected fault: call failed before any work").into_http(),
-                );
-            }
             let path = request.uri().path().to_owned();
+            if let Some(failure) = settings.fails_before(&path) {
+                return Ok(failure.into_http());
+            }
             let response = inner.call(request).await?;
-            if rand::rng().random_bool(settings.fault_drop_reply_rate) {
-                tracing::debug!(path, "fault injected: work done, reply dropped");
-                return Ok(
-                    Status::unavailable("injected fault: work done but reply dropped").into_http(),
-                );
+            if let Some(failure) = settings.drops_reply(&path) {
+                return Ok(failure.into_http());
             }
             Ok(response)
         })

@@ -144,6 +144,9 @@ impl<M: Method> Batcher<M> {
 
     /// Calls the method with `request`, within `timeout`, in the next batch.
     pub async fn call(&self, request: M::Request, timeout: Duration) -> Result<M::Reply, Status> {
+        if self.shared.calls_alone() {
+            return self.shared.method.send_one(request, timeout).await;
+        }
         let deadline = Instant::now() + timeout;
         let (traceparent, tracestate) = svc_kit::propagation::current_context();
         let (reply, answer) = oneshot::channel();
@@ -152,15 +155,6 @@ impl<M: Method> Batcher<M> {
             traceparent,
             tracestate,
         };
-        let unary = {
-            let state = self.shared.state.lock().expect("batcher state");
-            state
-                .unary_until
-                .is_some_and(|until| Instant::now() < until)
-        };
-        if unary {
-            return self.shared.method.send_one(call.request, timeout).await;
-        }
         let start_send = {
             let size = self.shared.method.size(&call.request)
                 + call.traceparent.len()
@@ -214,6 +208,14 @@ impl<M: Method> State<M> {
 }
 
 impl<M: Method> Shared<M> {
+    /// Whether calls go one by one now (the service has no batch method).
+    fn calls_alone(&self) -> bool {
+        let state = self.state.lock().expect("batcher state");
+        state
+            .unary_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     /// One of the [`BATCHES_IN_FLIGHT`] sends: sends what waits, batch after
     /// batch, until nothing does.
     async fn send_while_waiting(self: Arc<Self>) {
@@ -255,7 +257,7 @@ impl<M: Method> Shared<M> {
             }
             latest = latest.max(waiting.deadline);
             calls.push(waiting.call);
-            replies.push((waiting.reply, waiting.deadline));
+            replies.push(waiting.reply);
         }
         if calls.is_empty() {
             return;
@@ -263,7 +265,7 @@ impl<M: Method> Shared<M> {
         let count = calls.len();
         match self.method.send_batch(calls, latest - now).await {
             Ok(results) if results.len() == count => {
-                for ((reply, _), result) in replies.into_iter().zip(results) {
+                for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
             }
@@ -272,9 +274,7 @@ impl<M: Method> Shared<M> {
                     "the service answered a batch of {count} calls with {} results",
                     results.len()
                 ));
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
+                fail_all(replies, status);
             }
             Err(status) if status.code() == Code::Unimplemented => {
                 tracing::warn!(
@@ -292,17 +292,19 @@ impl<M: Method> Shared<M> {
                     "the service has no batch method; the call is retried alone ({})",
                     status.message()
                 ));
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
+                fail_all(replies, status);
             }
             Err(status) => {
-                let status = batch_failure(status);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
+                fail_all(replies, batch_failure(status));
             }
         }
+    }
+}
+
+/// Answers every call of a batch with `status`.
+fn fail_all<R>(replies: Vec<oneshot::Sender<Result<R, Status>>>, status: Status) {
+    for reply in replies {
+        let _ = reply.send(Err(status.clone()));
     }
 }
 
