@@ -15,7 +15,8 @@
 //! Each call keeps what it had alone:
 //! - its own deadline: it ends DEADLINE_EXCEEDED when that passes, whatever
 //!   its batch does; a batch's deadline is the latest of its items', and an
-//!   item with less than [`MIN_BUDGET`] left is not sent;
+//!   item with less than [`MIN_BUDGET`] left once its batch has a slot on
+//!   the service's link is not sent (as a call alone would not be);
 //! - its trace context, which the service's span of the item continues;
 //! - its answer, the service's status with its details included.
 //!
@@ -78,9 +79,19 @@ pub trait Method: Send + Sync + 'static {
     /// The bytes `request` takes encoded.
     fn size(&self, request: &Self::Request) -> usize;
 
-    /// The batch RPC with `items`, within `budget`.
+    /// What a batch holds while it is out: its place among the calls in
+    /// flight on the service's link.
+    type Slot: Send + 'static;
+
+    /// Waits for a slot for a batch whose deadline is `budget` from now;
+    /// DEADLINE_EXCEEDED, nothing sent, when less than [`MIN_BUDGET`] of
+    /// it would be left.
+    fn slot(&self, budget: Duration) -> BoxFuture<'static, Result<Self::Slot, Status>>;
+
+    /// The batch RPC with `items`, within `budget`, in `slot`.
     fn send_batch(
         &self,
+        slot: Self::Slot,
         items: Vec<Outgoing<Self::Request>>,
         budget: Duration,
     ) -> BoxFuture<'static, Answers<Self::Reply>>;
@@ -239,31 +250,30 @@ impl<M: Method> Shared<M> {
     }
 
     async fn send(&self, batch: Vec<Waiting<M>>) {
-        let now = Instant::now();
-        let mut calls = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut latest = now;
-        for waiting in batch {
-            if waiting.reply.is_closed() {
-                // Its caller gave up (its deadline, or its saga stopped).
-                continue;
-            }
-            if waiting.deadline.saturating_duration_since(now) < MIN_BUDGET {
-                // As a call alone (`DeadlineCap`): a stream it would reset.
-                let _ = waiting.reply.send(Err(Status::deadline_exceeded(
-                    "too little of the call's deadline was left to send it",
-                )));
-                continue;
-            }
-            latest = latest.max(waiting.deadline);
-            calls.push(waiting.call);
-            replies.push(waiting.reply);
-        }
-        if calls.is_empty() {
+        let (batch, Some(latest)) = still_due(batch) else {
             return;
-        }
+        };
+        // The link may be full (its slots are shared with the one-by-one
+        // calls): the wait may outlast some of the batch's deadlines.
+        let slot = match self.method.slot(latest - Instant::now()).await {
+            Ok(slot) => slot,
+            Err(status) => {
+                return fail_all(batch.into_iter().map(|w| w.reply).collect(), status);
+            }
+        };
+        // What the wait left of each: sent with too little, a call would be
+        // run by the service for a caller that no longer waits, work that
+        // only deepens an overload.
+        let (batch, Some(latest)) = still_due(batch) else {
+            return;
+        };
+        let (calls, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|waiting| (waiting.call, waiting.reply))
+            .unzip();
         let count = calls.len();
-        match self.method.send_batch(calls, latest - now).await {
+        let budget = latest.saturating_duration_since(Instant::now());
+        match self.method.send_batch(slot, calls, budget).await {
             Ok(results) if results.len() == count => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -299,6 +309,30 @@ impl<M: Method> Shared<M> {
             }
         }
     }
+}
+
+/// The calls of `batch` still worth sending: their caller waits, and at
+/// least [`MIN_BUDGET`] of their deadline is left. The others hear
+/// DEADLINE_EXCEEDED, as a call alone would from `DeadlineCap` (a stream it
+/// would reset). With the latest deadline of those kept, if any.
+fn still_due<M: Method>(batch: Vec<Waiting<M>>) -> (Vec<Waiting<M>>, Option<Instant>) {
+    let now = Instant::now();
+    let mut due = Vec::with_capacity(batch.len());
+    for waiting in batch {
+        if waiting.reply.is_closed() {
+            // Its caller gave up (its deadline, or its saga stopped).
+            continue;
+        }
+        if waiting.deadline.saturating_duration_since(now) < MIN_BUDGET {
+            let _ = waiting.reply.send(Err(Status::deadline_exceeded(
+                "too little of the call's deadline was left to send it",
+            )));
+            continue;
+        }
+        due.push(waiting);
+    }
+    let latest = due.iter().map(|waiting| waiting.deadline).max();
+    (due, latest)
 }
 
 /// Answers every call of a batch with `status`.

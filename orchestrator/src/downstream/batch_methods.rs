@@ -20,7 +20,7 @@ use ordersaga_proto::{
 use tonic::Status;
 
 use super::{
-    Lane, PaymentClient, ShippingClient, StockClient,
+    HeldSlot, Lane, PaymentClient, ShippingClient, StockClient,
     batch::{Answers, Method, Outgoing},
 };
 
@@ -41,8 +41,16 @@ macro_rules! batch_method {
                 prost::Message::encoded_len(request)
             }
 
+            type Slot = HeldSlot;
+
+            fn slot(&self, budget: Duration) -> BoxFuture<'static, Result<HeldSlot, Status>> {
+                let lane = self.0.clone();
+                Box::pin(async move { lane.slot(budget).await })
+            }
+
             fn send_batch(
                 &self,
+                slot: HeldSlot,
                 items: Vec<Outgoing<$request>>,
                 budget: Duration,
             ) -> BoxFuture<'static, Answers<$reply>> {
@@ -61,11 +69,9 @@ macro_rules! batch_method {
                 };
                 Box::pin(async move {
                     let answer = lane
-                        .call(
-                            message,
-                            budget,
-                            |mut c, r| async move { c.$batched(r).await },
-                        )
+                        .call_in(slot, message, budget, |mut c, r| async move {
+                            c.$batched(r).await
+                        })
                         .await?;
                     Ok(answer.results.into_iter().map(Result::from).collect())
                 })

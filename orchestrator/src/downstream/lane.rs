@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::deadline_cap::Slots;
+use super::deadline_cap::{HeldSlot, Slots};
 
 /// A step's way to a service: it waits for a slot on the link first, and
 /// only then builds tonic's call (the request with its headers and encode
@@ -38,8 +38,32 @@ impl<C: Clone> Lane<C> {
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
         let slot = self.slots.wait(timeout).await?;
+        let left = slot.left();
+        self.call_in(slot, message, left, send).await
+    }
+
+    /// A slot for a call whose deadline is `timeout` from now, for
+    /// [`Lane::call_in`]: DEADLINE_EXCEEDED when the wait leaves too
+    /// little of it.
+    pub async fn slot(&self, timeout: Duration) -> Result<HeldSlot, Status> {
+        self.slots.wait(timeout).await
+    }
+
+    /// `send(client, request)` in `slot`, with `message` and a deadline of
+    /// `timeout` from now; the reply's message.
+    pub async fn call_in<T, R, F, Fut>(
+        &self,
+        slot: HeldSlot,
+        message: T,
+        timeout: Duration,
+        send: F,
+    ) -> Result<R, Status>
+    where
+        F: FnOnce(C, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
         let mut request = Request::new(message);
-        request.set_timeout(slot.left());
+        request.set_timeout(timeout);
         request.extensions_mut().insert(slot);
         let reply = Box::pin(send(self.client.clone(), request)).await?;
         Ok(reply.into_inner())

@@ -20,6 +20,8 @@ struct Scripted {
 
 struct ScriptedInner {
     gate: Semaphore,
+    /// The slots on the scripted service's link.
+    slots: Arc<Semaphore>,
     /// The items of every batch sent, in the order sent.
     batches: StdMutex<Vec<Vec<u32>>>,
     /// Calls sent one by one.
@@ -32,6 +34,7 @@ impl Scripted {
         Scripted {
             inner: Arc::new(ScriptedInner {
                 gate: Semaphore::new(0),
+                slots: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT)),
                 batches: StdMutex::new(Vec::new()),
                 alone: StdMutex::new(Vec::new()),
                 answer: Box::new(answer),
@@ -66,8 +69,17 @@ impl Method for Scripted {
         }
     }
 
+    type Slot = tokio::sync::OwnedSemaphorePermit;
+
+    /// Waits as long as it takes: the test holds the slots.
+    fn slot(&self, _budget: Duration) -> BoxFuture<'static, Result<Self::Slot, Status>> {
+        let slots = self.inner.slots.clone();
+        Box::pin(async move { Ok(slots.acquire_owned().await.unwrap()) })
+    }
+
     fn send_batch(
         &self,
+        slot: Self::Slot,
         items: Vec<Outgoing<u32>>,
         _budget: Duration,
     ) -> BoxFuture<'static, Answers<u32>> {
@@ -75,6 +87,7 @@ impl Method for Scripted {
         let items: Vec<u32> = items.into_iter().map(|o| o.request).collect();
         inner.batches.lock().unwrap().push(items.clone());
         Box::pin(async move {
+            let _slot = slot;
             inner.gate.acquire().await.unwrap().forget();
             (inner.answer)(&items)
         })
@@ -381,4 +394,41 @@ async fn a_batch_stops_short_of_the_services_request_limit() {
         let bytes: usize = batch.iter().map(|n| method.size(n) + ITEM_OVERHEAD).sum();
         assert!(bytes <= MAX_BATCH_BYTES || batch.len() == 1, "{batch:?}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_deadline_runs_out_while_its_batch_waits_for_a_slot_is_not_sent() {
+    let method = Scripted::times_ten();
+    method.open(10);
+    // The link is full: every slot is held by calls of other methods.
+    let held = method
+        .inner
+        .slots
+        .clone()
+        .acquire_many_owned(BATCHES_IN_FLIGHT as u32)
+        .await
+        .unwrap();
+    let batcher = Batcher::new(method.clone());
+    let call = |n, timeout| {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.call(n, timeout).await })
+    };
+    // In one batch: calls with a deadline of 1 s, of 1.52 s and of 10 s.
+    let short = call(1, Duration::from_secs(1));
+    let nearly = call(2, Duration::from_millis(1520));
+    let long = call(3, LONG);
+    until_waiting(&batcher, 0).await;
+    // A slot comes free after 1.5 s: the first call's deadline has passed
+    // (its caller gave up), and the second has 20 ms left, less than
+    // MIN_BUDGET. Sent, both would be run by a service whose callers no
+    // longer wait: under overload, work that only deepens it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(held);
+    assert_eq!(long.await.unwrap().unwrap(), 30);
+    for call in [short, nearly] {
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    // Only the call that still had time went.
+    assert_eq!(method.batches(), vec![vec![3]]);
 }
