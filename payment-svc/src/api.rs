@@ -10,24 +10,36 @@ use ordersaga_proto::payment::v1::{
 };
 use svc_kit::{
     Error, batch,
-    idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
+    combined::{Combiner, Offered},
+    idempotency::{
+        ClaimRow, Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming,
+    },
+    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
 use crate::{
     accounts,
     charges::{self, NewCharge},
+    combined::{Charge, ChargeMany},
 };
 
 pub struct PaymentApi {
     store: Store,
+    /// On PostgreSQL: the charges that come together, in one statement.
+    charges: Option<(SharedTransaction, Combiner<ChargeMany>)>,
 }
 
 impl PaymentApi {
     pub fn new(store: Store) -> Self {
-        PaymentApi { store }
+        let charges = store
+            .shared
+            .clone()
+            .map(|shared| (shared, Combiner::new(ChargeMany)));
+        PaymentApi { store, charges }
     }
 }
 
@@ -42,6 +54,25 @@ impl PaymentApi {
             ("request_id", &req.request_id),
         ]);
         let key = RequestKey::new("Charge", &req.request_id, &req);
+        if let Some((shared, combiner)) = &self.charges {
+            // The reply but its balance, which the statement tells.
+            let mut reply = ChargeResponse {
+                payment_id: Uuid::new_v4().to_string(),
+                amount_cents: new.amount_cents,
+                currency: new.currency.clone(),
+                balance_cents: 0,
+            };
+            let claim = ClaimRow::new(&key, svc_kit::time::now_ms(), &reply);
+            let item = Charge::new(&new.order_id, &new.customer_id, &reply, claim);
+            match combiner.offer(shared, item).await {
+                Offered::Written(balance_cents) => {
+                    reply.balance_cents = balance_cents;
+                    return Ok(reply);
+                }
+                Offered::Failed(status) => return Err(status),
+                Offered::Alone => {}
+            }
+        }
         let sqlite_new = new.clone();
         let reply = run_once_batched_claiming(
             &self.store,

@@ -3,12 +3,14 @@
 //!
 //! - [`api`]: the gRPC handlers: validate, then run each mutation once per `request_id`.
 //! - [`charges`]: charging and refunding an order (the saga step and its compensation).
+//! - [`combined`]: on PostgreSQL, a batch's charges in one statement.
 //! - [`accounts`]: account lookup and deposits.
 //! - [`error`]: the business outcomes and their gRPC codes.
 
 pub mod accounts;
 pub mod api;
 pub mod charges;
+pub mod combined;
 pub mod error;
 
 use clap::Parser;

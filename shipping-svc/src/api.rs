@@ -12,13 +12,16 @@ use ordersaga_proto::shipping::v1::{
 };
 use svc_kit::{
     Error, batch,
-    idempotency::{Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
+    combined::{Combiner, Offered},
+    idempotency::{ClaimRow, Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
+    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
 use tonic::{Request, Response, Status};
 
 use crate::{
+    combined::{Prepare, PrepareMany},
     error::ShippingError,
     shipments::{self, NewShipment},
 };
@@ -29,11 +32,21 @@ const MAX_ITEMS: i64 = 1_000_000;
 pub struct ShippingApi {
     store: Store,
     countries: BTreeSet<String>,
+    /// On PostgreSQL: the prepares that come together, in one statement.
+    prepares: Option<(SharedTransaction, Combiner<PrepareMany>)>,
 }
 
 impl ShippingApi {
     pub fn new(store: Store, countries: BTreeSet<String>) -> Self {
-        ShippingApi { store, countries }
+        let prepares = store
+            .shared
+            .clone()
+            .map(|shared| (shared, Combiner::new(PrepareMany)));
+        ShippingApi {
+            store,
+            countries,
+            prepares,
+        }
     }
 }
 
@@ -58,6 +71,20 @@ impl ShippingApi {
                 country: new.address.country.clone(),
             })
         });
+        if let (Some((shared, combiner)), None) = (&self.prepares, &not_served) {
+            let shipment = shipments::to_prepare(new.clone());
+            let reply = PrepareShipmentResponse {
+                shipment: Some(shipment),
+            };
+            let shipment = reply.shipment.as_ref().expect("just set");
+            let claim = ClaimRow::new(&key, shipment.created_at_ms, &reply);
+            let item = Prepare::new(shipment, new.item_count, claim);
+            match combiner.offer(shared, item).await {
+                Offered::Written(()) => return Ok(reply),
+                Offered::Failed(status) => return Err(status),
+                Offered::Alone => {}
+            }
+        }
         let sqlite_new = new.clone();
         let sqlite_not_served = not_served.clone();
         let reply = run_once_batched_claiming(

@@ -2,10 +2,12 @@
 //! serves, and cancels them.
 //!
 //! - [`api`]: the gRPC handlers: validate, then run each mutation once per `request_id`.
+//! - [`combined`]: on PostgreSQL, a batch's prepares in one statement.
 //! - [`shipments`]: preparing and cancelling a shipment (the saga step and its compensation).
 //! - [`error`]: the business outcomes and their gRPC codes.
 
 pub mod api;
+pub mod combined;
 pub mod error;
 pub mod shipments;
 

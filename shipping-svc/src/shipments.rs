@@ -90,12 +90,10 @@ pub async fn prepare(
     new: NewShipment,
     claim: Option<&Claim<'_>>,
 ) -> Result<(Shipment, Claimed), ShippingError> {
-    let now = now_ms();
-    let shipment_id = Uuid::new_v4().to_string();
-    let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
     let item_count = new.item_count;
     // Built from what is inserted, not read back: a round trip fewer.
-    let shipment = prepared(new, shipment_id, tracking_id, now);
+    let shipment = to_prepare(new);
+    let now = shipment.created_at_ms;
     let address = shipment
         .address
         .as_ref()
@@ -146,6 +144,13 @@ pub async fn prepare(
     let existing = get(conn, &shipment.order_id).await?;
     let cancelled = existing.status == ShipmentStatus::Cancelled as i32;
     Err(already(shipment.order_id, existing.shipment_id, cancelled))
+}
+
+/// The shipment a prepare of `new` inserts: new IDs, as of now.
+pub fn to_prepare(new: NewShipment) -> Shipment {
+    let shipment_id = Uuid::new_v4().to_string();
+    let tracking_id = format!("TRK-{}", &Uuid::new_v4().simple().to_string()[..12]).to_uppercase();
+    prepared(new, shipment_id, tracking_id, now_ms())
 }
 
 /// The shipment [`INSERT_SHIPMENT`] just wrote.

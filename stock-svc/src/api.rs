@@ -13,7 +13,11 @@ use ordersaga_proto::stock::v1::{
 };
 use svc_kit::{
     Error, batch,
-    idempotency::{Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming},
+    combined::{Combiner, Offered},
+    idempotency::{
+        ClaimRow, Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming,
+    },
+    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
@@ -21,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     catalogue::{self, NewProduct, Restock},
+    combined::{Reserve, ReserveMany},
     reservations::{self, Line},
 };
 
@@ -29,11 +34,20 @@ const MAX_RESTOCK: i64 = 1_000_000;
 
 pub struct StockApi {
     store: Store,
+    /// On PostgreSQL: the reservations that come together, in one statement.
+    reservations: Option<(SharedTransaction, Combiner<ReserveMany>)>,
 }
 
 impl StockApi {
     pub fn new(store: Store) -> Self {
-        StockApi { store }
+        let reservations = store
+            .shared
+            .clone()
+            .map(|shared| (shared, Combiner::new(ReserveMany)));
+        StockApi {
+            store,
+            reservations,
+        }
     }
 }
 
@@ -63,6 +77,19 @@ impl StockApi {
             ..req.clone()
         };
         let key = RequestKey::new("ReserveStock", &req.request_id, &identity);
+        if let (Some((shared, combiner)), [line]) = (&self.reservations, lines.as_slice())
+            && let Some((unit_price_cents, currency)) = line.expected_price.clone()
+        {
+            let reply = reservations::priced_reply(line, unit_price_cents, currency);
+            let claim = ClaimRow::new(&key, svc_kit::time::now_ms(), &reply);
+            if let Some(item) = Reserve::new(&req.order_id, &reply, claim) {
+                match combiner.offer(shared, item).await {
+                    Offered::Written(()) => return Ok(reply),
+                    Offered::Failed(status) => return Err(status),
+                    Offered::Alone => {}
+                }
+            }
+        }
         let (order_id, sqlite_lines) = (req.order_id.clone(), lines.clone());
         let reply = run_once_batched_claiming(
             &self.store,

@@ -3,11 +3,13 @@
 //!
 //! - [`api`]: the gRPC handlers: validate, then run each mutation once per `request_id`.
 //! - [`reservations`]: reserving and releasing an order's stock (the saga step and its compensation).
+//! - [`combined`]: on PostgreSQL, a batch's one-line reservations in one statement.
 //! - [`catalogue`]: products: lookup, listing, restocking.
 //! - [`error`]: the business outcomes and their gRPC codes.
 
 pub mod api;
 pub mod catalogue;
+pub mod combined;
 pub mod error;
 pub mod reservations;
 

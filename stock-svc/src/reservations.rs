@@ -166,18 +166,8 @@ async fn reserve_priced_line_claiming(
     claim: &Claim<'_>,
 ) -> Result<(ReserveStockResponse, Claimed), StockError> {
     let now = now_ms();
-    let total_cents = unit_price_cents * line.quantity;
-    let reply = ReserveStockResponse {
-        reservation_id: Uuid::new_v4().to_string(),
-        lines: vec![ReservedLine {
-            sku: line.sku.clone(),
-            quantity: line.quantity,
-            unit_price_cents,
-            currency: currency.clone(),
-        }],
-        total_cents,
-        currency,
-    };
+    let reply = priced_reply(line, unit_price_cents, currency);
+    let total_cents = reply.total_cents;
     let query = sqlx::query(RESERVE_PRICED_LINE_CLAIMING)
         .bind(order_id)
         .bind(&reply.reservation_id)
@@ -201,6 +191,22 @@ async fn reserve_priced_line_claiming(
         return Err(why_not_reserved(order_id, line, &row)?);
     }
     Ok((reply, Claimed::Yes))
+}
+
+/// The reply to a reservation of one `line` at the price its caller
+/// expects, with a new reservation ID: known before the stock is taken.
+pub fn priced_reply(line: &Line, unit_price_cents: i64, currency: String) -> ReserveStockResponse {
+    ReserveStockResponse {
+        reservation_id: Uuid::new_v4().to_string(),
+        lines: vec![ReservedLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents,
+            currency: currency.clone(),
+        }],
+        total_cents: unit_price_cents * line.quantity,
+        currency,
+    }
 }
 
 /// Why [`RESERVE_PRICED_LINE_CLAIMING`] took no stock, from what it read:

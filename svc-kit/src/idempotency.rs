@@ -146,6 +146,56 @@ impl Claim<'_> {
     }
 }
 
+/// A request's claim with its reply as one item of a combined statement's
+/// JSON ([`crate::combined`]), flattened into the item's object: the bytes
+/// in hex, which the statement decodes (`decode(fingerprint, 'hex')`).
+/// [`crate::claims_of`] inserts them.
+#[derive(serde::Serialize)]
+pub struct ClaimRow {
+    pub request_id: String,
+    pub method: &'static str,
+    pub fingerprint: String,
+    pub at_ms: i64,
+    pub reply: String,
+}
+
+impl ClaimRow {
+    pub fn new(key: &RequestKey<'_>, at_ms: i64, reply: &impl Message) -> Self {
+        ClaimRow {
+            request_id: key.request_id.to_owned(),
+            method: key.method,
+            fingerprint: hex(&key.fingerprint),
+            at_ms,
+            reply: hex(&reply.encode_to_vec()),
+        }
+    }
+}
+
+/// The claims of a combined statement's written items, from `$rows` (a
+/// relation with [`ClaimRow`]'s columns): as [`CLAIM_WITH_REPLY`] writes
+/// them one by one. No `ON CONFLICT`: a claim inserted by another
+/// connection meanwhile fails the statement whole, which then wrote
+/// nothing (see [`crate::combined`]).
+#[macro_export]
+macro_rules! claims_of {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
+             SELECT request_id, method, decode(fingerprint, 'hex'), at_ms, 0, decode(reply, 'hex') FROM ",
+            $rows
+        )
+    };
+}
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[(byte >> 4) as usize] as char);
+        out.push(DIGITS[(byte & 15) as usize] as char);
+    }
+    out
+}
+
 /// What an effect given a [`Claim`] did with it.
 pub enum Claimed {
     /// Nothing: the claim is written after the effect, as for any effect.

@@ -7,6 +7,7 @@
 //! - [`durability`]: what a commit waits for (the disk, by default).
 //! - [`batch_writer`]: on a SQLite file, the hot writes in batches on one thread.
 //! - [`batch`]: batch RPCs, each item run and answered as its own call.
+//! - [`combined`]: on PostgreSQL, many requests' effects in one statement.
 //! - [`idempotency`]: runs a mutating request once per `request_id`, replaying its stored reply.
 //! - [`validate`]: field checks that answer INVALID_ARGUMENT naming the field.
 //! - [`auth`]: the `x-api-key` check on business RPCs.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod batch;
 pub mod batch_writer;
+pub mod combined;
 pub mod durability;
 pub mod error;
 pub mod fault;

@@ -18,6 +18,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use sqlx::AnyPool;
+
+use crate::shared_transaction::SharedTransaction;
 use tower::{Layer, Service};
 
 /// Latency buckets from 0.25 ms to ~8 s.
@@ -57,6 +59,38 @@ impl MetricsRegistry {
             connections
                 .get_or_create(&StateLabels { state: "in_use" })
                 .set(size - idle);
+        }));
+    }
+
+    /// Registers the counters of PostgreSQL's shared transaction, read at
+    /// scrape time: its commits, and the requests that ran alone or were
+    /// written by a combined statement (the rest took a turn each).
+    pub fn register_shared_transaction(&mut self, shared: SharedTransaction) {
+        let commits = Counter::<u64>::default();
+        self.registry.register(
+            "db_shared_transaction_commits",
+            "Batches of hot requests committed on the shared transaction (PostgreSQL)",
+            commits.clone(),
+        );
+        let requests = Family::<HowLabels, Counter>::default();
+        self.registry.register(
+            "db_shared_transaction_requests",
+            "Hot requests that ran alone (their statement committing by itself) or were \
+             written by a statement combining many (PostgreSQL)",
+            requests.clone(),
+        );
+        let seen = std::sync::Mutex::new((0u64, 0u64, 0u64));
+        self.refreshers.push(Box::new(move || {
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let now = (shared.commits(), shared.alone(), shared.combined());
+            commits.inc_by(now.0 - seen.0);
+            requests
+                .get_or_create(&HowLabels { how: "alone" })
+                .inc_by(now.1 - seen.1);
+            requests
+                .get_or_create(&HowLabels { how: "combined" })
+                .inc_by(now.2 - seen.2);
+            *seen = now;
         }));
     }
 
@@ -106,6 +140,11 @@ impl FrozenMetrics {
             .expect("encoding to a String cannot fail");
         out
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabels {
+    how: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

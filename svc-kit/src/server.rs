@@ -236,6 +236,9 @@ where
     let store = Store::open_with_batch_writer(&url, migrations, args.durability).await?;
     let mut metrics = MetricsRegistry::default();
     metrics.register_pool(store.pool.clone());
+    if let Some(shared) = &store.shared {
+        metrics.register_shared_transaction(shared.clone());
+    }
     let service = RequireKey::new(make_service(store), keys);
     App::bind(args, defaults.port, defaults.metrics_port, service, metrics).await
 }

@@ -104,6 +104,8 @@ struct Inner {
     redone: AtomicU64,
     /// Requests that ran alone, outside the shared transaction.
     alone: AtomicU64,
+    /// Requests written by combined statements ([`crate::combined`]).
+    combined: AtomicU64,
     /// Requests in [`SharedTransaction::run`] or
     /// [`SharedTransaction::run_alone`] now.
     in_flight: AtomicUsize,
@@ -224,6 +226,7 @@ impl SharedTransaction {
             savepoints: AtomicU64::new(0),
             redone: AtomicU64::new(0),
             alone: AtomicU64::new(0),
+            combined: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             turn: Mutex::new(Turn {
                 conn: None,
@@ -263,6 +266,16 @@ impl SharedTransaction {
     /// How many requests ran alone so far ([`Self::run_alone`]).
     pub fn alone(&self) -> u64 {
         self.inner.alone.load(Ordering::Relaxed)
+    }
+
+    /// How many requests combined statements wrote so far
+    /// ([`crate::combined`]).
+    pub fn combined(&self) -> u64 {
+        self.inner.combined.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_combined(&self, requests: u64) {
+        self.inner.combined.fetch_add(requests, Ordering::Relaxed);
     }
 
     /// Runs `work` outside the shared transaction, its one statement

@@ -31,6 +31,7 @@ mod bins;
 mod cancellation;
 mod cancelled_requests;
 mod chaos;
+mod combined;
 mod compose;
 mod config;
 mod contract;

@@ -1,0 +1,358 @@
+//! A batch's requests in one statement (PostgreSQL's combined statements,
+//! `svc_kit::combined`): each request is answered exactly as its own call
+//! would be, a hot row's units and funds go in the batch's order and are
+//! never overdrawn, the same order or request twice in a batch counts
+//! once, and a replay of the batch gets the stored answers byte for byte.
+//! On SQLite the same batches (no combined statement there) must give the
+//! same answers; on PostgreSQL the metrics show that the statements ran.
+
+use ordersaga_proto::{
+    errors::Reason,
+    payment::v1::{
+        ChargeBatchItem, ChargeBatchRequest, ChargeRequest, ChargeResponse, DepositRequest,
+        GetAccountRequest, charge_batch_result,
+    },
+    shipping::v1::{
+        Address, PrepareShipmentBatchItem, PrepareShipmentBatchRequest, PrepareShipmentRequest,
+        PrepareShipmentResponse, prepare_shipment_batch_result,
+    },
+    stock::v1::{
+        OrderLine, ReserveStockBatchItem, ReserveStockBatchRequest, ReserveStockRequest,
+        ReserveStockResponse, reserve_stock_batch_result,
+    },
+};
+use ordersaga_tests::{Backend, admin, authed, services};
+use tonic::{Code, Status};
+
+use crate::{
+    assertions::{order_id, request_id},
+    metrics::sample,
+    stock::{levels, seed},
+};
+
+on_both_stores!(
+    a_products_units_go_in_batch_order_and_the_rest_is_answered_alone,
+    an_accounts_funds_go_in_batch_order_each_reply_with_its_own_balance,
+    an_order_or_a_request_twice_in_a_batch_counts_once,
+);
+
+/// Requests written by combined statements, from a service's `/metrics`.
+async fn combined(svc: &services::Running) -> f64 {
+    sample(
+        &svc.scrape().await,
+        "db_shared_transaction_requests_total{how=\"combined\"}",
+    )
+}
+
+/// On PostgreSQL, at least `at_least` more requests went in combined
+/// statements than `before`; on SQLite there are none.
+#[track_caller]
+fn assert_combined(backend: Backend, before: f64, after: f64, at_least: f64) {
+    match backend {
+        Backend::Postgres => assert!(
+            after - before >= at_least,
+            "{} requests combined, at least {at_least} expected",
+            after - before
+        ),
+        _ => assert_eq!(after, 0.0, "no combined statements off PostgreSQL"),
+    }
+}
+
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(outcome: &Result<T, Status>, code: Code, reason: Reason) {
+    let status = outcome.as_ref().expect_err("a refusal");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(
+        ordersaga_proto::errors::refusal(status).map(|r| r.reason),
+        Some(reason),
+        "{status:?}"
+    );
+}
+
+fn priced(sku: &str, quantity: i64, cents: i64) -> ReserveStockRequest {
+    ReserveStockRequest {
+        request_id: request_id(),
+        order_id: order_id(),
+        lines: vec![OrderLine {
+            sku: sku.into(),
+            quantity,
+            expected_unit_price_cents: cents,
+            expected_currency: "EUR".into(),
+        }],
+    }
+}
+
+async fn reserve_batch(
+    svc: &services::Running,
+    requests: &[ReserveStockRequest],
+) -> Vec<Result<ReserveStockResponse, Status>> {
+    use reserve_stock_batch_result::Outcome;
+    let batch = ReserveStockBatchRequest {
+        items: requests
+            .iter()
+            .map(|request| ReserveStockBatchItem {
+                request: Some(request.clone()),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let answer = svc
+        .stock()
+        .await
+        .reserve_stock_batch(authed(batch))
+        .await
+        .expect("the batch is answered")
+        .into_inner();
+    answer
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.expect("an outcome") {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error(error) => Err(error.into()),
+        })
+        .collect()
+}
+
+/// Ten units; asked 3, 4, 5, 2 and 1 in one batch. One by one in any order
+/// the 5 cannot fit once 3 and 4 are taken and the 2 and the 1 always do:
+/// the combined statement writes the 3 and the 4, the others are answered
+/// alone. A line at a price the catalogue no longer has is refused.
+async fn a_products_units_go_in_batch_order_and_the_rest_is_answered_alone(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 5, 200).await;
+    let before = combined(&svc).await;
+    let requests = [
+        priced("APPLE", 3, 150),
+        priced("APPLE", 4, 150),
+        priced("APPLE", 5, 150),
+        priced("APPLE", 2, 150),
+        priced("APPLE", 1, 150),
+        priced("PEAR", 1, 150),
+    ];
+    let outcomes = reserve_batch(&svc, &requests).await;
+    for (i, quantity) in [(0, 3), (1, 4), (3, 2), (4, 1)] {
+        let reply = outcomes[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("item {i}: {e:?}"));
+        assert_eq!(reply.lines.len(), 1);
+        assert_eq!(reply.lines[0].quantity, quantity);
+        assert_eq!(reply.total_cents, 150 * quantity);
+    }
+    assert_refused(&outcomes[2], Code::FailedPrecondition, Reason::OutOfStock);
+    assert_refused(&outcomes[5], Code::FailedPrecondition, Reason::PriceChanged);
+    assert_eq!(
+        levels(&mut client, "APPLE").await,
+        (0, 10),
+        "all sold, none twice"
+    );
+    assert_eq!(levels(&mut client, "PEAR").await, (5, 0));
+    assert_combined(backend, before, combined(&svc).await, 2.0);
+
+    // The batch again: every answer is the stored one, nothing more taken.
+    let again = reserve_batch(&svc, &requests).await;
+    for (i, (first, second)) in outcomes.iter().zip(&again).enumerate() {
+        match (first, second) {
+            (Ok(first), Ok(second)) => assert_eq!(first, second, "item {i}"),
+            (Err(first), Err(second)) => {
+                assert_eq!(first.code(), second.code(), "item {i}");
+                assert_eq!(first.message(), second.message(), "item {i}");
+            }
+            other => panic!("item {i} answered otherwise: {other:?}"),
+        }
+    }
+    assert_eq!(levels(&mut client, "APPLE").await, (0, 10));
+}
+
+async fn balance(svc: &services::Running, customer: &str) -> i64 {
+    svc.payment()
+        .await
+        .get_account(authed(GetAccountRequest {
+            customer_id: customer.into(),
+        }))
+        .await
+        .expect("the account")
+        .into_inner()
+        .account
+        .expect("an account")
+        .balance_cents
+}
+
+fn charge(customer: &str, cents: i64) -> ChargeRequest {
+    ChargeRequest {
+        request_id: request_id(),
+        order_id: order_id(),
+        customer_id: customer.into(),
+        amount_cents: cents,
+        currency: "EUR".into(),
+    }
+}
+
+async fn charge_batch(
+    svc: &services::Running,
+    requests: &[ChargeRequest],
+) -> Vec<Result<ChargeResponse, Status>> {
+    use charge_batch_result::Outcome;
+    let batch = ChargeBatchRequest {
+        items: requests
+            .iter()
+            .map(|request| ChargeBatchItem {
+                request: Some(request.clone()),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let answer = svc
+        .payment()
+        .await
+        .charge_batch(authed(batch))
+        .await
+        .expect("the batch is answered")
+        .into_inner();
+    answer
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.expect("an outcome") {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error(error) => Err(error.into()),
+        })
+        .collect()
+}
+
+/// 100 cents; charges of 30, 50, 40 and 20 in one batch, and one of a
+/// customer with no account. The 30 and the 50 are written together, each
+/// reply with the balance after its own debit (70, then 20); the 40 can
+/// never fit then, and the 20 always does, to 0.
+async fn an_accounts_funds_go_in_batch_order_each_reply_with_its_own_balance(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    client
+        .deposit(admin(DepositRequest {
+            request_id: request_id(),
+            customer_id: "carol".into(),
+            amount_cents: 100,
+            currency: "EUR".into(),
+        }))
+        .await
+        .unwrap();
+    let before = combined(&svc).await;
+    let requests = [
+        charge("carol", 30),
+        charge("carol", 50),
+        charge("carol", 40),
+        charge("carol", 20),
+        charge("nobody", 10),
+    ];
+    let outcomes = charge_batch(&svc, &requests).await;
+    let balances: Vec<Option<i64>> = outcomes
+        .iter()
+        .map(|o| o.as_ref().ok().map(|r| r.balance_cents))
+        .collect();
+    assert_eq!(
+        balances,
+        [Some(70), Some(20), None, Some(0), None],
+        "{outcomes:?}"
+    );
+    assert_refused(
+        &outcomes[2],
+        Code::FailedPrecondition,
+        Reason::InsufficientFunds,
+    );
+    assert_refused(&outcomes[4], Code::NotFound, Reason::UnknownAccount);
+    assert_eq!(balance(&svc, "carol").await, 0);
+    assert_combined(backend, before, combined(&svc).await, 2.0);
+
+    // The batch again: the stored replies, balances and all, byte for byte.
+    let again = charge_batch(&svc, &requests).await;
+    for (i, (first, second)) in outcomes.iter().zip(&again).enumerate() {
+        match (first, second) {
+            (Ok(first), Ok(second)) => assert_eq!(first, second, "item {i}"),
+            (Err(first), Err(second)) => assert_eq!(first.code(), second.code(), "item {i}"),
+            other => panic!("item {i} answered otherwise: {other:?}"),
+        }
+    }
+    assert_eq!(balance(&svc, "carol").await, 0, "nothing charged twice");
+}
+
+fn prepare(order_id: &str) -> PrepareShipmentRequest {
+    PrepareShipmentRequest {
+        request_id: request_id(),
+        order_id: order_id.into(),
+        address: Some(Address {
+            recipient: "Ada Lovelace".into(),
+            line1: "12 St James's Square".into(),
+            city: "London".into(),
+            postal_code: "SW1Y 4JH".into(),
+            country: "DE".into(),
+        }),
+        service_level: 0,
+        item_count: 2,
+    }
+}
+
+/// One request twice in a batch is run once and answered twice alike; one
+/// order asked by two requests gets one shipment, the other request is
+/// refused. The batch's other requests go together.
+async fn an_order_or_a_request_twice_in_a_batch_counts_once(backend: Backend) {
+    use prepare_shipment_batch_result::Outcome;
+    let svc = services::shipping(backend).await;
+    let before = combined(&svc).await;
+    let twice = prepare(&order_id());
+    let shared_order = order_id();
+    let requests = [
+        twice.clone(),
+        twice,
+        prepare(&shared_order),
+        prepare(&shared_order),
+        prepare(&order_id()),
+        prepare(&order_id()),
+    ];
+    let batch = PrepareShipmentBatchRequest {
+        items: requests
+            .iter()
+            .map(|request| PrepareShipmentBatchItem {
+                request: Some(request.clone()),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let outcomes: Vec<Result<PrepareShipmentResponse, Status>> = svc
+        .shipping()
+        .await
+        .prepare_shipment_batch(authed(batch))
+        .await
+        .expect("the batch is answered")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.expect("an outcome") {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error(error) => Err(error.into()),
+        })
+        .collect();
+    let shipment = |i: usize| {
+        outcomes[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("item {i}: {e:?}"))
+            .shipment
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(shipment(0), shipment(1), "one request, one shipment");
+    let (won, lost) = match (&outcomes[2], &outcomes[3]) {
+        (Ok(_), Err(_)) => (2, 3),
+        (Err(_), Ok(_)) => (3, 2),
+        other => panic!("one order, one shipment: {other:?}"),
+    };
+    assert_refused(
+        &outcomes[lost],
+        Code::FailedPrecondition,
+        Reason::AlreadyPrepared,
+    );
+    assert_eq!(shipment(won).order_id, shared_order);
+    for i in [4, 5] {
+        assert_eq!(shipment(i).order_id, requests[i].order_id);
+    }
+    assert_combined(backend, before, combined(&svc).await, 2.0);
+}
