@@ -25,7 +25,7 @@ use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, Status};
 
 use crate::{
-    assertions::{order_id, request_id},
+    assertions::{order_id, race_alone, request_id, stored_refusal},
     metrics::sample,
     stock::{levels, seed},
 };
@@ -35,6 +35,14 @@ on_both_stores!(
     an_accounts_funds_go_in_batch_order_each_reply_with_its_own_balance,
     an_order_or_a_request_twice_in_a_batch_counts_once,
 );
+
+/// PostgreSQL only: what another process of the service commits while the
+/// statement runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_combined_statement_raced_by_another_process_writes_nothing_and_each_request_goes_alone()
+{
+    a_raced_combined_statement(Backend::Postgres).await
+}
 
 /// Requests written by combined statements, from a service's `/metrics`.
 async fn combined(svc: &services::Running) -> f64 {
@@ -295,7 +303,6 @@ fn prepare(order_id: &str) -> PrepareShipmentRequest {
 /// order asked by two requests gets one shipment, the other request is
 /// refused. The batch's other requests go together.
 async fn an_order_or_a_request_twice_in_a_batch_counts_once(backend: Backend) {
-    use prepare_shipment_batch_result::Outcome;
     let svc = services::shipping(backend).await;
     let before = combined(&svc).await;
     let twice = prepare(&order_id());
@@ -308,29 +315,7 @@ async fn an_order_or_a_request_twice_in_a_batch_counts_once(backend: Backend) {
         prepare(&order_id()),
         prepare(&order_id()),
     ];
-    let batch = PrepareShipmentBatchRequest {
-        items: requests
-            .iter()
-            .map(|request| PrepareShipmentBatchItem {
-                request: Some(request.clone()),
-                ..Default::default()
-            })
-            .collect(),
-    };
-    let outcomes: Vec<Result<PrepareShipmentResponse, Status>> = svc
-        .shipping()
-        .await
-        .prepare_shipment_batch(authed(batch))
-        .await
-        .expect("the batch is answered")
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| match r.outcome.expect("an outcome") {
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error(error) => Err(error.into()),
-        })
-        .collect();
+    let outcomes = prepare_batch(&svc, &requests).await;
     let shipment = |i: usize| {
         outcomes[i]
             .as_ref()
@@ -355,4 +340,123 @@ async fn an_order_or_a_request_twice_in_a_batch_counts_once(backend: Backend) {
         assert_eq!(shipment(i).order_id, requests[i].order_id);
     }
     assert_combined(backend, before, combined(&svc).await, 2.0);
+}
+
+async fn prepare_batch(
+    svc: &services::Running,
+    requests: &[PrepareShipmentRequest],
+) -> Vec<Result<PrepareShipmentResponse, Status>> {
+    use prepare_shipment_batch_result::Outcome;
+    let batch = PrepareShipmentBatchRequest {
+        items: requests
+            .iter()
+            .map(|request| PrepareShipmentBatchItem {
+                request: Some(request.clone()),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    svc.shipping()
+        .await
+        .prepare_shipment_batch(authed(batch))
+        .await
+        .expect("the batch is answered")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.expect("an outcome") {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error(error) => Err(error.into()),
+        })
+        .collect()
+}
+
+/// The second request of a batch of three is claimed by another process
+/// (its refusal stored) while the combined statement runs: the statement's
+/// claim waits on the other's, then fails when it commits. Nothing of the
+/// statement stays; each request is answered alone: the first and the
+/// third are prepared, the second gets the other process's answer.
+async fn a_raced_combined_statement(backend: Backend) {
+    let svc = services::shipping(backend).await;
+    let pool = svc.db.pool().await;
+    let before = combined(&svc).await;
+    let requests = [
+        prepare(&order_id()),
+        prepare(&order_id()),
+        prepare(&order_id()),
+    ];
+    let theirs = stored_refusal(
+        "PrepareShipment",
+        &requests[1],
+        "refused by the other process",
+    );
+    let raced = {
+        let (key, requests) = (requests[1].request_id.clone(), requests.clone());
+        let svc_addr = svc.endpoint();
+        race_alone(&pool, &theirs, &key, async move {
+            let channel = tonic::transport::Channel::from_shared(svc_addr)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client =
+                ordersaga_proto::shipping::v1::shipping_service_client::ShippingServiceClient::new(
+                    channel,
+                );
+            let batch = PrepareShipmentBatchRequest {
+                items: requests
+                    .iter()
+                    .map(|request| PrepareShipmentBatchItem {
+                        request: Some(request.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            client.prepare_shipment_batch(authed(batch)).await
+        })
+        .await
+    };
+    use prepare_shipment_batch_result::Outcome;
+    let outcomes: Vec<Result<PrepareShipmentResponse, Status>> = raced
+        .expect("the batch is answered")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.outcome.expect("an outcome") {
+            Outcome::Reply(reply) => Ok(reply),
+            Outcome::Error(error) => Err(error.into()),
+        })
+        .collect();
+    for i in [0, 2] {
+        let shipment = outcomes[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("item {i}: {e:?}"))
+            .shipment
+            .clone()
+            .unwrap();
+        assert_eq!(shipment.order_id, requests[i].order_id);
+    }
+    let theirs = outcomes[1]
+        .as_ref()
+        .expect_err("the other process's refusal");
+    assert_eq!(theirs.code(), Code::FailedPrecondition, "{theirs:?}");
+    assert!(
+        theirs.message().contains("refused by the other process"),
+        "{theirs:?}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM shipments")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "the second request's shipment was written");
+    assert_eq!(
+        combined(&svc).await,
+        before,
+        "the failed statement counted requests as combined"
+    );
+    // Their replays are the stored answers.
+    let again = prepare_batch(&svc, &requests).await;
+    assert_eq!(again[0].as_ref().unwrap(), outcomes[0].as_ref().unwrap());
+    assert_eq!(again[2].as_ref().unwrap(), outcomes[2].as_ref().unwrap());
+    assert!(again[1].is_err());
 }
