@@ -32,6 +32,18 @@ pub const MAX_ITEMS: usize = 256;
 
 pub use ordersaga_proto::batch::Item;
 
+tokio::task_local! {
+    /// How many items the batch being run has (see [`items_in_batch`]).
+    static ITEMS: usize;
+}
+
+/// How many items the batch RPC that runs the current request has: 1 for a
+/// call alone. The requests of a batch of two or more come in the same
+/// moment, which is when combining them pays ([`crate::combined`]).
+pub fn items_in_batch() -> usize {
+    ITEMS.try_with(|items| *items).unwrap_or(1)
+}
+
 /// What the server's layers give a batch for its items; each is inserted
 /// into the extensions of batch calls only.
 #[derive(Clone, Default)]
@@ -81,6 +93,7 @@ where
     }
     let hooks = ItemHooks::of(extensions);
     let run_one = &run_one;
+    let count = items.len();
     let runs = items.into_iter().enumerate().map(|(i, item)| {
         let item: Item<T> = item.into();
         let span = crate::propagation::item_span(method, &item.traceparent, &item.tracestate);
@@ -91,7 +104,7 @@ where
             _ => Ok(None),
         };
         let hooks = hooks.clone();
-        async move {
+        let run = async move {
             let started = Instant::now();
             let result = match (slot, item.request) {
                 (Err(shed), _) => Err(shed),
@@ -122,8 +135,8 @@ where
                 metrics.record(method, code, started.elapsed());
             }
             O::from(result)
-        }
-        .instrument(span)
+        };
+        ITEMS.scope(count, run.instrument(span))
     });
     Ok(join_all(runs).await)
 }

@@ -23,9 +23,12 @@
 //!   it did not save.
 //! - A statement that fails (a race with another connection, its writes
 //!   failing whole) writes nothing, and each of its requests goes on alone.
-//! - A request alone in its moment is not combined: it goes at once, and a
-//!   request alone in its service commits with its one statement
-//!   ([`crate::shared_transaction::SharedTransaction::run_alone`]).
+//! - Only the items of a batch RPC of two or more are offered
+//!   ([`crate::batch::items_in_batch`]): a call alone goes on at once, with
+//!   nothing added to its path, and a request alone in its service commits
+//!   with its one statement
+//!   ([`crate::shared_transaction::SharedTransaction::run_alone`]). An item
+//!   alone in its moment all the same goes on alone too.
 
 use std::sync::{Arc, Mutex};
 
@@ -137,8 +140,13 @@ impl<C: Combine> Combiner<C> {
         }
     }
 
-    /// Offers `item` for the next combined statement on `shared`.
+    /// Offers `item` for the next combined statement on `shared`. Only the
+    /// items of a batch RPC of two or more are taken: a call alone goes on
+    /// alone at once, with no task or wait added to its path.
     pub async fn offer(&self, shared: &SharedTransaction, item: C::Item) -> Offered<C::Written> {
+        if crate::batch::items_in_batch() < 2 {
+            return Offered::Alone;
+        }
         let (reply, answer) = oneshot::channel();
         let first = {
             let mut waiting = self.inner.waiting.lock().expect("combiner queue");

@@ -301,10 +301,20 @@ fn prepare(order_id: &str) -> PrepareShipmentRequest {
 
 /// One request twice in a batch is run once and answered twice alike; one
 /// order asked by two requests gets one shipment, the other request is
-/// refused. The batch's other requests go together.
+/// refused. The batch's other requests go together; calls alone never do.
 async fn an_order_or_a_request_twice_in_a_batch_counts_once(backend: Backend) {
     let svc = services::shipping(backend).await;
+    // Calls alone, even at the same moment, are not combined.
     let before = combined(&svc).await;
+    let (mut one, mut two) = (svc.shipping().await, svc.shipping().await);
+    let (first, second) = tokio::join!(
+        one.prepare_shipment(authed(prepare(&order_id()))),
+        two.prepare_shipment(authed(prepare(&order_id()))),
+    );
+    first.expect("the first call alone");
+    second.expect("the second call alone");
+    assert_eq!(combined(&svc).await, before, "calls alone were combined");
+
     let twice = prepare(&order_id());
     let shared_order = order_id();
     let requests = [
