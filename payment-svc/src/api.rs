@@ -14,7 +14,6 @@ use svc_kit::{
     idempotency::{
         ClaimRow, Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming,
     },
-    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
@@ -30,7 +29,7 @@ use crate::{
 pub struct PaymentApi {
     store: Store,
     /// On PostgreSQL: the charges that come together, in one statement.
-    charges: Option<(SharedTransaction, Combiner<ChargeMany>)>,
+    charges: Option<Combiner<ChargeMany>>,
 }
 
 impl PaymentApi {
@@ -38,7 +37,7 @@ impl PaymentApi {
         let charges = store
             .shared
             .clone()
-            .map(|shared| (shared, Combiner::new(ChargeMany)));
+            .map(|shared| Combiner::new(shared, ChargeMany));
         PaymentApi { store, charges }
     }
 }
@@ -54,7 +53,7 @@ impl PaymentApi {
             ("request_id", &req.request_id),
         ]);
         let key = RequestKey::new("Charge", &req.request_id, &req);
-        if let Some((shared, combiner)) = &self.charges {
+        if let Some(combiner) = self.charges.as_ref().filter(|c| c.takes_offers_now()) {
             // The reply but its balance, which the statement tells.
             let mut reply = ChargeResponse {
                 payment_id: Uuid::new_v4().to_string(),
@@ -64,13 +63,13 @@ impl PaymentApi {
             };
             let claim = ClaimRow::new(&key, svc_kit::time::now_ms(), &reply);
             let item = Charge::new(&new.order_id, &new.customer_id, &reply, claim);
-            match combiner.offer(shared, item).await {
+            match combiner.offer(item).await {
                 Offered::Written(balance_cents) => {
                     reply.balance_cents = balance_cents;
                     return Ok(reply);
                 }
                 Offered::Failed(status) => return Err(status),
-                Offered::Alone => {}
+                Offered::NotWritten => {}
             }
         }
         let sqlite_new = new.clone();

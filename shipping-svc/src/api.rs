@@ -14,7 +14,6 @@ use svc_kit::{
     Error, batch,
     combined::{Combiner, Offered},
     idempotency::{ClaimRow, Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
-    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
@@ -33,7 +32,7 @@ pub struct ShippingApi {
     store: Store,
     countries: BTreeSet<String>,
     /// On PostgreSQL: the prepares that come together, in one statement.
-    prepares: Option<(SharedTransaction, Combiner<PrepareMany>)>,
+    prepares: Option<Combiner<PrepareMany>>,
 }
 
 impl ShippingApi {
@@ -41,7 +40,7 @@ impl ShippingApi {
         let prepares = store
             .shared
             .clone()
-            .map(|shared| (shared, Combiner::new(PrepareMany)));
+            .map(|shared| Combiner::new(shared, PrepareMany));
         ShippingApi {
             store,
             countries,
@@ -71,7 +70,8 @@ impl ShippingApi {
                 country: new.address.country.clone(),
             })
         });
-        if let (Some((shared, combiner)), None) = (&self.prepares, &not_served) {
+        let combiner = self.prepares.as_ref().filter(|c| c.takes_offers_now());
+        if let (Some(combiner), None) = (combiner, &not_served) {
             let shipment = shipments::to_prepare(new.clone());
             let reply = PrepareShipmentResponse {
                 shipment: Some(shipment),
@@ -79,10 +79,10 @@ impl ShippingApi {
             let shipment = reply.shipment.as_ref().expect("just set");
             let claim = ClaimRow::new(&key, shipment.created_at_ms, &reply);
             let item = Prepare::new(shipment, new.item_count, claim);
-            match combiner.offer(shared, item).await {
+            match combiner.offer(item).await {
                 Offered::Written(()) => return Ok(reply),
                 Offered::Failed(status) => return Err(status),
-                Offered::Alone => {}
+                Offered::NotWritten => {}
             }
         }
         let sqlite_new = new.clone();

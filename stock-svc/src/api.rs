@@ -17,7 +17,6 @@ use svc_kit::{
     idempotency::{
         ClaimRow, Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming,
     },
-    shared_transaction::SharedTransaction,
     store::Store,
     validate,
 };
@@ -35,7 +34,7 @@ const MAX_RESTOCK: i64 = 1_000_000;
 pub struct StockApi {
     store: Store,
     /// On PostgreSQL: the reservations that come together, in one statement.
-    reservations: Option<(SharedTransaction, Combiner<ReserveMany>)>,
+    reservations: Option<Combiner<ReserveMany>>,
 }
 
 impl StockApi {
@@ -43,7 +42,7 @@ impl StockApi {
         let reservations = store
             .shared
             .clone()
-            .map(|shared| (shared, Combiner::new(ReserveMany)));
+            .map(|shared| Combiner::new(shared, ReserveMany));
         StockApi {
             store,
             reservations,
@@ -77,16 +76,17 @@ impl StockApi {
             ..req.clone()
         };
         let key = RequestKey::new("ReserveStock", &req.request_id, &identity);
-        if let (Some((shared, combiner)), [line]) = (&self.reservations, lines.as_slice())
+        let combiner = self.reservations.as_ref().filter(|c| c.takes_offers_now());
+        if let (Some(combiner), [line]) = (combiner, lines.as_slice())
             && let Some((unit_price_cents, currency)) = line.expected_price.clone()
         {
             let reply = reservations::priced_reply(line, unit_price_cents, currency);
             let claim = ClaimRow::new(&key, svc_kit::time::now_ms(), &reply);
             if let Some(item) = Reserve::new(&req.order_id, &reply, claim) {
-                match combiner.offer(shared, item).await {
+                match combiner.offer(item).await {
                     Offered::Written(()) => return Ok(reply),
                     Offered::Failed(status) => return Err(status),
-                    Offered::Alone => {}
+                    Offered::NotWritten => {}
                 }
             }
         }

@@ -15,14 +15,18 @@
 //! - The statement writes each request whole (its effect and its claim
 //!   with its reply) or nothing of it, and says which it wrote. A written
 //!   request's answer holds once its batch commits, as a turn's would.
-//! - A request it did not write goes on as it would have alone, on a turn
-//!   of its own: a refusal, a repeat or anything the statement does not
-//!   handle is answered there, precisely. The statement may leave out
-//!   whatever it cannot settle simply (the second request of an order in
-//!   the same batch, a hot row's last units): it costs only the round trip
-//!   it did not save.
+//! - A request it did not write goes on on its own, as it would have
+//!   without the combiner: a refusal, a repeat or anything the statement
+//!   does not handle is answered there, precisely. The statement may leave
+//!   out whatever it cannot settle simply (the second request of an order
+//!   in the same batch, a hot row's last units): it costs the round trip it
+//!   did not save and, when the statement wrote others, the wait for their
+//!   commit (those it left out hear of it then, never while the statement
+//!   may still run again).
 //! - A statement that fails (a race with another connection, its writes
-//!   failing whole) writes nothing, and each of its requests goes on alone.
+//!   failing whole) writes nothing, and each of its requests goes on on its
+//!   own (logged as a warning: a statement that always failed would cost a
+//!   batch's rollback every time, with nothing else to show for it).
 //! - Only the items of a batch RPC of two or more are offered
 //!   ([`crate::batch::items_in_batch`]): a call alone goes on at once, with
 //!   nothing added to its path, and a request alone in its service commits
@@ -60,11 +64,12 @@ pub trait Combine: Send + Sync + 'static {
 pub enum Offered<W> {
     /// Written, and its batch committed.
     Written(W),
-    /// Not written: it goes on alone.
-    Alone,
-    /// Its batch did not commit (or never opened): what a turn of its own
-    /// would have answered (UNAVAILABLE; a retry runs it again, or replays
-    /// it if the commit did happen after all).
+    /// Not written: it goes on on its own, as it would have without the
+    /// combiner (a turn of its own, or its lone statement).
+    NotWritten,
+    /// Written, but its batch did not commit (or its outcome is unknown):
+    /// what a turn of its own would have answered (UNAVAILABLE; a retry
+    /// runs it again, or replays it if the commit did happen after all).
     Failed(tonic::Status),
 }
 
@@ -106,7 +111,8 @@ pub fn written_by_number<W>(
     Ok(written)
 }
 
-/// The requests of one method offered for combining, and their groups.
+/// The requests of one method offered for combining on one shared
+/// transaction, and their groups.
 pub struct Combiner<C: Combine> {
     inner: Arc<Inner<C>>,
 }
@@ -126,26 +132,34 @@ type Offer<C> = (<C as Combine>::Item, Reply<<C as Combine>::Written>);
 
 struct Inner<C: Combine> {
     combine: C,
+    shared: SharedTransaction,
     /// Offered and not yet taken by a group.
     waiting: Mutex<Vec<Offer<C>>>,
 }
 
 impl<C: Combine> Combiner<C> {
-    pub fn new(combine: C) -> Self {
+    /// Combines on `shared` with `combine`'s statement.
+    pub fn new(shared: SharedTransaction, combine: C) -> Self {
         Combiner {
             inner: Arc::new(Inner {
                 combine,
+                shared,
                 waiting: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// Offers `item` for the next combined statement on `shared`. Only the
-    /// items of a batch RPC of two or more are taken: a call alone goes on
-    /// alone at once, with no task or wait added to its path.
-    pub async fn offer(&self, shared: &SharedTransaction, item: C::Item) -> Offered<C::Written> {
-        if crate::batch::items_in_batch() < 2 {
-            return Offered::Alone;
+    /// Whether a request now is worth offering: it is an item of a batch
+    /// RPC of two or more ([`crate::batch::items_in_batch`]). A call alone
+    /// goes on at once, having built nothing for the combiner.
+    pub fn takes_offers_now(&self) -> bool {
+        crate::batch::items_in_batch() >= 2
+    }
+
+    /// Offers `item` for the next combined statement.
+    pub async fn offer(&self, item: C::Item) -> Offered<C::Written> {
+        if !self.takes_offers_now() {
+            return Offered::NotWritten;
         }
         let (reply, answer) = oneshot::channel();
         let first = {
@@ -154,42 +168,59 @@ impl<C: Combine> Combiner<C> {
             waiting.len() == 1
         };
         if first {
-            tokio::spawn(run_group(self.inner.clone(), shared.clone()));
+            tokio::spawn(run_group(self.inner.clone()));
         }
-        // Dropped unanswered only if the group's task panicked: nothing of
-        // it committed then, and the request goes on alone.
-        answer.await.unwrap_or(Offered::Alone)
+        // Dropped unanswered only if the group's task panicked. If its
+        // statement wrote this request and the batch commits all the same,
+        // the request's own turn finds its claim and replays it.
+        answer.await.unwrap_or(Offered::NotWritten)
     }
 }
 
 /// One group: the requests offered in the same moment as the one that
 /// started it, in one turn.
-async fn run_group<C: Combine>(inner: Arc<Inner<C>>, shared: SharedTransaction) {
-    // The requests of one batch RPC are offered one after the other in the
-    // same poll: to the back of the scheduler's queue once, so that they
-    // are all here.
+async fn run_group<C: Combine>(inner: Arc<Inner<C>>) {
+    // The items of one batch RPC are offered one after the other in the
+    // same poll: to the back of the scheduler's queue once, so that those
+    // offered in that poll are here. (One that came later, or that another
+    // worker's poll of the group missed, starts the next group.)
     tokio::task::yield_now().await;
     let group = std::mem::take(&mut *inner.waiting.lock().expect("combiner queue"));
     if group.len() < 2 {
-        for (_, reply) in group {
-            let _ = reply.send(Offered::Alone);
-        }
+        tell_all(group.into_iter().map(|(_, reply)| reply), || {
+            Offered::NotWritten
+        });
         return;
     }
     let (items, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let combine = &inner.combine;
-    let outcome = shared
+    // Which requests the last run of the statement wrote (it runs again if
+    // its batch is redone): those are the ones whose outcome a failed
+    // commit leaves unknown.
+    let last_written = Mutex::new(vec![false; items.len()]);
+    let outcome = inner
+        .shared
         .run(Guard::Redo, async |conn: &mut AnyConnection| {
-            Ok(match combine.apply(conn, &items).await {
+            let result = combine.apply(conn, &items).await;
+            *last_written.lock().expect("written flags") = match &result {
+                Ok(written) if written.len() == items.len() => {
+                    written.iter().map(Option::is_some).collect()
+                }
+                // Not told apart: each one's own turn finds its claim.
+                Ok(_) => vec![true; items.len()],
+                Err(_) => vec![false; items.len()],
+            };
+            Ok(match result {
                 Ok(written) if written.iter().any(Option::is_some) => {
                     TurnResult::Written(Some(written))
                 }
                 Ok(written) => TurnResult::Untouched(Some(written)),
                 // It wrote nothing, but on PostgreSQL a failed statement
-                // aborts the transaction: the batch is rolled back (its
-                // other requests run again), and these go on alone.
+                // aborts the transaction: it is rolled back (to the turn's
+                // savepoint if it has one, else with its batch, whose other
+                // requests run again), and these go on on their own.
                 Err(err) => {
-                    tracing::debug!(error = %err, "a combined statement failed; its requests go on alone");
+                    tracing::warn!(error = %err, "a combined statement failed; its requests go on on their own");
                     TurnResult::Nothing(None)
                 }
             })
@@ -198,11 +229,11 @@ async fn run_group<C: Combine>(inner: Arc<Inner<C>>, shared: SharedTransaction) 
     match outcome {
         Ok(Some(written)) if written.len() == replies.len() => {
             let count = written.iter().filter(|w| w.is_some()).count();
-            shared.count_combined(count as u64);
+            inner.shared.count_combined(count as u64);
             for (reply, written) in replies.into_iter().zip(written) {
                 let _ = reply.send(match written {
                     Some(written) => Offered::Written(written),
-                    None => Offered::Alone,
+                    None => Offered::NotWritten,
                 });
             }
         }
@@ -215,19 +246,27 @@ async fn run_group<C: Combine>(inner: Arc<Inner<C>>, shared: SharedTransaction) 
                 results = written.len(),
                 "a combined statement answered for another number of requests"
             );
-            fail_all(replies, || Offered::Alone);
+            tell_all(replies, || Offered::NotWritten);
         }
-        Ok(None) => fail_all(replies, || Offered::Alone),
-        // The batch did not commit (or never opened): what each request's
-        // own turn would have heard.
+        Ok(None) => tell_all(replies, || Offered::NotWritten),
+        // The batch did not commit (or never opened): a request the
+        // statement wrote hears what its own turn would have heard; one it
+        // did not write goes on on its own.
         Err(err) => {
             let status = tonic::Status::from(err);
-            fail_all(replies, || Offered::Failed(status.clone()));
+            let written = last_written.into_inner().expect("written flags");
+            for (reply, written) in replies.into_iter().zip(written) {
+                let _ = reply.send(match written {
+                    true => Offered::Failed(status.clone()),
+                    false => Offered::NotWritten,
+                });
+            }
         }
     }
 }
 
-fn fail_all<W>(replies: Vec<Reply<W>>, answer: impl Fn() -> Offered<W>) {
+/// Sends each of `replies` what `answer` makes.
+fn tell_all<W>(replies: impl IntoIterator<Item = Reply<W>>, answer: impl Fn() -> Offered<W>) {
     for reply in replies {
         let _ = reply.send(answer());
     }
