@@ -26,7 +26,7 @@ use ordersaga_proto::payment::v1::ChargeResponse;
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 use svc_kit::{
-    combined::{BoxFuture, Combine, numbered_json, written_by_number},
+    combined::{BoxFuture, Combine, apply_numbered},
     idempotency::ClaimRow,
 };
 
@@ -60,28 +60,16 @@ impl Charge {
     }
 }
 
-/// Each item's lookups are a lateral subquery by its key alone, a plan
-/// that can only be an index probe per item. (Joined with the JSON as a
-/// table, or with `= ANY` of the batch's keys as well, a plan made while
-/// `charges` was small (and kept by the connection for good) scanned the
-/// whole table for every item: 2.4 ms a statement of 12 after 4,000
-/// orders.)
 /// The update of the hot rows keeps `= ANY` of the batch's keys, which
 /// lets the planner reach them by key however it joins.
-const CHARGE_MANY: &str = "WITH i AS ( \
+const CHARGE_MANY: &str = concat!(
+    "WITH i AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, order_id text, payment_id text, \
          customer_id text, amount_cents bigint, currency text, \
          request_id text, method text, fingerprint text, at_ms bigint, reply text)), \
-     counted AS ( \
-       SELECT i.*, count(*) OVER (PARTITION BY order_id) AS of_order, \
-         count(*) OVER (PARTITION BY request_id) AS of_request FROM i), \
-     fresh AS ( \
-       SELECT c.* FROM counted c \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM idempotency x \
-           WHERE x.request_id = c.request_id LIMIT 1) x ON true \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM charges ch \
-           WHERE ch.order_id = c.order_id LIMIT 1) ch ON true \
-       WHERE c.of_order = 1 AND c.of_request = 1 AND x.found IS NULL AND ch.found IS NULL), \
+     ",
+    svc_kit::fresh_items!("charges"),
+    ", \
      funded AS ( \
        SELECT f.*, a.balance_cents, \
          (sum(f.amount_cents) OVER (PARTITION BY f.customer_id ORDER BY f.n))::bigint AS amounts_so_far \
@@ -109,7 +97,8 @@ const CHARGE_MANY: &str = "WITH i AS ( \
          decode(reply, 'hex') || CASE WHEN balance_after = 0 THEN ''::bytea \
            ELSE '\\x20'::bytea || protobuf_varint(balance_after) END \
        FROM written) \
-     SELECT n, balance_after FROM written";
+     SELECT n, balance_after FROM written"
+);
 
 /// [`CHARGE_MANY`] for the payment service's combiner: each written
 /// request learns the balance after its debit.
@@ -124,12 +113,8 @@ impl Combine for ChargeMany {
         conn: &'a mut AnyConnection,
         items: &'a [Charge],
     ) -> BoxFuture<'a, Result<Vec<Option<i64>>, sqlx::Error>> {
-        Box::pin(async move {
-            let rows = sqlx::query(CHARGE_MANY)
-                .bind(numbered_json(items))
-                .fetch_all(&mut *conn)
-                .await?;
-            written_by_number(rows, items.len(), |row| row.try_get("balance_after"))
-        })
+        Box::pin(apply_numbered(conn, CHARGE_MANY, items, |row| {
+            row.try_get("balance_after")
+        }))
     }
 }

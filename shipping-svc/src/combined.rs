@@ -11,7 +11,7 @@ use ordersaga_proto::shipping::v1::Shipment;
 use serde::Serialize;
 use sqlx::AnyConnection;
 use svc_kit::{
-    combined::{BoxFuture, Combine, numbered_json, written_by_number},
+    combined::{BoxFuture, Combine, apply_numbered},
     idempotency::ClaimRow,
 };
 
@@ -54,28 +54,15 @@ impl Prepare {
     }
 }
 
-/// Each item's lookups are a lateral subquery by its key alone, a plan
-/// that can only be an index probe per item. (Joined with the JSON as a
-/// table, or with `= ANY` of the batch's keys as well, a plan made while
-/// `shipments` was small (and kept by the connection for good) scanned the
-/// whole table for every item: 2.4 ms a statement of 12 after 4,000
-/// orders.)
 const PREPARE_MANY: &str = concat!(
     "WITH i AS ( \
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, order_id text, shipment_id text, \
          tracking_id text, recipient text, line1 text, city text, postal_code text, country text, \
          service_level bigint, item_count bigint, request_id text, method text, fingerprint text, \
          at_ms bigint, reply text)), \
-     counted AS ( \
-       SELECT i.*, count(*) OVER (PARTITION BY order_id) AS of_order, \
-         count(*) OVER (PARTITION BY request_id) AS of_request FROM i), \
-     fresh AS ( \
-       SELECT c.* FROM counted c \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM idempotency x \
-           WHERE x.request_id = c.request_id LIMIT 1) x ON true \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM shipments s \
-           WHERE s.order_id = c.order_id LIMIT 1) s ON true \
-       WHERE c.of_order = 1 AND c.of_request = 1 AND x.found IS NULL AND s.found IS NULL), \
+     ",
+    svc_kit::fresh_items!("shipments"),
+    ", \
      shipment AS ( \
        INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
          country, service_level, item_count, created_at_ms, updated_at_ms) \
@@ -101,12 +88,6 @@ impl Combine for PrepareMany {
         conn: &'a mut AnyConnection,
         items: &'a [Prepare],
     ) -> BoxFuture<'a, Result<Vec<Option<()>>, sqlx::Error>> {
-        Box::pin(async move {
-            let rows = sqlx::query(PREPARE_MANY)
-                .bind(numbered_json(items))
-                .fetch_all(&mut *conn)
-                .await?;
-            written_by_number(rows, items.len(), |_| Ok(()))
-        })
+        Box::pin(apply_numbered(conn, PREPARE_MANY, items, |_| Ok(())))
     }
 }

@@ -25,7 +25,7 @@ use ordersaga_proto::stock::v1::ReserveStockResponse;
 use serde::Serialize;
 use sqlx::AnyConnection;
 use svc_kit::{
-    combined::{BoxFuture, Combine, numbered_json, written_by_number},
+    combined::{BoxFuture, Combine, apply_numbered},
     idempotency::ClaimRow,
 };
 
@@ -64,12 +64,6 @@ impl Reserve {
     }
 }
 
-/// Each item's lookups are a lateral subquery by its key alone, a plan
-/// that can only be an index probe per item. (Joined with the JSON as a
-/// table, or with `= ANY` of the batch's keys as well, a plan made while
-/// `reservations` was small (and kept by the connection for good) scanned the
-/// whole table for every item: 2.4 ms a statement of 12 after 4,000
-/// orders.)
 /// The update of the hot rows keeps `= ANY` of the batch's keys, which
 /// lets the planner reach them by key however it joins.
 const RESERVE_MANY: &str = concat!(
@@ -77,16 +71,9 @@ const RESERVE_MANY: &str = concat!(
        SELECT * FROM jsonb_to_recordset($1::jsonb) AS i(n bigint, order_id text, reservation_id text, \
          sku text, quantity bigint, unit_price_cents bigint, currency text, total_cents bigint, \
          request_id text, method text, fingerprint text, at_ms bigint, reply text)), \
-     counted AS ( \
-       SELECT i.*, count(*) OVER (PARTITION BY order_id) AS of_order, \
-         count(*) OVER (PARTITION BY request_id) AS of_request FROM i), \
-     fresh AS ( \
-       SELECT c.* FROM counted c \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM idempotency x \
-           WHERE x.request_id = c.request_id LIMIT 1) x ON true \
-         LEFT JOIN LATERAL (SELECT 1 AS found FROM reservations r \
-           WHERE r.order_id = c.order_id LIMIT 1) r ON true \
-       WHERE c.of_order = 1 AND c.of_request = 1 AND x.found IS NULL AND r.found IS NULL), \
+     ",
+    svc_kit::fresh_items!("reservations"),
+    ", \
      priced AS ( \
        SELECT f.*, p.available, \
          (sum(f.quantity) OVER (PARTITION BY f.sku ORDER BY f.n))::bigint AS units_so_far \
@@ -128,12 +115,6 @@ impl Combine for ReserveMany {
         conn: &'a mut AnyConnection,
         items: &'a [Reserve],
     ) -> BoxFuture<'a, Result<Vec<Option<()>>, sqlx::Error>> {
-        Box::pin(async move {
-            let rows = sqlx::query(RESERVE_MANY)
-                .bind(numbered_json(items))
-                .fetch_all(&mut *conn)
-                .await?;
-            written_by_number(rows, items.len(), |_| Ok(()))
-        })
+        Box::pin(apply_numbered(conn, RESERVE_MANY, items, |_| Ok(())))
     }
 }

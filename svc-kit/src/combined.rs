@@ -111,6 +111,51 @@ pub fn written_by_number<W>(
     Ok(written)
 }
 
+/// Runs `sql` (whose `$1` is the items' JSON, [`numbered_json`]) and reads
+/// what each written item learned from its row ([`written_by_number`]):
+/// a [`Combine::apply`] in one call.
+pub async fn apply_numbered<T: Serialize, W>(
+    conn: &mut AnyConnection,
+    sql: &'static str,
+    items: &[T],
+    learned: impl Fn(&AnyRow) -> Result<W, sqlx::Error>,
+) -> Result<Vec<Option<W>>, sqlx::Error> {
+    let rows = sqlx::query(sql)
+        .bind(numbered_json(items))
+        .fetch_all(&mut *conn)
+        .await?;
+    written_by_number(rows, items.len(), learned)
+}
+
+/// The CTEs `counted` and `fresh`: the items of `i` (a CTE of the
+/// statement's JSON, with `order_id` and `request_id`) that a combined
+/// statement may write, those whose order and request appear once in the
+/// batch, whose request was never claimed, and whose order has no row in
+/// `$orders` yet (the order's row, or a compensation's tombstone). Each
+/// lookup is a lateral subquery by its key alone: a probe of the key's
+/// index per item, whatever the planner made of the tables' sizes when it
+/// planned (a join of the JSON with a growing table, planned while the
+/// table was small and kept by the connection, scanned the table whole for
+/// every item: 2.4 ms a statement of 12 after 4,000 orders).
+#[macro_export]
+macro_rules! fresh_items {
+    ($orders:literal) => {
+        concat!(
+            "counted AS ( \
+               SELECT i.*, count(*) OVER (PARTITION BY order_id) AS of_order, \
+                 count(*) OVER (PARTITION BY request_id) AS of_request FROM i), \
+             fresh AS ( \
+               SELECT c.* FROM counted c \
+                 LEFT JOIN LATERAL (SELECT 1 AS found FROM idempotency x \
+                   WHERE x.request_id = c.request_id LIMIT 1) x ON true \
+                 LEFT JOIN LATERAL (SELECT 1 AS found FROM ",
+            $orders,
+            " o WHERE o.order_id = c.order_id LIMIT 1) o ON true \
+               WHERE c.of_order = 1 AND c.of_request = 1 AND x.found IS NULL AND o.found IS NULL)"
+        )
+    };
+}
+
 /// The requests of one method offered for combining on one shared
 /// transaction, and their groups.
 pub struct Combiner<C: Combine> {

@@ -15,6 +15,7 @@ use ordersaga_proto::{
     shipping::v1::{
         Address, PrepareShipmentBatchItem, PrepareShipmentBatchRequest, PrepareShipmentRequest,
         PrepareShipmentResponse, prepare_shipment_batch_result,
+        shipping_service_client::ShippingServiceClient,
     },
     stock::v1::{
         OrderLine, ReserveStockBatchItem, ReserveStockBatchRequest, ReserveStockRequest,
@@ -356,21 +357,29 @@ async fn prepare_batch(
     svc: &services::Running,
     requests: &[PrepareShipmentRequest],
 ) -> Vec<Result<PrepareShipmentResponse, Status>> {
+    prepare_batch_on(svc.shipping().await, requests.to_vec())
+        .await
+        .expect("the batch is answered")
+}
+
+/// The batch of `requests` through `client`: each item's reply or status.
+async fn prepare_batch_on(
+    mut client: ShippingServiceClient<tonic::transport::Channel>,
+    requests: Vec<PrepareShipmentRequest>,
+) -> Result<Vec<Result<PrepareShipmentResponse, Status>>, Status> {
     use prepare_shipment_batch_result::Outcome;
     let batch = PrepareShipmentBatchRequest {
         items: requests
-            .iter()
+            .into_iter()
             .map(|request| PrepareShipmentBatchItem {
-                request: Some(request.clone()),
+                request: Some(request),
                 ..Default::default()
             })
             .collect(),
     };
-    svc.shipping()
-        .await
+    Ok(client
         .prepare_shipment_batch(authed(batch))
-        .await
-        .expect("the batch is answered")
+        .await?
         .into_inner()
         .results
         .into_iter()
@@ -378,7 +387,7 @@ async fn prepare_batch(
             Outcome::Reply(reply) => Ok(reply),
             Outcome::Error(error) => Err(error.into()),
         })
-        .collect()
+        .collect())
 }
 
 /// The second request of a batch of three is claimed by another process
@@ -400,43 +409,15 @@ async fn a_raced_combined_statement(backend: Backend) {
         &requests[1],
         "refused by the other process",
     );
-    let raced = {
-        let (key, requests) = (requests[1].request_id.clone(), requests.clone());
-        let svc_addr = svc.endpoint();
-        race_alone(&pool, &theirs, &key, async move {
-            let channel = tonic::transport::Channel::from_shared(svc_addr)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client =
-                ordersaga_proto::shipping::v1::shipping_service_client::ShippingServiceClient::new(
-                    channel,
-                );
-            let batch = PrepareShipmentBatchRequest {
-                items: requests
-                    .iter()
-                    .map(|request| PrepareShipmentBatchItem {
-                        request: Some(request.clone()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            };
-            client.prepare_shipment_batch(authed(batch)).await
-        })
-        .await
-    };
-    use prepare_shipment_batch_result::Outcome;
-    let outcomes: Vec<Result<PrepareShipmentResponse, Status>> = raced
-        .expect("the batch is answered")
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| match r.outcome.expect("an outcome") {
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error(error) => Err(error.into()),
-        })
-        .collect();
+    let client = svc.shipping().await;
+    let outcomes = race_alone(
+        &pool,
+        &theirs,
+        &requests[1].request_id.clone(),
+        prepare_batch_on(client, requests.to_vec()),
+    )
+    .await
+    .expect("the batch is answered");
     for i in [0, 2] {
         let shipment = outcomes[i]
             .as_ref()
