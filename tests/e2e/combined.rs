@@ -22,7 +22,16 @@ use ordersaga_proto::{
         ReserveStockResponse, reserve_stock_batch_result,
     },
 };
-use ordersaga_tests::{Backend, admin, authed, services};
+use std::time::Duration;
+
+use ordersaga_tests::{Backend, TestDb, admin, authed, services};
+use sqlx::AnyConnection;
+use svc_kit::{
+    batch::Item,
+    combined::{BoxFuture, Combine, Combiner, Offered},
+    shared_transaction::SharedTransaction,
+    store::Store,
+};
 use tonic::{Code, Status};
 
 use crate::{
@@ -43,6 +52,102 @@ on_both_stores!(
 async fn a_combined_statement_raced_by_another_process_writes_nothing_and_each_request_goes_alone()
 {
     a_raced_combined_statement(Backend::Postgres).await
+}
+
+/// A statement that writes the even items of a batch as products, and
+/// leaves the odd ones out.
+struct EvenItems;
+
+impl Combine for EvenItems {
+    type Item = i64;
+    type Written = ();
+
+    fn apply<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        items: &'a [i64],
+    ) -> BoxFuture<'a, Result<Vec<Option<()>>, sqlx::Error>> {
+        Box::pin(async move {
+            let evens: Vec<i64> = items.iter().copied().filter(|n| n % 2 == 0).collect();
+            sqlx::query(
+                "INSERT INTO products (sku, name, unit_price_cents, currency, available, reserved, created_at_ms, updated_at_ms) \
+                 SELECT 'EVEN-' || value, 'x', 1, 'EUR', 1, 0, 0, 0 FROM jsonb_array_elements_text($1::jsonb)",
+            )
+            .bind(serde_json::to_string(&evens).unwrap())
+            .execute(&mut *conn)
+            .await?;
+            Ok(items.iter().map(|n| (n % 2 == 0).then_some(())).collect())
+        })
+    }
+}
+
+/// PostgreSQL only: the batch of a combined statement whose `COMMIT` does
+/// not answer (a deferred trigger that sleeps at commit, as a stalled
+/// server would). The requests the statement wrote hear UNAVAILABLE (their
+/// outcome unknown), as their own turns would have; those it left out go
+/// on on their own, told so, not failed with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_fails_the_requests_the_statement_wrote_and_no_other() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
+        .await
+        .unwrap();
+    for statement in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql",
+        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON products DEFERRABLE INITIALLY DEFERRED \
+         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+    let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(1));
+    let combiner = Combiner::new(shared, EvenItems);
+    let items: Vec<Item<i64>> = (1..=4)
+        .map(|n| Item {
+            request: Some(n),
+            traceparent: String::new(),
+            tracestate: String::new(),
+        })
+        .collect();
+    // As the items of a batch RPC: offered in the same moment.
+    let answers: Vec<Result<&str, Status>> = tokio::time::timeout(
+        Duration::from_secs(10),
+        svc_kit::batch::run(
+            &tonic::Extensions::new(),
+            "test.v1.Test/Combine",
+            items,
+            |n| {
+                let combiner = &combiner;
+                async move {
+                    match combiner.offer(n).await {
+                        Offered::Written(()) => Ok("written"),
+                        Offered::NotWritten => Ok("not written"),
+                        Offered::Failed(status) => Err(status),
+                    }
+                }
+            },
+        ),
+    )
+    .await
+    .expect("the stalled COMMIT held the batch past 10 s")
+    .unwrap();
+    for (n, answer) in (1..=4).zip(&answers) {
+        match n % 2 {
+            0 => {
+                let status = answer
+                    .as_ref()
+                    .expect_err("a written request whose commit failed");
+                assert_eq!(status.code(), Code::Unavailable, "item {n}: {status:?}");
+            }
+            _ => assert_eq!(
+                answer.as_ref().ok(),
+                Some(&"not written"),
+                "item {n}: {answer:?}"
+            ),
+        }
+    }
 }
 
 /// Requests written by combined statements, from a service's `/metrics`.
