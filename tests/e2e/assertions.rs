@@ -178,3 +178,21 @@ async fn until_blocked_by(pool: &sqlx::AnyPool, blocker: i32) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Makes every `COMMIT` that follows an insert into `table` of a row
+/// matching `when` (a trigger condition on `NEW`) sleep 20 s, as a stalled
+/// server would: a deferred trigger that runs at commit time.
+pub async fn stall_commits_after_inserts(pool: &sqlx::AnyPool, table: &str, when: &str) {
+    for statement in [
+        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql".to_owned(),
+        format!(
+            "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED \
+             FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION slow_commit()"
+        ),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}

@@ -7,9 +7,7 @@
 
 use ordersaga_proto::{
     errors::{Reason, field_violations, refusal},
-    payment::v1::{
-        ChargeBatchItem, ChargeBatchRequest, ChargeRequest, DepositRequest, charge_batch_result,
-    },
+    payment::v1::{ChargeBatchItem, ChargeBatchRequest, ChargeRequest, DepositRequest},
     shipping::v1::{
         Address, PrepareShipmentBatchItem, PrepareShipmentBatchRequest, PrepareShipmentRequest,
         prepare_shipment_batch_result,
@@ -17,7 +15,6 @@ use ordersaga_proto::{
     stock::v1::{
         OrderLine, ReserveStockBatchItem, ReserveStockBatchRequest, ReserveStockBatchResponse,
         ReserveStockRequest, ReserveStockResponse, RestockRequest,
-        reserve_stock_batch_result::Outcome,
     },
 };
 use ordersaga_tests::{Backend, admin, authed, services};
@@ -65,16 +62,7 @@ fn batch_of(
 
 /// Each item's reply, or its status as its own call would have ended.
 fn outcomes(response: ReserveStockBatchResponse) -> Vec<Result<ReserveStockResponse, Status>> {
-    response
-        .results
-        .into_iter()
-        .map(
-            |result| match result.outcome.expect("every item has its outcome") {
-                Outcome::Reply(reply) => Ok(reply),
-                Outcome::Error(error) => Err(error.into()),
-            },
-        )
-        .collect()
+    response.results.into_iter().map(Result::from).collect()
 }
 
 #[track_caller]
@@ -325,15 +313,7 @@ async fn shipping_and_payment_batches_answer_each_item(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    use charge_batch_result::Outcome as Charged;
-    let outcomes: Vec<_> = answer
-        .results
-        .iter()
-        .map(|r| match r.outcome.clone().unwrap() {
-            Charged::Reply(reply) => Ok(reply),
-            Charged::Error(error) => Err(Status::from(error)),
-        })
-        .collect();
+    let outcomes: Vec<Result<_, Status>> = answer.results.into_iter().map(Result::from).collect();
     // Two charges that each fit and together do not: one is taken, the
     // other refused; which is up to the order they commit in.
     let taken = outcomes.iter().filter(|o| o.is_ok()).count();

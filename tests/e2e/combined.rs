@@ -10,16 +10,15 @@ use ordersaga_proto::{
     errors::Reason,
     payment::v1::{
         ChargeBatchItem, ChargeBatchRequest, ChargeRequest, ChargeResponse, DepositRequest,
-        GetAccountRequest, charge_batch_result,
+        GetAccountRequest,
     },
     shipping::v1::{
         Address, PrepareShipmentBatchItem, PrepareShipmentBatchRequest, PrepareShipmentRequest,
-        PrepareShipmentResponse, prepare_shipment_batch_result,
-        shipping_service_client::ShippingServiceClient,
+        PrepareShipmentResponse, shipping_service_client::ShippingServiceClient,
     },
     stock::v1::{
         OrderLine, ReserveStockBatchItem, ReserveStockBatchRequest, ReserveStockRequest,
-        ReserveStockResponse, reserve_stock_batch_result,
+        ReserveStockResponse,
     },
 };
 use std::time::Duration;
@@ -92,16 +91,7 @@ async fn a_failed_commit_fails_the_requests_the_statement_wrote_and_no_other() {
     let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
         .await
         .unwrap();
-    for statement in [
-        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql",
-        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON products DEFERRABLE INITIALLY DEFERRED \
-         FOR EACH ROW EXECUTE FUNCTION slow_commit()",
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(&store.pool)
-            .await
-            .unwrap();
-    }
+    crate::assertions::stall_commits_after_inserts(&store.pool, "products", "true").await;
     let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(1));
     let combiner = Combiner::new(shared, EvenItems);
     let items: Vec<Item<i64>> = (1..=4)
@@ -200,7 +190,6 @@ async fn reserve_batch(
     svc: &services::Running,
     requests: &[ReserveStockRequest],
 ) -> Vec<Result<ReserveStockResponse, Status>> {
-    use reserve_stock_batch_result::Outcome;
     let batch = ReserveStockBatchRequest {
         items: requests
             .iter()
@@ -217,14 +206,7 @@ async fn reserve_batch(
         .await
         .expect("the batch is answered")
         .into_inner();
-    answer
-        .results
-        .into_iter()
-        .map(|r| match r.outcome.expect("an outcome") {
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error(error) => Err(error.into()),
-        })
-        .collect()
+    answer.results.into_iter().map(Result::from).collect()
 }
 
 /// Ten units; asked 3, 4, 5, 2 and 1 in one batch. One by one in any order
@@ -307,7 +289,6 @@ async fn charge_batch(
     svc: &services::Running,
     requests: &[ChargeRequest],
 ) -> Vec<Result<ChargeResponse, Status>> {
-    use charge_batch_result::Outcome;
     let batch = ChargeBatchRequest {
         items: requests
             .iter()
@@ -324,14 +305,7 @@ async fn charge_batch(
         .await
         .expect("the batch is answered")
         .into_inner();
-    answer
-        .results
-        .into_iter()
-        .map(|r| match r.outcome.expect("an outcome") {
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error(error) => Err(error.into()),
-        })
-        .collect()
+    answer.results.into_iter().map(Result::from).collect()
 }
 
 /// 100 cents; charges of 30, 50, 40 and 20 in one batch, and one of a
@@ -472,7 +446,6 @@ async fn prepare_batch_on(
     mut client: ShippingServiceClient<tonic::transport::Channel>,
     requests: Vec<PrepareShipmentRequest>,
 ) -> Result<Vec<Result<PrepareShipmentResponse, Status>>, Status> {
-    use prepare_shipment_batch_result::Outcome;
     let batch = PrepareShipmentBatchRequest {
         items: requests
             .into_iter()
@@ -488,10 +461,7 @@ async fn prepare_batch_on(
         .into_inner()
         .results
         .into_iter()
-        .map(|r| match r.outcome.expect("an outcome") {
-            Outcome::Reply(reply) => Ok(reply),
-            Outcome::Error(error) => Err(error.into()),
-        })
+        .map(Result::from)
         .collect())
 }
 

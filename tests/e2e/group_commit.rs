@@ -198,16 +198,8 @@ async fn a_commit_that_does_not_answer_fails_its_batch_and_holds_up_nothing_afte
     let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
         .await
         .unwrap();
-    for statement in [
-        "CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(20); RETURN NULL; END $$ LANGUAGE plpgsql",
-        "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON products DEFERRABLE INITIALLY DEFERRED \
-         FOR EACH ROW WHEN (NEW.sku = 'SLOW') EXECUTE FUNCTION slow_commit()",
-    ] {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(&store.pool)
-            .await
-            .unwrap();
-    }
+    crate::assertions::stall_commits_after_inserts(&store.pool, "products", "NEW.sku = 'SLOW'")
+        .await;
     let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(2));
     let insert = |sku: &'static str| {
         let shared = &shared;
