@@ -75,7 +75,7 @@ pub enum Offered<W> {
 
 /// `items` as the statement's JSON array, each object with its place in
 /// the batch as `n`, which the statement returns for each written item.
-pub fn numbered_json<T: Serialize>(items: &[T]) -> String {
+fn numbered_json<T: Serialize>(items: &[T]) -> String {
     #[derive(Serialize)]
     struct Numbered<'a, T> {
         n: usize,
@@ -92,7 +92,7 @@ pub fn numbered_json<T: Serialize>(items: &[T]) -> String {
 
 /// For each of `len` items, what `learned` read from the row the statement
 /// returned for it (by its `n`, see [`numbered_json`]), if any.
-pub fn written_by_number<W>(
+fn written_by_number<W>(
     rows: Vec<AnyRow>,
     len: usize,
     learned: impl Fn(&AnyRow) -> Result<W, sqlx::Error>,
@@ -213,23 +213,25 @@ impl<C: Combine> Combiner<C> {
             waiting.len() == 1
         };
         if first {
-            tokio::spawn(run_group(self.inner.clone()));
+            // This request leads the group, in its own future: it steps
+            // back once, and the batch RPC's other items, polled after it
+            // in the same pass of the same task, are offered meanwhile.
+            // (Run as a task of its own, the group was at times taken up
+            // by the other worker before the batch's last items were
+            // offered, and split.)
+            tokio::task::yield_now().await;
+            run_group(&self.inner).await;
         }
-        // Dropped unanswered only if the group's task panicked. If its
-        // statement wrote this request and the batch commits all the same,
-        // the request's own turn finds its claim and replays it.
+        // Dropped unanswered only if the leader's future was dropped (its
+        // batch RPC's client left) or panicked. If the statement wrote this
+        // request and its batch commits all the same, the request's own
+        // turn finds its claim and replays it.
         answer.await.unwrap_or(Offered::NotWritten)
     }
 }
 
-/// One group: the requests offered in the same moment as the one that
-/// started it, in one turn.
-async fn run_group<C: Combine>(inner: Arc<Inner<C>>) {
-    // The items of one batch RPC are offered one after the other in the
-    // same poll: to the back of the scheduler's queue once, so that those
-    // offered in that poll are here. (One that came later, or that another
-    // worker's poll of the group missed, starts the next group.)
-    tokio::task::yield_now().await;
+/// One group: the requests offered until now, in one turn.
+async fn run_group<C: Combine>(inner: &Inner<C>) {
     let group = std::mem::take(&mut *inner.waiting.lock().expect("combiner queue"));
     if group.len() < 2 {
         tell_all(group.into_iter().map(|(_, reply)| reply), || {
