@@ -174,25 +174,28 @@ pub(crate) struct NumberedLater<'a> {
     at_ms: i64,
 }
 
-/// A new saga's first `events` as the JSON rows of the statement that
-/// records it: numbered 1, 2, 3… in order, their bodies whole.
-pub(crate) fn numbered_from_one(events: &[NewEvent], occurred_at_ms: i64) -> String {
-    #[derive(Serialize)]
-    struct Row<'a> {
-        event_id: String,
-        sequence: i64,
-        event_type: &'a str,
-        payload: String,
-        traceparent: &'a str,
-        at_ms: i64,
-    }
-    let rows: Vec<Row<'_>> = events
+/// One of a new saga's first events, as the statement that records the
+/// saga takes it (see [`numbered_rows`]).
+#[derive(Serialize)]
+pub(crate) struct NumberedEvent<'a> {
+    event_id: String,
+    sequence: i64,
+    event_type: &'a str,
+    payload: String,
+    traceparent: &'a str,
+    at_ms: i64,
+}
+
+/// A new saga's first `events` as the rows of the statement that records
+/// it: numbered 1, 2, 3… in order, their bodies whole.
+pub(crate) fn numbered_rows(events: &[NewEvent], occurred_at_ms: i64) -> Vec<NumberedEvent<'_>> {
+    events
         .iter()
         .zip(1_i64..)
         .map(|(event, sequence)| {
             let event_id = event.event_id().to_string();
             let payload = Payload::new(event, &event_id, occurred_at_ms).with_sequence(sequence);
-            Row {
+            NumberedEvent {
                 event_id,
                 sequence,
                 event_type: &event.event_type,
@@ -201,8 +204,7 @@ pub(crate) fn numbered_from_one(events: &[NewEvent], occurred_at_ms: i64) -> Str
                 at_ms: occurred_at_ms,
             }
         })
-        .collect();
-    serde_json::to_string(&rows).expect("events serialize")
+        .collect()
 }
 
 /// The published body short of its sequence number, which the store

@@ -186,7 +186,10 @@ macro_rules! claims_of {
         )
     };
 }
-fn hex(bytes: &[u8]) -> String {
+
+/// `bytes` in lower-case hex, as PostgreSQL's `decode(…, 'hex')` reads them
+/// (JSON carries no bytes).
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for byte in bytes {

@@ -56,10 +56,24 @@ pub struct AdmitOrder {
 
 const INSERT_ORDER: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING";
-/// [`INSERT_ORDER`] as the engine writes it with the saga, in one statement
-/// (PostgreSQL; see `Admit::insert_sql`).
-const INSERT_ORDER_RETURNING: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING RETURNING 1";
+/// [`INSERT_ORDER`] for a batch's new orders, as the engine writes them with
+/// their sagas, in one statement (PostgreSQL; see `Admit::insert_rows_sql`):
+/// `$1` holds one [`OrderRow`] per order, in the batch's order, so that of two
+/// with one `request_id` the first is written.
+const INSERT_ORDERS: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
+     SELECT o.order_id, o.request_id, decode(o.fingerprint, 'hex'), o.customer_id, o.at_ms \
+     FROM jsonb_to_recordset($1::jsonb) AS o(order_id text, request_id text, fingerprint text, customer_id text, at_ms bigint) \
+     ON CONFLICT (request_id) DO NOTHING RETURNING order_id AS saga_id";
+
+/// An order's row of [`INSERT_ORDERS`]'s `$1`.
+#[derive(serde::Serialize)]
+struct OrderRow<'a> {
+    order_id: &'a str,
+    request_id: &'a str,
+    fingerprint: String,
+    customer_id: &'a str,
+    at_ms: i64,
+}
 
 impl AdmitOrder {
     pub fn new(order: &OrderData, fingerprint: Vec<u8>) -> Self {
@@ -100,21 +114,19 @@ impl Admit for AdmitOrder {
         })
     }
 
-    fn insert_sql(&self) -> Option<&'static str> {
-        Some(INSERT_ORDER_RETURNING)
+    fn insert_rows_sql(&self) -> Option<&'static str> {
+        Some(INSERT_ORDERS)
     }
 
-    fn bind_insert<'q>(
-        &self,
-        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-        at_ms: i64,
-    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-        query
-            .bind(&self.order_id)
-            .bind(&self.request_id)
-            .bind(&self.fingerprint)
-            .bind(&self.customer_id)
-            .bind(at_ms)
+    fn insert_row(&self, at_ms: i64) -> String {
+        serde_json::to_string(&OrderRow {
+            order_id: &self.order_id,
+            request_id: &self.request_id,
+            fingerprint: svc_kit::idempotency::hex(&self.fingerprint),
+            customer_id: &self.customer_id,
+            at_ms,
+        })
+        .expect("an order's row serializes")
     }
 
     fn admit_sqlite(&self, conn: &rusqlite::Connection, at_ms: i64) -> rusqlite::Result<Admission> {

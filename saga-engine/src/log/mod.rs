@@ -7,7 +7,7 @@
 //! fsync. A driver moves on only after its checkpoint's commit.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{LazyLock, Mutex},
     time::Duration,
 };
@@ -145,175 +145,100 @@ pub const FIRST_EPOCH: i64 = 1;
 pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
      VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1)";
 
-/// [`INSERT_SAGA`] and the saga's first events, written only if the
-/// caller's insert (the first CTE, its parameters renumbered after
-/// the saga's own [`SAGA_ADMITTED_PARAMETERS`]) wrote a row. Built once per
-/// caller's statement, not at every start.
-fn saga_admitted_sql(admit_sql: &'static str) -> &'static str {
+/// Most new sagas admitted by one statement: its JSON parameters grow with
+/// each, and its plan does not.
+pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 128;
+
+/// New sagas, each recorded as [`insert_saga`] records one, with their
+/// caller's rows and their first events, in one statement: a saga (and its
+/// events) is written only if the caller's insert (`rows_sql`, see
+/// [`crate::Admit::insert_rows_sql`]) wrote its row. Built once per caller's
+/// statement.
+///
+/// Its parameters: `$1` the caller's rows, `$2` the sagas (see
+/// [`AdmittedSagaRow`]), each with its first events (numbered 1, 2, 3…
+/// already: nothing of a new saga was written before, so the statement
+/// looks nothing up), then `$3` the channel and `$4` the sender of the
+/// notice to the other replicas, or `NULL` for none (in a batch, one notice
+/// goes for the whole batch at its end; alone, in payloads of at most 120
+/// lines, as a batch of checkpoints tells them). It returns the ID of each
+/// saga it wrote.
+///
+/// The sagas travel as JSON arrays, so the statement has one text and one
+/// plan for any number of them. Written as one copy of the saga's statement
+/// per saga, each count was a statement of its own: up to 32 plans per
+/// connection, each up to 480 parameters, and planning them cost as much
+/// as running them in a 4,000-order run (docs/benchmarks.md).
+fn sagas_admitted_sql(rows_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     built
-        .entry(admit_sql)
-        .or_insert_with(|| Box::leak(build_saga_admitted_sql(admit_sql).into_boxed_str()))
+        .entry(rows_sql)
+        .or_insert_with(|| Box::leak(build_sagas_admitted_sql(rows_sql).into_boxed_str()))
 }
 
-/// The saga's own parameters in [`saga_admitted_sql`]: its row's seven, its
-/// first events (JSON, numbered 1, 2, 3… already: nothing of a new saga was
-/// written before), then the channel and the sender of the notice to the
-/// other replicas (no notice when the sender is NULL: in a batch, one notice
-/// goes for the whole batch).
-const SAGA_ADMITTED_PARAMETERS: u32 = 10;
-
-fn build_saga_admitted_sql(admit_sql: &str) -> String {
+fn build_sagas_admitted_sql(rows_sql: &str) -> String {
     format!(
-        "WITH {} \
-         SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told",
-        admission_ctes(admit_sql, "")
-    )
-}
-
-/// The common table expressions that admit one new saga (named with
-/// `suffix`): the caller's insert, its parameters renumbered after the
-/// saga's own, then the saga's row and first events, and the notice, each
-/// only if the one before wrote a row. Its first step's start is no record
-/// (see [`SagaView::running_step`]).
-fn admission_ctes(admit_sql: &str, suffix: &str) -> String {
-    let renumbered = renumber(admit_sql, SAGA_ADMITTED_PARAMETERS);
-    format!(
-        "admitted{suffix} AS ({renumbered}), \
-         saga{suffix} AS ( \
+        "WITH admitted AS ({rows_sql}), \
+         j AS ( \
+           SELECT * FROM jsonb_to_recordset($2::jsonb) AS j(i bigint, saga_id text, kind text, data text, \
+             trace_context text, at_ms bigint, pivot_passed bigint, owner text, events jsonb)), \
+         saga AS ( \
            INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
-           SELECT $1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1, jsonb_array_length($8::jsonb) \
-           WHERE EXISTS (SELECT 1 FROM admitted{suffix}) RETURNING saga_id), \
-         events{suffix} AS ( \
+           SELECT j.saga_id, j.kind, j.data, 'RUNNING', 0, j.trace_context, j.at_ms, j.at_ms, j.pivot_passed, j.owner, 1, jsonb_array_length(j.events) \
+           FROM j WHERE j.saga_id IN (SELECT saga_id FROM admitted) ORDER BY j.i \
+           RETURNING saga_id), \
+         events AS ( \
            INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
-           SELECT e.event_id, saga{suffix}.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
-           FROM saga{suffix}, jsonb_to_recordset($8::jsonb) AS e(event_id text, sequence bigint, event_type text, \
+           SELECT e.event_id, j.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
+           FROM j CROSS JOIN LATERAL jsonb_to_recordset(j.events) AS e(event_id text, sequence bigint, event_type text, \
              payload text, traceparent text, at_ms bigint) \
-           ORDER BY e.sequence), \
-         told{suffix} AS ( \
-           SELECT pg_notify($9, $10 || chr(10) || saga_id || ' RUNNING')::text FROM saga{suffix} WHERE $10 IS NOT NULL)"
+           WHERE j.saga_id IN (SELECT saga_id FROM saga) \
+           ORDER BY j.i, e.sequence), \
+         told AS ( \
+           SELECT pg_notify($3, $4 || string_agg(chr(10) || p.saga_id || ' RUNNING', '' ORDER BY p.n)) \
+           FROM (SELECT saga_id, row_number() OVER () - 1 AS n FROM saga) p \
+           WHERE $4 IS NOT NULL GROUP BY p.n / 120) \
+         SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM saga"
     )
 }
 
-/// `sql` with every parameter `$n` renumbered `$(n + by)`.
-fn renumber(sql: &str, by: u32) -> String {
-    let mut renumbered = String::with_capacity(sql.len() + 16);
-    let mut rest = sql;
-    while let Some(at) = rest.find('$') {
-        renumbered.push_str(&rest[..=at]);
-        rest = &rest[at + 1..];
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        match rest[..digits].parse::<u32>() {
-            Ok(n) => renumbered.push_str(&(n + by).to_string()),
-            Err(_) => renumbered.push_str(&rest[..digits]),
-        }
-        rest = &rest[digits..];
-    }
-    renumbered.push_str(rest);
-    renumbered
-}
-
-/// The highest parameter number in `sql` (0 with none).
-fn highest_parameter(sql: &str) -> u32 {
-    sql.split('$')
-        .skip(1)
-        .filter_map(|after| {
-            let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-            after[..digits].parse::<u32>().ok()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// Most new sagas admitted by one statement: its text and its plan grow
-/// with each.
-pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 32;
-
-/// `count` new sagas admitted in one statement, each as
-/// [`saga_admitted_sql`] admits one, its parameters after the previous
-/// one's; one column per saga (`admitted_0`, …: 1 if admitted). Built once
-/// per caller's statement and count.
-fn sagas_admitted_sql(admit_sql: &'static str, count: usize) -> &'static str {
-    static BUILT: LazyLock<Mutex<HashMap<(&'static str, usize), &'static str>>> =
-        LazyLock::new(Mutex::default);
-    let mut built = BUILT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    built
-        .entry((admit_sql, count))
-        .or_insert_with(|| Box::leak(build_sagas_admitted_sql(admit_sql, count).into_boxed_str()))
-}
-
-fn build_sagas_admitted_sql(admit_sql: &str, count: usize) -> String {
-    let each = SAGA_ADMITTED_PARAMETERS + highest_parameter(admit_sql);
-    let ctes: Vec<String> = (0..count)
-        .map(|i| {
-            renumber(
-                &admission_ctes(admit_sql, &format!("_{i}")),
-                i as u32 * each,
-            )
-        })
-        .collect();
-    let columns: Vec<String> = (0..count)
-        .map(|i| format!("(SELECT COUNT(*) FROM saga_{i}) AS admitted_{i}"))
-        .collect();
-    format!("WITH {} SELECT {}", ctes.join(", "), columns.join(", "))
+/// One saga of [`sagas_admitted_sql`]'s `$2`: its row's fields, its place in
+/// the batch (`i`: the events are written in the batch's order), and its
+/// first events.
+#[derive(serde::Serialize)]
+struct AdmittedSagaRow<'a> {
+    i: usize,
+    saga_id: String,
+    kind: &'static str,
+    data: &'a str,
+    trace_context: &'a str,
+    at_ms: i64,
+    pivot_passed: i64,
+    owner: &'a str,
+    events: Vec<events::NumberedEvent<'a>>,
 }
 
 #[cfg(test)]
-mod saga_admitted_sql_tests {
+mod sagas_admitted_sql_tests {
     #[test]
-    fn each_saga_a_statement_admits_has_its_own_parameters_after_the_ones_before() {
+    fn the_callers_statement_comes_first_and_is_its_only_use_of_its_parameter() {
         let sql = super::build_sagas_admitted_sql(
-            "INSERT INTO t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO NOTHING RETURNING 1",
-            2,
-        );
-        // Each saga takes its ten and the caller's two: 12.
-        assert!(
-            sql.starts_with(
-                "WITH admitted_0 AS (INSERT INTO t (a, b) VALUES ($11, $12) ON CONFLICT (a) DO NOTHING RETURNING 1), "
-            ),
-            "{sql}"
-        );
-        assert!(
-            sql.contains(
-                "admitted_1 AS (INSERT INTO t (a, b) VALUES ($23, $24) ON CONFLICT (a) DO NOTHING RETURNING 1), "
-            ),
-            "{sql}"
-        );
-        assert!(sql.contains("SELECT $13, $14, $15, 'RUNNING', 0, $16, $17, $17, $18, $19, 1, jsonb_array_length($20::jsonb)"), "{sql}");
-        assert!(
-            sql.contains("WHERE EXISTS (SELECT 1 FROM admitted_1) RETURNING saga_id"),
-            "{sql}"
-        );
-        assert!(
-            sql.ends_with(
-                "SELECT (SELECT COUNT(*) FROM saga_0) AS admitted_0, (SELECT COUNT(*) FROM saga_1) AS admitted_1"
-            ),
-            "{sql}"
-        );
-        assert!(!sql.contains("$25"), "{sql}");
-    }
-
-    #[test]
-    fn the_callers_parameters_are_numbered_after_the_sagas_ten() {
-        let sql = super::build_saga_admitted_sql(
-            "INSERT INTO t (a, b, c) VALUES ($1, $2, $12) ON CONFLICT (a) DO NOTHING RETURNING 1",
+            "INSERT INTO t (a) SELECT a FROM jsonb_to_recordset($1::jsonb) AS r(a text) ON CONFLICT (a) DO NOTHING RETURNING a AS saga_id",
         );
         assert!(
             sql.starts_with(
-                "WITH admitted AS (INSERT INTO t (a, b, c) VALUES ($11, $12, $22) ON CONFLICT (a) DO NOTHING RETURNING 1), "
+                "WITH admitted AS (INSERT INTO t (a) SELECT a FROM jsonb_to_recordset($1::jsonb) AS r(a text) ON CONFLICT (a) DO NOTHING RETURNING a AS saga_id), "
             ),
             "{sql}"
         );
+        assert_eq!(sql.matches("$1").count(), 1, "{sql}");
+        assert!(!sql.contains("$5"), "{sql}");
         assert!(
-            sql.ends_with(
-                "SELECT (SELECT COUNT(*) FROM saga) AS admitted, (SELECT COUNT(*) FROM told) AS told"
-            ),
+            sql.ends_with("SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM saga"),
             "{sql}"
         );
     }
@@ -335,70 +260,66 @@ fn bind_new_saga<'q>(
         .bind(&saga.owner)
 }
 
-/// Records a new saga as [`insert_saga`] does, with the caller's rows and
-/// its first `events` (all of this saga) in the same statement (PostgreSQL;
-/// see [`crate::Admit::insert_sql`]): all, or nothing when the caller's
-/// insert wrote no row. With `notify_as`, the statement also tells the other
-/// replicas of the new saga (for a statement that commits alone).
-pub(crate) async fn insert_saga_admitted(
-    conn: &mut AnyConnection,
-    saga: &NewSaga,
-    events: &[NewEvent],
-    admit_sql: &'static str,
-    admit: &dyn crate::Admit,
-    notify_as: Option<Uuid>,
-) -> Result<Admission, sqlx::Error> {
-    let query = bind_new_saga(sqlx::query(saga_admitted_sql(admit_sql)), saga)
-        .bind(events::numbered_from_one(events, now_ms()))
-        .bind(crate::notifications::CHANGES)
-        .bind(notify_as.map(|sender| sender.to_string()));
-    let written: i64 = admit
-        .bind_insert(query, saga.at_ms)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
-    Ok(match written {
-        1 => Admission::Admit,
-        _ => Admission::Refuse,
-    })
-}
-
-/// A new saga to admit with [`insert_sagas_admitted`]: as
-/// [`insert_saga_admitted`] takes one.
+/// A new saga to admit with [`insert_sagas_admitted`], with the first
+/// events its statement writes (all of this saga's, each once).
 pub(crate) struct ToAdmit<'a> {
     pub saga: &'a NewSaga,
     pub events: &'a [NewEvent],
     pub admit: &'a dyn crate::Admit,
 }
 
-/// Several new sagas, each recorded as [`insert_saga_admitted`] records one
-/// (without its notice: a batch tells the other replicas at its end), in
-/// one statement: one round trip for a batch's new sagas instead of one
-/// each. All of them share the caller's statement `admit_sql`. Two with one
-/// key (the same `request_id`): one is refused, as if they came one after
-/// the other.
+/// New sagas that share the caller's statement `rows_sql`, each recorded
+/// as [`insert_saga`] records one with its caller's rows and its `events`,
+/// in one statement (PostgreSQL; see [`crate::Admit::insert_rows_sql`]):
+/// each all, or nothing when the caller's insert wrote no row for it. One
+/// round trip for a batch's new sagas. Two with one key (the same
+/// `request_id`): the later one in `sagas` is refused, as if they came one
+/// after the other. With `notify_as`, the statement also tells the other
+/// replicas of the new sagas (for a statement that commits alone).
 pub(crate) async fn insert_sagas_admitted(
     conn: &mut AnyConnection,
-    admit_sql: &'static str,
+    rows_sql: &'static str,
     sagas: &[ToAdmit<'_>],
+    notify_as: Option<Uuid>,
 ) -> Result<Vec<Admission>, sqlx::Error> {
-    let mut query = sqlx::query(sagas_admitted_sql(admit_sql, sagas.len()));
-    for one in sagas {
-        query = bind_new_saga(query, one.saga)
-            .bind(events::numbered_from_one(one.events, now_ms()))
-            .bind(crate::notifications::CHANGES)
-            .bind(None::<String>);
-        query = one.admit.bind_insert(query, one.saga.at_ms);
+    let at_ms = now_ms();
+    let mut callers = String::from("[");
+    let mut rows = Vec::with_capacity(sagas.len());
+    for (i, one) in sagas.iter().enumerate() {
+        if i > 0 {
+            callers.push(',');
+        }
+        callers.push_str(&one.admit.insert_row(one.saga.at_ms));
+        rows.push(AdmittedSagaRow {
+            i,
+            saga_id: one.saga.saga_id.to_string(),
+            kind: one.saga.kind,
+            data: &one.saga.data_json,
+            trace_context: &one.saga.trace_context,
+            at_ms: one.saga.at_ms,
+            pivot_passed: i64::from(one.saga.starts_at_pivot),
+            owner: &one.saga.owner,
+            events: events::numbered_rows(one.events, at_ms),
+        });
     }
-    let row = query.fetch_one(&mut *conn).await?;
-    (0..sagas.len())
-        .map(|i| {
-            Ok(match row.try_get::<i64, _>(i)? {
-                1 => Admission::Admit,
-                _ => Admission::Refuse,
-            })
+    callers.push(']');
+    let written: HashSet<String> = sqlx::query(sagas_admitted_sql(rows_sql))
+        .bind(callers)
+        .bind(serde_json::to_string(&rows).expect("sagas serialize"))
+        .bind(crate::notifications::CHANGES)
+        .bind(notify_as.map(|sender| sender.to_string()))
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get("saga_id"))
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .iter()
+        .map(|row| match written.contains(row.saga_id.as_str()) {
+            true => Admission::Admit,
+            false => Admission::Refuse,
         })
-        .collect()
+        .collect())
 }
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so

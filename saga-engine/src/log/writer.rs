@@ -27,7 +27,7 @@ use super::{
     Applied, CancelOutcome, Checkpoint, Durability, MARK_SENT, MOST_ADMITTED_AT_ONCE, NewSaga,
     PRUNE_SENT, Reopen, ReopenOutcome, SagaStatus, ToAdmit, apply,
     crash_recovery::CrashRecoveryGuard,
-    insert_saga, insert_saga_admitted, insert_sagas_admitted,
+    insert_saga, insert_sagas_admitted,
     kept::{Kept, is_postgres},
     postgres, reopen, request_cancel,
     sqlite::SqliteLog,
@@ -60,26 +60,29 @@ pub trait Admit: Send + Sync + 'static {
     /// On a SQLite file, inside the transaction that records the saga.
     fn admit_sqlite(&self, conn: &rusqlite::Connection, at_ms: i64) -> rusqlite::Result<Admission>;
 
-    /// On PostgreSQL, the caller's rows as one `INSERT … RETURNING 1` that
-    /// returns no row to refuse (e.g. `ON CONFLICT DO NOTHING`), its
-    /// parameters numbered from `$1` and bound by [`Admit::bind_insert`].
-    /// It goes into the statement that records the saga, which writes the
-    /// saga only if the insert wrote a row: one round trip, and a refusal
-    /// writes nothing, so a batch needs no savepoint for it. Its rows may
-    /// reference the saga's (constraints are checked at the statement's
-    /// end). `None` (the default): [`Admit::admit`] runs after the saga's
-    /// insert instead.
-    fn insert_sql(&self) -> Option<&'static str> {
+    /// On PostgreSQL, the caller's rows of new sagas as one `INSERT …
+    /// SELECT` from `$1`, its only parameter: a JSON array of
+    /// [`Admit::insert_row`]s (read, say, by `jsonb_to_recordset($1::jsonb)`).
+    /// It returns the `saga_id` of each saga whose rows it wrote
+    /// (`RETURNING … AS saga_id`), and nothing for one it refuses (e.g.
+    /// `ON CONFLICT DO NOTHING`). Of two rows with one key, the first in the
+    /// array must win, as if they came one after the other: rows are given
+    /// in the batch's order.
+    ///
+    /// It goes into the statement that records the sagas, which writes a
+    /// saga only if its rows were written: one round trip and one plan for
+    /// all of a batch's new sagas, and a refusal writes nothing, so a batch
+    /// needs no savepoint for it. Its rows may reference the sagas' own
+    /// (constraints are checked at the statement's end). `None` (the
+    /// default): [`Admit::admit`] runs after each saga's insert instead.
+    fn insert_rows_sql(&self) -> Option<&'static str> {
         None
     }
 
-    /// Binds [`Admit::insert_sql`]'s parameters, in order.
-    fn bind_insert<'q>(
-        &self,
-        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-        _at_ms: i64,
-    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-        query
+    /// This saga's row of [`Admit::insert_rows_sql`]'s array, as a JSON
+    /// object. Called only when that gives a statement.
+    fn insert_row(&self, _at_ms: i64) -> String {
+        String::from("{}")
     }
 }
 
@@ -657,8 +660,8 @@ async fn commit_on(
 
 /// On PostgreSQL, the new sagas of a batch that each admit in one statement
 /// (see [`events_in_admission`]) are admitted together, up to
-/// [`MOST_ADMITTED_AT_ONCE`] per statement: one round trip instead of one
-/// each. Their answers go into `batched`.
+/// [`MOST_ADMITTED_AT_ONCE`] per statement: one round trip for all of them.
+/// Their answers go into `batched`.
 async fn admit_together(
     conn: &mut AnyConnection,
     writes: &[Write],
@@ -669,7 +672,7 @@ async fn admit_together(
         let Write::Start(start) = write else {
             continue;
         };
-        let Some(sql) = start.admit.insert_sql() else {
+        let Some(sql) = start.admit.insert_rows_sql() else {
             continue;
         };
         if !events_in_admission(start, true) {
@@ -681,9 +684,6 @@ async fn admit_together(
         }
     }
     for (sql, starts) in by_statement {
-        if starts.len() < 2 {
-            continue;
-        }
         for chunk in starts.chunks(MOST_ADMITTED_AT_ONCE) {
             let sagas: Vec<ToAdmit<'_>> = chunk
                 .iter()
@@ -696,7 +696,7 @@ async fn admit_together(
                     _ => unreachable!("only starts were chosen"),
                 })
                 .collect();
-            let admissions = insert_sagas_admitted(conn, sql, &sagas).await?;
+            let admissions = insert_sagas_admitted(conn, sql, &sagas, None).await?;
             for (&i, admission) in chunk.iter().zip(admissions) {
                 batched[i] = Some(Written::Start(admission));
             }
@@ -770,7 +770,7 @@ async fn start_in_batch(
     postgres: bool,
     savepoint: &mut Savepoint,
 ) -> Result<Admission, sqlx::Error> {
-    if postgres && start.admit.insert_sql().is_some() {
+    if postgres && start.admit.insert_rows_sql().is_some() {
         // One statement that writes all or nothing: no savepoint needed.
         return admit_start(conn, start, postgres, None).await;
     }
@@ -796,7 +796,7 @@ async fn start_in_batch(
 fn events_in_admission(start: &Start, postgres: bool) -> bool {
     let mut keys = std::collections::HashSet::new();
     postgres
-        && start.admit.insert_sql().is_some()
+        && start.admit.insert_rows_sql().is_some()
         && start
             .events
             .iter()
@@ -806,7 +806,7 @@ fn events_in_admission(start: &Start, postgres: bool) -> bool {
 /// The new saga's rows and the caller's; its events are the caller's to
 /// write once admitted, unless [`events_in_admission`]. On PostgreSQL, in
 /// one statement when the caller can give its rows as one insert
-/// ([`Admit::insert_sql`]).
+/// ([`Admit::insert_rows_sql`]).
 ///
 /// `notify_as` is for a start that commits alone as its one statement: the
 /// statement tells the other replicas too.
@@ -816,20 +816,18 @@ async fn admit_start(
     postgres: bool,
     notify_as: Option<Uuid>,
 ) -> Result<Admission, sqlx::Error> {
-    if postgres && let Some(admit_sql) = start.admit.insert_sql() {
+    if postgres && let Some(rows_sql) = start.admit.insert_rows_sql() {
         let events = match events_in_admission(start, postgres) {
             true => &start.events[..],
             false => &[],
         };
-        return insert_saga_admitted(
-            conn,
-            &start.saga,
+        let one = ToAdmit {
+            saga: &start.saga,
             events,
-            admit_sql,
-            &*start.admit,
-            notify_as,
-        )
-        .await;
+            admit: &*start.admit,
+        };
+        let admitted = insert_sagas_admitted(conn, rows_sql, &[one], notify_as).await?;
+        return Ok(admitted[0]);
     }
     insert_saga(conn, &start.saga).await?;
     start.admit.admit(conn, start.saga.at_ms).await

@@ -14,7 +14,10 @@ use crate::{
     store::{self, Backend},
 };
 
-on_both_stores!(refused_sagas_leave_no_row_and_their_neighbours_run);
+on_both_stores!(
+    refused_sagas_leave_no_row_and_their_neighbours_run,
+    sagas_admitted_together_by_their_callers_rows_each_keep_their_own,
+);
 
 /// Admits or refuses, as told, writing nothing.
 struct Decide(Admission);
@@ -135,4 +138,111 @@ async fn a_refusal_takes_back_what_its_caller_wrote() {
         scripted::terminal(&store.pool, good).await,
         SagaStatus::Completed
     );
+}
+
+/// Writes the caller's row of a key, refusing a key written before: on
+/// PostgreSQL as rows of the statement that records the sagas
+/// (`Admit::insert_rows_sql`), elsewhere one by one.
+struct Keyed {
+    key: &'static str,
+    saga_id: Uuid,
+}
+
+const INSERT_KEY: &str =
+    "INSERT INTO callers (key, saga_id) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING";
+
+fn admission(written: u64) -> Admission {
+    match written {
+        1 => Admission::Admit,
+        _ => Admission::Refuse,
+    }
+}
+
+impl Admit for Keyed {
+    fn admit<'c>(
+        &'c self,
+        conn: &'c mut sqlx::AnyConnection,
+        _: i64,
+    ) -> BoxFuture<'c, Result<Admission, sqlx::Error>> {
+        Box::pin(async move {
+            let written = sqlx::query(INSERT_KEY)
+                .bind(self.key)
+                .bind(self.saga_id.to_string())
+                .execute(conn)
+                .await?
+                .rows_affected();
+            Ok(admission(written))
+        })
+    }
+
+    fn admit_sqlite(&self, conn: &rusqlite::Connection, _: i64) -> rusqlite::Result<Admission> {
+        let written = conn.execute(INSERT_KEY, [self.key, &self.saga_id.to_string()])?;
+        Ok(admission(written as u64))
+    }
+
+    fn insert_rows_sql(&self) -> Option<&'static str> {
+        Some(
+            "INSERT INTO callers (key, saga_id) \
+             SELECT r.key, r.saga_id FROM jsonb_to_recordset($1::jsonb) AS r(key text, saga_id text) \
+             ON CONFLICT (key) DO NOTHING RETURNING saga_id",
+        )
+    }
+
+    fn insert_row(&self, _: i64) -> String {
+        serde_json::json!({ "key": self.key, "saga_id": self.saga_id.to_string() }).to_string()
+    }
+}
+
+/// Sagas started at one moment share the log's batches; on PostgreSQL their
+/// callers' rows go in one statement with the sagas' own. Of two with one
+/// key one is admitted, a key written before refuses its saga, and each
+/// admitted saga has its own row, its own first event, and runs to its end.
+async fn sagas_admitted_together_by_their_callers_rows_each_keep_their_own(backend: Backend) {
+    let store = store::fresh(backend).await;
+    sqlx::query("CREATE TABLE callers (key TEXT PRIMARY KEY, saga_id TEXT NOT NULL)")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO callers (key, saga_id) VALUES ('taken', 'someone else')")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let world = Arc::new(World::default());
+    let engine = Arc::new(scripted::engine(&world, &store.pool, scripted::policy()));
+    let keys = ["k0", "k1", "k0", "taken", "k2", "k1", "k3", "k4"];
+    let ids: Vec<Uuid> = keys.iter().map(|_| Uuid::now_v7()).collect();
+    let started = futures::future::join_all(keys.iter().zip(&ids).map(|(key, id)| {
+        let engine = engine.clone();
+        async move { start(&engine, *id, Keyed { key, saga_id: *id }).await }
+    }))
+    .await;
+    let mut admitted: Vec<String> = vec![];
+    for (key, (id, started)) in keys.iter().zip(ids.iter().zip(started)) {
+        if started.unwrap() == Started::Started {
+            admitted.push(id.to_string());
+            let owner: String = sqlx::query_scalar("SELECT saga_id FROM callers WHERE key = $1")
+                .bind(*key)
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+            assert_eq!(owner, id.to_string(), "the row of {key}");
+        }
+    }
+    admitted.sort();
+    assert_eq!(admitted.len(), 5, "one saga per fresh key: {admitted:?}");
+    assert_eq!(sagas(&store.pool).await, admitted, "only the admitted sagas' rows");
+    let first_events: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM outbox WHERE sequence = 1 AND event_type = 'test.started' \
+         ORDER BY aggregate_id",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(first_events, admitted, "each admitted saga's first event, once");
+    for id in &admitted {
+        assert_eq!(
+            scripted::terminal(&store.pool, id.parse().unwrap()).await,
+            SagaStatus::Completed
+        );
+    }
 }
