@@ -6,7 +6,7 @@
 
 use ordersaga_proto::payment::v1::{ChargeResponse, Payment, PaymentStatus, RefundResponse};
 use rusqlite::{OptionalExtension, params};
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::{
     idempotency::{Claim, Claimed},
     time::now_ms,
@@ -37,7 +37,9 @@ const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, upd
 /// ([`svc_kit::idempotency::Refusal::OneStatement`]): the debit happens
 /// only with the funds there, no charge of the order and no claim of the
 /// request yet, the charge only with the debit, and the claim only with
-/// the charge. The debit's row comes back only if it happened.
+/// the charge. The debit's row comes back only if it happened. Then it
+/// reads (as they stood before it) what may have stood in the way, for the
+/// refusal: one round trip, where reading them after it cost two more.
 ///
 /// The reply carries the balance after the debit, known only here: the
 /// caller encodes the rest of it (the balance at 0, which protobuf leaves
@@ -65,7 +67,12 @@ const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
        SELECT $7, $8, $9, $10, 0, \
          $11 || CASE WHEN d.balance_cents = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint(d.balance_cents) END \
        FROM debit d, charge WHERE $7 IS NOT NULL RETURNING 1) \
-     SELECT (SELECT balance_cents FROM debit) AS balance_cents";
+     SELECT (SELECT balance_cents FROM debit) AS balance_cents, \
+       c.payment_id AS existing_id, c.status AS existing_status, \
+       a.balance_cents AS account_balance, a.currency AS account_currency \
+     FROM (SELECT 1) AS one \
+       LEFT JOIN charges c ON c.order_id = $1 \
+       LEFT JOIN accounts a ON a.customer_id = $3";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \
@@ -155,6 +162,13 @@ async fn charge_in_one_statement(
     let Some(balance_cents) = row.try_get::<Option<i64>, _>("balance_cents")? else {
         // Nothing was written: the order was charged or refunded before,
         // or the account could not pay.
+        if let Some(why) = why_not_charged(&new, &row)? {
+            return Err(why);
+        }
+        // All was as needed when the statement read it: another connection
+        // changed it meanwhile (the debit waited on the account's row and
+        // saw it as committed after). A refusal is stored for good, so its
+        // cause is read again as it stands now.
         return Err(match existing_charge_if_any(conn, &new.order_id).await? {
             Some(already) => already,
             None => why_not_debited(conn, &new).await?,
@@ -166,6 +180,31 @@ async fn charge_in_one_statement(
         Some(_) => Claimed::Yes,
     };
     Ok((reply, claimed))
+}
+
+/// Why [`CHARGE_AND_DEBIT`] wrote nothing, from what it read: the order's
+/// charge (or a refund's tombstone), then the account. `None` when what it
+/// read explains nothing.
+fn why_not_charged(new: &NewCharge, row: &AnyRow) -> Result<Option<PaymentError>, PaymentError> {
+    if let Some(status) = row.try_get::<Option<String>, _>("existing_status")? {
+        return Ok(Some(already(
+            &new.order_id,
+            row.try_get("existing_id")?,
+            status,
+        )));
+    }
+    let account = match row.try_get::<Option<String>, _>("account_currency")? {
+        Some(currency) => Some((row.try_get::<i64, _>("account_balance")?, currency)),
+        None => None,
+    };
+    Ok(match &account {
+        Some((balance_cents, currency))
+            if *currency == new.currency && *balance_cents >= new.amount_cents =>
+        {
+            None
+        }
+        _ => Some(refusal(new, account)),
+    })
 }
 
 async fn why_not_debited(

@@ -20,6 +20,7 @@ on_both_stores!(
     business_refusals_have_precise_codes,
     no_overdraw_under_64_concurrent_charges,
     each_invalid_field_is_named_and_nothing_is_written,
+    each_refusal_reads_its_cause_and_writes_nothing,
 );
 
 async fn open(client: &mut PaymentServiceClient<Channel>, customer: &str, cents: i64) {
@@ -487,4 +488,92 @@ async fn a_lone_charge_whose_claim_is_raced_debits_nothing() {
         Code::FailedPrecondition,
         &["refused by the other process"],
     );
+}
+
+/// PostgreSQL: a lone charge refused because another connection drained
+/// the account while its statement waited on the account's row. The
+/// refusal is stored for good, so it must tell the balance that refused
+/// it, not the one the statement's snapshot held (10,000: enough). (The
+/// statement reads what stood in its way in the same round trip; a
+/// refusal that those reads cannot explain is checked again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_charge_refused_by_a_balance_another_connection_drained_tells_that_balance() {
+    let svc = services::payment(Backend::Postgres).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "alice", 10_000).await;
+    let pool = svc.db.pool().await;
+    let request = charge(&request_id(), &order_id(), "alice", 2_500);
+    let mut sending = client.clone();
+    let refused = race_alone(
+        &pool,
+        "UPDATE accounts SET balance_cents = 400 WHERE customer_id = $1",
+        "alice",
+        {
+            let request = request.clone();
+            async move { sending.charge(authed(request)).await }
+        },
+    )
+    .await;
+    assert_status(
+        refused,
+        Code::FailedPrecondition,
+        &["insufficient funds", "has 400 cents", "2500"],
+    );
+    assert_eq!(balance(&mut client, "alice").await.0, 400);
+    assert_status(
+        client.charge(authed(request)).await,
+        Code::FailedPrecondition,
+        &["has 400 cents"],
+    );
+}
+
+/// A charge refused for each reason, and a charge of an order charged
+/// before: each refusal names its cause (on PostgreSQL, read by the
+/// charge's own statement), and none writes anything.
+async fn each_refusal_reads_its_cause_and_writes_nothing(backend: Backend) {
+    let svc = services::payment(backend).await;
+    let mut client = svc.payment().await;
+    open(&mut client, "poor", 500).await;
+    let order = order_id();
+    client
+        .charge(authed(charge(&request_id(), &order, "poor", 200)))
+        .await
+        .unwrap();
+    assert_status(
+        client
+            .charge(authed(charge(&request_id(), &order, "poor", 100)))
+            .await,
+        Code::FailedPrecondition,
+        &["already charged by payment"],
+    );
+    let refunded = order_id();
+    client
+        .refund(authed(RefundRequest {
+            request_id: request_id(),
+            order_id: refunded.clone(),
+        }))
+        .await
+        .unwrap();
+    assert_status(
+        client
+            .charge(authed(charge(&request_id(), &refunded, "poor", 100)))
+            .await,
+        Code::FailedPrecondition,
+        &["refunded before it was charged"],
+    );
+    assert_status(
+        client
+            .charge(authed(charge(&request_id(), &order_id(), "poor", 301)))
+            .await,
+        Code::FailedPrecondition,
+        &["insufficient funds", "has 300 cents", "301"],
+    );
+    assert_status(
+        client
+            .charge(authed(charge(&request_id(), &order_id(), "nobody", 1)))
+            .await,
+        Code::NotFound,
+        &["unknown account \"nobody\""],
+    );
+    assert_eq!(balance(&mut client, "poor").await.0, 300);
 }

@@ -230,7 +230,11 @@ async fn sagas_admitted_together_by_their_callers_rows_each_keep_their_own(backe
     }
     admitted.sort();
     assert_eq!(admitted.len(), 5, "one saga per fresh key: {admitted:?}");
-    assert_eq!(sagas(&store.pool).await, admitted, "only the admitted sagas' rows");
+    assert_eq!(
+        sagas(&store.pool).await,
+        admitted,
+        "only the admitted sagas' rows"
+    );
     let first_events: Vec<String> = sqlx::query_scalar(
         "SELECT aggregate_id FROM outbox WHERE sequence = 1 AND event_type = 'test.started' \
          ORDER BY aggregate_id",
@@ -238,7 +242,10 @@ async fn sagas_admitted_together_by_their_callers_rows_each_keep_their_own(backe
     .fetch_all(&store.pool)
     .await
     .unwrap();
-    assert_eq!(first_events, admitted, "each admitted saga's first event, once");
+    assert_eq!(
+        first_events, admitted,
+        "each admitted saga's first event, once"
+    );
     for id in &admitted {
         assert_eq!(
             scripted::terminal(&store.pool, id.parse().unwrap()).await,
