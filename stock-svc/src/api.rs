@@ -14,9 +14,7 @@ use ordersaga_proto::stock::v1::{
 use svc_kit::{
     Error, batch,
     combined::{Combiner, Offered},
-    idempotency::{
-        ClaimRow, Refusal, RequestKey, run_once, run_once_batched, run_once_batched_claiming,
-    },
+    idempotency::{ClaimRow, Refusal, RequestKey, run_once, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -145,11 +143,15 @@ impl StockService for StockApi {
         ]);
         let key = RequestKey::new("ReleaseStock", &req.request_id, &req);
         let order_id = req.order_id.clone();
-        let reply = run_once_batched(
+        // On PostgreSQL's shared transaction a release is one statement
+        // with its claim, or writes nothing (see `reservations::RELEASE_CLAIMING`).
+        let reply = run_once_batched_claiming(
             &self.store,
             key,
-            Refusal::MayWrite,
-            async |conn| Ok(reservations::release(conn, &req.order_id).await?),
+            Refusal::OneStatement,
+            async |conn, claim| {
+                Ok(reservations::release_claiming(conn, &req.order_id, claim).await?)
+            },
             move |conn| Ok(reservations::release_sqlite(conn, &order_id)?),
         )
         .await?;

@@ -23,6 +23,7 @@ on_both_stores!(
     no_oversell_under_64_concurrent_callers,
     each_invalid_field_is_named_and_nothing_is_written,
     products_are_listed_in_pages,
+    a_release_gives_back_every_lines_stock_once,
 );
 
 pub async fn seed(client: &mut StockServiceClient<Channel>, sku: &str, quantity: i64, price: i64) {
@@ -660,4 +661,81 @@ async fn a_lone_reservation_raced_by_another_connection_takes_no_stock() {
         Code::FailedPrecondition,
         &["already holds reservation theirs"],
     );
+}
+
+/// PostgreSQL: a lone release whose order's reservation another connection
+/// writes and commits while the release waits to write the order's
+/// tombstone. The release must see that reservation and give its stock
+/// back: answered "nothing to release", the stock would stay reserved for
+/// good. (A release is one statement, whose snapshot predates the other's
+/// commit: it writes nothing then, and runs again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_release_raced_by_a_reservation_of_another_connection_gives_its_stock_back() {
+    let svc = services::stock(Backend::Postgres).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    let order = order_id();
+    let pool = svc.db.pool().await;
+    let request = ReleaseStockRequest {
+        request_id: request_id(),
+        order_id: order.clone(),
+    };
+    let mut sending = client.clone();
+    let released = race_alone(
+        &pool,
+        "WITH reservation AS ( \
+           INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+           VALUES ($1, 'theirs', 'reserved', 450, 'EUR', 0, 0) RETURNING order_id), \
+         line AS ( \
+           INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+           SELECT order_id, 'APPLE', 3, 150 FROM reservation) \
+         UPDATE products SET available = available - 3, reserved = reserved + 3 WHERE sku = 'APPLE'",
+        &order,
+        {
+            let request = request.clone();
+            async move { sending.release_stock(authed(request)).await }
+        },
+    )
+    .await;
+    assert!(
+        released.unwrap().into_inner().released_reservation,
+        "the reservation that won was not released"
+    );
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0), "stock kept");
+    let again = client.release_stock(authed(request)).await.unwrap();
+    assert!(again.into_inner().released_reservation, "a replay differs");
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+}
+
+/// A reservation of several products, released: each product's units come
+/// back, once (on PostgreSQL in the release's one statement).
+async fn a_release_gives_back_every_lines_stock_once(backend: Backend) {
+    let svc = services::stock(backend).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 5, 90).await;
+    let order = order_id();
+    client
+        .reserve_stock(authed(reserve(
+            &request_id(),
+            &order,
+            &[("APPLE", 4), ("PEAR", 5)],
+        )))
+        .await
+        .unwrap();
+    assert_eq!(levels(&mut client, "PEAR").await, (0, 5));
+    let release = ReleaseStockRequest {
+        request_id: request_id(),
+        order_id: order,
+    };
+    for _ in 0..2 {
+        let released = client
+            .release_stock(authed(release.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(released.released_reservation);
+    }
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+    assert_eq!(levels(&mut client, "PEAR").await, (5, 0));
 }
