@@ -13,7 +13,7 @@ use ordersaga_proto::shipping::v1::{
 use svc_kit::{
     Error, batch,
     combined::{Combiner, Offered},
-    idempotency::{ClaimRow, Refusal, RequestKey, run_once_batched, run_once_batched_claiming},
+    idempotency::{ClaimRow, Refusal, RequestKey, run_once_batched_claiming},
     store::Store,
     validate,
 };
@@ -160,11 +160,13 @@ impl ShippingService for ShippingApi {
         ]);
         let key = RequestKey::new("CancelShipment", &req.request_id, &req);
         let order_id = req.order_id.clone();
-        let reply = run_once_batched(
+        // On PostgreSQL's shared transaction a cancel is one statement with
+        // its claim, or writes nothing (see `svc_kit::undo`).
+        let reply = run_once_batched_claiming(
             &self.store,
             key,
-            Refusal::MayWrite,
-            async |conn| Ok(shipments::cancel(conn, &req.order_id).await?),
+            Refusal::OneStatement,
+            async |conn, claim| Ok(shipments::cancel_claiming(conn, &req.order_id, claim).await?),
             move |conn| Ok(shipments::cancel_sqlite(conn, &order_id)?),
         )
         .await?;

@@ -69,6 +69,17 @@ const TOMBSTONE: &str = "INSERT INTO shipments (order_id, shipment_id, tracking_
      VALUES ($1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2) ON CONFLICT (order_id) DO NOTHING";
 const MARK_CANCELLED: &str = "UPDATE shipments SET status = 'cancelled', updated_at_ms = $1 WHERE order_id = $2 AND status = 'prepared'";
 const EXISTING: &str = "SELECT shipment_id, status FROM shipments WHERE order_id = $1";
+/// [`cancel`] on PostgreSQL's shared transaction, in one statement with the
+/// request's claim ([`svc_kit::undo`]): the order's tombstone when it has
+/// no shipment, else its shipment cancelled if it was prepared.
+const CANCEL_CLAIMING: &str = svc_kit::undo_claiming!(
+    existing: "SELECT 1 FROM shipments WHERE order_id = $1",
+    tombstone: "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+       country, service_level, item_count, created_at_ms, updated_at_ms) \
+       SELECT $1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2 FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing)",
+    undone: "UPDATE shipments SET status = 'cancelled', updated_at_ms = $2 \
+       WHERE order_id = $1 AND status = 'prepared' AND (SELECT ok FROM fresh) RETURNING 1",
+);
 
 /// Why a second prepare of an order is refused.
 fn already(order_id: String, shipment_id: String, cancelled: bool) -> ShippingError {
@@ -194,6 +205,35 @@ pub async fn cancel(
     Ok(CancelShipmentResponse {
         cancelled_shipment: cancelled == 1,
     })
+}
+
+/// [`cancel`] given the request's claim: on PostgreSQL's shared
+/// transaction, [`CANCEL_CLAIMING`]; elsewhere as [`cancel`] goes, the
+/// claim left to its caller.
+pub async fn cancel_claiming(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    claim: Option<&Claim<'_>>,
+) -> Result<(CancelShipmentResponse, Claimed), ShippingError> {
+    let Some(claim) = claim.filter(|_| conn.backend_name() == "PostgreSQL") else {
+        return Ok((cancel(conn, order_id).await?, Claimed::No));
+    };
+    let cancelled = CancelShipmentResponse {
+        cancelled_shipment: true,
+    };
+    let not_cancelled = CancelShipmentResponse {
+        cancelled_shipment: false,
+    };
+    Ok(svc_kit::undo::run(
+        conn,
+        CANCEL_CLAIMING,
+        "cancel",
+        order_id,
+        claim,
+        cancelled,
+        not_cancelled,
+    )
+    .await?)
 }
 
 pub async fn get(conn: &mut AnyConnection, order_id: &str) -> Result<Shipment, ShippingError> {

@@ -10,7 +10,6 @@
 use ordersaga_proto::stock::v1::{
     ReleaseStockResponse, Reservation, ReservationStatus, ReserveStockResponse, ReservedLine,
 };
-use prost::Message;
 use rusqlite::{OptionalExtension, params};
 use sqlx::{AnyConnection, Row, any::AnyRow};
 use svc_kit::{
@@ -118,42 +117,21 @@ const RESERVED_LINES: &str =
 const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserved = reserved - $1, updated_at_ms = $2 WHERE sku = $3";
 
 /// [`release`] on PostgreSQL's shared transaction, in one statement with
-/// the request's claim and its reply: the order's tombstone when it has no
-/// reservation, else its reservation marked released and its lines' units
-/// given back. Its reply is one of two, both bound (`$7` when it released a
-/// reservation, `$8` when not). It writes nothing when the request was
-/// claimed before, and a request alone commits with it
-/// ([`svc_kit::idempotency::Refusal::OneStatement`]).
-///
-/// Its snapshot may predate a reservation that another connection commits
-/// while the tombstone waits on its key: the tombstone then does nothing,
-/// and the update, which did not see that row, releases nothing. Answered
-/// "nothing to release", the stock would stay reserved, so then the
-/// statement writes nothing, the claim included, and says so (`explained`
-/// is 0): the request runs again, and sees the reservation. A claim of the
-/// same request committed meanwhile fails the statement whole.
-const RELEASE_CLAIMING: &str = "WITH fresh AS ( \
-       SELECT NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $3) AS ok), \
-     existing AS (SELECT 1 FROM reservations WHERE order_id = $1), \
-     tombstone AS ( \
-       INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-       SELECT $1, '', 'released', 0, '', $2, $2 FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing) \
-       ON CONFLICT (order_id) DO NOTHING RETURNING 1), \
-     released AS ( \
-       UPDATE reservations SET status = 'released', updated_at_ms = $2 \
-       WHERE order_id = $1 AND status = 'reserved' AND (SELECT ok FROM fresh) RETURNING order_id), \
-     given_back AS ( \
+/// the request's claim ([`svc_kit::undo`]): the order's tombstone when it
+/// has no reservation, else its reservation marked released and its lines'
+/// units given back.
+const RELEASE_CLAIMING: &str = svc_kit::undo_claiming!(
+    existing: "SELECT 1 FROM reservations WHERE order_id = $1",
+    tombstone: "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+       SELECT $1, '', 'released', 0, '', $2, $2 FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing)",
+    undone: "UPDATE reservations SET status = 'released', updated_at_ms = $2 \
+       WHERE order_id = $1 AND status = 'reserved' AND (SELECT ok FROM fresh) RETURNING order_id",
+    then: "given_back AS ( \
        UPDATE products p SET available = p.available + l.quantity, reserved = p.reserved - l.quantity, updated_at_ms = $2 \
        FROM (SELECT sku, SUM(quantity) AS quantity FROM reservation_lines \
-             WHERE order_id IN (SELECT order_id FROM released) GROUP BY sku) AS l \
-       WHERE p.sku = l.sku RETURNING 1), \
-     claim AS ( \
-       INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
-       SELECT $3, $4, $5, $6, 0, CASE WHEN EXISTS (SELECT 1 FROM released) THEN $7 ELSE $8 END \
-       FROM fresh WHERE ok AND (EXISTS (SELECT 1 FROM existing) OR EXISTS (SELECT 1 FROM tombstone)) \
-       RETURNING 1) \
-     SELECT (SELECT ok FROM fresh) AS fresh, (SELECT COUNT(*) FROM released) AS released, \
-       (SELECT COUNT(*) FROM claim) AS claimed";
+             WHERE order_id IN (SELECT order_id FROM undone) GROUP BY sku) AS l \
+       WHERE p.sku = l.sku RETURNING 1)",
+);
 
 /// What [`reserve_claiming`] leaves behind when it refuses on the shared
 /// transaction: a priced one-line order goes as one statement that writes
@@ -540,34 +518,16 @@ pub async fn release_claiming(
     let not_released = ReleaseStockResponse {
         released_reservation: false,
     };
-    let query = sqlx::query(RELEASE_CLAIMING).bind(order_id).bind(now_ms());
-    let row = claim
-        .bind(query, &released)
-        .bind(not_released.encode_to_vec())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|err| {
-            svc_kit::Error::unless_raced(err, || {
-                format!("order {order_id} was released by another connection meanwhile; try again")
-            })
-        })?;
-    if !row.try_get::<bool, _>("fresh")? {
-        // Claimed before: its first answer stands, and is read.
-        return Err(svc_kit::Error::StoreUnavailable(format!(
-            "release of order {order_id} was answered before"
-        ))
-        .into());
-    }
-    if row.try_get::<i64, _>("claimed")? == 0 {
-        return Err(svc_kit::Error::StoreUnavailable(format!(
-            "order {order_id} was reserved by another connection meanwhile; try again"
-        ))
-        .into());
-    }
-    Ok(match row.try_get::<i64, _>("released")? {
-        0 => (not_released, Claimed::Yes),
-        _ => (released, Claimed::Yes),
-    })
+    Ok(svc_kit::undo::run(
+        conn,
+        RELEASE_CLAIMING,
+        "release",
+        order_id,
+        claim,
+        released,
+        not_released,
+    )
+    .await?)
 }
 
 /// [`reserve`] on the store's batch writer (a SQLite file): the same statements.

@@ -37,6 +37,7 @@ pub mod store;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
+pub mod undo;
 pub mod validate;
 
 pub use error::Error;

@@ -309,3 +309,50 @@ async fn a_lone_prepare_whose_claim_is_raced_writes_no_shipment() {
         &["refused by the other process"],
     );
 }
+
+/// PostgreSQL: a lone cancel whose order's shipment another connection
+/// prepares and commits while the cancel waits to write the order's
+/// tombstone. The cancel must see that shipment and cancel it: answered
+/// "nothing to cancel", the shipment would go out. (A cancel is one
+/// statement, whose snapshot predates the other's commit: it writes
+/// nothing then, and runs again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_cancel_raced_by_a_shipment_of_another_connection_cancels_it() {
+    let svc = services::shipping(Backend::Postgres).await;
+    let mut client = svc.shipping().await;
+    let pool = svc.db.pool().await;
+    let order = order_id();
+    let cancel = CancelShipmentRequest {
+        request_id: request_id(),
+        order_id: order.clone(),
+    };
+    let mut sending = client.clone();
+    let raced = race_alone(
+        &pool,
+        "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+           country, service_level, item_count, created_at_ms, updated_at_ms) \
+         VALUES ($1, 'theirs', 'T', 'prepared', 'Ada', 'Street 1', 'London', 'SW1', 'GB', 1, 1, 0, 0)",
+        &order,
+        {
+            let cancel = cancel.clone();
+            async move { sending.cancel_shipment(authed(cancel)).await }
+        },
+    )
+    .await;
+    assert!(
+        raced.unwrap().into_inner().cancelled_shipment,
+        "the shipment that won was not cancelled"
+    );
+    let shipment = client
+        .get_shipment(authed(GetShipmentRequest {
+            order_id: order.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .shipment
+        .unwrap();
+    assert_eq!(shipment.status, ShipmentStatus::Cancelled as i32);
+    let again = client.cancel_shipment(authed(cancel)).await.unwrap();
+    assert!(again.into_inner().cancelled_shipment, "a replay differs");
+}
