@@ -182,28 +182,61 @@ fn sagas_admitted_sql(rows_sql: &'static str) -> &'static str {
 
 fn build_sagas_admitted_sql(rows_sql: &str) -> String {
     format!(
-        "WITH admitted AS ({rows_sql}), \
-         j AS ( \
-           SELECT * FROM jsonb_to_recordset($2::jsonb) AS j(i bigint, saga_id text, kind text, data text, \
-             trace_context text, at_ms bigint, pivot_passed bigint, owner text, events jsonb)), \
-         saga AS ( \
-           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
-           SELECT j.saga_id, j.kind, j.data, 'RUNNING', 0, j.trace_context, j.at_ms, j.at_ms, j.pivot_passed, j.owner, 1, jsonb_array_length(j.events) \
-           FROM j WHERE j.saga_id IN (SELECT saga_id FROM admitted) ORDER BY j.i \
-           RETURNING saga_id), \
-         events AS ( \
-           INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
-           SELECT e.event_id, j.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
-           FROM j CROSS JOIN LATERAL jsonb_to_recordset(j.events) AS e(event_id text, sequence bigint, event_type text, \
-             payload text, traceparent text, at_ms bigint) \
-           WHERE j.saga_id IN (SELECT saga_id FROM saga) \
-           ORDER BY j.i, e.sequence), \
+        "WITH {}, \
          told AS ( \
            SELECT pg_notify($3, $4 || string_agg(chr(10) || p.saga_id || ' RUNNING', '' ORDER BY p.n)) \
-           FROM (SELECT saga_id, row_number() OVER () - 1 AS n FROM saga) p \
+           FROM (SELECT saga_id, row_number() OVER () - 1 AS n FROM new_saga) p \
            WHERE $4 IS NOT NULL GROUP BY p.n / 120) \
-         SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM saga"
+         SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga",
+        admission_ctes(rows_sql, "$1", "$2")
     )
+}
+
+/// The common table expressions that admit new sagas: `admitted`, the
+/// caller's insert (its `$1` as `rows`); `new_sagas`, the sagas as
+/// `sagas` gives them ([`AdmittedSagaRow`]s); `new_saga`, their rows, each
+/// written only if the caller's insert wrote its own, returning the
+/// `saga_id` of each; and `new_events`, the first events of those. Shared
+/// by [`sagas_admitted_sql`] and the batch statement that also applies
+/// checkpoints (see [`postgres`]).
+pub(crate) fn admission_ctes(rows_sql: &str, rows: &str, sagas: &str) -> String {
+    let rows_sql = with_first_parameter(rows_sql, rows);
+    format!(
+        "admitted AS ({rows_sql}), \
+         new_sagas AS ( \
+           SELECT * FROM jsonb_to_recordset({sagas}::jsonb) AS j(i bigint, saga_id text, kind text, data text, \
+             trace_context text, at_ms bigint, pivot_passed bigint, owner text, events jsonb)), \
+         new_saga AS ( \
+           INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch, events_sequence) \
+           SELECT j.saga_id, j.kind, j.data, 'RUNNING', 0, j.trace_context, j.at_ms, j.at_ms, j.pivot_passed, j.owner, 1, jsonb_array_length(j.events) \
+           FROM new_sagas j WHERE j.saga_id IN (SELECT saga_id FROM admitted) ORDER BY j.i \
+           RETURNING saga_id), \
+         new_events AS ( \
+           INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+           SELECT e.event_id, j.saga_id, e.sequence, e.event_type, e.payload, e.traceparent, e.at_ms, 1 \
+           FROM new_sagas j CROSS JOIN LATERAL jsonb_to_recordset(j.events) AS e(event_id text, sequence bigint, event_type text, \
+             payload text, traceparent text, at_ms bigint) \
+           WHERE j.saga_id IN (SELECT saga_id FROM new_saga) \
+           ORDER BY j.i, e.sequence)"
+    )
+}
+
+/// `sql` with its parameter `$1` (its only one, see
+/// [`crate::Admit::insert_rows_sql`]) written as `parameter`.
+fn with_first_parameter(sql: &str, parameter: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut rest = sql;
+    while let Some(at) = rest.find("$1") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        match after.starts_with(|c: char| c.is_ascii_digit()) {
+            true => out.push_str("$1"),
+            false => out.push_str(parameter),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One saga of [`sagas_admitted_sql`]'s `$2`: its row's fields, its place in
@@ -238,8 +271,16 @@ mod sagas_admitted_sql_tests {
         assert_eq!(sql.matches("$1").count(), 1, "{sql}");
         assert!(!sql.contains("$5"), "{sql}");
         assert!(
-            sql.ends_with("SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM saga"),
+            sql.ends_with("SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga"),
             "{sql}"
+        );
+    }
+
+    #[test]
+    fn the_callers_parameter_is_renamed_and_no_other() {
+        assert_eq!(
+            super::with_first_parameter("VALUES ($1, $10, $1)", "$7"),
+            "VALUES ($7, $10, $7)"
         );
     }
 }
@@ -282,30 +323,10 @@ pub(crate) async fn insert_sagas_admitted(
     sagas: &[ToAdmit<'_>],
     notify_as: Option<Uuid>,
 ) -> Result<Vec<Admission>, sqlx::Error> {
-    let at_ms = now_ms();
-    let mut callers = String::from("[");
-    let mut rows = Vec::with_capacity(sagas.len());
-    for (i, one) in sagas.iter().enumerate() {
-        if i > 0 {
-            callers.push(',');
-        }
-        callers.push_str(&one.admit.insert_row(one.saga.at_ms));
-        rows.push(AdmittedSagaRow {
-            i,
-            saga_id: one.saga.saga_id.to_string(),
-            kind: one.saga.kind,
-            data: &one.saga.data_json,
-            trace_context: &one.saga.trace_context,
-            at_ms: one.saga.at_ms,
-            pivot_passed: i64::from(one.saga.starts_at_pivot),
-            owner: &one.saga.owner,
-            events: events::numbered_rows(one.events, at_ms),
-        });
-    }
-    callers.push(']');
+    let mut admitting = Admitting::new(sagas);
     let written: HashSet<String> = sqlx::query(sagas_admitted_sql(rows_sql))
-        .bind(callers)
-        .bind(serde_json::to_string(&rows).expect("sagas serialize"))
+        .bind(std::mem::take(&mut admitting.rows))
+        .bind(std::mem::take(&mut admitting.sagas))
         .bind(crate::notifications::CHANGES)
         .bind(notify_as.map(|sender| sender.to_string()))
         .fetch_all(&mut *conn)
@@ -313,13 +334,57 @@ pub(crate) async fn insert_sagas_admitted(
         .iter()
         .map(|row| row.try_get("saga_id"))
         .collect::<Result<_, _>>()?;
-    Ok(rows
-        .iter()
-        .map(|row| match written.contains(row.saga_id.as_str()) {
-            true => Admission::Admit,
-            false => Admission::Refuse,
-        })
-        .collect())
+    Ok(admitting.answers(&written))
+}
+
+/// New sagas as [`admission_ctes`] takes them: the callers' rows and the
+/// sagas, each a JSON array, and the sagas' IDs in order.
+pub(crate) struct Admitting {
+    pub rows: String,
+    pub sagas: String,
+    ids: Vec<String>,
+}
+
+impl Admitting {
+    pub(crate) fn new(sagas: &[ToAdmit<'_>]) -> Self {
+        let at_ms = now_ms();
+        let mut callers = String::from("[");
+        let mut rows = Vec::with_capacity(sagas.len());
+        for (i, one) in sagas.iter().enumerate() {
+            if i > 0 {
+                callers.push(',');
+            }
+            callers.push_str(&one.admit.insert_row(one.saga.at_ms));
+            rows.push(AdmittedSagaRow {
+                i,
+                saga_id: one.saga.saga_id.to_string(),
+                kind: one.saga.kind,
+                data: &one.saga.data_json,
+                trace_context: &one.saga.trace_context,
+                at_ms: one.saga.at_ms,
+                pivot_passed: i64::from(one.saga.starts_at_pivot),
+                owner: &one.saga.owner,
+                events: events::numbered_rows(one.events, at_ms),
+            });
+        }
+        callers.push(']');
+        Admitting {
+            rows: callers,
+            sagas: serde_json::to_string(&rows).expect("sagas serialize"),
+            ids: rows.into_iter().map(|row| row.saga_id).collect(),
+        }
+    }
+
+    /// Each saga's answer, in order, given the IDs of those written.
+    pub(crate) fn answers(&self, written: &HashSet<String>) -> Vec<Admission> {
+        self.ids
+            .iter()
+            .map(|id| match written.contains(id) {
+                true => Admission::Admit,
+                false => Admission::Refuse,
+            })
+            .collect()
+    }
 }
 
 /// Records a new saga, RUNNING at step 0, inside the caller's transaction (so

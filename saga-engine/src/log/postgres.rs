@@ -34,7 +34,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::LazyLock,
+    sync::{LazyLock, Mutex},
 };
 
 use serde::Serialize;
@@ -43,10 +43,11 @@ use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
 use super::{
-    APPLY_STATE, Applied, Checkpoint, Moved, bind_state, bind_step, moved_apart_from_events,
-    not_moved,
+    APPLY_STATE, Admitting, Applied, Checkpoint, Moved, ToAdmit, admission_ctes, bind_state,
+    bind_step, moved_apart_from_events, not_moved,
 };
 use crate::{
+    engine::Admission,
     events::{self, fresh_events_ctes},
     notifications, now_ms,
 };
@@ -199,6 +200,16 @@ async fn run_batch(
         let saga_id: String = row.try_get("saga_id")?;
         moved_rows.insert(saga_id, Moved::read(&row)?);
     }
+    applied(conn, checkpoints, moved_rows).await
+}
+
+/// Each checkpoint's result, given the rows of the sagas a batch statement
+/// moved (by ID).
+async fn applied(
+    conn: &mut AnyConnection,
+    checkpoints: &[&Checkpoint],
+    mut moved_rows: HashMap<String, Moved>,
+) -> Result<Vec<Applied>, sqlx::Error> {
     let mut results = Vec::with_capacity(checkpoints.len());
     for checkpoint in checkpoints {
         let id = checkpoint.saga_id.to_string();
@@ -208,6 +219,85 @@ async fn run_batch(
         });
     }
     Ok(results)
+}
+
+/// [`APPLY_BATCH_TOLD`] with new sagas admitted in the same statement
+/// ([`admission_ctes`]: `$7` the callers' rows, `$8` the sagas), their
+/// notices with the checkpoints'. In a transaction such a batch took
+/// `BEGIN`, its two statements, `pg_notify` and `COMMIT`: five round trips
+/// on the path of every saga in it. Its rows: each moved saga's, then each
+/// admitted saga's (`admitted`). Built once per caller's statement.
+fn batch_admitting_sql(rows_sql: &'static str) -> &'static str {
+    static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
+        LazyLock::new(Mutex::default);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    built
+        .entry(rows_sql)
+        .or_insert_with(|| Box::leak(build_batch_admitting_sql(rows_sql).into_boxed_str()))
+}
+
+fn build_batch_admitting_sql(rows_sql: &str) -> String {
+    format!(
+        "{}, {}, \
+         told AS ( \
+           SELECT pg_notify($5, $6 || string_agg(chr(10) || p.saga_id || ' ' || p.told_status, '' ORDER BY p.i)) \
+           FROM (SELECT saga_id, told_status, row_number() OVER () - 1 AS i \
+                 FROM (SELECT saga_id, told_status FROM moved \
+                       UNION ALL SELECT saga_id, 'RUNNING' FROM new_saga) AS changed) p \
+           WHERE $6 IS NOT NULL GROUP BY p.i / 120) \
+         SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, false AS admitted, \
+           (SELECT COUNT(*) FROM told) AS told FROM moved \
+         UNION ALL \
+         SELECT saga_id, NULL, NULL, NULL, NULL, true, (SELECT COUNT(*) FROM told) FROM new_saga",
+        apply_batch_ctes!(),
+        admission_ctes(rows_sql, "$7", "$8"),
+    )
+}
+
+/// Applies checkpoints that [`fits_batch_alone`] and admits new sagas whose
+/// callers share the statement `rows_sql` (each writing its events in it,
+/// at most [`super::MOST_ADMITTED_AT_ONCE`]), as one statement outside any
+/// transaction: it commits with the statement, and with `notify_as` the
+/// other replicas hear of it in the same commit. The checkpoints' results
+/// and the sagas' answers come in the order given.
+pub(crate) async fn apply_batch_admitting(
+    conn: &mut AnyConnection,
+    checkpoints: &[&Checkpoint],
+    rows_sql: &'static str,
+    starts: &[ToAdmit<'_>],
+    notify_as: Option<Uuid>,
+) -> Result<(Vec<Applied>, Vec<Admission>), sqlx::Error> {
+    debug_assert!(fits_batch_alone(checkpoints.iter().copied()));
+    let (sagas, steps, events) = parameters(checkpoints);
+    let admitting = Admitting::new(starts);
+    let rows = sqlx::query(batch_admitting_sql(rows_sql))
+        .bind(sagas)
+        .bind(steps)
+        .bind(now_ms())
+        .bind(events)
+        .bind(notifications::CHANGES)
+        .bind(notify_as.map(|sender| sender.to_string()))
+        .bind(&admitting.rows)
+        .bind(&admitting.sagas)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut moved_rows = HashMap::with_capacity(checkpoints.len());
+    let mut admitted = HashSet::with_capacity(starts.len());
+    for row in rows {
+        let saga_id: String = row.try_get("saga_id")?;
+        match row.try_get::<bool, _>("admitted")? {
+            true => {
+                admitted.insert(saga_id);
+            }
+            false => {
+                moved_rows.insert(saga_id, Moved::read(&row)?);
+            }
+        }
+    }
+    let applied = applied(conn, checkpoints, moved_rows).await?;
+    Ok((applied, admitting.answers(&admitted)))
 }
 
 /// The batch as the statement's three JSON arrays: the sagas' new state,

@@ -560,6 +560,39 @@ async fn commit_on(
         let applied = postgres::apply_batch_alone(conn, &checkpoints, notify_as).await?;
         return Ok(applied.into_iter().map(Written::Checkpoint).collect());
     }
+    // And a batch of checkpoints and new sagas (the common batch under
+    // load): the new sagas are admitted in the checkpoints' statement.
+    if postgres
+        && let Some(Admitting {
+            checkpoints,
+            starts,
+            rows_sql,
+        }) = checkpoints_and_admissions(writes)
+    {
+        *sent = true;
+        let to_admit: Vec<ToAdmit<'_>> = starts
+            .iter()
+            .map(|(_, start)| ToAdmit {
+                saga: &start.saga,
+                events: &start.events,
+                admit: &*start.admit,
+            })
+            .collect();
+        let only: Vec<&Checkpoint> = checkpoints.iter().map(|(_, c)| *c).collect();
+        let (applied, admitted) =
+            postgres::apply_batch_admitting(conn, &only, rows_sql, &to_admit, notify_as).await?;
+        let mut results: Vec<Option<Written>> = writes.iter().map(|_| None).collect();
+        for ((i, _), applied) in checkpoints.iter().zip(applied) {
+            results[*i] = Some(Written::Checkpoint(applied));
+        }
+        for ((i, _), admission) in starts.iter().zip(admitted) {
+            results[*i] = Some(Written::Start(admission));
+        }
+        return Ok(results
+            .into_iter()
+            .map(|written| written.expect("every write is a checkpoint or a start"))
+            .collect());
+    }
     let mut tx = conn.begin().await?;
     *sent = true;
     let alone = writes.len() == 1;
@@ -705,6 +738,46 @@ async fn admit_together(
     Ok(())
 }
 
+/// On PostgreSQL, the checkpoints and the new sagas of a batch that holds
+/// nothing else, each with its place in the batch, and their callers' one
+/// statement: if the checkpoints [`postgres::fits_batch_alone`], and each
+/// new saga admits in one statement ([`events_in_admission`]) through the
+/// same caller's statement, at most [`MOST_ADMITTED_AT_ONCE`] of them.
+fn checkpoints_and_admissions(writes: &[Write]) -> Option<Admitting<'_>> {
+    let mut checkpoints = vec![];
+    let mut starts = vec![];
+    let mut rows_sql = None;
+    for (i, write) in writes.iter().enumerate() {
+        match write {
+            Write::Checkpoint(checkpoint) => checkpoints.push((i, checkpoint)),
+            Write::Start(start) if events_in_admission(start, true) => {
+                let sql = start.admit.insert_rows_sql()?;
+                if *rows_sql.get_or_insert(sql) != sql {
+                    return None;
+                }
+                starts.push((i, start));
+            }
+            _ => return None,
+        }
+    }
+    let fits = !starts.is_empty()
+        && starts.len() <= MOST_ADMITTED_AT_ONCE
+        && postgres::fits_batch_alone(checkpoints.iter().map(|(_, c)| *c));
+    Some(Admitting {
+        checkpoints,
+        starts,
+        rows_sql: rows_sql?,
+    })
+    .filter(|_| fits)
+}
+
+/// A batch of checkpoints and new sagas (see [`checkpoints_and_admissions`]).
+struct Admitting<'a> {
+    checkpoints: Vec<(usize, &'a Checkpoint)>,
+    starts: Vec<(usize, &'a Start)>,
+    rows_sql: &'static str,
+}
+
 /// The checkpoints, if `writes` holds nothing else.
 fn only_checkpoints(writes: &[Write]) -> Option<Vec<&Checkpoint>> {
     writes
@@ -835,9 +908,12 @@ async fn admit_start(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use sqlx::any::AnyPoolOptions;
 
     use super::*;
+    use crate::log::{SagaState, StepRecord, StepStatus};
 
     /// The writer's own sessions on PostgreSQL: commits that skip the WAL's
     /// flush only when durability is relaxed, the server's setting otherwise.
@@ -866,5 +942,209 @@ mod tests {
                 .unwrap();
             assert_eq!(setting, expected, "{durability:?}");
         }
+    }
+
+    /// Writes its key's row in the batch's statement, refusing a key taken.
+    struct Keyed(&'static str, Uuid);
+
+    impl Admit for Keyed {
+        fn admit<'c>(
+            &'c self,
+            _: &'c mut AnyConnection,
+            _: i64,
+        ) -> BoxFuture<'c, Result<Admission, sqlx::Error>> {
+            unreachable!("admitted in the statement that records the saga")
+        }
+
+        fn admit_sqlite(&self, _: &rusqlite::Connection, _: i64) -> rusqlite::Result<Admission> {
+            unreachable!("PostgreSQL only")
+        }
+
+        fn insert_rows_sql(&self) -> Option<&'static str> {
+            Some(
+                "INSERT INTO callers (key, saga_id) \
+                 SELECT r.key, r.saga_id FROM jsonb_to_recordset($1::jsonb) AS r(key text, saga_id text) \
+                 ON CONFLICT (key) DO NOTHING RETURNING saga_id",
+            )
+        }
+
+        fn insert_row(&self, _: i64) -> String {
+            serde_json::json!({ "key": self.0, "saga_id": self.1.to_string() }).to_string()
+        }
+    }
+
+    fn start(id: Uuid, key: &'static str) -> Write {
+        Write::Start(Start {
+            saga: NewSaga {
+                saga_id: id,
+                kind: "test",
+                data_json: "{}".into(),
+                trace_context: String::new(),
+                starts_at_pivot: false,
+                owner: "me".into(),
+                at_ms: 1,
+            },
+            admit: Box::new(Keyed(key, id)),
+            events: vec![NewEvent {
+                aggregate_id: id,
+                key: "started".into(),
+                event_type: "test.started".into(),
+                data: serde_json::Map::new(),
+                traceparent: String::new(),
+            }],
+        })
+    }
+
+    /// On PostgreSQL a batch of checkpoints and new sagas commits as one
+    /// statement: a new saga is written, with its first event, only if its
+    /// caller's row was (of two with one key, the first), the checkpoint
+    /// moves its saga, and the other replicas hear of both in the same
+    /// commit.
+    #[tokio::test]
+    async fn a_batch_of_checkpoints_and_new_sagas_commits_as_one_statement() {
+        sqlx::any::install_default_drivers();
+        let admin_url = std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
+        let name = format!("writer_{}", Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .unwrap();
+        crate::MIGRATIONS_POSTGRES.run(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE callers (key TEXT PRIMARY KEY, saga_id TEXT NOT NULL); \
+             INSERT INTO callers VALUES ('taken', 'someone else')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let running = Uuid::now_v7();
+        let first = commit_on(&mut conn, true, &[start(running, "k0")], None, &mut false).await;
+        assert!(matches!(
+            first.unwrap()[..],
+            [Written::Start(Admission::Admit)]
+        ));
+
+        let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+        listener.listen(notifications::CHANGES).await.unwrap();
+        let sender = Uuid::now_v7();
+        let (admitted, twin, refused) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let step = StepRecord {
+            phase: crate::Phase::Forward,
+            index: 0,
+            name: "a",
+            status: StepStatus::Succeeded,
+            attempts: 1,
+            last_error: String::new(),
+            output: "out".into(),
+            started_at_ms: Some(1),
+            finished_at_ms: Some(2),
+            attempt_log: vec![],
+        };
+        let state = SagaState {
+            status: SagaStatus::Running,
+            next_step: 1,
+            failure_reason: String::new(),
+        };
+        let writes = [
+            start(admitted, "k1"),
+            Write::Checkpoint(Checkpoint::new(running, 1, vec![step], Some(state), vec![])),
+            start(twin, "k1"),
+            start(refused, "taken"),
+        ];
+        let written = commit_on(&mut conn, true, &writes, Some(sender), &mut false)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                &written[..],
+                [
+                    Written::Start(Admission::Admit),
+                    Written::Checkpoint(Applied {
+                        closed: None,
+                        fenced: false,
+                        ..
+                    }),
+                    Written::Start(Admission::Refuse),
+                    Written::Start(Admission::Refuse),
+                ]
+            ),
+            "{:?}",
+            written
+                .iter()
+                .map(|w| matches!(w, Written::Start(Admission::Admit)))
+                .collect::<Vec<_>>()
+        );
+        let one_statement: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_prepared_statements \
+             WHERE statement LIKE '%UPDATE sagas s SET%' AND statement LIKE '%INSERT INTO callers%' \
+               AND statement NOT LIKE '%pg_prepared_statements%'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(one_statement, 1, "the batch went statement by statement");
+
+        let sagas: Vec<(String, i64)> =
+            sqlx::query_as("SELECT saga_id, next_step FROM sagas ORDER BY saga_id")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let mut expected = vec![(running.to_string(), 1), (admitted.to_string(), 0)];
+        expected.sort();
+        assert_eq!(sagas, expected);
+        let events: Vec<String> = sqlx::query_scalar(
+            "SELECT aggregate_id FROM outbox WHERE sequence = 1 ORDER BY aggregate_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let mut expected: Vec<String> = vec![running.to_string(), admitted.to_string()];
+        expected.sort();
+        assert_eq!(events, expected, "each admitted saga's first event");
+        let owner: String = sqlx::query_scalar("SELECT saga_id FROM callers WHERE key = 'k1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(owner, admitted.to_string());
+
+        let notice = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("no notice")
+            .unwrap();
+        let (from, notices) = notifications::decode(notice.payload()).unwrap();
+        assert_eq!(from, sender);
+        let mut told: Vec<(Uuid, Option<SagaStatus>)> =
+            notices.iter().map(|n| (n.saga_id, n.status)).collect();
+        told.sort_by_key(|(id, _)| *id);
+        let mut expected = vec![
+            (running, Some(SagaStatus::Running)),
+            (admitted, Some(SagaStatus::Running)),
+        ];
+        expected.sort_by_key(|(id, _)| *id);
+        assert_eq!(told, expected);
+
+        drop(conn);
+        pool.close().await;
+        listener.unlisten_all().await.ok();
+        drop(listener);
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
     }
 }
