@@ -68,6 +68,7 @@ const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
          $11 || CASE WHEN d.balance_cents = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint(d.balance_cents) END \
        FROM debit d, charge WHERE $7 IS NOT NULL RETURNING 1) \
      SELECT (SELECT balance_cents FROM debit) AS balance_cents, \
+       EXISTS (SELECT 1 FROM idempotency WHERE request_id = $7) AS claimed_before, \
        c.payment_id AS existing_id, c.status AS existing_status, \
        a.balance_cents AS account_balance, a.currency AS account_currency \
      FROM (SELECT 1) AS one \
@@ -160,8 +161,11 @@ async fn charge_in_one_statement(
             })
         })?;
     let Some(balance_cents) = row.try_get::<Option<i64>, _>("balance_cents")? else {
-        // Nothing was written: the order was charged or refunded before,
-        // or the account could not pay.
+        // Nothing was written: the request was answered before, the order
+        // was charged or refunded before, or the account could not pay.
+        if row.try_get::<bool, _>("claimed_before")? {
+            return Ok((reply, Claimed::Before));
+        }
         if let Some(why) = why_not_charged(&new, &row)? {
             return Err(why);
         }

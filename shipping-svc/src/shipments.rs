@@ -73,12 +73,11 @@ const EXISTING: &str = "SELECT shipment_id, status FROM shipments WHERE order_id
 /// request's claim ([`svc_kit::undo`]): the order's tombstone when it has
 /// no shipment, else its shipment cancelled if it was prepared.
 const CANCEL_CLAIMING: &str = svc_kit::undo_claiming!(
-    existing: "SELECT 1 FROM shipments WHERE order_id = $1",
-    tombstone: "INSERT INTO shipments (order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
+    table: "shipments",
+    tombstone: "(order_id, shipment_id, tracking_id, status, recipient, line1, city, postal_code, \
        country, service_level, item_count, created_at_ms, updated_at_ms) \
-       SELECT $1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2 FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing)",
-    undone: "UPDATE shipments SET status = 'cancelled', updated_at_ms = $2 \
-       WHERE order_id = $1 AND status = 'prepared' AND (SELECT ok FROM fresh) RETURNING 1",
+       SELECT $1, '', '', 'cancelled', '', '', '', '', '', 0, 0, $2, $2",
+    undo: "SET status = 'cancelled', updated_at_ms = $2 WHERE order_id = $1 AND status = 'prepared'",
 );
 
 /// Why a second prepare of an order is refused.

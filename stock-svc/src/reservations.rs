@@ -121,16 +121,23 @@ const GIVE_BACK: &str = "UPDATE products SET available = available + $1, reserve
 /// has no reservation, else its reservation marked released and its lines'
 /// units given back.
 const RELEASE_CLAIMING: &str = svc_kit::undo_claiming!(
-    existing: "SELECT 1 FROM reservations WHERE order_id = $1",
-    tombstone: "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
-       SELECT $1, '', 'released', 0, '', $2, $2 FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing)",
-    undone: "UPDATE reservations SET status = 'released', updated_at_ms = $2 \
-       WHERE order_id = $1 AND status = 'reserved' AND (SELECT ok FROM fresh) RETURNING order_id",
-    then: "given_back AS ( \
+    table: "reservations",
+    tombstone: "(order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+       SELECT $1, '', 'released', 0, '', $2, $2",
+    undo: "SET status = 'released', updated_at_ms = $2 WHERE order_id = $1 AND status = 'reserved'",
+    // The products are locked in SKU order before any is updated (the
+    // scalar subquery runs before the update's scan), as a reservation
+    // takes them: two orders' writes on two connections cannot deadlock.
+    then: "locked AS ( \
+       SELECT sku FROM products WHERE sku IN ( \
+         SELECT sku FROM reservation_lines WHERE order_id IN (SELECT order_id FROM undone)) \
+       ORDER BY sku FOR UPDATE), \
+     given_back AS ( \
        UPDATE products p SET available = p.available + l.quantity, reserved = p.reserved - l.quantity, updated_at_ms = $2 \
-       FROM (SELECT sku, SUM(quantity) AS quantity FROM reservation_lines \
-             WHERE order_id IN (SELECT order_id FROM undone) GROUP BY sku) AS l \
-       WHERE p.sku = l.sku RETURNING 1)",
+       FROM reservation_lines l \
+       WHERE l.order_id IN (SELECT order_id FROM undone) AND p.sku = l.sku \
+         AND (SELECT COUNT(*) FROM locked) >= 0 \
+       RETURNING 1)",
 );
 
 /// What [`reserve_claiming`] leaves behind when it refuses on the shared

@@ -205,6 +205,11 @@ pub enum Claimed {
     No,
     /// Written, with the effect's reply, in the effect's own statement.
     Yes,
+    /// None: the request was claimed before, and the effect's statement,
+    /// which found that claim, wrote nothing. Its reply is not an answer:
+    /// the stored one is read. (An effect that can tell a repeat this way
+    /// spares its batch the rollback an error costs.)
+    Before,
 }
 
 /// What an effect on the shared transaction leaves behind when it refuses.
@@ -328,6 +333,7 @@ where
 {
     Ok(match effect(&mut *conn, Some(claim)).await {
         Ok((reply, Claimed::Yes)) => Lone::Ended(FirstTurn::Done(reply)),
+        Ok((_, Claimed::Before)) => Lone::Ended(FirstTurn::SeenBefore),
         Ok((_, Claimed::No)) => {
             // It committed without its claim: not an effect that may run
             // alone, whatever its refusal said. A bug: said loudly.
@@ -428,6 +434,10 @@ where
                     Ok((reply, Claimed::No)) => reply,
                     Ok((reply, Claimed::Yes)) => {
                         return Ok(TurnResult::Written(FirstTurn::Done(reply)));
+                    }
+                    // Seen before, and nothing written: nothing to take back.
+                    Ok((_, Claimed::Before)) => {
+                        return Ok(TurnResult::Untouched(FirstTurn::SeenBefore));
                     }
                     // It wrote nothing, and its refusal is stored in this
                     // turn, in the batch whose writes it saw: a refusal may

@@ -63,8 +63,9 @@ impl MetricsRegistry {
     }
 
     /// Registers the counters of PostgreSQL's shared transaction, read at
-    /// scrape time: its commits, and the requests that ran alone or were
-    /// written by a combined statement (the rest took a turn each).
+    /// scrape time: its commits, its turns redone, and the requests that
+    /// ran alone or were written by a combined statement (the rest took a
+    /// turn each).
     pub fn register_shared_transaction(&mut self, shared: SharedTransaction) {
         let commits = Counter::<u64>::default();
         self.registry.register(
@@ -79,11 +80,24 @@ impl MetricsRegistry {
              written by a statement combining many (PostgreSQL)",
             requests.clone(),
         );
-        let seen = std::sync::Mutex::new((0u64, 0u64, 0u64));
+        let redone = Counter::<u64>::default();
+        self.registry.register(
+            "db_shared_transaction_turns_redone",
+            "Requests run again on the shared transaction because a neighbour's turn failed \
+             without a savepoint and rolled their batch back (PostgreSQL)",
+            redone.clone(),
+        );
+        let seen = std::sync::Mutex::new((0u64, 0u64, 0u64, 0u64));
         self.refreshers.push(Box::new(move || {
             let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-            let now = (shared.commits(), shared.alone(), shared.combined());
+            let now = (
+                shared.commits(),
+                shared.alone(),
+                shared.combined(),
+                shared.redone(),
+            );
             commits.inc_by(now.0 - seen.0);
+            redone.inc_by(now.3 - seen.3);
             requests
                 .get_or_create(&HowLabels { how: "alone" })
                 .inc_by(now.1 - seen.1);

@@ -17,7 +17,7 @@
 //!   the tombstone waits on the order's key: the tombstone then does
 //!   nothing, and the undo, which did not see that row, undoes nothing.
 //!   Answered "nothing to undo", the effect would stay for good, so the
-//!   statement writes nothing and the request runs again, seeing it;
+//!   statement writes nothing and runs again, and sees it;
 //! - a claim of the same request committed meanwhile by another connection
 //!   fails it whole.
 
@@ -30,29 +30,29 @@ use crate::{
     time::now_ms,
 };
 
-/// A compensation's statement: `existing` reads the order's row as the
-/// statement's snapshot holds it; `tombstone` inserts the order's
-/// tombstone `FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing)`,
-/// its conflict target the order's key (`ON CONFLICT (order_id) DO NOTHING
-/// RETURNING 1` is appended); `undone` undoes the effect `AND (SELECT ok
-/// FROM fresh)`, returning a row if it did; `then` (optional, one or more
-/// common table expressions) follows the undo up (e.g. stock given back).
-/// Its parameters: `$1` the order, `$2` the time, `$3`–`$7` the claim
-/// with the reply when something was undone ([`Claim::bind`]), `$8` the
-/// reply when nothing was. [`run`] runs it.
+/// A compensation's statement on `table` (keyed by `order_id`): the
+/// order's tombstone (`tombstone`: its columns and a `SELECT` of their
+/// values) when the order has no row in the statement's snapshot, else
+/// `undo` (`SET … WHERE …` of an `UPDATE`, returning the order's row only
+/// if it undid the effect); then `then` (optional: common table
+/// expressions that follow the undo up, reading `undone(order_id)`, e.g.
+/// the stock given back); then the claim with its reply. The macro adds
+/// the guards that make it write nothing for a request claimed before.
+/// Its parameters: `$1` the order, `$2` the time, `$3`–`$7` the claim with
+/// the reply when something was undone ([`Claim::bind`]), `$8` the reply
+/// when nothing was. [`run`] runs it.
 #[macro_export]
 macro_rules! undo_claiming {
-    (existing: $existing:literal, tombstone: $tombstone:literal, undone: $undone:literal $(, then: $then:literal)? $(,)?) => {
+    (table: $table:literal, tombstone: $tombstone:literal, undo: $undo:literal $(, then: $then:literal)? $(,)?) => {
         concat!(
             "WITH fresh AS ( \
                SELECT NOT EXISTS (SELECT 1 FROM idempotency WHERE request_id = $3) AS ok), \
-             existing AS (",
-            $existing,
-            "), tombstone AS (",
-            $tombstone,
-            " ON CONFLICT (order_id) DO NOTHING RETURNING 1), undone AS (",
-            $undone,
-            "), ",
+             existing AS (SELECT 1 FROM ", $table, " WHERE order_id = $1), \
+             tombstone AS (INSERT INTO ", $table, " ", $tombstone,
+            " FROM fresh WHERE ok AND NOT EXISTS (SELECT 1 FROM existing) \
+               ON CONFLICT (order_id) DO NOTHING RETURNING 1), \
+             undone AS (UPDATE ", $table, " ", $undo,
+            " AND (SELECT ok FROM fresh) RETURNING order_id), ",
             $($then, ", ",)?
             "claim AS ( \
                INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
@@ -65,14 +65,19 @@ macro_rules! undo_claiming {
     };
 }
 
+/// How many times [`run`] runs its statement while another connection's
+/// writes of the order keep it from explaining what it did.
+const RUNS: usize = 3;
+
 /// Runs `sql` ([`undo_claiming!`]) for `order_id` with `claim`: the reply
 /// is `undone` if it undid the order's effect, `nothing_to_undo` if not.
 /// `what` names the compensation in errors ("release").
 ///
-/// A request claimed before, and a statement that wrote nothing because
-/// another connection wrote the order meanwhile, are errors that write
-/// nothing and are not refusals: the first answer is read, or the request
-/// runs again.
+/// A request claimed before wrote nothing and says so
+/// ([`Claimed::Before`]): its first answer is read. A statement that wrote
+/// nothing because another connection wrote the order meanwhile runs
+/// again, and sees that write (each statement takes a new snapshot, in the
+/// shared transaction too).
 pub async fn run<Resp: Message>(
     conn: &mut AnyConnection,
     sql: &'static str,
@@ -82,29 +87,32 @@ pub async fn run<Resp: Message>(
     undone: Resp,
     nothing_to_undo: Resp,
 ) -> Result<(Resp, Claimed), Error> {
-    let query = sqlx::query(sql).bind(order_id).bind(now_ms());
-    let row = claim
-        .bind(query, &undone)
-        .bind(nothing_to_undo.encode_to_vec())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|err| {
-            Error::unless_raced(err, || {
-                format!("{what} of order {order_id} was answered by another connection meanwhile")
-            })
-        })?;
-    if !row.try_get::<bool, _>("fresh")? {
-        return Err(Error::StoreUnavailable(format!(
-            "{what} of order {order_id} was answered before"
-        )));
+    let nothing = nothing_to_undo.encode_to_vec();
+    for _ in 0..RUNS {
+        let query = sqlx::query(sql).bind(order_id).bind(now_ms());
+        let row = claim
+            .bind(query, &undone)
+            .bind(nothing.clone())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|err| {
+                Error::unless_raced(err, || {
+                    format!(
+                        "{what} of order {order_id} was answered by another connection meanwhile"
+                    )
+                })
+            })?;
+        if !row.try_get::<bool, _>("fresh")? {
+            return Ok((nothing_to_undo, Claimed::Before));
+        }
+        if row.try_get::<i64, _>("claimed")? == 1 {
+            return Ok(match row.try_get::<i64, _>("undone")? {
+                0 => (nothing_to_undo, Claimed::Yes),
+                _ => (undone, Claimed::Yes),
+            });
+        }
     }
-    if row.try_get::<i64, _>("claimed")? == 0 {
-        return Err(Error::StoreUnavailable(format!(
-            "order {order_id} was written by another connection during its {what}; try again"
-        )));
-    }
-    Ok(match row.try_get::<i64, _>("undone")? {
-        0 => (nothing_to_undo, Claimed::Yes),
-        _ => (undone, Claimed::Yes),
-    })
+    Err(Error::StoreUnavailable(format!(
+        "order {order_id} kept being written by another connection during its {what}; try again"
+    )))
 }

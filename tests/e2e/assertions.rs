@@ -106,6 +106,35 @@ where
     (before.await.unwrap(), raced)
 }
 
+/// PostgreSQL: sends `then` in a batch of the shared transaction, after
+/// `before` (a request that cannot run alone), and returns both answers:
+/// one transaction holds a lock `before` needs (`hold`), `before` waits on
+/// it, `then` queues behind it, and the lock is let go.
+pub async fn in_a_batch_after<B, R>(
+    pool: &sqlx::AnyPool,
+    hold: &'static str,
+    before: impl Future<Output = B> + Send + 'static,
+    then: impl Future<Output = R> + Send + 'static,
+) -> (B, R)
+where
+    B: Send + 'static,
+    R: Send + 'static,
+{
+    let mut holding = pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(hold))
+        .execute(&mut *holding)
+        .await
+        .unwrap();
+    let before = tokio::spawn(before);
+    until_blocked_by(pool, backend_pid(&mut holding).await).await;
+    let then = tokio::spawn(then);
+    // Queued behind the request before, in its batch.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    holding.commit().await.unwrap();
+    let then = then.await.unwrap();
+    (before.await.unwrap(), then)
+}
+
 /// PostgreSQL: sends `raced` alone (no other request in flight, so that it
 /// may commit with its one statement, outside the shared transaction) in a
 /// race with another connection, which has written, not yet committed, a

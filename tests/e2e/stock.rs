@@ -8,7 +8,12 @@ use ordersaga_proto::stock::v1::{
 use ordersaga_tests::{Backend, admin, authed, services};
 use tonic::{Code, transport::Channel};
 
-use crate::assertions::{assert_status, order_id, race_alone, race_in_a_batch, request_id};
+use crate::{
+    assertions::{
+        assert_status, in_a_batch_after, order_id, race_alone, race_in_a_batch, request_id,
+    },
+    metrics::sample,
+};
 
 on_both_stores!(
     a_reservation_at_a_price_the_catalogue_no_longer_has_is_refused,
@@ -738,4 +743,116 @@ async fn a_release_gives_back_every_lines_stock_once(backend: Backend) {
     }
     assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
     assert_eq!(levels(&mut client, "PEAR").await, (5, 0));
+}
+
+/// Requests run again on the stock service's shared transaction, from its
+/// `/metrics`.
+async fn turns_redone(svc: &services::Running) -> f64 {
+    sample(
+        &svc.scrape().await,
+        "db_shared_transaction_turns_redone_total",
+    )
+}
+
+/// PostgreSQL: a release sent again (its first reply lost) in a batch of
+/// the shared transaction, behind a reservation. Its statement finds its
+/// claim and writes nothing: it is answered as the first was, and its
+/// neighbour's turn is not undone. (Answered with an error instead, the
+/// repeat rolled its batch back and the reservation ran again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_repeated_in_a_batch_is_answered_as_the_first_and_undoes_no_neighbour() {
+    let svc = services::stock(Backend::Postgres).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 10, 99).await;
+    let order = order_id();
+    client
+        .reserve_stock(authed(reserve(&request_id(), &order, &[("APPLE", 4)])))
+        .await
+        .unwrap();
+    let release = ReleaseStockRequest {
+        request_id: request_id(),
+        order_id: order,
+    };
+    let first = client
+        .release_stock(authed(release.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.released_reservation);
+    let redone = turns_redone(&svc).await;
+    let pool = svc.db.pool().await;
+    let (before, again) = in_a_batch_after(
+        &pool,
+        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
+        {
+            let mut client = client.clone();
+            async move {
+                client
+                    .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("PEAR", 1)])))
+                    .await
+            }
+        },
+        {
+            let mut client = client.clone();
+            async move { client.release_stock(authed(release)).await }
+        },
+    )
+    .await;
+    assert_eq!(again.unwrap().into_inner(), first);
+    before.expect("the reservation before");
+    assert_eq!(turns_redone(&svc).await, redone, "a neighbour ran again");
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0));
+    assert_eq!(levels(&mut client, "PEAR").await, (9, 1));
+}
+
+/// PostgreSQL: a release in a batch of the shared transaction whose
+/// order's reservation another connection writes and commits while the
+/// release waits to write the order's tombstone: the release runs its
+/// statement again in the batch, sees the reservation and gives its stock
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_in_a_batch_raced_by_a_reservation_of_another_connection_gives_its_stock_back() {
+    let svc = services::stock(Backend::Postgres).await;
+    let mut client = svc.stock().await;
+    seed(&mut client, "APPLE", 10, 150).await;
+    seed(&mut client, "PEAR", 10, 99).await;
+    let order = order_id();
+    let pool = svc.db.pool().await;
+    let release = ReleaseStockRequest {
+        request_id: request_id(),
+        order_id: order.clone(),
+    };
+    let (before, released) = race_in_a_batch(
+        &pool,
+        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
+        "WITH reservation AS ( \
+           INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
+           VALUES ($1, 'theirs', 'reserved', 450, 'EUR', 0, 0) RETURNING order_id), \
+         line AS ( \
+           INSERT INTO reservation_lines (order_id, sku, quantity, unit_price_cents) \
+           SELECT order_id, 'APPLE', 3, 150 FROM reservation) \
+         UPDATE products SET available = available - 3, reserved = reserved + 3 WHERE sku = 'APPLE'",
+        &order,
+        {
+            let mut client = client.clone();
+            async move {
+                client
+                    .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("PEAR", 1)])))
+                    .await
+            }
+        },
+        {
+            let mut client = client.clone();
+            async move { client.release_stock(authed(release)).await }
+        },
+    )
+    .await;
+    before.expect("the reservation before");
+    assert!(
+        released.unwrap().into_inner().released_reservation,
+        "the reservation that won was not released"
+    );
+    assert_eq!(levels(&mut client, "APPLE").await, (10, 0), "stock kept");
+    assert_eq!(levels(&mut client, "PEAR").await, (9, 1));
 }

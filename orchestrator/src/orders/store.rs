@@ -62,7 +62,10 @@ const INSERT_ORDER: &str = "INSERT INTO orders (order_id, request_id, fingerprin
 /// with one `request_id` the first is written.
 const INSERT_ORDERS: &str = "INSERT INTO orders (order_id, request_id, fingerprint, customer_id, created_at_ms) \
      SELECT o.order_id, o.request_id, decode(o.fingerprint, 'hex'), o.customer_id, o.at_ms \
-     FROM jsonb_to_recordset($1::jsonb) AS o(order_id text, request_id text, fingerprint text, customer_id text, at_ms bigint) \
+     FROM ROWS FROM (jsonb_to_recordset($1::jsonb) \
+       AS (order_id text, request_id text, fingerprint text, customer_id text, at_ms bigint)) \
+       WITH ORDINALITY AS o(order_id, request_id, fingerprint, customer_id, at_ms, n) \
+     ORDER BY o.n \
      ON CONFLICT (request_id) DO NOTHING RETURNING order_id AS saga_id";
 
 /// An order's row of [`INSERT_ORDERS`]'s `$1`.

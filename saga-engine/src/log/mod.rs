@@ -145,6 +145,48 @@ pub const FIRST_EPOCH: i64 = 1;
 pub(crate) const INSERT_SAGA: &str = "INSERT INTO sagas (saga_id, kind, data, status, next_step, trace_context, created_at_ms, updated_at_ms, pivot_passed, owner, epoch) \
      VALUES ($1, $2, $3, 'RUNNING', 0, $4, $5, $5, $6, $7, 1)";
 
+/// The notice to the other replicas, as a common table expression `told`:
+/// one line per saga that `changed` (a query of `saga_id, told_status`)
+/// names, in payloads of at most 120 lines (about 6,000 bytes, under
+/// PostgreSQL's 8,000; see [`crate::notifications::encode`]), on the
+/// channel `$channel`, signed by `$sender` (no notice when it is NULL).
+/// The notices go out only if the statement commits.
+macro_rules! told_cte {
+    ($channel:literal, $sender:literal, $changed:literal) => {
+        concat!(
+            "told AS ( \
+               SELECT pg_notify(",
+            $channel,
+            ", ",
+            $sender,
+            " || string_agg(chr(10) || p.saga_id || ' ' || p.told_status, '' ORDER BY p.i)) \
+               FROM (SELECT saga_id, told_status, row_number() OVER () - 1 AS i FROM (",
+            $changed,
+            ") AS changed) p \
+               WHERE ",
+            $sender,
+            " IS NOT NULL GROUP BY p.i / 120)"
+        )
+    };
+}
+pub(crate) use told_cte;
+
+/// The statement `build` makes for `key`, built once per process (the
+/// statements that take a caller's SQL): leaked, as the statements a
+/// connection prepares are kept by their text.
+pub(crate) fn built_once(
+    key: &'static str,
+    build: impl FnOnce(&str) -> String,
+    cache: &'static LazyLock<Mutex<HashMap<&'static str, &'static str>>>,
+) -> &'static str {
+    let mut built = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    built
+        .entry(key)
+        .or_insert_with(|| Box::leak(build(key).into_boxed_str()))
+}
+
 /// Most new sagas admitted by one statement: its JSON parameters grow with
 /// each, and its plan does not.
 pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 128;
@@ -160,9 +202,8 @@ pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 128;
 /// already: nothing of a new saga was written before, so the statement
 /// looks nothing up), then `$3` the channel and `$4` the sender of the
 /// notice to the other replicas, or `NULL` for none (in a batch, one notice
-/// goes for the whole batch at its end; alone, in payloads of at most 120
-/// lines, as a batch of checkpoints tells them). It returns the ID of each
-/// saga it wrote.
+/// goes for the whole batch at its end; see [`told_cte!`]). It returns the
+/// ID of each saga it wrote.
 ///
 /// The sagas travel as JSON arrays, so the statement has one text and one
 /// plan for any number of them. Written as one copy of the saga's statement
@@ -172,22 +213,20 @@ pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 128;
 fn sagas_admitted_sql(rows_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
-    let mut built = BUILT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    built
-        .entry(rows_sql)
-        .or_insert_with(|| Box::leak(build_sagas_admitted_sql(rows_sql).into_boxed_str()))
+    built_once(rows_sql, build_sagas_admitted_sql, &BUILT)
 }
 
 fn build_sagas_admitted_sql(rows_sql: &str) -> String {
     format!(
-        "WITH {}, \
-         told AS ( \
-           SELECT pg_notify($3, $4 || string_agg(chr(10) || p.saga_id || ' RUNNING', '' ORDER BY p.n)) \
-           FROM (SELECT saga_id, row_number() OVER () - 1 AS n FROM new_saga) p \
-           WHERE $4 IS NOT NULL GROUP BY p.n / 120) \
-         SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga",
+        concat!(
+            "WITH {}, ",
+            told_cte!(
+                "$3",
+                "$4",
+                "SELECT saga_id, 'RUNNING' AS told_status FROM new_saga"
+            ),
+            " SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga"
+        ),
         admission_ctes(rows_sql, "$1", "$2")
     )
 }

@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use super::{
     APPLY_STATE, Admitting, Applied, Checkpoint, Moved, ToAdmit, admission_ctes, bind_state,
-    bind_step, moved_apart_from_events, not_moved,
+    bind_step, built_once, moved_apart_from_events, not_moved, told_cte,
 };
 use crate::{
     engine::Admission,
@@ -118,12 +118,9 @@ const APPLY_BATCH: &str = concat!(
 /// commits, as they would with a transaction's.
 const APPLY_BATCH_TOLD: &str = concat!(
     apply_batch_ctes!(),
-    ", \
-     told AS ( \
-       SELECT pg_notify($5, $6 || string_agg(chr(10) || p.saga_id || ' ' || p.told_status, '' ORDER BY p.i)) \
-       FROM (SELECT saga_id, told_status, row_number() OVER () - 1 AS i FROM moved) p \
-       WHERE $6 IS NOT NULL GROUP BY p.i / 120) \
-     SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, \
+    ", ",
+    told_cte!("$5", "$6", "SELECT saga_id, told_status FROM moved"),
+    " SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, \
        (SELECT count(*) FROM told) AS told \
      FROM moved"
 );
@@ -230,27 +227,23 @@ async fn applied(
 fn batch_admitting_sql(rows_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
-    let mut built = BUILT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    built
-        .entry(rows_sql)
-        .or_insert_with(|| Box::leak(build_batch_admitting_sql(rows_sql).into_boxed_str()))
+    built_once(rows_sql, build_batch_admitting_sql, &BUILT)
 }
 
 fn build_batch_admitting_sql(rows_sql: &str) -> String {
     format!(
-        "{}, {}, \
-         told AS ( \
-           SELECT pg_notify($5, $6 || string_agg(chr(10) || p.saga_id || ' ' || p.told_status, '' ORDER BY p.i)) \
-           FROM (SELECT saga_id, told_status, row_number() OVER () - 1 AS i \
-                 FROM (SELECT saga_id, told_status FROM moved \
-                       UNION ALL SELECT saga_id, 'RUNNING' FROM new_saga) AS changed) p \
-           WHERE $6 IS NOT NULL GROUP BY p.i / 120) \
-         SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, false AS admitted, \
-           (SELECT COUNT(*) FROM told) AS told FROM moved \
-         UNION ALL \
-         SELECT saga_id, NULL, NULL, NULL, NULL, true, (SELECT COUNT(*) FROM told) FROM new_saga",
+        concat!(
+            "{}, {}, ",
+            told_cte!(
+                "$5",
+                "$6",
+                "SELECT saga_id, told_status FROM moved UNION ALL SELECT saga_id, 'RUNNING' FROM new_saga"
+            ),
+            " SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, false AS admitted, \
+               (SELECT COUNT(*) FROM told) AS told FROM moved \
+             UNION ALL \
+             SELECT saga_id, NULL, NULL, NULL, NULL, true, (SELECT COUNT(*) FROM told) FROM new_saga"
+        ),
         apply_batch_ctes!(),
         admission_ctes(rows_sql, "$7", "$8"),
     )
@@ -270,6 +263,7 @@ pub(crate) async fn apply_batch_admitting(
     notify_as: Option<Uuid>,
 ) -> Result<(Vec<Applied>, Vec<Admission>), sqlx::Error> {
     debug_assert!(fits_batch_alone(checkpoints.iter().copied()));
+    debug_assert!(starts.len() <= super::MOST_ADMITTED_AT_ONCE);
     let (sagas, steps, events) = parameters(checkpoints);
     let admitting = Admitting::new(starts);
     let rows = sqlx::query(batch_admitting_sql(rows_sql))

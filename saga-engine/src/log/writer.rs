@@ -67,7 +67,10 @@ pub trait Admit: Send + Sync + 'static {
     /// (`RETURNING … AS saga_id`), and nothing for one it refuses (e.g.
     /// `ON CONFLICT DO NOTHING`). Of two rows with one key, the first in the
     /// array must win, as if they came one after the other: rows are given
-    /// in the batch's order.
+    /// in the batch's order, which SQL keeps only when told to (`ROWS FROM
+    /// (jsonb_to_recordset($1::jsonb) AS (…)) WITH ORDINALITY … ORDER BY`).
+    /// It must not read the statement's own tables by the names `admitted`,
+    /// `new_sagas`, `new_saga` or `new_events` (see `log::admission_ctes`).
     ///
     /// It goes into the statement that records the sagas, which writes a
     /// saga only if its rows were written: one round trip and one plan for
@@ -563,7 +566,7 @@ async fn commit_on(
     // And a batch of checkpoints and new sagas (the common batch under
     // load): the new sagas are admitted in the checkpoints' statement.
     if postgres
-        && let Some(Admitting {
+        && let Some(MixedBatch {
             checkpoints,
             starts,
             rows_sql,
@@ -738,12 +741,13 @@ async fn admit_together(
     Ok(())
 }
 
-/// On PostgreSQL, the checkpoints and the new sagas of a batch that holds
-/// nothing else, each with its place in the batch, and their callers' one
-/// statement: if the checkpoints [`postgres::fits_batch_alone`], and each
+/// On PostgreSQL, the checkpoints (none or more) and the new sagas (one or
+/// more) of a batch that holds nothing else, each with its place in the
+/// batch, and their callers' one statement: if the checkpoints
+/// [`postgres::fits_batch_alone`], and each
 /// new saga admits in one statement ([`events_in_admission`]) through the
 /// same caller's statement, at most [`MOST_ADMITTED_AT_ONCE`] of them.
-fn checkpoints_and_admissions(writes: &[Write]) -> Option<Admitting<'_>> {
+fn checkpoints_and_admissions(writes: &[Write]) -> Option<MixedBatch<'_>> {
     let mut checkpoints = vec![];
     let mut starts = vec![];
     let mut rows_sql = None;
@@ -763,7 +767,7 @@ fn checkpoints_and_admissions(writes: &[Write]) -> Option<Admitting<'_>> {
     let fits = !starts.is_empty()
         && starts.len() <= MOST_ADMITTED_AT_ONCE
         && postgres::fits_batch_alone(checkpoints.iter().map(|(_, c)| *c));
-    Some(Admitting {
+    Some(MixedBatch {
         checkpoints,
         starts,
         rows_sql: rows_sql?,
@@ -772,7 +776,7 @@ fn checkpoints_and_admissions(writes: &[Write]) -> Option<Admitting<'_>> {
 }
 
 /// A batch of checkpoints and new sagas (see [`checkpoints_and_admissions`]).
-struct Admitting<'a> {
+struct MixedBatch<'a> {
     checkpoints: Vec<(usize, &'a Checkpoint)>,
     starts: Vec<(usize, &'a Start)>,
     rows_sql: &'static str,
@@ -963,7 +967,8 @@ mod tests {
         fn insert_rows_sql(&self) -> Option<&'static str> {
             Some(
                 "INSERT INTO callers (key, saga_id) \
-                 SELECT r.key, r.saga_id FROM jsonb_to_recordset($1::jsonb) AS r(key text, saga_id text) \
+                 SELECT r.key, r.saga_id FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (key text, saga_id text)) \
+                 WITH ORDINALITY AS r(key, saga_id, n) ORDER BY r.n \
                  ON CONFLICT (key) DO NOTHING RETURNING saga_id",
             )
         }

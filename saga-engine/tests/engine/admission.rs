@@ -183,7 +183,8 @@ impl Admit for Keyed {
     fn insert_rows_sql(&self) -> Option<&'static str> {
         Some(
             "INSERT INTO callers (key, saga_id) \
-             SELECT r.key, r.saga_id FROM jsonb_to_recordset($1::jsonb) AS r(key text, saga_id text) \
+             SELECT r.key, r.saga_id FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (key text, saga_id text)) \
+                 WITH ORDINALITY AS r(key, saga_id, n) ORDER BY r.n \
              ON CONFLICT (key) DO NOTHING RETURNING saga_id",
         )
     }
