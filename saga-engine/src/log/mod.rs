@@ -203,7 +203,8 @@ pub(crate) const MOST_ADMITTED_AT_ONCE: usize = 128;
 /// looks nothing up), then `$3` the channel and `$4` the sender of the
 /// notice to the other replicas, or `NULL` for none (in a batch, one notice
 /// goes for the whole batch at its end; see [`told_cte!`]). It returns the
-/// ID of each saga it wrote.
+/// ID of each saga it wrote, and of each recorded before (see
+/// [`admission_ctes`]).
 ///
 /// The sagas travel as JSON arrays, so the statement has one text and one
 /// plan for any number of them. Written as one copy of the saga's statement
@@ -225,7 +226,8 @@ fn build_sagas_admitted_sql(rows_sql: &str) -> String {
                 "$4",
                 "SELECT saga_id, 'RUNNING' AS told_status FROM new_saga"
             ),
-            " SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga"
+            " SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga \
+             UNION ALL SELECT saga_id, 0 FROM recorded"
         ),
         admission_ctes(rows_sql, "$1", "$2")
     )
@@ -235,9 +237,17 @@ fn build_sagas_admitted_sql(rows_sql: &str) -> String {
 /// caller's insert (its `$1` as `rows`); `new_sagas`, the sagas as
 /// `sagas` gives them ([`AdmittedSagaRow`]s); `new_saga`, their rows, each
 /// written only if the caller's insert wrote its own, returning the
-/// `saga_id` of each; and `new_events`, the first events of those. Shared
-/// by [`sagas_admitted_sql`] and the batch statement that also applies
+/// `saga_id` of each; `new_events`, the first events of those; and
+/// `recorded`, those of the sagas that were recorded before. Shared by
+/// [`sagas_admitted_sql`] and the batch statement that also applies
 /// checkpoints (see [`postgres`]).
+///
+/// A saga recorded before is answered admitted: it is this very start,
+/// made again after its statement committed. A batch that commits as one
+/// statement may fail after it did (its connection lost before the reply,
+/// a read after it), and the writer then makes each of its writes again,
+/// alone; its caller's row, there already, refuses it, and answered
+/// "refused", the saga would be recorded with no one to drive it.
 pub(crate) fn admission_ctes(rows_sql: &str, rows: &str, sagas: &str) -> String {
     let rows_sql = with_first_parameter(rows_sql, rows);
     format!(
@@ -256,7 +266,8 @@ pub(crate) fn admission_ctes(rows_sql: &str, rows: &str, sagas: &str) -> String 
            FROM new_sagas j CROSS JOIN LATERAL jsonb_to_recordset(j.events) AS e(event_id text, sequence bigint, event_type text, \
              payload text, traceparent text, at_ms bigint) \
            WHERE j.saga_id IN (SELECT saga_id FROM new_saga) \
-           ORDER BY j.i, e.sequence)"
+           ORDER BY j.i, e.sequence), \
+         recorded AS (SELECT saga_id FROM sagas WHERE saga_id IN (SELECT saga_id FROM new_sagas))"
     )
 }
 
@@ -310,7 +321,10 @@ mod sagas_admitted_sql_tests {
         assert_eq!(sql.matches("$1").count(), 1, "{sql}");
         assert!(!sql.contains("$5"), "{sql}");
         assert!(
-            sql.ends_with("SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga"),
+            sql.ends_with(
+                "SELECT saga_id, (SELECT COUNT(*) FROM told) AS told FROM new_saga \
+                 UNION ALL SELECT saga_id, 0 FROM recorded"
+            ),
             "{sql}"
         );
     }

@@ -223,7 +223,8 @@ async fn applied(
 /// notices with the checkpoints'. In a transaction such a batch took
 /// `BEGIN`, its two statements, `pg_notify` and `COMMIT`: five round trips
 /// on the path of every saga in it. Its rows: each moved saga's, then each
-/// admitted saga's (`admitted`). Built once per caller's statement.
+/// admitted saga's (`admitted`, with those recorded before: see
+/// [`admission_ctes`]). Built once per caller's statement.
 fn batch_admitting_sql(rows_sql: &'static str) -> &'static str {
     static BUILT: LazyLock<Mutex<HashMap<&'static str, &'static str>>> =
         LazyLock::new(Mutex::default);
@@ -242,7 +243,9 @@ fn build_batch_admitting_sql(rows_sql: &str) -> String {
             " SELECT saga_id, status, cancel_requested, pivot_passed, updated_at_ms, false AS admitted, \
                (SELECT COUNT(*) FROM told) AS told FROM moved \
              UNION ALL \
-             SELECT saga_id, NULL, NULL, NULL, NULL, true, (SELECT COUNT(*) FROM told) FROM new_saga"
+             SELECT saga_id, NULL, NULL, NULL, NULL, true, (SELECT COUNT(*) FROM told) FROM new_saga \
+             UNION ALL \
+             SELECT saga_id, NULL, NULL, NULL, NULL, true, 0 FROM recorded"
         ),
         apply_batch_ctes!(),
         admission_ctes(rows_sql, "$7", "$8"),

@@ -1007,33 +1007,8 @@ mod tests {
     /// commit.
     #[tokio::test]
     async fn a_batch_of_checkpoints_and_new_sagas_commits_as_one_statement() {
-        sqlx::any::install_default_drivers();
-        let admin_url = std::env::var("TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let admin = AnyPoolOptions::new()
-            .max_connections(1)
-            .connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
-        let name = format!("writer_{}", Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await
-            .unwrap();
-        crate::MIGRATIONS_POSTGRES.run(&pool).await.unwrap();
-        sqlx::raw_sql(
-            "CREATE TABLE callers (key TEXT PRIMARY KEY, saga_id TEXT NOT NULL); \
-             INSERT INTO callers VALUES ('taken', 'someone else')",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
+        let db = Database::fresh().await;
+        let (pool, url) = (db.pool.clone(), db.url.clone());
         let mut conn = pool.acquire().await.unwrap();
         let running = Uuid::now_v7();
         let first = commit_on(&mut conn, true, &[start(running, "k0")], None, &mut false).await;
@@ -1142,14 +1117,110 @@ mod tests {
         assert_eq!(told, expected);
 
         drop(conn);
-        pool.close().await;
         listener.unlisten_all().await.ok();
         drop(listener);
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {name} WITH (FORCE)"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
+        db.drop().await;
+    }
+
+    /// A batch that commits as one statement can fail after it committed
+    /// (its connection lost before the reply), and the writer then makes
+    /// each of its writes again, alone. A new saga made again so finds its
+    /// caller's row there already, and must be answered admitted, not
+    /// refused: refused, it would be recorded with no one to drive it. (So
+    /// it was answered before.) Another start with its key is refused.
+    #[tokio::test]
+    async fn a_new_saga_made_again_after_its_commit_is_answered_admitted() {
+        let db = Database::fresh().await;
+        let mut conn = db.pool.acquire().await.unwrap();
+        let (saga, other) = (Uuid::now_v7(), Uuid::now_v7());
+        for (writes, what) in [
+            (
+                vec![start(saga, "k"), start(Uuid::now_v7(), "k2")],
+                "batched",
+            ),
+            (vec![start(saga, "k")], "made again alone"),
+            (
+                vec![start(saga, "k"), start(Uuid::now_v7(), "k3")],
+                "made again batched",
+            ),
+        ] {
+            let written = commit_on(&mut conn, true, &writes, None, &mut false)
+                .await
+                .unwrap();
+            assert!(
+                matches!(written[0], Written::Start(Admission::Admit)),
+                "{what}: refused"
+            );
+        }
+        let refused = commit_on(&mut conn, true, &[start(other, "k")], None, &mut false)
+            .await
+            .unwrap();
+        assert!(matches!(refused[..], [Written::Start(Admission::Refuse)]));
+        let sagas: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sagas WHERE saga_id = $1")
+            .bind(saga.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(sagas, 1);
+        drop(conn);
+        db.drop().await;
+    }
+
+    /// A fresh PostgreSQL database with the engine's tables, and a table
+    /// `callers` for [`Keyed`] (with the key `taken` written).
+    struct Database {
+        admin: sqlx::AnyPool,
+        name: String,
+        url: String,
+        pool: sqlx::AnyPool,
+    }
+
+    impl Database {
+        async fn fresh() -> Self {
+            sqlx::any::install_default_drivers();
+            let admin_url = std::env::var("TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            let admin = AnyPoolOptions::new()
+                .max_connections(1)
+                .connect(&admin_url)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} is unreachable: {e}"));
+            let name = format!("writer_{}", Uuid::new_v4().simple());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+            let pool = AnyPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await
+                .unwrap();
+            crate::MIGRATIONS_POSTGRES.run(&pool).await.unwrap();
+            sqlx::raw_sql(
+                "CREATE TABLE callers (key TEXT PRIMARY KEY, saga_id TEXT NOT NULL); \
+                 INSERT INTO callers VALUES ('taken', 'someone else')",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            Database {
+                admin,
+                name,
+                url,
+                pool,
+            }
+        }
+
+        async fn drop(self) {
+            self.pool.close().await;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+        }
     }
 }
