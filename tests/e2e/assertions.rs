@@ -83,23 +83,13 @@ where
     B: Send + 'static,
     R: Send + 'static,
 {
-    let mut holding = pool.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(hold))
-        .execute(&mut *holding)
-        .await
-        .unwrap();
     let mut writing = pool.begin().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(theirs))
         .bind(order_id)
         .execute(&mut *writing)
         .await
         .unwrap();
-    let before = tokio::spawn(before);
-    until_blocked_by(pool, backend_pid(&mut holding).await).await;
-    let raced = tokio::spawn(raced);
-    // Queued behind the request before, in its batch.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    holding.commit().await.unwrap();
+    let (before, raced) = queued_in_a_batch(pool, hold, before, raced).await;
     until_blocked_by(pool, backend_pid(&mut writing).await).await;
     writing.commit().await.unwrap();
     let raced = raced.await.unwrap();
@@ -120,6 +110,23 @@ where
     B: Send + 'static,
     R: Send + 'static,
 {
+    let (before, then) = queued_in_a_batch(pool, hold, before, then).await;
+    let then = then.await.unwrap();
+    (before.await.unwrap(), then)
+}
+
+/// `before` sent to wait on a lock (`hold`) another transaction holds,
+/// `then` queued behind it in its batch, and the lock let go.
+async fn queued_in_a_batch<B, R>(
+    pool: &sqlx::AnyPool,
+    hold: &'static str,
+    before: impl Future<Output = B> + Send + 'static,
+    then: impl Future<Output = R> + Send + 'static,
+) -> (tokio::task::JoinHandle<B>, tokio::task::JoinHandle<R>)
+where
+    B: Send + 'static,
+    R: Send + 'static,
+{
     let mut holding = pool.begin().await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(hold))
         .execute(&mut *holding)
@@ -131,8 +138,7 @@ where
     // Queued behind the request before, in its batch.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     holding.commit().await.unwrap();
-    let then = then.await.unwrap();
-    (before.await.unwrap(), then)
+    (before, then)
 }
 
 /// PostgreSQL: sends `raced` alone (no other request in flight, so that it

@@ -745,6 +745,25 @@ async fn a_release_gives_back_every_lines_stock_once(backend: Backend) {
     assert_eq!(levels(&mut client, "PEAR").await, (5, 0));
 }
 
+/// A reservation of one PEAR for a new order, whose turn may write before
+/// it refuses (an unpriced line): it cannot run alone.
+fn reserve_a_pear(
+    client: &StockServiceClient<Channel>,
+) -> impl Future<
+    Output = Result<
+        tonic::Response<ordersaga_proto::stock::v1::ReserveStockResponse>,
+        tonic::Status,
+    >,
+> + Send
++ 'static {
+    let mut client = client.clone();
+    async move {
+        client
+            .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("PEAR", 1)])))
+            .await
+    }
+}
+
 /// Requests run again on the stock service's shared transaction, from its
 /// `/metrics`.
 async fn turns_redone(svc: &services::Running) -> f64 {
@@ -785,14 +804,7 @@ async fn a_release_repeated_in_a_batch_is_answered_as_the_first_and_undoes_no_ne
     let (before, again) = in_a_batch_after(
         &pool,
         "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
-        {
-            let mut client = client.clone();
-            async move {
-                client
-                    .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("PEAR", 1)])))
-                    .await
-            }
-        },
+        reserve_a_pear(&client),
         {
             let mut client = client.clone();
             async move { client.release_stock(authed(release)).await }
@@ -834,14 +846,7 @@ async fn a_release_in_a_batch_raced_by_a_reservation_of_another_connection_gives
            SELECT order_id, 'APPLE', 3, 150 FROM reservation) \
          UPDATE products SET available = available - 3, reserved = reserved + 3 WHERE sku = 'APPLE'",
         &order,
-        {
-            let mut client = client.clone();
-            async move {
-                client
-                    .reserve_stock(authed(reserve(&request_id(), &order_id(), &[("PEAR", 1)])))
-                    .await
-            }
-        },
+        reserve_a_pear(&client),
         {
             let mut client = client.clone();
             async move { client.release_stock(authed(release)).await }
