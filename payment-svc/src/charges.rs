@@ -37,9 +37,11 @@ const DEBIT: &str = "UPDATE accounts SET balance_cents = balance_cents - $1, upd
 /// ([`svc_kit::idempotency::Refusal::OneStatement`]): the debit happens
 /// only with the funds there, no charge of the order and no claim of the
 /// request yet, the charge only with the debit, and the claim only with
-/// the charge. The debit's row comes back only if it happened. Then it
-/// reads (as they stood before it) what may have stood in the way, for the
-/// refusal: one round trip, where reading them after it cost two more.
+/// the charge. The debit's row comes back only if it happened. Without a
+/// debit it then reads (as they stood before it) what may have stood in
+/// the way, for the refusal: one round trip, where reading them after it
+/// cost two more; a charge that went through skips those reads (each is
+/// gated on `refused`, a filter the server checks once, before its scan).
 ///
 /// The reply carries the balance after the debit, known only here: the
 /// caller encodes the rest of it (the balance at 0, which protobuf leaves
@@ -66,14 +68,17 @@ const CHARGE_AND_DEBIT: &str = "WITH debit AS ( \
        INSERT INTO idempotency (request_id, method, fingerprint, created_at_ms, status_code, reply) \
        SELECT $7, $8, $9, $10, 0, \
          $11 || CASE WHEN d.balance_cents = 0 THEN ''::bytea ELSE '\\x20'::bytea || protobuf_varint(d.balance_cents) END \
-       FROM debit d, charge WHERE $7 IS NOT NULL RETURNING 1) \
+       FROM debit d, charge WHERE $7 IS NOT NULL RETURNING 1), \
+     refused AS (SELECT NOT EXISTS (SELECT 1 FROM debit) AS yes) \
      SELECT (SELECT balance_cents FROM debit) AS balance_cents, \
-       EXISTS (SELECT 1 FROM idempotency WHERE request_id = $7) AS claimed_before, \
+       EXISTS (SELECT 1 FROM idempotency WHERE request_id = $7 AND (SELECT yes FROM refused)) AS claimed_before, \
        c.payment_id AS existing_id, c.status AS existing_status, \
        a.balance_cents AS account_balance, a.currency AS account_currency \
      FROM (SELECT 1) AS one \
-       LEFT JOIN charges c ON c.order_id = $1 \
-       LEFT JOIN accounts a ON a.customer_id = $3";
+       LEFT JOIN LATERAL (SELECT payment_id, status FROM charges \
+         WHERE order_id = $1 AND (SELECT yes FROM refused)) c ON true \
+       LEFT JOIN LATERAL (SELECT balance_cents, currency FROM accounts \
+         WHERE customer_id = $3 AND (SELECT yes FROM refused)) a ON true";
 const ACCOUNT: &str = "SELECT balance_cents, currency FROM accounts WHERE customer_id = $1";
 const EXISTING_CHARGE: &str = "SELECT payment_id, status FROM charges WHERE order_id = $1";
 const TOMBSTONE: &str = "INSERT INTO charges (order_id, payment_id, customer_id, amount_cents, currency, status, created_at_ms, updated_at_ms) \

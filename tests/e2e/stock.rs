@@ -599,18 +599,18 @@ async fn a_reservation_raced_by_another_connection_takes_no_stock() {
     let order = order_id();
     let pool = svc.db.pool().await;
     let request = priced(&request_id(), &order, "APPLE", 150, "EUR");
-    let send = |request: ReserveStockRequest| {
-        let mut client = client.clone();
-        async move { client.reserve_stock(authed(request)).await }
-    };
     let (before, raced) = race_in_a_batch(
         &pool,
-        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
+        HOLD_PEAR,
         "INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
          VALUES ($1, 'theirs', 'reserved', 0, 'EUR', 0, 0)",
         &order,
-        send(reserve(&request_id(), &order_id(), &[("PEAR", 1)])),
-        send(request.clone()),
+        reserve_a_pear(&client),
+        {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.reserve_stock(authed(request)).await }
+        },
     )
     .await;
     assert_eq!(
@@ -745,6 +745,9 @@ async fn a_release_gives_back_every_lines_stock_once(backend: Backend) {
     assert_eq!(levels(&mut client, "PEAR").await, (5, 0));
 }
 
+/// A lock on the PEAR's row, which [`reserve_a_pear`] waits on.
+const HOLD_PEAR: &str = "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE";
+
 /// A reservation of one PEAR for a new order, whose turn may write before
 /// it refuses (an unpriced line): it cannot run alone.
 fn reserve_a_pear(
@@ -801,15 +804,10 @@ async fn a_release_repeated_in_a_batch_is_answered_as_the_first_and_undoes_no_ne
     assert!(first.released_reservation);
     let redone = turns_redone(&svc).await;
     let pool = svc.db.pool().await;
-    let (before, again) = in_a_batch_after(
-        &pool,
-        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
-        reserve_a_pear(&client),
-        {
-            let mut client = client.clone();
-            async move { client.release_stock(authed(release)).await }
-        },
-    )
+    let (before, again) = in_a_batch_after(&pool, HOLD_PEAR, reserve_a_pear(&client), {
+        let mut client = client.clone();
+        async move { client.release_stock(authed(release)).await }
+    })
     .await;
     assert_eq!(again.unwrap().into_inner(), first);
     before.expect("the reservation before");
@@ -837,7 +835,7 @@ async fn a_release_in_a_batch_raced_by_a_reservation_of_another_connection_gives
     };
     let (before, released) = race_in_a_batch(
         &pool,
-        "SELECT sku FROM products WHERE sku = 'PEAR' FOR UPDATE",
+        HOLD_PEAR,
         "WITH reservation AS ( \
            INSERT INTO reservations (order_id, reservation_id, status, total_cents, currency, created_at_ms, updated_at_ms) \
            VALUES ($1, 'theirs', 'reserved', 450, 'EUR', 0, 0) RETURNING order_id), \
