@@ -529,6 +529,24 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_sqlite_is_built_without_its_global_locks() {
+        // `.cargo/config.toml` passes these to libsqlite3-sys's build. Without
+        // them every page fetched and every allocation takes a process-wide
+        // mutex (a unified page cache, memory statistics): about a tenth of
+        // the log thread's CPU (docs/benchmarks.md). A build that lost the
+        // setting (another config, an env override) fails here.
+        let conn = Connection::open_in_memory().unwrap();
+        let used = |option: &str| {
+            conn.query_row("SELECT sqlite_compileoption_used(?1)", [option], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap()
+        };
+        assert_eq!(used("ENABLE_MEMORY_MANAGEMENT"), 0);
+        assert_eq!(used("DEFAULT_MEMSTATUS=0"), 1);
+    }
+
+    #[test]
     fn finds_the_file_of_a_sqlite_url_and_none_in_memory() {
         assert_eq!(
             file_of_url("sqlite://data/orders.db?mode=rwc"),
