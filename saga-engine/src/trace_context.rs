@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 
 use opentelemetry::{Context, global, trace::TraceContextExt};
+use trace_ids::SpanTraceExt;
 use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The `traceparent` of a span; empty when the span is not recorded.
 pub fn traceparent(span: &Span) -> String {
-    let cx = span.context();
+    let cx = span.trace_context();
     let mut carrier = HashMap::new();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
     carrier.remove("traceparent").unwrap_or_default()
@@ -22,13 +22,13 @@ pub fn adopt(span: &Span, traceparent: &str) {
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let parent: Context = global::get_text_map_propagator(|p| p.extract(&carrier));
     if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+        span.adopt_parent(parent);
     }
 }
 
 /// The hex trace ID of a span, or empty when it has none.
 pub fn trace_id(span: &Span) -> String {
-    let cx = span.context();
+    let cx = span.trace_context();
     let span_context = cx.span().span_context().clone();
     if span_context.is_valid() {
         span_context.trace_id().to_string()

@@ -8,8 +8,8 @@ use opentelemetry::{
     trace::TraceContextExt,
 };
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use trace_ids::SpanTraceExt;
 use tracing::Span;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 struct MetadataInjector<'a>(&'a mut MetadataMap);
 
@@ -38,13 +38,13 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Writes the current span's context into outgoing call metadata.
 pub fn inject_current(metadata: &mut MetadataMap) {
-    let cx = Span::current().context();
+    let cx = Span::current().trace_context();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
 }
 
 /// The hex trace ID of a span, or empty when it has none.
 pub fn trace_id(span: &Span) -> String {
-    let cx = span.context();
+    let cx = span.trace_context();
     let span_context = cx.span().span_context().clone();
     if span_context.is_valid() {
         span_context.trace_id().to_string()
@@ -95,7 +95,7 @@ fn method_span(method: &str, carrier: &dyn Extractor) -> Span {
     );
     let parent = global::get_text_map_propagator(|p| p.extract(carrier));
     if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
+        span.adopt_parent(parent);
     }
     span.record("trace_id", trace_id(&span));
     span
@@ -125,7 +125,7 @@ impl Extractor for ItemContext<'_> {
 /// empty when there is none): what a batch item carries in place of its
 /// call's metadata.
 pub fn current_context() -> (String, String) {
-    let cx = Span::current().context();
+    let cx = Span::current().trace_context();
     let mut carrier = ContextStrings::default();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
     (carrier.traceparent, carrier.tracestate)

@@ -1,11 +1,15 @@
 //! Logs and traces: the `tracing` subscriber every binary installs first.
 //!
 //! - Logs: human-readable, or JSON lines; the level comes from `RUST_LOG`.
-//! - Traces: `tracing` spans bridged to OpenTelemetry. Spans always get W3C
-//!   trace IDs (so orders and log lines carry one), but they are exported only
-//!   when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set, over
-//!   OTLP/gRPC. The standard variables apply: `OTEL_SERVICE_NAME` overrides the
-//!   service's own name, `OTEL_TRACES_SAMPLER`/`…_ARG` pick the sampler.
+//! - Traces: spans always get W3C trace IDs (so orders and log lines carry
+//!   one, and calls pass it on). They are exported only when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set, over
+//!   OTLP/gRPC, through `tracing-opentelemetry`; otherwise a layer that gives
+//!   spans their IDs and nothing else ([`trace_ids`]) stands in for it. The
+//!   standard variables apply when exporting: `OTEL_SERVICE_NAME` overrides
+//!   the service's own name, `OTEL_TRACES_SAMPLER`/`…_ARG` pick the sampler.
+//!   Not exporting, every root span is marked sampled, as the default
+//!   sampler marks it, and a caller's flag is passed on.
 //!
 //! - Over TLS when the endpoint is `https://`: the system's roots, or the CA
 //!   in `OTEL_EXPORTER_OTLP_CERTIFICATE`, with a client certificate for mTLS in
@@ -20,6 +24,7 @@ use std::path::PathBuf;
 use opentelemetry::{global, trace::TracerProvider as _};
 use opentelemetry_otlp::WithTonicConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use trace_ids::TraceIdsLayer;
 use tracing_subscriber::{EnvFilter, Layer, filter::LevelFilter, fmt, prelude::*};
 
 /// Flushes and stops trace export when dropped.
@@ -107,25 +112,6 @@ fn export_tls() -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
 pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
-        resource = resource.with_service_name(service_name);
-    }
-    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
-    let exporting = export_configured();
-    if exporting {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-        if let Some(tls) = export_tls()? {
-            exporter = exporter.with_tls_config(tls);
-        }
-        match exporter.build() {
-            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-            Err(err) => eprintln!("OTLP trace export disabled: {err}"),
-        }
-    }
-    let provider = builder.build();
-    let tracer = provider.tracer(service_name);
-
     let log_filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn,opentelemetry_sdk=warn"));
     let logs = if log_json {
@@ -134,6 +120,35 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
         fmt::layer().with_filter(log_filter).boxed()
     };
     // Our spans are at INFO; library internals (h2, hyper) stay out of traces.
+    let spans = LevelFilter::INFO;
+    if !export_configured() {
+        // Nothing exports: spans need their IDs and nothing more
+        // (`trace_ids`). The OpenTelemetry layer built every span whole for
+        // no one, about a sixth of the CPU under load (docs/benchmarks.md).
+        // Already set (tests): that one stays.
+        let _ = tracing_subscriber::registry()
+            .with(logs)
+            .with(TraceIdsLayer.with_filter(spans))
+            .try_init();
+        return Ok(TelemetryGuard { provider: None });
+    }
+
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name);
+    }
+    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(tls) = export_tls()? {
+        exporter = exporter.with_tls_config(tls);
+    }
+    match exporter.build() {
+        Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+        Err(err) => eprintln!("OTLP trace export disabled: {err}"),
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service_name);
+
     // A saga keeps its span (and a call's span) open for its whole life, so
     // each byte per span counts 10,000 times over with that many in flight:
     // - no thread attributes: a task moves between threads, so the thread a
@@ -142,7 +157,7 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
     //   not the order) and no busy/idle timings (an extension per span,
     //   updated at every poll of an instrumented future);
     // - no OpenTelemetry context activation at every poll: trace context is
-    //   read from the span itself (`OpenTelemetrySpanExt::context`).
+    //   read from the span itself (`trace_ids::SpanTraceExt`).
     let traces = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_threads(false)
@@ -150,7 +165,7 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
         .with_target(false)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
-        .with_filter(LevelFilter::INFO);
+        .with_filter(spans);
     let installed = tracing_subscriber::registry()
         .with(logs)
         .with(traces)
@@ -160,9 +175,7 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
         return Ok(TelemetryGuard { provider: None });
     }
     global::set_tracer_provider(provider.clone());
-    if exporting {
-        tracing::info!(service = service_name, "exporting traces over OTLP");
-    }
+    tracing::info!(service = service_name, "exporting traces over OTLP");
     Ok(TelemetryGuard {
         provider: Some(provider),
     })

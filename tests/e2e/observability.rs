@@ -387,3 +387,106 @@ async fn spans_are_exported_over_tls_only_to_a_trusted_collector() {
     untrusting.terminate().await;
     trusting.terminate().await;
 }
+
+/// Nothing exports: spans still get W3C IDs (`trace_ids`), so an order keeps
+/// its caller's trace, and a service's log line from one of the order's
+/// calls names that trace: the context crossed the process boundary.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_exporter_the_callers_trace_reaches_the_order_and_each_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stock = ServiceProcess::new(bins::STOCK, dir.path(), "stock", &[]);
+    // Half of the shipping calls fail before any work (steps are retried),
+    // and each failure says so at debug level, inside the call's span (which
+    // the log line shows, with its trace ID, when its INFO level is logged).
+    let mut shipping = ServiceProcess::new(
+        bins::SHIPPING,
+        dir.path(),
+        "shipping",
+        &[
+            ("FAULT_UNAVAILABLE_RATE", "0.5".to_owned()),
+            ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
+            ("RUST_LOG", "info,svc_kit::fault=debug".to_owned()),
+        ],
+    );
+    let shipping_log = dir.path().join("shipping.out");
+    shipping.log_to(&shipping_log);
+    let mut payment = ServiceProcess::new(bins::PAYMENT, dir.path(), "payment", &[]);
+    stock.start().await;
+    shipping.start().await;
+    payment.start().await;
+    seed(&stock.endpoint(), &payment.endpoint()).await;
+    let mut orchestrator = ServiceProcess::new(
+        bins::ORCHESTRATOR,
+        dir.path(),
+        "orchestrator",
+        &[
+            ("STOCK_SERVICE_URL", stock.endpoint()),
+            ("SHIPPING_SERVICE_URL", shipping.endpoint()),
+            ("PAYMENT_SERVICE_URL", payment.endpoint()),
+            ("STEP_MAX_ATTEMPTS", "40".into()),
+            ("RETRY_INITIAL_BACKOFF_MS", "5".into()),
+            ("RETRY_MAX_BACKOFF_MS", "20".into()),
+        ],
+    );
+    orchestrator.start().await;
+    let client = OrderClient::connect(orchestrator.endpoint(), API_KEY)
+        .await
+        .unwrap();
+    let mut raw = OrderServiceClient::connect(orchestrator.endpoint())
+        .await
+        .unwrap();
+
+    // Orders in the caller's trace, until a failed shipping call of one of
+    // them shows in the log (each has even odds; 40 without is 2^-40).
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let in_callers_trace = |log: &str| {
+        log.lines()
+            .any(|line| line.contains("fault injected") && line.contains(client_trace))
+    };
+    let mut log = String::new();
+    for _ in 0..40 {
+        let mut request = Request::new(order(&request_id(), "alice", &[("BOOK", 1)], "DE"));
+        request.get_mut().wait = true;
+        request
+            .metadata_mut()
+            .insert("x-api-key", API_KEY.parse().unwrap());
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{client_trace}-00f067aa0ba902b7-01")
+                .parse()
+                .unwrap(),
+        );
+        let placed = raw
+            .create_order(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .order
+            .unwrap();
+        assert_eq!(placed.status, OrderStatus::Completed as i32);
+        assert_eq!(
+            placed.trace_id, client_trace,
+            "Order.trace_id is the caller's trace"
+        );
+        log = std::fs::read_to_string(&shipping_log).unwrap();
+        if in_callers_trace(&log) {
+            break;
+        }
+    }
+    assert!(
+        in_callers_trace(&log),
+        "a shipping call was in the caller's trace:\n{log}"
+    );
+
+    // An order placed with no trace of its own starts one.
+    let started = client
+        .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+        .await
+        .unwrap();
+    assert_eq!(started.trace_id.len(), 32);
+    assert_ne!(started.trace_id, client_trace);
+    orchestrator.terminate().await;
+    stock.terminate().await;
+    shipping.terminate().await;
+    payment.terminate().await;
+}

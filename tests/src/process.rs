@@ -1,7 +1,11 @@
 //! Services as real processes, for tests that kill them, check their exit, or
 //! need one OpenTelemetry `service.name` per process.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use tokio::process::{Child, Command};
 
@@ -39,6 +43,8 @@ pub struct ServiceProcess {
     pub port: u16,
     pub metrics_port: u16,
     env: Vec<(String, String)>,
+    /// Where its standard output (its log lines) goes; nowhere by default.
+    stdout: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -74,6 +80,7 @@ impl ServiceProcess {
             port,
             metrics_port,
             env: all,
+            stdout: None,
             child: None,
         }
     }
@@ -82,6 +89,11 @@ impl ServiceProcess {
     pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_owned(), value.into()));
+    }
+
+    /// Appends its log lines (standard output) to `path` from the next start.
+    pub fn log_to(&mut self, path: &Path) {
+        self.stdout = Some(path.to_owned());
     }
 
     /// The environment it starts with.
@@ -99,7 +111,15 @@ impl ServiceProcess {
         command
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(match &self.stdout {
+                Some(path) => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map(Stdio::from)
+                    .expect("open the service's log file"),
+                None => Stdio::null(),
+            })
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         self.child = Some(command.spawn().expect("start the service process"));
