@@ -121,7 +121,19 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
     };
     // Our spans are at INFO; library internals (h2, hyper) stay out of traces.
     let spans = LevelFilter::INFO;
-    if !export_configured() {
+    let exporter = if export_configured() {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        if let Some(tls) = export_tls()? {
+            exporter = exporter.with_tls_config(tls);
+        }
+        exporter
+            .build()
+            .inspect_err(|err| eprintln!("OTLP trace export disabled: {err}"))
+            .ok()
+    } else {
+        None
+    };
+    let Some(exporter) = exporter else {
         // Nothing exports: spans need their IDs and nothing more
         // (`trace_ids`). The OpenTelemetry layer built every span whole for
         // no one, about a sixth of the CPU under load (docs/benchmarks.md).
@@ -131,21 +143,15 @@ pub fn init(service_name: &'static str, log_json: bool) -> anyhow::Result<Teleme
             .with(TraceIdsLayer.with_filter(spans))
             .try_init();
         return Ok(TelemetryGuard { provider: None });
-    }
+    };
 
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service_name);
     }
-    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-    if let Some(tls) = export_tls()? {
-        exporter = exporter.with_tls_config(tls);
-    }
-    match exporter.build() {
-        Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-        Err(err) => eprintln!("OTLP trace export disabled: {err}"),
-    }
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_batch_exporter(exporter);
     let provider = builder.build();
     let tracer = provider.tracer(service_name);
 

@@ -16,6 +16,8 @@
 //! Code reads and sets a span's context through [`SpanTraceExt`], which asks
 //! whichever of the two layers is installed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::{
     Context,
     trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState},
@@ -33,8 +35,21 @@ use tracing_subscriber::{Layer, Registry, layer, registry::LookupSpan};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TraceIdsLayer;
 
-/// A span's context, kept in its extensions.
-struct Ids(SpanContext);
+/// A span's context, kept in its extensions, and whether anything has used
+/// it yet (a read, or a child that inherited it): after that the span keeps
+/// its trace, as `tracing-opentelemetry` keeps a started span's.
+struct Ids {
+    context: SpanContext,
+    started: AtomicBool,
+}
+
+impl Ids {
+    /// The context, for a use that fixes it.
+    fn used(&self) -> SpanContext {
+        self.started.store(true, Ordering::Relaxed);
+        self.context.clone()
+    }
+}
 
 impl<S> Layer<S> for TraceIdsLayer
 where
@@ -48,7 +63,7 @@ where
             None if attrs.is_contextual() => ctx.lookup_current(),
             None => None,
         };
-        let inherited = parent.and_then(|p| p.extensions().get::<Ids>().map(|ids| ids.0.clone()));
+        let inherited = parent.and_then(|p| p.extensions().get::<Ids>().map(Ids::used));
         let context = match inherited {
             Some(parent) => SpanContext::new(
                 parent.trace_id(),
@@ -66,7 +81,10 @@ where
             ),
         };
         if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(Ids(context));
+            span.extensions_mut().insert(Ids {
+                context,
+                started: AtomicBool::new(false),
+            });
         }
     }
 }
@@ -84,53 +102,65 @@ fn new_span_id() -> SpanId {
 pub trait SpanTraceExt {
     /// The span's context (its trace and span IDs), to inject into a call
     /// or to store; an empty context when the span has none (disabled, or
-    /// no layer gives IDs).
+    /// below the filter of the layer that gives IDs).
     fn trace_context(&self) -> Context;
 
     /// Makes the span a child of `parent` (a context extracted from a call or
-    /// a stored `traceparent`), if `parent` names a valid span. Must come
-    /// before the span has children or anything reads its context: those
-    /// keep the trace they had.
-    fn adopt_parent(&self, parent: Context);
+    /// a stored `traceparent`), if `parent` names a valid span and nothing
+    /// has used the span's own context yet (a read, or a child): then it
+    /// keeps its trace, and this returns false. Under either layer.
+    fn adopt_parent(&self, parent: Context) -> bool;
 }
 
 impl SpanTraceExt for Span {
     fn trace_context(&self) -> Context {
-        match with_ids(self, |ids| ids.0.clone()) {
+        let own = with_span_data(self, |data| data.extensions().get::<Ids>().map(Ids::used));
+        match own {
             Some(context) => Context::new().with_remote_span_context(context),
             None => OpenTelemetrySpanExt::context(self),
         }
     }
 
-    fn adopt_parent(&self, parent: Context) {
+    fn adopt_parent(&self, parent: Context) -> bool {
         let remote = parent.span().span_context().clone();
         if !remote.is_valid() {
-            return;
+            return false;
         }
-        let adopted = with_ids(self, |ids| {
-            ids.0 = SpanContext::new(
+        let adopted = with_span_data(self, |data| {
+            let mut extensions = data.extensions_mut();
+            let ids = extensions.get_mut::<Ids>()?;
+            if *ids.started.get_mut() {
+                return Some(false);
+            }
+            ids.context = SpanContext::new(
                 remote.trace_id(),
-                ids.0.span_id(),
+                ids.context.span_id(),
                 remote.trace_flags(),
                 false,
                 remote.trace_state().clone(),
             );
+            Some(true)
         });
-        if adopted.is_none() {
-            let _ = OpenTelemetrySpanExt::set_parent(self, parent);
+        match adopted {
+            Some(adopted) => adopted,
+            None => OpenTelemetrySpanExt::set_parent(self, parent).is_ok(),
         }
     }
 }
 
-/// Runs `f` on the span's [`Ids`], if [`TraceIdsLayer`] gave it some.
-fn with_ids<T>(span: &Span, f: impl FnOnce(&mut Ids) -> T) -> Option<T> {
+/// Runs `f` on the span's data in the registry, when [`TraceIdsLayer`] is
+/// installed (otherwise the span's IDs, if any, are another layer's).
+fn with_span_data<T>(
+    span: &Span,
+    f: impl FnOnce(tracing_subscriber::registry::SpanRef<'_, Registry>) -> Option<T>,
+) -> Option<T> {
     let mut f = Some(f);
     span.with_subscriber(|(id, dispatch)| {
-        let registry = dispatch.downcast_ref::<Registry>()?;
-        let data = registry.span(id)?;
-        let mut extensions = data.extensions_mut();
-        let ids = extensions.get_mut::<Ids>()?;
-        f.take().map(|f| f(ids))
+        if !dispatch.is::<TraceIdsLayer>() {
+            return None;
+        }
+        let data = dispatch.downcast_ref::<Registry>()?.span(id)?;
+        f.take().and_then(|f| f(data))
     })
     .flatten()
 }
@@ -189,14 +219,13 @@ mod tests {
         });
     }
 
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
     #[test]
     fn a_span_adopts_a_remote_parent_and_its_children_follow() {
         with_ids_layer(|| {
             let span = info_span!("server");
-            let own_span = ids(&span).1;
-            span.adopt_parent(remote(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ));
+            assert!(span.adopt_parent(remote(CALLER)));
             let child = span.in_scope(|| info_span!("handler"));
             for s in [&span, &child] {
                 assert_eq!(
@@ -205,7 +234,11 @@ mod tests {
                     "the caller's trace"
                 );
             }
-            assert_eq!(ids(&span).1, own_span, "the span keeps its own ID");
+            assert_ne!(
+                ids(&span).1.to_string(),
+                "00f067aa0ba902b7",
+                "the span keeps an ID of its own"
+            );
             assert_eq!(
                 traceparent(&child),
                 format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", ids(&child).1)
@@ -213,10 +246,27 @@ mod tests {
             // An unsampled caller's flag is kept, so a service that exports
             // leaves the trace out as the caller asked.
             let unsampled = info_span!("server");
-            unsampled.adopt_parent(remote(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
-            ));
+            assert!(unsampled.adopt_parent(remote(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+            )));
             assert!(!ids(&unsampled).2.is_sampled());
+        });
+    }
+
+    #[test]
+    fn a_span_already_read_or_with_a_child_keeps_its_trace() {
+        // As tracing-opentelemetry refuses to re-parent a started span: its
+        // children, and a context already handed out, would be left behind.
+        with_ids_layer(|| {
+            let read = info_span!("read first");
+            let trace = ids(&read).0;
+            assert!(!read.adopt_parent(remote(CALLER)));
+            assert_eq!(ids(&read).0, trace);
+
+            let parent = info_span!("parent");
+            let child = parent.in_scope(|| info_span!("child"));
+            assert!(!parent.adopt_parent(remote(CALLER)));
+            assert_eq!(ids(&parent).0, ids(&child).0);
         });
     }
 
@@ -224,9 +274,11 @@ mod tests {
     fn an_invalid_parent_is_ignored_and_a_filtered_span_has_no_context() {
         with_ids_layer(|| {
             let span = info_span!("server");
-            let before = ids(&span);
-            span.adopt_parent(remote("not a traceparent"));
-            assert_eq!(ids(&span), before);
+            assert!(!span.adopt_parent(remote("not a traceparent")));
+            assert!(
+                span.adopt_parent(remote(CALLER)),
+                "and it can still adopt one"
+            );
 
             // Below the layer's filter: no IDs, and a span entered inside it
             // takes the trace of the nearest entered span that has them.
@@ -250,10 +302,14 @@ mod tests {
         global::set_text_map_propagator(TraceContextPropagator::new());
         tracing::subscriber::with_default(subscriber, || {
             let span = info_span!("server");
-            span.adopt_parent(remote(
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ));
+            assert!(span.adopt_parent(remote(CALLER)));
             let child = span.in_scope(|| info_span!("handler"));
+            assert!(
+                !span.adopt_parent(remote(
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                )),
+                "a started span keeps its trace there too"
+            );
             assert_eq!(
                 ids(&child).0.to_string(),
                 "4bf92f3577b34da6a3ce929d0e0e4736"
