@@ -17,7 +17,7 @@ use ordersaga_tests::{
     process::ServiceProcess,
     system::{order, seed},
 };
-use tonic::Request;
+use tonic::{Request, transport::Channel};
 
 use crate::{assertions::request_id, bins};
 
@@ -88,6 +88,25 @@ impl Deployment {
     }
 }
 
+/// An order of one book for alice, placed with `traceparent` in its
+/// metadata, once it has ended.
+async fn placed_in_trace(raw: &mut OrderServiceClient<Channel>, traceparent: &str) -> Order {
+    let mut request = Request::new(order(&request_id(), "alice", &[("BOOK", 1)], "DE"));
+    request.get_mut().wait = true;
+    request
+        .metadata_mut()
+        .insert("x-api-key", API_KEY.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    raw.create_order(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap()
+}
+
 fn attempts<'a>(trace: &'a [CollectedSpan], step: &str, phase: &str) -> Vec<&'a CollectedSpan> {
     trace
         .iter()
@@ -121,24 +140,7 @@ async fn one_order_is_one_trace_across_all_four_services() {
     let mut raw = OrderServiceClient::connect(deployment.orchestrator.endpoint())
         .await
         .unwrap();
-    let mut request = Request::new(order(&request_id(), "alice", &[("BOOK", 1)], "DE"));
-    request.get_mut().wait = true;
-    request
-        .metadata_mut()
-        .insert("x-api-key", API_KEY.parse().unwrap());
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{client_trace}-{client_span}-01")
-            .parse()
-            .unwrap(),
-    );
-    let traced = raw
-        .create_order(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let traced = placed_in_trace(&mut raw, &format!("00-{client_trace}-{client_span}-01")).await;
     assert_eq!(traced.status, OrderStatus::Completed as i32);
     assert_eq!(
         traced.trace_id, client_trace,
@@ -446,24 +448,8 @@ async fn without_an_exporter_the_callers_trace_reaches_the_order_and_a_service()
     };
     let mut log = String::new();
     for _ in 0..40 {
-        let mut request = Request::new(order(&request_id(), "alice", &[("BOOK", 1)], "DE"));
-        request.get_mut().wait = true;
-        request
-            .metadata_mut()
-            .insert("x-api-key", API_KEY.parse().unwrap());
-        request.metadata_mut().insert(
-            "traceparent",
-            format!("00-{client_trace}-00f067aa0ba902b7-01")
-                .parse()
-                .unwrap(),
-        );
-        let placed = raw
-            .create_order(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .order
-            .unwrap();
+        let placed =
+            placed_in_trace(&mut raw, &format!("00-{client_trace}-00f067aa0ba902b7-01")).await;
         assert_eq!(placed.status, OrderStatus::Completed as i32);
         assert_eq!(
             placed.trace_id, client_trace,
