@@ -30,22 +30,30 @@ struct Deployment {
     orchestrator: ServiceProcess,
 }
 
+/// What makes a process export its spans to `collector`.
+fn exporting_to(collector: &Collector) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
+        // Export every 100 ms rather than every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ]
+}
+
 impl Deployment {
+    /// The four processes, each with `otel` (see [`exporting_to`]; empty:
+    /// nothing exports), shipping with `shipping_env` too and its log lines
+    /// in `dir/shipping.out`.
     async fn start(
         dir: &Path,
-        collector: &Collector,
+        otel: &[(&'static str, String)],
         shipping_env: &[(&'static str, String)],
     ) -> Deployment {
-        let otel: Vec<(&'static str, String)> = vec![
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint()),
-            // Export every 100 ms rather than every 5 s.
-            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
-        ];
-        let with = |extra: &[(&'static str, String)]| [otel.clone(), extra.to_vec()].concat();
-        let mut stock = ServiceProcess::new(bins::STOCK, dir, "stock", &otel);
+        let with = |extra: &[(&'static str, String)]| [otel, extra].concat();
+        let mut stock = ServiceProcess::new(bins::STOCK, dir, "stock", otel);
         let mut shipping =
             ServiceProcess::new(bins::SHIPPING, dir, "shipping", &with(shipping_env));
-        let mut payment = ServiceProcess::new(bins::PAYMENT, dir, "payment", &otel);
+        shipping.log_to(&dir.join("shipping.out"));
+        let mut payment = ServiceProcess::new(bins::PAYMENT, dir, "payment", otel);
         stock.start().await;
         shipping.start().await;
         payment.start().await;
@@ -132,7 +140,7 @@ async fn one_order_is_one_trace_across_all_four_services() {
         ("FAULT_UNAVAILABLE_RATE", "0.5".to_owned()),
         ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
     ];
-    let deployment = Deployment::start(dir.path(), &collector, &faults).await;
+    let deployment = Deployment::start(dir.path(), &exporting_to(&collector), &faults).await;
 
     // The client's own trace roots the saga.
     let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -270,7 +278,7 @@ async fn steps_resumed_after_kill_9_join_the_original_trace() {
         ("FAULT_LATENCY_MS", "1500".to_owned()),
         ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
     ];
-    let mut deployment = Deployment::start(dir.path(), &collector, &slow).await;
+    let mut deployment = Deployment::start(dir.path(), &exporting_to(&collector), &slow).await;
     let client = deployment.client().await;
     let created = client
         .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
@@ -397,45 +405,18 @@ async fn spans_are_exported_over_tls_only_to_a_trusted_collector() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_an_exporter_the_callers_trace_reaches_the_order_and_a_service() {
     let dir = tempfile::tempdir().unwrap();
-    let mut stock = ServiceProcess::new(bins::STOCK, dir.path(), "stock", &[]);
     // Half of the shipping calls fail before any work (steps are retried),
     // and each failure says so at debug level, inside the call's span (which
     // the log line shows, with its trace ID, when its INFO level is logged).
-    let mut shipping = ServiceProcess::new(
-        bins::SHIPPING,
-        dir.path(),
-        "shipping",
-        &[
-            ("FAULT_UNAVAILABLE_RATE", "0.5".to_owned()),
-            ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
-            ("RUST_LOG", "info,svc_kit::fault=debug".to_owned()),
-        ],
-    );
+    let faults = [
+        ("FAULT_UNAVAILABLE_RATE", "0.5".to_owned()),
+        ("ALLOW_UNSAFE_SETTINGS", "true".to_owned()),
+        ("RUST_LOG", "info,svc_kit::fault=debug".to_owned()),
+    ];
+    let deployment = Deployment::start(dir.path(), &[], &faults).await;
     let shipping_log = dir.path().join("shipping.out");
-    shipping.log_to(&shipping_log);
-    let mut payment = ServiceProcess::new(bins::PAYMENT, dir.path(), "payment", &[]);
-    stock.start().await;
-    shipping.start().await;
-    payment.start().await;
-    seed(&stock.endpoint(), &payment.endpoint()).await;
-    let mut orchestrator = ServiceProcess::new(
-        bins::ORCHESTRATOR,
-        dir.path(),
-        "orchestrator",
-        &[
-            ("STOCK_SERVICE_URL", stock.endpoint()),
-            ("SHIPPING_SERVICE_URL", shipping.endpoint()),
-            ("PAYMENT_SERVICE_URL", payment.endpoint()),
-            ("STEP_MAX_ATTEMPTS", "40".into()),
-            ("RETRY_INITIAL_BACKOFF_MS", "5".into()),
-            ("RETRY_MAX_BACKOFF_MS", "20".into()),
-        ],
-    );
-    orchestrator.start().await;
-    let client = OrderClient::connect(orchestrator.endpoint(), API_KEY)
-        .await
-        .unwrap();
-    let mut raw = OrderServiceClient::connect(orchestrator.endpoint())
+    let client = deployment.client().await;
+    let mut raw = OrderServiceClient::connect(deployment.orchestrator.endpoint())
         .await
         .unwrap();
 
@@ -472,8 +453,5 @@ async fn without_an_exporter_the_callers_trace_reaches_the_order_and_a_service()
         .unwrap();
     assert_eq!(started.trace_id.len(), 32);
     assert_ne!(started.trace_id, client_trace);
-    orchestrator.terminate().await;
-    stock.terminate().await;
-    shipping.terminate().await;
-    payment.terminate().await;
+    deployment.stop().await;
 }
