@@ -106,6 +106,7 @@ async fn each_orders_events_arrive_in_order_with_their_content(backend: Backend)
             .to_owned();
         assert_eq!(event.field("status"), status.as_str());
         assert!(event.field("occurred_at_ms").as_i64().unwrap() > 0);
+        assert_eq!(order.trace_id.len(), 32, "the order has a trace");
         assert!(
             event.traceparent_header.contains(&order.trace_id)
                 && event.field("traceparent") == event.traceparent_header.as_str(),
