@@ -20,6 +20,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use sqlx::AnyPool;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::task::TaskTracker;
+use trace_ids::SpanTraceExt;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -554,7 +555,7 @@ where
             trace_context::adopt(&span, traceparent);
             span.record("resumed", true);
         }
-        span.record("trace_id", trace_context::trace_id(&span));
+        span.record("trace_id", span.trace_id());
         span
     }
 

@@ -25,14 +25,3 @@ pub fn adopt(span: &Span, traceparent: &str) {
         span.adopt_parent(parent);
     }
 }
-
-/// The hex trace ID of a span, or empty when it has none.
-pub fn trace_id(span: &Span) -> String {
-    let cx = span.trace_context();
-    let span_context = cx.span().span_context().clone();
-    if span_context.is_valid() {
-        span_context.trace_id().to_string()
-    } else {
-        String::new()
-    }
-}

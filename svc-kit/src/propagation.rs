@@ -42,17 +42,6 @@ pub fn inject_current(metadata: &mut MetadataMap) {
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
 }
 
-/// The hex trace ID of a span, or empty when it has none.
-pub fn trace_id(span: &Span) -> String {
-    let cx = span.trace_context();
-    let span_context = cx.span().span_context().clone();
-    if span_context.is_valid() {
-        span_context.trace_id().to_string()
-    } else {
-        String::new()
-    }
-}
-
 /// The server span of one gRPC call, child of the caller's span when the call
 /// carries a `traceparent`. Health and reflection calls get none, to keep
 /// traces about business; so does a batch call, whose items each get the
@@ -97,7 +86,7 @@ fn method_span(method: &str, carrier: &dyn Extractor) -> Span {
     if parent.span().span_context().is_valid() {
         span.adopt_parent(parent);
     }
-    span.record("trace_id", trace_id(&span));
+    span.record("trace_id", span.trace_id());
     span
 }
 

@@ -105,6 +105,18 @@ pub trait SpanTraceExt {
     /// below the filter of the layer that gives IDs).
     fn trace_context(&self) -> Context;
 
+    /// The span's trace ID in hex (what orders and log lines show), or
+    /// empty when it has none. A read, as [`Self::trace_context`] is.
+    fn trace_id(&self) -> String {
+        let cx = self.trace_context();
+        let context = cx.span().span_context().clone();
+        if context.is_valid() {
+            context.trace_id().to_string()
+        } else {
+            String::new()
+        }
+    }
+
     /// Makes the span a child of `parent` (a context extracted from a call or
     /// a stored `traceparent`), if `parent` names a valid span and nothing
     /// has used the span's own context yet (a read, or a child): then it
