@@ -10,6 +10,9 @@
 #   ROUNDS=5 orderbench/compare-builds.sh ...   (5 rounds, each build first in
 #   every other one, then the median of each figure: this machine's speed
 #   moves by a quarter from one run to the next, more than most changes)
+#   N1=1500 N64=20000 orderbench/compare-builds.sh ...   (orders per run at C=1
+#   and at C=64; default 500 and 3,000. 3,000 orders at C=64 last about a
+#   second on SQLite: too short to tell a change of a few percent apart)
 #
 # Each build dir must hold devstack, orchestrator, stock-svc, shipping-svc and
 # payment-svc (cargo build --release -p devstack -p orderbench -p orchestrator
@@ -24,8 +27,8 @@ sqlite_run() { # $1 label, $2 release dir
   RUST_LOG=warn DATA_DIR=$dir $2/devstack > /dev/null 2>&1 &
   local pid=$!
   waitport 50051; sleep 2
-  echo "== $1 sqlite C=1"; $ORDERBENCH -n 500 -c 1 2>/dev/null | grep -v '^\s*$'
-  echo "== $1 sqlite C=64"; $ORDERBENCH -n 3000 -c 64 2>/dev/null | grep -v '^\s*$'
+  echo "== $1 sqlite C=1"; $ORDERBENCH -n "${N1:-500}" -c 1 2>/dev/null | grep -v '^\s*$'
+  echo "== $1 sqlite C=64"; $ORDERBENCH -n "${N64:-3000}" -c 64 2>/dev/null | grep -v '^\s*$'
   kill $pid; wait $pid 2>/dev/null; sleep 1; rm -rf $dir
 }
 pg_run() { # $1 label, $2 release dir
@@ -39,8 +42,8 @@ pg_run() { # $1 label, $2 release dir
   waitport 50052; waitport 50053; waitport 50054
   PORT=50051 METRICS_PORT=0 DATABASE_URL=$PG/bench_orchestrator$Q STOCK_SERVICE_URL=http://127.0.0.1:50052 SHIPPING_SERVICE_URL=http://127.0.0.1:50053 PAYMENT_SERVICE_URL=http://127.0.0.1:50054 $2/orchestrator > /dev/null 2>&1 & p4=$!
   waitport 50051; sleep 1
-  echo "== $1 postgres C=1"; $ORDERBENCH -n 500 -c 1 2>/dev/null | grep -v '^\s*$'
-  echo "== $1 postgres C=64"; $ORDERBENCH -n 3000 -c 64 2>/dev/null | grep -v '^\s*$'
+  echo "== $1 postgres C=1"; $ORDERBENCH -n "${N1:-500}" -c 1 2>/dev/null | grep -v '^\s*$'
+  echo "== $1 postgres C=64"; $ORDERBENCH -n "${N64:-3000}" -c 64 2>/dev/null | grep -v '^\s*$'
   kill $p1 $p2 $p3 $p4; wait 2>/dev/null; sleep 1
 }
 ROUNDS=${ROUNDS:-1}
