@@ -42,10 +42,11 @@ impl NewEvent {
 /// before (then nothing changes and no row comes back). One statement, which
 /// also returns the epoch the saga is held at, for the event to carry.
 pub(crate) const NEXT_SEQUENCE: &str = "UPDATE sagas SET events_sequence = events_sequence + 1 \
-     WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
+     WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE aggregate_id = $1 AND event_id = $2) \
      RETURNING events_sequence, epoch";
 
-pub(crate) const WRITTEN_BEFORE: &str = "SELECT id FROM outbox WHERE event_id = $1";
+pub(crate) const WRITTEN_BEFORE: &str =
+    "SELECT id FROM outbox WHERE aggregate_id = $1 AND event_id = $2";
 
 /// The event carries the epoch of its writer, as [`NEXT_SEQUENCE`] read it.
 pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
@@ -299,7 +300,7 @@ pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, 
             .rows_affected();
         return match inserted {
             1 => Ok(true),
-            _ => written_before(conn, &event_id).await,
+            _ => written_before(conn, &aggregate_id, &event_id).await,
         };
     }
     let taken: Option<(i64, i64)> = sqlx::query_as(NEXT_SEQUENCE)
@@ -308,7 +309,7 @@ pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, 
         .fetch_optional(&mut *conn)
         .await?;
     let Some((sequence, epoch)) = taken else {
-        return written_before(conn, &event_id).await;
+        return written_before(conn, &aggregate_id, &event_id).await;
     };
     sqlx::query(INSERT)
         .bind(&event_id)
@@ -326,8 +327,13 @@ pub async fn insert(conn: &mut AnyConnection, event: &NewEvent) -> Result<bool, 
 
 /// No sequence was taken: the event was written before (nothing new), or
 /// (a bug) its saga does not exist.
-async fn written_before(conn: &mut AnyConnection, event_id: &str) -> Result<bool, sqlx::Error> {
+async fn written_before(
+    conn: &mut AnyConnection,
+    aggregate_id: &str,
+    event_id: &str,
+) -> Result<bool, sqlx::Error> {
     let written: Option<i64> = sqlx::query_scalar(WRITTEN_BEFORE)
+        .bind(aggregate_id)
         .bind(event_id)
         .fetch_optional(&mut *conn)
         .await?;

@@ -488,7 +488,7 @@ fn insert_event(conn: &Connection, event: &NewEvent) -> rusqlite::Result<bool> {
         // Written before, or (a bug) no such saga: only the first is fine.
         let written: Option<i64> = conn
             .prepare_cached(events::WRITTEN_BEFORE)?
-            .query_row(params![event_id], |r| r.get(0))
+            .query_row(params![aggregate_id, event_id], |r| r.get(0))
             .optional()?;
         return match written {
             Some(_) => Ok(false),

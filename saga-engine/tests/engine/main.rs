@@ -25,6 +25,7 @@ mod admission;
 mod cancel;
 mod compensation;
 mod events;
+mod outbox_index;
 mod properties;
 mod recovery;
 mod replicas;
