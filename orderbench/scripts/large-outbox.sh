@@ -8,34 +8,38 @@
 #
 # The events are written into a stopped devstack's orchestrator.db with one
 # sqlite3 statement (needs the sqlite3 CLI): UUIDv5-shaped random IDs under
-# old saga IDs, two per saga. Needs port 50051 free.
+# old saga IDs, two per saga, all sent (an unsent backlog is another case:
+# the relay's gauges read it every 5 s). Needs port 50051 free.
 set -eu
 [ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [EVENTS]" >&2; exit 2; }
 BIN=$1; SAGAS=$(( ${2:-1000000} / 2 ))
-dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+dir=$(mktemp -d); pid=
+trap '[ -n "$pid" ] && { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }; rm -rf "$dir"' EXIT
 up() {
   RUST_LOG=warn DATA_DIR=$dir "$BIN/devstack" > "$dir/devstack.log" 2>&1 & pid=$!
-  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null && break; sleep 0.2; done
-  sleep 2
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null && { sleep 2; return; }; sleep 0.2; done
+  echo "devstack did not listen on 50051; its log:" >&2; cat "$dir/devstack.log" >&2; exit 1
 }
 down() {
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=
   for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/50051) 2>/dev/null || break; sleep 0.2; done
   sleep 1
 }
 up; down # creates the files and their tables
 sqlite3 "$dir/orchestrator.db" "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $SAGAS)
-  INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch)
+  INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, sent_at_ms, epoch)
   SELECT lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-5' || substr(lower(hex(randomblob(2))), 2)
          || '-' || lower(hex(randomblob(2))) || '-' || lower(hex(randomblob(6))),
-         printf('00000000-0000-7000-8000-%012d', i), k, 'order.created', '{}', '', 0, 1
-  FROM n, (SELECT 1 AS k UNION ALL SELECT 2);
+         printf('00000000-0000-7000-8000-%012d', i), k, 'order.created', '{}', '',
+         now_ms, now_ms, 1
+  FROM n, (SELECT 1 AS k UNION ALL SELECT 2),
+       (SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) AS now_ms);
   PRAGMA wal_checkpoint(TRUNCATE);" > /dev/null
 echo "outbox: $(sqlite3 "$dir/orchestrator.db" 'SELECT COUNT(*) FROM outbox') events"
 up
 # The orchestrator is devstack's child that runs the log's writer thread.
-orch=$(for c in $(pgrep -P "$pid"); do grep -qs saga-log-sqlite /proc/"$c"/task/*/comm && echo "$c"; done | head -1)
+orch=$(for c in $(pgrep -P "$pid" || true); do grep -qs saga-log-sqlite /proc/"$c"/task/*/comm && echo "$c"; done | head -1)
+[ -n "$orch" ] || { echo "no orchestrator process under devstack ($pid)" >&2; exit 1; }
 "$BIN/orderbench" -n 2000 -c 64 > /dev/null 2>&1
 field() { awk -v f="$1" '$1 == f":" {print $2}' /proc/"$orch"/io; }
 ticks() { awk '{print $14 + $15}' /proc/"$orch"/stat; }

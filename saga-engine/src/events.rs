@@ -54,7 +54,8 @@ pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, seq
 
 /// [`NEXT_SEQUENCE`] and [`INSERT`] as one statement, for PostgreSQL (SQLite
 /// has no data-modifying `WITH`): one round trip instead of two. The payload
-/// is spliced around the sequence the update took.
+/// is spliced around the sequence the update took. PostgreSQL's outbox keeps
+/// its index on `event_id` alone, so the written-before check looks there.
 const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
        UPDATE sagas SET events_sequence = events_sequence + 1 \
        WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \

@@ -87,7 +87,8 @@ async fn the_outbox_rebuilt_by_its_migration_keeps_its_rows_and_never_gives_an_i
         write_events(&conn, first);
         write_events(&conn, second);
         conn.execute(
-            "UPDATE outbox SET sent_at_ms = 7, epoch = 3 WHERE id = 1",
+            "UPDATE outbox SET sent_at_ms = 7, epoch = 3, payload = '{\"n\":1}', \
+             traceparent = 'tp', created_at_ms = 5 WHERE id = 1",
             [],
         )
         .unwrap();
@@ -129,26 +130,18 @@ async fn the_outbox_rebuilt_by_its_migration_keeps_its_rows_and_never_gives_an_i
     assert_eq!(unsent, 1);
 }
 
-type Row = (i64, String, String, i64, String, Option<i64>, i64);
-
-fn rows(conn: &Connection) -> Vec<Row> {
-    conn.prepare(
-        "SELECT id, event_id, aggregate_id, sequence, event_type, sent_at_ms, epoch \
-         FROM outbox ORDER BY id",
-    )
-    .unwrap()
-    .query_map([], |r| {
-        Ok((
-            r.get(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get(6)?,
-        ))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
+/// Every column of every row, by id.
+fn rows(conn: &Connection) -> Vec<Vec<rusqlite::types::Value>> {
+    let mut statement = conn
+        .prepare(
+            "SELECT id, event_id, aggregate_id, sequence, event_type, payload, traceparent, \
+             created_at_ms, sent_at_ms, epoch FROM outbox ORDER BY id",
+        )
+        .unwrap();
+    let columns = statement.column_count();
+    statement
+        .query_map([], |r| (0..columns).map(|i| r.get(i)).collect())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
