@@ -54,11 +54,10 @@ pub(crate) const INSERT: &str = "INSERT INTO outbox (event_id, aggregate_id, seq
 
 /// [`NEXT_SEQUENCE`] and [`INSERT`] as one statement, for PostgreSQL (SQLite
 /// has no data-modifying `WITH`): one round trip instead of two. The payload
-/// is spliced around the sequence the update took. PostgreSQL's outbox keeps
-/// its index on `event_id` alone, so the written-before check looks there.
+/// is spliced around the sequence the update took.
 const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
        UPDATE sagas SET events_sequence = events_sequence + 1 \
-       WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = $2) \
+       WHERE saga_id = $1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE aggregate_id = $1 AND event_id = $2) \
        RETURNING events_sequence, epoch) \
      INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
      SELECT $2, $1, events_sequence, $3, $4 || events_sequence::text || $5, $6, $7, epoch FROM taken";
@@ -69,8 +68,12 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
 /// `n` among its saga's; `counts`, how many each saga has. Rows are found
 /// through their keys' indexes (`= ANY` of an array; see `log::postgres` for
 /// why; the log writer's connections plan by key, see
-/// `writer::planning_by_key`). A macro, so that the statements stay
-/// `concat!`-ed literals.
+/// `writer::planning_by_key`). An event is unique under its saga, so the
+/// events written before are found by their sagas (one probe each, where a
+/// saga's few events lie side by side) and matched by ID; two `= ANY`
+/// conditions on the index's two columns would probe every pair of their
+/// arrays' elements. A macro, so that the statements stay `concat!`-ed
+/// literals.
 macro_rules! fresh_events_ctes {
     ($events:literal) => {
         concat!(
@@ -80,7 +83,8 @@ macro_rules! fresh_events_ctes {
             "::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
                  event_type text, head text, tail text, traceparent text, at_ms bigint)), \
              written AS ( \
-               SELECT event_id FROM outbox WHERE event_id = ANY(ARRAY(SELECT event_id FROM e))), \
+               SELECT o.event_id FROM outbox o JOIN e ON o.aggregate_id = e.aggregate_id AND o.event_id = e.event_id \
+               WHERE o.aggregate_id = ANY(ARRAY(SELECT aggregate_id FROM e))), \
              fresh AS ( \
                SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
                WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \

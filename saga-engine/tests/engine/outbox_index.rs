@@ -1,8 +1,7 @@
-//! The outbox's indexes on SQLite: a new event's entries land beside its
-//! saga's, not on a random page of an index as large as the outbox, and the
-//! migration that rebuilt the table for it kept every row.
-//!
-//! SQLite only: on PostgreSQL the outbox keeps its index on the event's ID.
+//! The outbox's indexes: a new event's entries land beside its saga's, not
+//! on a random page of an index as large as the outbox (SQLite and
+//! PostgreSQL), and the SQLite migration that rebuilt the table for it kept
+//! every row.
 
 use rusqlite::{Connection, params};
 use uuid::Uuid;
@@ -73,6 +72,76 @@ async fn a_batch_of_new_events_writes_a_few_pages_however_large_the_outbox() {
     assert!(
         frames <= 48,
         "128 new events wrote {frames} pages of the outbox's B-trees"
+    );
+}
+
+/// Pages a commit of 64 new sagas' events changes on PostgreSQL, on an
+/// outbox that holds the events of 10,000 earlier sagas: each page changed
+/// first after a checkpoint goes whole into the WAL (a full-page image), so
+/// the statement's count of them is the count of pages it touched.
+#[tokio::test]
+async fn a_batch_of_new_events_changes_a_few_pages_however_large_the_outbox_postgres() {
+    let store = crate::store::fresh(crate::store::Backend::Postgres).await;
+    // The earlier sagas' IDs sort before any new UUIDv7; their events' IDs
+    // are as random as a UUIDv5's.
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+         SELECT gen_random_uuid()::text, '00000000-0000-7000-8000-' || lpad((i / 2)::text, 12, '0'), \
+                1 + i % 2, 'order.created', '{}', '', 0, 1 \
+         FROM generate_series(0, 19999) AS i",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    sqlx::query("CHECKPOINT")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+
+    let rows: Vec<String> = (0..64)
+        .map(|_| Uuid::now_v7())
+        .flat_map(|saga| {
+            [(1, "created"), (2, "completed")].map(|(sequence, key)| {
+                let event_id = Uuid::new_v5(&saga, key.as_bytes());
+                format!("('{event_id}', '{saga}', {sequence}, 'order.created', '{{}}', '', 0, 1)")
+            })
+        })
+        .collect();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, WAL, COSTS OFF, TIMING OFF) \
+         INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+         VALUES {}",
+        rows.join(", ")
+    )))
+    .fetch_all(&store.pool)
+    .await
+    .unwrap();
+    // "WAL: records=… fpi=… bytes=…"; a count of 0 is left out.
+    let full_pages: u64 = plan
+        .iter()
+        .flat_map(|line| line.split_whitespace())
+        .find_map(|word| word.strip_prefix("fpi="))
+        .map_or(0, |n| n.parse().unwrap());
+    // Keyed by the event's ID, 97 pages; led by the saga, 8.
+    assert!(
+        full_pages <= 24,
+        "128 new events changed {full_pages} pages of the outbox's B-trees: {plan:#?}"
+    );
+
+    // An event is still written once under its saga.
+    let again = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, epoch) \
+         VALUES {}",
+        rows[0].replace(", 1, 'order.created'", ", 9, 'order.created'")
+    )))
+    .execute(&store.pool)
+    .await;
+    let refused = again.expect_err("the same event under the same saga");
+    assert!(
+        refused
+            .to_string()
+            .contains("outbox_aggregate_id_event_id_key"),
+        "{refused}"
     );
 }
 
