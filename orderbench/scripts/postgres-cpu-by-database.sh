@@ -11,9 +11,17 @@
 # orderbench binary (default: the one in RELEASE_DIR). Drops and creates the
 # bench_* databases; needs ports 50051-50054 free.
 #
-# It also prints the WAL the server wrote per saga (records and bytes, from
-# pg_stat_wal): it moves a few percent from run to run of the same build (how
-# sagas share commits varies), where CPU time moves ±20 % on this machine.
+# It also prints the WAL the server wrote per saga (records, full-page images
+# and bytes, from pg_stat_wal): it moves a few percent from run to run of the
+# same build (how sagas share commits varies), where CPU time moves ±20 % on
+# this machine. The measured run starts right after a CHECKPOINT, so each
+# page it changes goes whole into the WAL once (a full-page image), as the
+# first change of a page after every checkpoint does in a server that runs.
+#
+# OUTBOX_EVENTS=N writes N sent events into the orchestrator's outbox before
+# the measured run (UUIDv5-shaped random IDs under old saga IDs, two per
+# saga, sent now, so the relay's pruning leaves them), as a system that keeps
+# sent events for days holds (OUTBOX_RETENTION_SECS, 7 days by default).
 #
 # When the server preloads pg_stat_statements (shared_preload_libraries), it
 # also prints each database's statements per saga: calls and execution time
@@ -45,12 +53,23 @@ PORT=50051 METRICS_PORT=0 DATABASE_URL=$PG/bench_orchestrator$Q STOCK_SERVICE_UR
   $R/orchestrator > /dev/null 2>&1 & p4=$!
 waitport 50051; sleep 1
 $ORDERBENCH -n 300 -c 16 --echo-calls 0 > /dev/null 2>&1   # opens the pools
+if [ "${OUTBOX_EVENTS:-0}" -gt 0 ]; then
+  psql -q -h 127.0.0.1 -U postgres -d bench_orchestrator -c "
+    INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, sent_at_ms, epoch)
+    SELECT overlay(gen_random_uuid()::text placing '5' from 15 for 1),
+           '00000000-0000-7000-8000-' || lpad((i / 2)::text, 12, '0'), 1 + i % 2, 'order.created', '{}', '',
+           t.now_ms, t.now_ms, 1
+    FROM generate_series(0, $OUTBOX_EVENTS - 1) AS i,
+         (SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms) AS t" -c "VACUUM ANALYZE outbox" >/dev/null
+  echo "outbox: $(psql -At -h 127.0.0.1 -U postgres -d bench_orchestrator -c 'SELECT COUNT(*) FROM outbox') events"
+fi
+psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT"
 before=$(mktemp); after=$(mktemp)
 statements=$(psql -At -h 127.0.0.1 -U postgres -c "SHOW shared_preload_libraries" | grep -c pg_stat_statements)
 if [ "$statements" = 1 ]; then
   psql -q -h 127.0.0.1 -U postgres -c "SET client_min_messages = warning" -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" -c "SELECT pg_stat_statements_reset()" >/dev/null
 fi
-wal() { psql -At -h 127.0.0.1 -U postgres -c "SELECT wal_records || ' ' || wal_bytes FROM pg_stat_wal"; }
+wal() { psql -At -h 127.0.0.1 -U postgres -c "SELECT wal_records || ' ' || wal_fpi || ' ' || wal_bytes FROM pg_stat_wal"; }
 wal_before=$(wal)
 cpu_by_database > "$before"
 $ORDERBENCH -n "$N" -c "$C" 2>/dev/null | grep -v '^\s*$'
@@ -61,7 +80,7 @@ join "$before" "$after" | awk -v n="$N" -v hz="$(getconf CLK_TCK)" \
   '{d=($3-$2)*1000/hz/n; if (d>0) printf "  %-20s %.3f\n", $1, d; t+=d} END {printf "  %-20s %.3f\n", "total", t}'
 rm -f "$before" "$after"
 echo "$wal_before $wal_after" | awk -v n="$N" \
-  '{printf "postgres WAL per saga: %.1f records, %.0f bytes\n", ($3 - $1) / n, ($4 - $2) / n}'
+  '{printf "postgres WAL per saga: %.1f records, %.2f full-page images, %.0f bytes\n", ($4 - $1) / n, ($5 - $2) / n, ($6 - $3) / n}'
 if [ "$statements" = 1 ]; then
   echo "statements per saga, by database (calls; execution µs per saga):"
   psql -q -h 127.0.0.1 -U postgres -P pager=off -c "
