@@ -30,6 +30,7 @@
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [ORDERS] [CONCURRENCY]" >&2; exit 2; }
 R=$1; N=${2:-4000}; C=${3:-64}
+case ${OUTBOX_EVENTS:-0} in *[!0-9]*) echo "OUTBOX_EVENTS must be a whole number (no separators): $OUTBOX_EVENTS" >&2; exit 2;; esac
 ORDERBENCH=${ORDERBENCH:-$R/orderbench}
 waitport() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 # "postgres: 15/main: USER DATABASE HOST(PORT) STATE": ticks per database.
@@ -54,13 +55,14 @@ PORT=50051 METRICS_PORT=0 DATABASE_URL=$PG/bench_orchestrator$Q STOCK_SERVICE_UR
 waitport 50051; sleep 1
 $ORDERBENCH -n 300 -c 16 --echo-calls 0 > /dev/null 2>&1   # opens the pools
 if [ "${OUTBOX_EVENTS:-0}" -gt 0 ]; then
-  psql -q -h 127.0.0.1 -U postgres -d bench_orchestrator -c "
+  psql -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d bench_orchestrator -c "
     INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, sent_at_ms, epoch)
     SELECT overlay(gen_random_uuid()::text placing '5' from 15 for 1),
            '00000000-0000-7000-8000-' || lpad((i / 2)::text, 12, '0'), 1 + i % 2, 'order.created', '{}', '',
            t.now_ms, t.now_ms, 1
     FROM generate_series(0, $OUTBOX_EVENTS - 1) AS i,
-         (SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms) AS t" -c "VACUUM ANALYZE outbox" >/dev/null
+         (SELECT (extract(epoch FROM now()) * 1000)::bigint AS now_ms) AS t" -c "VACUUM ANALYZE outbox" >/dev/null \
+    || { echo "could not fill the outbox" >&2; kill $p1 $p2 $p3 $p4; exit 1; }
   echo "outbox: $(psql -At -h 127.0.0.1 -U postgres -d bench_orchestrator -c 'SELECT COUNT(*) FROM outbox') events"
 fi
 psql -q -h 127.0.0.1 -U postgres -c "CHECKPOINT"

@@ -68,12 +68,15 @@ const INSERT_TAKING_SEQUENCE: &str = "WITH taken AS ( \
 /// `n` among its saga's; `counts`, how many each saga has. Rows are found
 /// through their keys' indexes (`= ANY` of an array; see `log::postgres` for
 /// why; the log writer's connections plan by key, see
-/// `writer::planning_by_key`). An event is unique under its saga, so the
-/// events written before are found by their sagas (one probe each, where a
-/// saga's few events lie side by side) and matched by ID; two `= ANY`
-/// conditions on the index's two columns would probe every pair of their
-/// arrays' elements. A macro, so that the statements stay `concat!`-ed
-/// literals.
+/// `writer::planning_by_key`). An event is unique under its saga: each
+/// event of the batch is one probe of that index on both its columns (a
+/// subquery per event, which `LIMIT` keeps from being flattened into a join
+/// the planner could serve with a scan of the whole index), and the table
+/// is read only for an event found. Two `= ANY` conditions on the index's
+/// two columns would probe every pair of their arrays' elements; probing
+/// by saga alone read every earlier event of the batch's sagas, each from
+/// the table while its page is not yet all-visible. A macro, so that the
+/// statements stay `concat!`-ed literals.
 macro_rules! fresh_events_ctes {
     ($events:literal) => {
         concat!(
@@ -83,11 +86,13 @@ macro_rules! fresh_events_ctes {
             "::jsonb) AS e(ord bigint, event_id text, aggregate_id text, \
                  event_type text, head text, tail text, traceparent text, at_ms bigint)), \
              written AS ( \
-               SELECT o.event_id FROM outbox o JOIN e ON o.aggregate_id = e.aggregate_id AND o.event_id = e.event_id \
-               WHERE o.aggregate_id = ANY(ARRAY(SELECT aggregate_id FROM e))), \
+               SELECT w.aggregate_id, w.event_id FROM e CROSS JOIN LATERAL ( \
+                 SELECT o.aggregate_id, o.event_id FROM outbox o \
+                 WHERE o.aggregate_id = e.aggregate_id AND o.event_id = e.event_id LIMIT 1) w), \
              fresh AS ( \
                SELECT e.*, row_number() OVER (PARTITION BY e.aggregate_id ORDER BY e.ord) AS n FROM e \
-               WHERE e.event_id <> ALL(ARRAY(SELECT event_id FROM written))), \
+               WHERE NOT EXISTS (SELECT 1 FROM written w \
+                 WHERE w.aggregate_id = e.aggregate_id AND w.event_id = e.event_id)), \
              counts AS (SELECT aggregate_id, MAX(n) AS n FROM fresh GROUP BY aggregate_id)"
         )
     };

@@ -79,6 +79,7 @@ async fn a_batch_of_new_events_writes_a_few_pages_however_large_the_outbox() {
 /// outbox that holds the events of 10,000 earlier sagas: each page changed
 /// first after a checkpoint goes whole into the WAL (a full-page image), so
 /// the statement's count of them is the count of pages it touched.
+/// (`CHECKPOINT` needs a superuser or the `pg_checkpoint` role.)
 #[tokio::test]
 async fn a_batch_of_new_events_changes_a_few_pages_however_large_the_outbox_postgres() {
     let store = crate::store::fresh(crate::store::Backend::Postgres).await;
@@ -122,9 +123,11 @@ async fn a_batch_of_new_events_changes_a_few_pages_however_large_the_outbox_post
         .flat_map(|line| line.split_whitespace())
         .find_map(|word| word.strip_prefix("fpi="))
         .map_or(0, |n| n.parse().unwrap());
-    // Keyed by the event's ID, 97 pages; led by the saga, 8.
+    // Keyed by the event's ID, 97 pages; led by the saga, 8. None at all
+    // would mean the count was not read (or full_page_writes is off): the
+    // first change to the table's last page after a checkpoint writes one.
     assert!(
-        full_pages <= 24,
+        (1..=24).contains(&full_pages),
         "128 new events changed {full_pages} pages of the outbox's B-trees: {plan:#?}"
     );
 
