@@ -54,6 +54,16 @@ const POLL: Duration = Duration::from_millis(50);
 /// unsent events costs as much as the backlog is long, and a relay draining
 /// a long backlog (the broker was away) counted it before every batch.
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// A longer wait after a measurement that took long: at most a twentieth
+/// of the relay's time goes to its gauges, however long the backlog grew
+/// (with no broker configured, every event stays unsent).
+const MEASURE_SHARE: u32 = 20;
+/// The backlog's gauges: the count reads the index of unsent events alone,
+/// and the oldest is the first unsent event by id, one probe of that index.
+/// `MIN(created_at_ms)` read every unsent row from the table, a whole
+/// backlog's pages each time.
+const MEASURE: &str = "SELECT (SELECT COUNT(*) FROM outbox WHERE sent_at_ms IS NULL) AS backlog, \
+     CAST(COALESCE((SELECT created_at_ms FROM outbox WHERE sent_at_ms IS NULL ORDER BY id LIMIT 1), 0) AS BIGINT) AS oldest";
 /// How often a relay that does not lead runs for the lead.
 const FOLLOW: Duration = Duration::from_secs(1);
 /// Longest wait for the broker on a live connection: the connection and its
@@ -278,8 +288,9 @@ pub struct Relay {
     exchange: String,
     retention: Duration,
     metrics: OutboxMetrics,
-    /// When the backlog was last measured.
+    /// When the backlog was last measured, and when it may be again.
     measured: Option<tokio::time::Instant>,
+    measure_every: Duration,
     leader: RelayLeader,
 }
 
@@ -301,6 +312,7 @@ impl Relay {
             retention: Duration::from_secs(args.outbox_retention_secs),
             metrics,
             measured: None,
+            measure_every: MEASURE_EVERY,
         })
     }
 
@@ -537,18 +549,19 @@ impl Relay {
     }
 
     /// Sets the backlog's gauges, unless they were set less than
-    /// [`MEASURE_EVERY`] ago.
+    /// [`MEASURE_EVERY`] ago, or [`MEASURE_SHARE`] times the last
+    /// measurement's own time.
     async fn measure(&mut self) {
-        if self.measured.is_some_and(|at| at.elapsed() < MEASURE_EVERY) {
+        if self
+            .measured
+            .is_some_and(|at| at.elapsed() < self.measure_every)
+        {
             return;
         }
-        self.measured = Some(tokio::time::Instant::now());
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS backlog, CAST(COALESCE(MIN(created_at_ms), 0) AS BIGINT) AS oldest \
-             FROM outbox WHERE sent_at_ms IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await;
+        let started = tokio::time::Instant::now();
+        self.measured = Some(started);
+        let row = sqlx::query(MEASURE).fetch_one(&self.pool).await;
+        self.measure_every = MEASURE_EVERY.max(started.elapsed() * MEASURE_SHARE);
         if let Ok(row) = row {
             let backlog: i64 = row.try_get("backlog").unwrap_or(0);
             let oldest: i64 = row.try_get("oldest").unwrap_or(0);
@@ -620,5 +633,65 @@ async fn sleep_or_stop(stopping: &mut watch::Receiver<bool>, wait: Duration) {
     tokio::select! {
         () = tokio::time::sleep(wait) => {}
         _ = stopping.wait_for(|s| *s) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, params};
+
+    use super::MEASURE;
+
+    /// Bytes this thread has read through `read` calls so far.
+    fn bytes_read_by_this_thread() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|line| line.strip_prefix("rchar: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The gauges of a backlog of 20,000 unsent events read the index of
+    /// unsent events, not every unsent row: on a connection with a cold
+    /// cache, the statement reads a few hundred KiB, not the backlog's 7.7 MB.
+    #[tokio::test]
+    async fn the_backlog_is_measured_from_its_index_not_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orchestrator.db");
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::AnyPool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        crate::SQLITE_MIGRATIONS.run(&pool).await.unwrap();
+        pool.close().await;
+
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        let payload = "x".repeat(300);
+        for n in 0..20_000i64 {
+            tx.execute(
+                "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms) \
+                 VALUES (?1, ?2, 1, 'order.created', ?3, '', ?4)",
+                params![format!("event-{n}"), format!("saga-{n:08}"), payload, 5_000 + n],
+            )
+            .unwrap();
+        }
+        // The first events were sent: the oldest unsent is the 101st.
+        tx.execute("UPDATE outbox SET sent_at_ms = 1 WHERE id <= 100", [])
+            .unwrap();
+        tx.commit().unwrap();
+        drop(conn);
+
+        let conn = Connection::open(&path).unwrap();
+        let before = bytes_read_by_this_thread();
+        let (backlog, oldest): (i64, i64) = conn
+            .query_row(MEASURE, [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        let read = bytes_read_by_this_thread() - before;
+        assert_eq!((backlog, oldest), (19_900, 5_100));
+        // Reading every unsent row from the table read 7.7 MB; the index
+        // alone, 0.28 MB.
+        assert!(read < 1_000_000, "measuring the backlog read {read} bytes");
     }
 }
