@@ -84,10 +84,11 @@ rm -f "$before" "$after"
 echo "$wal_before $wal_after" | awk -v n="$N" \
   '{printf "postgres WAL per saga: %.1f records, %.2f full-page images, %.0f bytes\n", ($4 - $1) / n, ($5 - $2) / n, ($6 - $3) / n}'
 if [ "$statements" = 1 ]; then
-  echo "statements per saga, by database (calls; execution µs per saga):"
+  echo "statements per saga, by database (calls; execution µs and pages touched in shared buffers, per saga):"
   psql -q -h 127.0.0.1 -U postgres -P pager=off -c "
     SELECT d.datname AS db, round(s.calls::numeric / $N, 2) AS per_saga,
-           round((s.total_exec_time * 1000 / $N)::numeric, 1) AS exec_us_per_saga, round(s.plans::numeric / $N, 2) AS plans_per_saga, round((s.total_plan_time * 1000 / $N)::numeric, 1) AS plan_us_per_saga,
+           round((s.total_exec_time * 1000 / $N)::numeric, 1) AS exec_us_per_saga,
+           round((s.shared_blks_hit + s.shared_blks_read)::numeric / $N, 1) AS pages_per_saga, round(s.plans::numeric / $N, 2) AS plans_per_saga, round((s.total_plan_time * 1000 / $N)::numeric, 1) AS plan_us_per_saga,
            left(regexp_replace(s.query, '\s+', ' ', 'g'), 90) AS statement
     FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
     WHERE d.datname LIKE 'bench_%' AND s.calls >= $N / 20
