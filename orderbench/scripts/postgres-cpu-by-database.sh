@@ -30,7 +30,12 @@
 set -u
 [ $# -ge 1 ] || { echo "usage: $0 RELEASE_DIR [ORDERS] [CONCURRENCY]" >&2; exit 2; }
 R=$1; N=${2:-4000}; C=${3:-64}
-case ${OUTBOX_EVENTS:-0} in *[!0-9]*) echo "OUTBOX_EVENTS must be a whole number (no separators): $OUTBOX_EVENTS" >&2; exit 2;; esac
+whole() { case $2 in ''|*[!0-9]*) echo "$1 must be a whole number (no separators): '$2'" >&2; exit 2;; esac
+  [ ${#2} -le 9 ] || { echo "$1 is too large: $2" >&2; exit 2; }; }
+for b in orchestrator stock-svc shipping-svc payment-svc; do
+  [ -x "$R/$b" ] || { echo "no $b in $R (a release build's directory)" >&2; exit 2; }; done
+whole ORDERS "$N"; whole CONCURRENCY "$C"; whole OUTBOX_EVENTS "${OUTBOX_EVENTS:-0}"
+[ "$N" -gt 0 ] && [ "$C" -gt 0 ] || { echo "ORDERS and CONCURRENCY must be above 0" >&2; exit 2; }
 ORDERBENCH=${ORDERBENCH:-$R/orderbench}
 waitport() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 # "postgres: 15/main: USER DATABASE HOST(PORT) STATE": ticks per database.
