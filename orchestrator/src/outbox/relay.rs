@@ -58,9 +58,9 @@ const MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// twentieth of the relay's time goes to its gauges while a measurement
 /// takes under 1.5 s (with no broker configured, every event stays unsent
 /// and the count grows with them); beyond that, one every
-/// [`MEASURE_AT_LEAST_EVERY`].
+/// [`MEASURE_WAIT_AT_MOST`].
 const MEASURE_SHARE: u32 = 20;
-const MEASURE_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+const MEASURE_WAIT_AT_MOST: Duration = Duration::from_secs(30);
 /// The backlog's gauges: the count reads the index of unsent events, and
 /// the oldest is the first unsent event in that index, one probe.
 /// `MIN(created_at_ms)` read every unsent row from the table, a whole
@@ -298,9 +298,8 @@ pub struct Relay {
     exchange: String,
     retention: Duration,
     metrics: OutboxMetrics,
-    /// When the backlog was last measured, and when it may be again.
-    measured: Option<tokio::time::Instant>,
-    measure_every: Duration,
+    /// When the backlog may be measured again.
+    next_measure: tokio::time::Instant,
     measure_failed: bool,
     leader: RelayLeader,
 }
@@ -322,8 +321,7 @@ impl Relay {
             exchange: args.events_exchange.clone(),
             retention: Duration::from_secs(args.outbox_retention_secs),
             metrics,
-            measured: None,
-            measure_every: MEASURE_EVERY,
+            next_measure: tokio::time::Instant::now(),
             measure_failed: false,
         })
     }
@@ -559,16 +557,12 @@ impl Relay {
 
     /// Sets the backlog's gauges, unless they were set less than
     /// [`MEASURE_EVERY`] ago, or [`MEASURE_SHARE`] times the last
-    /// measurement's own time (at most [`MEASURE_AT_LEAST_EVERY`]).
+    /// measurement's own time (at most [`MEASURE_WAIT_AT_MOST`]).
     async fn measure(&mut self) {
-        if self
-            .measured
-            .is_some_and(|at| at.elapsed() < self.measure_every)
-        {
+        let started = tokio::time::Instant::now();
+        if started < self.next_measure {
             return;
         }
-        let started = tokio::time::Instant::now();
-        self.measured = Some(started);
         let measured = sqlx::query(MEASURE)
             .fetch_one(&self.pool)
             .await
@@ -599,8 +593,8 @@ impl Relay {
             }
         }
         // A failure that takes long (a timeout) costs as much as a slow count.
-        self.measure_every =
-            (started.elapsed() * MEASURE_SHARE).clamp(MEASURE_EVERY, MEASURE_AT_LEAST_EVERY);
+        self.next_measure = started
+            + (started.elapsed() * MEASURE_SHARE).clamp(MEASURE_EVERY, MEASURE_WAIT_AT_MOST);
     }
 }
 
