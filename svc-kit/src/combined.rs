@@ -208,7 +208,7 @@ impl<C: Combine> Combiner<C> {
         }
         let (reply, answer) = oneshot::channel();
         let first = {
-            let mut waiting = self.inner.waiting.lock().expect("combiner queue");
+            let mut waiting = lock(&self.inner.waiting);
             waiting.push((item, reply));
             waiting.len() == 1
         };
@@ -219,8 +219,9 @@ impl<C: Combine> Combiner<C> {
             // (Run as a task of its own, the group was at times taken up
             // by the other worker before the batch's last items were
             // offered, and split.)
+            let forming = Forming::<C>(Some(&self.inner.waiting));
             tokio::task::yield_now().await;
-            run_group(&self.inner).await;
+            run_group(&self.inner, forming.take()).await;
         }
         // Dropped unanswered only if the leader's future was dropped (its
         // batch RPC's client left) or panicked. If the statement wrote this
@@ -230,9 +231,45 @@ impl<C: Combine> Combiner<C> {
     }
 }
 
-/// One group: the requests offered until now, in one turn.
-async fn run_group<C: Combine>(inner: &Inner<C>) {
-    let group = std::mem::take(&mut *inner.waiting.lock().expect("combiner queue"));
+/// The group a leader steps back for, not taken yet. A leader dropped
+/// meanwhile (its batch RPC's client left) must not leave it in the queue:
+/// nobody would answer it, and every later request, finding the queue not
+/// empty, would count itself a follower and wait for a leader that never
+/// comes (the service's batched calls hung until it restarted). Dropped
+/// untaken, it answers the group NotWritten: each request goes on on its
+/// own, or is gone with its client.
+struct Forming<'a, C: Combine>(Option<&'a Mutex<Vec<Offer<C>>>>);
+
+impl<C: Combine> Forming<'_, C> {
+    /// The requests offered until now, for the leader to run.
+    fn take(mut self) -> Vec<Offer<C>> {
+        let waiting = self.0.take().expect("a group is taken once");
+        std::mem::take(&mut *lock(waiting))
+    }
+}
+
+impl<C: Combine> Drop for Forming<'_, C> {
+    fn drop(&mut self) {
+        if let Some(waiting) = self.0.take() {
+            let group = std::mem::take(&mut *lock(waiting));
+            tell_all(group.into_iter().map(|(_, reply)| reply), || {
+                Offered::NotWritten
+            });
+        }
+    }
+}
+
+/// The queue, even if a panic poisoned its lock: it holds no invariant a
+/// panic could break halfway (a push or a take), and it is also taken in a
+/// drop, where a second panic would abort the process.
+fn lock<T>(queue: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One group, `group` (the requests offered until it was taken), in one turn.
+async fn run_group<C: Combine>(inner: &Inner<C>, group: Vec<Offer<C>>) {
     if group.len() < 2 {
         tell_all(group.into_iter().map(|(_, reply)| reply), || {
             Offered::NotWritten

@@ -140,6 +140,92 @@ async fn a_failed_commit_fails_the_requests_the_statement_wrote_and_no_other() {
     }
 }
 
+/// PostgreSQL only: a batch RPC whose client leaves (the orchestrator was
+/// killed, a deadline passed) is dropped wherever it is, its items with it,
+/// and among them the one leading their group. Whatever point it is dropped
+/// at, the next batch's requests must be combined and answered. A group
+/// left in the queue with no leader made every later request wait behind
+/// it for good: the service's batched calls hung until it restarted (seen
+/// as sagas stuck on their first step after `kill -9` of the orchestrator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_dropped_at_any_await_leaves_the_next_batch_combined_and_answered() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = Store::open(&db.url, &stock_svc::MIGRATIONS, Default::default())
+        .await
+        .unwrap();
+    let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(5));
+    let combiner = Combiner::new(shared.clone(), EvenItems);
+    let batch = |numbers: std::ops::RangeInclusive<i64>| {
+        let items: Vec<Item<i64>> = numbers
+            .map(|n| Item {
+                request: Some(n),
+                traceparent: String::new(),
+                tracestate: String::new(),
+            })
+            .collect();
+        let combiner = combiner.clone();
+        async move {
+            svc_kit::batch::run(
+                &tonic::Extensions::new(),
+                "test.v1.Test/Combine",
+                items,
+                |n| {
+                    let combiner = &combiner;
+                    async move {
+                        match combiner.offer(n).await {
+                            Offered::Written(()) => Ok("written"),
+                            Offered::NotWritten => Ok("not written"),
+                            Offered::Failed(status) => Err(status),
+                        }
+                    }
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Batch k is polled k times, the reactor running between polls, then
+    // dropped; the batch after it must be answered, its even items written.
+    let mut first = 1;
+    for polls in 1..=12 {
+        let mut dropped = Box::pin(batch(first..=first + 3));
+        let mut ended = false;
+        for _ in 0..polls {
+            if futures::poll!(dropped.as_mut()).is_ready() {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+        drop(dropped);
+        let next = first + 4;
+        let answers: Vec<Result<&str, Status>> =
+            tokio::time::timeout(Duration::from_secs(10), batch(next..=next + 3))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the batch after one dropped at poll {polls} was not answered within 10 s"
+                    )
+                });
+        for (n, answer) in (next..=next + 3).zip(&answers) {
+            let expected = if n % 2 == 0 { "written" } else { "not written" };
+            assert_eq!(
+                answer.as_ref().ok(),
+                Some(&expected),
+                "item {n} of the batch after one dropped at poll {polls}: {answer:?}"
+            );
+        }
+        first += 8;
+        if ended {
+            break;
+        }
+    }
+    assert!(
+        shared.combined() > 0,
+        "no request went in a combined statement: the test shows nothing"
+    );
+}
+
 /// Requests written by combined statements, from a service's `/metrics`.
 async fn combined(svc: &services::Running) -> f64 {
     sample(
