@@ -485,7 +485,18 @@ where
     /// Asks to cancel a saga. An accepted cancel is durable before this
     /// returns, and the saga then ends CANCELLED, whatever else happens; its
     /// driver stops retrying a step whose outcome is still unknown.
+    ///
+    /// It runs on a task of its own, as [`Engine::start`] does: what follows
+    /// the commit (waking the driver, or driving a saga nobody drives) is
+    /// carried out even if the caller is dropped once the log has it.
     pub async fn cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
+        let engine = self.clone();
+        tokio::spawn(async move { engine.record_cancel(saga_id).await })
+            .await
+            .map_err(|e| sqlx::Error::Protocol(format!("cancelling saga {saga_id} failed: {e}")))?
+    }
+
+    async fn record_cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
         let outcome = self
             .inner
             .log
@@ -518,8 +529,22 @@ where
     /// Carries out an operator's action on a saga that rests NEEDS_ATTENTION
     /// (see [`Reopen`]). Durable before this returns; the saga is then driven
     /// here, from the compensation that failed or, resolved by hand, from
-    /// the one before it. A replay of the action's request_id changes nothing.
+    /// the one before it. A replay of the action's request_id changes nothing,
+    /// but makes sure the saga is driven if it is still open (the first
+    /// call's driving may have failed, or its process died).
+    ///
+    /// It runs on a task of its own, as [`Engine::start`] does: the saga is
+    /// driven even if the caller is dropped once the log has the action
+    /// (before, it was left COMPENSATING with no driver until the next start).
     pub async fn reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
+        let engine = self.clone();
+        let saga_id = action.saga_id;
+        tokio::spawn(async move { engine.record_reopen(action).await })
+            .await
+            .map_err(|e| sqlx::Error::Protocol(format!("reopening saga {saga_id} failed: {e}")))?
+    }
+
+    async fn record_reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
         let saga_id = action.saga_id;
         let owner = self
             .inner
@@ -539,9 +564,11 @@ where
             self.inner
                 .changes
                 .reopened(saga_id, SagaStatus::Compensating);
-            if let Err(err) = self.ensure_driven(saga_id).await {
-                tracing::warn!(%saga_id, error = %err, "cannot drive a reopened saga now; it resumes at the next start");
-            }
+        }
+        if matches!(outcome, ReopenOutcome::Reopened | ReopenOutcome::Replayed)
+            && let Err(err) = self.ensure_driven(saga_id).await
+        {
+            tracing::warn!(%saga_id, error = %err, "cannot drive a reopened saga now; it resumes at the next start");
         }
         Ok(outcome)
     }

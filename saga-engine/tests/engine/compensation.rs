@@ -22,6 +22,7 @@ on_both_stores!(
     each_attempt_of_a_retried_step_is_kept_with_its_times_and_error,
     a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_the_saga,
     a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end,
+    a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -416,4 +417,85 @@ async fn each_attempt_of_a_retried_step_is_kept_with_its_times_and_error(backend
         "oldest first: {history:?}"
     );
     assert_consistent(&world, saga, status);
+}
+
+/// An operator's retry whose caller is dropped once the log has committed
+/// it (a client that left, a deadline that passed) must still be carried
+/// out. Before, what came after the commit ran in the caller's future: the
+/// saga was left COMPENSATING with no driver until the next start, and a
+/// retry of the same request was answered "replayed", changing nothing.
+async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backend: Backend) {
+    use std::time::Duration;
+
+    use saga_engine::{Reopen, ReopenOutcome};
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(Duration::from_millis(300)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = uuid::Uuid::new_v4();
+    // c is refused; undoing b keeps failing, past the attention budget.
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| {
+            w.cue(saga, "c", &[Cue::Refuse]);
+            w.cue_compensation(saga, "b", &[Cue::Fail; 10_000]);
+        },
+        &world,
+    )
+    .await;
+    assert_eq!(
+        scripted::terminal(&store.pool, saga).await,
+        SagaStatus::NeedsAttention
+    );
+    // The cause fixed, the operator retries, and leaves once the retry is
+    // committed: the future is polled until the log says COMPENSATING, then
+    // dropped without another poll.
+    world.clear_compensation_cues(saga, "b");
+    let reopen = || Reopen {
+        saga_id: saga,
+        request_id: "retry-then-leave".into(),
+        resolved_by_hand: None,
+    };
+    let mut call = Box::pin(engine.reopen(reopen()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            futures::poll!(call.as_mut()).is_pending(),
+            "the reopen ended before the test saw its commit: it shows nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if scripted::status(&store.pool, saga).await != SagaStatus::NeedsAttention {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reopen was not committed"
+        );
+    }
+    drop(call);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = scripted::status(&store.pool, saga).await;
+        if status.is_terminal() {
+            assert_eq!(status, SagaStatus::Compensated);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga is still {status:?} 10 s after a reopen whose caller left: nothing drives it"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
+    // The same request again changes nothing.
+    assert_eq!(
+        engine.reopen(reopen()).await.unwrap(),
+        ReopenOutcome::Replayed
+    );
 }
