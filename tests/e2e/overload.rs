@@ -363,6 +363,62 @@ async fn orders_full_of_unknown_skus_cannot_starve_the_sagas_own_stock_calls() {
     }
 }
 
+/// A price lookup outlives the orders that wait for it. Here both orders
+/// that needed one left after 100 ms: the first while its lookup held the
+/// only turn of the pricing budget, mid-call, the second while its lookup
+/// waited for that turn. Nothing polled those lookups again, so the turn
+/// stayed taken for good (and the waiting one was handed the next): every
+/// later order that needed a lookup was refused "pricing is busy" after
+/// 5 s, until a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn price_lookups_whose_orders_all_left_still_end_and_give_back_their_turns() {
+    // Every stock call takes 1 s; one lookup at a time.
+    let options = Options {
+        stock_faults: FaultSettings {
+            fault_latency_ms: 1_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let services = DomainServices::start(Backend::Sqlite, &options).await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("PRICING_MAX_CONCURRENT_LOOKUPS", "1".to_owned())];
+    let mut orchestrator =
+        orchestrator_process(bins::ORCHESTRATOR, dir.path(), &db.url, &services, &limits);
+    orchestrator.start().await;
+    let client = orchestrator.order_client().await;
+
+    for sku in ["RARE-1", "RARE-2"] {
+        let left = tokio::time::timeout(
+            Duration::from_millis(100),
+            client.create_order(order(&request_id(), "alice", &[(sku, 1)], "DE")),
+        )
+        .await;
+        assert!(left.is_err(), "the order for {sku} was answered: {left:?}");
+    }
+    // Both lookups end within about 2 s (the SKUs are unknown), freeing the
+    // turn; an order that needs a lookup then gets it. Each try waits at
+    // most 5 s for the turn.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let accepted = loop {
+        match client
+            .create_order(order(&request_id(), "alice", &[("BOOK", 1)], "DE"))
+            .await
+        {
+            Ok(accepted) => break accepted,
+            Err(refused) => {
+                assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "orders that need a price lookup are still refused after 20 s: {refused:?}"
+                );
+            }
+        }
+    };
+    assert!(!accepted.order_id.is_empty(), "{accepted:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn many_watchers_of_one_order_share_one_reload_per_change() {
     // Shipping takes 1.5 s: time for every watcher to join mid-saga.

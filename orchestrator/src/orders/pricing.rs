@@ -146,8 +146,15 @@ impl Catalogue {
     }
 
     /// One lookup of `sku`, within the budget; its price kept, then it
-    /// leaves `in_flight`. Every order awaiting it can drop it: the last
-    /// clone, in `in_flight`, lets the next order that needs it go on.
+    /// leaves `in_flight`. It runs on a task of its own, which the orders
+    /// awaiting it share: they may all be dropped (their clients left,
+    /// their deadlines passed), and a lookup that nobody polled any more
+    /// kept its turn of the budget and its slot on the stock link until an
+    /// order for the same SKU came, perhaps never. Still waiting for its
+    /// turn, it was even handed the next turn freed (tokio's semaphore
+    /// serves its queue in order, polled or not): after a few such orders
+    /// every order that needed a lookup was refused "pricing is busy" until
+    /// a restart. On its own task it ends within its own timeouts.
     fn look_up(&self, sku: String) -> Lookup {
         let (mut stock, lookups, prices, in_flight) = (
             self.stock.clone(),
@@ -155,7 +162,7 @@ impl Catalogue {
             self.prices.clone(),
             self.in_flight.clone(),
         );
-        async move {
+        let lookup = tokio::spawn(async move {
             let price = async {
                 let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
                     .await
@@ -178,6 +185,11 @@ impl Catalogue {
             .await;
             in_flight.lock().unwrap().remove(&sku);
             price
+        });
+        async move {
+            lookup.await.unwrap_or_else(|err| {
+                Err(Status::internal(format!("the price lookup failed: {err}")))
+            })
         }
         .boxed()
         .shared()
