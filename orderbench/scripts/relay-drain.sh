@@ -7,6 +7,11 @@
 #
 #   orderbench/scripts/relay-drain.sh RELEASE_DIR MODE [ORDERS] [EXTRA]
 #
+# With SENT_EVENTS=N, the outbox first holds N events published an hour ago
+# (200-byte payloads, kept as the relay keeps them for 7 days by default),
+# older than the backlog: a relay whose next batch walks through the sent
+# events pays for them at every batch.
+#
 # MODE is `bound` (an `orderctl events` consumer binds every routing key, so
 # every event is routed to its queue) or `parked` (no queue is bound: every
 # event comes back to the relay and is parked in `<exchange>.unrouted`, as
@@ -37,6 +42,15 @@ orchestrator() {
     "$R/orchestrator" > /dev/null 2>&1 &
 }
 orchestrator; p4=$!; waitport 50051
+SENT=${SENT_EVENTS:-0}
+case $SENT in ''|*[!0-9]*) echo "$0: SENT_EVENTS is a count of events, not $SENT" >&2; exit 2 ;; esac
+if [ "$SENT" -gt 0 ]; then
+  sql "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, sent_at_ms, epoch)
+       SELECT gen_random_uuid()::text, gen_random_uuid()::text, 1, 'order.created', repeat('x', 200), '',
+              (extract(epoch FROM now()) * 1000)::bigint - 3600000, (extract(epoch FROM now()) * 1000)::bigint - 3600000, 1
+       FROM generate_series(1, $SENT)" > /dev/null
+  sql "VACUUM ANALYZE outbox" > /dev/null
+fi
 "$R/orderbench" -n "$N" -c 64 --echo-calls 0 > /dev/null 2>&1
 kill $p4; wait $p4 2>/dev/null
 if [ "$EXTRA" -gt 0 ]; then
@@ -55,4 +69,4 @@ orchestrator RABBITMQ_URL=$AMQP EVENTS_EXCHANGE=$exchange; p4=$!
 while [ "$(sql "SELECT count(*) FROM outbox WHERE sent_at_ms IS NULL")" != 0 ]; do sleep 0.1; done
 t1=$(date +%s.%N)
 awk -v n="$backlog" -v t0="$t0" -v t1="$t1" -v mode="$MODE" \
-  'BEGIN {printf "%s: %d events published in %.2f s: %.0f events/s (the orchestrator'"'"'s start included)\n", mode, n, t1 - t0, n / (t1 - t0)}'
+  -v sent="$SENT" 'BEGIN {printf "%s: %d events published in %.2f s: %.0f events/s (the orchestrator'"'"'s start included; %d sent events kept)\n", mode, n, t1 - t0, n / (t1 - t0), sent}'
