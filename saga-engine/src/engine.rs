@@ -491,7 +491,9 @@ where
     /// carried out even if the caller is dropped once the log has it.
     pub async fn cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
         let engine = self.clone();
-        tokio::spawn(async move { engine.record_cancel(saga_id).await })
+        // In the caller's span, as its own work would have been.
+        let work = async move { engine.record_cancel(saga_id).await };
+        tokio::spawn(work.instrument(tracing::Span::current()))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("cancelling saga {saga_id} failed: {e}")))?
     }
@@ -539,7 +541,8 @@ where
     pub async fn reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
         let engine = self.clone();
         let saga_id = action.saga_id;
-        tokio::spawn(async move { engine.record_reopen(action).await })
+        let work = async move { engine.record_reopen(action).await };
+        tokio::spawn(work.instrument(tracing::Span::current()))
             .await
             .map_err(|e| sqlx::Error::Protocol(format!("reopening saga {saga_id} failed: {e}")))?
     }

@@ -32,6 +32,7 @@ use ordersaga_proto::stock::v1::{GetProductRequest, Product};
 use saga_engine::retry::{Answer, classify};
 use tokio::sync::Semaphore;
 use tonic::{Code, Request, Status};
+use tracing::Instrument;
 
 use crate::{downstream::StockClient, error::OrderError, order_saga::PricedItem};
 
@@ -156,36 +157,16 @@ impl Catalogue {
     /// every order that needed a lookup was refused "pricing is busy" until
     /// a restart. On its own task it ends within its own timeouts.
     fn look_up(&self, sku: String) -> Lookup {
-        let (mut stock, lookups, prices, in_flight) = (
+        let work = look_up_now(
             self.stock.clone(),
             self.lookups.clone(),
             self.prices.clone(),
             self.in_flight.clone(),
+            sku,
         );
-        let lookup = tokio::spawn(async move {
-            let price = async {
-                let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
-                    .await
-                    .map_err(|_| {
-                        Status::unavailable(
-                            "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
-                        )
-                    })?
-                    .map_err(|_| Status::unavailable("pricing is shutting down"))?;
-                let asked = Instant::now();
-                let product = lookup(&mut stock, &sku).await?;
-                let price = Price {
-                    unit_price_cents: product.unit_price_cents,
-                    currency: product.currency,
-                    fetched: asked,
-                };
-                prices.lock().unwrap().keep(&sku, price.clone());
-                Ok(price)
-            }
-            .await;
-            in_flight.lock().unwrap().remove(&sku);
-            price
-        });
+        // In the span of the order that asked first, as before: its
+        // `GetProduct` call joins that order's trace.
+        let lookup = tokio::spawn(work.instrument(tracing::Span::current()));
         async move {
             lookup.await.unwrap_or_else(|err| {
                 Err(Status::internal(format!("the price lookup failed: {err}")))
@@ -194,6 +175,39 @@ impl Catalogue {
         .boxed()
         .shared()
     }
+}
+
+/// [`Catalogue::look_up`]'s task: waits for a turn of the budget, looks
+/// `sku` up, keeps its price, then leaves `in_flight`.
+async fn look_up_now(
+    mut stock: StockClient,
+    lookups: Arc<Semaphore>,
+    prices: Arc<Mutex<Prices>>,
+    in_flight: Arc<Mutex<HashMap<String, Lookup>>>,
+    sku: String,
+) -> Result<Price, Status> {
+    let price = async {
+        let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
+            .await
+            .map_err(|_| {
+                Status::unavailable(
+                    "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
+                )
+            })?
+            .map_err(|_| Status::unavailable("pricing is shutting down"))?;
+        let asked = Instant::now();
+        let product = lookup(&mut stock, &sku).await?;
+        let price = Price {
+            unit_price_cents: product.unit_price_cents,
+            currency: product.currency,
+            fetched: asked,
+        };
+        prices.lock().unwrap().keep(&sku, price.clone());
+        Ok(price)
+    }
+    .await;
+    in_flight.lock().unwrap().remove(&sku);
+    price
 }
 
 /// The priced items, their total and their currency.
