@@ -23,6 +23,8 @@ set -u
 [ $# -ge 2 ] || { echo "usage: $0 RELEASE_DIR bound|parked [ORDERS] [EXTRA]" >&2; exit 2; }
 R=$1; MODE=$2; N=${3:-2000}; EXTRA=${4:-0}
 case $MODE in bound|parked) ;; *) echo "$0: MODE is bound or parked, not $MODE" >&2; exit 2 ;; esac
+SENT=${SENT_EVENTS:-0}
+case $SENT in ''|*[!0-9]*) echo "$0: SENT_EVENTS is a count of events, not $SENT" >&2; exit 2 ;; esac
 AMQP=amqp://guest:guest@127.0.0.1:5672
 waitport() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 sql() { psql -At -h 127.0.0.1 -U postgres -d bench_orchestrator -c "$1"; }
@@ -42,14 +44,12 @@ orchestrator() {
     "$R/orchestrator" > /dev/null 2>&1 &
 }
 orchestrator; p4=$!; waitport 50051
-SENT=${SENT_EVENTS:-0}
-case $SENT in ''|*[!0-9]*) echo "$0: SENT_EVENTS is a count of events, not $SENT" >&2; exit 2 ;; esac
 if [ "$SENT" -gt 0 ]; then
   sql "INSERT INTO outbox (event_id, aggregate_id, sequence, event_type, payload, traceparent, created_at_ms, sent_at_ms, epoch)
        SELECT gen_random_uuid()::text, gen_random_uuid()::text, 1, 'order.created', repeat('x', 200), '',
               (extract(epoch FROM now()) * 1000)::bigint - 3600000, (extract(epoch FROM now()) * 1000)::bigint - 3600000, 1
-       FROM generate_series(1, $SENT)" > /dev/null
-  sql "VACUUM ANALYZE outbox" > /dev/null
+       FROM generate_series(1, $SENT)" > /dev/null || { echo "$0: could not write the sent events" >&2; exit 1; }
+  sql "VACUUM ANALYZE outbox" > /dev/null || { echo "$0: VACUUM ANALYZE outbox failed" >&2; exit 1; }
 fi
 "$R/orderbench" -n "$N" -c 64 --echo-calls 0 > /dev/null 2>&1
 kill $p4; wait $p4 2>/dev/null

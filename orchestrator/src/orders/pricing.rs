@@ -178,7 +178,7 @@ impl Catalogue {
 }
 
 /// [`Catalogue::look_up`]'s task: waits for a turn of the budget, looks
-/// `sku` up, keeps its price, then leaves `in_flight`.
+/// `sku` up and keeps its price; then it leaves `in_flight`.
 async fn look_up_now(
     mut stock: StockClient,
     lookups: Arc<Semaphore>,
@@ -186,7 +186,8 @@ async fn look_up_now(
     in_flight: Arc<Mutex<HashMap<String, Lookup>>>,
     sku: String,
 ) -> Result<Price, Status> {
-    let price = async {
+    let _leaves = LeavesInFlight(&in_flight, &sku);
+    async {
         let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
             .await
             .map_err(|_| {
@@ -205,9 +206,19 @@ async fn look_up_now(
         prices.lock().unwrap().keep(&sku, price.clone());
         Ok(price)
     }
-    .await;
-    in_flight.lock().unwrap().remove(&sku);
-    price
+    .await
+}
+
+/// Takes a lookup out of `in_flight` when it ends, however it ends (a panic
+/// included): an entry left behind would answer its SKU's orders with that
+/// lookup's end until a restart.
+struct LeavesInFlight<'a>(&'a Mutex<HashMap<String, Lookup>>, &'a str);
+
+impl Drop for LeavesInFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.remove(self.1);
+    }
 }
 
 /// The priced items, their total and their currency.
