@@ -94,35 +94,10 @@ async fn a_failed_commit_fails_the_requests_the_statement_wrote_and_no_other() {
     crate::assertions::stall_commits_after_inserts(&store.pool, "products", "true").await;
     let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(1));
     let combiner = Combiner::new(shared, EvenItems);
-    let items: Vec<Item<i64>> = (1..=4)
-        .map(|n| Item {
-            request: Some(n),
-            traceparent: String::new(),
-            tracestate: String::new(),
-        })
-        .collect();
     // As the items of a batch RPC: offered in the same moment.
-    let answers: Vec<Result<&str, Status>> = tokio::time::timeout(
-        Duration::from_secs(10),
-        svc_kit::batch::run(
-            &tonic::Extensions::new(),
-            "test.v1.Test/Combine",
-            items,
-            |n| {
-                let combiner = &combiner;
-                async move {
-                    match combiner.offer(n).await {
-                        Offered::Written(()) => Ok("written"),
-                        Offered::NotWritten => Ok("not written"),
-                        Offered::Failed(status) => Err(status),
-                    }
-                }
-            },
-        ),
-    )
-    .await
-    .expect("the stalled COMMIT held the batch past 10 s")
-    .unwrap();
+    let answers = tokio::time::timeout(Duration::from_secs(10), offer_batch(combiner, 1..=4))
+        .await
+        .expect("the stalled COMMIT held the batch past 10 s");
     for (n, answer) in (1..=4).zip(&answers) {
         match n % 2 {
             0 => {
@@ -155,40 +130,11 @@ async fn a_batch_dropped_at_any_await_leaves_the_next_batch_combined_and_answere
         .unwrap();
     let shared = SharedTransaction::new(store.pool.clone(), Duration::from_secs(5));
     let combiner = Combiner::new(shared.clone(), EvenItems);
-    let batch = |numbers: std::ops::RangeInclusive<i64>| {
-        let items: Vec<Item<i64>> = numbers
-            .map(|n| Item {
-                request: Some(n),
-                traceparent: String::new(),
-                tracestate: String::new(),
-            })
-            .collect();
-        let combiner = combiner.clone();
-        async move {
-            svc_kit::batch::run(
-                &tonic::Extensions::new(),
-                "test.v1.Test/Combine",
-                items,
-                |n| {
-                    let combiner = &combiner;
-                    async move {
-                        match combiner.offer(n).await {
-                            Offered::Written(()) => Ok("written"),
-                            Offered::NotWritten => Ok("not written"),
-                            Offered::Failed(status) => Err(status),
-                        }
-                    }
-                },
-            )
-            .await
-            .unwrap()
-        }
-    };
     // Batch k is polled k times, the reactor running between polls, then
     // dropped; the batch after it must be answered, its even items written.
     let mut first = 1;
     for polls in 1..=12 {
-        let mut dropped = Box::pin(batch(first..=first + 3));
+        let mut dropped = Box::pin(offer_batch(combiner.clone(), first..=first + 3));
         let mut ended = false;
         for _ in 0..polls {
             if futures::poll!(dropped.as_mut()).is_ready() {
@@ -199,14 +145,14 @@ async fn a_batch_dropped_at_any_await_leaves_the_next_batch_combined_and_answere
         }
         drop(dropped);
         let next = first + 4;
-        let answers: Vec<Result<&str, Status>> =
-            tokio::time::timeout(Duration::from_secs(10), batch(next..=next + 3))
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "the batch after one dropped at poll {polls} was not answered within 10 s"
-                    )
-                });
+        let answers: Vec<Result<&str, Status>> = tokio::time::timeout(
+            Duration::from_secs(10),
+            offer_batch(combiner.clone(), next..=next + 3),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the batch after one dropped at poll {polls} was not answered within 10 s")
+        });
         for (n, answer) in (next..=next + 3).zip(&answers) {
             let expected = if n % 2 == 0 { "written" } else { "not written" };
             assert_eq!(
@@ -224,6 +170,39 @@ async fn a_batch_dropped_at_any_await_leaves_the_next_batch_combined_and_answere
         shared.combined() > 0,
         "no request went in a combined statement: the test shows nothing"
     );
+}
+
+/// `numbers` offered to `combiner` as the items of one batch RPC, in the
+/// same moment; each item's answer: "written", "not written", or the status
+/// it failed with.
+async fn offer_batch(
+    combiner: Combiner<EvenItems>,
+    numbers: std::ops::RangeInclusive<i64>,
+) -> Vec<Result<&'static str, Status>> {
+    let items: Vec<Item<i64>> = numbers
+        .map(|n| Item {
+            request: Some(n),
+            traceparent: String::new(),
+            tracestate: String::new(),
+        })
+        .collect();
+    svc_kit::batch::run(
+        &tonic::Extensions::new(),
+        "test.v1.Test/Combine",
+        items,
+        |n| {
+            let combiner = &combiner;
+            async move {
+                match combiner.offer(n).await {
+                    Offered::Written(()) => Ok("written"),
+                    Offered::NotWritten => Ok("not written"),
+                    Offered::Failed(status) => Err(status),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// Requests written by combined statements, from a service's `/metrics`.

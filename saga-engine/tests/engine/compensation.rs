@@ -437,21 +437,7 @@ async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backen
     };
     let engine = scripted::engine(&world, &store.pool, policy);
     let saga = uuid::Uuid::new_v4();
-    // c is refused; undoing b keeps failing, past the attention budget.
-    scripted::start_with(
-        &engine,
-        saga,
-        |w| {
-            w.cue(saga, "c", &[Cue::Refuse]);
-            w.cue_compensation(saga, "b", &[Cue::Fail; 10_000]);
-        },
-        &world,
-    )
-    .await;
-    assert_eq!(
-        scripted::terminal(&store.pool, saga).await,
-        SagaStatus::NeedsAttention
-    );
+    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
     // The cause fixed, the operator retries and leaves at once: the call is
     // polled once (which hands the action to the log, whose commit follows
     // whoever waits for it), then dropped.

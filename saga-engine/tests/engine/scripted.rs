@@ -360,6 +360,28 @@ pub async fn start_with(
     saga
 }
 
+/// Starts `saga` with step c refused and every undo of b failing, and
+/// waits until it rests NEEDS_ATTENTION (the engine's policy must give up
+/// on stuck compensations: `compensation_attention_after`).
+pub async fn rest_needing_attention(
+    engine: &Engine<Script>,
+    saga: Uuid,
+    world: &World,
+    pool: &AnyPool,
+) {
+    start_with(
+        engine,
+        saga,
+        |w| {
+            w.cue(saga, "c", &[Cue::Refuse]);
+            w.cue_compensation(saga, "b", &[Cue::Fail; 10_000]);
+        },
+        world,
+    )
+    .await;
+    assert_eq!(terminal(pool, saga).await, SagaStatus::NeedsAttention);
+}
+
 async fn start_id(engine: &Engine<Script>, id: Uuid) {
     let started = engine
         .start(
