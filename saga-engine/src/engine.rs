@@ -491,11 +491,10 @@ where
     /// carried out even if the caller is dropped once the log has it.
     pub async fn cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
         let engine = self.clone();
-        // In the caller's span, as its own work would have been.
-        let work = async move { engine.record_cancel(saga_id).await };
-        tokio::spawn(work.instrument(tracing::Span::current()))
-            .await
-            .map_err(|e| sqlx::Error::Protocol(format!("cancelling saga {saga_id} failed: {e}")))?
+        detached("cancelling", saga_id, async move {
+            engine.record_cancel(saga_id).await
+        })
+        .await
     }
 
     async fn record_cancel(&self, saga_id: Uuid) -> Result<CancelOutcome, sqlx::Error> {
@@ -540,11 +539,10 @@ where
     /// (before, it was left COMPENSATING with no driver until the next start).
     pub async fn reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
         let engine = self.clone();
-        let saga_id = action.saga_id;
-        let work = async move { engine.record_reopen(action).await };
-        tokio::spawn(work.instrument(tracing::Span::current()))
-            .await
-            .map_err(|e| sqlx::Error::Protocol(format!("reopening saga {saga_id} failed: {e}")))?
+        detached("reopening", action.saga_id, async move {
+            engine.record_reopen(action).await
+        })
+        .await
     }
 
     async fn record_reopen(&self, action: Reopen) -> Result<ReopenOutcome, sqlx::Error> {
@@ -923,4 +921,17 @@ impl<D> Inner<D> {
             .into_iter()
             .collect()
     }
+}
+
+/// Runs an operator's or a client's `work` on `saga_id` (what `doing` names)
+/// on a task of its own, in the caller's span: what follows its commit is
+/// carried out even if the caller is dropped once the log has it.
+async fn detached<T: Send + 'static>(
+    doing: &str,
+    saga_id: Uuid,
+    work: impl Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+) -> Result<T, sqlx::Error> {
+    tokio::spawn(work.instrument(tracing::Span::current()))
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("{doing} saga {saga_id} failed: {e}")))?
 }

@@ -187,26 +187,23 @@ async fn look_up_now(
     sku: String,
 ) -> Result<Price, Status> {
     let _leaves = LeavesInFlight(&in_flight, &sku);
-    async {
-        let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
-            .await
-            .map_err(|_| {
-                Status::unavailable(
-                    "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
-                )
-            })?
-            .map_err(|_| Status::unavailable("pricing is shutting down"))?;
-        let asked = Instant::now();
-        let product = lookup(&mut stock, &sku).await?;
-        let price = Price {
-            unit_price_cents: product.unit_price_cents,
-            currency: product.currency,
-            fetched: asked,
-        };
-        prices.lock().unwrap().keep(&sku, price.clone());
-        Ok(price)
-    }
-    .await
+    let _turn = tokio::time::timeout(LOOKUP_QUEUE_WAIT, lookups.acquire())
+        .await
+        .map_err(|_| {
+            Status::unavailable(
+                "pricing is busy (PRICING_MAX_CONCURRENT_LOOKUPS lookups in flight); retry",
+            )
+        })?
+        .map_err(|_| Status::unavailable("pricing is shutting down"))?;
+    let asked = Instant::now();
+    let product = lookup(&mut stock, &sku).await?;
+    let price = Price {
+        unit_price_cents: product.unit_price_cents,
+        currency: product.currency,
+        fetched: asked,
+    };
+    prices.lock().unwrap().keep(&sku, price.clone());
+    Ok(price)
 }
 
 /// Takes a lookup out of `in_flight` when it ends, however it ends (a panic
