@@ -27,14 +27,19 @@
 //!     (a statement failed, which on PostgreSQL aborts the transaction),
 //!     the whole batch is rolled back and its other requests run their
 //!     work again, each inside a savepoint this time, in the next batch:
-//!     they never hear of it. A redone request is never redone twice: its
-//!     batch guards every turn after it.
+//!     they never hear of it. A redone request is never redone twice for
+//!     an undo: its batch guards every turn after it. (A neighbour dropped
+//!     midway, below, can still send it round again.)
 //!
 //!   The first request of a batch needs no savepoint either way: it rolls
 //!   back the transaction, still empty.
-//! - A request dropped in the middle of its turn (its client left) leaves the
-//!   transaction in an unknown state: the batch is rolled back whole (its
-//!   connection closed), and its other requests get UNAVAILABLE.
+//! - A request dropped in the middle of its turn (its client left, its
+//!   deadline passed) leaves the transaction in an unknown state: the batch
+//!   is rolled back whole by closing its connection (no `COMMIT` can follow
+//!   on it), and its other requests run their work again in the next
+//!   batch, as after an undone turn: they never hear of it. Under overload,
+//!   where the services' deadlines drop late requests, a late one no
+//!   longer costs its whole batch an UNAVAILABLE and a retry from afar.
 //! - The committer commits as soon as a turn ends and it gets the lock: the
 //!   requests that queued meanwhile form the next batch. One request alone
 //!   waits no timer.
@@ -71,6 +76,9 @@ enum BatchEnd {
     Failed(String),
     /// Rolled back for one member's sake: the others run again.
     Redo,
+    /// A member was dropped in the middle of its turn: rolled back by
+    /// closing the connection, whose state is unknown; the others run again.
+    Abandoned,
 }
 
 /// How a turn's writes are taken back when they must not stay.
@@ -144,7 +152,7 @@ impl Turn {
                 // A redo's `ROLLBACK` was answered: the connection is clean.
                 BatchEnd::Committed | BatchEnd::Redo => self.kept = Some((conn, Instant::now())),
                 // Closing the connection ends the transaction on the server.
-                BatchEnd::Failed(_) => conn.close_on_drop(),
+                BatchEnd::Failed(_) | BatchEnd::Abandoned => conn.close_on_drop(),
             }
         }
         self.members = 0;
@@ -155,12 +163,15 @@ impl Turn {
         ended.send_replace(Some(end));
     }
 
-    /// Rolls the open batch back if a dropped request left it poisoned.
+    /// Rolls the open batch back if a dropped request left it poisoned;
+    /// its other members run again.
     fn clear_poison(&mut self) {
         if self.poisoned {
-            self.end_batch(BatchEnd::Failed(
-                "a request was cancelled in the middle of the shared transaction".into(),
-            ));
+            tracing::debug!(
+                members = self.members,
+                "a request was dropped in the middle of its turn: its batch runs again"
+            );
+            self.end_batch(BatchEnd::Abandoned);
         }
     }
 }
@@ -363,7 +374,7 @@ impl SharedTransaction {
             };
             match ended.wait_for(Option::is_some).await.as_deref() {
                 Ok(Some(BatchEnd::Committed)) => return answer.map_err(Error::from),
-                Ok(Some(BatchEnd::Redo)) => {
+                Ok(Some(BatchEnd::Redo | BatchEnd::Abandoned)) => {
                     self.inner.redone.fetch_add(1, Ordering::Relaxed);
                     redo = true;
                 }
@@ -592,7 +603,9 @@ async fn commit_batches(inner: Arc<Inner>, mut handles: mpsc::Receiver<()>) {
             BatchEnd::Failed(err) => {
                 tracing::warn!(error = %err, members = turn.members, "the shared transaction did not commit");
             }
-            BatchEnd::Redo => unreachable!("only a turn ends its batch for a redo"),
+            BatchEnd::Redo | BatchEnd::Abandoned => {
+                unreachable!("only a turn ends its batch for a redo")
+            }
         }
         turn.end_batch(end);
     }

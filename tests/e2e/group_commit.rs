@@ -676,6 +676,70 @@ async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batc
     );
 }
 
+/// A turn dropped in the middle (its client left, its deadline passed)
+/// leaves the open transaction in an unknown state: the batch is rolled
+/// back, its connection closed. The turns written before it in that batch
+/// run again and are answered as if nothing happened; they do not hear
+/// UNAVAILABLE for a neighbour's sake. (Seen failing before: both were
+/// answered "the batch of this request did not commit".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_dropped_midway_runs_its_neighbours_again_rather_than_failing_them() {
+    let (_db, store) = hot_row_store().await;
+    let shared = store.shared.clone().expect("a shared transaction");
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    // Adds 1 after `sleep` seconds (holding the turn).
+    let add = |sleep: f64| {
+        let (shared, runs) = (&shared, &runs);
+        async move {
+            shared
+                .run(Guard::Redo, async move |conn: &mut AnyConnection| {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    sqlx::query("SELECT pg_sleep($1)")
+                        .bind(sleep)
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(TurnResult::Written(()))
+                })
+                .await
+        }
+    };
+    let redone = shared.redone();
+    let later = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
+    // The first holds the turn while the others queue behind it, in order;
+    // the third's client leaves while its turn runs.
+    let (first, second, dropped) = tokio::join!(
+        add(0.4),
+        async {
+            later(100).await;
+            add(0.0).await
+        },
+        async {
+            later(200).await;
+            tokio::time::timeout(Duration::from_millis(500), add(1.0)).await
+        },
+    );
+    assert!(dropped.is_err(), "the third turn ended before its client left");
+    first.expect("the first turn, written before the dropped one");
+    second.expect("the second turn, written before the dropped one");
+    assert_eq!(
+        shared.redone() - redone,
+        2,
+        "the two turns before it ran again"
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 5);
+    let available: i64 = sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        available, 2,
+        "each written turn once, the dropped one not at all"
+    );
+}
+
 /// A refusal can rest on a neighbour's write in the same batch: the last
 /// unit taken by the request before it. When that batch is rolled back (a
 /// later turn without a savepoint was undone) and the neighbour does not
