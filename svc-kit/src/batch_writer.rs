@@ -19,7 +19,17 @@
 //! never wait on SQLite's busy handler (it polls with sleeps, and under load
 //! a second writer starved).
 
-use std::{path::Path, sync::Arc, sync::mpsc, thread, time::Duration};
+use std::{
+    cell::RefCell,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
 
 use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -67,6 +77,52 @@ impl WriteGate {
 pub struct BatchWriter {
     jobs: mpsc::Sender<Job>,
     gate: WriteGate,
+    /// Times the writer found the file locked by another connection and
+    /// waited ([`wait_while_busy`]).
+    busy_waits: Arc<AtomicU64>,
+}
+
+/// How long the writer waits for another connection's lock on the file
+/// before its batch fails (SQLite's busy timeout).
+const BUSY_TIMEOUT_MS: u32 = 5_000;
+
+thread_local! {
+    /// The counter of the writer running on this thread: SQLite's busy
+    /// handler is a plain function, called on the thread that met the lock.
+    static BUSY_WAITS: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
+}
+
+/// SQLite's busy handler for the writer: SQLite's own schedule of sleeps
+/// ([`busy_delay_ms`]), each wait counted. Behind the gate the writer never
+/// waits: a wait means a connection wrote without it, or still held its
+/// lock after giving the gate back.
+fn wait_while_busy(attempt: i32) -> bool {
+    let Some(delay) = busy_delay_ms(attempt) else {
+        return false;
+    };
+    BUSY_WAITS.with(|waits| {
+        if let Some(waits) = waits.borrow().as_ref() {
+            waits.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    thread::sleep(Duration::from_millis(u64::from(delay)));
+    true
+}
+
+/// The sleep before try `attempt + 1` at a locked file, as SQLite's default
+/// busy handler sleeps (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, then 100
+/// ms), or `None` once [`BUSY_TIMEOUT_MS`] have passed in all.
+fn busy_delay_ms(attempt: i32) -> Option<u32> {
+    const DELAYS_MS: [u32; 12] = [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
+    let attempt = usize::try_from(attempt).unwrap_or(0);
+    let (delay, prior) = match DELAYS_MS.get(attempt) {
+        Some(&delay) => (delay, DELAYS_MS[..attempt].iter().sum::<u32>()),
+        None => {
+            let past = u32::try_from(attempt - (DELAYS_MS.len() - 1)).unwrap_or(u32::MAX);
+            (100, 228u32.saturating_add(past.saturating_mul(100)))
+        }
+    };
+    Some(delay.min(BUSY_TIMEOUT_MS.saturating_sub(prior))).filter(|&delay| delay > 0)
 }
 
 impl BatchWriter {
@@ -85,18 +141,33 @@ impl BatchWriter {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", durability.sqlite_synchronous())?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_handler(Some(wait_while_busy))?;
         // A batch's savepoints need a statement journal: in memory, not a
         // temporary file opened, written and unlinked at each commit.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.set_prepared_statement_cache_capacity(64);
         let (jobs, rx) = mpsc::channel::<Job>();
         let thread_gate = gate.clone();
+        let busy_waits = Arc::new(AtomicU64::new(0));
+        let thread_waits = busy_waits.clone();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, rx, thread_gate))
+            .spawn(move || {
+                BUSY_WAITS.with(|waits| *waits.borrow_mut() = Some(thread_waits));
+                run(conn, rx, thread_gate)
+            })
             .context("cannot start the store's writer thread")?;
-        Ok(BatchWriter { jobs, gate })
+        Ok(BatchWriter {
+            jobs,
+            gate,
+            busy_waits,
+        })
+    }
+
+    /// How many times so far the writer found the file locked by another
+    /// connection, and waited.
+    pub fn busy_waits(&self) -> u64 {
+        self.busy_waits.load(Ordering::Relaxed)
     }
 
     /// The gate the pool's writers take on this file.
@@ -416,6 +487,16 @@ mod tests {
             .await
             .expect("the next request is served");
         assert_eq!(rows(&path), vec![("after".into(), 1)]);
+    }
+
+    /// The writer waits at a locked file as SQLite's default handler did
+    /// with a 5 s timeout: the same sleeps, 5 s in all.
+    #[test]
+    fn a_locked_file_is_waited_on_for_five_seconds_in_sqlites_steps() {
+        let delays: Vec<u32> = (0..).map_while(busy_delay_ms).collect();
+        assert_eq!(delays[..12], [1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100]);
+        assert_eq!(delays.iter().sum::<u32>(), BUSY_TIMEOUT_MS);
+        assert_eq!(busy_delay_ms(i32::MAX), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

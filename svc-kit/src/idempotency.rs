@@ -41,6 +41,7 @@
 use prost::Message;
 use rusqlite::OptionalExtension;
 use sqlx::{AnyConnection, AnyPool, Connection, Row};
+use tokio::sync::OwnedMutexGuard;
 use tonic::{Code, Status};
 
 use crate::{
@@ -248,11 +249,11 @@ pub async fn run_once<Resp>(
 where
     Resp: Message + Default,
 {
-    let _turn = match &store.writer {
+    let gate = match &store.writer {
         Some(writer) => Some(writer.gate().enter().await),
         None => None,
     };
-    run_on_pool(&store.pool, key, effect).await
+    run_on_pool(&store.pool, gate, key, effect).await
 }
 
 /// [`run_once`] for a hot path: `effect` on the shared transaction on
@@ -300,7 +301,7 @@ where
         return run_on_shared(shared, key, refusal, effect).await;
     }
     let Some(writer) = &store.writer else {
-        return run_on_pool(&store.pool, key, async |conn| {
+        return run_on_pool(&store.pool, None, key, async |conn| {
             Ok(effect(conn, None).await?.0)
         })
         .await;
@@ -591,14 +592,15 @@ fn stored_sqlite<Resp: Message + Default>(
 
 async fn run_on_pool<Resp>(
     pool: &AnyPool,
+    gate: Option<OwnedMutexGuard<()>>,
     key: RequestKey<'_>,
     effect: impl AsyncFnOnce(&mut AnyConnection) -> Result<Resp, Status>,
 ) -> Result<Resp, Status>
 where
     Resp: Message + Default,
 {
-    let mut conn = TxConnection(pool.acquire().await.map_err(Error::from)?, Ended::No);
-    let mut tx = conn.0.begin().await.map_err(Error::from)?;
+    let mut conn = TxConnection::new(pool.acquire().await.map_err(Error::from)?, gate);
+    let mut tx = conn.begin().await.map_err(Error::from)?;
     let claimed = sqlx::query(CLAIM)
         .bind(key.request_id)
         .bind(key.method)
@@ -611,7 +613,8 @@ where
         == 1;
     if !claimed {
         tx.rollback().await.map_err(Error::from)?;
-        conn.1 = Ended::Yes;
+        // A read from here on: the gate goes with the connection.
+        conn.ended = true;
         drop(conn);
         let mut conn = pool.acquire().await.map_err(Error::from)?;
         return replay(&mut conn, &key).await.map_err(Error::from)?;
@@ -626,19 +629,23 @@ where
                 .await
                 .map_err(Error::from)?;
             tx.commit().await.map_err(Error::from)?;
-            conn.1 = Ended::Yes;
+            conn.ended = true;
             Ok(reply)
         }
         Err(status) => {
             // Undo any partial effect first (and free the connection).
             tx.rollback().await.map_err(Error::from)?;
-            conn.1 = Ended::Yes;
+            conn.ended = true;
+            let gate = conn.gate.take();
             drop(conn);
             if DEFINITE_REFUSALS.contains(&status.code()) {
-                let mut conn = pool.acquire().await.map_err(Error::from)?;
-                record_refusal(&mut conn, &key, &status)
+                // Its write, behind the gate still.
+                let mut conn = TxConnection::new(pool.acquire().await.map_err(Error::from)?, gate);
+                let answer = record_refusal(&mut conn, &key, &status)
                     .await
-                    .map_err(Error::from)?
+                    .map_err(Error::from)?;
+                conn.ended = true;
+                answer
             } else {
                 Err(status)
             }
@@ -646,24 +653,68 @@ where
     }
 }
 
-#[derive(PartialEq)]
-enum Ended {
-    No,
-    Yes,
+/// The pooled connection of one transaction (or one write), with the batch
+/// writer's gate on a SQLite file. Dropped before it ended (tonic drops a
+/// request whose client left, wherever it is), it is closed instead of going
+/// back to the pool, which ends the transaction on the server. sqlx 0.9
+/// hands back a connection whose `BEGIN` was cancelled in flight still
+/// inside the transaction: the next statements on it would never commit,
+/// and their locks would block every retry.
+///
+/// The gate is given back only once such a connection is closed: until
+/// then a statement of it may still run on sqlx's worker thread, holding
+/// the file's write lock, and the batch writer, next through the gate,
+/// would sleep in SQLite's busy handler at the locked file.
+struct TxConnection {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    /// Its transaction ended (committed or rolled back): it may go back to
+    /// the pool, and the gate with it.
+    ended: bool,
+    gate: Option<OwnedMutexGuard<()>>,
 }
 
-/// The pooled connection of one transaction. Dropped before its transaction
-/// ended (tonic drops a request whose client left, wherever it is), it is
-/// closed instead of going back to the pool, which ends the transaction on
-/// the server. sqlx 0.9 hands back a connection whose `BEGIN` was cancelled
-/// in flight still inside the transaction: the next statements on it would
-/// never commit, and their locks would block every retry.
-struct TxConnection(sqlx::pool::PoolConnection<sqlx::Any>, Ended);
+impl TxConnection {
+    fn new(conn: sqlx::pool::PoolConnection<sqlx::Any>, gate: Option<OwnedMutexGuard<()>>) -> Self {
+        TxConnection {
+            conn: Some(conn),
+            ended: false,
+            gate,
+        }
+    }
+}
+
+impl std::ops::Deref for TxConnection {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for TxConnection {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn.as_mut().expect("held until dropped")
+    }
+}
 
 impl Drop for TxConnection {
     fn drop(&mut self) {
-        if self.1 == Ended::No {
-            self.0.close_on_drop();
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if self.ended {
+            return;
+        }
+        match (self.gate.take(), tokio::runtime::Handle::try_current()) {
+            (Some(gate), Ok(runtime)) => {
+                runtime.spawn(async move {
+                    // Answered once sqlx's worker has run what was queued
+                    // before it and closed the file.
+                    let _ = conn.close().await;
+                    drop(gate);
+                });
+            }
+            _ => conn.close_on_drop(),
         }
     }
 }

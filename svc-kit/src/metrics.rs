@@ -19,7 +19,7 @@ use prometheus_client::{
 };
 use sqlx::AnyPool;
 
-use crate::shared_transaction::SharedTransaction;
+use crate::{batch_writer::BatchWriter, shared_transaction::SharedTransaction};
 use tower::{Layer, Service};
 
 /// Latency buckets from 0.25 ms to ~8 s.
@@ -84,7 +84,7 @@ impl MetricsRegistry {
         self.registry.register(
             "db_shared_transaction_turns_redone",
             "Requests run again on the shared transaction because a neighbour's turn failed \
-             without a savepoint and rolled their batch back (PostgreSQL)",
+             without a savepoint, or was dropped midway, and rolled their batch back (PostgreSQL)",
             redone.clone(),
         );
         let seen = std::sync::Mutex::new((0u64, 0u64, 0u64, 0u64));
@@ -105,6 +105,25 @@ impl MetricsRegistry {
                 .get_or_create(&HowLabels { how: "combined" })
                 .inc_by(now.2 - seen.2);
             *seen = now;
+        }));
+    }
+
+    /// Registers the counter of a SQLite file's batch writer, read at scrape
+    /// time: its waits at a file another connection held locked, which the
+    /// writer's gate should make none.
+    pub fn register_batch_writer(&mut self, writer: BatchWriter) {
+        let waits = Counter::<u64>::default();
+        self.registry.register(
+            "db_batch_writer_busy_waits",
+            "Times the SQLite batch writer found its file locked by another connection and \
+             slept before trying again (SQLite)",
+            waits.clone(),
+        );
+        let seen = std::sync::atomic::AtomicU64::new(0);
+        self.refreshers.push(Box::new(move || {
+            let now = writer.busy_waits();
+            let before = seen.swap(now, std::sync::atomic::Ordering::Relaxed);
+            waits.inc_by(now - before);
         }));
     }
 

@@ -239,6 +239,9 @@ where
     if let Some(shared) = &store.shared {
         metrics.register_shared_transaction(shared.clone());
     }
+    if let Some(writer) = &store.writer {
+        metrics.register_batch_writer(writer.clone());
+    }
     let service = RequireKey::new(make_service(store), keys);
     App::bind(args, defaults.port, defaults.metrics_port, service, metrics).await
 }

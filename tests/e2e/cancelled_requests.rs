@@ -19,6 +19,8 @@ on_both_stores!(
     a_request_dropped_at_any_await_leaves_no_transaction_open,
     a_hot_request_dropped_at_any_await_leaves_no_transaction_open,
 );
+// SQLite only: on PostgreSQL no gate stands between the pool and the hot
+// writes (row locks do the work).
 
 const REQUESTS: usize = 40;
 
@@ -159,4 +161,100 @@ async fn dropped_at_any_await(backend: Backend, hot: bool) {
             .unwrap()
             .get(0);
     assert_eq!(committed, REQUESTS as i64);
+}
+
+/// SQLite: an admin request writes through the pool, behind the batch
+/// writer's gate. Dropped while its connection still holds the file's write
+/// lock (a statement of its transaction in flight on sqlx's worker thread),
+/// it must keep the gate until that connection has let go. Else the batch
+/// writer, next through the gate, meets a locked file and sleeps in SQLite's
+/// busy handler (up to 5 s) with every hot request of the service waiting
+/// behind it. (Seen failing before: the writer slept at the locked file.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_dropped_mid_statement_keeps_the_writers_gate_until_its_lock_is_gone() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = Store::open_with_batch_writer(&db.url, &stock_svc::MIGRATIONS, Default::default())
+        .await
+        .unwrap();
+    let writer = store
+        .writer
+        .clone()
+        .expect("a batch writer on a SQLite file");
+    let (reached, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let reached = std::sync::Mutex::new(Some(reached));
+    let admin = run_once(
+        &store,
+        RequestKey {
+            method: "Restock",
+            request_id: "admin",
+            fingerprint: vec![1],
+        },
+        async |conn: &mut AnyConnection| {
+            let internal = |e: sqlx::Error| tonic::Status::internal(e.to_string());
+            sqlx::query(INSERT_PRODUCT)
+                .bind("admin")
+                .execute(&mut *conn)
+                .await
+                .map_err(internal)?;
+            if let Some(reached) = reached.lock().unwrap().take() {
+                let _ = reached.send(());
+            }
+            // About a second of work, its transaction holding the lock.
+            sqlx::query(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) \
+                 SELECT COUNT(*) FROM c",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(internal)?;
+            Ok(())
+        },
+    );
+    let mut admin = Box::pin(admin);
+    tokio::select! {
+        _ = &mut admin => panic!("the admin request ended before its write"),
+        _ = reached_rx => {}
+    }
+    // Polled on, so that its long statement is sent; then its caller leaves.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut admin)
+            .await
+            .is_err(),
+        "the long statement ended within 50 ms"
+    );
+    drop(admin);
+
+    let hot = run_once_batched(
+        &store,
+        RequestKey {
+            method: "Restock",
+            request_id: "hot",
+            fingerprint: vec![1],
+        },
+        Refusal::MayWrite,
+        async |_: &mut AnyConnection| unreachable!("SQLite"),
+        |conn: &rusqlite::Connection| {
+            conn.execute(INSERT_PRODUCT, ["hot"])
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            Ok(())
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(30), hot)
+        .await
+        .expect("the hot request was answered")
+        .expect("the hot request was written");
+    assert_eq!(
+        writer.busy_waits(),
+        0,
+        "the batch writer met the file locked by the dropped request's connection"
+    );
+    let skus: Vec<String> = sqlx::query_scalar("SELECT sku FROM products ORDER BY sku")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        skus,
+        vec!["hot".to_owned()],
+        "the dropped request wrote nothing"
+    );
 }

@@ -721,7 +721,10 @@ async fn a_turn_dropped_midway_runs_its_neighbours_again_rather_than_failing_the
             tokio::time::timeout(Duration::from_millis(500), add(1.0)).await
         },
     );
-    assert!(dropped.is_err(), "the third turn ended before its client left");
+    assert!(
+        dropped.is_err(),
+        "the third turn ended before its client left"
+    );
     first.expect("the first turn, written before the dropped one");
     second.expect("the second turn, written before the dropped one");
     assert_eq!(
