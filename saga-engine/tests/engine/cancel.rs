@@ -16,6 +16,7 @@ on_both_stores!(
     a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled,
     a_cancel_and_the_pivot_race_and_exactly_one_wins,
     a_cancel_dropped_at_any_await_leaves_no_transaction_open,
+    a_cancel_whose_caller_left_after_one_poll_still_stops_the_saga_at_once,
 );
 
 /// Waits until step `step` of `saga` has been called `calls` times.
@@ -59,6 +60,61 @@ async fn a_cancel_stops_the_retries_of_a_step_and_undoes_it(backend: Backend) {
     );
     assert_eq!(world.undone(saga), vec!["b", "a"]);
     assert_consistent(&world, saga, status);
+}
+
+/// A cancel whose caller is dropped once the log has it (a client that
+/// left, a deadline that passed) must still wake the saga's driver: the
+/// saga waits a minute before its next try, and must not wait it out before
+/// it sees the cancel. (What follows the cancel's commit ran in the
+/// caller's future before the eighteenth session; then the driver saw the
+/// cancel only after its wait.)
+async fn a_cancel_whose_caller_left_after_one_poll_still_stops_the_saga_at_once(backend: Backend) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = RetryPolicy {
+        max_attempts: 1_000,
+        initial_backoff: Duration::from_secs(60),
+        max_backoff: Duration::from_secs(60),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = Uuid::new_v4();
+    // b does its work, then loses its reply: its next try is a minute away.
+    scripted::start_with(
+        &engine,
+        saga,
+        |w| w.cue(saga, "b", &[Cue::LoseReply; 2]),
+        &world,
+    )
+    .await;
+    until_called(&world, saga, "b", 1).await;
+    let mut call = Box::pin(engine.cancel(saga));
+    assert!(
+        futures::poll!(call.as_mut()).is_pending(),
+        "the cancel ended at its first poll: the test shows nothing"
+    );
+    drop(call);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = scripted::status(&store.pool, saga).await;
+        if status == SagaStatus::Cancelled {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga is still {status:?} 10 s after a cancel whose caller left: \
+             its driver waits out its minute, or the cancel was never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(world.forward_calls(saga, "b"), 1, "b was not tried again");
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
+    // Asked again, it changes nothing.
+    assert_eq!(
+        engine.cancel(saga).await.unwrap(),
+        CancelOutcome::AlreadyRequested
+    );
 }
 
 async fn a_cancel_accepted_during_a_step_that_is_then_refused_ends_cancelled(backend: Backend) {
