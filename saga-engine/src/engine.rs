@@ -12,7 +12,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -113,9 +113,11 @@ pub(crate) struct Inner<D> {
     pub(crate) stopping: watch::Sender<bool>,
     drivers: TaskTracker,
     pub(crate) metrics: EngineMetrics,
-    /// The sagas this process drives, each with the signal that tells its
-    /// driver a cancel was accepted.
-    driving: Arc<Mutex<HashMap<Uuid, Arc<Notify>>>>,
+    /// The sagas this process holds: drives, or looks at before driving.
+    driving: HeldSagas,
+    /// Looks again at a saga whose holder let go of it after someone left
+    /// the saga to it ([`Held::look_again`]).
+    look_again: LookAgain,
     /// Set in replica mode.
     replica: Option<ReplicaSettings>,
     /// This process's life as a replica: tells a restart from its predecessor.
@@ -130,17 +132,65 @@ pub(crate) struct Inner<D> {
     joined: std::sync::atomic::AtomicBool,
 }
 
+/// The sagas this process holds ([`Claim`]), by ID.
+type HeldSagas = Arc<Mutex<HashMap<Uuid, Held>>>;
+
+/// Looks at a saga again ([`Engine::ensure_driven`], on a task of its own).
+type LookAgain = Arc<dyn Fn(Uuid) + Send + Sync>;
+
+/// A saga held in this process.
+struct Held {
+    /// Tells its driver a cancel was accepted.
+    cancelled: Arc<Notify>,
+    /// Someone found the saga held and left it to its holder: a reopen, a
+    /// cancel, a client's replay. The holder may be about to let go without
+    /// driving it on (a driver that just ended it, a look that read it
+    /// before a reopen's commit or whose caller left): then the saga is
+    /// looked at again, or a reopened saga would be driven by no one until
+    /// the next start.
+    look_again: bool,
+}
+
 /// The right to drive one saga in this process; released when dropped.
 pub(crate) struct Claim {
     saga_id: Uuid,
     pub(crate) cancelled: Arc<Notify>,
-    driving: Arc<Mutex<HashMap<Uuid, Arc<Notify>>>>,
+    driving: HeldSagas,
+    look_again: LookAgain,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.driving.lock().unwrap().remove(&self.saga_id);
+        let held = self.driving.lock().unwrap().remove(&self.saga_id);
+        if held.is_some_and(|held| held.look_again) {
+            (self.look_again)(self.saga_id);
+        }
     }
+}
+
+/// [`Inner::look_again`] for the engine `inner` will be: a task that makes
+/// sure the saga is driven if it is open, unless the engine stops or is gone.
+fn looks_again<D>(inner: Weak<Inner<D>>) -> LookAgain
+where
+    D: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    Arc::new(move |saga_id| {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = inner.clone();
+        runtime.spawn(async move {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if *inner.stopping.borrow() {
+                return;
+            }
+            if let Err(err) = (Engine { inner }).ensure_driven(saga_id).await {
+                tracing::warn!(%saga_id, error = %err, "cannot look again at a saga its holder let go of; it resumes at the next start");
+            }
+        });
+    })
 }
 
 impl<D> Engine<D>
@@ -196,16 +246,18 @@ where
             }
         };
         let incarnation = Uuid::new_v4();
+        let log = LogWriter::spawn(
+            pool.clone(),
+            replica.as_ref().map(|_| incarnation),
+            durability,
+        )?;
+        let reader = SqliteLog::file_of(&pool)
+            .map(|file| SqliteReader::open(&file))
+            .transpose()?;
         Ok(Engine {
-            inner: Arc::new(Inner {
-                log: LogWriter::spawn(
-                    pool.clone(),
-                    replica.as_ref().map(|_| incarnation),
-                    durability,
-                )?,
-                reader: SqliteLog::file_of(&pool)
-                    .map(|file| SqliteReader::open(&file))
-                    .transpose()?,
+            inner: Arc::new_cyclic(|inner| Inner {
+                log,
+                reader,
                 readers: Kept::new(pool.clone(), KEPT_READERS),
                 definition,
                 pool,
@@ -217,6 +269,7 @@ where
                 drivers: TaskTracker::new(),
                 metrics,
                 driving: Arc::default(),
+                look_again: looks_again(inner.clone()),
                 replica,
                 incarnation,
                 lost: watch::channel(None).0,
@@ -506,7 +559,7 @@ where
             .map_err(sqlx::Error::Protocol)?;
         if outcome == CancelOutcome::Accepted {
             crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
-            let signal = self.inner.driving.lock().unwrap().get(&saga_id).cloned();
+            let signal = self.left_to_holder(saga_id);
             match signal {
                 // Stored if the driver is not waiting now: it sees it at its next wait.
                 Some(signal) => signal.notify_one(),
@@ -645,18 +698,38 @@ where
             .saturating_sub(in_flight)
     }
 
+    /// `None` if this process holds it already: it is then left to its
+    /// holder, who looks at it again if it lets go ([`Held::look_again`]).
     fn claim(&self, saga_id: Uuid) -> Option<Claim> {
         let mut driving = self.inner.driving.lock().unwrap();
-        if driving.contains_key(&saga_id) {
+        if let Some(held) = driving.get_mut(&saga_id) {
+            held.look_again = true;
             return None;
         }
         let cancelled = Arc::new(Notify::new());
-        driving.insert(saga_id, cancelled.clone());
+        driving.insert(
+            saga_id,
+            Held {
+                cancelled: cancelled.clone(),
+                look_again: false,
+            },
+        );
         Some(Claim {
             saga_id,
             cancelled,
             driving: self.inner.driving.clone(),
+            look_again: self.inner.look_again.clone(),
         })
+    }
+
+    /// The cancel signal of `saga_id` if this process holds it, marking it
+    /// to be looked at again should its holder let go of it: the holder may
+    /// be a look that read the saga before the news, not its driver.
+    fn left_to_holder(&self, saga_id: Uuid) -> Option<Arc<Notify>> {
+        let mut driving = self.inner.driving.lock().unwrap();
+        let held = driving.get_mut(&saga_id)?;
+        held.look_again = true;
+        Some(held.cancelled.clone())
     }
 
     fn resume(&self, claim: Claim, saga: OpenSaga) -> anyhow::Result<()> {
@@ -835,8 +908,7 @@ where
             Heard::Changes(notices) => {
                 for notice in notices {
                     if notice.cancel {
-                        let signal = inner.driving.lock().unwrap().get(&notice.saga_id).cloned();
-                        if let Some(signal) = signal {
+                        if let Some(signal) = self.left_to_holder(notice.saga_id) {
                             signal.notify_one();
                         }
                     }

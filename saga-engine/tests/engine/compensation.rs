@@ -23,6 +23,7 @@ on_both_stores!(
     a_step_is_written_once_when_it_ends_and_the_running_one_is_shown_from_the_saga,
     a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end,
     a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end,
+    a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -475,4 +476,62 @@ async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backen
         engine.reopen(reopen()).await.unwrap(),
         ReopenOutcome::Replayed
     );
+}
+
+/// A saga a look holds (`ensure_driven`: a client's replay of its
+/// CreateOrder, claiming the saga while it reads whether it is open) is left
+/// to that look by everyone else. An operator's retry committed meanwhile
+/// found the saga claimed and so did not drive it; the look, having read
+/// before the retry's commit (or dropped, its client gone), let go of the
+/// claim. Nothing drove the reopened saga until the next start. (Seen
+/// failing before: the saga was still COMPENSATING after 10 s.)
+async fn a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven(
+    backend: Backend,
+) {
+    use std::time::Duration;
+
+    use saga_engine::{Reopen, ReopenOutcome};
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(Duration::from_millis(300)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = uuid::Uuid::new_v4();
+    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    world.clear_compensation_cues(saga, "b");
+
+    // The look claims the saga and waits on its read.
+    let mut look = Box::pin(engine.ensure_driven(saga));
+    assert!(
+        futures::poll!(look.as_mut()).is_pending(),
+        "the look ended at its first poll: the test shows nothing"
+    );
+    let reopened = engine
+        .reopen(Reopen {
+            saga_id: saga,
+            request_id: "retry-while-looked-at".into(),
+            resolved_by_hand: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reopened, ReopenOutcome::Reopened);
+    // Its client leaves: the claim goes with it.
+    drop(look);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = scripted::status(&store.pool, saga).await;
+        if status == SagaStatus::Compensated {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga is still {status:?} 10 s after a reopen that found it claimed by a look that left"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(world.undone(saga), vec!["b", "a"]);
 }
