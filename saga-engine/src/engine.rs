@@ -1,7 +1,7 @@
 //! The engine's handle: start a saga, make sure one is driven, resume every
 //! open saga after a crash, cancel, watch, and shut down.
 //!
-//! Each saga is driven by at most one task in this process (see [`Claim`]);
+//! Each saga is driven by at most one task in this process (see [`Holds`]);
 //! a [`driver`](crate::driver) runs its steps. With several replicas on one
 //! database ([`Ownership::Replica`]), by one replica at a time: see
 //! [`crate::replicas`]. Starting is one call that
@@ -31,6 +31,7 @@ use crate::{
     definition::{Milestone, SagaDefinition},
     driver::{Driver, Driving, Stopped},
     events::NewEvent,
+    holds::{Claim, Holds, LookAgain},
     log::{
         self, Admit, CancelOutcome, Durability, FIRST_EPOCH, LogWriter, NewSaga, OpenSaga, Reopen,
         ReopenOutcome, SagaStatus, SagaView, SqliteLog, SqliteReader, Start,
@@ -114,10 +115,7 @@ pub(crate) struct Inner<D> {
     drivers: TaskTracker,
     pub(crate) metrics: EngineMetrics,
     /// The sagas this process holds: drives, or looks at before driving.
-    driving: HeldSagas,
-    /// Looks again at a saga whose holder let go of it after someone left
-    /// the saga to it ([`Held::look_again`]).
-    look_again: LookAgain,
+    holds: Holds,
     /// Set in replica mode.
     replica: Option<ReplicaSettings>,
     /// This process's life as a replica: tells a restart from its predecessor.
@@ -132,44 +130,9 @@ pub(crate) struct Inner<D> {
     joined: std::sync::atomic::AtomicBool,
 }
 
-/// The sagas this process holds ([`Claim`]), by ID.
-type HeldSagas = Arc<Mutex<HashMap<Uuid, Held>>>;
-
-/// Looks at a saga again ([`Engine::ensure_driven`], on a task of its own).
-type LookAgain = Arc<dyn Fn(Uuid) + Send + Sync>;
-
-/// A saga held in this process.
-struct Held {
-    /// Tells its driver a cancel was accepted.
-    cancelled: Arc<Notify>,
-    /// Someone found the saga held and left it to its holder: a reopen, a
-    /// cancel, a client's replay. The holder may be about to let go without
-    /// driving it on (a driver that just ended it, a look that read it
-    /// before a reopen's commit or whose caller left): then the saga is
-    /// looked at again, or a reopened saga would be driven by no one until
-    /// the next start.
-    look_again: bool,
-}
-
-/// The right to drive one saga in this process; released when dropped.
-pub(crate) struct Claim {
-    saga_id: Uuid,
-    pub(crate) cancelled: Arc<Notify>,
-    driving: HeldSagas,
-    look_again: LookAgain,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let held = self.driving.lock().unwrap().remove(&self.saga_id);
-        if held.is_some_and(|held| held.look_again) {
-            (self.look_again)(self.saga_id);
-        }
-    }
-}
-
-/// [`Inner::look_again`] for the engine `inner` will be: a task that makes
-/// sure the saga is driven if it is open, unless the engine stops or is gone.
+/// What a holder that lets go of a saga left to it does, for the engine
+/// `inner` will be: a task that makes sure the saga is driven if it is open
+/// ([`Holds`]), unless the engine stops or is gone.
 fn looks_again<D>(inner: Weak<Inner<D>>) -> LookAgain
 where
     D: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -186,7 +149,7 @@ where
             if *inner.stopping.borrow() {
                 return;
             }
-            if let Err(err) = (Engine { inner }).ensure_driven(saga_id).await {
+            if let Err(err) = (Engine { inner }).drive_if_undriven(saga_id).await {
                 tracing::warn!(%saga_id, error = %err, "cannot look again at a saga its holder let go of; it resumes at the next start");
             }
         });
@@ -268,8 +231,7 @@ where
                 stopping: watch::channel(false).0,
                 drivers: TaskTracker::new(),
                 metrics,
-                driving: Arc::default(),
-                look_again: looks_again(inner.clone()),
+                holds: Holds::new(looks_again(inner.clone())),
                 replica,
                 incarnation,
                 lost: watch::channel(None).0,
@@ -464,7 +426,20 @@ where
     /// lost, or, with replicas, its owner died), this process resumes it from
     /// the log. A saga a live replica drives is left to it. Returns whether it
     /// had to be resumed.
+    ///
+    /// It runs on a task of its own, as [`Engine::cancel`] does: a caller
+    /// that leaves (a client's replay whose deadline passed) does not take
+    /// the look with it, half done, its saga still undriven.
     pub async fn ensure_driven(&self, saga_id: Uuid) -> Result<bool, sqlx::Error> {
+        let engine = self.clone();
+        detached("looking at", saga_id, async move {
+            engine.drive_if_undriven(saga_id).await
+        })
+        .await
+    }
+
+    /// [`Engine::ensure_driven`], in the caller's future.
+    async fn drive_if_undriven(&self, saga_id: Uuid) -> Result<bool, sqlx::Error> {
         let Some(claim) = self.claim(saga_id) else {
             return Ok(false);
         };
@@ -559,14 +534,14 @@ where
             .map_err(sqlx::Error::Protocol)?;
         if outcome == CancelOutcome::Accepted {
             crash_points::reach(point::AFTER_CANCEL_ACCEPTED).await;
-            let signal = self.left_to_holder(saga_id);
+            let signal = self.inner.holds.left_to_holder(saga_id);
             match signal {
                 // Stored if the driver is not waiting now: it sees it at its next wait.
                 Some(signal) => signal.notify_one(),
                 // Nobody drives it here (its start was lost): an accepted
                 // cancel must still be carried out.
                 None => {
-                    if let Err(err) = self.ensure_driven(saga_id).await {
+                    if let Err(err) = self.drive_if_undriven(saga_id).await {
                         tracing::warn!(%saga_id, error = %err, "cannot drive a cancelled saga now; it resumes at the next start");
                     }
                 }
@@ -620,7 +595,7 @@ where
                 .reopened(saga_id, SagaStatus::Compensating);
         }
         if matches!(outcome, ReopenOutcome::Reopened | ReopenOutcome::Replayed)
-            && let Err(err) = self.ensure_driven(saga_id).await
+            && let Err(err) = self.drive_if_undriven(saga_id).await
         {
             tracing::warn!(%saga_id, error = %err, "cannot drive a reopened saga now; it resumes at the next start");
         }
@@ -685,51 +660,17 @@ where
         }
     }
 
-    /// The right to drive `saga_id`, unless this process already drives it.
     /// How many sagas this engine holds that wait for a slot to be driven
     /// in (past `max_in_flight`): a queue that only grows under overload.
     pub fn waiting(&self) -> usize {
         let in_flight = self.inner.max_in_flight - self.inner.permits.available_permits();
-        self.inner
-            .driving
-            .lock()
-            .unwrap()
-            .len()
-            .saturating_sub(in_flight)
+        self.inner.holds.len().saturating_sub(in_flight)
     }
 
-    /// `None` if this process holds it already: it is then left to its
-    /// holder, who looks at it again if it lets go ([`Held::look_again`]).
+    /// The right to drive `saga_id`, unless this process holds it already
+    /// (see [`Holds::claim`]).
     fn claim(&self, saga_id: Uuid) -> Option<Claim> {
-        let mut driving = self.inner.driving.lock().unwrap();
-        if let Some(held) = driving.get_mut(&saga_id) {
-            held.look_again = true;
-            return None;
-        }
-        let cancelled = Arc::new(Notify::new());
-        driving.insert(
-            saga_id,
-            Held {
-                cancelled: cancelled.clone(),
-                look_again: false,
-            },
-        );
-        Some(Claim {
-            saga_id,
-            cancelled,
-            driving: self.inner.driving.clone(),
-            look_again: self.inner.look_again.clone(),
-        })
-    }
-
-    /// The cancel signal of `saga_id` if this process holds it, marking it
-    /// to be looked at again should its holder let go of it: the holder may
-    /// be a look that read the saga before the news, not its driver.
-    fn left_to_holder(&self, saga_id: Uuid) -> Option<Arc<Notify>> {
-        let mut driving = self.inner.driving.lock().unwrap();
-        let held = driving.get_mut(&saga_id)?;
-        held.look_again = true;
-        Some(held.cancelled.clone())
+        self.inner.holds.claim(saga_id)
     }
 
     fn resume(&self, claim: Claim, saga: OpenSaga) -> anyhow::Result<()> {
@@ -835,7 +776,7 @@ where
         }
         let idle = replicas::own_idle(&inner.pool, replica, kind).await?;
         for saga_id in idle {
-            let driven = inner.driving.lock().unwrap().contains_key(&saga_id);
+            let driven = inner.holds.holds(saga_id);
             if driven || inner.unreadable.lock().unwrap().contains(&saga_id) {
                 continue;
             }
@@ -908,7 +849,7 @@ where
             Heard::Changes(notices) => {
                 for notice in notices {
                     if notice.cancel {
-                        if let Some(signal) = self.left_to_holder(notice.saga_id) {
+                        if let Some(signal) = inner.holds.left_to_holder(notice.saga_id) {
                             signal.notify_one();
                         }
                     }

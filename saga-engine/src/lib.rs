@@ -30,6 +30,7 @@ pub mod definition;
 mod driver;
 pub mod engine;
 pub mod events;
+mod holds;
 pub mod log;
 pub mod metrics;
 mod notifications;

@@ -478,13 +478,15 @@ async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backen
     );
 }
 
-/// A saga a look holds (`ensure_driven`: a client's replay of its
-/// CreateOrder, claiming the saga while it reads whether it is open) is left
-/// to that look by everyone else. An operator's retry committed meanwhile
-/// found the saga claimed and so did not drive it; the look, having read
-/// before the retry's commit (or dropped, its client gone), let go of the
-/// claim. Nothing drove the reopened saga until the next start. (Seen
-/// failing before: the saga was still COMPENSATING after 10 s.)
+/// A reopen committed while a look holds the saga (`ensure_driven`: a
+/// client's replay of its CreateOrder, which holds the saga while it reads
+/// whether it is open), the look's caller leaving at once: the reopened saga
+/// must be driven to its end. Before the nineteenth session the look ran in
+/// its caller's future: dropped, it let go of the saga the reopen had left
+/// to it, and nothing drove it (still COMPENSATING after 10 s, on both
+/// stores). Now the look runs on, and a holder that lets go of a saga left
+/// to it looks at it again (`holds`, whose unit tests show that part: here
+/// the order of the look's read and the reopen's commit is not the test's).
 async fn a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven(
     backend: Backend,
 ) {

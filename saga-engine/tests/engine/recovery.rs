@@ -14,7 +14,10 @@ use crate::{
     store::{self, Backend},
 };
 
-on_both_stores!(recovery_at_every_cursor_position_ends_every_saga_once);
+on_both_stores!(
+    recovery_at_every_cursor_position_ends_every_saga_once,
+    a_look_whose_caller_left_still_drives_an_open_saga_nobody_drives,
+);
 
 /// One position a crash can leave a saga in.
 #[derive(Debug, Clone, Copy)]
@@ -141,4 +144,49 @@ async fn recovery_at_every_cursor_position_ends_every_saga_once(backend: Backend
         assert_eq!(status, expected(position), "{position:?}");
         assert_consistent(&world, saga, status);
     }
+}
+
+/// A client's replay of a request whose saga nobody drives (its start was
+/// lost) makes sure it is driven (`ensure_driven`). The replay's caller may
+/// leave at once, its deadline passed: the look goes on without it. (Before,
+/// it ran in the caller's future: dropped after its claim, it left the saga
+/// as undriven as it found it until the next replay or start.)
+async fn a_look_whose_caller_left_still_drives_an_open_saga_nobody_drives(backend: Backend) {
+    use std::time::Duration;
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    // Not resumed at its start: the saga below is open, and nobody drives it.
+    let engine = scripted::engine(&world, &store.pool, scripted::policy());
+    let saga = leave_as_crashed(
+        &store.pool,
+        &world,
+        Position {
+            status: SagaStatus::Running,
+            next_step: 0,
+            cancel_requested: false,
+            cursor_step_done: false,
+        },
+    )
+    .await;
+    let mut look = Box::pin(engine.ensure_driven(saga));
+    assert!(
+        futures::poll!(look.as_mut()).is_pending(),
+        "the look ended at its first poll: the test shows nothing"
+    );
+    drop(look);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = scripted::status(&store.pool, saga).await;
+        if status == SagaStatus::Completed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga is still {status:?} 10 s after a look whose caller left"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_consistent(&world, saga, SagaStatus::Completed);
 }
