@@ -848,10 +848,10 @@ where
         match heard {
             Heard::Changes(notices) => {
                 for notice in notices {
-                    if notice.cancel {
-                        if let Some(signal) = inner.holds.left_to_holder(notice.saga_id) {
-                            signal.notify_one();
-                        }
+                    if notice.cancel
+                        && let Some(signal) = inner.holds.left_to_holder(notice.saga_id)
+                    {
+                        signal.notify_one();
                     }
                     inner.changes.publish(SagaChange {
                         saga_id: notice.saga_id,
