@@ -2,7 +2,10 @@
 //! transaction), each still counts exactly once, and a stalled commit
 //! holds nothing up for long.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
 
 use ordersaga_tests::{Backend, TestDb};
 use sqlx::{AnyConnection, Connection};
@@ -619,6 +622,29 @@ async fn turns_without_savepoints_that_fail_make_their_batch_run_again_and_each_
     assert_eq!(shared.savepoints(), savepoints, "a savepoint was taken");
 }
 
+/// A turn that adds 1 to `HOT` after `sleep` seconds (holding the turn),
+/// counting its runs, and ends as `end` says.
+async fn add_after(
+    shared: &SharedTransaction,
+    runs: &AtomicUsize,
+    sleep: f64,
+    end: fn(()) -> TurnResult<()>,
+) -> Result<(), svc_kit::Error> {
+    shared
+        .run(Guard::Redo, async move |conn: &mut AnyConnection| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(sleep)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
+                .execute(&mut *conn)
+                .await?;
+            Ok(end(()))
+        })
+        .await
+}
+
 /// A turn without a savepoint that is undone in the middle of a batch: the
 /// batch goes back whole and the turns written before it run again, once,
 /// and count once; a turn that wrote nothing and refused is left as it was.
@@ -626,26 +652,8 @@ async fn turns_without_savepoints_that_fail_make_their_batch_run_again_and_each_
 async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batch_again() {
     let (_db, store) = hot_row_store().await;
     let shared = store.shared.clone().expect("a shared transaction");
-    let runs = std::sync::atomic::AtomicUsize::new(0);
-    // Adds 1 after `sleep` seconds (holding the turn), and ends as told.
-    let add = |sleep: f64, end: fn(()) -> TurnResult<()>| {
-        let (shared, runs) = (&shared, &runs);
-        async move {
-            shared
-                .run(Guard::Redo, async move |conn: &mut AnyConnection| {
-                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    sqlx::query("SELECT pg_sleep($1)")
-                        .bind(sleep)
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(end(()))
-                })
-                .await
-        }
-    };
+    let runs = AtomicUsize::new(0);
+    let add = |sleep: f64, end: fn(()) -> TurnResult<()>| add_after(&shared, &runs, sleep, end);
     let redone = shared.redone();
     let staggered = |ms: u64, turn: _| async move {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -665,7 +673,7 @@ async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batc
         2,
         "the two turns before it ran again"
     );
-    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert_eq!(runs.load(Ordering::Relaxed), 5);
     let available: i64 = sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
         .fetch_one(&store.pool)
         .await
@@ -686,26 +694,8 @@ async fn an_undone_turn_without_a_savepoint_runs_the_turns_before_it_in_its_batc
 async fn a_turn_dropped_midway_runs_its_neighbours_again_rather_than_failing_them() {
     let (_db, store) = hot_row_store().await;
     let shared = store.shared.clone().expect("a shared transaction");
-    let runs = std::sync::atomic::AtomicUsize::new(0);
-    // Adds 1 after `sleep` seconds (holding the turn).
-    let add = |sleep: f64| {
-        let (shared, runs) = (&shared, &runs);
-        async move {
-            shared
-                .run(Guard::Redo, async move |conn: &mut AnyConnection| {
-                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    sqlx::query("SELECT pg_sleep($1)")
-                        .bind(sleep)
-                        .execute(&mut *conn)
-                        .await?;
-                    sqlx::query("UPDATE products SET available = available + 1 WHERE sku = 'HOT'")
-                        .execute(&mut *conn)
-                        .await?;
-                    Ok(TurnResult::Written(()))
-                })
-                .await
-        }
-    };
+    let runs = AtomicUsize::new(0);
+    let add = |sleep: f64| add_after(&shared, &runs, sleep, TurnResult::Written);
     let redone = shared.redone();
     let later = |ms: u64| tokio::time::sleep(Duration::from_millis(ms));
     // The first holds the turn while the others queue behind it, in order;
@@ -732,7 +722,7 @@ async fn a_turn_dropped_midway_runs_its_neighbours_again_rather_than_failing_the
         2,
         "the two turns before it ran again"
     );
-    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert_eq!(runs.load(Ordering::Relaxed), 5);
     let available: i64 = sqlx::query_scalar("SELECT available FROM products WHERE sku = 'HOT'")
         .fetch_one(&store.pool)
         .await

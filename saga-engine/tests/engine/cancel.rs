@@ -95,19 +95,13 @@ async fn a_cancel_whose_caller_left_after_one_poll_still_stops_the_saga_at_once(
     );
     drop(call);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = scripted::status(&store.pool, saga).await;
-        if status == SagaStatus::Cancelled {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the saga is still {status:?} 10 s after a cancel whose caller left: \
-             its driver waits out its minute, or the cancel was never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    scripted::until_status(
+        &store.pool,
+        saga,
+        SagaStatus::Cancelled,
+        "a cancel whose caller left (its driver waits out its minute, or the cancel was never committed)",
+    )
+    .await;
     assert_eq!(world.forward_calls(saga, "b"), 1, "b was not tried again");
     assert_eq!(world.undone(saga), vec!["b", "a"]);
     // Asked again, it changes nothing.

@@ -455,21 +455,16 @@ async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backen
     );
     drop(call);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // NEEDS_ATTENTION until the reopen's commit, COMPENSATING until
-        // its driver has undone b and a.
-        let status = scripted::status(&store.pool, saga).await;
-        if status == SagaStatus::Compensated {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the saga is still {status:?} 10 s after a reopen whose caller left: \
-             COMPENSATING means nothing drives it, NEEDS_ATTENTION that the reopen was never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // NEEDS_ATTENTION until the reopen's commit, COMPENSATING until its
+    // driver has undone b and a.
+    scripted::until_status(
+        &store.pool,
+        saga,
+        SagaStatus::Compensated,
+        "a reopen whose caller left (COMPENSATING: nothing drives it; \
+         NEEDS_ATTENTION: the reopen was never committed)",
+    )
+    .await;
     assert_eq!(world.undone(saga), vec!["b", "a"]);
     // The same request again changes nothing.
     assert_eq!(
@@ -523,17 +518,12 @@ async fn a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_
     // Its client leaves: the claim goes with it.
     drop(look);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = scripted::status(&store.pool, saga).await;
-        if status == SagaStatus::Compensated {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the saga is still {status:?} 10 s after a reopen that found it claimed by a look that left"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    scripted::until_status(
+        &store.pool,
+        saga,
+        SagaStatus::Compensated,
+        "a reopen that found it held by a look that left",
+    )
+    .await;
     assert_eq!(world.undone(saga), vec!["b", "a"]);
 }

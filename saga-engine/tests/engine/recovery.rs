@@ -152,8 +152,6 @@ async fn recovery_at_every_cursor_position_ends_every_saga_once(backend: Backend
 /// it ran in the caller's future: dropped after its claim, it left the saga
 /// as undriven as it found it until the next replay or start.)
 async fn a_look_whose_caller_left_still_drives_an_open_saga_nobody_drives(backend: Backend) {
-    use std::time::Duration;
-
     let store = store::fresh(backend).await;
     let world = Arc::new(World::default());
     // Not resumed at its start: the saga below is open, and nobody drives it.
@@ -176,17 +174,12 @@ async fn a_look_whose_caller_left_still_drives_an_open_saga_nobody_drives(backen
     );
     drop(look);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = scripted::status(&store.pool, saga).await;
-        if status == SagaStatus::Completed {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the saga is still {status:?} 10 s after a look whose caller left"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    scripted::until_status(
+        &store.pool,
+        saga,
+        SagaStatus::Completed,
+        "a look whose caller left",
+    )
+    .await;
     assert_consistent(&world, saga, SagaStatus::Completed);
 }

@@ -439,6 +439,23 @@ pub async fn terminal(pool: &AnyPool, saga: Uuid) -> SagaStatus {
     }
 }
 
+/// Waits (at most 10 s) until the saga is `want`; else fails, saying
+/// what it still is 10 s `after` what.
+pub async fn until_status(pool: &AnyPool, saga: Uuid, want: SagaStatus, after: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = status(pool, saga).await;
+        if status == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the saga is still {status:?} 10 s after {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The invariants every terminal saga must meet.
 pub fn assert_consistent(world: &World, saga: Uuid, status: SagaStatus) {
     world.assert_no_double_effect();
