@@ -121,9 +121,11 @@ impl MetricsRegistry {
         );
         let seen = std::sync::atomic::AtomicU64::new(0);
         self.refreshers.push(Box::new(move || {
+            // Two scrapes may refresh at once: the later count wins, and
+            // neither adds what the other did.
             let now = writer.busy_waits();
-            let before = seen.swap(now, std::sync::atomic::Ordering::Relaxed);
-            waits.inc_by(now - before);
+            let before = seen.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+            waits.inc_by(now.saturating_sub(before));
         }));
     }
 

@@ -148,6 +148,13 @@ async fn counters_match_a_known_mix_of_orders() {
         ),
         2.0
     );
+    // The admin calls that stocked the shelves wrote through the pool,
+    // behind the batch writer's gate: the writer never met a locked file.
+    assert_eq!(
+        sample(&stock, "db_batch_writer_busy_waits_total"),
+        0.0,
+        "{stock}"
+    );
 }
 
 /// Requests to paths that are not methods of the contract, without a key,
