@@ -1259,12 +1259,67 @@ pub(crate) fn plan_reopen(
 
 /// Reopens a resting saga (see [`Reopen`]), through the log writer; in the
 /// caller's transaction.
+///
+/// The saga's row is written first, and only while it still rests: on
+/// PostgreSQL each action is a transaction of its own, and two at once both
+/// read the saga resting. The second waits here for the first's row lock,
+/// then finds the saga reopened and writes nothing (before, it resolved the
+/// step again under its own note and was answered Reopened too).
 pub(crate) async fn reopen(
     conn: &mut AnyConnection,
     reopen: &Reopen,
     owner: &str,
 ) -> Result<ReopenOutcome, sqlx::Error> {
     let id = reopen.saga_id.to_string();
+    let (next_step, failure_reason) = match read_reopen_plan(conn, reopen).await? {
+        Ok(plan) => plan,
+        Err(outcome) => return Ok(outcome),
+    };
+    let now = now_ms();
+    let reopened = sqlx::query(REOPEN)
+        .bind(next_step)
+        .bind(owner)
+        .bind(&failure_reason)
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if reopened == 0 {
+        // Another action committed between the read and the write: read
+        // again (its commit is seen now), having written nothing.
+        return match read_reopen_plan(conn, reopen).await? {
+            Err(outcome) => Ok(outcome),
+            Ok(_) => Err(sqlx::Error::Protocol(format!(
+                "saga {id} changed while it was reopened; try again"
+            ))),
+        };
+    }
+    if let Some(note) = &reopen.resolved_by_hand {
+        sqlx::query(RESOLVE_STEP)
+            .bind(note)
+            .bind(now)
+            .bind(&id)
+            .bind(next_step + 1)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(RECORD_ACTION)
+        .bind(&reopen.request_id)
+        .bind(&id)
+        .bind(reopen.action())
+        .bind(reopen.resolved_by_hand.as_deref().unwrap_or(""))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(ReopenOutcome::Reopened)
+}
+
+/// [`plan_reopen`] on what the store holds now.
+async fn read_reopen_plan(
+    conn: &mut AnyConnection,
+    reopen: &Reopen,
+) -> Result<Result<(i64, String), ReopenOutcome>, sqlx::Error> {
     let seen = sqlx::query(ACTION_SEEN)
         .bind(&reopen.request_id)
         .fetch_optional(&mut *conn)
@@ -1272,7 +1327,7 @@ pub(crate) async fn reopen(
         .map(|row| Ok::<_, sqlx::Error>((row.try_get("saga_id")?, row.try_get("action")?)))
         .transpose()?;
     let resting = sqlx::query(RESTING)
-        .bind(&id)
+        .bind(reopen.saga_id.to_string())
         .fetch_optional(&mut *conn)
         .await?
         .map(|row| {
@@ -1286,37 +1341,7 @@ pub(crate) async fn reopen(
             ))
         })
         .transpose()?;
-    let (next_step, failure_reason) = match plan_reopen(reopen, seen, resting) {
-        Ok(plan) => plan,
-        Err(outcome) => return Ok(outcome),
-    };
-    let now = now_ms();
-    if let Some(note) = &reopen.resolved_by_hand {
-        sqlx::query(RESOLVE_STEP)
-            .bind(note)
-            .bind(now)
-            .bind(&id)
-            .bind(next_step + 1)
-            .execute(&mut *conn)
-            .await?;
-    }
-    sqlx::query(REOPEN)
-        .bind(next_step)
-        .bind(owner)
-        .bind(&failure_reason)
-        .bind(now)
-        .bind(&id)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(RECORD_ACTION)
-        .bind(&reopen.request_id)
-        .bind(&id)
-        .bind(reopen.action())
-        .bind(reopen.resolved_by_hand.as_deref().unwrap_or(""))
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    Ok(ReopenOutcome::Reopened)
+    Ok(plan_reopen(reopen, seen, resting))
 }
 
 /// The relay's writes to the outbox (they go through the log writer too).

@@ -424,12 +424,19 @@ fn reopen(conn: &Connection, action: &Reopen, owner: &str) -> rusqlite::Result<R
         Err(outcome) => return Ok(outcome),
     };
     let now = now_ms();
+    // The saga's row first, only while it rests, as on PostgreSQL (where two
+    // actions at once both read it resting). Here every write of the log
+    // runs on this thread, one at a time: the read above holds.
+    let reopened =
+        conn.prepare_cached(REOPEN)?
+            .execute(params![next_step, owner, failure_reason, now, id])?;
+    if reopened != 1 {
+        return Err(rusqlite::Error::StatementChangedRows(reopened));
+    }
     if let Some(note) = &action.resolved_by_hand {
         conn.prepare_cached(RESOLVE_STEP)?
             .execute(params![note, now, id, next_step + 1])?;
     }
-    conn.prepare_cached(REOPEN)?
-        .execute(params![next_step, owner, failure_reason, now, id])?;
     conn.prepare_cached(RECORD_ACTION)?.execute(params![
         action.request_id,
         id,

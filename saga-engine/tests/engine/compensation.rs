@@ -24,6 +24,7 @@ on_both_stores!(
     a_saga_commits_once_per_step_result_and_its_last_undo_with_its_end,
     a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end,
     a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven,
+    two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes_nothing,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -526,4 +527,108 @@ async fn a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_
     )
     .await;
     assert_eq!(world.undone(saga), vec!["b", "a"]);
+}
+
+/// Two operators resolve the same resting saga at once (a double click in
+/// the explorer, or the explorer and a bulk retry), with different request
+/// IDs: one wins, and the other is told the saga no longer rests, having
+/// written nothing: no step resolved under its note, no action recorded.
+/// On PostgreSQL each action is a transaction of its own: the test holds
+/// the saga's row until both have read it. (Seen failing there before: both
+/// were answered Reopened, and the loser's note overwrote the winner's.)
+async fn two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes_nothing(
+    backend: Backend,
+) {
+    use std::time::Duration;
+
+    use saga_engine::{Reopen, ReopenOutcome};
+    use sqlx::Row;
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(Duration::from_millis(300)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = uuid::Uuid::new_v4();
+    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let resolve = |who: &str| Reopen {
+        saga_id: saga,
+        request_id: format!("resolve-by-{who}"),
+        resolved_by_hand: Some(format!("undone by {who}")),
+    };
+
+    let lock = match backend {
+        Backend::Postgres => {
+            let mut lock = store.pool.begin().await.unwrap();
+            sqlx::query("SELECT saga_id FROM sagas WHERE saga_id = $1 FOR UPDATE")
+                .bind(saga.to_string())
+                .execute(&mut *lock)
+                .await
+                .unwrap();
+            Some(lock)
+        }
+        // Every write of the log goes through one thread, one at a time.
+        Backend::Sqlite => None,
+    };
+    let (ann, bob) = (engine.reopen(resolve("ann")), engine.reopen(resolve("bob")));
+    let release = async {
+        let Some(lock) = lock else { return };
+        // Both have read the saga and wait for its row.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting >= 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the two actions never both waited for the saga's row"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lock.rollback().await.unwrap();
+    };
+    let (ann, bob, ()) = tokio::join!(ann, bob, release);
+    let outcomes = [ann.unwrap(), bob.unwrap()];
+    let winner = match outcomes {
+        [ReopenOutcome::Reopened, ReopenOutcome::NotResting(_)] => "ann",
+        [ReopenOutcome::NotResting(_), ReopenOutcome::Reopened] => "bob",
+        other => {
+            panic!("one action wins and the other finds the saga no longer resting: {other:?}")
+        }
+    };
+    let actions = sqlx::query("SELECT request_id FROM saga_actions WHERE saga_id = $1")
+        .bind(saga.to_string())
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    let actions: Vec<String> = actions.iter().map(|row| row.get(0)).collect();
+    assert_eq!(actions, vec![format!("resolve-by-{winner}")]);
+    scripted::until_status(
+        &store.pool,
+        saga,
+        SagaStatus::Compensated,
+        "a resolve by hand",
+    )
+    .await;
+    let note: String = sqlx::query_scalar(
+        "SELECT output FROM saga_steps WHERE saga_id = $1 AND phase = 'compensation' AND name = 'b'",
+    )
+    .bind(saga.to_string())
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        note,
+        format!("undone by {winner}"),
+        "the winner's note stands"
+    );
 }
