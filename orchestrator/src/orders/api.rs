@@ -169,10 +169,6 @@ impl OrderService for OrderApi {
             Some(req.customer_id.clone())
         };
         let statuses = validate::status_filter(&req.statuses)?;
-        if !req.statuses.is_empty() && statuses.is_empty() {
-            // Only PENDING was asked for, and no order waits in PENDING.
-            return Ok(Response::new(ListOrdersResponse::default()));
-        }
         let limit = svc_kit::validate::page_size("page_size", req.page_size, 50, 500)?;
         let after = match req.page_token.as_str() {
             "" => None,
@@ -185,6 +181,12 @@ impl OrderService for OrderApi {
         };
         let (created_after_ms, created_before_ms) =
             validate::created_window(req.created_after.as_ref(), req.created_before.as_ref())?;
+        // Every field checked first: a request wrong elsewhere is refused,
+        // whatever its statuses.
+        if !req.statuses.is_empty() && statuses.is_empty() {
+            // Only PENDING was asked for, and no order waits in PENDING.
+            return Ok(Response::new(ListOrdersResponse::default()));
+        }
         let filter = ListFilter {
             customer_id,
             statuses,
