@@ -1193,6 +1193,11 @@ pub struct Reopen {
 }
 
 impl Reopen {
+    /// What is kept with the action: a resolve's note, else nothing.
+    pub(crate) fn note(&self) -> &str {
+        self.resolved_by_hand.as_deref().unwrap_or("")
+    }
+
     pub(crate) fn action(&self) -> &'static str {
         if self.resolved_by_hand.is_some() {
             "resolve_by_hand"
@@ -1216,7 +1221,7 @@ pub enum ReopenOutcome {
 }
 
 pub(crate) const ACTION_SEEN: &str =
-    "SELECT saga_id, action FROM saga_actions WHERE request_id = $1";
+    "SELECT saga_id, action, note FROM saga_actions WHERE request_id = $1";
 pub(crate) const RESTING: &str =
     "SELECT status, next_step, failure_reason FROM sagas WHERE saga_id = $1";
 pub(crate) const RESOLVE_STEP: &str = "UPDATE saga_steps SET status = 'SUCCEEDED', output = $1, finished_at_ms = $2 \
@@ -1232,12 +1237,17 @@ pub(crate) const RECORD_ACTION: &str = "INSERT INTO saga_actions (request_id, sa
 /// failure reason it resumes with, or why it does not.
 pub(crate) fn plan_reopen(
     reopen: &Reopen,
-    seen: Option<(String, String)>,
+    seen: Option<(String, String, String)>,
     resting: Option<(SagaStatus, i64, String)>,
 ) -> Result<(i64, String), ReopenOutcome> {
-    if let Some((saga_id, action)) = seen {
+    if let Some((saga_id, action, note)) = seen {
+        // The same request: the same saga, action and note (a resolve's
+        // operator and reason); anything else under its ID is refused.
         return Err(
-            if saga_id == reopen.saga_id.to_string() && action == reopen.action() {
+            if saga_id == reopen.saga_id.to_string()
+                && action == reopen.action()
+                && note == reopen.note()
+            {
                 ReopenOutcome::Replayed
             } else {
                 ReopenOutcome::RequestIdReused
@@ -1308,7 +1318,7 @@ pub(crate) async fn reopen(
         .bind(&reopen.request_id)
         .bind(&id)
         .bind(reopen.action())
-        .bind(reopen.resolved_by_hand.as_deref().unwrap_or(""))
+        .bind(reopen.note())
         .bind(now)
         .execute(&mut *conn)
         .await?;
@@ -1324,7 +1334,13 @@ async fn read_reopen_plan(
         .bind(&reopen.request_id)
         .fetch_optional(&mut *conn)
         .await?
-        .map(|row| Ok::<_, sqlx::Error>((row.try_get("saga_id")?, row.try_get("action")?)))
+        .map(|row| {
+            Ok::<_, sqlx::Error>((
+                row.try_get("saga_id")?,
+                row.try_get("action")?,
+                row.try_get("note")?,
+            ))
+        })
         .transpose()?;
     let resting = sqlx::query(RESTING)
         .bind(reopen.saga_id.to_string())

@@ -403,7 +403,9 @@ fn reopen(conn: &Connection, action: &Reopen, owner: &str) -> rusqlite::Result<R
     let id = action.saga_id.to_string();
     let seen = conn
         .prepare_cached(ACTION_SEEN)?
-        .query_row(params![action.request_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(params![action.request_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let resting = conn
         .prepare_cached(RESTING)?
@@ -441,7 +443,7 @@ fn reopen(conn: &Connection, action: &Reopen, owner: &str) -> rusqlite::Result<R
         action.request_id,
         id,
         action.action(),
-        action.resolved_by_hand.as_deref().unwrap_or(""),
+        action.note(),
         now
     ])?;
     Ok(ReopenOutcome::Reopened)

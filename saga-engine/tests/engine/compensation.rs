@@ -25,6 +25,7 @@ on_both_stores!(
     a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end,
     a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven,
     two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes_nothing,
+    a_resolve_replayed_with_another_note_is_refused_and_the_same_one_replays,
 );
 
 async fn every_step_succeeds_and_the_saga_completes(backend: Backend) {
@@ -630,5 +631,54 @@ async fn two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes
         note,
         format!("undone by {winner}"),
         "the winner's note stands"
+    );
+}
+
+/// An operator's request ID names one action: a resolve sent again with
+/// the same ID but another note (another operator or reason) is refused as
+/// a reused ID, not answered as a replay that drops the new note; the same
+/// resolve again replays. (Seen failing before: answered Replayed.)
+async fn a_resolve_replayed_with_another_note_is_refused_and_the_same_one_replays(
+    backend: Backend,
+) {
+    use std::time::Duration;
+
+    use saga_engine::{Reopen, ReopenOutcome};
+
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(Duration::from_millis(300)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = uuid::Uuid::new_v4();
+    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let resolve = |note: &str| Reopen {
+        saga_id: saga,
+        request_id: "resolve-once".into(),
+        resolved_by_hand: Some(note.into()),
+    };
+    assert_eq!(
+        engine
+            .reopen(resolve("by ann: refunded by hand"))
+            .await
+            .unwrap(),
+        ReopenOutcome::Reopened
+    );
+    scripted::until_status(&store.pool, saga, SagaStatus::Compensated, "a resolve").await;
+    assert_eq!(
+        engine
+            .reopen(resolve("by bob: shipped back"))
+            .await
+            .unwrap(),
+        ReopenOutcome::RequestIdReused
+    );
+    assert_eq!(
+        engine
+            .reopen(resolve("by ann: refunded by hand"))
+            .await
+            .unwrap(),
+        ReopenOutcome::Replayed
     );
 }
