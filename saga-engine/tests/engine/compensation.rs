@@ -422,25 +422,37 @@ async fn each_attempt_of_a_retried_step_is_kept_with_its_times_and_error(backend
     assert_consistent(&world, saga, status);
 }
 
+/// A saga resting NEEDS_ATTENTION (its compensation of b keeps failing),
+/// on an engine that gives up on a compensation after 300 ms.
+async fn a_saga_needing_attention(
+    backend: Backend,
+) -> (
+    store::TestStore,
+    Arc<World>,
+    saga_engine::Engine<scripted::Script>,
+    uuid::Uuid,
+) {
+    let store = store::fresh(backend).await;
+    let world = Arc::new(World::default());
+    let policy = saga_engine::RetryPolicy {
+        compensation_attention_after: Some(std::time::Duration::from_millis(300)),
+        ..scripted::policy()
+    };
+    let engine = scripted::engine(&world, &store.pool, policy);
+    let saga = uuid::Uuid::new_v4();
+    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    (store, world, engine, saga)
+}
+
 /// An operator's retry whose caller is dropped once the log has committed
 /// it (a client that left, a deadline that passed) must still be carried
 /// out. Before, what came after the commit ran in the caller's future: the
 /// saga was left COMPENSATING with no driver until the next start, and a
 /// retry of the same request was answered "replayed", changing nothing.
 async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backend: Backend) {
-    use std::time::Duration;
-
     use saga_engine::{Reopen, ReopenOutcome};
 
-    let store = store::fresh(backend).await;
-    let world = Arc::new(World::default());
-    let policy = saga_engine::RetryPolicy {
-        compensation_attention_after: Some(Duration::from_millis(300)),
-        ..scripted::policy()
-    };
-    let engine = scripted::engine(&world, &store.pool, policy);
-    let saga = uuid::Uuid::new_v4();
-    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let (store, world, engine, saga) = a_saga_needing_attention(backend).await;
     // The cause fixed, the operator retries and leaves at once: the call is
     // polled once (which hands the action to the log, whose commit follows
     // whoever waits for it), then dropped.
@@ -487,19 +499,9 @@ async fn a_reopen_whose_caller_left_after_its_commit_is_driven_to_its_end(backen
 async fn a_reopen_that_found_its_saga_claimed_by_a_look_that_then_left_is_still_driven(
     backend: Backend,
 ) {
-    use std::time::Duration;
-
     use saga_engine::{Reopen, ReopenOutcome};
 
-    let store = store::fresh(backend).await;
-    let world = Arc::new(World::default());
-    let policy = saga_engine::RetryPolicy {
-        compensation_attention_after: Some(Duration::from_millis(300)),
-        ..scripted::policy()
-    };
-    let engine = scripted::engine(&world, &store.pool, policy);
-    let saga = uuid::Uuid::new_v4();
-    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let (store, world, engine, saga) = a_saga_needing_attention(backend).await;
     world.clear_compensation_cues(saga, "b");
 
     // The look claims the saga and waits on its read.
@@ -545,15 +547,7 @@ async fn two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes
     use saga_engine::{Reopen, ReopenOutcome};
     use sqlx::Row;
 
-    let store = store::fresh(backend).await;
-    let world = Arc::new(World::default());
-    let policy = saga_engine::RetryPolicy {
-        compensation_attention_after: Some(Duration::from_millis(300)),
-        ..scripted::policy()
-    };
-    let engine = scripted::engine(&world, &store.pool, policy);
-    let saga = uuid::Uuid::new_v4();
-    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let (store, _world, engine, saga) = a_saga_needing_attention(backend).await;
     let resolve = |who: &str| Reopen {
         saga_id: saga,
         request_id: format!("resolve-by-{who}"),
@@ -641,19 +635,9 @@ async fn two_operators_resolving_one_saga_at_once_one_wins_and_the_other_changes
 async fn a_resolve_replayed_with_another_note_is_refused_and_the_same_one_replays(
     backend: Backend,
 ) {
-    use std::time::Duration;
-
     use saga_engine::{Reopen, ReopenOutcome};
 
-    let store = store::fresh(backend).await;
-    let world = Arc::new(World::default());
-    let policy = saga_engine::RetryPolicy {
-        compensation_attention_after: Some(Duration::from_millis(300)),
-        ..scripted::policy()
-    };
-    let engine = scripted::engine(&world, &store.pool, policy);
-    let saga = uuid::Uuid::new_v4();
-    scripted::rest_needing_attention(&engine, saga, &world, &store.pool).await;
+    let (store, _world, engine, saga) = a_saga_needing_attention(backend).await;
     let resolve = |note: &str| Reopen {
         saga_id: saga,
         request_id: "resolve-once".into(),
